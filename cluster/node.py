@@ -1,0 +1,136 @@
+"""Ray node lifecycle: start a node with duet's role resources, stop it by PID.
+
+A node is ``ray start --block`` run as a child in its own process session; duet records its PID
+(plus its temp dir) in ``<state_dir>/services.json``. Stopping sends SIGTERM to that PID (Ray then
+stops the node's own processes) and sweeps any process left that names the node's temp dir.
+``ray stop`` is never used: it kills every Ray process on the machine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from cluster import auth
+from infra.services import ServiceError, StateFile, pid_alive, port_open, stop_pid
+
+NAMESPACE = "duet"
+ARCHITECT_NAME = "duet-architect"
+EXECUTOR_NAME = "duet-executor"
+DEFAULT_HEAD_PORT = 6390
+
+
+@dataclass
+class NodeInfo:
+    role: str
+    pid: int
+    address: str
+    temp_dir: str
+    resources: dict
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def ray_env() -> dict[str, str]:
+    """Environment for Ray processes: token auth, quick failure detection, no usage stats."""
+    env = dict(os.environ)
+    env.update(auth.auth_env())
+    env.pop("RAY_AUTH_TOKEN", None)
+    env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Notice a dead node in ~3 s rather than Ray's default ~30 s.
+    env.setdefault("RAY_health_check_period_ms", "1000")
+    env.setdefault("RAY_health_check_failure_threshold", "3")
+    env.setdefault("RAY_health_check_timeout_ms", "1000")
+    return env
+
+
+def short_temp_dir(key: str) -> str:
+    """Ray's socket paths must stay under ~107 bytes: keep the temp dir short and per-node."""
+    return f"/tmp/duet-ray-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+
+
+def start_head(state_dir: str | os.PathLike, *, resources: dict, ip: str = "127.0.0.1",
+               port: int = DEFAULT_HEAD_PORT, num_cpus: int | None = None, timeout: float = 90,
+               key: str = "head") -> NodeInfo:
+    """Start (or reuse) a Ray head node recorded under ``key`` in the state file."""
+    state = StateFile(state_dir)
+    known = state.read().get(key)
+    if known and pid_alive(known["pid"]):
+        host, p = known["address"].rsplit(":", 1)
+        if port_open(int(p), host):
+            return NodeInfo(**known)
+        stop_node(state_dir, key)
+    temp_dir = short_temp_dir(f"{Path(state_dir).resolve()}:{key}")
+    log = Path(state_dir) / f"ray-{key}.log"
+    cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", f"--node-ip-address={ip}",
+           f"--port={port}", f"--resources={json.dumps(resources)}", "--include-dashboard=false",
+           f"--temp-dir={temp_dir}", "--disable-usage-stats", "--block"]
+    if num_cpus is not None:
+        cmd.append(f"--num-cpus={num_cpus}")
+    Path(state_dir).mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env=ray_env(), start_new_session=True)
+    info = NodeInfo("head", proc.pid, f"{ip}:{port}", temp_dir, resources)
+    state.update(key, info.to_dict())
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if not pid_alive(proc.pid):
+            state.update(key, None)
+            raise ServiceError(f"the Ray head exited during start; see {log}:\n{_tail(log)}")
+        if port_open(port, ip) and "--block" in _tail(log):
+            return info
+        time.sleep(0.25)
+    stop_node(state_dir, key)
+    raise ServiceError(f"the Ray head did not start within {timeout:.0f} s; see {log}")
+
+
+def stop_node(state_dir: str | os.PathLike, key: str = "head") -> bool:
+    state = StateFile(state_dir)
+    known = state.read().get(key)
+    if not known:
+        return False
+    stop_pid(known["pid"], timeout=30)
+    _sweep(known["temp_dir"])
+    state.update(key, None)
+    return True
+
+
+def _sweep(temp_dir: str) -> None:
+    """Kill processes whose command line names this node's temp dir (leftovers of a crash)."""
+    import psutil
+
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if proc.info["pid"] != os.getpid() and any(temp_dir in a for a in (proc.info["cmdline"] or [])):
+                proc.kill()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+
+
+def _tail(path: Path, n: int = 3000) -> str:
+    try:
+        return path.read_text(errors="replace")[-n:]
+    except OSError:
+        return ""
+
+
+def connect(address: str, timeout: float = 30) -> None:
+    """Connect this process to the cluster as a driver, with the token, in duet's namespace."""
+    auth.apply_auth_env()
+    import ray
+
+    if ray.is_initialized():
+        return
+    host, port = address.rsplit(":", 1)
+    if not port_open(int(port), host, timeout=min(timeout, 5)):
+        raise ServiceError(f"no Ray cluster answers at {address}; start one with `duet up` or "
+                           "`duet node start --role executor --head`")
+    ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, logging_level="ERROR")

@@ -1,0 +1,347 @@
+"""Training plans: a preset + the executor's hardware + the model's config -> a validated plan with
+a memory estimate broken down by component, and a verdict.
+
+No torch here: the architect plans on a laptop. Formulas (bytes):
+
+- weights: params x bytes/param (fp32 4, bf16/fp16 2, nf4 with double quantization 4.127 bits
+  = 0.516 bytes); with QLoRA the embeddings and lm_head stay 16-bit;
+- LoRA: r x (in + out) per adapted matrix; trainable params x (weight + grad in the train dtype
+  + AdamW's two fp32 moments, + an fp32 master copy when training in 16-bit);
+- activations per layer and token: (8 h + 4 i) elements without gradient checkpointing
+  (attention inputs/outputs, q/k/v, MLP gate/up/act), h elements with it plus one layer's full set;
+- logits: micro_batch x seq x vocab x 4 bytes, twice (fp32 logits and their gradient);
+- overhead: CUDA context + allocator slack (600 MiB + 8 %) on a GPU, the runtime (1.2 GiB: torch, tokenizers, datasets) on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PRESETS_DIR = Path(__file__).parent / "presets"
+GIB = 1024 ** 3
+MIB = 1024 ** 2
+
+
+class PlanError(ValueError):
+    """A preset or config that does not validate; the message names file, field and what is allowed."""
+
+
+class LoraSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    r: int = Field(8, ge=1, le=1024, description="LoRA rank.")
+    alpha: int = Field(16, ge=1, description="LoRA alpha (scaling = alpha / r).")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="Module names to adapt, or 'all-linear'.")
+
+
+class TrainConfig(BaseModel):
+    """One training run's hyper-parameters. Every field is validated; unknown fields are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", description="Run name prefix.")
+    phase: Literal["sft", "dpo"] = Field("sft", description="Training objective.")
+    method: Literal["lora", "qlora", "full"] = Field("lora", description="What is trained and how the base is stored.")
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    learning_rate: float = Field(2e-4, gt=0, lt=1, description="Peak learning rate.")
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    warmup_steps: int = Field(100, ge=0, description="Linear warm-up steps.")
+    micro_batch: int = Field(4, ge=1, le=4096, description="Sequences per forward pass.")
+    grad_accum: int = Field(4, ge=1, le=4096, description="Micro-batches per optimizer step.")
+    max_steps: int = Field(1000, ge=1, description="Optimizer steps.")
+    seq_len: int = Field(1024, ge=16, le=262144, description="Maximum tokens per sequence.")
+    checkpoint_every: int = Field(100, ge=1, description="Save a checkpoint every N steps.")
+    keep_checkpoints: int = Field(3, ge=1, description="Keep the newest K checkpoints.")
+    eval_every: int = Field(100, ge=1, description="Evaluate on the test split every N steps.")
+    test_frac: float = Field(0.1, gt=0, lt=1, description="Held-out fraction when curating.")
+    seed: int = Field(42, description="Seed for data order, dropout and init.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward.")
+    packing: bool = Field(False, description="Pack short examples into full sequences.")
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="auto: bf16 when the GPU has it, fp32 on CPU.")
+    dry_run_steps: int = Field(0, ge=0, description="Steps of a dry run before the real one (0: none).")
+    init_from: str | None = Field(None, description="Run id whose adapter this run starts from (phase chaining).")
+    sample_prompts: int = Field(3, ge=0, le=20, description="Test prompts to generate samples for.")
+    max_new_tokens: int = Field(48, ge=1, le=4096, description="Tokens per sample generation.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        if self.warmup_steps >= self.max_steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be below max_steps ({self.max_steps})")
+        return self
+
+    @property
+    def effective_batch(self) -> int:
+        return self.micro_batch * self.grad_accum
+
+
+def _format_validation(err: ValidationError, source: str, lines: dict[str, int]) -> str:
+    out = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"])
+        top = str(e["loc"][0]) if e["loc"] else ""
+        line = lines.get(top)
+        where = f"{source}:{line}" if line else source
+        allowed = ""
+        if e.get("ctx", {}).get("expected"):
+            allowed = f" (allowed: {e['ctx']['expected']})"
+        out.append(f"{where}: field {loc!r}: {e['msg']}{allowed}")
+    return "\n".join(out)
+
+
+def _key_lines(text: str) -> dict[str, int]:
+    """Line number of each top-level key in a YAML text (for error messages)."""
+    out = {}
+    for n, line in enumerate(text.splitlines(), start=1):
+        if line and not line[0].isspace() and ":" in line and not line.startswith("#"):
+            out.setdefault(line.split(":", 1)[0].strip(), n)
+    return out
+
+
+def load_config(path: str | os.PathLike, overrides: dict | None = None) -> TrainConfig:
+    """Load a preset/config YAML (a ``plan:`` section or the bare fields) with clear errors."""
+    p = Path(path)
+    if not p.is_file():
+        cand = PRESETS_DIR / f"{path}.yaml"
+        if cand.is_file():
+            p = cand
+        else:
+            names = ", ".join(sorted(x.stem for x in PRESETS_DIR.glob("*.yaml")))
+            raise PlanError(f"{path}: no such config file or preset (presets: {names})")
+    text = p.read_text()
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise PlanError(f"{p}{line}: invalid YAML: {getattr(exc, 'problem', exc)}") from exc
+    if not isinstance(data, dict):
+        raise PlanError(f"{p}:1: expected a mapping of fields")
+    train = data.get("train", data)
+    train = {k: v for k, v in train.items() if k not in ("estimate", "hardware", "model", "dataset", "verdict")}
+    train.update(overrides or {})
+    try:
+        return TrainConfig(**train)
+    except ValidationError as exc:
+        raise PlanError(_format_validation(exc, str(p), _key_lines(text))) from exc
+
+
+@dataclass
+class ModelProfile:
+    """What the planner needs from a model's config.json (no weights)."""
+
+    model_type: str
+    hidden: int
+    layers: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied_embeddings: bool
+
+    @classmethod
+    def from_config(cls, cfg: dict | str | os.PathLike) -> "ModelProfile":
+        if not isinstance(cfg, dict):
+            p = Path(cfg)
+            if p.is_dir():
+                p = p / "config.json"
+            if not p.is_file():
+                raise PlanError(f"{cfg}: no config.json (give a model folder or its config.json)")
+            try:
+                cfg = json.loads(p.read_text())
+            except json.JSONDecodeError as exc:
+                raise PlanError(f"{p}:{exc.lineno}: invalid JSON: {exc.msg}") from exc
+        cfg = cfg.get("text_config", cfg)
+        try:
+            hidden = int(cfg["hidden_size"])
+            heads = int(cfg["num_attention_heads"])
+            return cls(
+                model_type=str(cfg.get("model_type", "unknown")), hidden=hidden,
+                layers=int(cfg["num_hidden_layers"]),
+                intermediate=int(cfg.get("intermediate_size") or 4 * hidden), heads=heads,
+                kv_heads=int(cfg.get("num_key_value_heads") or heads),
+                head_dim=int(cfg.get("head_dim") or hidden // heads), vocab=int(cfg["vocab_size"]),
+                tied_embeddings=bool(cfg.get("tie_word_embeddings", False)))
+        except KeyError as exc:
+            raise PlanError(f"model config lacks {exc.args[0]!r} (needed to plan)") from exc
+
+    @property
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """(in, out) of each linear layer of one decoder block (Llama/Qwen2/Mistral shape)."""
+        h, kv = self.hidden, self.kv_heads * self.head_dim
+        q = self.heads * self.head_dim
+        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+                "gate_proj": (h, self.intermediate), "up_proj": (h, self.intermediate),
+                "down_proj": (self.intermediate, h)}
+
+    @property
+    def block_params(self) -> int:
+        return sum(i * o for i, o in self.linear_shapes.values()) + 2 * self.hidden
+
+    @property
+    def embedding_params(self) -> int:
+        return self.vocab * self.hidden * (1 if self.tied_embeddings else 2)
+
+    @property
+    def params(self) -> int:
+        return self.layers * self.block_params + self.embedding_params + self.hidden
+
+    def lora_params(self, lora: LoraSettings) -> int:
+        shapes = self.linear_shapes
+        names = shapes.keys() if lora.target_modules == "all-linear" else \
+            [n for n in shapes if n in lora.target_modules]
+        return self.layers * sum(lora.r * (shapes[n][0] + shapes[n][1]) for n in names)
+
+
+def train_dtype(cfg: TrainConfig, device: str, bf16: bool) -> str:
+    if cfg.dtype != "auto":
+        return cfg.dtype
+    if device == "cuda":
+        return "bf16" if bf16 else "fp16"
+    return "fp32"
+
+
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+NF4_DQ_BYTES = 4.127 / 8
+
+
+def estimate(cfg: TrainConfig, model: ModelProfile, device: str = "cuda", bf16: bool = True) -> dict[str, int]:
+    """Peak memory estimate in bytes, by component (see the module docstring for the formulas)."""
+    dt = train_dtype(cfg, device, bf16)
+    wb = DTYPE_BYTES[dt]
+    emb = model.embedding_params + model.hidden
+    body = model.params - emb
+    if cfg.method == "qlora":
+        weights = body * NF4_DQ_BYTES + emb * 2
+    else:
+        weights = model.params * wb
+    if cfg.method == "full":
+        trainable = model.params
+    else:
+        trainable = model.lora_params(cfg.lora)
+    master = 4 if wb < 4 else 0
+    trainable_bytes = trainable * (wb + wb + 8 + master)  # weight + grad + Adam m, v (+ fp32 master)
+    if cfg.method == "full":
+        trainable_bytes -= trainable * wb  # the weights are already counted above
+    tokens = cfg.micro_batch * cfg.seq_len
+    per_layer_full = tokens * (8 * model.hidden + 4 * model.intermediate) * wb
+    if cfg.gradient_checkpointing:
+        activations = model.layers * tokens * model.hidden * wb + per_layer_full
+    else:
+        activations = model.layers * per_layer_full
+    logits = 2 * tokens * model.vocab * 4
+    breakdown = {
+        "weights": int(weights),
+        "trainable_and_optimizer": int(trainable_bytes),
+        "activations": int(activations),
+        "logits": int(logits),
+    }
+    if cfg.phase == "dpo":
+        # chosen + rejected double the batch; the frozen reference adds a no-grad forward.
+        breakdown["activations"] *= 2
+        breakdown["logits"] *= 2
+        breakdown["dpo_reference"] = int(tokens * 2 * model.vocab * 4)
+    sub = sum(breakdown.values())
+    if device == "cuda":
+        breakdown["overhead"] = int(600 * MIB + 0.08 * sub)
+    else:
+        breakdown["overhead"] = int(1200 * MIB)
+    return breakdown
+
+
+@dataclass
+class Plan:
+    config: TrainConfig
+    model: ModelProfile
+    device: str
+    dtype: str
+    breakdown: dict[str, int]
+    budget_bytes: int
+    trainable_params: int
+    suggestions: list[dict]
+    steps_per_epoch: int | None = None
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.breakdown.values())
+
+    @property
+    def fits(self) -> bool:
+        return self.total_bytes <= self.budget_bytes * 0.9
+
+    def to_dict(self) -> dict:
+        return {
+            "train": self.config.model_dump(),
+            "device": self.device, "dtype": self.dtype,
+            "model": {"type": self.model.model_type, "params": self.model.params,
+                      "layers": self.model.layers, "hidden": self.model.hidden, "vocab": self.model.vocab},
+            "trainable_params": self.trainable_params,
+            "effective_batch": self.config.effective_batch,
+            "steps_per_epoch": self.steps_per_epoch,
+            "estimate": {"breakdown_bytes": self.breakdown, "total_bytes": self.total_bytes,
+                         "budget_bytes": self.budget_bytes, "fits": self.fits,
+                         "headroom": "90% of the budget"},
+            "suggestions": self.suggestions,
+        }
+
+
+def make_plan(cfg: TrainConfig, model: ModelProfile, *, device: str, bf16: bool, budget_bytes: int,
+              train_examples: int | None = None) -> Plan:
+    """Estimate ``cfg``; when it does not fit, propose the nearest plans that do."""
+    bd = estimate(cfg, model, device, bf16)
+    plan = Plan(cfg, model, device, train_dtype(cfg, device, bf16), bd, budget_bytes,
+                model.params if cfg.method == "full" else model.lora_params(cfg.lora), [])
+    if train_examples:
+        plan.steps_per_epoch = math.ceil(train_examples / cfg.effective_batch)
+    if not plan.fits:
+        plan.suggestions = suggest(cfg, model, device=device, bf16=bf16, budget_bytes=budget_bytes)
+    return plan
+
+
+def suggest(cfg: TrainConfig, model: ModelProfile, *, device: str, bf16: bool, budget_bytes: int) -> list[dict]:
+    """Nearest fitting variants, in order of how little they change: keep the effective batch
+    (smaller micro-batch, more accumulation), then gradient checkpointing, then QLoRA, then a
+    shorter sequence."""
+    tries: list[tuple[str, dict]] = []
+    mb, ga = cfg.micro_batch, cfg.grad_accum
+    while mb > 1:
+        mb //= 2
+        ga *= 2
+        tries.append((f"micro-batch {mb} x accumulation {ga} (same effective batch)",
+                      {"micro_batch": mb, "grad_accum": ga}))
+    base: dict = {}
+    steps = [("gradient checkpointing", {"gradient_checkpointing": True})]
+    if cfg.method != "qlora":
+        steps.append(("QLoRA (4-bit base)", {"method": "qlora"}))
+    for label, change in steps:
+        base.update(change)
+        tries.append((label, dict(base)))
+        mb, ga = cfg.micro_batch, cfg.grad_accum
+        while mb > 1:
+            mb //= 2
+            ga *= 2
+            tries.append((f"{label}, micro-batch {mb} x accumulation {ga}",
+                          {**base, "micro_batch": mb, "grad_accum": ga}))
+    seq = cfg.seq_len
+    while seq > 256:
+        seq //= 2
+        tries.append((f"QLoRA, gradient checkpointing, micro-batch 1, seq-len {seq}",
+                      {**base, "micro_batch": 1, "grad_accum": cfg.effective_batch, "seq_len": seq}))
+    out = []
+    for label, change in tries:
+        c2 = cfg.model_copy(update=change)
+        bd = estimate(c2, model, device, bf16)
+        total = sum(bd.values())
+        if total <= budget_bytes * 0.9:
+            out.append({"change": label, "set": change, "total_bytes": total, "breakdown_bytes": bd})
+            if len(out) >= 3:
+                break
+    return out

@@ -1,0 +1,85 @@
+"""A run's human-readable outputs: ``loss.png`` (matplotlib, Agg) and ``report.md``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def write_loss_plot(path: Path, losses: list[dict], eval_losses: list[dict], title: str) -> None:
+    if not losses:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    ax.plot([x["step"] for x in losses], [x["loss"] for x in losses], label="train loss", lw=1.5)
+    if eval_losses:
+        ax.plot([x["step"] for x in eval_losses], [x["eval_loss"] for x in eval_losses], "o-",
+                label="eval loss", lw=1.5)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def _fmt(x, spec=".4f"):
+    return "n/a" if x is None else format(x, spec)
+
+
+def write_report(path: Path, rec: dict) -> None:
+    cfg = rec["config"]["train"]
+    mem = rec.get("peak_memory", {})
+    lines = [
+        f"# Run {rec['run_id']}",
+        "",
+        f"- status: **{rec['status']}**",
+        f"- dataset: `{rec['dataset']['name']}` @ `{rec['dataset']['content_hash'][:12]}` "
+        f"({rec['dataset']['counts'].get('train')} train / {rec['dataset']['counts'].get('test')} test)",
+        f"- model: `{rec['model']['ref']}`, {rec['config']['model']['params'] / 1e6:.1f} M parameters, "
+        f"{cfg['method']} r={cfg['lora']['r']} alpha={cfg['lora']['alpha']}, "
+        f"{rec['config']['trainable_params'] / 1e6:.2f} M trainable",
+        f"- host: {rec['host'].get('hostname')} ({rec['host'].get('device')}), code `{rec['code_sha'][:12]}`",
+        f"- steps: {rec.get('steps')} x effective batch {cfg['micro_batch'] * cfg['grad_accum']}, "
+        f"lr {cfg['learning_rate']} {cfg['lr_scheduler']}",
+        "",
+        "## Results",
+        "",
+        "| metric | before | after |",
+        "|---|---|---|",
+        f"| eval loss | {_fmt(rec.get('eval_loss_before'))} | {_fmt(rec.get('eval_loss_after'))} |",
+        f"| perplexity | {_fmt(rec.get('perplexity_before'), '.2f')} | {_fmt(rec.get('perplexity_after'), '.2f')} |",
+        "",
+        f"- training time: {_fmt(rec.get('train_s'), '.1f')} s, {_fmt(rec.get('tokens_per_s'), '.0f')} tokens/s "
+        f"({rec.get('tokens')} tokens)",
+        f"- wall time: {_fmt(rec.get('wall_s'), '.1f')} s",
+        f"- peak memory: RSS {mem.get('rss_peak_bytes', 0) / 2**20:.0f} MiB"
+        + (f", CUDA reserved {mem['cuda_max_reserved_bytes'] / 2**20:.0f} MiB" if "cuda_max_reserved_bytes" in mem else ""),
+        f"- planned estimate: {rec['config']['estimate']['total_bytes'] / 2**20:.0f} MiB",
+        f"- checkpoints: {', '.join(str(c['step']) for c in rec.get('checkpoints', [])) or 'none'}",
+        f"- merged model: `{rec.get('merged_model', {}).get('path')}` (logits verified, max abs diff "
+        f"{_fmt(rec.get('merged_model', {}).get('logit_max_abs_diff'), '.2e')})",
+        "",
+        "![loss](loss.png)",
+        "",
+        "## Samples (greedy, held-out prompts)",
+        "",
+    ]
+    for s in rec.get("samples", []):
+        lines += [f"### {s['id']}", "", f"**prompt:** {s['prompt']}", "", f"**reference:** {s['reference']}", "",
+                  f"**generated:** {s['generated']}", ""]
+    lines += [
+        "## Export",
+        "",
+        "GGUF export is not done by duet: convert the merged folder with llama.cpp's "
+        "`convert_hf_to_gguf.py`. A GGUF file cannot be trained further; keep the merged 16-bit folder.",
+        "",
+    ]
+    path.write_text("\n".join(lines))
