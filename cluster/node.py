@@ -123,7 +123,14 @@ def _tail(path: Path, n: int = 3000) -> str:
 
 
 def connect(address: str, timeout: float = 30) -> None:
-    """Connect this process to the cluster as a driver, with the token, in duet's namespace."""
+    """Connect this process to the cluster as a driver, with the token, in duet's namespace.
+
+    Ray reads RAY_AUTH_MODE when it is imported: call ``auth.apply_auth_env()`` (or this) before
+    anything imports ray.
+    """
+    if "ray" in sys.modules and os.environ.get("RAY_AUTH_MODE") != "token":
+        raise RuntimeError("ray was imported before duet set RAY_AUTH_MODE=token; call "
+                           "cluster.auth.apply_auth_env() first")
     auth.apply_auth_env()
     import ray
 

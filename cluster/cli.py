@@ -1,0 +1,294 @@
+"""The ``duet`` command line: one table of commands (COMMANDS) mapping names to plain functions.
+
+Contract (DESIGN.md): every reporting command accepts ``--json`` and prints one JSON document on
+stdout; exit codes 0 ok, 1 invalid input, 2 refused plan or policy (also: command not built yet),
+3 infrastructure unavailable. Heavy libraries are imported inside the commands, so ``duet --help``
+stays fast and the design host needs no torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import dataclass
+from typing import Callable
+
+EXIT_OK, EXIT_INPUT, EXIT_REFUSED, EXIT_INFRA = 0, 1, 2, 3
+
+
+@dataclass
+class Command:
+    help: str
+    setup: Callable[[argparse.ArgumentParser], None] | None
+    run: Callable[[argparse.Namespace], int] | None
+    issue: int | None = None  # where a not-yet-built command is tracked
+
+
+def _emit_json(doc: dict) -> None:
+    sys.stdout.write(json.dumps(doc, indent=2, default=str) + "\n")
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def _workspace_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workspace", "-w", default=os.environ.get("DUET_WORKSPACE", "duet-workspace"),
+                   help="workspace directory (default: ./duet-workspace or $DUET_WORKSPACE)")
+
+
+# -- demo / up / down / status -----------------------------------------------------------------
+
+def _setup_demo(p):
+    _workspace_arg(p)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--model", help="a local Hugging Face model folder instead of the bundled SmolLM2-135M")
+    g.add_argument("--tiny", action="store_true", help="a tiny random Qwen2 built from a config (fast; for tests)")
+    p.add_argument("--data", help="a chat JSONL file instead of examples/persona/persona.jsonl")
+    p.add_argument("--max-steps", type=int, help="override the demo preset's optimizer steps")
+    p.add_argument("--json", action="store_true", help="print a summary JSON document on stdout")
+
+
+def _run_demo(a) -> int:
+    from cluster.demo import DemoError, run_demo
+
+    try:
+        summary = run_demo(a.workspace, model=a.model, tiny=a.tiny, data=a.data, max_steps=a.max_steps)
+    except DemoError as exc:
+        _console().print(f"[red]error:[/] {exc}")
+        if a.json:
+            _emit_json({"ok": False, "error": str(exc), "exit_code": exc.code})
+        return exc.code
+    if a.json:
+        _emit_json(summary)
+    return EXIT_OK
+
+
+def _setup_up(p):
+    _workspace_arg(p)
+    p.add_argument("--json", action="store_true")
+
+
+def _run_up(a) -> int:
+    from cluster import embedded
+    from infra.services import ServiceError
+    from memory_sync.workspace import Workspace
+
+    Workspace(a.workspace).init()
+    try:
+        emb = embedded.up(a.workspace)
+    except ServiceError as exc:
+        _console().print(f"[red]error:[/] {exc}")
+        return EXIT_INFRA
+    if a.json:
+        _emit_json(emb.to_dict())
+    else:
+        _console().print(f"up: Ray {emb.ray_address}, Postgres {emb.postgres_url}, Mongo {emb.mongo_url} "
+                         f"(started: {', '.join(emb.started) or 'nothing, all reused'})")
+    return EXIT_OK
+
+
+def _run_down(a) -> int:
+    from cluster import embedded
+
+    stopped = embedded.down(a.workspace)
+    if a.json:
+        _emit_json({"stopped": stopped})
+    else:
+        _console().print(f"down: stopped {', '.join(stopped) or 'nothing (nothing was running)'}")
+    return EXIT_OK
+
+
+def _run_status(a) -> int:
+    from cluster import embedded
+
+    st = embedded.running(a.workspace)
+    doc = {"workspace": os.path.abspath(a.workspace), "services": st}
+    if a.json:
+        _emit_json(doc)
+    else:
+        from rich.table import Table
+
+        t = Table(title=f"duet status: {doc['workspace']}")
+        for col in ("service", "pid", "address", "alive"):
+            t.add_column(col)
+        for name, v in st.items():
+            t.add_row(name, str(v["pid"]), v.get("url") or v.get("address", ""), "yes" if v["alive"] else "no")
+        _console().print(t if st else "nothing running for this workspace (start with `duet up`)")
+    return EXIT_OK
+
+
+# -- data / plan ---------------------------------------------------------------------------------
+
+def _setup_data(p):
+    sub = p.add_subparsers(dest="data_cmd", metavar="{import,check,curate}")
+    imp = sub.add_parser("import", help="convert sharegpt/alpaca/chatgpt/markdown/dpo to chat JSONL (issue 3)")
+    imp.add_argument("src")
+    chk = sub.add_parser("check", help="validate chat JSONL files, reporting every problem")
+    chk.add_argument("files", nargs="+")
+    chk.add_argument("--json", action="store_true")
+    cur = sub.add_parser("curate", help="build a dataset version in the workspace and commit it")
+    cur.add_argument("files", nargs="+")
+    cur.add_argument("--name", required=True)
+    cur.add_argument("--test-frac", type=float, default=0.1)
+    cur.add_argument("--seed", type=int, default=0)
+    cur.add_argument("--json", action="store_true")
+    _workspace_arg(cur)
+
+
+def _run_data(a) -> int:
+    from training.dataset import DatasetError, check_records, read_jsonl
+
+    if a.data_cmd is None:
+        _console().print("usage: duet data {import,check,curate} ...")
+        return EXIT_INPUT
+    if a.data_cmd == "import":
+        return _not_built("data import", 3)
+    if a.data_cmd == "check":
+        records, errors = [], []
+        for f in a.files:
+            try:
+                records.extend(read_jsonl(f))
+            except DatasetError as exc:
+                errors.append(str(exc))
+        problems = check_records(records)
+        bad = sum(1 for r in records if not r.ok)
+        doc = {"files": a.files, "records": len(records), "invalid_records": bad, "errors": errors,
+               "problems": [p.to_dict() for p in problems]}
+        if a.json:
+            _emit_json(doc)
+        else:
+            con = _console()
+            for e in errors:
+                con.print(f"[red]{e}")
+            for p in problems:
+                con.print(f"[red]{p}")
+            con.print(f"{len(records)} records, {bad} invalid, {len(problems)} problems")
+        return EXIT_INPUT if problems or errors else EXIT_OK
+    from roles.architect import Architect
+
+    try:
+        arch = Architect(a.workspace, session_title="data curate")
+        res = arch.curate(a.files, a.name, a.test_frac, a.seed)
+    except DatasetError as exc:
+        _console().print(f"[red]error:[/] {exc}")
+        for p in exc.problems[:100]:
+            _console().print(f"  {p}")
+        if a.json:
+            _emit_json({"ok": False, "error": str(exc), "problems": [p.to_dict() for p in exc.problems]})
+        return EXIT_INPUT
+    if a.json:
+        _emit_json(res)
+    else:
+        c = res["manifest"]["counts"]
+        _console().print(f"dataset {a.name} @ {res['content_hash'][:12]}: {c['train']} train, {c['test']} test, "
+                         f"{c['quarantine']} quarantined -> {res['path']}")
+    return EXIT_OK
+
+
+def _parse_size(text: str) -> int:
+    import re
+
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]i?B?|B)?\s*", text, re.I)
+    if not m:
+        raise ValueError(f"size {text!r}: use e.g. 24GiB, 16GB, 8000MiB")
+    unit = (m.group(2) or "GiB").upper().rstrip("B")
+    mult = {"": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}[unit]
+    return int(float(m.group(1)) * mult)
+
+
+def _setup_plan(p):
+    p.add_argument("--model", required=True, help="a model folder or its config.json")
+    p.add_argument("--gpu-mem", required=True, help="GPU memory, e.g. 24GiB")
+    p.add_argument("--preset", default="doica", help="preset name or YAML file (default: doica)")
+    p.add_argument("--method", choices=("qlora", "lora", "full"))
+    p.add_argument("--seq-len", type=int)
+    p.add_argument("--batch", type=int, help="micro-batch size")
+    p.add_argument("--no-bf16", action="store_true", help="the GPU lacks bf16 (pre-Ampere)")
+    p.add_argument("--json", action="store_true")
+
+
+def _run_plan(a) -> int:
+    from training.plan import ModelProfile, PlanError, load_config, make_plan
+
+    overrides = {k: v for k, v in (("method", a.method), ("seq_len", a.seq_len), ("micro_batch", a.batch)) if v}
+    try:
+        budget = _parse_size(a.gpu_mem)
+        cfg = load_config(a.preset, overrides)
+        model = ModelProfile.from_config(a.model)
+    except (PlanError, ValueError) as exc:
+        _console().print(f"[red]error:[/] {exc}")
+        return EXIT_INPUT
+    plan = make_plan(cfg, model, device="cuda", bf16=not a.no_bf16, budget_bytes=budget)
+    doc = plan.to_dict()
+    if a.json:
+        _emit_json(doc)
+    else:
+        from cluster.demo import _plan_table
+
+        con = _console()
+        con.print(_plan_table({**doc, "run_id": cfg.name}))
+        for s in doc["suggestions"]:
+            con.print(f"suggestion: {s['change']} -> {s['total_bytes'] / 2**30:.2f} GiB")
+    return EXIT_OK if plan.fits else EXIT_REFUSED
+
+
+# -- the table -----------------------------------------------------------------------------------
+
+def _not_built(name: str, issue: int) -> int:
+    sys.stderr.write(f"duet {name}: not built yet (tracked in issue {issue}); nothing was done\n")
+    return EXIT_REFUSED
+
+
+COMMANDS: dict[str, Command] = {
+    "demo": Command("the main job, embedded, offline", _setup_demo, _run_demo),
+    "up": Command("start the embedded cluster + stores for this workspace", _setup_up, _run_up),
+    "down": Command("stop what duet started for this workspace", _setup_up, _run_down),
+    "status": Command("what runs for this workspace", _setup_up, _run_status),
+    "node": Command("start | join | stop a node of a two-host cluster", None, None, issue=5),
+    "data": Command("import | check | curate datasets", _setup_data, _run_data),
+    "plan": Command("estimate memory for a model + preset on a GPU size", _setup_plan, _run_plan),
+    "run": Command("curate, plan and train a config through the actors", None, None, issue=4),
+    "train": Command("train a config on the executor [--resume]", None, None, issue=4),
+    "runs": Command("list | show | cancel runs", None, None, issue=4),
+    "watch": Command("live view of a run", None, None, issue=7),
+    "merge": Command("merge a run's adapter into its base", None, None, issue=4),
+    "session": Command("start | log | list | show | resume | handoff work sessions", None, None, issue=6),
+    "memory": Command("sync | search | promote | backup | restore memory", None, None, issue=6),
+    "infra": Command("up | down | status for Prometheus + Alertmanager", None, None, issue=7),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="duet", description="Two machines fine-tune a personal LLM together.",
+        epilog="exit codes: 0 ok, 1 invalid input, 2 refused (plan, policy, not built yet), 3 infrastructure unavailable")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, cmd in COMMANDS.items():
+        label = cmd.help if cmd.run else f"{cmd.help} [not built yet: issue {cmd.issue}]"
+        p = sub.add_parser(name, help=label, description=label)
+        if cmd.setup:
+            cmd.setup(p)
+        else:
+            p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    if not a.command:
+        parser.print_help()
+        return EXIT_OK
+    cmd = COMMANDS[a.command]
+    if cmd.run is None:
+        return _not_built(a.command, cmd.issue or 0)
+    return cmd.run(a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

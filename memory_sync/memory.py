@@ -1,0 +1,155 @@
+"""Memory facade: session event logs in git, mirrored to the cortex (Postgres) and neocortex (Mongo).
+
+Invariants:
+- the event log in the workspace is the source of truth; store writes are idempotent upserts by
+  event id, so replaying them is always safe;
+- when a store is unreachable its writes go to a durable outbox (``.duet/outbox.jsonl``) and are
+  flushed by the next successful write or ``flush()``; nothing blocks and nothing is lost;
+- hypotheses are never deleted: promotion writes a cortex fact with provenance and marks the
+  hypothesis ``promoted``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from memory_sync.events import Session, open_session, start_session
+
+OUTBOX = "outbox.jsonl"
+
+
+class Memory:
+    def __init__(self, workspace: str | os.PathLike, postgres_url: str | None, mongo_url: str | None):
+        self.root = Path(workspace)
+        self.postgres_url = postgres_url
+        self.mongo_url = mongo_url
+        self._cortex = None
+        self._neocortex = None
+        self.outbox = self.root / ".duet" / OUTBOX
+        self.outbox.parent.mkdir(parents=True, exist_ok=True)
+
+    # -- stores -------------------------------------------------------------------------------------
+
+    def cortex(self):
+        if self._cortex is None and self.postgres_url:
+            from memory_sync.cortex import Cortex
+
+            c = Cortex(self.postgres_url)
+            c.migrate()
+            self._cortex = c
+        return self._cortex
+
+    def neocortex(self):
+        if self._neocortex is None and self.mongo_url:
+            from memory_sync.neocortex import Neocortex
+
+            n = Neocortex(self.mongo_url)
+            n.migrate()
+            self._neocortex = n
+        return self._neocortex
+
+    def close(self) -> None:
+        for s in (self._cortex, self._neocortex):
+            if s is not None:
+                s.close()
+        self._cortex = self._neocortex = None
+
+    def _apply(self, op: dict) -> None:
+        kind = op["op"]
+        if kind == "events":
+            c, n = self.cortex(), self.neocortex()
+            if c is not None:
+                c.upsert_session(op["session"])
+                c.upsert_events(op["session"]["id"], op["events"])
+            if n is not None:
+                n.upsert_events(op["session"]["id"], op["events"])
+        elif kind == "run":
+            c = self.cortex()
+            if c is not None:
+                c.upsert_run(op["record"])
+        elif kind == "fact":
+            c = self.cortex()
+            if c is not None:
+                c.add_fact(op["text"], op["provenance"], kind=op.get("kind", "pattern"),
+                           data=op.get("data"), dedup_key=op.get("dedup_key"))
+        else:
+            raise ValueError(f"unknown outbox op {kind!r}")
+
+    def write(self, op: dict) -> bool:
+        """Apply a store write, or queue it in the outbox when a store is unreachable."""
+        self.flush()
+        try:
+            self._apply(op)
+            return True
+        except Exception:  # store down: keep the write, never block the user
+            self._reset()
+            with open(self.outbox, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(op, default=str) + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+            return False
+
+    def _reset(self) -> None:
+        for s in (self._cortex, self._neocortex):
+            try:
+                if s is not None:
+                    s.close()
+            except Exception:
+                pass
+        self._cortex = self._neocortex = None
+
+    def flush(self) -> int:
+        """Replay queued writes in order; returns how many were applied."""
+        if not self.outbox.exists() or self.outbox.stat().st_size == 0:
+            return 0
+        ops = [json.loads(line) for line in self.outbox.read_text(encoding="utf-8").splitlines() if line.strip()]
+        done = 0
+        try:
+            for op in ops:
+                self._apply(op)
+                done += 1
+        except Exception:
+            self._reset()
+        rest = ops[done:]
+        tmp = self.outbox.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(o, default=str) + "\n" for o in rest), encoding="utf-8")
+        os.replace(tmp, self.outbox)
+        return done
+
+    def pending(self) -> int:
+        if not self.outbox.exists():
+            return 0
+        return sum(1 for line in self.outbox.read_text(encoding="utf-8").splitlines() if line.strip())
+
+    # -- sessions -------------------------------------------------------------------------------------
+
+    def start_session(self, title: str, tags: list[str] | None = None) -> Session:
+        return start_session(self.root, title, tags)
+
+    def session(self, sid: str) -> Session:
+        return open_session(self.root, sid)
+
+    def log(self, session: Session, kind: str, payload: dict) -> dict:
+        """Append an event to the session's log and mirror it to both stores."""
+        ev = session.append(kind, payload)
+        self.write({"op": "events", "session": session.meta(), "events": [ev]})
+        return ev
+
+    def sync_session(self, session: Session) -> None:
+        """Upsert every event of the session (idempotent)."""
+        self.write({"op": "events", "session": session.meta(), "events": session.events()})
+
+    # -- facts and hypotheses ---------------------------------------------------------------------------
+
+    def add_fact(self, text: str, provenance: dict, **kw) -> bool:
+        return self.write({"op": "fact", "text": text, "provenance": provenance, **kw})
+
+    def promote(self, hid: str, evidence: dict, provenance: dict) -> dict:
+        """Write a validated fact for a hypothesis and mark it promoted (never deleted)."""
+        n = self.neocortex()
+        h = n.update_hypothesis(hid, evidence=evidence)
+        self.add_fact(h["text"], {**provenance, "hypothesis": hid, "evidence": h["evidence"]},
+                      kind="promoted-hypothesis", dedup_key=f"hypothesis:{hid}")
+        return n.update_hypothesis(hid, status="promoted")

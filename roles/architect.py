@@ -1,0 +1,168 @@
+"""The architect's logic (no Ray, no torch): curate datasets, design plans, record runs, all
+committed to the workspace git and mirrored to memory. ``roles.actors.ArchitectActor`` wraps it.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import secrets
+from pathlib import Path
+
+import yaml
+
+from memory_sync.memory import Memory
+from memory_sync.workspace import Workspace
+from training.dataset import build_version
+from training.hardware import HardwareProfile
+from training.plan import ModelProfile, load_config, make_plan
+
+
+class Architect:
+    def __init__(self, workspace: str, postgres_url: str | None = None, mongo_url: str | None = None,
+                 session_title: str | None = None, session_id: str | None = None):
+        self.ws = Workspace(workspace).init()
+        self.memory = Memory(self.ws.root, postgres_url, mongo_url)
+        if session_id:
+            self.session = self.memory.session(session_id)
+        else:
+            self.session = self.memory.start_session(session_title or "work session", ["duet"])
+        self.seen_events: dict[str, int] = {}
+
+    @property
+    def session_id(self) -> str:
+        return self.session.id
+
+    def log(self, kind: str, payload: dict) -> dict:
+        return self.memory.log(self.session, kind, payload)
+
+    def curate(self, files: list[str], name: str, test_frac: float = 0.1, seed: int = 0) -> dict:
+        """Check + split + version a dataset, commit it; strict: bad input writes nothing."""
+        v = build_version(files, self.ws.root / "datasets", name, test_frac=test_frac, seed=seed, strict=True)
+        c = v.manifest["counts"]
+        sha = self.ws.commit([v.path], f"dataset: {name} {v.content_hash[:12]} ({c['train']} train, {c['test']} test)")
+        self.log("state", {"step": "dataset", "name": name, "content_hash": v.content_hash, "counts": c,
+                           "path": str(v.path.relative_to(self.ws.root)), "commit": sha})
+        return {"name": name, "content_hash": v.content_hash, "path": str(v.path), "manifest": v.manifest,
+                "commit": sha}
+
+    def design_plan(self, preset: str, hardware: dict, model_config: dict, model_ref: str, dataset: dict,
+                    overrides: dict | None = None) -> dict:
+        """Preset + hardware + model profile -> plan with a memory breakdown; commit configs/<run>.yaml."""
+        cfg = load_config(preset, overrides)
+        hw = HardwareProfile.from_dict(hardware)
+        model = ModelProfile.from_config(model_config)
+        plan = make_plan(cfg, model, device=hw.device, bf16=hw.bf16, budget_bytes=hw.memory_budget_bytes,
+                         train_examples=dataset["manifest"]["counts"]["train"])
+        d = plan.to_dict()
+        run_id = f"{cfg.name}-{dt.datetime.now(dt.timezone.utc).strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+        d["run_id"] = run_id
+        d["model_ref"] = model_ref
+        d["dataset"] = {"name": dataset["name"], "content_hash": dataset["content_hash"]}
+        d["hardware"] = {k: hardware[k] for k in ("hostname", "device", "gpu_name", "gpu_total_bytes",
+                                                  "ram_total_bytes", "cpu_count")}
+        path = self.ws.root / "configs" / f"{run_id}.yaml"
+        header = (f"# duet train configs/{run_id}.yaml   (designed by the architect for "
+                  f"{hardware['hostname']}; estimate {plan.total_bytes / 2**30:.2f} GiB, "
+                  f"fits={plan.fits})\n")
+        path.write_text(header + yaml.safe_dump(d, sort_keys=False))
+        sha = self.ws.commit([path], f"config: {run_id} ({cfg.method} {cfg.phase}, "
+                                     f"{plan.total_bytes / 2**30:.2f} GiB est., fits={plan.fits})")
+        self.log("decision", {"step": "plan", "run_id": run_id, "preset": preset, "fits": plan.fits,
+                              "total_bytes": plan.total_bytes, "breakdown_bytes": plan.breakdown,
+                              "config": f"configs/{run_id}.yaml", "commit": sha})
+        d["commit"] = sha
+        return d
+
+    def submission(self, plan: dict, dataset: dict) -> dict:
+        """What the executor needs, self-contained (the dataset files travel with it)."""
+        vd = Path(dataset["path"])
+        files = {n: (vd / n).read_text(encoding="utf-8") for n in ("train.jsonl", "test.jsonl", "manifest.json")}
+        return {"run_id": plan["run_id"], "plan": plan, "model_ref": plan["model_ref"],
+                "dataset": {"name": dataset["name"], "content_hash": dataset["content_hash"], "files": files}}
+
+    def record_run_events(self, run_id: str, events: list[dict]) -> int:
+        """Log executor run events not seen before (by their per-run sequence number)."""
+        last = self.seen_events.get(run_id, -1)
+        new = [e for e in events if e["seq"] > last]
+        for e in new:
+            payload = {k: v for k, v in e.items() if k != "traceback"}
+            self.log("run-event", payload)
+            self.seen_events[run_id] = e["seq"]
+        return len(new)
+
+    def record_run(self, files: dict) -> dict:
+        """Write runs/<id>/ (run.json, report.md, loss.png, events), commit, tag, mirror to the cortex."""
+        rec = files["_record"]
+        run_id = rec["run_id"]
+        out = self.ws.root / "runs" / run_id
+        out.mkdir(parents=True, exist_ok=True)
+        for name, content in files.items():
+            if name.startswith("_"):
+                continue
+            target = out / name
+            if isinstance(content, dict) and "b64" in content:
+                target.write_bytes(base64.b64decode(content["b64"]))
+            else:
+                target.write_text(content, encoding="utf-8")
+        subject = (f"run: {run_id} {rec['status']} (dataset {rec['dataset']['content_hash'][:12]}, "
+                   f"eval loss {_f(rec.get('eval_loss_before'))} -> {_f(rec.get('eval_loss_after'))})")
+        sha = self.ws.commit([out, self.session.path], subject)
+        if rec["status"] == "finished" and sha:
+            self.ws.tag(f"run/{run_id}", subject)
+        self.memory.write({"op": "run", "record": rec})
+        mem = rec.get("peak_memory", {})
+        if rec["status"] == "finished":
+            measured = mem.get("cuda_max_reserved_bytes") or mem.get("rss_peak_bytes")
+            self.memory.add_fact(
+                f"{rec['name']} ({rec['config']['train']['method']}, micro-batch "
+                f"{rec['config']['train']['micro_batch']}, seq {rec['config']['train']['seq_len']}) on "
+                f"{rec['host']['hostname']}: peak memory {measured / 2**20:.0f} MiB, "
+                f"{rec.get('tokens_per_s')} tokens/s",
+                {"run_id": run_id, "session_id": self.session_id, "commit": sha},
+                kind="measurement", dedup_key=f"measurement:{run_id}",
+                data={"peak_bytes": measured, "estimate_bytes": rec["config"]["estimate"]["total_bytes"],
+                      "tokens_per_s": rec.get("tokens_per_s"), "host": rec["host"]["hostname"],
+                      "device": rec["host"]["device"], "train": rec["config"]["train"]})
+        self.log("state", {"step": "run recorded", "run_id": run_id, "status": rec["status"], "commit": sha})
+        return {"run_id": run_id, "path": str(out), "commit": sha, "record": rec}
+
+    def hypothesis_from_run(self, rec: dict) -> dict | None:
+        """The demo's use of the neocortex: a hypothesis about the run, promoted when it held."""
+        n = self.memory.neocortex()
+        if n is None:
+            return None
+        hid = f"lora-helps-{rec['run_id']}"
+        text = (f"LoRA r={rec['config']['train']['lora']['r']} SFT on dataset "
+                f"{rec['dataset']['name']} lowers held-out loss")
+        n.add_hypothesis(hid, text, 0.6, links={"run_id": rec["run_id"], "session_id": self.session_id})
+        before, after = rec.get("eval_loss_before"), rec.get("eval_loss_after")
+        evidence = {"run_id": rec["run_id"], "eval_loss_before": before, "eval_loss_after": after}
+        if before is not None and after is not None and after < before:
+            h = self.memory.promote(hid, evidence, {"run_id": rec["run_id"], "session_id": self.session_id})
+        else:
+            h = n.update_hypothesis(hid, evidence=evidence, status="rejected")
+        self.log("note", {"step": "hypothesis", "id": hid, "status": h["status"], "text": text})
+        return h
+
+    def commit_session(self) -> str | None:
+        self.memory.sync_session(self.session)
+        n = len(self.session.events())
+        return self.ws.commit([self.session.path], f"session: {self.session_id} ({n} events)")
+
+    def store_counts(self) -> dict:
+        out = {"outbox_pending": self.memory.pending()}
+        c, n = self.memory.cortex(), self.memory.neocortex()
+        if c is not None:
+            out["cortex"] = {t: c.count(t) for t in ("sessions", "events", "facts", "runs")}
+        if n is not None:
+            out["neocortex"] = {t: n.count(t) for t in ("events", "hypotheses")}
+        return out
+
+    def close(self) -> None:
+        self.memory.close()
+
+
+def _f(x) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+

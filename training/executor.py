@@ -1,0 +1,109 @@
+"""The executor's logic (no Ray): probe hardware, prepare models, run training in background
+threads, answer status queries, hand over run records. ``roles.actors.ExecutorActor`` wraps it.
+
+Runs live under ``<data_dir>/runs/<run_id>/``; ``submit`` returns at once and the run proceeds in
+a daemon thread, so it never depends on the driver that submitted it.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import threading
+from pathlib import Path
+
+from training import hardware, telemetry
+from training.engine import TERMINAL, Run
+
+RECORD_FILES = ("run.json", "report.md", "loss.png", "events.jsonl")
+
+
+class ExecutorError(RuntimeError):
+    pass
+
+
+class Executor:
+    def __init__(self, data_dir: str | os.PathLike, *, metrics_port: int | None = 9108,
+                 metrics_addr: str = "127.0.0.1", torch_threads: int | None = None):
+        self.data_dir = Path(data_dir)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.runs: dict[str, Run] = {}
+        self.threads: dict[str, threading.Thread] = {}
+        self._lock = threading.Lock()
+        self.metrics_port = None
+        if metrics_port is not None:
+            telemetry.metrics()
+            self.metrics_port = telemetry.serve(metrics_port, metrics_addr)
+        n = torch_threads or int(os.environ.get("DUET_TORCH_THREADS", "0")) or os.cpu_count() or 1
+        os.environ["OMP_NUM_THREADS"] = str(n)
+        self.torch_threads = n
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+
+    def probe(self) -> dict:
+        return hardware.probe(self.data_dir).to_dict()
+
+    def prepare_model(self, ref: str) -> dict:
+        """Resolve (convert/build once) a model and return its config.json for planning."""
+        from training import models
+
+        return models.model_config(ref)
+
+    def submit(self, spec: dict) -> str:
+        run_id = spec["run_id"]
+        with self._lock:
+            if run_id in self.runs and self.runs[run_id].state not in TERMINAL:
+                return run_id
+            import torch
+
+            torch.set_num_threads(self.torch_threads)
+            try:
+                from transformers.utils import logging as hf_logging
+
+                hf_logging.disable_progress_bar()
+            except ImportError:
+                pass
+            run = Run(spec, self.data_dir, self.probe())
+            self.runs[run_id] = run
+            t = threading.Thread(target=run.execute, name=f"duet-run-{run_id}", daemon=True)
+            self.threads[run_id] = t
+            t.start()
+        return run_id
+
+    def _run(self, run_id: str) -> Run:
+        if run_id not in self.runs:
+            raise ExecutorError(f"unknown run {run_id!r} on this executor (known: {', '.join(self.runs) or 'none'})")
+        return self.runs[run_id]
+
+    def status(self, run_id: str, since: int = 0) -> dict:
+        return self._run(run_id).snapshot(since)
+
+    def list(self) -> list[dict]:
+        return [{"run_id": r.run_id, "state": r.state, "step": r.progress["step"],
+                 "max_steps": r.progress["max_steps"]} for r in self.runs.values()]
+
+    def cancel(self, run_id: str) -> dict:
+        self._run(run_id).cancel()
+        return {"run_id": run_id, "cancel_requested": True}
+
+    def fetch_record(self, run_id: str) -> dict:
+        """The run's small files for the workspace (binary ones base64-encoded)."""
+        run_dir = self.data_dir / "runs" / run_id
+        if not (run_dir / "run.json").is_file():
+            raise ExecutorError(f"no record for run {run_id!r} under {run_dir}")
+        out = {}
+        for name in RECORD_FILES:
+            p = run_dir / name
+            if p.is_file():
+                data = p.read_bytes()
+                out[name] = {"b64": base64.b64encode(data).decode()} if name.endswith(".png") else data.decode()
+        out["_record"] = json.loads((run_dir / "run.json").read_text())
+        return out
+
+    def wait(self, run_id: str, timeout: float | None = None) -> str:
+        t = self.threads.get(run_id)
+        if t is not None:
+            t.join(timeout)
+        return self._run(run_id).state
