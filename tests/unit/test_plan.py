@@ -1,0 +1,83 @@
+import pytest
+
+from training.plan import GIB, MIB, NF4_DQ_BYTES, ModelProfile, PlanError, TrainConfig, estimate, load_config, make_plan
+
+LLAMA2_7B = {"model_type": "llama", "hidden_size": 4096, "num_hidden_layers": 32, "intermediate_size": 11008,
+             "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000, "tie_word_embeddings": False}
+SMALL = {"model_type": "qwen2", "hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128,
+         "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512, "tie_word_embeddings": True}
+
+
+def test_presets_load_and_match_the_seed():
+    doica, sora = load_config("doica"), load_config("sora")
+    assert (doica.method, doica.lora.r, doica.lora.alpha, doica.lora.dropout) == ("qlora", 8, 16, 0.05)
+    assert (doica.micro_batch, doica.grad_accum, doica.learning_rate, doica.warmup_steps) == (4, 4, 2e-4, 100)
+    assert (doica.checkpoint_every, doica.eval_every, doica.test_frac) == (100, 100, 0.1)
+    assert (sora.lora.r, sora.lora.alpha, sora.lora.dropout, sora.checkpoint_every) == (64, 128, 0.1, 50)
+    assert load_config("demo").max_steps <= 60
+
+
+def test_bad_config_names_file_line_field_and_allowed_values(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("name: x\nmethod: lora\nlr_scheduler: cosine\nmicro_batch: 0\nmethod2: 1\n")
+    with pytest.raises(PlanError) as ei:
+        load_config(f)
+    msg = str(ei.value)
+    assert f"{f}:4: field 'micro_batch'" in msg
+    assert "method2" in msg and f"{f}:5" in msg
+    f.write_text("name: x\nmethod: qlora8\n")
+    with pytest.raises(PlanError, match=r"bad.yaml:2: field 'method'.*'lora', 'qlora' or 'full'"):
+        load_config(f)
+    with pytest.raises(PlanError, match="no such config file or preset"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_model_profile_counts_parameters():
+    m = ModelProfile.from_config(LLAMA2_7B)
+    assert abs(m.params - 6.738e9) / 6.738e9 < 0.001  # Llama-2-7B has 6.738 B parameters
+
+
+def test_estimate_matches_a_hand_computed_breakdown():
+    m = ModelProfile.from_config(SMALL)
+    cfg = TrainConfig(name="t", method="lora", micro_batch=2, seq_len=32, warmup_steps=0, max_steps=10,
+                      lora={"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]})
+    bd = estimate(cfg, m, device="cpu", bf16=False)
+    # params: per block q 64x64 + k 64x32 + v 64x32 + o 64x64 + 3 MLP 64x128 + 2 norms of 64
+    block = 4096 + 2048 + 2048 + 4096 + 3 * 8192 + 128
+    params = 2 * block + 512 * 64 + 64
+    assert m.params == params
+    assert bd["weights"] == params * 4
+    lora = 2 * (4 * (64 + 64) + 4 * (64 + 32))  # q and v in 2 layers
+    assert bd["trainable_and_optimizer"] == lora * (4 + 4 + 8)
+    tokens = 2 * 32
+    assert bd["activations"] == 2 * tokens * (8 * 64 + 4 * 128) * 4
+    assert bd["logits"] == 2 * tokens * 512 * 4
+    assert bd["overhead"] == 1200 * MIB
+
+
+def test_qlora_weights_are_nf4_with_16bit_embeddings():
+    m = ModelProfile.from_config(LLAMA2_7B)
+    cfg = load_config("doica", {"seq_len": 512, "micro_batch": 1})
+    bd = estimate(cfg, m)
+    emb = 2 * 32000 * 4096 + 4096
+    assert bd["weights"] == int((m.params - emb) * NF4_DQ_BYTES + emb * 2)
+
+
+def test_full_7b_on_24gib_is_refused_with_a_fitting_suggestion():
+    m = ModelProfile.from_config(LLAMA2_7B)
+    full = make_plan(load_config("doica", {"method": "full"}), m, device="cuda", bf16=True, budget_bytes=24 * GIB)
+    assert not full.fits
+    assert full.suggestions and all(s["total_bytes"] <= 24 * GIB * 0.9 for s in full.suggestions)
+    ql = make_plan(load_config("doica", {"method": "qlora", "seq_len": 512, "micro_batch": 1}), m, device="cuda",
+                   bf16=True, budget_bytes=24 * GIB)
+    assert ql.fits and ql.suggestions == []
+
+
+def test_lora_on_a_small_card_suggests_keeping_the_effective_batch():
+    m = ModelProfile.from_config(LLAMA2_7B)
+    cfg = load_config("doica", {"method": "lora", "gradient_checkpointing": False})
+    plan = make_plan(cfg, m, device="cuda", bf16=True, budget_bytes=24 * GIB)
+    assert not plan.fits
+    for s in plan.suggestions:
+        c2 = cfg.model_copy(update=s["set"])
+        assert c2.micro_batch * c2.grad_accum == cfg.effective_batch
