@@ -33,7 +33,7 @@ def _emit_json(doc: dict) -> None:
 def _console():
     from rich.console import Console
 
-    return Console(stderr=True)
+    return Console(stderr=True, soft_wrap=True)
 
 
 def _workspace_arg(p: argparse.ArgumentParser) -> None:

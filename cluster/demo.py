@@ -62,7 +62,7 @@ def run_demo(workspace: str, *, model: str | None = None, tiny: bool = False, da
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
     from rich.table import Table
 
-    con = console or Console(stderr=True, quiet=quiet)
+    con = console or Console(stderr=True, quiet=quiet, soft_wrap=True)
     t0 = time.time()
     data_path = Path(data) if data else DEFAULT_DATA
     if model:
