@@ -126,28 +126,88 @@ def _run_status(a) -> int:
 
 def _setup_data(p):
     sub = p.add_subparsers(dest="data_cmd", metavar="{import,check,curate}")
-    imp = sub.add_parser("import", help="convert sharegpt/alpaca/chatgpt/markdown/dpo to chat JSONL (issue 3)")
+    imp = sub.add_parser("import", help="convert jsonl/sharegpt/alpaca/chatgpt/markdown/dpo to canonical JSONL")
     imp.add_argument("src")
-    chk = sub.add_parser("check", help="validate chat JSONL files, reporting every problem")
+    imp.add_argument("--format", default="auto", choices=("auto", "jsonl", "sharegpt", "alpaca", "chatgpt",
+                                                          "markdown", "dpo"))
+    imp.add_argument("-o", "--output", required=True, help="the canonical JSONL to write")
+    imp.add_argument("--user-labels", help="comma-separated speaker labels for the user (markdown)")
+    imp.add_argument("--assistant-labels", help="comma-separated speaker labels for the assistant (markdown)")
+    imp.add_argument("--json", action="store_true")
+    chk = sub.add_parser("check", help="validate chat/DPO JSONL files, reporting every problem")
     chk.add_argument("files", nargs="+")
+    chk.add_argument("--max-len", type=int, help="maximum sequence length in tokens")
+    chk.add_argument("--tokenizer", help="a model folder whose tokenizer counts the tokens (else an estimate)")
     chk.add_argument("--json", action="store_true")
     cur = sub.add_parser("curate", help="build a dataset version in the workspace and commit it")
     cur.add_argument("files", nargs="+")
     cur.add_argument("--name", required=True)
     cur.add_argument("--test-frac", type=float, default=0.1)
     cur.add_argument("--seed", type=int, default=0)
+    cur.add_argument("--max-len", type=int, help="maximum sequence length in tokens (reports truncation)")
+    cur.add_argument("--tokenizer", help="a model folder whose tokenizer counts the tokens (else an estimate)")
+    cur.add_argument("--reasoning-target", type=float, default=0.5, help="wanted fraction of <think> examples")
+    cur.add_argument("--strict", action="store_true", help="refuse the whole input if any record is invalid")
     cur.add_argument("--json", action="store_true")
     _workspace_arg(cur)
+
+
+def _token_counter(folder: str | None):
+    """``record -> token count`` with a model's tokenizer (needs the executor extra), or None."""
+    if not folder:
+        return None
+    try:
+        from transformers import AutoTokenizer
+    except ImportError as exc:
+        raise ValueError("--tokenizer needs transformers: pip install 'duet[executor]'") from exc
+    tok = AutoTokenizer.from_pretrained(folder)
+
+    def count(d: dict) -> int:
+        if "messages" in d:
+            msgs = d["messages"]
+        else:
+            msgs = d["prompt"] + max(d["chosen"], d["rejected"], key=lambda m: len(str(m)))
+        ids = tok.apply_chat_template(msgs, tokenize=True, return_dict=False) if tok.chat_template else \
+            tok("\n".join(m["content"] for m in msgs))["input_ids"]
+        return len(ids)
+
+    return count
 
 
 def _run_data(a) -> int:
     from training.dataset import DatasetError, check_records, read_jsonl
 
+    con = _console()
     if a.data_cmd is None:
-        _console().print("usage: duet data {import,check,curate} ...")
+        con.print("usage: duet data {import,check,curate} ...")
         return EXIT_INPUT
     if a.data_cmd == "import":
-        return _not_built("data import", 3)
+        from training.importers import DEFAULT_ASSISTANT_LABELS, DEFAULT_USER_LABELS, ImportFormatError, \
+            import_file, write_jsonl
+
+        users = tuple(x.strip() for x in a.user_labels.split(",")) if a.user_labels else DEFAULT_USER_LABELS
+        assts = tuple(x.strip() for x in a.assistant_labels.split(",")) if a.assistant_labels else DEFAULT_ASSISTANT_LABELS
+        try:
+            res = import_file(a.src, a.format, user_labels=users, assistant_labels=assts)
+        except ImportFormatError as exc:
+            con.print(f"[red]error:[/] {exc}")
+            return EXIT_INPUT
+        write_jsonl(res.records, a.output)
+        doc = {"format": res.format, "detected": res.detected, "records": len(res.records),
+               "skipped": res.skipped, "output": a.output}
+        if a.json:
+            _emit_json(doc)
+        else:
+            how = "detected" if res.detected else "given"
+            con.print(f"format {res.format} ({how}): {len(res.records)} records -> {a.output}")
+            for s in res.skipped:
+                con.print(f"[yellow]skipped[/] {s['where']}: {s['reason']}")
+        return EXIT_OK
+    try:
+        counter = _token_counter(a.tokenizer)
+    except (ValueError, OSError) as exc:
+        con.print(f"[red]error:[/] {exc}")
+        return EXIT_INPUT
     if a.data_cmd == "check":
         records, errors = [], []
         for f in a.files:
@@ -155,38 +215,44 @@ def _run_data(a) -> int:
                 records.extend(read_jsonl(f))
             except DatasetError as exc:
                 errors.append(str(exc))
-        problems = check_records(records)
+        problems = check_records(records, a.max_len, counter)
         bad = sum(1 for r in records if not r.ok)
         doc = {"files": a.files, "records": len(records), "invalid_records": bad, "errors": errors,
+               "tokens_counted_with": "tokenizer" if counter else "estimate (~4 characters a token)",
                "problems": [p.to_dict() for p in problems]}
         if a.json:
             _emit_json(doc)
         else:
-            con = _console()
             for e in errors:
                 con.print(f"[red]{e}")
             for p in problems:
                 con.print(f"[red]{p}")
             con.print(f"{len(records)} records, {bad} invalid, {len(problems)} problems")
         return EXIT_INPUT if problems or errors else EXIT_OK
+    from memory_sync.workspace import WorkspaceError
     from roles.architect import Architect
 
     try:
         arch = Architect(a.workspace, session_title="data curate")
-        res = arch.curate(a.files, a.name, a.test_frac, a.seed)
-    except DatasetError as exc:
-        _console().print(f"[red]error:[/] {exc}")
-        for p in exc.problems[:100]:
-            _console().print(f"  {p}")
+        res = arch.curate(a.files, a.name, a.test_frac, a.seed, strict=a.strict, max_tokens=a.max_len,
+                          count_tokens=counter, reasoning_target=a.reasoning_target)
+    except (DatasetError, WorkspaceError) as exc:
+        con.print(f"[red]error:[/] {exc}")
+        for p in getattr(exc, "problems", [])[:100]:
+            con.print(f"  {p}")
         if a.json:
-            _emit_json({"ok": False, "error": str(exc), "problems": [p.to_dict() for p in exc.problems]})
+            _emit_json({"ok": False, "error": str(exc),
+                        "problems": [p.to_dict() for p in getattr(exc, "problems", [])]})
         return EXIT_INPUT
     if a.json:
         _emit_json(res)
     else:
         c = res["manifest"]["counts"]
-        _console().print(f"dataset {a.name} @ {res['content_hash'][:12]}: {c['train']} train, {c['test']} test, "
-                         f"{c['quarantine']} quarantined -> {res['path']}")
+        con.print(f"dataset {a.name} @ {res['content_hash'][:12]}: {c['train']} train, {c['test']} test, "
+                  f"{c['quarantine']} quarantined, {c['duplicates_removed']} duplicates removed, "
+                  f"{c['near_duplicate_pairs']} near-duplicate pairs kept together -> {res['path']}")
+        for w in res["manifest"]["warnings"]:
+            con.print(f"[yellow]warning:[/] {w}")
     return EXIT_OK
 
 

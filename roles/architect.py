@@ -36,9 +36,11 @@ class Architect:
     def log(self, kind: str, payload: dict) -> dict:
         return self.memory.log(self.session, kind, payload)
 
-    def curate(self, files: list[str], name: str, test_frac: float = 0.1, seed: int = 0) -> dict:
-        """Check + split + version a dataset, commit it; strict: bad input writes nothing."""
-        v = build_version(files, self.ws.root / "datasets", name, test_frac=test_frac, seed=seed, strict=True)
+    def curate(self, files: list[str], name: str, test_frac: float = 0.1, seed: int = 0, *, strict: bool = True,
+               **kw) -> dict:
+        """Check + split + version a dataset, commit it. ``strict``: bad input writes nothing; else
+        invalid records are quarantined with their reasons."""
+        v = build_version(files, self.ws.root / "datasets", name, test_frac=test_frac, seed=seed, strict=strict, **kw)
         c = v.manifest["counts"]
         sha = self.ws.commit([v.path], f"dataset: {name} {v.content_hash[:12]} ({c['train']} train, {c['test']} test)")
         self.log("state", {"step": "dataset", "name": name, "content_hash": v.content_hash, "counts": c,

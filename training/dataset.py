@@ -110,8 +110,64 @@ def read_jsonl(path: str | os.PathLike) -> list[Record]:
     return records
 
 
-def check_record(rec: Record, max_chars: int | None = None) -> list[Problem]:
-    """Every problem of one parsed chat record (empty when valid)."""
+def _check_messages(msgs: object, fld: str, bad, *, need_user: bool, end_assistant: bool) -> None:
+    if msgs is None:
+        bad(fld, "missing (a list of {role, content} objects is required)")
+        return
+    if not isinstance(msgs, list) or not msgs:
+        bad(fld, "must be a non-empty list")
+        return
+    for i, m in enumerate(msgs):
+        where = f"{fld}[{i}]"
+        if not isinstance(m, dict):
+            bad(where, "must be an object with role and content")
+            continue
+        role = m.get("role")
+        if role not in ROLES:
+            bad(f"{where}.role", f"{role!r} is not one of {', '.join(ROLES)}")
+        elif role == "system" and i != 0:
+            bad(f"{where}.role", "a system message is allowed only first")
+        content = m.get("content")
+        if not isinstance(content, str):
+            bad(f"{where}.content", "must be a string")
+        elif not content.strip():
+            bad(f"{where}.content", "is empty")
+        elif content.count(THINK_OPEN) != content.count(THINK_CLOSE):
+            bad(f"{where}.content", "unbalanced <think> tags")
+    roles = [m.get("role") for m in msgs if isinstance(m, dict)]
+    if end_assistant and roles and roles[-1] != "assistant":
+        bad(fld, "the conversation must end with an assistant message")
+    if need_user and "user" not in roles:
+        bad(fld, "needs at least one user message")
+
+
+def record_text(d: dict) -> str:
+    """All message text of a chat or DPO record (for lengths and similarity)."""
+    parts = []
+    for key in ("messages", "prompt", "chosen", "rejected"):
+        v = d.get(key)
+        if isinstance(v, str):
+            parts.append(v)
+        elif isinstance(v, list):
+            parts += [m.get("content", "") for m in v if isinstance(m, dict) and isinstance(m.get("content"), str)]
+    return "\n".join(parts)
+
+
+def estimate_tokens(text: str) -> int:
+    """A tokenizer-free estimate (~4 characters a token for English); callers say it is one."""
+    return max(1, round(len(text) / 4))
+
+
+def is_dpo(d: object) -> bool:
+    return isinstance(d, dict) and "chosen" in d and "rejected" in d
+
+
+def check_record(rec: Record, max_tokens: int | None = None, count_tokens=None) -> list[Problem]:
+    """Every problem of one parsed record, chat or DPO (empty when valid).
+
+    ``count_tokens(record) -> int`` counts with the model's tokenizer; without it the length check
+    uses ``estimate_tokens`` and says so.
+    """
     if rec.data is None:
         return list(rec.problems)
     f, ln, d = rec.file, rec.line, rec.data
@@ -127,53 +183,35 @@ def check_record(rec: Record, max_chars: int | None = None) -> list[Problem]:
         bad("id", "missing (a unique string is required)")
     elif not isinstance(d["id"], str) or not d["id"].strip():
         bad("id", "must be a non-empty string")
-    msgs = d.get("messages")
-    if msgs is None:
-        bad("messages", "missing (a list of {role, content} objects is required)")
-    elif not isinstance(msgs, list) or not msgs:
-        bad("messages", "must be a non-empty list")
+    if is_dpo(d):
+        _check_messages(d.get("prompt"), "prompt", bad, need_user=True, end_assistant=False)
+        for key in ("chosen", "rejected"):
+            _check_messages(d.get(key), key, bad, need_user=False, end_assistant=True)
+        if d.get("chosen") == d.get("rejected"):
+            bad("rejected", "is identical to chosen (the pair teaches nothing)")
     else:
-        for i, m in enumerate(msgs):
-            where = f"messages[{i}]"
-            if not isinstance(m, dict):
-                bad(where, "must be an object with role and content")
-                continue
-            role = m.get("role")
-            if role not in ROLES:
-                bad(f"{where}.role", f"{role!r} is not one of {', '.join(ROLES)}")
-            elif role == "system" and i != 0:
-                bad(f"{where}.role", "a system message is allowed only first")
-            content = m.get("content")
-            if not isinstance(content, str):
-                bad(f"{where}.content", "must be a string")
-            elif not content.strip():
-                bad(f"{where}.content", "is empty")
-            elif content.count(THINK_OPEN) != content.count(THINK_CLOSE):
-                bad(f"{where}.content", "unbalanced <think> tags")
-        roles = [m.get("role") for m in msgs if isinstance(m, dict)]
-        if roles and roles[-1] != "assistant":
-            bad("messages", "the conversation must end with an assistant message")
-        if "user" not in roles:
-            bad("messages", "needs at least one user message")
-        if max_chars is not None:
-            n = sum(len(m.get("content", "")) for m in msgs if isinstance(m, dict)
-                    and isinstance(m.get("content"), str))
-            if n > max_chars:
-                bad("messages", f"{n} characters, above the limit of {max_chars}")
+        _check_messages(d.get("messages"), "messages", bad, need_user=True, end_assistant=True)
     meta = d.get("metadata", {})
     if not isinstance(meta, dict):
         bad("metadata", "must be an object")
     elif "category" in meta and meta["category"] not in CATEGORIES:
         bad("metadata.category", f"{meta['category']!r} is not one of {', '.join(CATEGORIES)}")
+    if max_tokens is not None and not out:
+        if count_tokens is not None:
+            n, how = count_tokens(d), "tokens"
+        else:
+            n, how = estimate_tokens(record_text(d)), "tokens (estimated at ~4 characters a token; give a tokenizer to count exactly)"
+        if n > max_tokens:
+            bad("messages" if not is_dpo(d) else "chosen", f"{n} {how}, above the maximum sequence length {max_tokens}")
     return out
 
 
-def check_records(records: list[Record], max_chars: int | None = None) -> list[Problem]:
+def check_records(records: list[Record], max_tokens: int | None = None, count_tokens=None) -> list[Problem]:
     """Check every record, including duplicate ids across all files; fills ``rec.problems``."""
     seen: dict[str, Record] = {}
     problems: list[Problem] = []
     for rec in records:
-        rec.problems = check_record(rec, max_chars)
+        rec.problems = check_record(rec, max_tokens, count_tokens)
         rid = rec.record_id
         if rid is not None and rec.data is not None:
             if rid in seen:
@@ -211,21 +249,94 @@ def _dump(records: list[dict]) -> str:
     return "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in records)
 
 
-def split(records: list[dict], test_frac: float, seed: int) -> tuple[list[dict], list[dict]]:
+NEAR_DUP_THRESHOLD = 0.8
+_MINHASH_PERMS = 64
+_MINHASH_BANDS = 16
+_MERSENNE = (1 << 61) - 1
+
+
+def _shingles(text: str, k: int = 5) -> set[int]:
+    words = re.findall(r"\w+", text.lower())
+    grams = {" ".join(words[i:i + 3]) for i in range(max(1, len(words) - 2))} if len(words) >= 3 else set()
+    flat = re.sub(r"\s+", " ", text.lower())
+    grams |= {flat[i:i + k] for i in range(max(1, len(flat) - k + 1))} if len(words) < 3 else set()
+    return {int.from_bytes(hashlib.blake2b(g.encode(), digest_size=8).digest(), "big") for g in grams}
+
+
+def _minhash(sh: set[int], params: list[tuple[int, int]]) -> tuple[int, ...]:
+    if not sh:
+        return tuple([0] * len(params))
+    return tuple(min((a * h + b) % _MERSENNE for h in sh) for a, b in params)
+
+
+def near_duplicate_pairs(records: list[dict], threshold: float = NEAR_DUP_THRESHOLD) -> list[tuple[int, int, float]]:
+    """Pairs (i, j, jaccard) of records whose word-3-gram sets overlap at least ``threshold``.
+
+    MinHash (64 permutations) with LSH banding finds candidates; each candidate is confirmed with the
+    exact Jaccard similarity, so there are no false positives.
+    """
+    rng = random.Random(1234)
+    params = [(rng.randrange(1, _MERSENNE), rng.randrange(0, _MERSENNE)) for _ in range(_MINHASH_PERMS)]
+    shingles = [_shingles(record_text(r)) for r in records]
+    sigs = [_minhash(sh, params) for sh in shingles]
+    rows = _MINHASH_PERMS // _MINHASH_BANDS
+    cands: set[tuple[int, int]] = set()
+    for b in range(_MINHASH_BANDS):
+        buckets: dict[tuple, list[int]] = {}
+        for i, sig in enumerate(sigs):
+            buckets.setdefault(sig[b * rows:(b + 1) * rows], []).append(i)
+        for members in buckets.values():
+            for x in range(len(members)):
+                for y in range(x + 1, len(members)):
+                    cands.add((members[x], members[y]))
+    out = []
+    for i, j in sorted(cands):
+        a, b = shingles[i], shingles[j]
+        if a and b:
+            jac = len(a & b) / len(a | b)
+            if jac >= threshold:
+                out.append((i, j, round(jac, 3)))
+    return out
+
+
+def _groups(records: list[dict], near_pairs: list[tuple[int, int, float]]) -> list[list[int]]:
+    """Union-find over identical conversations and near-duplicate pairs: each group is split as one."""
+    parent = list(range(len(records)))
+
+    def find(x: int) -> int:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    first: dict[str, int] = {}
+    for i, r in enumerate(records):
+        k = conversation_key(r)
+        if k in first:
+            parent[find(i)] = find(first[k])
+        else:
+            first[k] = i
+    for i, j, _ in near_pairs:
+        parent[find(i)] = find(j)
+    groups: dict[int, list[int]] = {}
+    for i in range(len(records)):
+        groups.setdefault(find(i), []).append(i)
+    return sorted(groups.values(), key=lambda g: min(records[i]["id"] for i in g))
+
+
+def split(records: list[dict], test_frac: float, seed: int,
+          near_pairs: list[tuple[int, int, float]] | None = None) -> tuple[list[dict], list[dict]]:
     """Leakage-free split stratified by category.
 
-    Duplicate conversations (same content) are grouped, so a group lands wholly in train or test.
-    Deterministic for a given input order and seed.
+    Identical and near-duplicate conversations form groups that land wholly in train or in test.
+    Deterministic for the same records, seed and fraction.
     """
     if not 0.0 < test_frac < 1.0:
         raise DatasetError(f"test_frac must be between 0 and 1 (exclusive), got {test_frac}")
-    groups: dict[str, list[dict]] = {}
-    for r in records:
-        groups.setdefault(conversation_key(r), []).append(r)
     by_cat: dict[str, list[list[dict]]] = {}
-    for key in sorted(groups):
-        g = groups[key]
-        by_cat.setdefault(g[0].get("metadata", {}).get("category", "none"), []).append(g)
+    for g in _groups(records, near_pairs or []):
+        members = [records[i] for i in g]
+        by_cat.setdefault(members[0].get("metadata", {}).get("category", "none"), []).append(members)
     rng = random.Random(seed)
     train: list[dict] = []
     test: list[dict] = []
@@ -248,35 +359,53 @@ class DatasetVersion:
     content_hash: str
     path: Path
     manifest: dict
+    warnings: list[str] = field(default_factory=list)
+
+
+def _percentiles(values: list[int]) -> dict:
+    if not values:
+        return {}
+    v = sorted(values)
+
+    def pct(p: float) -> int:
+        return v[min(len(v) - 1, int(round(p / 100 * (len(v) - 1))))]
+
+    return {"min": v[0], "p50": pct(50), "p90": pct(90), "p99": pct(99), "max": v[-1]}
 
 
 def build_version(files: list[str | os.PathLike], out_root: str | os.PathLike, name: str, *,
-                  test_frac: float = 0.1, seed: int = 0, strict: bool = True) -> DatasetVersion:
-    """Check ``files`` and write a dataset version under ``out_root/<name>/<hash>/``.
+                  test_frac: float = 0.1, seed: int = 0, strict: bool = True, max_tokens: int | None = None,
+                  count_tokens=None, reasoning_target: float = 0.5, spot_check_frac: float = 0.15,
+                  near_dup_threshold: float = NEAR_DUP_THRESHOLD) -> DatasetVersion:
+    """Check ``files`` and write a dataset version under ``out_root/<name>/<hash12>/``.
 
-    With ``strict`` (the demo's and ``--strict``'s behaviour) any invalid record aborts with a
-    DatasetError listing every problem, and nothing is written. Without it, invalid records go to
-    quarantine.jsonl with their reasons.
+    With ``strict`` any invalid record aborts with a DatasetError listing every problem, and nothing
+    is written. Without it, invalid records go to quarantine.jsonl with their reasons; either way
+    train + test + quarantine + duplicates removed = input records.
     """
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", name):
         raise DatasetError(f"dataset name {name!r}: use letters, digits, '.', '_' or '-' (max 64)")
+    if not 0.1 <= spot_check_frac <= 0.2:
+        raise DatasetError(f"spot_check_frac {spot_check_frac}: use 0.1-0.2")
     records: list[Record] = []
     for f in files:
         records.extend(read_jsonl(f))
     if not records:
         raise DatasetError(f"{', '.join(map(str, files))}: no records")
-    problems = check_records(records)
+    problems = check_records(records, max_tokens, count_tokens)
     if problems and strict:
         raise DatasetError(f"{len(problems)} problem(s) in the input; nothing was written", problems)
     good = [r.data for r in records if r.ok]
     quarantine = [{"file": r.file, "line": r.line, "raw": r.raw.rstrip("\n"),
                    "problems": [p.to_dict() for p in r.problems]} for r in records if not r.ok]
-    # Exact duplicate conversations: keep the first, record the others in the manifest.
+    kinds = {"dpo" if is_dpo(d) else "chat" for d in good}
+    if len(kinds) > 1:
+        raise DatasetError("the inputs mix chat and DPO records; curate them as separate datasets")
     seen: dict[str, str] = {}
     unique: list[dict] = []
     duplicates: list[dict] = []
     for d in good:
-        k = conversation_key(d)
+        k = conversation_key(d) if not is_dpo(d) else hashlib.sha256(record_text(d).encode()).hexdigest()
         if k in seen:
             duplicates.append({"id": d["id"], "duplicate_of": seen[k]})
         else:
@@ -284,7 +413,8 @@ def build_version(files: list[str | os.PathLike], out_root: str | os.PathLike, n
             unique.append(d)
     if len(unique) < 2:
         raise DatasetError(f"{len(unique)} valid record(s): at least 2 are needed to split train/test")
-    train, test = split(unique, test_frac, seed)
+    near = near_duplicate_pairs(unique, near_dup_threshold)
+    train, test = split(unique, test_frac, seed, near)
     train_txt, test_txt = _dump(train), _dump(test)
     content_hash = hashlib.sha256(("train\n" + train_txt + "test\n" + test_txt).encode()).hexdigest()
 
@@ -296,19 +426,36 @@ def build_version(files: list[str | os.PathLike], out_root: str | os.PathLike, n
         return dict(sorted(cats.items()))
 
     n_reason = sum(is_reasoning(r) for r in unique)
+    frac = n_reason / len(unique)
+    warnings = []
+    if not is_dpo(unique[0]) and abs(frac - reasoning_target) > 0.15:
+        warnings.append(f"reasoning/direct balance is {frac:.0%} reasoning, far from the requested "
+                        f"{reasoning_target:.0%}: the model may lose (or overuse) its thinking mode")
+    lengths = [count_tokens(r) if count_tokens else estimate_tokens(record_text(r)) for r in unique]
+    rng = random.Random(seed + 1)
+    n_spot = max(1, round(len(unique) * spot_check_frac))
+    spot = sorted(rng.sample(unique, n_spot), key=lambda r: r["id"])
     manifest = {
         "schema_version": 1,
         "name": name,
+        "kind": "dpo" if is_dpo(unique[0]) else "chat",
         "content_hash": content_hash,
         "seed": seed,
         "test_frac": test_frac,
         "counts": {"input": len(records), "train": len(train), "test": len(test),
-                   "quarantine": len(quarantine), "duplicates_removed": len(duplicates)},
+                   "quarantine": len(quarantine), "duplicates_removed": len(duplicates),
+                   "near_duplicate_pairs": len(near)},
         "categories": {"train": counts(train), "test": counts(test)},
         "reasoning": {"reasoning": n_reason, "direct": len(unique) - n_reason,
-                      "reasoning_frac": round(n_reason / len(unique), 4)},
+                      "reasoning_frac": round(frac, 4), "target": reasoning_target},
+        "tokens": {"counted_with": "tokenizer" if count_tokens else "estimate (~4 characters a token)",
+                   "percentiles": _percentiles(lengths), "max_tokens": max_tokens,
+                   "would_truncate": sum(n > max_tokens for n in lengths) if max_tokens else None},
         "sources": [{"path": os.path.basename(str(f)), "sha256": sha256_file(f)} for f in files],
         "duplicates": duplicates,
+        "near_duplicates": [{"a": unique[i]["id"], "b": unique[j]["id"], "jaccard": jac} for i, j, jac in near],
+        "spot_check": {"count": n_spot, "frac": spot_check_frac, "file": "spot_check.jsonl"},
+        "warnings": warnings,
         "files": {"train.jsonl": hashlib.sha256(train_txt.encode()).hexdigest(),
                   "test.jsonl": hashlib.sha256(test_txt.encode()).hexdigest()},
     }
@@ -316,7 +463,7 @@ def build_version(files: list[str | os.PathLike], out_root: str | os.PathLike, n
     if final.exists():
         existing = load_manifest(final)
         if existing.get("content_hash") == content_hash:
-            return DatasetVersion(name, content_hash, final, existing)
+            return DatasetVersion(name, content_hash, final, existing, warnings)
         raise DatasetError(f"{final} exists with a different content hash; refusing to overwrite")
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{content_hash[:12]}.", dir=final.parent))
@@ -324,12 +471,13 @@ def build_version(files: list[str | os.PathLike], out_root: str | os.PathLike, n
         (tmp / "train.jsonl").write_text(train_txt, encoding="utf-8")
         (tmp / "test.jsonl").write_text(test_txt, encoding="utf-8")
         (tmp / "quarantine.jsonl").write_text(_dump(quarantine), encoding="utf-8")
+        (tmp / "spot_check.jsonl").write_text(_dump(spot), encoding="utf-8")
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         os.rename(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return DatasetVersion(name, content_hash, final, manifest)
+    return DatasetVersion(name, content_hash, final, manifest, warnings)
 
 
 def load_manifest(version_dir: str | os.PathLike) -> dict:
