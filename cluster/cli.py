@@ -269,7 +269,8 @@ def _parse_size(text: str) -> int:
 
 def _setup_plan(p):
     p.add_argument("--model", required=True, help="a model folder or its config.json")
-    p.add_argument("--gpu-mem", required=True, help="GPU memory, e.g. 24GiB")
+    p.add_argument("--gpu-mem", help="GPU memory, e.g. 24GiB")
+    p.add_argument("--gpu", help="a GPU by name (memory and bf16 from a table), e.g. rtx3090, rtx4090, t4, a100-80")
     p.add_argument("--preset", default="doica", help="preset name or YAML file (default: doica)")
     p.add_argument("--method", choices=("qlora", "lora", "full"))
     p.add_argument("--seq-len", type=int)
@@ -281,15 +282,26 @@ def _setup_plan(p):
 def _run_plan(a) -> int:
     from training.plan import ModelProfile, PlanError, load_config, make_plan
 
+    from training.plan import GPUS
+
     overrides = {k: v for k, v in (("method", a.method), ("seq_len", a.seq_len), ("micro_batch", a.batch)) if v}
+    bf16 = not a.no_bf16
     try:
-        budget = _parse_size(a.gpu_mem)
+        if a.gpu:
+            key = a.gpu.lower().replace(" ", "").replace("geforce", "").replace("nvidia", "")
+            if key not in GPUS:
+                raise ValueError(f"--gpu {a.gpu!r}: unknown; known: {', '.join(GPUS)} (or give --gpu-mem)")
+            budget, bf16 = GPUS[key][0], GPUS[key][1] and bf16
+        if a.gpu_mem:
+            budget = _parse_size(a.gpu_mem)
+        if not a.gpu and not a.gpu_mem:
+            raise ValueError("give --gpu-mem SIZE or --gpu NAME")
         cfg = load_config(a.preset, overrides)
         model = ModelProfile.from_config(a.model)
     except (PlanError, ValueError) as exc:
         _console().print(f"[red]error:[/] {exc}")
         return EXIT_INPUT
-    plan = make_plan(cfg, model, device="cuda", bf16=not a.no_bf16, budget_bytes=budget)
+    plan = make_plan(cfg, model, device="cuda", bf16=bf16, budget_bytes=budget)
     doc = plan.to_dict()
     if a.json:
         _emit_json(doc)
@@ -298,6 +310,8 @@ def _run_plan(a) -> int:
 
         con = _console()
         con.print(_plan_table({**doc, "run_id": cfg.name}))
+        for d in doc["decisions"]:
+            con.print(f"decision: {d}")
         for s in doc["suggestions"]:
             con.print(f"suggestion: {s['change']} -> {s['total_bytes'] / 2**30:.2f} GiB")
     return EXIT_OK if plan.fits else EXIT_REFUSED

@@ -98,6 +98,50 @@ class Workspace:
         repo.git.commit("-m", message, "--no-verify")
         return repo.head.commit.hexsha
 
+    def has_remote(self, name: str = "origin") -> bool:
+        return any(r.name == name for r in self.repo.remotes)
+
+    def publish(self, remote: str = "origin", retries: int = 3) -> dict:
+        """Push the current branch (and tags); on a rejected push, pull (merge) and retry.
+
+        A merge conflict outside duet's own merge driver is reported (WorkspaceError naming the
+        files) after ``git merge --abort``: nothing is resolved by discarding either side.
+        """
+        import git
+
+        if not self.has_remote(remote):
+            return {"pushed": False, "reason": f"no remote {remote!r}"}
+        repo = self.repo
+        branch = repo.active_branch.name
+        pulls = 0
+        for attempt in range(retries + 1):
+            try:
+                repo.git.push(remote, f"HEAD:refs/heads/{branch}", "--follow-tags", "--porcelain")
+                return {"pushed": True, "pulls": pulls, "attempts": attempt + 1}
+            except git.GitCommandError as exc:
+                text = f"{exc.stdout}\n{exc.stderr}"
+                if "rejected" not in text and "fetch first" not in text and "non-fast-forward" not in text:
+                    raise WorkspaceError(f"git push to {remote} failed: {exc.stderr.strip()}") from exc
+            self.pull(remote, branch)
+            pulls += 1
+        raise WorkspaceError(f"git push to {remote} was still rejected after {retries} pulls")
+
+    def pull(self, remote: str = "origin", branch: str | None = None) -> None:
+        import git
+
+        repo = self.repo
+        branch = branch or repo.active_branch.name
+        try:
+            repo.git.pull("--no-rebase", "--no-edit", remote, branch)
+        except git.GitCommandError as exc:
+            conflicted = sorted(repo.index.unmerged_blobs())
+            if conflicted:
+                repo.git.merge("--abort")
+                raise WorkspaceError(
+                    f"pulling {remote}/{branch} conflicts in {', '.join(conflicted)}; nothing was discarded "
+                    "(your commits are intact): resolve with git, then run the command again") from exc
+            raise WorkspaceError(f"git pull from {remote} failed: {exc.stderr.strip()}") from exc
+
     def tag(self, name: str, message: str) -> None:
         self.repo.create_tag(name, message=message)
 

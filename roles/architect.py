@@ -28,6 +28,18 @@ class Architect:
         else:
             self.session = self.memory.start_session(session_title or "work session", ["duet"])
         self.seen_events: dict[str, int] = {}
+        self.last_publish_error: str | None = None
+
+    def commit(self, paths: list, message: str) -> str | None:
+        """Commit, then publish to the workspace remote when there is one (a failure is logged, not fatal:
+        the commit stays local and goes out with the next publish)."""
+        sha = self.ws.commit(paths, message)
+        if sha and self.ws.has_remote():
+            try:
+                self.ws.publish()
+            except Exception as exc:  # offline laptop: keep working, push later
+                self.last_publish_error = str(exc)
+        return sha
 
     @property
     def session_id(self) -> str:
@@ -42,7 +54,7 @@ class Architect:
         invalid records are quarantined with their reasons."""
         v = build_version(files, self.ws.root / "datasets", name, test_frac=test_frac, seed=seed, strict=strict, **kw)
         c = v.manifest["counts"]
-        sha = self.ws.commit([v.path], f"dataset: {name} {v.content_hash[:12]} ({c['train']} train, {c['test']} test)")
+        sha = self.commit([v.path], f"dataset: {name} {v.content_hash[:12]} ({c['train']} train, {c['test']} test)")
         self.log("state", {"step": "dataset", "name": name, "content_hash": v.content_hash, "counts": c,
                            "path": str(v.path.relative_to(self.ws.root)), "commit": sha})
         return {"name": name, "content_hash": v.content_hash, "path": str(v.path), "manifest": v.manifest,
@@ -55,7 +67,8 @@ class Architect:
         hw = HardwareProfile.from_dict(hardware)
         model = ModelProfile.from_config(model_config)
         plan = make_plan(cfg, model, device=hw.device, bf16=hw.bf16, budget_bytes=hw.memory_budget_bytes,
-                         train_examples=dataset["manifest"]["counts"]["train"])
+                         train_examples=dataset["manifest"]["counts"]["train"], host=hw.hostname,
+                         facts=self.measurements())
         d = plan.to_dict()
         run_id = f"{cfg.name}-{dt.datetime.now(dt.timezone.utc).strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
         d["run_id"] = run_id
@@ -68,13 +81,21 @@ class Architect:
                   f"{hardware['hostname']}; estimate {plan.total_bytes / 2**30:.2f} GiB, "
                   f"fits={plan.fits})\n")
         path.write_text(header + yaml.safe_dump(d, sort_keys=False))
-        sha = self.ws.commit([path], f"config: {run_id} ({cfg.method} {cfg.phase}, "
+        sha = self.commit([path], f"config: {run_id} ({cfg.method} {cfg.phase}, "
                                      f"{plan.total_bytes / 2**30:.2f} GiB est., fits={plan.fits})")
         self.log("decision", {"step": "plan", "run_id": run_id, "preset": preset, "fits": plan.fits,
                               "total_bytes": plan.total_bytes, "breakdown_bytes": plan.breakdown,
                               "config": f"configs/{run_id}.yaml", "commit": sha})
         d["commit"] = sha
         return d
+
+    def measurements(self) -> list[dict]:
+        """Measured peaks from earlier runs (cortex facts), for calibrating plans; [] if unreachable."""
+        try:
+            c = self.memory.cortex()
+            return c.facts("measurement") if c is not None else []
+        except Exception:
+            return []
 
     def submission(self, plan: dict, dataset: dict) -> dict:
         """What the executor needs, self-contained (the dataset files travel with it)."""
@@ -112,10 +133,14 @@ class Architect:
         sha = self.ws.commit([out, self.session.path], subject)
         if rec["status"] == "finished" and sha:
             self.ws.tag(f"run/{run_id}", subject)
+        if sha and self.ws.has_remote():
+            try:
+                self.ws.publish()
+            except Exception as exc:
+                self.last_publish_error = str(exc)
         self.memory.write({"op": "run", "record": rec})
-        mem = rec.get("peak_memory", {})
-        if rec["status"] == "finished":
-            measured = mem.get("cuda_max_reserved_bytes") or mem.get("rss_peak_bytes")
+        if rec["status"] == "finished" and rec.get("train_peak_bytes"):
+            measured = rec["train_peak_bytes"]
             self.memory.add_fact(
                 f"{rec['name']} ({rec['config']['train']['method']}, micro-batch "
                 f"{rec['config']['train']['micro_batch']}, seq {rec['config']['train']['seq_len']}) on "
@@ -123,7 +148,10 @@ class Architect:
                 f"{rec.get('tokens_per_s')} tokens/s",
                 {"run_id": run_id, "session_id": self.session_id, "commit": sha},
                 kind="measurement", dedup_key=f"measurement:{run_id}",
-                data={"peak_bytes": measured, "estimate_bytes": rec["config"]["estimate"]["total_bytes"],
+                data={"peak_bytes": measured, "measured_as": rec.get("train_peak_measured_as"),
+                      "estimate_bytes": rec["config"]["estimate"]["total_bytes"],
+                      "formula_bytes": rec["config"]["estimate"]["formula_bytes"],
+                      "model_params": rec["config"]["model"]["params"],
                       "tokens_per_s": rec.get("tokens_per_s"), "host": rec["host"]["hostname"],
                       "device": rec["host"]["device"], "train": rec["config"]["train"]})
         self.log("state", {"step": "run recorded", "run_id": run_id, "status": rec["status"], "commit": sha})
@@ -150,7 +178,7 @@ class Architect:
     def commit_session(self) -> str | None:
         self.memory.sync_session(self.session)
         n = len(self.session.events())
-        return self.ws.commit([self.session.path], f"session: {self.session_id} ({n} events)")
+        return self.commit([self.session.path], f"session: {self.session_id} ({n} events)")
 
     def store_counts(self) -> dict:
         out = {"outbox_pending": self.memory.pending()}

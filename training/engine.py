@@ -100,6 +100,7 @@ class Run:
         self.checkpoints: list[dict] = []
         self.result: dict = {}
         self.error: str | None = None
+        self._train_peak = 0
         self.started = time.time()
         self._write_record()
 
@@ -297,6 +298,9 @@ class Run:
         self.result["eval_loss_before"] = before
         self.eval_losses.append({"step": 0, "eval_loss": float(before)})
         self.emit("eval", which="before", eval_loss=before)
+        self._train_peak = 0
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
         t0 = time.time()
         trainer.train()
         if self._cancel.is_set():
@@ -310,6 +314,11 @@ class Run:
         trainer.model.save_pretrained(adapter_dir)
         tok.save_pretrained(adapter_dir)
         tokens = int(trainer.state.num_input_tokens_seen or 0)
+        if torch.cuda.is_available():
+            self._train_peak = torch.cuda.max_memory_reserved()
+        self.result["train_peak_bytes"] = int(self._train_peak)
+        self.result["train_peak_measured_as"] = ("torch.cuda.max_memory_reserved()" if torch.cuda.is_available()
+                                                 else "max process RSS sampled every step")
         self.result.update({
             "train_s": round(train_s, 2), "steps": trainer.state.global_step, "tokens": tokens,
             "tokens_per_s": round(tokens / train_s, 1) if train_s > 0 else None,
@@ -407,6 +416,9 @@ def _make_progress_class():
             elapsed = now - self.t_start
             p["eta_s"] = round(elapsed / state.global_step * (state.max_steps - state.global_step), 1)
             self.m["step"].labels(*self.lab).set(state.global_step)
+            import psutil
+
+            self.run._train_peak = max(self.run._train_peak, psutil.Process().memory_info().rss)
             self.m["epoch"].labels(*self.lab).set(state.epoch or 0)
             if state.global_step % 50 == 0:
                 from training.report import write_loss_plot

@@ -4,13 +4,22 @@ a memory estimate broken down by component, and a verdict.
 No torch here: the architect plans on a laptop. Formulas (bytes):
 
 - weights: params x bytes/param (fp32 4, bf16/fp16 2, nf4 with double quantization 4.127 bits
-  = 0.516 bytes); with QLoRA the embeddings and lm_head stay 16-bit;
+  = 0.516 bytes); with QLoRA the embeddings and lm_head are kept in fp32 (peft's
+  prepare_model_for_kbit_training upcasts every non-quantized parameter);
 - LoRA: r x (in + out) per adapted matrix; trainable params x (weight + grad in the train dtype
   + AdamW's two fp32 moments, + an fp32 master copy when training in 16-bit);
-- activations per layer and token: (8 h + 4 i) elements without gradient checkpointing
-  (attention inputs/outputs, q/k/v, MLP gate/up/act), h elements with it plus one layer's full set;
+- activations per layer and token, in elements of the train dtype: 12 h + 5 i without gradient
+  checkpointing (fp32 RMSNorm inputs, q/k/v and their rotary copies, attention output, MLP
+  gate/up/act/down inputs), plus 6 h + i for LoRA dropout's copies of each adapted input when
+  dropout > 0; with checkpointing, h per layer plus one layer's full set. Attention scores
+  (heads x seq^2) count only on CPU, where SDPA has no flash kernel;
 - logits: micro_batch x seq x vocab x 4 bytes, twice (fp32 logits and their gradient);
-- overhead: CUDA context + allocator slack (600 MiB + 8 %) on a GPU, the runtime (1.2 GiB: torch, tokenizers, datasets) on CPU.
+- overhead: allocator slack (8 % + 256 MiB) on a GPU, the CUDA context (~500 MiB) reported
+  apart because torch.cuda.max_memory_reserved() does not see it; the runtime (1.2 GiB: torch,
+  tokenizers, datasets) on CPU.
+
+``gradient_checkpointing: auto`` (the default) turns it on only when the plan does not fit
+without it: checkpointing costs ~30 % throughput.
 """
 
 from __future__ import annotations
@@ -63,7 +72,8 @@ class TrainConfig(BaseModel):
     eval_every: int = Field(100, ge=1, description="Evaluate on the test split every N steps.")
     test_frac: float = Field(0.1, gt=0, lt=1, description="Held-out fraction when curating.")
     seed: int = Field(42, description="Seed for data order, dropout and init.")
-    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward.")
+    gradient_checkpointing: bool | Literal["auto"] = Field(
+        "auto", description="Recompute activations in backward; auto: only when the plan does not fit without.")
     packing: bool = Field(False, description="Pack short examples into full sequences.")
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="auto: bf16 when the GPU has it, fp32 on CPU.")
     dry_run_steps: int = Field(0, ge=0, description="Steps of a dry run before the real one (0: none).")
@@ -210,6 +220,15 @@ def train_dtype(cfg: TrainConfig, device: str, bf16: bool) -> str:
 
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+CUDA_CONTEXT_BYTES = 500 * MIB
+USABLE_FRACTION = 0.9  # a plan "fits" when its total stays under 90 % of the budget (the seed's VRAM alarm)
+GPUS = {  # --gpu NAME: memory and bf16 support
+    "rtx3060": (12 * GIB, True), "rtx3080": (10 * GIB, True), "rtx3090": (24 * GIB, True),
+    "rtx4060ti": (16 * GIB, True), "rtx4070": (12 * GIB, True), "rtx4080": (16 * GIB, True),
+    "rtx4090": (24 * GIB, True), "rtx5090": (32 * GIB, True), "t4": (15 * GIB, False), "v100": (16 * GIB, False),
+    "a10": (24 * GIB, True), "l4": (24 * GIB, True), "a100-40": (40 * GIB, True), "a100-80": (80 * GIB, True),
+    "h100": (80 * GIB, True), "h200": (141 * GIB, True),
+}
 NF4_DQ_BYTES = 4.127 / 8
 
 
@@ -220,21 +239,24 @@ def estimate(cfg: TrainConfig, model: ModelProfile, device: str = "cuda", bf16: 
     emb = model.embedding_params + model.hidden
     body = model.params - emb
     if cfg.method == "qlora":
-        weights = body * NF4_DQ_BYTES + emb * 2
+        weights = body * NF4_DQ_BYTES + emb * 4
     else:
         weights = model.params * wb
-    if cfg.method == "full":
-        trainable = model.params
-    else:
-        trainable = model.lora_params(cfg.lora)
+    trainable = model.params if cfg.method == "full" else model.lora_params(cfg.lora)
     master = 4 if wb < 4 else 0
     trainable_bytes = trainable * (wb + wb + 8 + master)  # weight + grad + Adam m, v (+ fp32 master)
     if cfg.method == "full":
         trainable_bytes -= trainable * wb  # the weights are already counted above
     tokens = cfg.micro_batch * cfg.seq_len
-    per_layer_full = tokens * (8 * model.hidden + 4 * model.intermediate) * wb
-    if cfg.gradient_checkpointing:
-        activations = model.layers * tokens * model.hidden * wb + per_layer_full
+    h, i = model.hidden, model.intermediate
+    per_token = 12 * h + 5 * i
+    if cfg.method != "full" and cfg.lora.dropout > 0:
+        per_token += 6 * h + i
+    per_layer_full = tokens * per_token * wb
+    if device != "cuda":
+        per_layer_full += cfg.micro_batch * model.heads * cfg.seq_len ** 2 * wb * 2
+    if cfg.gradient_checkpointing is True:
+        activations = model.layers * tokens * h * wb + per_layer_full
     else:
         activations = model.layers * per_layer_full
     logits = 2 * tokens * model.vocab * 4
@@ -251,7 +273,8 @@ def estimate(cfg: TrainConfig, model: ModelProfile, device: str = "cuda", bf16: 
         breakdown["dpo_reference"] = int(tokens * 2 * model.vocab * 4)
     sub = sum(breakdown.values())
     if device == "cuda":
-        breakdown["overhead"] = int(600 * MIB + 0.08 * sub)
+        breakdown["allocator_overhead"] = int(256 * MIB + 0.08 * sub)
+        breakdown["cuda_context"] = CUDA_CONTEXT_BYTES
     else:
         breakdown["overhead"] = int(1200 * MIB)
     return breakdown
@@ -268,16 +291,26 @@ class Plan:
     trainable_params: int
     suggestions: list[dict]
     steps_per_epoch: int | None = None
+    decisions: list[str] | None = None
+    calibration: dict | None = None
 
     @property
-    def total_bytes(self) -> int:
+    def formula_bytes(self) -> int:
         return sum(self.breakdown.values())
 
     @property
+    def total_bytes(self) -> int:
+        """The estimate: the formula's total, scaled by a measured calibration factor when there is one."""
+        if self.calibration:
+            return int(self.formula_bytes * self.calibration["factor"])
+        return self.formula_bytes
+
+    @property
     def fits(self) -> bool:
-        return self.total_bytes <= self.budget_bytes * 0.9
+        return self.total_bytes <= self.budget_bytes * USABLE_FRACTION
 
     def to_dict(self) -> dict:
+        ctx = self.breakdown.get("cuda_context", 0)
         return {
             "train": self.config.model_dump(),
             "device": self.device, "dtype": self.dtype,
@@ -286,27 +319,78 @@ class Plan:
             "trainable_params": self.trainable_params,
             "effective_batch": self.config.effective_batch,
             "steps_per_epoch": self.steps_per_epoch,
-            "estimate": {"breakdown_bytes": self.breakdown, "total_bytes": self.total_bytes,
+            "estimate": {"breakdown_bytes": self.breakdown, "formula_bytes": self.formula_bytes,
+                         "total_bytes": self.total_bytes, "torch_reserved_bytes": self.total_bytes - ctx,
                          "budget_bytes": self.budget_bytes, "fits": self.fits,
-                         "headroom": "90% of the budget"},
+                         "usable_fraction": USABLE_FRACTION, "calibration": self.calibration},
+            "decisions": self.decisions or [],
             "suggestions": self.suggestions,
         }
 
 
+def _similar(fact: dict, cfg: TrainConfig, model: ModelProfile, device: str, host: str | None) -> int | None:
+    """How close a measured run is to this plan (lower is closer), or None if not comparable."""
+    d = fact.get("data") or {}
+    t = d.get("train") or {}
+    if d.get("device") != device or (host and d.get("host") != host):
+        return None
+    if d.get("model_params") not in (None, model.params) or t.get("method") != cfg.method or t.get("phase") != cfg.phase:
+        return None
+    if not d.get("peak_bytes") or not d.get("formula_bytes"):
+        return None
+    return sum(t.get(k) != getattr(cfg, k) for k in ("micro_batch", "seq_len", "gradient_checkpointing", "packing")) + \
+        (t.get("lora", {}).get("r") != cfg.lora.r)
+
+
+def calibrate(cfg: TrainConfig, model: ModelProfile, device: str, host: str | None, facts: list[dict]) -> dict | None:
+    """The closest measured run on the same host, model, method and phase -> a correction factor."""
+    best = None
+    for f in facts:
+        dist = _similar(f, cfg, model, device, host)
+        if dist is not None and (best is None or dist < best[0]):
+            best = (dist, f)
+    if best is None:
+        return None
+    d = best[1]["data"]
+    factor = d["peak_bytes"] / d["formula_bytes"]
+    return {"factor": round(factor, 4), "from_run": (best[1].get("provenance") or {}).get("run_id"),
+            "measured_bytes": d["peak_bytes"], "formula_bytes_then": d["formula_bytes"], "distance": best[0],
+            "note": f"scaled by the peak measured in run {(best[1].get('provenance') or {}).get('run_id')} on this host"}
+
+
 def make_plan(cfg: TrainConfig, model: ModelProfile, *, device: str, bf16: bool, budget_bytes: int,
-              train_examples: int | None = None) -> Plan:
-    """Estimate ``cfg``; when it does not fit, propose the nearest plans that do."""
+              train_examples: int | None = None, host: str | None = None, facts: list[dict] | None = None) -> Plan:
+    """Estimate ``cfg``; resolve ``gradient_checkpointing: auto``; when it does not fit, propose the
+    nearest plans that do. ``facts``: cortex measurements that calibrate the estimate."""
+    decisions = []
+    if cfg.gradient_checkpointing == "auto":
+        off = cfg.model_copy(update={"gradient_checkpointing": False})
+        bd_off = estimate(off, model, device, bf16)
+        cal = calibrate(off, model, device, host, facts or [])
+        total_off = sum(bd_off.values()) * (cal["factor"] if cal else 1)
+        if total_off <= budget_bytes * USABLE_FRACTION:
+            cfg = off
+            decisions.append("gradient checkpointing off: the plan fits without it (it would cost ~30 % speed)")
+        else:
+            cfg = cfg.model_copy(update={"gradient_checkpointing": True})
+            decisions.append(f"gradient checkpointing on: without it the estimate is {total_off / GIB:.2f} GiB")
     bd = estimate(cfg, model, device, bf16)
+    cal = calibrate(cfg, model, device, host, facts or [])
     plan = Plan(cfg, model, device, train_dtype(cfg, device, bf16), bd, budget_bytes,
-                model.params if cfg.method == "full" else model.lora_params(cfg.lora), [])
+                model.params if cfg.method == "full" else model.lora_params(cfg.lora), [],
+                decisions=decisions, calibration=cal)
+    if cal:
+        decisions.append(cal["note"] + f" (x{cal['factor']:.2f})")
     if train_examples:
         plan.steps_per_epoch = math.ceil(train_examples / cfg.effective_batch)
     if not plan.fits:
-        plan.suggestions = suggest(cfg, model, device=device, bf16=bf16, budget_bytes=budget_bytes)
+        factor = cal["factor"] if cal else 1.0
+        plan.suggestions = suggest(cfg, model, device=device, bf16=bf16, budget_bytes=budget_bytes, factor=factor)
     return plan
 
 
-def suggest(cfg: TrainConfig, model: ModelProfile, *, device: str, bf16: bool, budget_bytes: int) -> list[dict]:
+def suggest(cfg: TrainConfig, model: ModelProfile, *, device: str, bf16: bool, budget_bytes: int,
+            factor: float = 1.0) -> list[dict]:
     """Nearest fitting variants, in order of how little they change: keep the effective batch
     (smaller micro-batch, more accumulation), then gradient checkpointing, then QLoRA, then a
     shorter sequence."""
@@ -339,8 +423,8 @@ def suggest(cfg: TrainConfig, model: ModelProfile, *, device: str, bf16: bool, b
     for label, change in tries:
         c2 = cfg.model_copy(update=change)
         bd = estimate(c2, model, device, bf16)
-        total = sum(bd.values())
-        if total <= budget_bytes * 0.9:
+        total = int(sum(bd.values()) * factor)
+        if total <= budget_bytes * USABLE_FRACTION:
             out.append({"change": label, "set": change, "total_bytes": total, "breakdown_bytes": bd})
             if len(out) >= 3:
                 break

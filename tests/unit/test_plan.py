@@ -40,6 +40,7 @@ def test_model_profile_counts_parameters():
 def test_estimate_matches_a_hand_computed_breakdown():
     m = ModelProfile.from_config(SMALL)
     cfg = TrainConfig(name="t", method="lora", micro_batch=2, seq_len=32, warmup_steps=0, max_steps=10,
+                      gradient_checkpointing=False,
                       lora={"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]})
     bd = estimate(cfg, m, device="cpu", bf16=False)
     # params: per block q 64x64 + k 64x32 + v 64x32 + o 64x64 + 3 MLP 64x128 + 2 norms of 64
@@ -50,7 +51,12 @@ def test_estimate_matches_a_hand_computed_breakdown():
     lora = 2 * (4 * (64 + 64) + 4 * (64 + 32))  # q and v in 2 layers
     assert bd["trainable_and_optimizer"] == lora * (4 + 4 + 8)
     tokens = 2 * 32
-    assert bd["activations"] == 2 * tokens * (8 * 64 + 4 * 128) * 4
+    # per layer: (12 h + 5 i) elements a token, plus attention scores on CPU (batch x heads x seq^2, twice)
+    assert bd["activations"] == 2 * (tokens * (12 * 64 + 5 * 128) * 4 + 2 * 4 * 32 * 32 * 4 * 2)
+    with_dropout = estimate(cfg.model_copy(update={"lora": cfg.lora.model_copy(update={"dropout": 0.1})}), m, "cpu", False)
+    assert with_dropout["activations"] - bd["activations"] == 2 * tokens * (6 * 64 + 128) * 4
+    ckpt = estimate(cfg.model_copy(update={"gradient_checkpointing": True}), m, "cpu", False)
+    assert ckpt["activations"] == 2 * tokens * 64 * 4 + bd["activations"] // 2
     assert bd["logits"] == 2 * tokens * 512 * 4
     assert bd["overhead"] == 1200 * MIB
 
@@ -59,8 +65,9 @@ def test_qlora_weights_are_nf4_with_16bit_embeddings():
     m = ModelProfile.from_config(LLAMA2_7B)
     cfg = load_config("doica", {"seq_len": 512, "micro_batch": 1})
     bd = estimate(cfg, m)
-    emb = 2 * 32000 * 4096 + 4096
-    assert bd["weights"] == int((m.params - emb) * NF4_DQ_BYTES + emb * 2)
+    emb = 2 * 32000 * 4096 + 4096  # kept in fp32 by prepare_model_for_kbit_training
+    assert bd["weights"] == int((m.params - emb) * NF4_DQ_BYTES + emb * 4)
+    assert bd["cuda_context"] == 500 * MIB
 
 
 def test_full_7b_on_24gib_is_refused_with_a_fitting_suggestion():
@@ -68,16 +75,45 @@ def test_full_7b_on_24gib_is_refused_with_a_fitting_suggestion():
     full = make_plan(load_config("doica", {"method": "full"}), m, device="cuda", bf16=True, budget_bytes=24 * GIB)
     assert not full.fits
     assert full.suggestions and all(s["total_bytes"] <= 24 * GIB * 0.9 for s in full.suggestions)
-    ql = make_plan(load_config("doica", {"method": "qlora", "seq_len": 512, "micro_batch": 1}), m, device="cuda",
+    ql = make_plan(load_config("doica", {"method": "qlora", "seq_len": 512, "micro_batch": 1,
+                                         "lora": {"r": 16, "alpha": 32}}), m, device="cuda",
                    bf16=True, budget_bytes=24 * GIB)
     assert ql.fits and ql.suggestions == []
+    # published: 12.3 GB peak for Llama-2-7B QLoRA r=16
+    assert 9 * GIB <= ql.total_bytes <= 16 * GIB
 
 
 def test_lora_on_a_small_card_suggests_keeping_the_effective_batch():
     m = ModelProfile.from_config(LLAMA2_7B)
-    cfg = load_config("doica", {"method": "lora", "gradient_checkpointing": False})
-    plan = make_plan(cfg, m, device="cuda", bf16=True, budget_bytes=24 * GIB)
+    cfg = load_config("doica", {"method": "lora", "gradient_checkpointing": False, "micro_batch": 8, "grad_accum": 2})
+    plan = make_plan(cfg, m, device="cuda", bf16=True, budget_bytes=16 * GIB)
     assert not plan.fits
     for s in plan.suggestions:
         c2 = cfg.model_copy(update=s["set"])
         assert c2.micro_batch * c2.grad_accum == cfg.effective_batch
+
+
+def test_gradient_checkpointing_auto_only_when_needed():
+    m = ModelProfile.from_config(LLAMA2_7B)
+    small = make_plan(load_config("doica", {"seq_len": 512, "micro_batch": 1}), m, device="cuda", bf16=True,
+                      budget_bytes=24 * GIB)
+    assert small.config.gradient_checkpointing is False and "off" in small.decisions[0]
+    big = make_plan(load_config("doica", {"seq_len": 2048, "micro_batch": 4}), m, device="cuda", bf16=True,
+                    budget_bytes=24 * GIB)
+    assert big.config.gradient_checkpointing is True and big.fits
+
+
+def test_measured_peaks_calibrate_the_next_plan():
+    m = ModelProfile.from_config(SMALL)
+    cfg = TrainConfig(name="t", max_steps=10, warmup_steps=0, micro_batch=4, seq_len=64)
+    first = make_plan(cfg, m, device="cpu", bf16=False, budget_bytes=8 * GIB, host="h1")
+    assert first.calibration is None
+    fact = {"kind": "measurement", "provenance": {"run_id": "r1"},
+            "data": {"device": "cpu", "host": "h1", "model_params": m.params, "peak_bytes": int(first.total_bytes * 1.3),
+                     "formula_bytes": first.formula_bytes, "train": first.config.model_dump()}}
+    again = make_plan(cfg, m, device="cpu", bf16=False, budget_bytes=8 * GIB, host="h1", facts=[fact])
+    assert again.calibration["from_run"] == "r1" and abs(again.calibration["factor"] - 1.3) < 0.01
+    assert abs(again.total_bytes - first.total_bytes * 1.3) / again.total_bytes < 0.01
+    assert any("measured in run r1" in d for d in again.decisions)
+    other_host = make_plan(cfg, m, device="cpu", bf16=False, budget_bytes=8 * GIB, host="h2", facts=[fact])
+    assert other_host.calibration is None

@@ -32,3 +32,49 @@ def test_commit_without_changes_returns_none(tmp_path):
     f.write_text("name: a\n")
     assert ws.commit([f], "config: a")
     assert ws.commit([f], "config: a again") is None
+
+
+def _clone(bare, path):
+    import git
+
+    repo = git.Repo.clone_from(str(bare), str(path))
+    with repo.config_writer() as cw:
+        cw.set_value("user", "name", "t")
+        cw.set_value("user", "email", "t@t")
+    return Workspace(path)
+
+
+def test_rejected_push_is_retried_after_a_pull(tmp_path):
+    import git
+
+    origin = Workspace(tmp_path / "origin").init()
+    bare = tmp_path / "remote.git"
+    git.Repo.clone_from(str(origin.root), str(bare), bare=True)
+    a, b = _clone(bare, tmp_path / "a"), _clone(bare, tmp_path / "b")
+    (a.root / "configs" / "a.yaml").write_text("a: 1\n")
+    a.commit(["configs/a.yaml"], "config: a")
+    assert a.publish()["pushed"]
+    (b.root / "configs" / "b.yaml").write_text("b: 1\n")
+    b.commit(["configs/b.yaml"], "config: b")
+    res = b.publish()
+    assert res["pushed"] and res["pulls"] == 1
+    a.pull()
+    assert (a.root / "configs" / "b.yaml").exists() and (b.root / "configs" / "a.yaml").exists()
+
+
+def test_conflicts_are_reported_never_resolved_by_discarding(tmp_path):
+    import git
+
+    origin = Workspace(tmp_path / "origin").init()
+    bare = tmp_path / "remote.git"
+    git.Repo.clone_from(str(origin.root), str(bare), bare=True)
+    a, b = _clone(bare, tmp_path / "a"), _clone(bare, tmp_path / "b")
+    for ws, val in ((a, "lr: 1e-4\n"), (b, "lr: 3e-4\n")):
+        (ws.root / "configs" / "x.yaml").write_text(val)
+        ws.commit(["configs/x.yaml"], "config: x")
+    a.publish()
+    with pytest.raises(WorkspaceError, match=r"conflicts in configs/x.yaml; nothing was discarded"):
+        b.publish()
+    assert (b.root / "configs" / "x.yaml").read_text() == "lr: 3e-4\n"  # b's version intact, merge aborted
+    assert not b.repo.is_dirty()
+    assert b.log_subjects()[-1] == "config: x"
