@@ -317,6 +317,259 @@ def _run_plan(a) -> int:
     return EXIT_OK if plan.fits else EXIT_REFUSED
 
 
+# -- train / run / runs / merge ------------------------------------------------------------------
+
+def _load_plan_file(path: str) -> dict:
+    import yaml
+
+    p = os.path.abspath(path)
+    try:
+        doc = yaml.safe_load(open(p, encoding="utf-8"))
+    except OSError as exc:
+        raise ValueError(f"{path}: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: invalid YAML: {exc}") from exc
+    for key in ("run_id", "train", "model_ref", "dataset", "estimate"):
+        if not isinstance(doc, dict) or key not in doc:
+            raise ValueError(f"{path}: field {key!r} missing: `duet train` takes a plan the architect wrote "
+                             "(configs/<run>.yaml); `duet run` takes a run config")
+    return doc
+
+
+def _setup_train(p):
+    p.add_argument("config", help="a plan written by the architect: <workspace>/configs/<run>.yaml")
+    p.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint")
+    p.add_argument("--run-id", help="train under another run id (e.g. to compare with an earlier run)")
+    p.add_argument("--data-dir", help="where runs live (default: <workspace>/.duet/executor)")
+    p.add_argument("--json", action="store_true")
+    _workspace_arg(p)
+
+
+def _run_train(a) -> int:
+    """Train a plan in this process (the executor's host), in the foreground."""
+    import threading
+    import time
+    from pathlib import Path
+
+    con = _console()
+    try:
+        plan = _load_plan_file(a.config)
+    except ValueError as exc:
+        con.print(f"[red]error:[/] {exc}")
+        return EXIT_INPUT
+    cfg_path = Path(a.config).resolve()
+    ws = cfg_path.parent.parent if cfg_path.parent.name == "configs" else Path(a.workspace).resolve()
+    data_dir = Path(a.data_dir) if a.data_dir else ws / ".duet" / "executor"
+    run_id = a.run_id or plan["run_id"]
+    from training import hardware
+    from training.engine import Run
+
+    hw = hardware.probe(data_dir if data_dir.exists() else ".").to_dict()
+    run_dir = data_dir / "runs" / run_id
+    if a.resume:
+        if not (run_dir / "spec.json").exists():
+            con.print(f"[red]error:[/] {run_dir}: no such run to resume (train it first without --resume)")
+            return EXIT_INPUT
+        run = Run.load(run_dir, hw)
+        if run.state == "finished":
+            con.print(f"run {run_id} already finished")
+            return EXIT_OK
+    else:
+        if (run_dir / "spec.json").exists():
+            con.print(f"[red]error:[/] run {run_id} exists in {data_dir}; use --resume, or --run-id NEW")
+            return EXIT_INPUT
+        vd = ws / "datasets" / plan["dataset"]["name"] / plan["dataset"]["content_hash"][:12]
+        if not (vd / "manifest.json").exists():
+            con.print(f"[red]error:[/] {a.config}: dataset {plan['dataset']['name']} @ "
+                      f"{plan['dataset']['content_hash'][:12]} is not in {ws / 'datasets'}")
+            return EXIT_INPUT
+        files = {n: (vd / n).read_text(encoding="utf-8") for n in ("train.jsonl", "test.jsonl", "manifest.json")}
+        spec = {"run_id": run_id, "plan": {**plan, "run_id": run_id}, "model_ref": plan["model_ref"],
+                "dataset": {"name": plan["dataset"]["name"], "content_hash": plan["dataset"]["content_hash"],
+                            "files": files}}
+        run = Run(spec, data_dir, hw)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    threads = int(os.environ.get("DUET_TORCH_THREADS", "0") or 0)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    t = threading.Thread(target=run.execute, kwargs={"resume": a.resume}, daemon=True)
+    t.start()
+    last = -1
+    while t.is_alive():
+        t.join(1.0)
+        p = run.progress
+        if p["step"] != last and not a.json:
+            last = p["step"]
+            loss = f" loss {p['loss']:.4f}" if p.get("loss") is not None else ""
+            con.print(f"[dim]{run_id}[/] {run.state} step {p['step']}/{p['max_steps']}{loss}")
+    rec = run.record()
+    if a.json:
+        _emit_json({k: rec.get(k) for k in ("run_id", "status", "error", "steps", "eval_loss_before",
+                                             "eval_loss_after", "recoveries", "losses", "checkpoints")})
+    else:
+        con.print(f"run {run_id}: {rec['status']}" + (f" ({rec['error']})" if rec.get("error") else "")
+                  + f"; record in {run_dir / 'run.json'}")
+    return EXIT_OK if rec["status"] == "finished" else EXIT_INPUT
+
+
+def _setup_run(p):
+    p.add_argument("config", help="a run config: preset, model, data (see examples/persona/run.yaml)")
+    p.add_argument("--detach", action="store_true", help="return once the executor accepted the run")
+    p.add_argument("--json", action="store_true")
+    _workspace_arg(p)
+
+
+def _run_run(a) -> int:
+    import yaml
+
+    from cluster.demo import DemoError, run_pipeline
+
+    con = _console()
+    try:
+        doc = yaml.safe_load(open(a.config, encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        con.print(f"[red]error:[/] {a.config}: {exc}")
+        return EXIT_INPUT
+    allowed = {"preset", "model", "data", "dataset", "overrides", "test_frac", "seed"}
+    unknown = set(doc) - allowed
+    if unknown or "data" not in doc:
+        con.print(f"[red]error:[/] {a.config}: " + (f"unknown field(s) {sorted(unknown)}" if unknown else "field 'data' missing")
+                  + f" (allowed: {', '.join(sorted(allowed))})")
+        return EXIT_INPUT
+    base = os.path.dirname(os.path.abspath(a.config))
+    data = [d if os.path.isabs(d) else os.path.normpath(os.path.join(base, d))
+            for d in ([doc["data"]] if isinstance(doc["data"], str) else doc["data"])]
+    model = doc.get("model", "smollm2")
+    try:
+        summary = run_pipeline(a.workspace, model=None if model in ("smollm2", "tiny") else model,
+                               tiny=model == "tiny", data=data, overrides=doc.get("overrides"),
+                               preset=doc.get("preset", "demo"), dataset_name=doc.get("dataset", "data"),
+                               title=f"duet run {os.path.basename(a.config)}", detach=a.detach,
+                               test_frac=doc.get("test_frac", 0.1), seed=doc.get("seed", 0))
+    except DemoError as exc:
+        con.print(f"[red]error:[/] {exc}")
+        return exc.code
+    if a.json:
+        _emit_json(summary)
+    return EXIT_OK
+
+
+def _executor_handle(workspace: str):
+    """The workspace's cluster and its executor actor (exit 3 when the cluster is not up)."""
+    from cluster import auth, embedded, node
+    from infra.services import ServiceError
+
+    st = embedded.running(workspace)
+    head = st.get("head")
+    if not head or not head["alive"]:
+        raise ServiceError(f"no cluster runs for workspace {os.path.abspath(workspace)}: start it with `duet up`")
+    auth.apply_auth_env()
+    node.connect(head["address"])
+    import ray
+
+    try:
+        return ray.get_actor(node.EXECUTOR_NAME, namespace=node.NAMESPACE), st
+    except ValueError as exc:
+        raise ServiceError("the cluster is up but has no executor actor (no run was submitted yet)") from exc
+
+
+def _setup_runs(p):
+    p.add_argument("action", nargs="?", default="list", choices=("list", "show", "cancel", "pause", "resume"))
+    p.add_argument("run_id", nargs="?")
+    p.add_argument("--json", action="store_true")
+    _workspace_arg(p)
+
+
+def _run_runs(a) -> int:
+    from infra.services import ServiceError
+
+    con = _console()
+    if a.action != "list" and not a.run_id:
+        con.print(f"[red]error:[/] duet runs {a.action} needs a RUN_ID")
+        return EXIT_INPUT
+    try:
+        ex, st = _executor_handle(a.workspace)
+    except ServiceError as exc:
+        con.print(f"[red]error:[/] {exc}")
+        return EXIT_INFRA
+    import ray
+
+    try:
+        if a.action == "list":
+            doc = {"runs": ray.get(ex.list.remote(), timeout=60)}
+        elif a.action == "show":
+            snap = ray.get(ex.status.remote(a.run_id, 0), timeout=60)
+            doc = {k: snap[k] for k in ("run_id", "state", "progress", "error", "recoveries")}
+            if snap["state"] in ("finished", "failed", "cancelled"):
+                doc["recorded"] = _record_if_needed(a.workspace, st, ray.get(ex.fetch_record.remote(a.run_id)))
+        else:
+            doc = ray.get(getattr(ex, a.action).remote(a.run_id), timeout=60)
+    except ray.exceptions.RayTaskError as exc:
+        con.print(f"[red]error:[/] {exc.cause if hasattr(exc, 'cause') else exc}")
+        return EXIT_INPUT
+    if a.json:
+        _emit_json(doc)
+    else:
+        con.print_json(data=doc, default=str)
+    return EXIT_OK
+
+
+def _record_if_needed(workspace: str, st: dict, files: dict) -> dict:
+    """A run that finished while no driver watched is recorded in the workspace on first sight."""
+    from pathlib import Path
+
+    from roles.architect import Architect
+
+    run_id = files["_record"]["run_id"]
+    if (Path(workspace) / "runs" / run_id / "run.json").exists():
+        return {"already": True, "path": str(Path(workspace) / "runs" / run_id)}
+    pg = st.get("postgres", {}).get("url") if st.get("postgres", {}).get("alive") else None
+    mongo = st.get("mongo", {}).get("url") if st.get("mongo", {}).get("alive") else None
+    arch = Architect(workspace, os.environ.get("DUET_POSTGRES_URL") or pg, os.environ.get("DUET_MONGO_URL") or mongo,
+                     session_title=f"record {run_id}")
+    out = arch.record_run(files)
+    arch.commit_session()
+    arch.close()
+    return {"already": False, "path": out["path"], "commit": out["commit"]}
+
+
+def _setup_merge(p):
+    p.add_argument("run_id")
+    p.add_argument("--data-dir", help="where runs live (default: <workspace>/.duet/executor)")
+    p.add_argument("--json", action="store_true")
+    _workspace_arg(p)
+
+
+def _run_merge(a) -> int:
+    """(Re-)merge a trained run's adapter into its base, e.g. after a merge failed for lack of RAM."""
+    from pathlib import Path
+
+    from training import hardware
+    from training.engine import Run
+
+    con = _console()
+    data_dir = Path(a.data_dir) if a.data_dir else Path(a.workspace).resolve() / ".duet" / "executor"
+    run_dir = data_dir / "runs" / a.run_id
+    if not (run_dir / "adapter" / "adapter_config.json").exists():
+        con.print(f"[red]error:[/] {run_dir}: no trained adapter to merge")
+        return EXIT_INPUT
+    run = Run.load(run_dir, hardware.probe(data_dir).to_dict())
+    try:
+        run.merge_and_evaluate(Path(run.result.get("model_path") or run.preflight()))
+    except RuntimeError as exc:
+        con.print(f"[red]error:[/] {exc}")
+        return EXIT_REFUSED
+    run._write_record()
+    doc = run.result["merged_model"]
+    if a.json:
+        _emit_json(doc)
+    else:
+        con.print(f"merged -> {doc['path']} (logits verified, max abs diff {doc['logit_max_abs_diff']:.2e})")
+    return EXIT_OK
+
+
 # -- the table -----------------------------------------------------------------------------------
 
 def _not_built(name: str, issue: int) -> int:
@@ -332,11 +585,11 @@ COMMANDS: dict[str, Command] = {
     "node": Command("start | join | stop a node of a two-host cluster", None, None, issue=5),
     "data": Command("import | check | curate datasets", _setup_data, _run_data),
     "plan": Command("estimate memory for a model + preset on a GPU size", _setup_plan, _run_plan),
-    "run": Command("curate, plan and train a config through the actors", None, None, issue=4),
-    "train": Command("train a config on the executor [--resume]", None, None, issue=4),
-    "runs": Command("list | show | cancel runs", None, None, issue=4),
+    "run": Command("curate, plan and train a run config through the actors", _setup_run, _run_run),
+    "train": Command("train an architect's plan in this process [--resume]", _setup_train, _run_train),
+    "runs": Command("list | show | cancel | pause | resume runs on the executor", _setup_runs, _run_runs),
     "watch": Command("live view of a run", None, None, issue=7),
-    "merge": Command("merge a run's adapter into its base", None, None, issue=4),
+    "merge": Command("merge a run's adapter into its base (16/32-bit, verified)", _setup_merge, _run_merge),
     "session": Command("start | log | list | show | resume | handoff work sessions", None, None, issue=6),
     "memory": Command("sync | search | promote | backup | restore memory", None, None, issue=6),
     "infra": Command("up | down | status for Prometheus + Alertmanager", None, None, issue=7),

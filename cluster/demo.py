@@ -58,13 +58,28 @@ def precheck(data: Path) -> None:
 
 def run_demo(workspace: str, *, model: str | None = None, tiny: bool = False, data: str | None = None,
              console=None, quiet: bool = False, max_steps: int | None = None) -> dict:
+    """The main job: the persona examples, the demo preset, SmolLM2 (or --tiny / --model)."""
+    return run_pipeline(workspace, model=model, tiny=tiny, data=[data] if data else None, console=console,
+                        quiet=quiet, overrides={"max_steps": max_steps} if max_steps else None,
+                        preset="demo", dataset_name="persona", title="duet demo")
+
+
+def run_pipeline(workspace: str, *, model: str | None = None, tiny: bool = False, data: list[str] | None = None,
+                 console=None, quiet: bool = False, overrides: dict | None = None, preset: str = "demo",
+                 dataset_name: str = "persona", title: str = "duet run", detach: bool = False,
+                 test_frac: float = 0.1, seed: int = 0) -> dict:
+    """Curate -> probe -> plan -> submit -> follow -> record, through the actors.
+
+    ``detach``: return once the executor accepted the run; the run goes on without this driver
+    (and the services stay up); ``duet runs show ID`` picks up the record later.
+    """
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
     from rich.table import Table
 
     con = console or Console(stderr=True, quiet=quiet, soft_wrap=True)
     t0 = time.time()
-    data_path = Path(data) if data else DEFAULT_DATA
+    data_paths = [Path(d) for d in data] if data else [DEFAULT_DATA]
     if model:
         from training.models import ModelError, resolve
 
@@ -75,13 +90,14 @@ def run_demo(workspace: str, *, model: str | None = None, tiny: bool = False, da
         model_ref = str(Path(model).expanduser().resolve())
     else:
         model_ref = "tiny" if tiny else "smollm2"
-    precheck(data_path)
+    for d in data_paths:
+        precheck(d)
 
     ws = Path(workspace).resolve()
     from cluster import auth
 
     auth.apply_auth_env()  # before ray is imported: Ray reads RAY_AUTH_MODE at import
-    con.rule("[bold]duet demo")
+    con.rule(f"[bold]{title}")
     try:
         with con.status("starting the embedded cluster (Ray, PostgreSQL, Mongo-wire)..."):
             emb = embedded.up(ws)
@@ -99,16 +115,16 @@ def run_demo(workspace: str, *, model: str | None = None, tiny: bool = False, da
         node.connect(emb.ray_address)
         port = services.free_port(METRICS_PORTS)
         executor = executor_actor(str(ws / ".duet" / "executor"), port)
-        architect = architect_actor(str(ws), emb.postgres_url, emb.mongo_url, "duet demo")
+        architect = architect_actor(str(ws), emb.postgres_url, emb.mongo_url, title)
         a_info, e_info = ray.get([architect.ping.remote(), executor.ping.remote()], timeout=120)
         session_id = a_info["session_id"]
         con.print(f"[green]actors[/] architect pid {a_info['pid']}, executor pid {e_info['pid']} "
                   f"(metrics http://127.0.0.1:{e_info['metrics_port']}/metrics), session {session_id}")
 
-        dataset = ray.get(architect.curate.remote([str(data_path)], "persona", 0.1, 0))
+        dataset = ray.get(architect.curate.remote([str(d) for d in data_paths], dataset_name, test_frac, seed))
         c = dataset["manifest"]["counts"]
         r = dataset["manifest"]["reasoning"]
-        con.print(f"[green]dataset[/] persona @ {dataset['content_hash'][:12]}: {c['train']} train / {c['test']} test, "
+        con.print(f"[green]dataset[/] {dataset_name} @ {dataset['content_hash'][:12]}: {c['train']} train / {c['test']} test, "
                   f"{r['reasoning']} reasoning / {r['direct']} direct")
 
         hw = ray.get(executor.probe.remote())
@@ -117,8 +133,7 @@ def run_demo(workspace: str, *, model: str | None = None, tiny: bool = False, da
         con.print(f"[green]executor[/] {hw['hostname']}: {describe(HardwareProfile.from_dict(hw))}")
         with con.status(f"preparing model {model_ref} (the SmolLM2 GGUF is converted once, then cached)..."):
             model_cfg = ray.get(executor.prepare_model.remote(model_ref))
-        overrides = {"max_steps": max_steps} if max_steps else None
-        plan = ray.get(architect.design_plan.remote("demo", hw, model_cfg, model_ref, dataset, overrides))
+        plan = ray.get(architect.design_plan.remote(preset, hw, model_cfg, model_ref, dataset, overrides))
         con.print(_plan_table(plan))
         if not plan["estimate"]["fits"]:
             raise DemoError(f"the plan does not fit this host: estimate {plan['estimate']['total_bytes'] / 2**30:.2f} "
@@ -127,6 +142,14 @@ def run_demo(workspace: str, *, model: str | None = None, tiny: bool = False, da
         spec = ray.get(architect.submission.remote(plan, dataset))
         run_id = ray.get(executor.submit.remote(spec))
         ray.get(architect.log.remote("state", {"step": "submitted", "run_id": run_id}))
+        if detach:
+            ray.get(architect.commit_session.remote())
+            ray.get(architect.close.remote())
+            emb.started = []  # the run needs them: leave the services up
+            con.print(f"[green]submitted[/] {run_id}; follow it with `duet runs show {run_id}`; "
+                      "stop the services with `duet down` when it is done")
+            return {"ok": True, "run_id": run_id, "state": "submitted", "workspace": str(ws),
+                    "session_id": session_id, "detached": True}
         seen = 0
         scraped: dict = {}
         with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
@@ -160,7 +183,7 @@ def run_demo(workspace: str, *, model: str | None = None, tiny: bool = False, da
             raise DemoError(f"run {run_id} {rec['status']}: {rec.get('error')}", 1)
         summary = {
             "ok": True, "run_id": run_id, "workspace": str(ws), "session_id": session_id,
-            "model": model_ref, "dataset": {"name": "persona", "content_hash": dataset["content_hash"],
+            "model": model_ref, "dataset": {"name": dataset_name, "content_hash": dataset["content_hash"],
                                             "path": dataset["path"]},
             "eval_loss_before": rec["eval_loss_before"], "eval_loss_after": rec["eval_loss_after"],
             "steps": rec["steps"], "train_s": rec["train_s"], "tokens_per_s": rec["tokens_per_s"],
@@ -172,14 +195,14 @@ def run_demo(workspace: str, *, model: str | None = None, tiny: bool = False, da
         con.print(_summary_table(summary, rec))
         return summary
     finally:
-        if executor is not None and emb.started:
+        if executor is not None and emb.started and not detach:
             try:
                 ray.kill(executor, no_restart=True)
             except Exception:
                 pass
         if ray.is_initialized():
             ray.shutdown()
-        if emb.started:
+        if emb.started and not detach:
             stopped = embedded.down(ws, only=emb.started)
             con.print(f"[dim]stopped what the demo started: {', '.join(stopped)}[/]")
 
@@ -207,7 +230,7 @@ def _plan_table(plan: dict):
 def _summary_table(s: dict, rec: dict):
     from rich.table import Table
 
-    t = Table(title="duet demo: done", show_header=False)
+    t = Table(title="done", show_header=False)
     t.add_column(style="bold")
     t.add_column()
     t.add_row("run", s["run_id"])

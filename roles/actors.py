@@ -19,6 +19,8 @@ def _classes():
             from training.executor import Executor
 
             self.ex = Executor(data_dir, metrics_port=metrics_port, torch_threads=torch_threads)
+            # After a crash or a node restart Ray re-runs this constructor: continue what was running.
+            self.ex.resume_interrupted()
 
         def ping(self) -> dict:
             import os
@@ -44,6 +46,15 @@ def _classes():
 
         def cancel(self, run_id: str) -> dict:
             return self.ex.cancel(run_id)
+
+        def pause(self, run_id: str) -> dict:
+            return self.ex.pause(run_id)
+
+        def resume(self, run_id: str) -> dict:
+            return self.ex.resume(run_id)
+
+        def resumed_on_start(self) -> list[str]:
+            return self.ex.resumed_on_start
 
         def fetch_record(self, run_id: str) -> dict:
             return self.ex.fetch_record(run_id)

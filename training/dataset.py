@@ -231,9 +231,15 @@ def is_reasoning(data: dict) -> bool:
 
 
 def conversation_key(data: dict) -> str:
-    """Identity of a conversation's content (ignores id and metadata): duplicates share it."""
-    norm = [(m.get("role"), re.sub(r"\s+", " ", m.get("content", "")).strip().lower())
-            for m in data.get("messages", [])]
+    """Identity of a record's content (ignores id and metadata): duplicates share it. For DPO
+    records the prompt, chosen and rejected turns all count."""
+    keys = ("prompt", "chosen", "rejected") if is_dpo(data) else ("messages",)
+    norm = []
+    for key in keys:
+        v = data.get(key)
+        msgs = [{"role": "user", "content": v}] if isinstance(v, str) else (v or [])
+        norm.append([(m.get("role"), re.sub(r"\s+", " ", str(m.get("content", ""))).strip().lower())
+                     for m in msgs if isinstance(m, dict)])
     return hashlib.sha256(json.dumps(norm).encode()).hexdigest()
 
 
@@ -405,7 +411,7 @@ def build_version(files: list[str | os.PathLike], out_root: str | os.PathLike, n
     unique: list[dict] = []
     duplicates: list[dict] = []
     for d in good:
-        k = conversation_key(d) if not is_dpo(d) else hashlib.sha256(record_text(d).encode()).hexdigest()
+        k = conversation_key(d)
         if k in seen:
             duplicates.append({"id": d["id"], "duplicate_of": seen[k]})
         else:
@@ -415,6 +421,9 @@ def build_version(files: list[str | os.PathLike], out_root: str | os.PathLike, n
         raise DatasetError(f"{len(unique)} valid record(s): at least 2 are needed to split train/test")
     near = near_duplicate_pairs(unique, near_dup_threshold)
     train, test = split(unique, test_frac, seed, near)
+    if not test or not train:
+        raise DatasetError(f"the split left {len(train)} train / {len(test)} test records "
+                           f"({len(unique)} unique, test_frac {test_frac}); add data or change --test-frac")
     train_txt, test_txt = _dump(train), _dump(test)
     content_hash = hashlib.sha256(("train\n" + train_txt + "test\n" + test_txt).encode()).hexdigest()
 

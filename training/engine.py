@@ -1,30 +1,41 @@
-"""The run engine: pre-flight, LoRA/QLoRA SFT on TRL + PEFT, checkpoints, eval, merge, report.
+"""The run engine: pre-flight, dry run, LoRA/QLoRA SFT and DPO on TRL + PEFT, atomic checkpoints,
+deterministic resume, OOM and bad-gradient policies, eval, merge, report.
 
 A plain class (no Ray): the ExecutorActor runs ``Run.execute()`` in a background thread and reads
-``Run.snapshot()``. Everything a run produces goes under its run dir::
+``Run.snapshot()``; ``duet train`` runs it in the foreground. Everything a run produces lives
+under its run dir::
 
     <data_dir>/runs/<run_id>/
-        run.json  report.md  loss.png  events.jsonl   (small: copied to the workspace)
-        checkpoints/checkpoint-<step>/                (adapter + trainer state; stays here)
-        adapter/  merged/                             (final adapter, merged 16/32-bit model)
+        spec.json  dataset/                      what was submitted (dataset files re-hashed in pre-flight)
+        run.json  report.md  loss.png            the record (small: copied to the workspace)
+        events.jsonl  losses.jsonl               append-only logs (a resumed step's last entry wins)
+        checkpoints/checkpoint-<step>/           adapter + optimizer + scheduler + RNG + trainer state
+        adapter/  merged/                        the final adapter and the merged 16/32-bit model
 
-Invariants: run.json is rewritten atomically at each state change; events.jsonl is append-only;
-a failed pre-flight stops the run before any training.
+Invariants: run.json is rewritten atomically; events.jsonl and losses.jsonl are append-only; a
+failed pre-flight stops the run before any training; a checkpoint is used only if valid
+(training/checkpoints.py); every interruption costs at most one checkpoint interval.
+
+Testing facility: ``DUET_FAULT`` injects faults once per run, e.g. ``oom@step=7`` (a genuine
+``torch.OutOfMemoryError`` raised as step 7 starts), ``nan@step=8`` (the step's logits become NaN),
+``kill@step=12`` (SIGKILL of this process after step 12). Several: comma-separated.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
 import resource
 import shutil
+import signal
 import threading
 import time
 import traceback
 from pathlib import Path
 
-from training import telemetry
+from training import checkpoints, telemetry
 from training.dataset import DatasetError, verify_version
 
 TERMINAL = ("finished", "failed", "cancelled")
@@ -36,6 +47,14 @@ class PreflightError(RuntimeError):
 
 class RunCancelled(Exception):
     pass
+
+
+class BadGradients(Exception):
+    """NaN/inf loss or exploding gradients: roll back to the newest valid checkpoint."""
+
+
+class GaveUp(RuntimeError):
+    """The recovery policy is exhausted."""
 
 
 def code_sha() -> str:
@@ -55,7 +74,7 @@ def code_sha() -> str:
 
 
 def _atomic_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
     os.replace(tmp, path)
 
@@ -73,36 +92,100 @@ def peak_memory_bytes() -> dict:
     return out
 
 
+def parse_faults(text: str | None) -> dict[str, int]:
+    """``"oom@step=7,kill@step=12"`` -> {"oom": 7, "kill": 12}."""
+    out: dict[str, int] = {}
+    for part in (text or "").split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            kind, cond = part.split("@", 1)
+            key, val = cond.split("=", 1)
+            if key != "step" or kind not in ("oom", "nan", "kill"):
+                raise ValueError
+            out[kind] = int(val)
+        except ValueError as exc:
+            raise ValueError(f"DUET_FAULT {part!r}: use oom|nan|kill@step=N") from exc
+    return out
+
+
+def _jsonl_append(path: Path, obj: dict) -> None:
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(obj, default=str) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
 class Run:
-    """One training run. ``spec`` is what the architect submitted:
+    """One training run. A new run's ``spec`` is what the architect submitted:
 
     ``{"run_id", "plan": Plan.to_dict(), "model_ref", "dataset": {"name", "content_hash",
     "files": {"train.jsonl": text, "test.jsonl": text, "manifest.json": text}}}``
+
+    ``Run.load(run_dir)`` reopens a run (after a crash, a restart or for ``--resume``).
     """
 
-    def __init__(self, spec: dict, data_dir: str | os.PathLike, hardware: dict):
-        self.spec = spec
+    def __init__(self, spec: dict, data_dir: str | os.PathLike, hardware: dict, *, _loaded: bool = False):
         self.run_id: str = spec["run_id"]
-        self.plan: dict = spec["plan"]
-        self.train_cfg: dict = self.plan["train"]
-        self.phase: str = self.train_cfg["phase"]
         self.dir = Path(data_dir) / "runs" / self.run_id
-        self.dir.mkdir(parents=True, exist_ok=True)
         self.hardware = hardware
         self._lock = threading.Lock()
         self._cancel = threading.Event()
+        self._pause = threading.Event()
+        self._resumed = threading.Event()
         self.events: list[dict] = []
         self.state = "queued"
-        self.progress = {"step": 0, "max_steps": self.train_cfg["max_steps"], "loss": None, "eval_loss": None,
-                         "learning_rate": None, "grad_norm": None, "tokens_per_second": None, "eta_s": None}
         self.losses: list[dict] = []
         self.eval_losses: list[dict] = []
         self.checkpoints: list[dict] = []
+        self.recoveries: list[dict] = []
+        self.faults_fired: list[str] = []
+        self.lr_scale = 1.0
         self.result: dict = {}
         self.error: str | None = None
         self._train_peak = 0
         self.started = time.time()
-        self._write_record()
+        if not _loaded:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            ds_dir = self.dir / "dataset"
+            ds_dir.mkdir(exist_ok=True)
+            for name, text in spec["dataset"]["files"].items():
+                (ds_dir / name).write_text(text, encoding="utf-8")
+            spec = {**spec, "dataset": {k: v for k, v in spec["dataset"].items() if k != "files"}}
+            _atomic_json(self.dir / "spec.json", spec)
+        self.spec = spec
+        self.plan: dict = spec["plan"]
+        self.original_train: dict = dict(spec["plan"]["train"])
+        self.train_cfg: dict = dict(self.original_train)
+        self.phase: str = self.train_cfg["phase"]
+        self.progress = {"step": 0, "max_steps": self.train_cfg["max_steps"], "loss": None, "eval_loss": None,
+                         "learning_rate": None, "grad_norm": None, "tokens_per_second": None, "eta_s": None}
+        if not _loaded:
+            self._write_record()
+
+    @classmethod
+    def load(cls, run_dir: str | os.PathLike, hardware: dict) -> "Run":
+        run_dir = Path(run_dir)
+        spec = json.loads((run_dir / "spec.json").read_text())
+        run = cls(spec, run_dir.parent.parent, hardware, _loaded=True)
+        rec = json.loads((run_dir / "run.json").read_text())
+        run.state = rec.get("status", "queued")
+        run.started = rec.get("started", run.started)
+        run.train_cfg = rec.get("train_effective") or run.train_cfg
+        run.recoveries = rec.get("recoveries", [])
+        run.faults_fired = rec.get("faults_fired", [])
+        run.lr_scale = rec.get("lr_scale", 1.0)
+        run.checkpoints = rec.get("checkpoints", [])
+        run.eval_losses = rec.get("eval_losses", [])
+        run.error = rec.get("error")
+        for key in ("eval_loss_before", "preflight", "model_path", "dry_run"):
+            if key in rec:
+                run.result[key] = rec[key]
+        run.losses = run._read_losses()
+        if (run.dir / "events.jsonl").exists():
+            run.events = [json.loads(x) for x in (run.dir / "events.jsonl").read_text().splitlines() if x.strip()]
+        return run
 
     # -- state shared with the actor ------------------------------------------------------------
 
@@ -111,8 +194,7 @@ class Run:
         with self._lock:
             ev = {"seq": len(self.events), "time": time.time(), "run_id": self.run_id, "event": kind, **payload}
             self.events.append(ev)
-        with open(self.dir / "events.jsonl", "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(ev, default=str) + "\n")
+        _jsonl_append(self.dir / "events.jsonl", ev)
 
     def set_state(self, state: str) -> None:
         self.state = state
@@ -123,14 +205,25 @@ class Run:
     def snapshot(self, since: int = 0) -> dict:
         with self._lock:
             return {"run_id": self.run_id, "state": self.state, "progress": dict(self.progress),
-                    "events": self.events[since:], "error": self.error, "result": dict(self.result)}
+                    "events": self.events[since:], "error": self.error, "result": dict(self.result),
+                    "recoveries": list(self.recoveries)}
 
     def cancel(self) -> None:
         self._cancel.set()
+        self._resumed.set()
+
+    def pause(self) -> None:
+        """Finish the current step, checkpoint, wait until ``resume()``."""
+        self._resumed.clear()
+        self._pause.set()
+
+    def resume(self) -> None:
+        self._pause.clear()
+        self._resumed.set()
 
     def record(self) -> dict:
         ds = self.spec["dataset"]
-        manifest = json.loads(ds["files"]["manifest.json"])
+        manifest = json.loads((self.dir / "dataset" / "manifest.json").read_text())
         return {
             "schema_version": 1,
             "run_id": self.run_id,
@@ -139,13 +232,16 @@ class Run:
             "name": self.train_cfg["name"],
             "phase": self.phase,
             "started": self.started,
-            "dataset": {"name": ds["name"], "content_hash": ds["content_hash"],
-                        "counts": manifest.get("counts", {})},
+            "dataset": {"name": ds["name"], "content_hash": ds["content_hash"], "counts": manifest.get("counts", {})},
             "config": self.plan,
-            "model": {"ref": self.spec["model_ref"]},
+            "train_effective": self.train_cfg,
+            "model": {"ref": self.spec["model_ref"], "init_from": self.train_cfg.get("init_from")},
             "code_sha": code_sha(),
             "host": self.hardware,
             "checkpoints": self.checkpoints,
+            "recoveries": self.recoveries,
+            "faults_fired": self.faults_fired,
+            "lr_scale": self.lr_scale,
             "losses": self.losses,
             "eval_losses": self.eval_losses,
             **self.result,
@@ -154,18 +250,32 @@ class Run:
     def _write_record(self) -> None:
         _atomic_json(self.dir / "run.json", self.record())
 
+    def _read_losses(self) -> list[dict]:
+        by_step: dict[int, dict] = {}
+        path = self.dir / "losses.jsonl"
+        if path.exists():
+            for line in path.read_text().splitlines():
+                if line.strip():
+                    e = json.loads(line)
+                    by_step[e["step"]] = e
+        return [by_step[k] for k in sorted(by_step)]
+
     # -- the run ----------------------------------------------------------------------------------
 
-    def execute(self) -> None:
-        """Run to completion; never raises (the outcome is in state/error/run.json)."""
+    def execute(self, resume: bool = False) -> None:
+        """Run to completion (or continue a run that was interrupted); never raises: the outcome is
+        in state / error / run.json."""
         t0 = time.time()
         try:
             self.set_state("preflight")
-            data_dir, model_path = self.preflight()
+            model_path = self.preflight()
+            if not resume and self.train_cfg.get("dry_run_steps"):
+                self.set_state("dry-run")
+                self.dry_run(model_path)
             self.set_state("training")
-            self.train(data_dir, model_path)
+            self.train(model_path, resume=resume)
             self.set_state("merging")
-            self.merge_and_evaluate(data_dir, model_path)
+            self.merge_and_evaluate(model_path)
             self.set_state("reporting")
             self.result["wall_s"] = round(time.time() - t0, 2)
             self.result["peak_memory"] = peak_memory_bytes()
@@ -182,19 +292,22 @@ class Run:
             self.error = f"{type(exc).__name__}: {exc}"
             self.emit("error", message=self.error, traceback=traceback.format_exc()[-4000:])
             self.set_state("failed")
+            try:
+                from training.report import write_report
+
+                write_report(self.dir / "report.md", self.record())
+            except Exception:
+                pass
         finally:
             telemetry.sample_host()
 
-    def preflight(self) -> tuple[Path, Path]:
+    def preflight(self) -> Path:
         """Checks before any training; a failure stops the run with the reason."""
         from training import models
 
         checks = []
         ds = self.spec["dataset"]
         data_dir = self.dir / "dataset"
-        data_dir.mkdir(exist_ok=True)
-        for name, text in ds["files"].items():
-            (data_dir / name).write_text(text, encoding="utf-8")
         try:
             manifest = verify_version(data_dir)
         except DatasetError as exc:
@@ -203,6 +316,19 @@ class Run:
             raise PreflightError(f"dataset: hash {manifest['content_hash'][:12]} is not the submitted "
                                  f"{ds['content_hash'][:12]}")
         checks.append({"check": "dataset hash", "ok": True, "detail": ds["content_hash"][:12]})
+        try:
+            import torch
+        except ImportError as exc:
+            raise PreflightError("torch is not installed: pip install 'duet[executor]'") from exc
+        checks.append({"check": "torch", "ok": True, "detail": f"{torch.__version__}, CUDA "
+                       f"{'available ' + str(torch.version.cuda) if torch.cuda.is_available() else 'not available'}"})
+        init_from = self.train_cfg.get("init_from")
+        if init_from:
+            src = self.dir.parent / init_from
+            need = src / ("adapter" if self.phase == "dpo" else "merged")
+            if not (need / "config.json").exists() and not (need / "adapter_config.json").exists():
+                raise PreflightError(f"init_from {init_from!r}: {need} is missing (run it first on this executor)")
+            checks.append({"check": "init_from", "ok": True, "detail": str(need)})
         try:
             model_path = models.resolve(self.spec["model_ref"])
             from transformers import AutoConfig, AutoTokenizer
@@ -215,20 +341,20 @@ class Run:
         need = self.plan["estimate"]["total_bytes"]
         import psutil
 
-        hw_free = psutil.virtual_memory().available
-        dev = self.plan["device"]
-        if dev == "cuda":
-            import torch
-
+        if self.plan["device"] == "cuda":
             if not torch.cuda.is_available():
                 raise PreflightError("the plan is for CUDA but no GPU is visible")
+            if self.plan["dtype"] == "bf16" and not torch.cuda.is_bf16_supported():
+                raise PreflightError("the plan trains in bf16 but this GPU lacks bf16; re-plan for fp16")
             free, _total = torch.cuda.mem_get_info()
             if need > free:
                 raise PreflightError(f"free VRAM {free / 2**30:.1f} GiB < the plan's estimate {need / 2**30:.1f} GiB")
             checks.append({"check": "free VRAM", "ok": True, "detail": f"{free / 2**30:.1f} GiB"})
-        elif need > hw_free:
-            raise PreflightError(f"free RAM {hw_free / 2**30:.1f} GiB < the plan's estimate {need / 2**30:.1f} GiB")
-        checks.append({"check": "free RAM", "ok": True, "detail": f"{hw_free / 2**30:.1f} GiB"})
+        else:
+            free_ram = psutil.virtual_memory().available
+            if need > free_ram:
+                raise PreflightError(f"free RAM {free_ram / 2**30:.1f} GiB < the plan's estimate {need / 2**30:.1f} GiB")
+            checks.append({"check": "free RAM", "ok": True, "detail": f"{free_ram / 2**30:.1f} GiB"})
         model_bytes = sum(f.stat().st_size for f in Path(model_path).glob("*.safetensors"))
         disk_free = shutil.disk_usage(self.dir).free
         need_disk = 2 * model_bytes + 200 * 2**20
@@ -239,70 +365,228 @@ class Run:
         self.result["preflight"] = checks
         self.result["model_path"] = str(model_path)
         self.emit("preflight", checks=checks)
-        return data_dir, Path(model_path)
+        return Path(model_path)
+
+    # -- building blocks ----------------------------------------------------------------------------
 
     def _torch_dtype(self):
         import torch
 
         return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.plan["dtype"]]
 
-    def train(self, data_dir: Path, model_path: Path) -> None:
+    def _base_path(self, model_path: Path) -> Path:
+        """SFT chaining trains a new adapter on the previous run's merged model."""
+        init_from = self.train_cfg.get("init_from")
+        if init_from and self.phase == "sft":
+            return self.dir.parent / init_from / "merged"
+        return model_path
+
+    def _load_model(self, model_path: Path, cfg: dict):
+        """Base (4-bit for QLoRA) + LoRA adapter: new, or the init_from run's adapter for DPO."""
         import torch
+        from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+        from transformers import AutoModelForCausalLM
+
+        on_cuda = self.plan["device"] == "cuda"
+        kwargs: dict = {"dtype": self._torch_dtype()}
+        if cfg["method"] == "qlora":
+            from transformers import BitsAndBytesConfig
+
+            compute = torch.float32 if self.plan["dtype"] == "fp32" else self._torch_dtype()
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=compute)
+            if on_cuda:
+                kwargs["device_map"] = {"": 0}
+        model = AutoModelForCausalLM.from_pretrained(self._base_path(model_path), **kwargs)
+        if cfg["method"] == "qlora":
+            _bnb_cpu_workaround(model)
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=bool(cfg["gradient_checkpointing"]))
+        if cfg["method"] == "full":
+            return model
+        torch.manual_seed(cfg["seed"])  # LoRA init draws from the RNG: same seed, same adapter
+        init_from = cfg.get("init_from")
+        if init_from and self.phase == "dpo":
+            return PeftModel.from_pretrained(model, self.dir.parent / init_from / "adapter", is_trainable=True)
+        lora = cfg["lora"]
+        return get_peft_model(model, LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
+                                                target_modules=lora["target_modules"], task_type="CAUSAL_LM"))
+
+    def _datasets(self):
         from datasets import Dataset
-        from peft import LoraConfig
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-        from trl import SFTConfig, SFTTrainer
 
         from training.dataset import load_split
 
-        cfg = self.train_cfg
-        if self.phase != "sft":
-            raise PreflightError(f"phase {self.phase!r} is not built yet (SFT only; DPO is issue 4)")
-        if cfg["method"] == "qlora":
-            raise PreflightError("method 'qlora' is not built yet (issue 4); use 'lora'")
-        torch.manual_seed(cfg["seed"])
-        tok = AutoTokenizer.from_pretrained(model_path)
-        if tok.pad_token is None:
-            tok.pad_token = tok.eos_token
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=self._torch_dtype())
-
         def rows(which: str) -> Dataset:
-            return Dataset.from_list([{"messages": r["messages"]} for r in load_split(data_dir, which)])
+            recs = load_split(self.dir / "dataset", which)
+            if self.phase == "dpo":
+                return Dataset.from_list([{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]}
+                                          for r in recs])
+            return Dataset.from_list([{"messages": r["messages"]} for r in recs])
 
-        train_ds, test_ds = rows("train"), rows("test")
-        lora = cfg["lora"]
-        peft_cfg = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
-                              target_modules=lora["target_modules"], task_type="CAUSAL_LM")
+        return rows("train"), rows("test")
+
+    def _trainer(self, model, tok, cfg: dict, *, out: Path, max_steps: int, save: bool, evaluate: bool):
         on_cpu = self.plan["device"] != "cuda"
-        args = SFTConfig(
-            output_dir=str(self.dir / "checkpoints"),
-            max_steps=cfg["max_steps"], per_device_train_batch_size=cfg["micro_batch"],
-            gradient_accumulation_steps=cfg["grad_accum"], per_device_eval_batch_size=cfg["micro_batch"],
+        common = dict(
+            output_dir=str(out), max_steps=max_steps, per_device_train_batch_size=cfg["micro_batch"],
+            gradient_accumulation_steps=cfg["grad_accum"],
+            per_device_eval_batch_size=cfg.get("eval_batch") or cfg["micro_batch"],
             learning_rate=cfg["learning_rate"], lr_scheduler_type=cfg["lr_scheduler"],
-            warmup_steps=cfg["warmup_steps"], max_length=cfg["seq_len"], packing=cfg["packing"],
-            activation_checkpointing=cfg["gradient_checkpointing"], seed=cfg["seed"], data_seed=cfg["seed"],
-            logging_steps=1, eval_strategy="steps", eval_steps=cfg["eval_every"],
-            save_strategy="steps", save_steps=cfg["checkpoint_every"], save_total_limit=cfg["keep_checkpoints"],
+            warmup_steps=min(cfg["warmup_steps"], max(0, max_steps - 1)), max_length=cfg["seq_len"],
+            activation_checkpointing=bool(cfg["gradient_checkpointing"]), seed=cfg["seed"], data_seed=cfg["seed"],
+            logging_steps=1, logging_nan_inf_filter=False,
+            eval_strategy="steps" if evaluate else "no", eval_steps=cfg["eval_every"],
+            save_strategy="steps" if save else "no", save_steps=cfg["checkpoint_every"], save_total_limit=None,
             report_to=[], disable_tqdm=True, dataloader_num_workers=0, use_cpu=on_cpu,
             bf16=self.plan["dtype"] == "bf16", fp16=self.plan["dtype"] == "fp16",
-            include_num_input_tokens_seen=True, dataset_num_proc=None,
+            include_num_input_tokens_seen=True,
         )
-        trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=test_ds,
-                             processing_class=tok, peft_config=peft_cfg)
+        train_ds, test_ds = self._datasets()
+        if self.phase == "dpo":
+            from trl import DPOConfig, DPOTrainer
+
+            args = DPOConfig(beta=cfg.get("dpo_beta", 0.1), **common)
+            trainer = DPOTrainer(model=model, ref_model=None, args=args, train_dataset=train_ds,
+                                 eval_dataset=test_ds, processing_class=tok)
+        else:
+            from trl import SFTConfig, SFTTrainer
+
+            args = SFTConfig(packing=cfg["packing"], **common)
+            trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=test_ds,
+                                 processing_class=tok)
         from transformers.trainer_callback import PrinterCallback
 
         trainer.remove_callback(PrinterCallback)
-        trainer.add_callback(_Progress(self))
-        self.emit("eval_started", which="before")
-        before = trainer.evaluate()["eval_loss"]
-        self.result["eval_loss_before"] = before
-        self.eval_losses.append({"step": 0, "eval_loss": float(before)})
-        self.emit("eval", which="before", eval_loss=before)
-        self._train_peak = 0
+        if save:
+            _atomic_checkpoints(trainer, keep=cfg["keep_checkpoints"])
+        return trainer
+
+    def _tokenizer(self, model_path: Path):
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(self._base_path(model_path))
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        return tok
+
+    def _free(self) -> None:
+        gc.collect()
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except ImportError:
+            pass
+
+    def dry_run(self, model_path: Path) -> None:
+        """A few steps at micro-batch 1 before the real run: catches a broken setup in seconds."""
+        cfg = {**self.train_cfg, "micro_batch": 1, "grad_accum": 1}
+        n = int(cfg["dry_run_steps"])
+        out = self.dir / "dry_run"
+        model = self._load_model(model_path, cfg)
+        trainer = self._trainer(model, self._tokenizer(model_path), cfg, out=out, max_steps=n, save=False,
+                                evaluate=False)
+        t0 = time.time()
+        trainer.train()
+        dt = time.time() - t0
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        ok = all(math.isfinite(x) for x in losses)
+        self.result["dry_run"] = {"steps": n, "seconds_per_step": round(dt / n, 3), "ok": ok,
+                                  "losses": losses, "peak_memory": peak_memory_bytes()}
+        self.emit("dry_run", **self.result["dry_run"])
+        del trainer, model
+        shutil.rmtree(out, ignore_errors=True)
+        self._free()
+        if not ok:
+            raise PreflightError(f"the dry run produced a non-finite loss: {losses}")
+
+    def train(self, model_path: Path, resume: bool = False) -> None:
+        """Train with the recovery policies; ``resume``: continue from the newest valid checkpoint."""
+        import torch
+
+        faults = parse_faults(os.environ.get("DUET_FAULT"))
+        ckpt_root = self.dir / "checkpoints"
+        from_ckpt = None
+        if resume:
+            skipped: list = []
+            from_ckpt = checkpoints.newest_valid(ckpt_root, skipped)
+            if skipped:
+                self.emit("checkpoint_skipped", paths=skipped, reason="invalid or partial (size/hash mismatch)")
+            self.emit("resume", checkpoint=str(from_ckpt) if from_ckpt else None)
+        while True:
+            cfg = self.train_cfg
+            self._free()
+            try:
+                self._train_once(model_path, cfg, from_ckpt, faults)
+                return
+            except torch.OutOfMemoryError as exc:
+                self._free()
+                telemetry.metrics()["ooms"].labels(self.run_id, self.phase).inc()
+                change = self._oom_replan(cfg)
+                entry = {"kind": "oom", "step": self.progress["step"], "message": str(exc)[:300], "change": change,
+                         "train": {k: self.train_cfg[k] for k in ("micro_batch", "grad_accum", "gradient_checkpointing",
+                                                                   "seq_len", "eval_batch")}}
+                self.recoveries.append(entry)
+                self.emit("oom", **entry)
+                if change is None:
+                    raise GaveUp(f"out of memory at step {entry['step']} and the OOM policy is exhausted "
+                                 f"(micro-batch 1, gradient checkpointing on, eval batch 1): {exc}") from exc
+            except BadGradients as exc:
+                self._free()
+                telemetry.metrics()["rollbacks"].labels(self.run_id, self.phase).inc()
+                self.lr_scale *= self.train_cfg.get("rollback_lr_factor", 0.5)
+                entry = {"kind": "rollback", "step": self.progress["step"], "reason": str(exc),
+                         "lr_scale": self.lr_scale}
+                self.recoveries.append(entry)
+                self.emit("rollback", **entry)
+            if len(self.recoveries) > self.train_cfg.get("max_recoveries", 6):
+                raise GaveUp(f"{len(self.recoveries)} recoveries: giving up ({self.recoveries[-1]})")
+            telemetry.metrics()["recoveries"].labels(self.run_id, self.phase).inc()
+            skipped = []
+            from_ckpt = checkpoints.newest_valid(ckpt_root, skipped)
+            self.recoveries[-1]["resumed_from"] = str(from_ckpt) if from_ckpt else "start"
+            self._drop_losses_after(checkpoints.step_of(from_ckpt) if from_ckpt else 0)
+            self._write_record()
+
+    def _drop_losses_after(self, step: int) -> None:
+        self.losses = [x for x in self.losses if x["step"] <= step]
+        self.eval_losses = [x for x in self.eval_losses if x["step"] <= step]
+        self.checkpoints = [c for c in self.checkpoints if c["step"] <= step]
+
+    def _oom_replan(self, cfg: dict) -> dict | None:
+        """Halve the micro-batch (doubling accumulation: same effective batch); then gradient
+        checkpointing; then a smaller eval batch. None when nothing is left."""
+        if cfg["micro_batch"] > 1:
+            change = {"micro_batch": cfg["micro_batch"] // 2, "grad_accum": cfg["grad_accum"] * 2}
+        elif not cfg["gradient_checkpointing"]:
+            change = {"gradient_checkpointing": True}
+        elif (cfg.get("eval_batch") or cfg["micro_batch"]) > 1:
+            change = {"eval_batch": max(1, (cfg.get("eval_batch") or cfg["micro_batch"]) // 2)}
+        else:
+            return None
+        self.train_cfg = {**cfg, **change}
+        return change
+
+    def _train_once(self, model_path: Path, cfg: dict, from_ckpt: Path | None, faults: dict) -> None:
+        import torch
+
+        tok = self._tokenizer(model_path)
+        model = self._load_model(model_path, cfg)
+        trainer = self._trainer(model, tok, cfg, out=self.dir / "checkpoints", max_steps=cfg["max_steps"],
+                                save=True, evaluate=True)
+        trainer.add_callback(_callbacks(self, faults))
+        if from_ckpt is None and "eval_loss_before" not in self.result:
+            self.emit("eval_started", which="before")
+            before = trainer.evaluate()["eval_loss"]
+            self.result["eval_loss_before"] = before
+            self.eval_losses.append({"step": 0, "eval_loss": float(before)})
+            self.emit("eval", which="before", eval_loss=before)
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         t0 = time.time()
-        trainer.train()
+        trainer.train(resume_from_checkpoint=str(from_ckpt) if from_ckpt else None)
         if self._cancel.is_set():
             raise RunCancelled()
         train_s = time.time() - t0
@@ -316,24 +600,26 @@ class Run:
         tokens = int(trainer.state.num_input_tokens_seen or 0)
         if torch.cuda.is_available():
             self._train_peak = torch.cuda.max_memory_reserved()
-        self.result["train_peak_bytes"] = int(self._train_peak)
-        self.result["train_peak_measured_as"] = ("torch.cuda.max_memory_reserved()" if torch.cuda.is_available()
-                                                 else "max process RSS sampled every step")
+        before = self.result.get("eval_loss_before")
         self.result.update({
             "train_s": round(train_s, 2), "steps": trainer.state.global_step, "tokens": tokens,
             "tokens_per_s": round(tokens / train_s, 1) if train_s > 0 else None,
             "train_loss_final": self.losses[-1]["loss"] if self.losses else None,
-            "perplexity_before": math.exp(min(before, 50)), "perplexity_after": math.exp(min(after, 50)),
+            "perplexity_before": math.exp(min(before, 50)) if before is not None and self.phase == "sft" else None,
+            "perplexity_after": math.exp(min(after, 50)) if self.phase == "sft" else None,
             "adapter_path": str(adapter_dir),
+            "train_peak_bytes": int(self._train_peak),
+            "train_peak_measured_as": ("torch.cuda.max_memory_reserved()" if torch.cuda.is_available()
+                                       else "max process RSS sampled every step"),
         })
         del trainer, model
-        import gc
+        self._free()
 
-        gc.collect()
-
-    def merge_and_evaluate(self, data_dir: Path, model_path: Path) -> None:
-        """Merge the adapter into the 16/32-bit base (never 4-bit weights), verify the merged model's
-        logits against adapter+base, save with safetensors, and generate samples."""
+    def merge_and_evaluate(self, model_path: Path) -> None:
+        """Merge the adapter into the 16/32-bit base (never the 4-bit weights) on the GPU when it fits,
+        else on the CPU after checking free RAM; verify the merged logits against adapter+base; save
+        with safetensors; generate samples."""
+        import psutil
         import torch
         from peft import PeftModel
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -341,14 +627,30 @@ class Run:
         from training.dataset import load_split
 
         tok = AutoTokenizer.from_pretrained(self.dir / "adapter")
-        dtype = self._torch_dtype() if self.plan["dtype"] != "fp32" else torch.float32
-        base = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
-        model = PeftModel.from_pretrained(base, self.dir / "adapter")
+        dtype = torch.float32 if self.plan["dtype"] == "fp32" else self._torch_dtype()
+        base_path = self._base_path(model_path)
+        weights = sum(f.stat().st_size for f in Path(base_path).glob("*.safetensors"))
+        need = int(weights * (2 if dtype == torch.float32 else 1) * 1.2)  # stored width -> load width, + merge slack
+        device = "cpu"
+        if torch.cuda.is_available():
+            free, _ = torch.cuda.mem_get_info()
+            if need < free * 0.9:
+                device = "cuda"
+        if device == "cpu" and need > psutil.virtual_memory().available:
+            raise RuntimeError(f"merge needs ~{need / 2**30:.1f} GiB; free RAM is "
+                               f"{psutil.virtual_memory().available / 2**30:.1f} GiB and the GPU has no room")
+        base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype).to(device)
+        model = PeftModel.from_pretrained(base, self.dir / "adapter").to(device)
         model.eval()
-        test = load_split(data_dir, "test")
-        prompts = [r["messages"][:-1] if r["messages"][-1]["role"] == "assistant" else r["messages"] for r in test]
+        test = load_split(self.dir / "dataset", "test")
+        if self.phase == "dpo":
+            prompts = [r["prompt"] for r in test]
+            refs = [r["chosen"][-1]["content"] for r in test]
+        else:
+            prompts = [r["messages"][:-1] if r["messages"][-1]["role"] == "assistant" else r["messages"] for r in test]
+            refs = [r["messages"][-1]["content"] for r in test]
         probe = [tok.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts[:2]]
-        enc = [tok(t, return_tensors="pt") for t in probe]
+        enc = [tok(t, return_tensors="pt").to(device) for t in probe]
         with torch.no_grad():
             ref = [model(**e).logits for e in enc]
             merged = model.merge_and_unload()
@@ -360,51 +662,120 @@ class Run:
         merged_dir = self.dir / "merged"
         merged.save_pretrained(merged_dir, safe_serialization=True)
         tok.save_pretrained(merged_dir)
-        self.result["merged_model"] = {"path": str(merged_dir), "logit_max_abs_diff": diff,
-                                       "verified_prompts": len(enc)}
-        self.emit("merged", path=str(merged_dir), logit_max_abs_diff=diff)
+        self.result["merged_model"] = {"path": str(merged_dir), "logit_max_abs_diff": diff, "device": device,
+                                       "dtype": str(dtype).replace("torch.", ""), "verified_prompts": len(enc)}
+        self.emit("merged", path=str(merged_dir), logit_max_abs_diff=diff, device=device)
         samples = []
         n = self.train_cfg.get("sample_prompts", 3)
-        for rec, p in list(zip(test, prompts))[:n]:
+        for rec, p, reference in list(zip(test, prompts, refs))[:n]:
             text = tok.apply_chat_template(p, add_generation_prompt=True, tokenize=False)
-            e = tok(text, return_tensors="pt")
+            e = tok(text, return_tensors="pt").to(device)
             with torch.no_grad():
                 out = merged.generate(**e, max_new_tokens=self.train_cfg.get("max_new_tokens", 48), do_sample=False,
                                       pad_token_id=tok.pad_token_id or tok.eos_token_id)
             gen = tok.decode(out[0, e["input_ids"].shape[1]:], skip_special_tokens=True).strip()
-            samples.append({"id": rec["id"], "prompt": p[-1]["content"], "reference": rec["messages"][-1]["content"],
-                            "generated": gen})
+            samples.append({"id": rec["id"], "prompt": p[-1]["content"], "reference": reference, "generated": gen})
         self.result["samples"] = samples
         self.emit("samples", count=len(samples))
+        del merged, model, base
+        self._free()
 
 
-def _make_progress_class():
+def _bnb_cpu_workaround(model) -> None:
+    """bitsandbytes 0.50 on CPUs with AVX512-BF16 breaks training after an eval-mode forward of a
+    4-bit layer unless the layer opts out of that kernel."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            m.support_avx512bf16_for_cpu = False
+
+
+def _atomic_checkpoints(trainer, keep: int) -> None:
+    """Make the trainer write each checkpoint into a staging folder, then validate + rename it
+    (training/checkpoints.py), then keep the newest ``keep`` valid ones."""
+    original = trainer._save_checkpoint
+    final_root = Path(trainer.args.output_dir)
+
+    def save(model, trial):
+        staging = final_root / checkpoints.STAGING
+        shutil.rmtree(staging, ignore_errors=True)
+        trainer.args.output_dir = str(staging)
+        try:
+            original(model, trial)
+        finally:
+            trainer.args.output_dir = str(final_root)
+        for staged in checkpoints.listing(staging):
+            checkpoints.commit(staged, final_root)
+        shutil.rmtree(staging, ignore_errors=True)
+        checkpoints.rotate(final_root, keep)
+
+    trainer._save_checkpoint = save
+
+
+def _callbacks(run: Run, faults: dict):
     from transformers import TrainerCallback
 
-    class Progress(TrainerCallback):
-        """Feeds run state, events and Prometheus metrics from the trainer's logs."""
+    class DuetCallback(TrainerCallback):
+        """Progress, metrics, checkpoints events, fault injection, gradient guard, pause/cancel."""
 
-        def __init__(self, run: Run):
-            self.run = run
+        def __init__(self):
             self.m = telemetry.metrics()
             self.lab = (run.run_id, run.phase)
             self.t_last = None
             self.tokens_last = 0
             self.t_start = None
-            self.save_t0 = None
+            self.explode = 0
+            self.hook = None
 
-        def on_train_begin(self, args, state, control, **kw):
+        def on_train_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kw):
             self.t_start = self.t_last = time.time()
+            self.tokens_last = int(state.num_input_tokens_seen or 0)
+            self.start_step = state.global_step
             self.m["max_steps"].labels(*self.lab).set(state.max_steps)
+            if run.lr_scale != 1.0 and optimizer is not None:
+                # A rollback restored the optimizer and scheduler: scale the LR from here on.
+                for g in optimizer.param_groups:
+                    g["lr"] *= run.lr_scale
+                if lr_scheduler is not None and hasattr(lr_scheduler, "base_lrs"):
+                    lr_scheduler.base_lrs = [b * run.lr_scale for b in lr_scheduler.base_lrs]
+
+        def _fire(self, kind: str) -> bool:
+            if kind in faults and kind not in run.faults_fired:
+                run.faults_fired.append(kind)
+                run._write_record()
+                run.emit("fault_injected", fault=kind, step=faults[kind])
+                return True
+            return False
+
+        def on_step_begin(self, args, state, control, model=None, **kw):
+            step = state.global_step + 1
+            if faults.get("oom") == step and self._fire("oom"):
+                import torch
+
+                raise torch.OutOfMemoryError(f"DUET_FAULT: simulated out of memory at step {step}")
+            if faults.get("nan") == step and self._fire("nan") and model is not None:
+                def to_nan(_module, _inputs, output):
+                    output.logits = output.logits * float("nan")
+                    return output
+
+                self.hook = model.register_forward_hook(to_nan)
 
         def on_step_end(self, args, state, control, **kw):
-            if self.run._cancel.is_set():
+            if self.hook is not None:
+                self.hook.remove()
+                self.hook = None
+            if run._cancel.is_set():
                 control.should_training_stop = True
+            if run._pause.is_set():
+                control.should_save = True
             now = time.time()
             tokens = int(state.num_input_tokens_seen or 0)
             dt = now - (self.t_last or now)
             dtok = tokens - self.tokens_last
-            p = self.run.progress
+            p = run.progress
             if dt > 0 and dtok > 0:
                 tps = dtok / dt
                 p["tokens_per_second"] = round(tps, 1)
@@ -413,49 +784,70 @@ def _make_progress_class():
             self.m["samples"].labels(*self.lab).inc(args.per_device_train_batch_size * args.gradient_accumulation_steps)
             self.t_last, self.tokens_last = now, tokens
             p["step"] = state.global_step
-            elapsed = now - self.t_start
-            p["eta_s"] = round(elapsed / state.global_step * (state.max_steps - state.global_step), 1)
+            done = state.global_step - self.start_step
+            if done > 0:
+                p["eta_s"] = round((now - self.t_start) / done * (state.max_steps - state.global_step), 1)
             self.m["step"].labels(*self.lab).set(state.global_step)
+            self.m["epoch"].labels(*self.lab).set(state.epoch or 0)
             import psutil
 
-            self.run._train_peak = max(self.run._train_peak, psutil.Process().memory_info().rss)
-            self.m["epoch"].labels(*self.lab).set(state.epoch or 0)
+            run._train_peak = max(run._train_peak, psutil.Process().memory_info().rss)
             if state.global_step % 50 == 0:
                 from training.report import write_loss_plot
 
-                write_loss_plot(self.run.dir / "loss.png", self.run.losses, self.run.eval_losses, self.run.run_id)
+                write_loss_plot(run.dir / "loss.png", run.losses, run.eval_losses, run.run_id)
             telemetry.sample_host()
 
         def on_log(self, args, state, control, logs=None, **kw):
             logs = logs or {}
-            p = self.run.progress
+            p = run.progress
             step = state.global_step
             if "loss" in logs:
-                entry = {"step": step, "loss": float(logs["loss"])}
+                loss = float(logs["loss"])
+                entry = {"step": step, "loss": loss}
                 for key, name in (("learning_rate", "lr"), ("grad_norm", "grad_norm")):
                     if logs.get(key) is not None:
                         entry[key] = float(logs[key])
                         self.m[name].labels(*self.lab).set(float(logs[key]))
                         p[key] = float(logs[key])
-                self.run.losses.append(entry)
-                p["loss"] = entry["loss"]
-                self.m["loss"].labels(*self.lab).set(entry["loss"])
+                run.losses = [x for x in run.losses if x["step"] < step] + [entry]
+                _jsonl_append(run.dir / "losses.jsonl", entry)
+                p["loss"] = loss
+                self.m["loss"].labels(*self.lab).set(loss)
+                if faults.get("kill") == step and self._fire("kill"):
+                    os.kill(os.getpid(), signal.SIGKILL)  # a crash right after step N's loss is logged
+                gn = entry.get("grad_norm")
+                if not math.isfinite(loss) or (gn is not None and not math.isfinite(gn)):
+                    raise BadGradients(f"non-finite loss/grad norm at step {step} (loss {loss}, grad norm {gn})")
+                limit = run.train_cfg.get("grad_norm_limit", 10.0)
+                if gn is not None and gn > limit:
+                    self.explode += 1
+                    run.emit("alert", rule="grad_norm_high", step=step, grad_norm=gn, limit=limit)
+                    if self.explode >= run.train_cfg.get("grad_norm_patience", 3):
+                        raise BadGradients(f"gradient norm above {limit} for {self.explode} steps (last {gn:.3g})")
+                else:
+                    self.explode = 0
+                if gn is not None and gn < run.train_cfg.get("grad_norm_min", 0.01):
+                    run.emit("alert", rule="grad_norm_vanishing", step=step, grad_norm=gn)
             if "eval_loss" in logs and state.global_step > 0:
-                self.run.eval_losses.append({"step": step, "eval_loss": float(logs["eval_loss"])})
+                run.eval_losses = [x for x in run.eval_losses if x["step"] != step] + \
+                    [{"step": step, "eval_loss": float(logs["eval_loss"])}]
                 p["eval_loss"] = float(logs["eval_loss"])
                 self.m["eval_loss"].labels(*self.lab).set(float(logs["eval_loss"]))
-                self.run.emit("eval", which=f"step {step}", step=step, eval_loss=float(logs["eval_loss"]))
+                run.emit("eval", which=f"step {step}", step=step, eval_loss=float(logs["eval_loss"]))
 
         def on_save(self, args, state, control, **kw):
             ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            ok = (ckpt / "adapter_model.safetensors").is_file() and (ckpt / "trainer_state.json").is_file()
-            self.run.checkpoints.append({"step": state.global_step, "path": str(ckpt), "valid": ok})
+            ok = checkpoints.is_valid(ckpt)
+            run.checkpoints = [c for c in run.checkpoints if c["step"] != state.global_step] + \
+                [{"step": state.global_step, "path": str(ckpt), "valid": ok}]
             self.m["checkpoints"].labels(*self.lab).inc()
-            self.run.emit("checkpoint", step=state.global_step, path=str(ckpt), valid=ok)
-            self.run._write_record()
+            run.emit("checkpoint", step=state.global_step, path=str(ckpt), valid=ok)
+            run._write_record()
+            if run._pause.is_set():
+                run.set_state("paused")
+                run._resumed.wait()
+                if not run._cancel.is_set():
+                    run.set_state("training")
 
-    return Progress
-
-
-def _Progress(run: Run):
-    return _make_progress_class()(run)
+    return DuetCallback()

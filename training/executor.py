@@ -41,6 +41,41 @@ class Executor:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+        self.resumed_on_start: list[str] = []
+
+    def resume_interrupted(self) -> list[str]:
+        """Continue every run this data dir holds that was neither finished, failed nor cancelled
+        (the actor or its node died mid-run): each resumes from its newest valid checkpoint."""
+        runs_dir = self.data_dir / "runs"
+        out = []
+        for rj in sorted(runs_dir.glob("*/run.json")) if runs_dir.exists() else []:
+            try:
+                state = json.loads(rj.read_text()).get("status")
+            except (OSError, ValueError):
+                continue
+            run_id = rj.parent.name
+            if state in TERMINAL or run_id in self.runs or not (rj.parent / "spec.json").exists():
+                continue
+            self._start(Run.load(rj.parent, self.probe()), resume=True)
+            out.append(run_id)
+        self.resumed_on_start += out
+        return out
+
+    def _start(self, run: Run, resume: bool = False) -> None:
+        import torch
+
+        torch.set_num_threads(self.torch_threads)
+        try:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+        except ImportError:
+            pass
+        self.runs[run.run_id] = run
+        t = threading.Thread(target=run.execute, kwargs={"resume": resume}, name=f"duet-run-{run.run_id}",
+                             daemon=True)
+        self.threads[run.run_id] = t
+        t.start()
 
     def probe(self) -> dict:
         return hardware.probe(self.data_dir).to_dict()
@@ -56,23 +91,14 @@ class Executor:
         with self._lock:
             if run_id in self.runs and self.runs[run_id].state not in TERMINAL:
                 return run_id
-            import torch
-
-            torch.set_num_threads(self.torch_threads)
-            try:
-                from transformers.utils import logging as hf_logging
-
-                hf_logging.disable_progress_bar()
-            except ImportError:
-                pass
-            run = Run(spec, self.data_dir, self.probe())
-            self.runs[run_id] = run
-            t = threading.Thread(target=run.execute, name=f"duet-run-{run_id}", daemon=True)
-            self.threads[run_id] = t
-            t.start()
+            if (self.data_dir / "runs" / run_id / "spec.json").exists():
+                raise ExecutorError(f"run {run_id!r} already exists on this executor; resume it instead")
+            self._start(Run(spec, self.data_dir, self.probe()))
         return run_id
 
     def _run(self, run_id: str) -> Run:
+        if run_id not in self.runs and (self.data_dir / "runs" / run_id / "spec.json").exists():
+            self.runs[run_id] = Run.load(self.data_dir / "runs" / run_id, self.probe())
         if run_id not in self.runs:
             raise ExecutorError(f"unknown run {run_id!r} on this executor (known: {', '.join(self.runs) or 'none'})")
         return self.runs[run_id]
@@ -81,12 +107,31 @@ class Executor:
         return self._run(run_id).snapshot(since)
 
     def list(self) -> list[dict]:
-        return [{"run_id": r.run_id, "state": r.state, "step": r.progress["step"],
-                 "max_steps": r.progress["max_steps"]} for r in self.runs.values()]
+        """Runs of this process, plus finished ones found on disk (an earlier process's)."""
+        out = {r.run_id: {"run_id": r.run_id, "state": r.state, "step": r.progress["step"],
+                          "max_steps": r.progress["max_steps"]} for r in self.runs.values()}
+        runs_dir = self.data_dir / "runs"
+        for rj in sorted(runs_dir.glob("*/run.json")) if runs_dir.exists() else []:
+            if rj.parent.name not in out:
+                try:
+                    rec = json.loads(rj.read_text())
+                except (OSError, ValueError):
+                    continue
+                out[rec["run_id"]] = {"run_id": rec["run_id"], "state": rec["status"], "step": rec.get("steps") or 0,
+                                      "max_steps": rec["config"]["train"]["max_steps"]}
+        return list(out.values())
 
     def cancel(self, run_id: str) -> dict:
         self._run(run_id).cancel()
         return {"run_id": run_id, "cancel_requested": True}
+
+    def pause(self, run_id: str) -> dict:
+        self._run(run_id).pause()
+        return {"run_id": run_id, "pause_requested": True}
+
+    def resume(self, run_id: str) -> dict:
+        self._run(run_id).resume()
+        return {"run_id": run_id, "resumed": True}
 
     def fetch_record(self, run_id: str) -> dict:
         """The run's small files for the workspace (binary ones base64-encoded)."""

@@ -78,6 +78,13 @@ class TrainConfig(BaseModel):
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="auto: bf16 when the GPU has it, fp32 on CPU.")
     dry_run_steps: int = Field(0, ge=0, description="Steps of a dry run before the real one (0: none).")
     init_from: str | None = Field(None, description="Run id whose adapter this run starts from (phase chaining).")
+    eval_batch: int | None = Field(None, ge=1, description="Sequences per eval forward (default: micro_batch).")
+    dpo_beta: float = Field(0.1, gt=0, description="DPO temperature (phase dpo).")
+    grad_norm_limit: float = Field(10.0, gt=0, description="Gradient norm above which steps count as exploding.")
+    grad_norm_patience: int = Field(3, ge=1, description="Consecutive exploding steps before a rollback.")
+    grad_norm_min: float = Field(0.01, ge=0, description="Gradient norm below which an alert (only) is raised.")
+    rollback_lr_factor: float = Field(0.5, gt=0, lt=1, description="LR scale after a rollback on bad gradients.")
+    max_recoveries: int = Field(6, ge=0, description="OOM re-plans + rollbacks before the run gives up.")
     sample_prompts: int = Field(3, ge=0, le=20, description="Test prompts to generate samples for.")
     max_new_tokens: int = Field(48, ge=1, le=4096, description="Tokens per sample generation.")
 
