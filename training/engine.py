@@ -189,10 +189,10 @@ class Run:
 
     # -- state shared with the actor ------------------------------------------------------------
 
-    def emit(self, kind: str, **payload) -> None:
+    def emit(self, _event: str, **payload) -> None:
         """Record a run event: kept in memory (the architect polls them), appended to events.jsonl."""
         with self._lock:
-            ev = {"seq": len(self.events), "time": time.time(), "run_id": self.run_id, "event": kind, **payload}
+            ev = {"seq": len(self.events), "time": time.time(), "run_id": self.run_id, "event": _event, **payload}
             self.events.append(ev)
         _jsonl_append(self.dir / "events.jsonl", ev)
 
@@ -758,10 +758,9 @@ def _callbacks(run: Run, faults: dict):
                 raise torch.OutOfMemoryError(f"DUET_FAULT: simulated out of memory at step {step}")
             if faults.get("nan") == step and self._fire("nan") and model is not None:
                 def to_nan(_module, _inputs, output):
-                    output.logits = output.logits * float("nan")
-                    return output
+                    return output * float("nan")  # NaN embeddings: every loss path downstream is NaN
 
-                self.hook = model.register_forward_hook(to_nan)
+                self.hook = model.get_input_embeddings().register_forward_hook(to_nan)
 
         def on_step_end(self, args, state, control, **kw):
             if self.hook is not None:

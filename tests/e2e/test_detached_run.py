@@ -1,0 +1,52 @@
+"""A run submitted through the actors keeps training after its driver exits; a new driver finds it."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+DUET = [sys.executable, "-m", "cluster.cli"]
+
+
+def duet(*args, cwd, timeout=300):
+    return subprocess.run(DUET + list(args), cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+
+
+def test_detached_run_survives_its_driver_and_is_recorded_later(tmp_path, repo_root):
+    ws = tmp_path / "ws"
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"preset: demo\nmodel: tiny\ndata: [{repo_root / 'examples/persona/persona.jsonl'}]\n"
+                   "dataset: persona\noverrides: {max_steps: 40, checkpoint_every: 10, sample_prompts: 1}\n")
+    assert duet("up", "--workspace", str(ws), cwd=tmp_path).returncode == 0
+    try:
+        r = duet("run", str(cfg), "--detach", "--workspace", str(ws), "--json", cwd=tmp_path)
+        assert r.returncode == 0, r.stderr[-3000:]
+        sub = json.loads(r.stdout)
+        run_id = sub["run_id"]
+        assert sub["detached"] and sub["state"] == "submitted"  # the driver process has exited
+        deadline = time.time() + 300
+        seen_states = set()
+        while time.time() < deadline:
+            show = duet("runs", "show", run_id, "--workspace", str(ws), "--json", cwd=tmp_path)
+            assert show.returncode == 0, show.stderr[-2000:]
+            doc = json.loads(show.stdout)
+            seen_states.add(doc["state"])
+            if doc["state"] in ("finished", "failed", "cancelled"):
+                break
+            time.sleep(1)
+        assert doc["state"] == "finished", doc
+        assert doc["recorded"]["already"] is False and (ws / "runs" / run_id / "run.json").exists()
+        again = json.loads(duet("runs", "show", run_id, "--workspace", str(ws), "--json", cwd=tmp_path).stdout)
+        assert again["recorded"]["already"] is True
+        listed = json.loads(duet("runs", "list", "--workspace", str(ws), "--json", cwd=tmp_path).stdout)
+        assert run_id in [x["run_id"] for x in listed["runs"]]
+        log = subprocess.run(["git", "log", "--format=%s"], cwd=ws, capture_output=True, text=True).stdout
+        assert f"run: {run_id} finished" in log
+    finally:
+        assert duet("down", "--workspace", str(ws), cwd=tmp_path).returncode == 0

@@ -1,0 +1,101 @@
+"""The executor's recovery policies, in process (the Prometheus counters are this process's)."""
+
+import json
+import time
+
+import pytest
+from prometheus_client import REGISTRY
+
+from roles.architect import Architect
+from training.executor import Executor
+
+pytestmark = pytest.mark.integration
+BASE = {"max_steps": 14, "checkpoint_every": 5, "eval_every": 5, "warmup_steps": 2, "sample_prompts": 1,
+        "max_new_tokens": 8}
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory, repo_root):
+    tmp = tmp_path_factory.mktemp("policies")
+    arch = Architect(str(tmp / "ws"), None, None, session_title="policies")
+    ds = arch.curate([str(repo_root / "examples/persona/persona.jsonl")], "persona")
+    ex = Executor(tmp / "data", metrics_port=None)
+    return arch, ex, ds
+
+
+def run(env, run_id, overrides, monkeypatch, fault=None):
+    arch, ex, ds = env
+    if fault:
+        monkeypatch.setenv("DUET_FAULT", fault)
+    else:
+        monkeypatch.delenv("DUET_FAULT", raising=False)
+    plan = arch.design_plan("demo", ex.probe(), ex.prepare_model("tiny"), "tiny", ds, {**BASE, **overrides})
+    spec = arch.submission({**plan, "run_id": run_id}, ds)
+    ex.submit(spec)
+    state = ex.wait(run_id, timeout=600)
+    rec = json.loads((ex.data_dir / "runs" / run_id / "run.json").read_text())
+    return state, rec, ex.status(run_id)["events"]
+
+
+def test_oom_halves_the_micro_batch_keeps_the_effective_batch_and_finishes(env, monkeypatch):
+    state, rec, events = run(env, "oom", {"micro_batch": 4, "grad_accum": 1}, monkeypatch, fault="oom@step=7")
+    assert state == "finished", rec["error"]
+    (r,) = rec["recoveries"]
+    assert r["kind"] == "oom" and r["step"] == 6 and r["change"] == {"micro_batch": 2, "grad_accum": 2}
+    assert r["resumed_from"].endswith("checkpoint-5")
+    eff = rec["train_effective"]
+    assert eff["micro_batch"] * eff["grad_accum"] == rec["config"]["train"]["micro_batch"] * rec["config"]["train"]["grad_accum"]
+    assert rec["steps"] == 14 and sorted(x["step"] for x in rec["losses"]) == list(range(1, 15))
+    assert any(e["event"] == "oom" for e in events)
+    assert REGISTRY.get_sample_value("duet_oom_events_total", {"run_id": "oom", "phase": "sft"}) == 1.0
+    assert "oom" in rec["faults_fired"]
+
+
+def test_nan_loss_rolls_back_with_a_lower_learning_rate(env, monkeypatch):
+    state, rec, events = run(env, "nan", {}, monkeypatch, fault="nan@step=8")
+    assert state == "finished", rec["error"]
+    (r,) = rec["recoveries"]
+    assert r["kind"] == "rollback" and "non-finite" in r["reason"] and r["lr_scale"] == 0.5
+    assert r["resumed_from"].endswith("checkpoint-5")
+    assert all(x["loss"] == x["loss"] for x in rec["losses"])  # no NaN survives in the record
+    assert REGISTRY.get_sample_value("duet_rollbacks_total", {"run_id": "nan", "phase": "sft"}) == 1.0
+    lrs = {x["step"]: x["learning_rate"] for x in rec["losses"]}
+    assert any(e["event"] == "rollback" for e in events)
+    assert lrs[8] > 0
+
+
+def test_exploding_gradients_alert_then_roll_back(env, monkeypatch):
+    state, rec, events = run(env, "explode", {"grad_norm_limit": 1e-6, "grad_norm_patience": 2, "max_recoveries": 1},
+                             monkeypatch)
+    assert state == "failed" and "giving up" in rec["error"]
+    assert [r["kind"] for r in rec["recoveries"]] == ["rollback", "rollback"]
+    assert any(e["event"] == "alert" and e["rule"] == "grad_norm_high" for e in events)
+
+
+def test_qlora_trains_and_merges_on_cpu(env, monkeypatch):
+    state, rec, _ = run(env, "qlora", {"method": "qlora", "max_steps": 6}, monkeypatch)
+    assert state == "finished", rec["error"]
+    assert rec["eval_loss_after"] < rec["eval_loss_before"]
+    assert rec["merged_model"]["logit_max_abs_diff"] < 1e-3 and rec["merged_model"]["dtype"] == "float32"
+
+
+def test_pause_checkpoints_and_waits_then_resume_finishes(env, monkeypatch):
+    arch, ex, ds = env
+    monkeypatch.delenv("DUET_FAULT", raising=False)
+    plan = arch.design_plan("demo", ex.probe(), ex.prepare_model("tiny"), "tiny", ds, {**BASE, "max_steps": 200})
+    ex.submit(arch.submission({**plan, "run_id": "pause"}, ds))
+    deadline = time.time() + 120
+    while ex.status("pause")["progress"]["step"] < 3 and time.time() < deadline:
+        time.sleep(0.05)
+    ex.pause("pause")
+    while ex.status("pause")["state"] != "paused" and time.time() < deadline:
+        time.sleep(0.05)
+    st = ex.status("pause")
+    assert st["state"] == "paused"
+    step = st["progress"]["step"]
+    time.sleep(1.0)
+    assert ex.status("pause")["progress"]["step"] == step  # it really waits
+    assert (ex.data_dir / "runs/pause/checkpoints" / f"checkpoint-{step}" / "duet_checkpoint.json").exists()
+    ex.resume("pause")
+    ex.cancel("pause")
+    assert ex.wait("pause", timeout=120) == "cancelled"
