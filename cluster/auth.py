@@ -20,10 +20,6 @@ def config_dir() -> Path:
     return Path(base) / "duet"
 
 
-def token_path() -> Path:
-    return config_dir() / "ray_token"
-
-
 def ensure_token(path: Path | None = None) -> tuple[Path, bool]:
     """Return (token file, created). Creates a 256-bit token with mode 0600 when missing."""
     path = path or token_path()
@@ -49,3 +45,20 @@ def apply_auth_env(path: Path | None = None) -> None:
     """Set the auth variables in this process (before ``import ray`` connects)."""
     os.environ.update(auth_env(path))
     os.environ.pop("RAY_AUTH_TOKEN", None)
+
+
+def use_token_file(path: Path) -> None:
+    """Use a token copied from the head (checked: exists, non-empty, not world-readable)."""
+    path = Path(path)
+    if not path.is_file() or not path.read_text().strip():
+        raise FileNotFoundError(f"{path}: no token there (copy ray_token from the head's config dir)")
+    if stat.S_IMODE(path.stat().st_mode) & 0o077:
+        os.chmod(path, 0o600)
+    os.environ["DUET_TOKEN_FILE"] = str(path)
+
+
+def token_path() -> Path:
+    """``$DUET_TOKEN_FILE`` (set by ``use_token_file``), else ``<config dir>/ray_token``."""
+    if os.environ.get("DUET_TOKEN_FILE"):
+        return Path(os.environ["DUET_TOKEN_FILE"])
+    return config_dir() / "ray_token"

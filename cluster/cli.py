@@ -104,10 +104,20 @@ def _run_down(a) -> int:
 
 
 def _run_status(a) -> int:
-    from cluster import embedded
+    from cluster import auth, embedded, nodes
+    from infra.services import port_open
 
     st = embedded.running(a.workspace)
     doc = {"workspace": os.path.abspath(a.workspace), "services": st}
+    for name in ("postgres", "mongo"):
+        if name in st:
+            st[name]["reachable"] = port_open(st[name]["port"])
+    head = st.get("head")
+    auth.apply_auth_env()
+    try:
+        doc["cluster"] = nodes.status(head["address"] if head and head["alive"] else None)
+    except Exception as exc:  # status reports; it does not fail
+        doc["cluster"] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
     if a.json:
         _emit_json(doc)
     else:
@@ -118,7 +128,24 @@ def _run_status(a) -> int:
             t.add_column(col)
         for name, v in st.items():
             t.add_row(name, str(v["pid"]), v.get("url") or v.get("address", ""), "yes" if v["alive"] else "no")
-        _console().print(t if st else "nothing running for this workspace (start with `duet up`)")
+        con = _console()
+        con.print(t if st else "no embedded services for this workspace")
+        cl = doc["cluster"]
+        if cl.get("error"):
+            con.print(f"cluster: {cl['error']}")
+        else:
+            ct = Table(title=f"cluster {cl['address']}")
+            for col in ("node", "roles", "alive", "GPUs", "memory"):
+                ct.add_column(col)
+            for n in cl["nodes"]:
+                ct.add_row(n["address"], ",".join(n["roles"]) or "-", "yes" if n["alive"] else "no", str(n["gpus"]),
+                           f"{n['memory_bytes'] / 2**30:.1f} GiB")
+            con.print(ct)
+            for actor in cl["actors"]:
+                con.print(f"actor {actor['name']} on {actor['address']} (pid {actor['pid']})")
+            for r in cl["runs"]:
+                con.print(f"run {r['run_id']}: {r['state']} step {r['step']}/{r['max_steps']}"
+                          + (f", ETA {r['eta_s']:.0f} s" if r.get("eta_s") else ""))
     return EXIT_OK
 
 
@@ -570,6 +597,94 @@ def _run_merge(a) -> int:
     return EXIT_OK
 
 
+# -- node ------------------------------------------------------------------------------------------
+
+def _setup_node(p):
+    sub = p.add_subparsers(dest="node_cmd", metavar="{start,join,stop}")
+    st = sub.add_parser("start", help="start a Ray head with a role (the GPU host: --role executor --head)")
+    st.add_argument("--role", choices=("executor", "architect"), default="executor")
+    st.add_argument("--head", action="store_true", required=True, help="start the head node (required)")
+    st.add_argument("--bind", default="127.0.0.1", help="this node's address: a LAN/VPN IP (never 0.0.0.0 by default)")
+    st.add_argument("--port", type=int, default=6390)
+    st.add_argument("--data-dir", help="where the executor keeps runs (default ~/.local/share/duet/executor)")
+    st.add_argument("--workspace", help="the architect's workspace (role architect)")
+    st.add_argument("--metrics-port", type=int, default=9108)
+    st.add_argument("--dashboard", action="store_true", help="start Ray's dashboard (off by default)")
+    st.add_argument("--allow-all-interfaces", action="store_true", help="allow --bind 0.0.0.0")
+    st.add_argument("--json", action="store_true")
+    jn = sub.add_parser("join", help="join a head with a role (the design host: --role architect)")
+    jn.add_argument("--role", choices=("executor", "architect"), default="architect")
+    jn.add_argument("--address", required=True, help="the head's HOST:PORT")
+    jn.add_argument("--bind", default="127.0.0.1", help="this node's own address")
+    jn.add_argument("--token-file", help="the head's token file, copied here (default: this host's config dir)")
+    jn.add_argument("--workspace", help="the architect's workspace on this host")
+    jn.add_argument("--data-dir", help="where an executor keeps runs")
+    jn.add_argument("--metrics-port", type=int, default=9108)
+    jn.add_argument("--timeout", type=float, default=30, help="seconds before giving up on the head")
+    jn.add_argument("--client", action="store_true", help="connect as a driver only (no node)")
+    jn.add_argument("--allow-all-interfaces", action="store_true")
+    jn.add_argument("--json", action="store_true")
+    sp = sub.add_parser("stop", help="stop the nodes duet started on this machine, by PID")
+    sp.add_argument("--all", action="store_true", help="every node duet started here (default: the newest)")
+    sp.add_argument("--json", action="store_true")
+
+
+def _run_node(a) -> int:
+    from cluster import nodes
+    from infra.services import ServiceError
+
+    con = _console()
+    if a.node_cmd is None:
+        con.print("usage: duet node {start,join,stop} ...")
+        return EXIT_INPUT
+    try:
+        if a.node_cmd == "start":
+            doc = nodes.start_head(role=a.role, bind=a.bind, port=a.port, data_dir=a.data_dir, workspace=a.workspace,
+                                   dashboard=a.dashboard, allow_all=a.allow_all_interfaces, metrics_port=a.metrics_port)
+            if not a.json:
+                con.print(f"head {doc['address']} ({a.role}, {doc['gpus']} GPU), token auth on; actor {doc['actor']}")
+                if doc["token_created"]:
+                    con.print(f"token created: {doc['token_file']} (mode 0600, never committed)")
+                con.print(f"on the design host: {doc['join']}")
+        elif a.node_cmd == "join":
+            if a.client:
+                if a.token_file:
+                    from pathlib import Path
+
+                    from cluster import auth
+
+                    auth.use_token_file(Path(a.token_file))
+                versions = nodes.check_versions(a.address)
+                from cluster import node
+
+                node.connect(a.address, timeout=a.timeout)
+                doc = {"client": True, "address": a.address, "versions": versions}
+            else:
+                doc = nodes.join(address=a.address, role=a.role, bind=a.bind, token_file=a.token_file,
+                                 workspace=a.workspace, data_dir=a.data_dir, timeout=a.timeout,
+                                 allow_all=a.allow_all_interfaces, metrics_port=a.metrics_port)
+            if not a.json:
+                if doc.get("warning"):
+                    con.print(f"[yellow]warning:[/] {doc['warning']}")
+                con.print(f"joined {a.address} as {a.role}" + (" (client only)" if a.client else f"; actor {doc['actor']}"))
+        else:
+            doc = {"stopped": nodes.stop(all_nodes=a.all)}
+            if not a.json:
+                con.print(f"stopped: {', '.join(doc['stopped']) or 'nothing (no node duet started is running)'}")
+    except nodes.VersionMismatch as exc:
+        con.print(f"[red]error:[/] {exc}")
+        return EXIT_REFUSED
+    except (ServiceError, TimeoutError, ConnectionError) as exc:
+        con.print(f"[red]error:[/] {exc}")
+        return EXIT_INFRA
+    except (ValueError, FileNotFoundError) as exc:
+        con.print(f"[red]error:[/] {exc}")
+        return EXIT_INPUT
+    if a.json:
+        _emit_json(doc)
+    return EXIT_OK
+
+
 # -- the table -----------------------------------------------------------------------------------
 
 def _not_built(name: str, issue: int) -> int:
@@ -582,7 +697,7 @@ COMMANDS: dict[str, Command] = {
     "up": Command("start the embedded cluster + stores for this workspace", _setup_up, _run_up),
     "down": Command("stop what duet started for this workspace", _setup_up, _run_down),
     "status": Command("what runs for this workspace", _setup_up, _run_status),
-    "node": Command("start | join | stop a node of a two-host cluster", None, None, issue=5),
+    "node": Command("start | join | stop a node of a two-host cluster", _setup_node, _run_node),
     "data": Command("import | check | curate datasets", _setup_data, _run_data),
     "plan": Command("estimate memory for a model + preset on a GPU size", _setup_plan, _run_plan),
     "run": Command("curate, plan and train a run config through the actors", _setup_run, _run_run),

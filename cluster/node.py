@@ -33,6 +33,7 @@ class NodeInfo:
     address: str
     temp_dir: str
     resources: dict
+    head: str | None = None
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -58,7 +59,7 @@ def short_temp_dir(key: str) -> str:
 
 def start_head(state_dir: str | os.PathLike, *, resources: dict, ip: str = "127.0.0.1",
                port: int = DEFAULT_HEAD_PORT, num_cpus: int | None = None, timeout: float = 90,
-               key: str = "head") -> NodeInfo:
+               key: str = "head", num_gpus: int | None = None, dashboard: bool = False) -> NodeInfo:
     """Start (or reuse) a Ray head node recorded under ``key`` in the state file."""
     state = StateFile(state_dir)
     known = state.read().get(key)
@@ -70,10 +71,15 @@ def start_head(state_dir: str | os.PathLike, *, resources: dict, ip: str = "127.
     temp_dir = short_temp_dir(f"{Path(state_dir).resolve()}:{key}")
     log = Path(state_dir) / f"ray-{key}.log"
     cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", f"--node-ip-address={ip}",
-           f"--port={port}", f"--resources={json.dumps(resources)}", "--include-dashboard=false",
+           f"--port={port}", f"--resources={json.dumps(resources)}",
+           f"--include-dashboard={'true' if dashboard else 'false'}",
            f"--temp-dir={temp_dir}", "--disable-usage-stats", "--block"]
+    if dashboard:
+        cmd.append(f"--dashboard-host={ip}")
     if num_cpus is not None:
         cmd.append(f"--num-cpus={num_cpus}")
+    if num_gpus is not None:
+        cmd.append(f"--num-gpus={num_gpus}")
     Path(state_dir).mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -90,6 +96,53 @@ def start_head(state_dir: str | os.PathLike, *, resources: dict, ip: str = "127.
         time.sleep(0.25)
     stop_node(state_dir, key)
     raise ServiceError(f"the Ray head did not start within {timeout:.0f} s; see {log}")
+
+
+def start_worker(state_dir: str | os.PathLike, *, head: str, resources: dict, ip: str, key: str,
+                 timeout: float = 30, num_gpus: int | None = None) -> NodeInfo:
+    """Join ``head`` as a worker node; give up after ``timeout`` (a join to a dead head hangs)."""
+    import psutil
+
+    state = StateFile(state_dir)
+    known = state.read().get(key)
+    if known and pid_alive(known["pid"]):
+        return NodeInfo(**known)
+    Path(state_dir).mkdir(parents=True, exist_ok=True)
+    log = Path(state_dir) / f"ray-{key}.log"
+    log.write_text("")
+    cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", f"--address={head}", f"--node-ip-address={ip}",
+           f"--resources={json.dumps(resources)}", "--disable-usage-stats", "--block"]
+    if num_gpus is not None:
+        cmd.append(f"--num-gpus={num_gpus}")
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env=ray_env(), start_new_session=True)
+    deadline = time.time() + timeout
+    temp_dir = ""
+    while time.time() < deadline:
+        if not pid_alive(proc.pid):
+            raise ServiceError(f"joining {head} failed; see {log}:\n{_tail(log)}")
+        if "--block" in _tail(log):
+            # The worker's processes name the session dir; remember it to sweep leftovers on stop.
+            for child in psutil.Process(proc.pid).children(recursive=True):
+                try:
+                    for arg in child.cmdline():
+                        if "session_" in arg and "/sockets/" in arg:
+                            temp_dir = arg.split("=", 1)[-1].split("/sockets/")[0]
+                            break
+                except psutil.Error:
+                    pass
+                if temp_dir:
+                    break
+            info = NodeInfo("worker", proc.pid, ip, temp_dir or f"/nonexistent-{key}", resources)
+            d = info.to_dict()
+            d["head"] = head
+            state.update(key, d)
+            return info
+        time.sleep(0.25)
+    stop_pid(proc.pid)
+    raise ServiceError(f"joining {head} did not finish within {timeout:.0f} s (is the head reachable, and the "
+                       f"token the head's?); see {log}")
 
 
 def stop_node(state_dir: str | os.PathLike, key: str = "head") -> bool:

@@ -113,7 +113,11 @@ def executor_actor(data_dir: str, metrics_port: int | None = 9108, torch_threads
                                  get_if_exists=True).remote(data_dir, metrics_port, torch_threads)
 
 
-def architect_actor(workspace: str, postgres_url: str | None, mongo_url: str | None, session_title: str | None):
+def architect_actor(workspace: str, postgres_url: str | None, mongo_url: str | None, session_title: str | None,
+                    detached: bool = False):
+    """Get the named architect, or create it on a node with {"architect": 1} (detached: it lives with its
+    node, e.g. one started by `duet node join`, instead of with this driver)."""
     _, ArchitectActor = _classes()
-    return ArchitectActor.options(name=ARCHITECT_NAME, namespace=NAMESPACE,
-                                  get_if_exists=True).remote(workspace, postgres_url, mongo_url, session_title)
+    opts = {"lifetime": "detached"} if detached else {}
+    return ArchitectActor.options(name=ARCHITECT_NAME, namespace=NAMESPACE, get_if_exists=True,
+                                  **opts).remote(workspace, postgres_url, mongo_url, session_title)

@@ -1,0 +1,263 @@
+"""Two-host clusters: the GPU host starts the head (executor role), the design host joins (architect
+role) or connects as a client. Nodes duet started are recorded in ``<config dir>/nodes.json`` and
+stopped by PID (never ``ray stop``).
+
+Versions: the head publishes its Python, Ray and duet versions in Ray's internal KV
+(``duet:versions``); a joining host reads them through a bare GCS client first and refuses with
+both versions named when they differ (Ray's own error for this is obscure). The test facility
+``DUET_VERSION_OVERRIDES='{"ray": "2.59.0"}'`` changes what this host reports, so a mismatch can be
+simulated without installing a second Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from cluster import auth, node
+from infra.services import ServiceError, StateFile, pid_alive, port_open
+
+KV_KEY = b"duet:versions"
+KV_NAMESPACE = b"duet"
+ROLES = ("executor", "architect")
+
+
+class VersionMismatch(RuntimeError):
+    pass
+
+
+def state_dir() -> Path:
+    return auth.config_dir() / "nodes"
+
+
+def local_versions() -> dict:
+    import importlib.metadata as md
+
+    v = {"python": platform.python_version(), "ray": md.version("ray"), "duet": md.version("duet")}
+    override = os.environ.get("DUET_VERSION_OVERRIDES")
+    if override:
+        v.update(json.loads(override))
+    return v
+
+
+def detect_gpus() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except ImportError:
+        try:
+            out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10).stdout
+            return sum(1 for line in out.splitlines() if line.startswith("GPU "))
+        except (OSError, subprocess.TimeoutExpired):
+            return 0
+
+
+def _check_bind(bind: str, allow_all: bool) -> None:
+    if bind in ("0.0.0.0", "::") and not allow_all:
+        raise ValueError("refusing to bind 0.0.0.0: give the LAN/VPN address (e.g. a Tailscale IP), "
+                         "or pass --allow-all-interfaces if you really mean every interface")
+
+
+def join_command(address: str, token_file: Path) -> str:
+    return (f"duet node join --role architect --address {address} --token-file {token_file}  "
+            f"# copy {token_file} to the design host first (keep it mode 0600)")
+
+
+def start_head(*, role: str = "executor", bind: str = "127.0.0.1", port: int = node.DEFAULT_HEAD_PORT,
+               data_dir: str | None = None, workspace: str | None = None, dashboard: bool = False,
+               allow_all: bool = False, metrics_port: int | None = 9108, key: str | None = None) -> dict:
+    """Start the head with the role's resource, publish versions, create the role's actor."""
+    if role not in ROLES:
+        raise ValueError(f"role {role!r} is not one of {', '.join(ROLES)}")
+    _check_bind(bind, allow_all)
+    token_file, created = auth.ensure_token()
+    key = key or f"head-{bind}-{port}"
+    resources = {role: 1}
+    gpus = detect_gpus()
+    info = node.start_head(state_dir(), resources=resources, ip=bind, port=port, key=key,
+                           num_gpus=gpus, dashboard=dashboard)
+    address = info.address
+    auth.apply_auth_env()
+    import ray
+
+    node.connect(address)
+    from ray.experimental import internal_kv
+
+    internal_kv._internal_kv_put(KV_KEY, json.dumps(local_versions()).encode(), overwrite=True,
+                                 namespace=KV_NAMESPACE)
+    actor = _create_role_actor(role, data_dir=data_dir, workspace=workspace, metrics_port=metrics_port)
+    ray.shutdown()
+    return {"node": info.to_dict(), "key": key, "address": address, "token_file": str(token_file),
+            "token_created": created, "gpus": gpus, "actor": actor,
+            "join": join_command(address, token_file)}
+
+
+def _create_role_actor(role: str, *, data_dir: str | None, workspace: str | None, metrics_port: int | None) -> dict:
+    import ray
+
+    from roles.actors import architect_actor, executor_actor
+
+    if role == "executor":
+        dd = data_dir or str(default_data_dir())
+        a = executor_actor(dd, metrics_port)
+    else:
+        if not workspace:
+            return {"role": role, "created": False, "reason": "no --workspace given"}
+        a = architect_actor(str(Path(workspace).resolve()), os.environ.get("DUET_POSTGRES_URL"),
+                            os.environ.get("DUET_MONGO_URL"), "architect node", detached=True)
+    info = ray.get(a.ping.remote(), timeout=180)
+    return {"role": role, "created": True, **info}
+
+
+def default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return Path(os.environ.get("DUET_DATA_DIR") or os.path.join(base, "duet", "executor"))
+
+
+def read_head_versions(address: str, timeout: float = 10) -> dict | None:
+    """The head's published versions through a bare GCS client (works before joining)."""
+    auth.apply_auth_env()
+    from ray._raylet import GcsClient
+
+    client = GcsClient(address=address)
+    raw = client.internal_kv_get(KV_KEY, KV_NAMESPACE, timeout=timeout)
+    return json.loads(raw) if raw else None
+
+
+def check_versions(address: str) -> dict:
+    mine = local_versions()
+    theirs = read_head_versions(address)
+    if theirs is None:
+        return {"checked": False, "local": mine}
+    diffs = [f"{k}: {mine.get(k)} here, {theirs.get(k)} on the head" for k in ("python", "ray", "duet")
+             if mine.get(k) != theirs.get(k)]
+    if diffs:
+        raise VersionMismatch("refusing to join: versions differ (Ray requires the same Python and Ray on every "
+                              "node): " + "; ".join(diffs))
+    return {"checked": True, "local": mine, "head": theirs}
+
+
+def join(*, address: str, role: str = "architect", bind: str = "127.0.0.1", token_file: str | None = None,
+         workspace: str | None = None, data_dir: str | None = None, timeout: float = 30,
+         allow_all: bool = False, metrics_port: int | None = 9108, key: str | None = None) -> dict:
+    """Join the head's cluster as a worker node with the role's resource (and create its actor)."""
+    if role not in ROLES:
+        raise ValueError(f"role {role!r} is not one of {', '.join(ROLES)}")
+    _check_bind(bind, allow_all)
+    warning = None
+    if platform.system() == "Darwin":
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "1"
+        warning = "Ray supports multi-node clusters on Linux only; this macOS node joins at your own risk"
+    if token_file:
+        auth.use_token_file(Path(token_file))
+    host, port = address.rsplit(":", 1)
+    if not port_open(int(port), host, timeout=min(timeout, 5)):
+        raise ServiceError(f"no Ray head answers at {address} (is `duet node start --head` running there, and "
+                           "is the port open on your LAN/VPN?)")
+    versions = check_versions(address)
+    key = key or f"{role}-{bind}"
+    info = node.start_worker(state_dir(), head=address, resources={role: 1}, ip=bind, key=key, timeout=timeout)
+    import ray
+
+    node.connect(address)
+    actor = _create_role_actor(role, data_dir=data_dir, workspace=workspace, metrics_port=metrics_port)
+    ray.shutdown()
+    return {"node": info.to_dict(), "key": key, "address": address, "versions": versions, "actor": actor,
+            "warning": warning}
+
+
+def stop(*, all_nodes: bool = False, key: str | None = None) -> list[str]:
+    """Stop the nodes duet started on this machine (by PID): one by key, else all of them."""
+    st = StateFile(state_dir()).read()
+    keys = [k for k in st if all_nodes or k == key] if (all_nodes or key) else list(st)[-1:]
+    stopped = []
+    for k in reversed(keys):
+        if node.stop_node(state_dir(), k):
+            stopped.append(k)
+    return stopped
+
+
+def local_nodes() -> dict:
+    st = StateFile(state_dir()).read()
+    return {k: {**v, "alive": pid_alive(v["pid"])} for k, v in st.items()}
+
+
+def status(address: str | None = None) -> dict:
+    """Nodes (role, address, alive, GPUs, memory), actors and where they live, runs in progress."""
+    local = local_nodes()
+    if address is None:
+        heads = [v for v in local.values() if v.get("role") == "head" and v["alive"]]
+        workers = [v for v in local.values() if v["alive"] and v.get("head")]
+        address = heads[0]["address"] if heads else (workers[0]["head"] if workers else None)
+    doc: dict = {"local_nodes": local, "address": address, "nodes": [], "actors": [], "runs": []}
+    if address is None:
+        doc["error"] = "no cluster known on this machine: `duet node start --head` or `duet node join`"
+        return doc
+    host, port = address.rsplit(":", 1)
+    if not port_open(int(port), host):
+        doc["error"] = f"the head at {address} does not answer"
+        return doc
+    node.connect(address)
+    import ray
+    from ray.util.state import list_actors
+
+    for n in ray.nodes():
+        res = n.get("Resources", {})
+        role = [r for r in ROLES if res.get(r)]
+        doc["nodes"].append({"node_id": n["NodeID"], "address": n["NodeManagerAddress"], "alive": n["Alive"],
+                             "roles": role, "gpus": res.get("GPU", 0), "cpus": res.get("CPU", 0),
+                             "memory_bytes": int(res.get("memory", 0))})
+    try:
+        for a in list_actors(filters=[("state", "=", "ALIVE")], timeout=10):
+            if a.get("name", "").startswith("duet-"):
+                node_addr = next((n["address"] for n in doc["nodes"] if n["node_id"] == a.get("node_id")), None)
+                doc["actors"].append({"name": a["name"], "node_id": a.get("node_id"), "address": node_addr,
+                                      "pid": a.get("pid")})
+    except Exception as exc:  # the state API needs the dashboard agent; degrade, do not fail
+        for name in (node.EXECUTOR_NAME, node.ARCHITECT_NAME):
+            try:
+                h = ray.get_actor(name, namespace=node.NAMESPACE)
+                info = ray.get(h.ping.remote(), timeout=10)
+                addr = next((n["address"] for n in doc["nodes"] if n["node_id"] == info.get("node_id")), None)
+                doc["actors"].append({"name": name, "node_id": info.get("node_id"), "address": addr,
+                                      "pid": info.get("pid")})
+            except Exception:
+                pass
+        doc["actors_note"] = f"via ping ({type(exc).__name__})"
+    try:
+        ex = ray.get_actor(node.EXECUTOR_NAME, namespace=node.NAMESPACE)
+        for r in ray.get(ex.list.remote(), timeout=10):
+            if r["state"] not in ("finished", "failed", "cancelled"):
+                snap = ray.get(ex.status.remote(r["run_id"], 10**9), timeout=10)
+                r["eta_s"] = snap["progress"].get("eta_s")
+            doc["runs"].append(r)
+        info = ray.get(ex.ping.remote(), timeout=10)
+        doc["exporter"] = {"port": info.get("metrics_port"),
+                           "reachable": bool(info.get("metrics_port")) and port_open(info["metrics_port"], "127.0.0.1")}
+    except Exception as exc:
+        doc["executor_error"] = f"{type(exc).__name__}: {exc}"[:300]
+    return doc
+
+
+def hostname() -> str:
+    return socket.gethostname()
+
+
+def python() -> str:
+    return sys.executable
+
+
+def wait_for(pred, timeout: float, every: float = 0.2) -> bool:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if pred():
+            return True
+        time.sleep(every)
+    return False
