@@ -444,6 +444,8 @@ def _run_train(a) -> int:
 def _setup_run(p):
     p.add_argument("config", help="a run config: preset, model, data (see examples/persona/run.yaml)")
     p.add_argument("--detach", action="store_true", help="return once the executor accepted the run")
+    p.add_argument("--address", help="a two-host cluster's head HOST:PORT (default: the embedded cluster, or "
+                                     "the cluster a `duet node` here belongs to)")
     p.add_argument("--json", action="store_true")
     _workspace_arg(p)
 
@@ -474,7 +476,8 @@ def _run_run(a) -> int:
                                tiny=model == "tiny", data=data, overrides=doc.get("overrides"),
                                preset=doc.get("preset", "demo"), dataset_name=doc.get("dataset", "data"),
                                title=f"duet run {os.path.basename(a.config)}", detach=a.detach,
-                               test_frac=doc.get("test_frac", 0.1), seed=doc.get("seed", 0))
+                               test_frac=doc.get("test_frac", 0.1), seed=doc.get("seed", 0),
+                               address=_cluster_address(a.workspace, a.address) if a.address or _two_host() else None)
     except DemoError as exc:
         con.print(f"[red]error:[/] {exc}")
         return exc.code
@@ -483,17 +486,39 @@ def _run_run(a) -> int:
     return EXIT_OK
 
 
-def _executor_handle(workspace: str):
-    """The workspace's cluster and its executor actor (exit 3 when the cluster is not up)."""
+def _cluster_address(workspace: str, address: str | None) -> str | None:
+    """--address, else the workspace's embedded head, else a node duet started on this machine."""
+    from cluster import embedded, nodes
+
+    if address:
+        return address
+    head = embedded.running(workspace).get("head")
+    if head and head["alive"]:
+        return head["address"]
+    for v in nodes.local_nodes().values():
+        if v["alive"]:
+            return v.get("head") or v["address"]
+    return None
+
+
+def _two_host() -> bool:
+    from cluster import nodes
+
+    return any(v["alive"] for v in nodes.local_nodes().values())
+
+
+def _executor_handle(workspace: str, address: str | None = None):
+    """The cluster and its executor actor (exit 3 when no cluster is up)."""
     from cluster import auth, embedded, node
     from infra.services import ServiceError
 
     st = embedded.running(workspace)
-    head = st.get("head")
-    if not head or not head["alive"]:
-        raise ServiceError(f"no cluster runs for workspace {os.path.abspath(workspace)}: start it with `duet up`")
+    address = _cluster_address(workspace, address)
+    if not address:
+        raise ServiceError(f"no cluster runs for workspace {os.path.abspath(workspace)}: `duet up`, or "
+                           "`duet node start/join`, or pass --address")
     auth.apply_auth_env()
-    node.connect(head["address"])
+    node.connect(address)
     import ray
 
     try:
@@ -505,6 +530,7 @@ def _executor_handle(workspace: str):
 def _setup_runs(p):
     p.add_argument("action", nargs="?", default="list", choices=("list", "show", "cancel", "pause", "resume"))
     p.add_argument("run_id", nargs="?")
+    p.add_argument("--address", help="the cluster's head HOST:PORT (default: the one duet knows here)")
     p.add_argument("--json", action="store_true")
     _workspace_arg(p)
 
@@ -517,7 +543,7 @@ def _run_runs(a) -> int:
         con.print(f"[red]error:[/] duet runs {a.action} needs a RUN_ID")
         return EXIT_INPUT
     try:
-        ex, st = _executor_handle(a.workspace)
+        ex, st = _executor_handle(a.workspace, a.address)
     except ServiceError as exc:
         con.print(f"[red]error:[/] {exc}")
         return EXIT_INFRA

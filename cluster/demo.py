@@ -67,7 +67,7 @@ def run_demo(workspace: str, *, model: str | None = None, tiny: bool = False, da
 def run_pipeline(workspace: str, *, model: str | None = None, tiny: bool = False, data: list[str] | None = None,
                  console=None, quiet: bool = False, overrides: dict | None = None, preset: str = "demo",
                  dataset_name: str = "persona", title: str = "duet run", detach: bool = False,
-                 test_frac: float = 0.1, seed: int = 0) -> dict:
+                 test_frac: float = 0.1, seed: int = 0, address: str | None = None) -> dict:
     """Curate -> probe -> plan -> submit -> follow -> record, through the actors.
 
     ``detach``: return once the executor accepted the run; the run goes on without this driver
@@ -99,8 +99,13 @@ def run_pipeline(workspace: str, *, model: str | None = None, tiny: bool = False
     auth.apply_auth_env()  # before ray is imported: Ray reads RAY_AUTH_MODE at import
     con.rule(f"[bold]{title}")
     try:
-        with con.status("starting the embedded cluster (Ray, PostgreSQL, Mongo-wire)..."):
-            emb = embedded.up(ws)
+        if address:  # a two-host cluster: use it as it is; stores by URL (or none: the outbox keeps writes)
+            import os
+
+            emb = embedded.Embedded(ws, address, os.environ.get("DUET_POSTGRES_URL"), os.environ.get("DUET_MONGO_URL"), [])
+        else:
+            with con.status("starting the embedded cluster (Ray, PostgreSQL, Mongo-wire)..."):
+                emb = embedded.up(ws)
     except services.ServiceError as exc:
         raise DemoError(f"infrastructure unavailable: {exc}", 3) from exc
     con.print(f"[green]cluster[/] Ray {emb.ray_address} (token auth), Postgres {emb.postgres_url}, "

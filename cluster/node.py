@@ -146,26 +146,52 @@ def start_worker(state_dir: str | os.PathLike, *, head: str, resources: dict, ip
 
 
 def stop_node(state_dir: str | os.PathLike, key: str = "head") -> bool:
+    """SIGTERM the node's ``ray start --block`` (Ray then stops the node's processes), then kill what is
+    left of it: its descendants, and orphans that name its temp dir and (for a worker) its address."""
+    import psutil
+
     state = StateFile(state_dir)
-    known = state.read().get(key)
+    all_nodes = state.read()
+    known = all_nodes.get(key)
     if not known:
         return False
+    mine = _descendants(known["pid"])
     stop_pid(known["pid"], timeout=30)
-    _sweep(known["temp_dir"])
+    others = set()
+    for k, v in all_nodes.items():
+        if k != key and pid_alive(v["pid"]):
+            others |= _descendants(v["pid"]) | {v["pid"]}
+    for pid in mine:
+        if pid not in others:
+            _kill(pid)
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            cmd = " ".join(proc.info["cmdline"] or [])
+            if proc.info["pid"] in others or proc.info["pid"] == os.getpid() or known["temp_dir"] not in cmd:
+                continue
+            if known["role"] == "worker" and f"={known['address']}" not in cmd:
+                continue
+            proc.kill()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
     state.update(key, None)
     return True
 
 
-def _sweep(temp_dir: str) -> None:
-    """Kill processes whose command line names this node's temp dir (leftovers of a crash)."""
+def _descendants(pid: int) -> set[int]:
     import psutil
 
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        try:
-            if proc.info["pid"] != os.getpid() and any(temp_dir in a for a in (proc.info["cmdline"] or [])):
-                proc.kill()
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
+    try:
+        return {c.pid for c in psutil.Process(pid).children(recursive=True)}
+    except psutil.Error:
+        return set()
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, 9)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def _tail(path: Path, n: int = 3000) -> str:

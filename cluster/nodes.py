@@ -47,16 +47,21 @@ def local_versions() -> dict:
 
 
 def detect_gpus() -> int:
-    try:
-        import torch
+    """GPUs for Ray's num_gpus: nvidia-smi when present (fast), else torch; 0 without either."""
+    import shutil
 
-        return torch.cuda.device_count()
-    except ImportError:
+    if shutil.which("nvidia-smi"):
         try:
             out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10).stdout
             return sum(1 for line in out.splitlines() if line.startswith("GPU "))
         except (OSError, subprocess.TimeoutExpired):
-            return 0
+            pass
+    try:
+        import torch
+
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except ImportError:
+        return 0
 
 
 def _check_bind(bind: str, allow_all: bool) -> None:
@@ -124,10 +129,15 @@ def default_data_dir() -> Path:
 def read_head_versions(address: str, timeout: float = 10) -> dict | None:
     """The head's published versions through a bare GCS client (works before joining)."""
     auth.apply_auth_env()
+    import ray
     from ray._raylet import GcsClient
 
-    client = GcsClient(address=address)
-    raw = client.internal_kv_get(KV_KEY, KV_NAMESPACE, timeout=timeout)
+    try:
+        client = GcsClient(address=address)
+        raw = client.internal_kv_get(KV_KEY, KV_NAMESPACE, timeout=timeout)
+    except ray.exceptions.AuthenticationError as exc:
+        raise ServiceError(f"the head at {address} refused this host's token ({auth.token_path()}): copy the "
+                           "head's token file here and pass --token-file") from exc
     return json.loads(raw) if raw else None
 
 
@@ -177,8 +187,9 @@ def stop(*, all_nodes: bool = False, key: str | None = None) -> list[str]:
     """Stop the nodes duet started on this machine (by PID): one by key, else all of them."""
     st = StateFile(state_dir()).read()
     keys = [k for k in st if all_nodes or k == key] if (all_nodes or key) else list(st)[-1:]
+    keys.sort(key=lambda k: st[k].get("role") == "head")  # workers first: a head's exit would orphan them
     stopped = []
-    for k in reversed(keys):
+    for k in keys:
         if node.stop_node(state_dir(), k):
             stopped.append(k)
     return stopped

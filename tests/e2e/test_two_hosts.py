@@ -1,0 +1,187 @@
+"""Two Ray nodes as two hosts on this machine: 127.0.0.2 (GPU host: head, executor) and 127.0.0.3
+(design host: architect), started with `duet node start` / `duet node join`, token auth on."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+pytestmark = pytest.mark.e2e
+DUET = [sys.executable, "-m", "cluster.cli"]
+REPO = Path(__file__).resolve().parents[2]
+
+
+def duet(*args, env=None, timeout=240):
+    e = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    return subprocess.run(DUET + list(args), capture_output=True, text=True, timeout=timeout, env=e)
+
+
+def ok(r):
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
+    return json.loads(r.stdout) if r.stdout.strip().startswith("{") else r.stdout
+
+
+class Cluster:
+    def __init__(self, tmp: Path, port: int):
+        self.tmp, self.port = tmp, port
+        self.address = f"127.0.0.2:{port}"
+        self.ws = tmp / "ws"
+        self.data = tmp / "executor-data"
+
+    def start_head(self):
+        return ok(duet("node", "start", "--role", "executor", "--head", "--bind", "127.0.0.2", "--port", str(self.port),
+                       "--data-dir", str(self.data), "--metrics-port", str(self.port + 2000), "--json"))
+
+    def join_architect(self):
+        return ok(duet("node", "join", "--role", "architect", "--address", self.address, "--bind", "127.0.0.3",
+                       "--workspace", str(self.ws), "--json"))
+
+    def nodes(self) -> dict:
+        from cluster import nodes
+
+        return nodes.local_nodes()
+
+    def raylet_of(self, key: str) -> int:
+        pid = self.nodes()[key]["pid"]
+        for c in psutil.Process(pid).children(recursive=True):
+            if c.name() == "raylet":
+                return c.pid
+        raise AssertionError(f"no raylet under {key}")
+
+    def run_state(self, run_id):
+        r = duet("runs", "show", run_id, "--address", self.address, "--workspace", str(self.ws), "--json")
+        try:
+            return json.loads(r.stdout)
+        except ValueError:
+            return {"state": "unreachable", "progress": {"step": -1}, "rc": r.returncode, "out": r.stdout[-300:],
+                    "err": r.stderr[-800:]}
+
+    def stop(self):
+        duet("node", "stop", "--all")
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    c = Cluster(tmp_path, 6411)
+    yield c
+    c.stop()
+    from cluster import nodes
+
+    assert not any(v["alive"] for v in nodes.local_nodes().values())
+
+
+def submit(c: Cluster, steps: int, every: int) -> str:
+    cfg = c.tmp / "run.yaml"
+    cfg.write_text(f"preset: demo\nmodel: tiny\ndata: [{REPO / 'examples/persona/persona.jsonl'}]\ndataset: persona\n"
+                   f"overrides: {{max_steps: {steps}, checkpoint_every: {every}, eval_every: {every}, sample_prompts: 1, "
+                   f"max_new_tokens: 8, micro_batch: 2}}\n")
+    return ok(duet("run", str(cfg), "--detach", "--address", c.address, "--workspace", str(c.ws), "--json"))["run_id"]
+
+
+def wait_state(c, run_id, pred, timeout=240):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        st = c.run_state(run_id)
+        if pred(st):
+            return st
+        time.sleep(0.5)
+    raise AssertionError(f"timed out; last state {st}")
+
+
+def test_roles_land_on_their_hosts_and_strangers_are_refused(cluster, tmp_path):
+    head = cluster.start_head()
+    assert head["actor"]["role"] == "executor" and "duet node join" in head["join"]
+    token = Path(head["token_file"])
+    assert oct(token.stat().st_mode & 0o777) == "0o600"
+    joined = cluster.join_architect()
+    assert joined["versions"]["checked"] and joined["versions"]["head"] == joined["versions"]["local"]
+    st = ok(duet("status", "--workspace", str(cluster.ws), "--json"))["cluster"]
+    roles = {n["address"]: n["roles"] for n in st["nodes"] if n["alive"]}
+    assert roles == {"127.0.0.2": ["executor"], "127.0.0.3": ["architect"]}
+    where = {a["name"]: a["address"] for a in st["actors"]}
+    assert where == {"duet-executor": "127.0.0.2", "duet-architect": "127.0.0.3"}
+
+    # a client with a wrong token, and one with no token at all, are refused
+    wrong = tmp_path / "wrong_token"
+    wrong.write_text("0" * 64)
+    wrong.chmod(0o600)
+    r = duet("node", "join", "--client", "--address", cluster.address, "--token-file", str(wrong), "--json")
+    assert r.returncode == 3
+    plain = subprocess.run([sys.executable, "-c", f"import ray; ray.init(address='{cluster.address}')"],
+                           capture_output=True, text=True, timeout=120,
+                           env={k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")})
+    assert plain.returncode != 0 and ("uthentication" in plain.stderr or "Failed to connect" in plain.stderr)
+
+    # a version mismatch is refused, naming both versions (simulated by configuration)
+    r = duet("node", "join", "--role", "architect", "--address", cluster.address, "--bind", "127.0.0.4",
+             env={"DUET_VERSION_OVERRIDES": '{"ray": "2.59.0"}'})
+    assert r.returncode == 2
+    assert "ray: 2.59.0 here, 2.60.0 on the head" in r.stderr
+
+
+def test_dead_head_join_times_out_clearly(tmp_path):
+    t0 = time.time()
+    r = duet("node", "join", "--role", "architect", "--address", "127.0.0.2:6499", "--bind", "127.0.0.3",
+             "--timeout", "5")
+    assert r.returncode == 3 and "no Ray head answers at 127.0.0.2:6499" in r.stderr
+    assert time.time() - t0 < 60
+
+
+def test_executor_node_dies_mid_run_and_the_run_resumes_when_it_is_back(cluster):
+    cluster.start_head()
+    cluster.join_architect()
+    run_id = submit(cluster, steps=400, every=20)
+    wait_state(cluster, run_id, lambda s: s["state"] == "training" and s["progress"]["step"] >= 45)
+    head_key = f"head-127.0.0.2-{cluster.port}"
+    head_pid = cluster.nodes()[head_key]["pid"]
+    os.kill(cluster.raylet_of(head_key), signal.SIGKILL)  # the GPU host's raylet dies ...
+    assert psutil.wait_procs([psutil.Process(head_pid)], timeout=60)[0]  # ... and `ray start --block` takes the node down
+    logged = (cluster.data / "runs" / run_id / "losses.jsonl").read_text().splitlines()
+    last_step = max(json.loads(x)["step"] for x in logged)
+    ok(duet("node", "stop", "--all", "--json"))  # clear what is left (the architect lost its head too)
+    # the GPU host comes back: `duet node start` again; the executor actor resumes the run on its own
+    t_back = time.time()
+    cluster.start_head()
+    st = wait_state(cluster, run_id, lambda s: s["state"] == "training" and s["progress"]["step"] > 40)
+    failover_s = time.time() - t_back
+    cluster.join_architect()  # the design host reconnects
+    st = wait_state(cluster, run_id, lambda s: s["state"] in ("finished", "failed"), timeout=400)
+    assert st["state"] == "finished", st
+    rec = json.loads((cluster.ws / "runs" / run_id / "run.json").read_text())
+    events = [json.loads(x) for x in (cluster.ws / "runs" / run_id / "events.jsonl").read_text().splitlines()]
+    resumes = [e for e in events if e["event"] == "resume"]
+    newest = last_step // 20 * 20  # the newest checkpoint at death (or the one before, if it died mid-save)
+    assert resumes and int(resumes[-1]["checkpoint"].split("-")[-1]) in {newest, newest - 20}
+    assert sorted(x["step"] for x in rec["losses"]) == list(range(1, 401))
+    assert st["recorded"]["already"] is False  # the architect recorded it
+    (cluster.tmp / "failover.json").write_text(json.dumps({"failover_s": failover_s}))
+    print(f"failover (node back -> training again): {failover_s:.1f} s")
+
+
+def test_architect_node_dies_mid_run_and_the_run_still_finishes(cluster):
+    cluster.start_head()
+    cluster.join_architect()
+    run_id = submit(cluster, steps=150, every=50)
+    wait_state(cluster, run_id, lambda s: s["progress"]["step"] >= 10)
+    arch_pid = cluster.nodes()["architect-127.0.0.3"]["pid"]
+    for p in [arch_pid] + [c.pid for c in psutil.Process(arch_pid).children(recursive=True)]:
+        try:
+            os.kill(p, signal.SIGKILL)  # the laptop lid closes
+        except ProcessLookupError:
+            pass
+    st = wait_state(cluster, run_id, lambda s: s["state"] in ("finished", "failed"), timeout=400)
+    assert st["state"] == "finished"
+    ok(duet("node", "stop", "--all"))  # clears the dead architect's record, and the head
+    # the design host comes back: the head restarts too in this test, the run is already on disk
+    cluster.start_head()
+    cluster.join_architect()
+    st = cluster.run_state(run_id)
+    assert st["state"] == "finished" and (cluster.ws / "runs" / run_id / "run.json").exists()
+    status = ok(duet("status", "--workspace", str(cluster.ws), "--json"))["cluster"]
+    assert any(r["run_id"] == run_id and r["state"] == "finished" for r in status["runs"])
