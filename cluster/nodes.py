@@ -47,20 +47,16 @@ def local_versions() -> dict:
 
 
 def detect_gpus() -> int:
-    """GPUs for Ray's num_gpus: nvidia-smi when present (fast), else torch; 0 without either."""
+    """GPUs for Ray's num_gpus, from nvidia-smi (which ships with the driver CUDA needs): no torch import,
+    so a node starts fast."""
     import shutil
 
-    if shutil.which("nvidia-smi"):
-        try:
-            out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10).stdout
-            return sum(1 for line in out.splitlines() if line.startswith("GPU "))
-        except (OSError, subprocess.TimeoutExpired):
-            pass
+    if not shutil.which("nvidia-smi"):
+        return 0
     try:
-        import torch
-
-        return torch.cuda.device_count() if torch.cuda.is_available() else 0
-    except ImportError:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10).stdout
+        return sum(1 for line in out.splitlines() if line.startswith("GPU "))
+    except (OSError, subprocess.TimeoutExpired):
         return 0
 
 

@@ -262,11 +262,36 @@ class Run:
 
     # -- the run ----------------------------------------------------------------------------------
 
+    def _acquire_run_lock(self, timeout: float = 300) -> object:
+        """One trainer per run: an flock on <run>/.lock, released by the kernel when its holder dies.
+        A resumed run waits here for a dying predecessor (a Ray worker outlives its raylet by seconds)."""
+        import fcntl
+
+        fh = open(self.dir / ".lock", "w")
+        deadline = time.time() + timeout
+        waited = False
+        while True:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                if waited:
+                    self.emit("lock_acquired", waited_s=round(time.time() - (deadline - timeout), 2))
+                return fh
+            except BlockingIOError:
+                if not waited:
+                    self.emit("waiting_for_lock", reason="another process still trains this run")
+                    waited = True
+                if time.time() > deadline:
+                    fh.close()
+                    raise RuntimeError(f"run {self.run_id} is held by another process for over {timeout:.0f} s")
+                time.sleep(0.1)
+
     def execute(self, resume: bool = False) -> None:
         """Run to completion (or continue a run that was interrupted); never raises: the outcome is
         in state / error / run.json."""
         t0 = time.time()
+        lock = None
         try:
+            lock = self._acquire_run_lock()
             self.set_state("preflight")
             model_path = self.preflight()
             if not resume and self.train_cfg.get("dry_run_steps"):
@@ -300,6 +325,8 @@ class Run:
                 pass
         finally:
             telemetry.sample_host()
+            if lock is not None:
+                lock.close()
 
     def preflight(self) -> Path:
         """Checks before any training; a failure stops the run with the reason."""
@@ -803,7 +830,7 @@ def _callbacks(run: Run, faults: dict):
             step = state.global_step
             if "loss" in logs:
                 loss = float(logs["loss"])
-                entry = {"step": step, "loss": loss}
+                entry = {"step": step, "loss": loss, "time": round(time.time(), 3), "pid": os.getpid()}
                 for key, name in (("learning_rate", "lr"), ("grad_norm", "grad_norm")):
                     if logs.get(key) is not None:
                         entry[key] = float(logs[key])
