@@ -145,9 +145,10 @@ def start_worker(state_dir: str | os.PathLike, *, head: str, resources: dict, ip
                        f"token the head's?); see {log}")
 
 
-def stop_node(state_dir: str | os.PathLike, key: str = "head") -> bool:
-    """SIGTERM the node's ``ray start --block`` (Ray then stops the node's processes), then kill what is
-    left of it: its descendants, and orphans that name its temp dir and (for a worker) its address."""
+def stop_node(state_dir: str | os.PathLike, key: str = "head", drain_s: float = 5) -> bool:
+    """SIGTERM the node's ``ray start --block`` (Ray drains, then stops the node's processes); after
+    ``drain_s`` (Ray would wait 30 s) kill what is left of it: its descendants, and orphans that name
+    its temp dir and (for a worker) its address. A run loses at most one checkpoint interval."""
     import psutil
 
     state = StateFile(state_dir)
@@ -156,7 +157,7 @@ def stop_node(state_dir: str | os.PathLike, key: str = "head") -> bool:
     if not known:
         return False
     mine = _descendants(known["pid"])
-    stop_pid(known["pid"], timeout=30)
+    stop_pid(known["pid"], timeout=drain_s)
     others = set()
     for k, v in all_nodes.items():
         if k != key and pid_alive(v["pid"]):

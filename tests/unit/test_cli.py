@@ -48,6 +48,7 @@ def test_plan_exit_codes_and_json(tmp_path, capsys):
                  "--batch", "1", "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["estimate"]["fits"] is True
+    assert 9 * 2**30 <= doc["estimate"]["total_bytes"] <= 16 * 2**30  # published: 12.3 GB peak (QLoRA r=16)
     assert main(["plan", "--model", str(tmp_path / "nope"), "--gpu-mem", "24GiB"]) == 1
 
 
