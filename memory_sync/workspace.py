@@ -66,8 +66,20 @@ class Workspace:
                 (self.root / d).mkdir(exist_ok=True)
                 (self.root / d / ".gitkeep").touch()
             self.commit(["."], "workspace: init")
+        self.ensure_merge_driver()
         self.state_dir.mkdir(exist_ok=True)
         return self
+
+    def ensure_merge_driver(self) -> None:
+        """Register duet's events.jsonl merge driver in this clone's git config (config is not
+        cloned, so every host registers it; .gitattributes routes the files to it)."""
+        import shlex
+        import sys
+
+        cmd = f"{shlex.quote(sys.executable)} -m memory_sync.merge_driver %O %A %B"
+        with self.repo.config_writer() as cw:
+            cw.set_value('merge "duet-events"', "name", "duet: union of session events by id")
+            cw.set_value('merge "duet-events"', "driver", cmd)
 
     @property
     def repo(self):

@@ -78,3 +78,47 @@ def test_conflicts_are_reported_never_resolved_by_discarding(tmp_path):
     assert (b.root / "configs" / "x.yaml").read_text() == "lr: 3e-4\n"  # b's version intact, merge aborted
     assert not b.repo.is_dirty()
     assert b.log_subjects()[-1] == "config: x"
+
+
+def test_concurrent_session_appends_merge_without_conflict(tmp_path):
+    """Two hosts append to the same session offline; either pull order gives the same union by id."""
+    import git
+
+    from memory_sync.events import open_session, start_session
+
+    origin = Workspace(tmp_path / "origin").init()
+    s = start_session(origin.root, "shared")
+    s.append("note", {"text": "before the split"})
+    origin.commit(["sessions"], "session: start")
+    bare = tmp_path / "remote.git"
+    git.Repo.clone_from(str(origin.root), str(bare), bare=True)
+    a, b = _clone(bare, tmp_path / "a").init(), _clone(bare, tmp_path / "b").init()
+    for ws, host in ((a, "laptop"), (b, "gpu-box")):
+        sess = open_session(ws.root, s.id)
+        for i in range(3):
+            sess.append("turn", {"role": "user", "text": f"{host} {i}"})
+        ws.commit(["sessions"], f"session: {host} turns")
+    assert a.publish()["pushed"]
+    res = b.publish()  # rejected, pulls (merge driver runs), pushes
+    assert res["pushed"] and res["pulls"] == 1
+    a.pull()
+    fa = (a.root / "sessions" / s.id / "events.jsonl").read_text()
+    fb = (b.root / "sessions" / s.id / "events.jsonl").read_text()
+    assert fa == fb
+    texts = [__import__("json").loads(x)["payload"]["text"] for x in fa.splitlines()]
+    assert len(texts) == 7 and len(set(texts)) == 7
+    ids = [__import__("json").loads(x)["id"] for x in fa.splitlines()]
+    assert ids == sorted(ids)
+
+
+def test_merge_driver_refuses_a_malformed_event_line(tmp_path):
+    from memory_sync import merge_driver
+    from memory_sync.events import make_event
+
+    good = __import__("json").dumps(make_event("note", {"t": 1}), sort_keys=True)
+    (tmp_path / "o").write_text(good + "\n")
+    (tmp_path / "a").write_text(good + "\n{not json\n")
+    (tmp_path / "b").write_text(good + "\n")
+    before = (tmp_path / "a").read_text()
+    assert merge_driver.main([str(tmp_path / "o"), str(tmp_path / "a"), str(tmp_path / "b")]) == 1
+    assert (tmp_path / "a").read_text() == before  # nothing rewritten
