@@ -179,28 +179,6 @@ def _setup_data(p):
     _workspace_arg(cur)
 
 
-def _token_counter(folder: str | None):
-    """``record -> token count`` with a model's tokenizer (needs the executor extra), or None."""
-    if not folder:
-        return None
-    try:
-        from transformers import AutoTokenizer
-    except ImportError as exc:
-        raise ValueError("--tokenizer needs transformers: pip install 'duet[executor]'") from exc
-    tok = AutoTokenizer.from_pretrained(folder)
-
-    def count(d: dict) -> int:
-        if "messages" in d:
-            msgs = d["messages"]
-        else:
-            msgs = d["prompt"] + max(d["chosen"], d["rejected"], key=lambda m: len(str(m)))
-        ids = tok.apply_chat_template(msgs, tokenize=True, return_dict=False) if tok.chat_template else \
-            tok("\n".join(m["content"] for m in msgs))["input_ids"]
-        return len(ids)
-
-    return count
-
-
 def _run_data(a) -> int:
     from training.dataset import DatasetError, check_records, read_jsonl
 
@@ -230,9 +208,11 @@ def _run_data(a) -> int:
             for s in res.skipped:
                 con.print(f"[yellow]skipped[/] {s['where']}: {s['reason']}")
         return EXIT_OK
+    from training.dataset import tokenizer_counter
+
     try:
-        counter = _token_counter(a.tokenizer)
-    except (ValueError, OSError) as exc:
+        counter = tokenizer_counter(a.tokenizer) if a.tokenizer else None
+    except DatasetError as exc:
         con.print(f"[red]error:[/] {exc}")
         return EXIT_INPUT
     if a.data_cmd == "check":
@@ -346,23 +326,6 @@ def _run_plan(a) -> int:
 
 # -- train / run / runs / merge ------------------------------------------------------------------
 
-def _load_plan_file(path: str) -> dict:
-    import yaml
-
-    p = os.path.abspath(path)
-    try:
-        doc = yaml.safe_load(open(p, encoding="utf-8"))
-    except OSError as exc:
-        raise ValueError(f"{path}: {exc.strerror}") from exc
-    except yaml.YAMLError as exc:
-        raise ValueError(f"{path}: invalid YAML: {exc}") from exc
-    for key in ("run_id", "train", "model_ref", "dataset", "estimate"):
-        if not isinstance(doc, dict) or key not in doc:
-            raise ValueError(f"{path}: field {key!r} missing: `duet train` takes a plan the architect wrote "
-                             "(configs/<run>.yaml); `duet run` takes a run config")
-    return doc
-
-
 def _setup_train(p):
     p.add_argument("config", help="a plan written by the architect: <workspace>/configs/<run>.yaml")
     p.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint")
@@ -375,47 +338,18 @@ def _setup_train(p):
 def _run_train(a) -> int:
     """Train a plan in this process (the executor's host), in the foreground."""
     import threading
-    import time
-    from pathlib import Path
+
+    from training.executor import ExecutorError, local_run
 
     con = _console()
     try:
-        plan = _load_plan_file(a.config)
-    except ValueError as exc:
+        run = local_run(a.config, workspace=a.workspace, data_dir=a.data_dir, run_id=a.run_id, resume=a.resume)
+    except ExecutorError as exc:
         con.print(f"[red]error:[/] {exc}")
         return EXIT_INPUT
-    cfg_path = Path(a.config).resolve()
-    ws = cfg_path.parent.parent if cfg_path.parent.name == "configs" else Path(a.workspace).resolve()
-    data_dir = Path(a.data_dir) if a.data_dir else ws / ".duet" / "executor"
-    run_id = a.run_id or plan["run_id"]
-    from training import hardware
-    from training.engine import Run
-
-    hw = hardware.probe(data_dir if data_dir.exists() else ".").to_dict()
-    run_dir = data_dir / "runs" / run_id
-    if a.resume:
-        if not (run_dir / "spec.json").exists():
-            con.print(f"[red]error:[/] {run_dir}: no such run to resume (train it first without --resume)")
-            return EXIT_INPUT
-        run = Run.load(run_dir, hw)
-        if run.state == "finished":
-            con.print(f"run {run_id} already finished")
-            return EXIT_OK
-    else:
-        if (run_dir / "spec.json").exists():
-            con.print(f"[red]error:[/] run {run_id} exists in {data_dir}; use --resume, or --run-id NEW")
-            return EXIT_INPUT
-        vd = ws / "datasets" / plan["dataset"]["name"] / plan["dataset"]["content_hash"][:12]
-        if not (vd / "manifest.json").exists():
-            con.print(f"[red]error:[/] {a.config}: dataset {plan['dataset']['name']} @ "
-                      f"{plan['dataset']['content_hash'][:12]} is not in {ws / 'datasets'}")
-            return EXIT_INPUT
-        files = {n: (vd / n).read_text(encoding="utf-8") for n in ("train.jsonl", "test.jsonl", "manifest.json")}
-        spec = {"run_id": run_id, "plan": {**plan, "run_id": run_id}, "model_ref": plan["model_ref"],
-                "dataset": {"name": plan["dataset"]["name"], "content_hash": plan["dataset"]["content_hash"],
-                            "files": files}}
-        run = Run(spec, data_dir, hw)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if run.state == "finished":
+        con.print(f"run {run.run_id} already finished")
+        return EXIT_OK
     threads = int(os.environ.get("DUET_TORCH_THREADS", "0") or 0)
     if threads:
         import torch
@@ -430,14 +364,14 @@ def _run_train(a) -> int:
         if p["step"] != last and not a.json:
             last = p["step"]
             loss = f" loss {p['loss']:.4f}" if p.get("loss") is not None else ""
-            con.print(f"[dim]{run_id}[/] {run.state} step {p['step']}/{p['max_steps']}{loss}")
+            con.print(f"[dim]{run.run_id}[/] {run.state} step {p['step']}/{p['max_steps']}{loss}")
     rec = run.record()
     if a.json:
         _emit_json({k: rec.get(k) for k in ("run_id", "status", "error", "steps", "eval_loss_before",
                                              "eval_loss_after", "recoveries", "losses", "checkpoints")})
     else:
-        con.print(f"run {run_id}: {rec['status']}" + (f" ({rec['error']})" if rec.get("error") else "")
-                  + f"; record in {run_dir / 'run.json'}")
+        con.print(f"run {run.run_id}: {rec['status']}" + (f" ({rec['error']})" if rec.get("error") else "")
+                  + f"; record in {run.dir / 'run.json'}")
     return EXIT_OK if rec["status"] == "finished" else EXIT_INPUT
 
 
@@ -453,6 +387,7 @@ def _setup_run(p):
 def _run_run(a) -> int:
     import yaml
 
+    from cluster import nodes
     from cluster.demo import DemoError, run_pipeline
 
     con = _console()
@@ -477,7 +412,7 @@ def _run_run(a) -> int:
                                preset=doc.get("preset", "demo"), dataset_name=doc.get("dataset", "data"),
                                title=f"duet run {os.path.basename(a.config)}", detach=a.detach,
                                test_frac=doc.get("test_frac", 0.1), seed=doc.get("seed", 0),
-                               address=_cluster_address(a.workspace, a.address) if a.address or _two_host() else None)
+                               address=nodes.cluster_address(a.workspace, a.address) if a.address or _two_host() else None)
     except DemoError as exc:
         con.print(f"[red]error:[/] {exc}")
         return exc.code
@@ -486,45 +421,10 @@ def _run_run(a) -> int:
     return EXIT_OK
 
 
-def _cluster_address(workspace: str, address: str | None) -> str | None:
-    """--address, else the workspace's embedded head, else a node duet started on this machine."""
-    from cluster import embedded, nodes
-
-    if address:
-        return address
-    head = embedded.running(workspace).get("head")
-    if head and head["alive"]:
-        return head["address"]
-    for v in nodes.local_nodes().values():
-        if v["alive"]:
-            return v.get("head") or v["address"]
-    return None
-
-
 def _two_host() -> bool:
     from cluster import nodes
 
     return any(v["alive"] for v in nodes.local_nodes().values())
-
-
-def _executor_handle(workspace: str, address: str | None = None):
-    """The cluster and its executor actor (exit 3 when no cluster is up)."""
-    from cluster import auth, embedded, node
-    from infra.services import ServiceError
-
-    st = embedded.running(workspace)
-    address = _cluster_address(workspace, address)
-    if not address:
-        raise ServiceError(f"no cluster runs for workspace {os.path.abspath(workspace)}: `duet up`, or "
-                           "`duet node start/join`, or pass --address")
-    auth.apply_auth_env()
-    node.connect(address)
-    import ray
-
-    try:
-        return ray.get_actor(node.EXECUTOR_NAME, namespace=node.NAMESPACE), st
-    except ValueError as exc:
-        raise ServiceError("the cluster is up but has no executor actor (no run was submitted yet)") from exc
 
 
 def _setup_runs(p):
@@ -536,14 +436,16 @@ def _setup_runs(p):
 
 
 def _run_runs(a) -> int:
+    from cluster import embedded, nodes
     from infra.services import ServiceError
+    from roles.architect import record_if_new
 
     con = _console()
     if a.action != "list" and not a.run_id:
         con.print(f"[red]error:[/] duet runs {a.action} needs a RUN_ID")
         return EXIT_INPUT
     try:
-        ex, st = _executor_handle(a.workspace, a.address)
+        ex = nodes.executor_handle(a.workspace, a.address)
     except ServiceError as exc:
         con.print(f"[red]error:[/] {exc}")
         return EXIT_INFRA
@@ -556,7 +458,12 @@ def _run_runs(a) -> int:
             snap = ray.get(ex.status.remote(a.run_id, 0), timeout=60)
             doc = {k: snap[k] for k in ("run_id", "state", "progress", "error", "recoveries")}
             if snap["state"] in ("finished", "failed", "cancelled"):
-                doc["recorded"] = _record_if_needed(a.workspace, st, ray.get(ex.fetch_record.remote(a.run_id)))
+                st = embedded.running(a.workspace)
+                pg = st.get("postgres", {}).get("url") if st.get("postgres", {}).get("alive") else None
+                mongo = st.get("mongo", {}).get("url") if st.get("mongo", {}).get("alive") else None
+                doc["recorded"] = record_if_new(a.workspace, os.environ.get("DUET_POSTGRES_URL") or pg,
+                                                os.environ.get("DUET_MONGO_URL") or mongo,
+                                                ray.get(ex.fetch_record.remote(a.run_id)))
         else:
             doc = ray.get(getattr(ex, a.action).remote(a.run_id), timeout=60)
     except ray.exceptions.RayTaskError as exc:
@@ -567,25 +474,6 @@ def _run_runs(a) -> int:
     else:
         con.print_json(data=doc, default=str)
     return EXIT_OK
-
-
-def _record_if_needed(workspace: str, st: dict, files: dict) -> dict:
-    """A run that finished while no driver watched is recorded in the workspace on first sight."""
-    from pathlib import Path
-
-    from roles.architect import Architect
-
-    run_id = files["_record"]["run_id"]
-    if (Path(workspace) / "runs" / run_id / "run.json").exists():
-        return {"already": True, "path": str(Path(workspace) / "runs" / run_id)}
-    pg = st.get("postgres", {}).get("url") if st.get("postgres", {}).get("alive") else None
-    mongo = st.get("mongo", {}).get("url") if st.get("mongo", {}).get("alive") else None
-    arch = Architect(workspace, os.environ.get("DUET_POSTGRES_URL") or pg, os.environ.get("DUET_MONGO_URL") or mongo,
-                     session_title=f"record {run_id}")
-    out = arch.record_run(files)
-    arch.commit_session()
-    arch.close()
-    return {"already": False, "path": out["path"], "commit": out["commit"]}
 
 
 def _setup_merge(p):

@@ -75,7 +75,6 @@ def run_pipeline(workspace: str, *, model: str | None = None, tiny: bool = False
     """
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-    from rich.table import Table
 
     con = console or Console(stderr=True, quiet=quiet, soft_wrap=True)
     t0 = time.time()
@@ -150,7 +149,6 @@ def run_pipeline(workspace: str, *, model: str | None = None, tiny: bool = False
         if detach:
             ray.get(architect.commit_session.remote())
             ray.get(architect.close.remote())
-            emb.started = []  # the run needs them: leave the services up
             con.print(f"[green]submitted[/] {run_id}; follow it with `duet runs show {run_id}`; "
                       "stop the services with `duet down` when it is done")
             return {"ok": True, "run_id": run_id, "state": "submitted", "workspace": str(ws),

@@ -14,10 +14,7 @@ from __future__ import annotations
 import json
 import os
 import platform
-import socket
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 from cluster import auth, node
@@ -253,18 +250,31 @@ def status(address: str | None = None) -> dict:
     return doc
 
 
-def hostname() -> str:
-    return socket.gethostname()
+def cluster_address(workspace: str | os.PathLike, address: str | None = None) -> str | None:
+    """--address, else the workspace's embedded head, else a node duet started on this machine."""
+    from cluster import embedded
+
+    if address:
+        return address
+    head = embedded.running(workspace).get("head")
+    if head and head["alive"]:
+        return head["address"]
+    for v in local_nodes().values():
+        if v["alive"]:
+            return v.get("head") or v["address"]
+    return None
 
 
-def python() -> str:
-    return sys.executable
+def executor_handle(workspace: str | os.PathLike, address: str | None = None):
+    """Connect to the cluster and return its executor actor (ServiceError when none is up)."""
+    address = cluster_address(workspace, address)
+    if not address:
+        raise ServiceError(f"no cluster runs for workspace {os.path.abspath(workspace)}: `duet up`, or "
+                           "`duet node start/join`, or pass --address")
+    node.connect(address)
+    import ray
 
-
-def wait_for(pred, timeout: float, every: float = 0.2) -> bool:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if pred():
-            return True
-        time.sleep(every)
-    return False
+    try:
+        return ray.get_actor(node.EXECUTOR_NAME, namespace=node.NAMESPACE)
+    except ValueError as exc:
+        raise ServiceError("the cluster is up but has no executor actor (no run was submitted yet)") from exc

@@ -53,9 +53,6 @@ def _classes():
         def resume(self, run_id: str) -> dict:
             return self.ex.resume(run_id)
 
-        def resumed_on_start(self) -> list[str]:
-            return self.ex.resumed_on_start
-
         def fetch_record(self, run_id: str) -> dict:
             return self.ex.fetch_record(run_id)
 

@@ -30,10 +30,12 @@ class Architect:
         self.seen_events: dict[str, int] = {}
         self.last_publish_error: str | None = None
 
-    def commit(self, paths: list, message: str) -> str | None:
-        """Commit, then publish to the workspace remote when there is one (a failure is logged, not fatal:
-        the commit stays local and goes out with the next publish)."""
+    def commit(self, paths: list, message: str, tag: str | None = None) -> str | None:
+        """Commit (and tag), then publish to the workspace remote when there is one (a failure is
+        logged, not fatal: the commit stays local and goes out with the next publish)."""
         sha = self.ws.commit(paths, message)
+        if sha and tag:
+            self.ws.tag(tag, message)
         if sha and self.ws.has_remote():
             try:
                 self.ws.publish()
@@ -99,10 +101,9 @@ class Architect:
 
     def submission(self, plan: dict, dataset: dict) -> dict:
         """What the executor needs, self-contained (the dataset files travel with it)."""
-        vd = Path(dataset["path"])
-        files = {n: (vd / n).read_text(encoding="utf-8") for n in ("train.jsonl", "test.jsonl", "manifest.json")}
-        return {"run_id": plan["run_id"], "plan": plan, "model_ref": plan["model_ref"],
-                "dataset": {"name": dataset["name"], "content_hash": dataset["content_hash"], "files": files}}
+        from training.executor import make_spec
+
+        return make_spec(plan, dataset["path"])
 
     def record_run_events(self, run_id: str, events: list[dict]) -> int:
         """Log executor run events not seen before (by their per-run sequence number)."""
@@ -130,14 +131,8 @@ class Architect:
                 target.write_text(content, encoding="utf-8")
         subject = (f"run: {run_id} {rec['status']} (dataset {rec['dataset']['content_hash'][:12]}, "
                    f"eval loss {_f(rec.get('eval_loss_before'))} -> {_f(rec.get('eval_loss_after'))})")
-        sha = self.ws.commit([out, self.session.path], subject)
-        if rec["status"] == "finished" and sha:
-            self.ws.tag(f"run/{run_id}", subject)
-        if sha and self.ws.has_remote():
-            try:
-                self.ws.publish()
-            except Exception as exc:
-                self.last_publish_error = str(exc)
+        sha = self.commit([out, self.session.path], subject,
+                          tag=f"run/{run_id}" if rec["status"] == "finished" else None)
         self.memory.write({"op": "run", "record": rec})
         if rec["status"] == "finished" and rec.get("train_peak_bytes"):
             measured = rec["train_peak_bytes"]
@@ -196,3 +191,18 @@ class Architect:
 def _f(x) -> str:
     return "n/a" if x is None else f"{x:.3f}"
 
+
+
+def record_if_new(workspace: str, postgres_url: str | None, mongo_url: str | None, files: dict) -> dict:
+    """Record a run that finished while no driver watched it (the design host was away), once."""
+    run_id = files["_record"]["run_id"]
+    out_dir = Path(workspace) / "runs" / run_id
+    if (out_dir / "run.json").exists():
+        return {"already": True, "path": str(out_dir)}
+    arch = Architect(workspace, postgres_url, mongo_url, session_title=f"record {run_id}")
+    try:
+        out = arch.record_run(files)
+        arch.commit_session()
+    finally:
+        arch.close()
+    return {"already": False, "path": out["path"], "commit": out["commit"]}

@@ -58,3 +58,20 @@ def fresh_db(stores):
         c.execute(f"CREATE DATABASE {name}")
     pg_url = stores["postgres"].url.rsplit("/", 1)[0] + "/" + name
     yield {"postgres_url": pg_url, "mongo_url": stores["mongo"].url, "mongo_db": name}
+
+
+def architect_and_executor(tmp: Path) -> tuple:
+    """A plain Architect (no stores) with the persona dataset curated, and a plain Executor (no
+    exporter): the engine without Ray."""
+    from roles.architect import Architect
+    from training.executor import Executor
+
+    arch = Architect(str(tmp / "ws"), None, None, session_title=tmp.name)
+    ds = arch.curate([str(REPO / "examples/persona/persona.jsonl")], "persona")
+    return arch, Executor(tmp / "data", metrics_port=None), ds
+
+
+@pytest.fixture(scope="session")
+def engine_env():
+    """The factory above, for module-scoped fixtures: ``engine_env(tmp_dir)``."""
+    return architect_and_executor

@@ -509,6 +509,35 @@ def verify_version(version_dir: str | os.PathLike) -> dict:
     return manifest
 
 
+VERSION_FILES = ("train.jsonl", "test.jsonl", "manifest.json")
+
+
+def version_files(version_dir: str | os.PathLike) -> dict[str, str]:
+    """The files an executor needs of a version (they travel with a submission)."""
+    return {n: (Path(version_dir) / n).read_text(encoding="utf-8") for n in VERSION_FILES}
+
+
+def tokenizer_counter(folder: str | os.PathLike):
+    """``record -> token count`` with a model folder's tokenizer (chat template when it has one)."""
+    try:
+        from transformers import AutoTokenizer
+    except ImportError as exc:
+        raise DatasetError("counting with a tokenizer needs transformers: pip install 'duet[executor]'") from exc
+    try:
+        tok = AutoTokenizer.from_pretrained(folder)
+    except OSError as exc:
+        raise DatasetError(f"{folder}: no tokenizer there ({exc})") from exc
+
+    def count(d: dict) -> int:
+        msgs = d["messages"] if "messages" in d else \
+            d["prompt"] + max(d["chosen"], d["rejected"], key=lambda m: len(str(m)))
+        if tok.chat_template:
+            return len(tok.apply_chat_template(msgs, tokenize=True, return_dict=False))
+        return len(tok("\n".join(m["content"] for m in msgs))["input_ids"])
+
+    return count
+
+
 def load_split(version_dir: str | os.PathLike, which: str) -> list[dict]:
     path = Path(version_dir) / f"{which}.jsonl"
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

@@ -14,6 +14,7 @@ import threading
 from pathlib import Path
 
 from training import hardware, telemetry
+from training.dataset import version_files
 from training.engine import TERMINAL, Run
 
 RECORD_FILES = ("run.json", "report.md", "loss.png", "events.jsonl")
@@ -21,6 +22,49 @@ RECORD_FILES = ("run.json", "report.md", "loss.png", "events.jsonl")
 
 class ExecutorError(RuntimeError):
     pass
+
+
+def make_spec(plan: dict, version_dir: str | os.PathLike, run_id: str | None = None) -> dict:
+    """A self-contained submission: the plan, its model, and the dataset version's files."""
+    run_id = run_id or plan["run_id"]
+    return {"run_id": run_id, "plan": {**plan, "run_id": run_id}, "model_ref": plan["model_ref"],
+            "dataset": {"name": plan["dataset"]["name"], "content_hash": plan["dataset"]["content_hash"],
+                        "files": version_files(version_dir)}}
+
+
+def local_run(plan_file: str | os.PathLike, *, workspace: str | os.PathLike, data_dir: str | os.PathLike | None = None,
+              run_id: str | None = None, resume: bool = False) -> Run:
+    """A Run for ``duet train``: a plan the architect wrote (configs/<run>.yaml), trained in this
+    process; with ``resume`` the existing run is reopened. Raises ExecutorError on bad input."""
+    import yaml
+
+    path = Path(plan_file).resolve()
+    try:
+        plan = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ExecutorError(f"{plan_file}: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise ExecutorError(f"{plan_file}: invalid YAML: {exc}") from exc
+    for key in ("run_id", "train", "model_ref", "dataset", "estimate"):
+        if not isinstance(plan, dict) or key not in plan:
+            raise ExecutorError(f"{plan_file}: field {key!r} missing: `duet train` takes a plan the architect "
+                                "wrote (configs/<run>.yaml); `duet run` takes a run config")
+    ws = path.parent.parent if path.parent.name == "configs" else Path(workspace).resolve()
+    data_dir = Path(data_dir) if data_dir else ws / ".duet" / "executor"
+    run_id = run_id or plan["run_id"]
+    run_dir = data_dir / "runs" / run_id
+    hw = hardware.probe(data_dir if data_dir.exists() else ".").to_dict()
+    if resume:
+        if not (run_dir / "spec.json").exists():
+            raise ExecutorError(f"{run_dir}: no such run to resume (train it first without --resume)")
+        return Run.load(run_dir, hw)
+    if (run_dir / "spec.json").exists():
+        raise ExecutorError(f"run {run_id} exists in {data_dir}; use --resume, or --run-id NEW")
+    vd = ws / "datasets" / plan["dataset"]["name"] / plan["dataset"]["content_hash"][:12]
+    if not (vd / "manifest.json").exists():
+        raise ExecutorError(f"{plan_file}: dataset {plan['dataset']['name']} @ "
+                            f"{plan['dataset']['content_hash'][:12]} is not in {ws / 'datasets'}")
+    return Run(make_spec(plan, vd, run_id), data_dir, hw)
 
 
 class Executor:
@@ -41,7 +85,6 @@ class Executor:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
-        self.resumed_on_start: list[str] = []
 
     def resume_interrupted(self) -> list[str]:
         """Continue every run this data dir holds that was neither finished, failed nor cancelled
@@ -58,7 +101,6 @@ class Executor:
                 continue
             self._start(Run.load(rj.parent, self.probe()), resume=True)
             out.append(run_id)
-        self.resumed_on_start += out
         return out
 
     def _start(self, run: Run, resume: bool = False) -> None:

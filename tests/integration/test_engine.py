@@ -4,18 +4,13 @@ import json
 
 import pytest
 
-from roles.architect import Architect
-from training.executor import Executor
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory, repo_root):
-    tmp = tmp_path_factory.mktemp("engine")
-    arch = Architect(str(tmp / "ws"), None, None, session_title="engine test")
-    ds = arch.curate([str(repo_root / "examples/persona/persona.jsonl")], "persona")
-    ex = Executor(tmp / "data", metrics_port=None)
+def finished_run(tmp_path_factory, engine_env):
+    arch, ex, ds = engine_env(tmp_path_factory.mktemp("engine"))
     plan = arch.design_plan("demo", ex.probe(), ex.prepare_model("tiny"), "tiny", ds,
                             {"max_steps": 12, "checkpoint_every": 5, "eval_every": 5})
     run_id = ex.submit(arch.submission(plan, ds))

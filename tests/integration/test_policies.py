@@ -6,8 +6,6 @@ import time
 import pytest
 from prometheus_client import REGISTRY
 
-from roles.architect import Architect
-from training.executor import Executor
 
 pytestmark = pytest.mark.integration
 BASE = {"max_steps": 14, "checkpoint_every": 5, "eval_every": 5, "warmup_steps": 2, "sample_prompts": 1,
@@ -15,12 +13,8 @@ BASE = {"max_steps": 14, "checkpoint_every": 5, "eval_every": 5, "warmup_steps":
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory, repo_root):
-    tmp = tmp_path_factory.mktemp("policies")
-    arch = Architect(str(tmp / "ws"), None, None, session_title="policies")
-    ds = arch.curate([str(repo_root / "examples/persona/persona.jsonl")], "persona")
-    ex = Executor(tmp / "data", metrics_port=None)
-    return arch, ex, ds
+def env(tmp_path_factory, engine_env):
+    return engine_env(tmp_path_factory.mktemp("policies"))
 
 
 def run(env, run_id, overrides, monkeypatch, fault=None):
