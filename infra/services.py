@@ -77,14 +77,7 @@ def pid_alive(pid: int) -> bool:
         return True
 
 
-def stop_pid(pid: int, timeout: float = 15) -> None:
-    """SIGTERM, wait, then SIGKILL. Only for PIDs duet recorded itself."""
-    if not pid_alive(pid):
-        return
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
+def _wait_gone(pid: int, timeout: float) -> bool:
     deadline = time.time() + timeout
     while time.time() < deadline:
         try:  # reap if it is our child
@@ -92,12 +85,22 @@ def stop_pid(pid: int, timeout: float = 15) -> None:
         except ChildProcessError:
             pass
         if not pid_alive(pid):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def stop_pid(pid: int, timeout: float = 15) -> None:
+    """SIGTERM, wait, then SIGKILL and wait until it is gone. Only for PIDs duet recorded itself."""
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5)):
+        if not pid_alive(pid):
             return
-        time.sleep(0.1)
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return
+        if _wait_gone(pid, wait):
+            return
 
 
 class StateFile:
