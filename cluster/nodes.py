@@ -15,6 +15,7 @@ import json
 import os
 import platform
 import subprocess
+import time
 from pathlib import Path
 
 from cluster import auth, node
@@ -86,6 +87,7 @@ def start_head(*, role: str = "executor", bind: str = "127.0.0.1", port: int = n
     import ray
 
     node.connect(address)
+    alive_at = time.time()  # the node is in the cluster and takes work from here on
     from ray.experimental import internal_kv
 
     internal_kv._internal_kv_put(KV_KEY, json.dumps(local_versions()).encode(), overwrite=True,
@@ -93,7 +95,7 @@ def start_head(*, role: str = "executor", bind: str = "127.0.0.1", port: int = n
     actor = _create_role_actor(role, data_dir=data_dir, workspace=workspace, metrics_port=metrics_port)
     ray.shutdown()
     return {"node": info.to_dict(), "key": key, "address": address, "token_file": str(token_file),
-            "token_created": created, "gpus": gpus, "actor": actor,
+            "token_created": created, "gpus": gpus, "actor": actor, "alive_at": alive_at,
             "join": join_command(address, token_file)}
 
 
