@@ -26,8 +26,22 @@ class Command:
     issue: int | None = None  # where a not-yet-built command is tracked
 
 
+_JSON_OUT = None  # with --json: the real stdout, kept for the document alone (see main)
+
+
 def _emit_json(doc: dict) -> None:
-    sys.stdout.write(json.dumps(doc, indent=2, default=str) + "\n")
+    out = _JSON_OUT or sys.stdout
+    out.write(json.dumps(doc, indent=2, default=str) + "\n")
+    out.flush()
+
+
+def _stdout_for_json_only() -> None:
+    """With --json, stdout carries the JSON document and nothing else: whatever else writes to fd 1
+    (Ray's driver prints node-death notices there, libraries print banners) goes to stderr."""
+    global _JSON_OUT
+    sys.stdout.flush()
+    _JSON_OUT = os.fdopen(os.dup(1), "w", encoding="utf-8")
+    os.dup2(2, 1)
 
 
 def _console():
@@ -103,6 +117,12 @@ def _run_down(a) -> int:
     return EXIT_OK
 
 
+def _setup_status(p):
+    _setup_up(p)
+    p.add_argument("--address", help="a two-host cluster's head HOST:PORT, or ray://HOST:PORT as a client "
+                                     "(default: the cluster duet knows here)")
+
+
 def _run_status(a) -> int:
     from cluster import auth, embedded, nodes
     from infra.services import port_open
@@ -115,7 +135,7 @@ def _run_status(a) -> int:
     head = st.get("head")
     auth.apply_auth_env()
     try:
-        doc["cluster"] = nodes.status(head["address"] if head and head["alive"] else None)
+        doc["cluster"] = nodes.status(a.address or (head["address"] if head and head["alive"] else None))
     except Exception as exc:  # status reports; it does not fail
         doc["cluster"] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
     if a.json:
@@ -525,6 +545,8 @@ def _setup_node(p):
     st.add_argument("--metrics-port", type=int, default=9108)
     st.add_argument("--dashboard", action="store_true", help="start Ray's dashboard (off by default)")
     st.add_argument("--allow-all-interfaces", action="store_true", help="allow --bind 0.0.0.0")
+    st.add_argument("--client-port", type=int, help="Ray Client port for design hosts that connect with "
+                                                    "--client (default: --port + 1; 0: off)")
     st.add_argument("--json", action="store_true")
     jn = sub.add_parser("join", help="join a head with a role (the design host: --role architect)")
     jn.add_argument("--role", choices=("executor", "architect"), default="architect")
@@ -535,7 +557,9 @@ def _setup_node(p):
     jn.add_argument("--data-dir", help="where an executor keeps runs")
     jn.add_argument("--metrics-port", type=int, default=9108)
     jn.add_argument("--timeout", type=float, default=30, help="seconds before giving up on the head")
-    jn.add_argument("--client", action="store_true", help="connect as a driver only (no node)")
+    jn.add_argument("--client", action="store_true",
+                    help="no node here: check that this host can drive the cluster through the head's Ray Client "
+                         "port (--address ray://HOST:CLIENT_PORT), then use that address with run/runs/status")
     jn.add_argument("--allow-all-interfaces", action="store_true")
     jn.add_argument("--json", action="store_true")
     sp = sub.add_parser("stop", help="stop the nodes duet started on this machine, by PID")
@@ -554,25 +578,19 @@ def _run_node(a) -> int:
     try:
         if a.node_cmd == "start":
             doc = nodes.start_head(role=a.role, bind=a.bind, port=a.port, data_dir=a.data_dir, workspace=a.workspace,
-                                   dashboard=a.dashboard, allow_all=a.allow_all_interfaces, metrics_port=a.metrics_port)
+                                   dashboard=a.dashboard, allow_all=a.allow_all_interfaces, metrics_port=a.metrics_port,
+                                   client_port=a.client_port)
             if not a.json:
                 con.print(f"head {doc['address']} ({a.role}, {doc['gpus']} GPU), token auth on; actor {doc['actor']}")
                 if doc["token_created"]:
                     con.print(f"token created: {doc['token_file']} (mode 0600, never committed)")
                 con.print(f"on the design host: {doc['join']}")
+                if doc["client_address"]:
+                    con.print(f"or, where joining as a node is not possible: --address {doc['client_address']} "
+                              "(Ray Client; the architect then runs here)")
         elif a.node_cmd == "join":
             if a.client:
-                if a.token_file:
-                    from pathlib import Path
-
-                    from cluster import auth
-
-                    auth.use_token_file(Path(a.token_file))
-                versions = nodes.check_versions(a.address)
-                from cluster import node
-
-                node.connect(a.address, timeout=a.timeout)
-                doc = {"client": True, "address": a.address, "versions": versions}
+                doc = nodes.client_check(a.address, token_file=a.token_file, timeout=a.timeout)
             else:
                 doc = nodes.join(address=a.address, role=a.role, bind=a.bind, token_file=a.token_file,
                                  workspace=a.workspace, data_dir=a.data_dir, timeout=a.timeout,
@@ -580,7 +598,11 @@ def _run_node(a) -> int:
             if not a.json:
                 if doc.get("warning"):
                     con.print(f"[yellow]warning:[/] {doc['warning']}")
-                con.print(f"joined {a.address} as {a.role}" + (" (client only)" if a.client else f"; actor {doc['actor']}"))
+                if a.client:
+                    con.print(f"{doc['address']} answers as a client (versions {'checked' if doc['versions']['checked'] else 'not published'});"
+                              f" use --address {doc['address']} with duet run / runs / status")
+                else:
+                    con.print(f"joined {a.address} as {a.role}; actor {doc['actor']}")
         else:
             doc = {"stopped": nodes.stop(all_nodes=a.all)}
             if not a.json:
@@ -610,7 +632,7 @@ COMMANDS: dict[str, Command] = {
     "demo": Command("the main job, embedded, offline", _setup_demo, _run_demo),
     "up": Command("start the embedded cluster + stores for this workspace", _setup_up, _run_up),
     "down": Command("stop what duet started for this workspace", _setup_up, _run_down),
-    "status": Command("what runs for this workspace", _setup_up, _run_status),
+    "status": Command("what runs for this workspace", _setup_status, _run_status),
     "node": Command("start | join | stop a node of a two-host cluster", _setup_node, _run_node),
     "data": Command("import | check | curate datasets", _setup_data, _run_data),
     "plan": Command("estimate memory for a model + preset on a GPU size", _setup_plan, _run_plan),
@@ -649,6 +671,8 @@ def main(argv: list[str] | None = None) -> int:
     cmd = COMMANDS[a.command]
     if cmd.run is None:
         return _not_built(a.command, cmd.issue or 0)
+    if getattr(a, "json", False) and argv is None:  # a process of its own (not a test calling main())
+        _stdout_for_json_only()
     return cmd.run(a)
 
 

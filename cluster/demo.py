@@ -29,11 +29,13 @@ class DemoError(RuntimeError):
         self.code = code
 
 
-def scrape(port: int) -> dict:
-    """Read the executor's exporter over HTTP: {metric name: value} for the demo's metrics."""
+def scrape(port: int | None, text: str | None = None) -> dict:
+    """Read the executor's exporter over HTTP (or parse ``text``, the exposition the executor actor
+    returned when its exporter is on another host's loopback): {metric name: value} for the demo."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    if text is None:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     out = {}
     for fam in text_string_to_metric_families(text):
         for s in fam.samples:
@@ -119,13 +121,23 @@ def run_pipeline(workspace: str, *, model: str | None = None, tiny: bool = False
         node.connect(emb.ray_address)
         port = services.free_port(METRICS_PORTS)
         executor = executor_actor(str(ws / ".duet" / "executor"), port)
-        architect = architect_actor(str(ws), emb.postgres_url, emb.mongo_url, title)
+        client = node.is_client(emb.ray_address)
+        if client:  # no node here: the architect runs on the head, in a workspace there; data is uploaded
+            e_info = ray.get(executor.ping.remote(), timeout=120)
+            head_ws = str(Path(e_info["data_dir"]).parent / "client-workspaces" / ws.name)
+            architect = architect_actor(head_ws, emb.postgres_url, emb.mongo_url, title, on_node=e_info["node_id"])
+        else:
+            architect = architect_actor(str(ws), emb.postgres_url, emb.mongo_url, title)
         a_info, e_info = ray.get([architect.ping.remote(), executor.ping.remote()], timeout=120)
         session_id = a_info["session_id"]
         con.print(f"[green]actors[/] architect pid {a_info['pid']}, executor pid {e_info['pid']} "
                   f"(metrics http://127.0.0.1:{e_info['metrics_port']}/metrics), session {session_id}")
 
-        dataset = ray.get(architect.curate.remote([str(d) for d in data_paths], dataset_name, test_frac, seed))
+        if client:
+            uploads = {d.name: d.read_bytes() for d in data_paths}
+            dataset = ray.get(architect.curate_uploaded.remote(uploads, dataset_name, test_frac, seed))
+        else:
+            dataset = ray.get(architect.curate.remote([str(d) for d in data_paths], dataset_name, test_frac, seed))
         c = dataset["manifest"]["counts"]
         r = dataset["manifest"]["reasoning"]
         con.print(f"[green]dataset[/] {dataset_name} @ {dataset['content_hash'][:12]}: {c['train']} train / {c['test']} test, "
@@ -170,14 +182,18 @@ def run_pipeline(workspace: str, *, model: str | None = None, tiny: bool = False
                     info = f"loss {p['loss']:.3f}" + (f"  {p['tokens_per_second']:.0f} tok/s" if p.get("tokens_per_second") else "")
                 prog.update(task, completed=p["step"], info=info)
                 if st["state"] == "training" and p["step"] >= 1 and not scraped:
-                    scraped = scrape(e_info["metrics_port"])
+                    scraped = _scrape(executor, e_info, address)
                 if st["state"] in ("finished", "failed", "cancelled"):
                     break
                 time.sleep(0.5)
-        final_scrape = scrape(e_info["metrics_port"])
+        final_scrape = _scrape(executor, e_info, address)
         files = ray.get(executor.fetch_record.remote(run_id))
         rec = files["_record"]
         recorded = ray.get(architect.record_run.remote(files))
+        if client:  # the design host's own workspace gets the record too (the head's has it already)
+            from roles.architect import record_if_new
+
+            recorded = {**record_if_new(str(ws), emb.postgres_url, emb.mongo_url, files), "head_workspace": head_ws}
         hyp = ray.get(architect.hypothesis_from_run.remote(rec)) if rec["status"] == "finished" else None
         ray.get(architect.commit_session.remote())
         counts = ray.get(architect.store_counts.remote())
@@ -191,7 +207,7 @@ def run_pipeline(workspace: str, *, model: str | None = None, tiny: bool = False
             "eval_loss_before": rec["eval_loss_before"], "eval_loss_after": rec["eval_loss_after"],
             "steps": rec["steps"], "train_s": rec["train_s"], "tokens_per_s": rec["tokens_per_s"],
             "run_dir": recorded["path"], "report": str(Path(recorded["path"]) / "report.md"),
-            "run_commit": recorded["commit"], "metrics_during_training": scraped, "metrics_final": final_scrape,
+            "run_commit": recorded.get("commit"), "metrics_during_training": scraped, "metrics_final": final_scrape,
             "stores": counts, "hypothesis": hyp and {"id": hyp["id"], "status": hyp["status"]},
             "services_started": emb.started, "wall_s": round(time.time() - t0, 1),
         }
@@ -208,6 +224,16 @@ def run_pipeline(workspace: str, *, model: str | None = None, tiny: bool = False
         if emb.started and not detach:
             stopped = embedded.down(ws, only=emb.started)
             con.print(f"[dim]stopped what the demo started: {', '.join(stopped)}[/]")
+
+
+def _scrape(executor, e_info: dict, address: str | None) -> dict:
+    """Over HTTP where the exporter is on this host; through the actor on a two-host cluster (the
+    exporter binds the GPU host's loopback by default)."""
+    import ray
+
+    if address is None:
+        return scrape(e_info["metrics_port"])
+    return scrape(None, ray.get(executor.metrics_text.remote(), timeout=30))
 
 
 def _gib(b: int) -> str:

@@ -59,7 +59,8 @@ def short_temp_dir(key: str) -> str:
 
 def start_head(state_dir: str | os.PathLike, *, resources: dict, ip: str = "127.0.0.1",
                port: int = DEFAULT_HEAD_PORT, num_cpus: int | None = None, timeout: float = 90,
-               key: str = "head", num_gpus: int | None = None, dashboard: bool = False) -> NodeInfo:
+               key: str = "head", num_gpus: int | None = None, dashboard: bool = False,
+               client_port: int | None = None) -> NodeInfo:
     """Start (or reuse) a Ray head node recorded under ``key`` in the state file."""
     state = StateFile(state_dir)
     known = state.read().get(key)
@@ -80,6 +81,8 @@ def start_head(state_dir: str | os.PathLike, *, resources: dict, ip: str = "127.
         cmd.append(f"--num-cpus={num_cpus}")
     if num_gpus is not None:
         cmd.append(f"--num-gpus={num_gpus}")
+    if client_port:  # Ray Client server on the node's own address, for design hosts that cannot join
+        cmd.append(f"--ray-client-server-port={client_port}")
     Path(state_dir).mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -202,6 +205,14 @@ def _tail(path: Path, n: int = 3000) -> str:
         return ""
 
 
+CLIENT_SCHEME = "ray://"
+
+
+def is_client(address: str | None) -> bool:
+    """``ray://HOST:PORT``: the head's Ray Client server (a design host that cannot join as a node)."""
+    return bool(address) and address.startswith(CLIENT_SCHEME)
+
+
 def connect(address: str, timeout: float = 30) -> None:
     """Connect this process to the cluster as a driver, with the token, in duet's namespace.
 
@@ -216,8 +227,11 @@ def connect(address: str, timeout: float = 30) -> None:
 
     if ray.is_initialized():
         return
-    host, port = address.rsplit(":", 1)
+    host, port = address.removeprefix(CLIENT_SCHEME).rsplit(":", 1)
     if not port_open(int(port), host, timeout=min(timeout, 5)):
         raise ServiceError(f"no Ray cluster answers at {address}; start one with `duet up` or "
                            "`duet node start --role executor --head`")
+    if is_client(address):  # a driver only, through the head's Ray Client server (no node here)
+        ray.init(address, namespace=NAMESPACE, logging_level="ERROR")
+        return
     ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, logging_level="ERROR")

@@ -71,8 +71,12 @@ def join_command(address: str, token_file: Path) -> str:
 
 def start_head(*, role: str = "executor", bind: str = "127.0.0.1", port: int = node.DEFAULT_HEAD_PORT,
                data_dir: str | None = None, workspace: str | None = None, dashboard: bool = False,
-               allow_all: bool = False, metrics_port: int | None = 9108, key: str | None = None) -> dict:
-    """Start the head with the role's resource, publish versions, create the role's actor."""
+               allow_all: bool = False, metrics_port: int | None = 9108, key: str | None = None,
+               client_port: int | None = None) -> dict:
+    """Start the head with the role's resource, publish versions, create the role's actor.
+
+    ``client_port``: also serve Ray Client there (default: ``port + 1``; 0 turns it off), so a design
+    host that cannot join as a node drives the cluster with ``--address ray://BIND:CLIENT_PORT``."""
     if role not in ROLES:
         raise ValueError(f"role {role!r} is not one of {', '.join(ROLES)}")
     _check_bind(bind, allow_all)
@@ -80,8 +84,9 @@ def start_head(*, role: str = "executor", bind: str = "127.0.0.1", port: int = n
     key = key or f"head-{bind}-{port}"
     resources = {role: 1}
     gpus = detect_gpus()
+    client_port = port + 1 if client_port is None else client_port
     info = node.start_head(state_dir(), resources=resources, ip=bind, port=port, key=key,
-                           num_gpus=gpus, dashboard=dashboard)
+                           num_gpus=gpus, dashboard=dashboard, client_port=client_port)
     address = info.address
     auth.apply_auth_env()
     import ray
@@ -96,7 +101,8 @@ def start_head(*, role: str = "executor", bind: str = "127.0.0.1", port: int = n
     ray.shutdown()
     return {"node": info.to_dict(), "key": key, "address": address, "token_file": str(token_file),
             "token_created": created, "gpus": gpus, "actor": actor, "alive_at": alive_at,
-            "join": join_command(address, token_file)}
+            "join": join_command(address, token_file),
+            "client_address": f"{node.CLIENT_SCHEME}{bind}:{client_port}" if client_port else None}
 
 
 def _create_role_actor(role: str, *, data_dir: str | None, workspace: str | None, metrics_port: int | None) -> dict:
@@ -136,17 +142,55 @@ def read_head_versions(address: str, timeout: float = 10) -> dict | None:
     return json.loads(raw) if raw else None
 
 
+def _version_diffs(mine: dict, theirs: dict) -> list[str]:
+    return [f"{k}: {mine.get(k)} here, {theirs.get(k)} on the head" for k in ("python", "ray", "duet")
+            if mine.get(k) != theirs.get(k)]
+
+
 def check_versions(address: str) -> dict:
     mine = local_versions()
     theirs = read_head_versions(address)
     if theirs is None:
         return {"checked": False, "local": mine}
-    diffs = [f"{k}: {mine.get(k)} here, {theirs.get(k)} on the head" for k in ("python", "ray", "duet")
-             if mine.get(k) != theirs.get(k)]
+    diffs = _version_diffs(mine, theirs)
     if diffs:
         raise VersionMismatch("refusing to join: versions differ (Ray requires the same Python and Ray on every "
                               "node): " + "; ".join(diffs))
     return {"checked": True, "local": mine, "head": theirs}
+
+
+def client_check(address: str, *, token_file: str | None = None, timeout: float = 30) -> dict:
+    """Connect as a Ray Client (no node here), compare versions with the head's, disconnect.
+
+    ``address``: ``ray://HOST:PORT`` or ``HOST:PORT`` of the head's client port.
+    """
+    if token_file:
+        auth.use_token_file(Path(token_file))
+    if not node.is_client(address):
+        address = node.CLIENT_SCHEME + address
+    node.connect(address, timeout=timeout)  # Ray Client itself refuses another Python or Ray version
+    import ray
+    from ray.experimental import internal_kv
+
+    try:
+        raw = internal_kv._internal_kv_get(KV_KEY, namespace=KV_NAMESPACE)
+        theirs = json.loads(raw) if raw else None
+        executor_up = True
+        try:
+            ray.get_actor(node.EXECUTOR_NAME, namespace=node.NAMESPACE)
+        except ValueError:
+            executor_up = False
+    finally:
+        ray.shutdown()
+    mine = local_versions()
+    if theirs is None:
+        return {"client": True, "address": address, "versions": {"checked": False, "local": mine},
+                "executor": executor_up}
+    diffs = _version_diffs(mine, theirs)
+    if diffs:
+        raise VersionMismatch("refusing to drive this cluster: versions differ: " + "; ".join(diffs))
+    return {"client": True, "address": address, "versions": {"checked": True, "local": mine, "head": theirs},
+            "executor": executor_up}
 
 
 def join(*, address: str, role: str = "architect", bind: str = "127.0.0.1", token_file: str | None = None,
@@ -181,13 +225,26 @@ def join(*, address: str, role: str = "architect", bind: str = "127.0.0.1", toke
 def stop(*, all_nodes: bool = False, key: str | None = None) -> list[str]:
     """Stop the nodes duet started on this machine (by PID): one by key, else all of them."""
     st = StateFile(state_dir()).read()
-    keys = [k for k in st if all_nodes or k == key] if (all_nodes or key) else list(st)[-1:]
+    keys = [k for k in st if all_nodes or k == key] if (all_nodes or key) else _newest(st)
     keys.sort(key=lambda k: st[k].get("role") == "head")  # workers first: a head's exit would orphan them
     stopped = []
     for k in keys:
         if node.stop_node(state_dir(), k):
             stopped.append(k)
     return stopped
+
+
+def _newest(st: dict) -> list[str]:
+    """The node started last (by its process start time), among those still running."""
+    import psutil
+
+    started = {}
+    for k, v in st.items():
+        try:
+            started[k] = psutil.Process(v["pid"]).create_time()
+        except (psutil.Error, KeyError):
+            continue
+    return [max(started, key=started.get)] if started else []
 
 
 def local_nodes() -> dict:
@@ -206,7 +263,7 @@ def status(address: str | None = None) -> dict:
     if address is None:
         doc["error"] = "no cluster known on this machine: `duet node start --head` or `duet node join`"
         return doc
-    host, port = address.rsplit(":", 1)
+    host, port = address.removeprefix(node.CLIENT_SCHEME).rsplit(":", 1)
     if not port_open(int(port), host):
         doc["error"] = f"the head at {address} does not answer"
         return doc

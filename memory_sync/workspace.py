@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 
 GITATTRIBUTES = "sessions/*/events.jsonl merge=duet-events\n"
-GITIGNORE = ".duet/\n*.safetensors\n*.bin\n*.pt\n*.gguf\ncheckpoints/\n"
+GITIGNORE = ".duet/\nuploads/\n*.safetensors\n*.bin\n*.pt\n*.gguf\ncheckpoints/\n"
 SECRET_PATTERNS = [
     (re.compile(r"(postgres(ql)?|mongodb(\+srv)?|mysql|redis)://[^:/\s]+:[^@/\s]+@"), "a database URL with a password"),
     (re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----"), "a private key"),

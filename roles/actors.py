@@ -27,7 +27,7 @@ def _classes():
             import socket
 
             return {"pid": os.getpid(), "host": socket.gethostname(), "metrics_port": self.ex.metrics_port,
-                    "node_id": ray.get_runtime_context().get_node_id()}
+                    "node_id": ray.get_runtime_context().get_node_id(), "data_dir": str(self.ex.data_dir)}
 
         def probe(self) -> dict:
             return self.ex.probe()
@@ -56,6 +56,12 @@ def _classes():
         def fetch_record(self, run_id: str) -> dict:
             return self.ex.fetch_record(run_id)
 
+        def metrics_text(self) -> str:
+            """The exporter's exposition, for a driver that cannot reach its (loopback) port."""
+            from prometheus_client import generate_latest
+
+            return generate_latest().decode()
+
     @ray.remote(num_cpus=0, resources={"architect": 1}, max_concurrency=4)
     class ArchitectActor:
         def __init__(self, workspace: str, postgres_url: str | None, mongo_url: str | None,
@@ -72,6 +78,9 @@ def _classes():
 
         def curate(self, files: list[str], name: str, test_frac: float = 0.1, seed: int = 0) -> dict:
             return self.a.curate(files, name, test_frac, seed)
+
+        def curate_uploaded(self, uploads: dict[str, bytes], name: str, test_frac: float = 0.1, seed: int = 0) -> dict:
+            return self.a.curate_uploaded(uploads, name, test_frac, seed)
 
         def design_plan(self, preset, hardware, model_config, model_ref, dataset, overrides=None) -> dict:
             return self.a.design_plan(preset, hardware, model_config, model_ref, dataset, overrides)
@@ -111,10 +120,15 @@ def executor_actor(data_dir: str, metrics_port: int | None = 9108, torch_threads
 
 
 def architect_actor(workspace: str, postgres_url: str | None, mongo_url: str | None, session_title: str | None,
-                    detached: bool = False):
+                    detached: bool = False, on_node: str | None = None):
     """Get the named architect, or create it on a node with {"architect": 1} (detached: it lives with its
-    node, e.g. one started by `duet node join`, instead of with this driver)."""
+    node, e.g. one started by `duet node join`, instead of with this driver). ``on_node``: a node id to
+    run it on instead (a design host connected as a Ray Client has no node: it runs on the head)."""
     _, ArchitectActor = _classes()
-    opts = {"lifetime": "detached"} if detached else {}
+    opts: dict = {"lifetime": "detached"} if detached else {}
+    if on_node:
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        opts.update(resources={}, scheduling_strategy=NodeAffinitySchedulingStrategy(on_node, soft=False))
     return ArchitectActor.options(name=ARCHITECT_NAME, namespace=NAMESPACE, get_if_exists=True,
                                   **opts).remote(workspace, postgres_url, mongo_url, session_title)

@@ -62,6 +62,21 @@ class Architect:
         return {"name": name, "content_hash": v.content_hash, "path": str(v.path), "manifest": v.manifest,
                 "commit": sha}
 
+    def curate_uploaded(self, uploads: dict[str, bytes], name: str, test_frac: float = 0.1, seed: int = 0,
+                        **kw) -> dict:
+        """``curate`` for files sent by a client that shares no filesystem with this host: they are
+        written under ``uploads/<name>/`` (basename only) first; error messages name those files."""
+        folder = self.ws.root / "uploads" / name
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for fname, data in uploads.items():
+            base = Path(fname).name
+            if not base or base.startswith("."):
+                raise ValueError(f"upload {fname!r}: not a plain file name")
+            (folder / base).write_bytes(data)
+            paths.append(str(folder / base))
+        return self.curate(paths, name, test_frac, seed, **kw)
+
     def design_plan(self, preset: str, hardware: dict, model_config: dict, model_ref: str, dataset: dict,
                     overrides: dict | None = None) -> dict:
         """Preset + hardware + model profile -> plan with a memory breakdown; commit configs/<run>.yaml."""

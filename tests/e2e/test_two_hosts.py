@@ -185,3 +185,32 @@ def test_architect_node_dies_mid_run_and_the_run_still_finishes(cluster):
     assert st["state"] == "finished" and (cluster.ws / "runs" / run_id / "run.json").exists()
     status = ok(duet("status", "--workspace", str(cluster.ws), "--json"))["cluster"]
     assert any(r["run_id"] == run_id and r["state"] == "finished" for r in status["runs"])
+
+
+def test_design_host_that_cannot_join_drives_the_run_as_a_client(cluster):
+    """No architect node: the design host connects through the head's Ray Client port; the architect
+    runs on the head (in a workspace there), the CLI uploads the data; the record lands on both sides."""
+    head = cluster.start_head()
+    client = head["client_address"]
+    assert client == f"ray://127.0.0.2:{cluster.port + 1}"
+    checked = ok(duet("node", "join", "--client", "--address", client, "--json"))
+    assert checked["versions"]["checked"] and checked["executor"]
+    r = duet("node", "join", "--client", "--address", client, env={"DUET_VERSION_OVERRIDES": '{"duet": "0.0.1"}'})
+    assert r.returncode == 2 and "duet: 0.0.1 here" in r.stderr
+
+    data = cluster.tmp / "mine" / "notes.jsonl"  # a file only the design host has
+    data.parent.mkdir()
+    data.write_bytes((REPO / "examples/persona/persona.jsonl").read_bytes())
+    cfg = cluster.tmp / "run.yaml"
+    cfg.write_text(f"preset: demo\nmodel: tiny\ndata: [{data}]\ndataset: notes\n"
+                   "overrides: {max_steps: 12, checkpoint_every: 6, eval_every: 6, sample_prompts: 1, "
+                   "max_new_tokens: 4, micro_batch: 2}\n")
+    out = ok(duet("run", str(cfg), "--address", client, "--workspace", str(cluster.ws), "--json"))
+    assert out["steps"] == 12 and out["metrics_final"]  # metrics came through the actor, not a loopback port
+    run_id = out["run_id"]
+    head_ws = cluster.data.parent / "client-workspaces" / cluster.ws.name
+    assert (head_ws / "uploads" / "notes" / "notes.jsonl").read_bytes() == data.read_bytes()
+    assert (head_ws / "runs" / run_id / "run.json").exists()  # the architect recorded it on the head ...
+    assert json.loads((cluster.ws / "runs" / run_id / "run.json").read_text())["status"] == "finished"  # ... and here
+    st = ok(duet("status", "--address", client, "--json"))["cluster"]
+    assert [n["roles"] for n in st["nodes"] if n["alive"]] == [["executor"]]
