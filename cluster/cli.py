@@ -26,22 +26,8 @@ class Command:
     issue: int | None = None  # where a not-yet-built command is tracked
 
 
-_JSON_OUT = None  # with --json: the real stdout, kept for the document alone (see main)
-
-
 def _emit_json(doc: dict) -> None:
-    out = _JSON_OUT or sys.stdout
-    out.write(json.dumps(doc, indent=2, default=str) + "\n")
-    out.flush()
-
-
-def _stdout_for_json_only() -> None:
-    """With --json, stdout carries the JSON document and nothing else: whatever else writes to fd 1
-    (Ray's driver prints node-death notices there, libraries print banners) goes to stderr."""
-    global _JSON_OUT
-    sys.stdout.flush()
-    _JSON_OUT = os.fdopen(os.dup(1), "w", encoding="utf-8")
-    os.dup2(2, 1)
+    output.emit_json(doc)
 
 
 def _console():
@@ -623,6 +609,9 @@ def _run_node(a) -> int:
 
 # -- the table -----------------------------------------------------------------------------------
 
+from cluster import cli_memory, output  # noqa: E402  (session + memory commands import this module lazily)
+
+
 def _not_built(name: str, issue: int) -> int:
     sys.stderr.write(f"duet {name}: not built yet (tracked in issue {issue}); nothing was done\n")
     return EXIT_REFUSED
@@ -641,8 +630,10 @@ COMMANDS: dict[str, Command] = {
     "runs": Command("list | show | cancel | pause | resume runs on the executor", _setup_runs, _run_runs),
     "watch": Command("live view of a run", None, None, issue=7),
     "merge": Command("merge a run's adapter into its base (16/32-bit, verified)", _setup_merge, _run_merge),
-    "session": Command("start | log | list | show | resume | handoff work sessions", None, None, issue=6),
-    "memory": Command("sync | search | promote | backup | restore memory", None, None, issue=6),
+    "session": Command("start | log | note | decide | list | show | resume | handoff | close work sessions",
+                       cli_memory.setup_session, cli_memory.run_session),
+    "memory": Command("sync | search | hypothesize | promote | backup | restore memory",
+                      cli_memory.setup_memory, cli_memory.run_memory),
     "infra": Command("up | down | status for Prometheus + Alertmanager", None, None, issue=7),
 }
 
@@ -664,7 +655,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    a = parser.parse_args(argv)
+    a, extra = parser.parse_known_args(argv)
+    if extra:  # `duet session log ID --role user some text`: words after an option belong to the text
+        if isinstance(getattr(a, "text", None), list) and not any(x.startswith("-") for x in extra):
+            a.text += extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if not a.command:
         parser.print_help()
         return EXIT_OK
@@ -672,7 +668,7 @@ def main(argv: list[str] | None = None) -> int:
     if cmd.run is None:
         return _not_built(a.command, cmd.issue or 0)
     if getattr(a, "json", False) and argv is None:  # a process of its own (not a test calling main())
-        _stdout_for_json_only()
+        output.stdout_for_json_only()
     return cmd.run(a)
 
 

@@ -36,6 +36,9 @@ MIGRATIONS: list[str] = [
 ]
 
 
+TABLES = ("sessions", "events", "facts", "runs", "alerts")
+
+
 class Cortex:
     """A connection to the cortex; ``migrate()`` before first use."""
 
@@ -112,6 +115,33 @@ class Cortex:
              record.get("host", {}).get("hostname"), json.dumps(record, default=str)))
 
     def count(self, table: str) -> int:
-        if table not in ("sessions", "events", "facts", "runs", "alerts"):
+        if table not in TABLES:
             raise ValueError(f"unknown table {table!r}")
         return self.conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+
+    def dump(self, table: str) -> list[dict]:
+        """Every row of ``table`` as JSON-ready dicts (times as ISO-8601), in primary-key order."""
+        if table not in TABLES:
+            raise ValueError(f"unknown table {table!r}")
+        cur = self.conn.execute(f"SELECT * FROM {table} ORDER BY id")
+        cols = [c.name for c in cur.description]
+        return [{k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in zip(cols, row)}
+                for row in cur.fetchall()]
+
+    def load(self, table: str, rows: list[dict]) -> int:
+        """Insert dumped rows as they were (ids included); existing ids are left alone."""
+        if table not in TABLES:
+            raise ValueError(f"unknown table {table!r}")
+        if not rows:
+            return 0
+        cols = list(rows[0])
+        jsonb = {"tags", "payload", "data", "provenance", "record"}
+        sql = (f"INSERT INTO {table}({', '.join(cols)}) VALUES ({', '.join(['%s'] * len(cols))}) "
+               "ON CONFLICT (id) DO NOTHING")
+        with self.conn.transaction():
+            with self.conn.cursor() as cur:
+                cur.executemany(sql, [tuple(json.dumps(r[c]) if c in jsonb else r[c] for c in cols) for r in rows])
+            if table == "facts":
+                self.conn.execute("SELECT setval(pg_get_serial_sequence('facts', 'id'), "
+                                  "(SELECT coalesce(max(id), 1) FROM facts))")
+        return len(rows)

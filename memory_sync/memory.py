@@ -126,16 +126,103 @@ class Memory:
     # -- sessions -------------------------------------------------------------------------------------
 
     def start_session(self, title: str, tags: list[str] | None = None) -> Session:
-        return start_session(self.root, title, tags)
+        if not title.strip():
+            from memory_sync.events import EventError
+
+            raise EventError("a session needs a title")
+        s = start_session(self.root, title, tags)
+        self.write({"op": "events", "session": s.meta(), "events": []})
+        return s
 
     def session(self, sid: str) -> Session:
-        return open_session(self.root, sid)
+        """By id or a unique prefix of it."""
+        from memory_sync.sessions import resolve
 
-    def log(self, session: Session, kind: str, payload: dict) -> dict:
-        """Append an event to the session's log and mirror it to both stores."""
-        ev = session.append(kind, payload)
+        return open_session(self.root, resolve(self.root, sid))
+
+    def log(self, session: Session | str, kind: str, payload: dict) -> dict:
+        """Append an event (validated for its kind) to the session's log and mirror it to both stores."""
+        from memory_sync.sessions import append_checked
+
+        session = self.session(session) if isinstance(session, str) else session
+        ev = append_checked(session, kind, payload)
         self.write({"op": "events", "session": session.meta(), "events": [ev]})
         return ev
+
+    # the calls an assistant or a script makes (the CLI is a thin shell over these)
+
+    def turn(self, sid: str, role: str, text: str) -> dict:
+        return self.log(sid, "turn", {"role": role, "text": text})
+
+    def note(self, sid: str, text: str, pinned: bool = False) -> dict:
+        return self.log(sid, "note", {"text": text, **({"pinned": True} if pinned else {})})
+
+    def decide(self, sid: str, text: str, why: str | None = None) -> dict:
+        return self.log(sid, "decision", {"text": text, **({"why": why} if why else {})})
+
+    def set_state(self, sid: str, **payload) -> dict:
+        return self.log(sid, "state", payload)
+
+    def close_session(self, sid: str) -> dict:
+        return self.log(sid, "state", {"status": "closed"})
+
+    def sessions(self) -> list[dict]:
+        from memory_sync.sessions import list_sessions
+
+        return list_sessions(self.root)
+
+    def context(self, sid: str, budget: int = 4096, threshold: float = 0.75, count_tokens=None) -> dict:
+        """What `duet session resume` prints: the three-tier context within ``budget`` tokens."""
+        from memory_sync import context
+        from memory_sync.search import store_docs
+
+        return context.build(self.root, sid, budget=budget, threshold=threshold, store_docs=store_docs(self),
+                             count_tokens=count_tokens)
+
+    def handoff(self, sid: str) -> Path:
+        from memory_sync.sessions import write_handoff
+
+        self.log(sid, "handoff", {"host": self.host})
+        return write_handoff(self.root, sid)
+
+    def hypothesize(self, sid: str | None, hid: str, text: str, confidence: float, links: dict | None = None) -> dict:
+        """A hypothesis in the neocortex (confidence checked first), noted in the session when given."""
+        from memory_sync.neocortex import HypothesisError, check_confidence
+
+        check_confidence(confidence)
+        n = self.neocortex()
+        if n is None:
+            raise HypothesisError("no neocortex configured (DUET_MONGO_URL, or `duet up`)")
+        h = n.add_hypothesis(hid, text, confidence, links={**(links or {}), **({"session_id": sid} if sid else {})})
+        if sid:
+            self.log(sid, "note", {"hypothesis": {"id": hid, "text": text, "confidence": confidence}})
+        return h
+
+    def search(self, query: str, threshold: float = 0.75, limit: int = 10) -> dict:
+        from memory_sync.search import search, store_docs, workspace_docs
+
+        return search(query, workspace_docs(self.root) + store_docs(self), threshold=threshold, limit=limit)
+
+    def sync(self, remote: str = "origin") -> dict:
+        from memory_sync.sync import sync
+
+        return sync(self.root, self, remote=remote)
+
+    def backup(self, out: str | os.PathLike) -> dict:
+        from memory_sync.backup import backup
+
+        return backup(self.root, out, self)
+
+    def restore(self, bundle: str | os.PathLike, expect_sha: str | None = None) -> dict:
+        from memory_sync.backup import restore
+
+        return restore(bundle, self.root, self, expect_sha)
+
+    @property
+    def host(self) -> str:
+        from memory_sync.events import host_name
+
+        return host_name()
 
     def sync_session(self, session: Session) -> None:
         """Upsert every event of the session (idempotent)."""

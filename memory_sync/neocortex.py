@@ -15,6 +15,7 @@ import datetime as dt
 
 CONFIDENCE_MIN, CONFIDENCE_MAX = 0.3, 0.9
 STATUSES = ("open", "promoted", "rejected")
+COLLECTIONS = ("hypotheses", "events")
 
 
 class HypothesisError(ValueError):
@@ -41,12 +42,13 @@ def check_confidence(value: object) -> float:
 
 
 class Neocortex:
-    def __init__(self, url: str, db_name: str = "duet", timeout_ms: int = 5000):
+    def __init__(self, url: str, db_name: str | None = None, timeout_ms: int = 5000):
+        """``db_name``: else the database the URL names (mongodb://host:port/NAME), else "duet"."""
         import pymongo
 
         self.client = pymongo.MongoClient(url, serverSelectionTimeoutMS=timeout_ms,
                                           connectTimeoutMS=timeout_ms)
-        self.db = self.client[db_name]
+        self.db = self.client[db_name] if db_name else self.client.get_default_database(default="duet")
 
     def close(self) -> None:
         self.client.close()
@@ -108,3 +110,16 @@ class Neocortex:
 
     def count(self, collection: str) -> int:
         return self.db[collection].count_documents({})
+
+    def dump(self, collection: str) -> list[dict]:
+        if collection not in COLLECTIONS:
+            raise ValueError(f"unknown collection {collection!r}")
+        return list(self.db[collection].find({}, {"_id": 0}).sort("id", 1))
+
+    def load(self, collection: str, docs: list[dict]) -> int:
+        """Insert dumped documents as they were; ones whose id exists are left alone."""
+        if collection not in COLLECTIONS:
+            raise ValueError(f"unknown collection {collection!r}")
+        for d in docs:
+            self.db[collection].update_one({"id": d["id"]}, {"$setOnInsert": d}, upsert=True)
+        return len(docs)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-GITATTRIBUTES = "sessions/*/events.jsonl merge=duet-events\n"
+GITATTRIBUTES = "sessions/*/events.jsonl merge=duet-events\nsessions/*/handoff.md merge=duet-derived\n"
 GITIGNORE = ".duet/\nuploads/\n*.safetensors\n*.bin\n*.pt\n*.gguf\ncheckpoints/\n"
 SECRET_PATTERNS = [
     (re.compile(r"(postgres(ql)?|mongodb(\+srv)?|mysql|redis)://[^:/\s]+:[^@/\s]+@"), "a database URL with a password"),
@@ -80,6 +80,18 @@ class Workspace:
         with self.repo.config_writer() as cw:
             cw.set_value('merge "duet-events"', "name", "duet: union of session events by id")
             cw.set_value('merge "duet-events"', "driver", cmd)
+            # derived files are rebuilt from the merged events right after a merge: keep ours meanwhile
+            cw.set_value('merge "duet-derived"', "name", "duet: derived file, rebuilt after the merge")
+            cw.set_value('merge "duet-derived"', "driver", "true")
+
+    def ensure_attributes(self) -> bool:
+        """Add any of duet's .gitattributes lines a workspace made by an older duet lacks."""
+        path = self.root / ".gitattributes"
+        have = path.read_text().splitlines() if path.exists() else []
+        missing = [x for x in GITATTRIBUTES.splitlines() if x not in have]
+        if missing:
+            path.write_text("".join(x + "\n" for x in have + missing))
+        return bool(missing)
 
     @property
     def repo(self):

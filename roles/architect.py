@@ -100,7 +100,9 @@ class Architect:
         path.write_text(header + yaml.safe_dump(d, sort_keys=False))
         sha = self.commit([path], f"config: {run_id} ({cfg.method} {cfg.phase}, "
                                      f"{plan.total_bytes / 2**30:.2f} GiB est., fits={plan.fits})")
-        self.log("decision", {"step": "plan", "run_id": run_id, "preset": preset, "fits": plan.fits,
+        self.log("decision", {"text": f"plan {run_id}: {cfg.method} {cfg.phase} from preset {preset}, "
+                                      f"{plan.total_bytes / 2**30:.2f} GiB estimated ({'fits' if plan.fits else 'does not fit'})",
+                              "step": "plan", "run_id": run_id, "preset": preset, "fits": plan.fits,
                               "total_bytes": plan.total_bytes, "breakdown_bytes": plan.breakdown,
                               "config": f"configs/{run_id}.yaml", "commit": sha})
         d["commit"] = sha

@@ -57,7 +57,7 @@ def fresh_db(stores):
     with psycopg.connect(stores["postgres"].url, autocommit=True) as c:
         c.execute(f"CREATE DATABASE {name}")
     pg_url = stores["postgres"].url.rsplit("/", 1)[0] + "/" + name
-    yield {"postgres_url": pg_url, "mongo_url": stores["mongo"].url, "mongo_db": name}
+    yield {"postgres_url": pg_url, "mongo_url": f"{stores['mongo'].url.rstrip('/')}/{name}", "mongo_db": name}
 
 
 def architect_and_executor(tmp: Path) -> tuple:
