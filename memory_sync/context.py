@@ -22,7 +22,7 @@ import re
 from pathlib import Path
 
 from memory_sync import sessions
-from memory_sync.search import DEFAULT_THRESHOLD, Doc, search, workspace_docs
+from memory_sync.search import DEFAULT_THRESHOLD, Doc, default_embedder, search, workspace_docs
 
 DEFAULT_BUDGET = 4096
 SHARES = {"pinned": 0.25, "retrieved": 0.15, "recent": 0.50}
@@ -39,6 +39,16 @@ def _first_sentence(text: str, width: int = 120) -> str:
     m = _FIRST_SENTENCE.match(t)
     s = m.group(1) if m else t
     return s if len(s) <= width else s[: width - 1] + "…"
+
+
+def _search_by_sentence(query: str, docs: list[Doc], threshold: float, embedder) -> list[dict]:
+    """Each sentence of the latest turns is a query; a document keeps its best score."""
+    best: dict[str, dict] = {}
+    for sent in [x for x in re.split(r"(?<=[.!?])\s+|\n+", query) if len(x.split()) >= 3] or [query]:
+        for r in search(sent, docs, threshold=threshold, limit=20, embedder=embedder)["results"]:
+            if r["source"] not in best or r["score"] > best[r["source"]]["score"]:
+                best[r["source"]] = r
+    return sorted(best.values(), key=lambda r: (-r["score"], r["source"]))[:20]
 
 
 def _fit(items: list[str], budget: int, count) -> tuple[list[str], int, int]:
@@ -112,10 +122,10 @@ def build(workspace: str | os.PathLike, sid: str, *, budget: int = DEFAULT_BUDGE
         docs = workspace_docs(workspace, kinds=("note", "decision"), exclude_ids=skip)
         docs = [d for d in docs if d.meta.get("session") != v.id] + (store_docs or [])
         if docs:
-            res = search(query, docs, threshold=threshold, limit=20, embedder=embedder)
-            search_info = {"embedder": res["embedder"], "threshold": threshold, "searched": res["searched"],
-                           "matched": len(res["results"])}
-            items = [f"({r['source']}, {r['score']:.2f}) {r['text']}" for r in res["results"]]
+            results = _search_by_sentence(query, docs, threshold, embedder)
+            search_info = {"embedder": (embedder or default_embedder()).name, "threshold": threshold,
+                           "searched": len(docs), "matched": len(results)}
+            items = [f"({r['source']}, {r['score']:.2f}) {r['text']}" for r in results]
             retrieved, n_retrieved, left_out["retrieved"] = _fit(items, int(budget * SHARES["retrieved"]), count)
     used += n_retrieved
 

