@@ -119,8 +119,8 @@ def build(workspace: str | os.PathLike, sid: str, *, budget: int = DEFAULT_BUDGE
     search_info = None
     if query.strip():
         skip = {e["id"] for e in v.pinned() + v.decisions()}
-        docs = workspace_docs(workspace, kinds=("note", "decision"), exclude_ids=skip)
-        docs = [d for d in docs if d.meta.get("session") != v.id] + (store_docs or [])
+        docs = workspace_docs(workspace, kinds=("note", "decision"), exclude_session=v.id, exclude_ids=skip)
+        docs += store_docs or []
         if docs:
             results = _search_by_sentence(query, docs, threshold, embedder)
             search_info = {"embedder": (embedder or default_embedder()).name, "threshold": threshold,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import re
 import secrets
 import socket
 import threading
@@ -25,6 +26,7 @@ SCHEMA_VERSION = 1
 KINDS = ("turn", "note", "decision", "state", "run-event", "alert", "handoff")
 _B32 = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"  # Crockford base32: sortable, no I L O U
 
+_ULID = re.compile(f"[{_B32}]{{26}}")
 _lock = threading.Lock()
 _last = {"ms": -1, "rand": 0}
 
@@ -76,7 +78,7 @@ def validate_event(ev: object, where: str = "event") -> dict:
             raise EventError(f"{where}: field {key!r} missing or not a {typ.__name__}")
     if ev["kind"] not in KINDS:
         raise EventError(f"{where}: kind {ev['kind']!r} is not one of {', '.join(KINDS)}")
-    if len(ev["id"]) != 26 or any(c not in _B32 for c in ev["id"]):
+    if not _ULID.fullmatch(ev["id"]):
         raise EventError(f"{where}: id {ev['id']!r} is not a 26-character ULID")
     return ev
 
