@@ -146,6 +146,9 @@ class Run:
         self.error: str | None = None
         self._train_peak = 0
         self.started = time.time()
+        self.gpu_source = None  # the watchdog's GPU readings: NVML when a GPU is visible (tests set a fake)
+        self.watchdog = None
+        self._pause_reason: str | None = None
         if not _loaded:
             self.dir.mkdir(parents=True, exist_ok=True)
             ds_dir = self.dir / "dataset"
@@ -212,14 +215,46 @@ class Run:
         self._cancel.set()
         self._resumed.set()
 
-    def pause(self) -> None:
+    def pause(self, reason: str = "user") -> None:
         """Finish the current step, checkpoint, wait until ``resume()``."""
+        self._pause_reason = reason
         self._resumed.clear()
         self._pause.set()
 
     def resume(self) -> None:
+        self._pause_reason = None
         self._pause.clear()
         self._resumed.set()
+
+    # -- the watchdog's hands --------------------------------------------------------------------
+
+    def _on_alert(self, alert: dict) -> None:
+        self.emit("alert", **{k: v for k, v in alert.items() if k not in ("run_id", "time")})
+        telemetry.metrics()["alerts"].labels(self.run_id, self.phase, alert["rule"], alert["severity"]).inc()
+
+    def _thermal_pause(self, why: str) -> bool:
+        if self._pause.is_set():  # already paused (by a user): leave it to them
+            return False
+        self.emit("thermal_pause", reason=why)
+        self.pause("thermal")
+        return True
+
+    def _thermal_resume(self, why: str) -> bool:
+        if self._pause_reason != "thermal":
+            return False
+        self.emit("thermal_resume", reason=why)
+        self.resume()
+        return True
+
+    def _start_watchdog(self):
+        from training.watchdog import NvmlSource, Thresholds, Watchdog
+
+        src = self.gpu_source
+        if src is None and self.plan.get("device") == "cuda":
+            src = NvmlSource.detect()
+        self.watchdog = Watchdog(self.run_id, self.phase, Thresholds.from_train(self.train_cfg), gpu_source=src,
+                                 on_alert=self._on_alert, pause=self._thermal_pause, resume=self._thermal_resume)
+        return self.watchdog.start()
 
     def record(self) -> dict:
         ds = self.spec["dataset"]
@@ -298,7 +333,9 @@ class Run:
                 self.set_state("dry-run")
                 self.dry_run(model_path)
             self.set_state("training")
+            self._start_watchdog()
             self.train(model_path, resume=resume)
+            self.watchdog.stop()
             self.set_state("merging")
             self.merge_and_evaluate(model_path)
             self.set_state("reporting")
@@ -324,6 +361,8 @@ class Run:
             except Exception:
                 pass
         finally:
+            if self.watchdog is not None:
+                self.watchdog.stop()
             telemetry.sample_host()
             if lock is not None:
                 lock.close()
@@ -809,6 +848,8 @@ def _callbacks(run: Run, faults: dict):
                 self.m["tokens"].labels(*self.lab).inc(dtok)
             self.m["samples"].labels(*self.lab).inc(args.per_device_train_batch_size * args.gradient_accumulation_steps)
             self.t_last, self.tokens_last = now, tokens
+            if run.watchdog is not None:
+                run.watchdog.observe_step(state.global_step, tps if dt > 0 and dtok > 0 else None)
             p["step"] = state.global_step
             done = state.global_step - self.start_step
             if done > 0:
@@ -843,18 +884,15 @@ def _callbacks(run: Run, faults: dict):
                 if faults.get("kill") == step and self._fire("kill"):
                     os.kill(os.getpid(), signal.SIGKILL)  # a crash right after step N's loss is logged
                 gn = entry.get("grad_norm")
+                if run.watchdog is not None:  # alerts: loss_nan, grad_norm_high, grad_norm_vanishing
+                    run.watchdog.observe_log(step, loss, gn)
+                # policies (the engine's, not the watchdog's): roll back on NaN or a norm that stays high
                 if not math.isfinite(loss) or (gn is not None and not math.isfinite(gn)):
                     raise BadGradients(f"non-finite loss/grad norm at step {step} (loss {loss}, grad norm {gn})")
                 limit = run.train_cfg.get("grad_norm_limit", 10.0)
-                if gn is not None and gn > limit:
-                    self.explode += 1
-                    run.emit("alert", rule="grad_norm_high", step=step, grad_norm=gn, limit=limit)
-                    if self.explode >= run.train_cfg.get("grad_norm_patience", 3):
-                        raise BadGradients(f"gradient norm above {limit} for {self.explode} steps (last {gn:.3g})")
-                else:
-                    self.explode = 0
-                if gn is not None and gn < run.train_cfg.get("grad_norm_min", 0.01):
-                    run.emit("alert", rule="grad_norm_vanishing", step=step, grad_norm=gn)
+                self.explode = self.explode + 1 if gn is not None and gn > limit else 0
+                if self.explode >= run.train_cfg.get("grad_norm_patience", 3):
+                    raise BadGradients(f"gradient norm above {limit} for {self.explode} steps (last {gn:.3g})")
             if "eval_loss" in logs and state.global_step > 0:
                 run.eval_losses = [x for x in run.eval_losses if x["step"] != step] + \
                     [{"step": step, "eval_loss": float(logs["eval_loss"])}]
@@ -872,8 +910,13 @@ def _callbacks(run: Run, faults: dict):
             run._write_record()
             if run._pause.is_set():
                 run.set_state("paused")
+                if run.watchdog is not None:
+                    run.watchdog.training = False  # paused is not stalled
                 run._resumed.wait()
                 if not run._cancel.is_set():
                     run.set_state("training")
+                if run.watchdog is not None:
+                    run.watchdog.training = True
+                    run.watchdog.last_step_at = run.watchdog.clock()
 
     return DuetCallback()

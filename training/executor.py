@@ -72,6 +72,7 @@ class Executor:
                  metrics_addr: str = "127.0.0.1", torch_threads: int | None = None):
         self.data_dir = Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.gpu_source = None  # for the runs' watchdogs; None: NVML when the plan is for CUDA
         self.runs: dict[str, Run] = {}
         self.threads: dict[str, threading.Thread] = {}
         self._lock = threading.Lock()
@@ -114,6 +115,7 @@ class Executor:
         except ImportError:
             pass
         self.runs[run.run_id] = run
+        run.gpu_source = self.gpu_source
         t = threading.Thread(target=run.execute, kwargs={"resume": resume}, name=f"duet-run-{run.run_id}",
                              daemon=True)
         self.threads[run.run_id] = t

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 GIB = 1024 ** 3
@@ -87,6 +87,16 @@ class TrainConfig(BaseModel):
     max_recoveries: int = Field(6, ge=0, description="OOM re-plans + rollbacks before the run gives up.")
     sample_prompts: int = Field(3, ge=0, le=20, description="Test prompts to generate samples for.")
     max_new_tokens: int = Field(48, ge=1, le=4096, description="Tokens per sample generation.")
+    watchdog: dict = Field(default_factory=dict, description="Watchdog thresholds (training/watchdog.py Thresholds), "
+                                                             "e.g. {temperature_c: 80, stall_seconds: 600}.")
+
+    @field_validator("watchdog")
+    @classmethod
+    def _watchdog(cls, v: dict) -> dict:
+        from training.watchdog import Thresholds
+
+        Thresholds.from_train({"watchdog": v})  # unknown names -> a clear error
+        return v
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":

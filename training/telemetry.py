@@ -39,6 +39,8 @@ def metrics() -> dict:
                 "recoveries": Counter("duet_recoveries", "Recoveries after a fault.", lab),
                 "rollbacks": Counter("duet_rollbacks", "Rollbacks to an earlier checkpoint.", lab),
                 "state": Gauge("duet_run_state", "1 for the run's current state, 0 otherwise.", lab + ["state"]),
+                "alerts": Counter("duet_alerts", "Alerts the executor's watchdog fired.", lab + ["rule", "severity"]),
+                "cpu": Gauge("duet_process_cpu_seconds", "CPU time of the executor process (user + system)."),
                 "rss": Gauge("duet_process_resident_memory_bytes", "Resident memory of the executor process."),
                 "rss_peak": Gauge("duet_process_resident_memory_peak_bytes", "Peak resident memory of the executor process."),
                 "cuda_allocated_peak": Gauge("duet_torch_cuda_max_allocated_bytes", "torch.cuda.max_memory_allocated()."),
@@ -63,7 +65,10 @@ def sample_host() -> None:
     import psutil
 
     m = metrics()
-    m["rss"].set(psutil.Process().memory_info().rss)
+    proc = psutil.Process()
+    m["rss"].set(proc.memory_info().rss)
+    ct = proc.cpu_times()
+    m["cpu"].set(ct.user + ct.system)
     m["rss_peak"].set(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     try:
         import torch
@@ -75,13 +80,69 @@ def sample_host() -> None:
         pass
 
 
-def serve(port: int, addr: str = "127.0.0.1") -> int:
-    """Start the exporter once per process; returns the port it serves on."""
+class GpuCollector:
+    """GPU metrics read from a GpuSource (NVML) at scrape time. Registered only when a GPU answers,
+    so a machine without one exposes no GPU series at all."""
+
+    def __init__(self, source):
+        self.source = source
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        from training.watchdog import THROTTLE_BITS
+
+        try:
+            g = self.source.read()
+        except Exception:
+            return
+        if not g:
+            return
+        lab = ["gpu", "name"]
+        val = [str(g.get("index", 0)), g.get("name", "")]
+        gauges = [("memory_used_bytes", "duet_gpu_memory_used_bytes", "GPU memory in use."),
+                  ("memory_total_bytes", "duet_gpu_memory_total_bytes", "GPU memory in total."),
+                  ("utilization_ratio", "duet_gpu_utilization_ratio", "GPU busy fraction (0-1)."),
+                  ("temperature_c", "duet_gpu_temperature_celsius", "GPU temperature."),
+                  ("slowdown_c", "duet_gpu_slowdown_temperature_celsius", "Temperature where the GPU slows down."),
+                  ("shutdown_c", "duet_gpu_shutdown_temperature_celsius", "Temperature where the GPU shuts down."),
+                  ("power_watts", "duet_gpu_power_watts", "GPU power draw."),
+                  ("power_limit_watts", "duet_gpu_power_limit_watts", "Enforced GPU power limit."),
+                  ("sm_clock_hz", "duet_gpu_sm_clock_hertz", "SM clock."),
+                  ("memory_clock_hz", "duet_gpu_memory_clock_hertz", "Memory clock.")]
+        for key, name, help_ in gauges:
+            if g.get(key) is not None:
+                f = GaugeMetricFamily(name, help_, labels=lab)
+                f.add_metric(val, float(g[key]))
+                yield f
+        if g.get("throttle_reasons") is not None:
+            f = GaugeMetricFamily("duet_gpu_throttle_reason", "1 when this clocks-event (throttle) reason is active.",
+                                  labels=lab + ["reason"])
+            for reason, bit in THROTTLE_BITS.items():
+                f.add_metric(val + [reason], 1.0 if g["throttle_reasons"] & bit else 0.0)
+            yield f
+        for key, name, help_ in (("pcie_replay_total", "duet_gpu_pcie_replays", "PCIe replay counter."),
+                                 ("ecc_uncorrected_total", "duet_gpu_ecc_uncorrected_errors", "Uncorrected ECC errors (volatile).")):
+            if g.get(key) is not None:
+                f = CounterMetricFamily(name, help_, labels=lab)
+                f.add_metric(val, float(g[key]))
+                yield f
+
+
+def serve(port: int, addr: str = "127.0.0.1", gpu_source="detect") -> int:
+    """Start the exporter once per process; returns the port it serves on. ``gpu_source``: "detect"
+    (NVML when a GPU answers), None, or a GpuSource."""
     with _lock:
         if "port" in _server:
             return _server["port"]
-        from prometheus_client import start_http_server
+        from prometheus_client import REGISTRY, start_http_server
 
+        if gpu_source == "detect":
+            from training.watchdog import NvmlSource
+
+            gpu_source = NvmlSource.detect()
+        if gpu_source is not None:
+            REGISTRY.register(GpuCollector(gpu_source))
         server, _thread = start_http_server(port, addr=addr)
-        _server.update(port=server.server_address[1], addr=addr, server=server)
+        _server.update(port=server.server_address[1], addr=addr, server=server, gpu=gpu_source is not None)
         return _server["port"]

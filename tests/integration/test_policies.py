@@ -93,3 +93,42 @@ def test_pause_checkpoints_and_waits_then_resume_finishes(env, monkeypatch):
     ex.resume("pause")
     ex.cancel("pause")
     assert ex.wait("pause", timeout=120) == "cancelled"
+
+
+def test_thermal_pause_checkpoints_waits_until_cool_and_the_losses_are_unchanged(env, monkeypatch):
+    """A (fake) GPU passes its temperature limit mid-run: the watchdog pauses the run at a checkpoint,
+    waits until the card is back under 75 C, resumes; the per-step losses equal an uninterrupted run's."""
+    from tests.fakes import FakeGpuSource
+
+    arch, ex, ds = env
+    cfg = {"max_steps": 16, "watchdog": {"interval_s": 0.05}}
+    _, cool, _ = run(env, "cool", cfg, monkeypatch)
+    seen = {"paused_at": None}
+
+    def script(_n, _run):
+        r = ex.runs.get("hot")
+        if r is None:
+            return {"temperature_c": 60.0}
+        if r.state == "paused" and seen["paused_at"] is None:
+            seen["paused_at"] = time.monotonic()
+        if seen["paused_at"] is not None:
+            return {"temperature_c": 91.0 if time.monotonic() - seen["paused_at"] < 1.5 else 70.0}
+        return {"temperature_c": 91.0 if r.progress["step"] >= 5 else 60.0}
+
+    ex.gpu_source = FakeGpuSource(script)
+    try:
+        state, hot, events = run(env, "hot", cfg, monkeypatch)
+    finally:
+        ex.gpu_source = None
+    assert state == "finished", hot["error"]
+    kinds = [e["event"] for e in events]
+    alert = next(e for e in events if e["event"] == "alert")
+    assert alert["rule"] == "gpu_temperature_high" and alert["threshold"] == 85.0  # min(85, 90 - 5)
+    i_pause, i_resume = kinds.index("thermal_pause"), kinds.index("thermal_resume")
+    paused = [e for e in events if e["event"] == "state" and e["state"] == "paused"]
+    assert paused and i_pause < events.index(paused[0]) < i_resume
+    ckpt = [e for e in events[i_pause:i_resume] if e["event"] == "checkpoint"]
+    assert ckpt and ckpt[0]["valid"]  # it checkpointed before waiting
+    assert {x["step"]: x["loss"] for x in hot["losses"]} == pytest.approx({x["step"]: x["loss"] for x in cool["losses"]}, abs=1e-6)
+    assert REGISTRY.get_sample_value("duet_alerts_total", {"run_id": "hot", "phase": "sft", "rule": "gpu_temperature_high",
+                                                           "severity": "critical"}) == 1.0

@@ -1,0 +1,297 @@
+"""The executor's in-process watchdog: the same thresholds as infra/prometheus/rules.yml, evaluated
+every second (and on every logged step) with no Prometheus needed.
+
+Rules (names match the Prometheus alerts; thresholds configurable per run under ``watchdog:`` in the
+plan's train section, see ``Thresholds``):
+
+- ``gpu_memory_high``     VRAM used / total > 0.90                                   warning
+- ``gpu_temperature_high`` temperature > min(85 C, the card's slowdown threshold - 5 C)  critical;
+                          action: thermal pause (finish the step, checkpoint, wait) until it is
+                          back under ``resume_below_c`` (75 C), then resume, unless paused by a user
+- ``throughput_drop``     tokens/s < 80 % of the run's baseline (median of its first samples after
+                          warm-up), for ``throughput_patience`` consecutive steps     warning
+- ``grad_norm_high``      gradient norm > 10 for ``grad_norm_patience`` logged steps   critical
+                          (the engine's policy then rolls back, see engine.py)
+- ``grad_norm_vanishing`` gradient norm < 0.01 for ``grad_norm_patience`` logged steps  warning
+- ``loss_nan``            a non-finite loss                                          critical
+                          (the engine's policy rolls back)
+- ``training_stalled``    no optimizer step for ``stall_seconds`` while training      critical
+
+An alert fires once when its condition starts holding and re-arms when it clears. Each alert
+becomes a run event (and so a session event once the architect records it), a log line, a
+``duet_alerts_total`` count, and a webhook POST when ``webhook_url`` (or ``DUET_ALERT_WEBHOOK``) is
+set. GPU readings come from a ``GpuSource``: ``NvmlSource`` on a real GPU, none on a machine without
+one (GPU rules then never fire); tests pass their own, named as fakes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import statistics
+import threading
+import time
+import urllib.request
+from dataclasses import asdict, dataclass, fields
+from typing import Callable, Protocol
+
+log = logging.getLogger("duet.watchdog")
+
+
+@dataclass
+class Thresholds:
+    vram_fraction: float = 0.90
+    temperature_c: float = 85.0
+    slowdown_margin_c: float = 5.0
+    resume_below_c: float = 75.0
+    thermal_pause: bool = True
+    throughput_drop: float = 0.80
+    throughput_warmup: int = 3
+    throughput_baseline: int = 5
+    throughput_patience: int = 2
+    grad_norm_high: float = 10.0
+    grad_norm_low: float = 0.01
+    grad_norm_patience: int = 3
+    stall_seconds: float = 300.0
+    interval_s: float = 1.0
+    webhook_url: str | None = None
+
+    @classmethod
+    def from_train(cls, train: dict) -> "Thresholds":
+        """The run's train config: ``watchdog: {...}`` plus the engine's grad-norm settings."""
+        raw = dict(train.get("watchdog") or {})
+        if "grad_norm_limit" in train:
+            raw.setdefault("grad_norm_high", train["grad_norm_limit"])
+        if "grad_norm_min" in train:
+            raw.setdefault("grad_norm_low", train["grad_norm_min"])
+        if "grad_norm_patience" in train:
+            raw.setdefault("grad_norm_patience", train["grad_norm_patience"])
+        known = {f.name for f in fields(cls)}
+        unknown = set(raw) - known
+        if unknown:
+            raise ValueError(f"watchdog: unknown field(s) {sorted(unknown)} (allowed: {', '.join(sorted(known))})")
+        raw.setdefault("webhook_url", os.environ.get("DUET_ALERT_WEBHOOK") or None)
+        return cls(**raw)
+
+
+class GpuSource(Protocol):
+    def read(self) -> dict | None:
+        """{"memory_used_bytes", "memory_total_bytes", "temperature_c", "slowdown_c"?, ...} or None."""
+
+
+class NvmlSource:
+    """One GPU through NVML (nvidia-ml-py). Fields the card does not report are left out."""
+
+    def __init__(self, index: int = 0):
+        import pynvml
+
+        pynvml.nvmlInit()
+        self.nv = pynvml
+        self.index = index
+        self.handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        name = pynvml.nvmlDeviceGetName(self.handle)
+        self.name = name.decode() if isinstance(name, bytes) else name
+
+    @classmethod
+    def detect(cls) -> "NvmlSource | None":
+        try:
+            src = cls()
+            src.read()
+            return src
+        except Exception:  # no driver, no GPU, no nvidia-ml-py: no GPU metrics (absent, not zero)
+            return None
+
+    def read(self) -> dict:
+        nv, h = self.nv, self.handle
+        out: dict = {"index": self.index, "name": self.name}
+
+        def get(key, fn):
+            try:
+                out[key] = fn()
+            except Exception:
+                pass
+
+        mem = nv.nvmlDeviceGetMemoryInfo(h)
+        out["memory_used_bytes"], out["memory_total_bytes"] = int(mem.used), int(mem.total)
+        get("temperature_c", lambda: float(nv.nvmlDeviceGetTemperature(h, nv.NVML_TEMPERATURE_GPU)))
+        get("slowdown_c", lambda: float(nv.nvmlDeviceGetTemperatureThreshold(h, nv.NVML_TEMPERATURE_THRESHOLD_SLOWDOWN)))
+        get("shutdown_c", lambda: float(nv.nvmlDeviceGetTemperatureThreshold(h, nv.NVML_TEMPERATURE_THRESHOLD_SHUTDOWN)))
+        get("utilization_ratio", lambda: nv.nvmlDeviceGetUtilizationRates(h).gpu / 100.0)
+        get("power_watts", lambda: nv.nvmlDeviceGetPowerUsage(h) / 1000.0)
+        get("power_limit_watts", lambda: nv.nvmlDeviceGetEnforcedPowerLimit(h) / 1000.0)
+        get("sm_clock_hz", lambda: nv.nvmlDeviceGetClockInfo(h, nv.NVML_CLOCK_SM) * 1e6)
+        get("memory_clock_hz", lambda: nv.nvmlDeviceGetClockInfo(h, nv.NVML_CLOCK_MEM) * 1e6)
+        get("throttle_reasons", lambda: int(nv.nvmlDeviceGetCurrentClocksEventReasons(h)))
+        get("pcie_replay_total", lambda: int(nv.nvmlDeviceGetPcieReplayCounter(h)))
+        get("ecc_uncorrected_total", lambda: int(nv.nvmlDeviceGetTotalEccErrors(
+            h, nv.NVML_MEMORY_ERROR_TYPE_UNCORRECTED, nv.NVML_VOLATILE_ECC)))
+        return out
+
+
+THROTTLE_BITS = {  # NVML clocks-event reasons
+    "gpu_idle": 0x1, "applications_clocks_setting": 0x2, "sw_power_cap": 0x4, "hw_slowdown": 0x8,
+    "sync_boost": 0x10, "sw_thermal_slowdown": 0x20, "hw_thermal_slowdown": 0x40, "hw_power_brake_slowdown": 0x80,
+    "display_clock_setting": 0x100,
+}
+
+
+class Watchdog:
+    def __init__(self, run_id: str, phase: str, thresholds: Thresholds | None = None, *,
+                 gpu_source: GpuSource | None = None, on_alert: Callable[[dict], None] | None = None,
+                 pause: Callable[[str], bool] | None = None, resume: Callable[[str], bool] | None = None,
+                 clock: Callable[[], float] = time.monotonic):
+        self.run_id, self.phase = run_id, phase
+        self.t = thresholds or Thresholds()
+        self.gpu = gpu_source
+        self.on_alert = on_alert
+        self._pause, self._resume = pause, resume
+        self.clock = clock
+        self.active: dict[str, bool] = {}
+        self.fired: list[dict] = []
+        self.tps: list[float] = []
+        self.low_tps = 0
+        self.high_gn = self.low_gn = 0
+        self.last_step_at = clock()
+        self.last_step = -1
+        self.training = False
+        self.thermal_paused = False
+        self.last_gpu: dict | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    # -- alerts --------------------------------------------------------------------------------
+
+    def _set(self, rule: str, holds: bool, severity: str, message: str, value=None, threshold=None,
+             step: int | None = None) -> dict | None:
+        with self._lock:
+            was = self.active.get(rule, False)
+            self.active[rule] = holds
+            if not holds or was:
+                return None
+            alert = {"rule": rule, "severity": severity, "message": message, "value": value, "threshold": threshold,
+                     "step": step if step is not None else self.last_step, "run_id": self.run_id, "phase": self.phase,
+                     "time": time.time()}
+            self.fired.append(alert)
+        log.warning("duet alert %s (%s) run %s: %s", rule, severity, self.run_id, message)
+        if self.on_alert:
+            self.on_alert(alert)
+        if self.t.webhook_url:
+            threading.Thread(target=_post, args=(self.t.webhook_url, alert), daemon=True).start()
+        return alert
+
+    # -- inputs ---------------------------------------------------------------------------------
+
+    def observe_log(self, step: int, loss: float | None, grad_norm: float | None) -> list[dict]:
+        out = []
+        if loss is not None:
+            bad = not math.isfinite(loss)
+            a = self._set("loss_nan", bad, "critical", f"loss is {loss} at step {step}", loss, None, step)
+            out += [a] if a else []
+        if grad_norm is not None and math.isfinite(grad_norm):
+            self.high_gn = self.high_gn + 1 if grad_norm > self.t.grad_norm_high else 0
+            self.low_gn = self.low_gn + 1 if grad_norm < self.t.grad_norm_low else 0
+            n = self.t.grad_norm_patience
+            a = self._set("grad_norm_high", self.high_gn >= n, "critical",
+                          f"gradient norm {grad_norm:.3g} > {self.t.grad_norm_high} for {self.high_gn} steps",
+                          grad_norm, self.t.grad_norm_high, step)
+            b = self._set("grad_norm_vanishing", self.low_gn >= n, "warning",
+                          f"gradient norm {grad_norm:.3g} < {self.t.grad_norm_low} for {self.low_gn} steps",
+                          grad_norm, self.t.grad_norm_low, step)
+            out += [x for x in (a, b) if x]
+        return out
+
+    def observe_step(self, step: int, tokens_per_second: float | None = None) -> list[dict]:
+        self.last_step, self.last_step_at = step, self.clock()
+        out = []
+        a = self._set("training_stalled", False, "critical", "")
+        if tokens_per_second is None or tokens_per_second <= 0:
+            return out
+        self.tps.append(tokens_per_second)
+        warm, base_n = self.t.throughput_warmup, self.t.throughput_baseline
+        if len(self.tps) <= warm + base_n:
+            return out
+        baseline = statistics.median(self.tps[warm:warm + base_n])
+        low = tokens_per_second < self.t.throughput_drop * baseline
+        self.low_tps = self.low_tps + 1 if low else 0
+        a = self._set("throughput_drop", self.low_tps >= self.t.throughput_patience, "warning",
+                      f"{tokens_per_second:.0f} tokens/s is below {self.t.throughput_drop:.0%} of the run's baseline "
+                      f"{baseline:.0f} for {self.low_tps} steps", tokens_per_second, self.t.throughput_drop * baseline, step)
+        return out + ([a] if a else [])
+
+    def temperature_limit(self, gpu: dict) -> float:
+        lim = self.t.temperature_c
+        if gpu.get("slowdown_c"):
+            lim = min(lim, gpu["slowdown_c"] - self.t.slowdown_margin_c)
+        return lim
+
+    def tick(self) -> list[dict]:
+        """One evaluation of the time-based rules (the thread calls this every ``interval_s``)."""
+        out = []
+        gpu = None
+        if self.gpu is not None:
+            try:
+                gpu = self.gpu.read()
+            except Exception as exc:
+                log.warning("GPU read failed: %s", exc)
+        self.last_gpu = gpu
+        if gpu and gpu.get("memory_total_bytes"):
+            frac = gpu["memory_used_bytes"] / gpu["memory_total_bytes"]
+            a = self._set("gpu_memory_high", frac > self.t.vram_fraction, "warning",
+                          f"GPU memory {frac:.0%} used (> {self.t.vram_fraction:.0%})", round(frac, 4), self.t.vram_fraction)
+            out += [a] if a else []
+        if gpu and gpu.get("temperature_c") is not None:
+            temp, lim = gpu["temperature_c"], self.temperature_limit(gpu)
+            a = self._set("gpu_temperature_high", temp > lim, "critical", f"GPU at {temp:.0f} C (> {lim:.0f} C)", temp, lim)
+            out += [a] if a else []
+            if self.t.thermal_pause and temp > lim and not self.thermal_paused and self.training and self._pause:
+                if self._pause(f"thermal: {temp:.0f} C > {lim:.0f} C"):
+                    self.thermal_paused = True
+            elif self.thermal_paused and temp < self.t.resume_below_c and self._resume:
+                if self._resume(f"thermal: back to {temp:.0f} C (< {self.t.resume_below_c:.0f} C)"):
+                    self.thermal_paused = False
+        if self.training and not self.thermal_paused:
+            idle = self.clock() - self.last_step_at
+            a = self._set("training_stalled", idle > self.t.stall_seconds, "critical",
+                          f"no optimizer step for {idle:.0f} s (> {self.t.stall_seconds:.0f} s)", round(idle, 1),
+                          self.t.stall_seconds)
+            out += [a] if a else []
+        return out
+
+    # -- the thread ------------------------------------------------------------------------------
+
+    def start(self) -> "Watchdog":
+        self.training = True
+        self.last_step_at = self.clock()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name=f"duet-watchdog-{self.run_id}", daemon=True)
+            self._thread.start()
+        return self
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.t.interval_s):
+            try:
+                self.tick()
+            except Exception as exc:  # the watchdog must never take the run down
+                log.warning("watchdog tick failed: %s", exc)
+
+    def stop(self) -> None:
+        self.training = False
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def describe(self) -> dict:
+        return {"thresholds": asdict(self.t), "gpu": self.last_gpu, "active": [k for k, v in self.active.items() if v],
+                "fired": len(self.fired), "thermal_paused": self.thermal_paused}
+
+
+def _post(url: str, alert: dict) -> None:
+    body = json.dumps({"source": "duet-watchdog", "alerts": [alert]}).encode()
+    req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"}, method="POST")
+    try:
+        urllib.request.urlopen(req, timeout=3).read()
+    except Exception as exc:
+        log.warning("alert webhook %s failed: %s", url, exc)
