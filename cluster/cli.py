@@ -609,7 +609,7 @@ def _run_node(a) -> int:
 
 # -- the table -----------------------------------------------------------------------------------
 
-from cluster import cli_memory, output  # noqa: E402  (session + memory commands import this module lazily)
+from cluster import cli_memory, cli_monitor, output  # noqa: E402  (session + memory commands import this module lazily)
 
 
 def _not_built(name: str, issue: int) -> int:
@@ -628,13 +628,14 @@ COMMANDS: dict[str, Command] = {
     "run": Command("curate, plan and train a run config through the actors", _setup_run, _run_run),
     "train": Command("train an architect's plan in this process [--resume]", _setup_train, _run_train),
     "runs": Command("list | show | cancel | pause | resume runs on the executor", _setup_runs, _run_runs),
-    "watch": Command("live view of a run", None, None, issue=7),
+    "watch": Command("live view of a run (step/ETA, loss sparklines, tokens/s, memory, alerts)",
+                     cli_monitor.setup_watch, cli_monitor.run_watch),
     "merge": Command("merge a run's adapter into its base (16/32-bit, verified)", _setup_merge, _run_merge),
     "session": Command("start | log | note | decide | list | show | resume | handoff | close work sessions",
                        cli_memory.setup_session, cli_memory.run_session),
     "memory": Command("sync | search | hypothesize | promote | backup | restore memory",
                       cli_memory.setup_memory, cli_memory.run_memory),
-    "infra": Command("up | down | status for Prometheus + Alertmanager", None, None, issue=7),
+    "infra": Command("up | down | status for Prometheus + Alertmanager", cli_monitor.setup_infra, cli_monitor.run_infra),
 }
 
 

@@ -56,6 +56,9 @@ def _classes():
         def fetch_record(self, run_id: str) -> dict:
             return self.ex.fetch_record(run_id)
 
+        def watch(self, run_id: str) -> dict:
+            return self.ex.watch(run_id)
+
         def metrics_text(self) -> str:
             """The exporter's exposition, for a driver that cannot reach its (loopback) port."""
             from prometheus_client import generate_latest

@@ -247,11 +247,16 @@ class Run:
         return True
 
     def _start_watchdog(self):
-        from training.watchdog import NvmlSource, Thresholds, Watchdog
+        from training.watchdog import RULES, NvmlSource, Thresholds, Watchdog
 
         src = self.gpu_source
         if src is None and self.plan.get("device") == "cuda":
             src = NvmlSource.detect()
+        m = telemetry.metrics()
+        for rule, severity in RULES.items():  # series exist at 0 from the start: increase() sees the first alert
+            m["alerts"].labels(self.run_id, self.phase, rule, severity)
+        for name in ("ooms", "rollbacks", "recoveries", "checkpoints"):
+            m[name].labels(self.run_id, self.phase)
         self.watchdog = Watchdog(self.run_id, self.phase, Thresholds.from_train(self.train_cfg), gpu_source=src,
                                  on_alert=self._on_alert, pause=self._thermal_pause, resume=self._thermal_resume)
         return self.watchdog.start()

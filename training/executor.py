@@ -11,6 +11,7 @@ import base64
 import json
 import os
 import threading
+import time
 from pathlib import Path
 
 from training import hardware, telemetry
@@ -149,6 +150,20 @@ class Executor:
 
     def status(self, run_id: str, since: int = 0) -> dict:
         return self._run(run_id).snapshot(since)
+
+    def watch(self, run_id: str, points: int = 120) -> dict:
+        """A snapshot for `duet watch`: progress, recent losses, alerts, GPU and process memory."""
+        import psutil
+
+        run = self._run(run_id)
+        snap = run.snapshot(max(0, len(run.events) - 200))
+        alerts = [e for e in snap["events"] if e["event"] in ("alert", "thermal_pause", "thermal_resume", "oom",
+                                                                "rollback", "error")][-8:]
+        return {"run_id": run_id, "state": snap["state"], "progress": snap["progress"], "error": snap["error"],
+                "losses": [[x["step"], x["loss"]] for x in run.losses[-points:]],
+                "eval_losses": [[x["step"], x["eval_loss"]] for x in run.eval_losses[-points:]],
+                "alerts": alerts, "watchdog": run.watchdog.describe() if run.watchdog is not None else None,
+                "process_rss_bytes": psutil.Process().memory_info().rss, "time": time.time()}
 
     def list(self) -> list[dict]:
         """Runs of this process, plus finished ones found on disk (an earlier process's)."""

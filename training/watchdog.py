@@ -38,6 +38,9 @@ from dataclasses import asdict, dataclass, fields
 from typing import Callable, Protocol
 
 log = logging.getLogger("duet.watchdog")
+RULES = {"gpu_memory_high": "warning", "gpu_temperature_high": "critical", "throughput_drop": "warning",
+         "grad_norm_high": "critical", "grad_norm_vanishing": "warning", "loss_nan": "critical",
+         "training_stalled": "critical"}
 
 
 @dataclass

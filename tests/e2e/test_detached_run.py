@@ -37,10 +37,20 @@ def test_detached_run_survives_its_driver_and_is_recorded_later(tmp_path, repo_r
             assert show.returncode == 0, show.stderr[-2000:]
             doc = json.loads(show.stdout)
             seen_states.add(doc["state"])
+            if doc["state"] in ("training", "merging", "reporting", "finished") and "watch" not in seen_states:  # from a new driver
+                w = duet("watch", run_id, "--once", "--json", "--workspace", str(ws), cwd=tmp_path)
+                assert w.returncode == 0, w.stderr[-2000:]
+                snap = json.loads(w.stdout)
+                assert snap["run_id"] == run_id and snap["progress"]["max_steps"] == 40
+                assert snap["watchdog"]["thresholds"]["grad_norm_high"] == 10.0 and snap["process_rss_bytes"] > 0
+                view = duet("watch", run_id, "--once", "--workspace", str(ws), cwd=tmp_path)
+                assert view.returncode == 0 and f"run  {run_id}" in view.stdout and "loss" in view.stdout
+                seen_states.add("watch")
             if doc["state"] in ("finished", "failed", "cancelled"):
                 break
             time.sleep(1)
         assert doc["state"] == "finished", doc
+        assert "watch" in seen_states
         assert doc["recorded"]["already"] is False and (ws / "runs" / run_id / "run.json").exists()
         again = json.loads(duet("runs", "show", run_id, "--workspace", str(ws), "--json", cwd=tmp_path).stdout)
         assert again["recorded"]["already"] is True

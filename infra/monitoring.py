@@ -1,0 +1,145 @@
+"""`duet infra up|down|status`: Prometheus + Alertmanager (the system's binaries) with the shipped
+configs in infra/prometheus/, plus duet's alert webhook, under ``<workspace>/.duet/infra/``.
+
+Ports (loopback, outside Ray's 10002-19999): Prometheus 9490, Alertmanager 9493, webhook 9497; the
+exporter scraped is 127.0.0.1:9108 unless given. Processes are recorded by PID and stopped by PID.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from infra.services import HOST, ServiceError, StateFile, pid_alive, port_open, stop_pid
+
+CONFIGS = Path(__file__).resolve().parent / "prometheus"
+DEFAULTS = {"prometheus": 9490, "alertmanager": 9493, "receiver": 9497}
+INSTALL = ("install them: Debian/Ubuntu `sudo apt-get install prometheus prometheus-alertmanager`; "
+           "macOS `brew install prometheus alertmanager`")
+
+
+def binaries() -> dict:
+    found = {"prometheus": shutil.which("prometheus"), "promtool": shutil.which("promtool"),
+             "alertmanager": shutil.which("alertmanager") or shutil.which("prometheus-alertmanager"),
+             "amtool": shutil.which("amtool")}
+    return found
+
+
+def state_dir(workspace) -> Path:
+    return Path(workspace).resolve() / ".duet" / "infra"
+
+
+def render(out: Path, *, exporter: str, ports: dict, webhook: str | None) -> dict:
+    """Write the configs with this workspace's ports; returns their paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    prom = (CONFIGS / "prometheus.yml").read_text()
+    prom = prom.replace('"127.0.0.1:9108"', f'"{exporter}"').replace('"127.0.0.1:9493"', f'"{HOST}:{ports["alertmanager"]}"')
+    am = (CONFIGS / "alertmanager.yml").read_text()
+    am = am.replace("http://127.0.0.1:9497/alerts", webhook or f"http://{HOST}:{ports['receiver']}/alerts")
+    paths = {"prometheus.yml": out / "prometheus.yml", "rules.yml": out / "rules.yml", "alertmanager.yml": out / "alertmanager.yml"}
+    paths["prometheus.yml"].write_text(prom)
+    shutil.copyfile(CONFIGS / "rules.yml", paths["rules.yml"])
+    paths["alertmanager.yml"].write_text(am)
+    return paths
+
+
+def _ready(url: str, timeout: float = 30, pid: int | None = None, what: str = "", log: Path | None = None) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=1) as r:
+                if r.status == 200:
+                    return
+        except Exception:
+            pass
+        if pid is not None and not pid_alive(pid):
+            break
+        time.sleep(0.2)
+    tail = log.read_text()[-1500:] if log and log.exists() else ""
+    raise ServiceError(f"{what} is not ready at {url} (log {log}):\n{tail}")
+
+
+def _spawn(cmd: list[str], log: Path) -> int:
+    with open(log, "ab") as fh:
+        return subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True).pid
+
+
+def up(workspace, *, exporter: str = f"{HOST}:9108", ports: dict | None = None, webhook: str | None = None) -> dict:
+    ports = {**DEFAULTS, **(ports or {})}
+    b = binaries()
+    missing = [k for k in ("prometheus", "alertmanager") if not b[k]]
+    if missing:
+        raise ServiceError(f"{' and '.join(missing)} not found on PATH; {INSTALL}")
+    sd = state_dir(workspace)
+    st = StateFile(sd)
+    known = st.read()
+    if known and all(pid_alive(v["pid"]) for v in known.values()):
+        return {"reused": True, **status(workspace)}
+    down(workspace)
+    paths = render(sd, exporter=exporter, ports=ports, webhook=webhook)
+    started = {}
+    try:
+        if not webhook:
+            if port_open(ports["receiver"]):
+                raise ServiceError(f"port {ports['receiver']} (webhook) is taken; pass other ports")
+            pid = _spawn([sys.executable, "-m", "infra.receiver", "--port", str(ports["receiver"]),
+                          "--out", str(sd / "alerts.jsonl")], sd / "receiver.log")
+            st.update("receiver", {"pid": pid, "port": ports["receiver"], "url": f"http://{HOST}:{ports['receiver']}/alerts"})
+            started["receiver"] = pid
+            _ready(f"http://{HOST}:{ports['receiver']}/", pid=pid, what="the webhook receiver", log=sd / "receiver.log")
+        pid = _spawn([b["alertmanager"], f"--config.file={paths['alertmanager.yml']}", f"--storage.path={sd / 'alertmanager'}",
+                      f"--web.listen-address={HOST}:{ports['alertmanager']}", "--cluster.listen-address="],
+                     sd / "alertmanager.log")
+        st.update("alertmanager", {"pid": pid, "port": ports["alertmanager"], "url": f"http://{HOST}:{ports['alertmanager']}"})
+        started["alertmanager"] = pid
+        _ready(f"http://{HOST}:{ports['alertmanager']}/-/ready", pid=pid, what="Alertmanager", log=sd / "alertmanager.log")
+        pid = _spawn([b["prometheus"], f"--config.file={paths['prometheus.yml']}", f"--storage.tsdb.path={sd / 'prometheus'}",
+                      f"--web.listen-address={HOST}:{ports['prometheus']}"], sd / "prometheus.log")
+        st.update("prometheus", {"pid": pid, "port": ports["prometheus"], "url": f"http://{HOST}:{ports['prometheus']}"})
+        started["prometheus"] = pid
+        _ready(f"http://{HOST}:{ports['prometheus']}/-/ready", pid=pid, what="Prometheus", log=sd / "prometheus.log")
+    except ServiceError:
+        down(workspace)
+        raise
+    return {"reused": False, **status(workspace)}
+
+
+def down(workspace) -> list[str]:
+    st = StateFile(state_dir(workspace))
+    stopped = []
+    for name in ("prometheus", "alertmanager", "receiver"):
+        v = st.read().get(name)
+        if v:
+            if pid_alive(v["pid"]):
+                stop_pid(v["pid"])
+                stopped.append(name)
+            st.update(name, None)
+    return stopped
+
+
+def status(workspace) -> dict:
+    sd = state_dir(workspace)
+    doc = {"dir": str(sd), "binaries": binaries(), "services": {}}
+    for name, v in StateFile(sd).read().items():
+        doc["services"][name] = {**v, "alive": pid_alive(v["pid"]), "reachable": port_open(v["port"])}
+    prom = doc["services"].get("prometheus")
+    if prom and prom["reachable"]:
+        try:
+            with urllib.request.urlopen(f"{prom['url']}/api/v1/alerts", timeout=3) as r:
+                alerts = json.loads(r.read())["data"]["alerts"]
+            doc["alerts"] = [{"name": a["labels"].get("alertname"), "state": a["state"],
+                              "labels": a["labels"]} for a in alerts]
+            with urllib.request.urlopen(f"{prom['url']}/api/v1/targets", timeout=3) as r:
+                doc["targets"] = [{"url": t["scrapeUrl"], "health": t["health"]}
+                                  for t in json.loads(r.read())["data"]["activeTargets"]]
+        except Exception as exc:
+            doc["error"] = f"{type(exc).__name__}: {exc}"
+    received = sd / "alerts.jsonl"
+    doc["received"] = sum(1 for _ in received.open()) if received.exists() else 0
+    return doc
