@@ -10,7 +10,7 @@ export OMP_NUM_THREADS ?= 1
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test clean-venv
+.PHONY: setup demo test bench clean-venv
 
 setup: $(STAMP)
 
@@ -26,6 +26,10 @@ $(STAMP): pyproject.toml Makefile
 # Two CPU threads for torch here (tests use one: see tests/conftest.py).
 demo: setup
 	DUET_TORCH_THREADS=$${DUET_TORCH_THREADS:-2} $(VENV)/bin/duet demo $(DEMO_ARGS)
+
+# Every benchmark on this machine (about 15 minutes on 2 cores), then benchmarks/results/README.md.
+bench: $(STAMP)
+	$(PY) -m benchmarks $(BENCH_ARGS)
 
 test: setup
 	$(PY) -m pytest $(TEST_ARGS)

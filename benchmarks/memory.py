@@ -64,20 +64,12 @@ def stores_once(tmp: Path, pg_url: str, mongo_url: str) -> dict:
 
 
 def sync_once(tmp: Path) -> dict:
-    import git
-
     from memory_sync.events import start_session
     from memory_sync.sync import sync
     from memory_sync.workspace import Workspace
 
-    origin = Workspace(tmp / "origin").init()
-    bare = tmp / "remote.git"
-    git.Repo.clone_from(str(origin.root), str(bare), bare=True)
-    clones = []
-    for name in ("a", "b"):
-        git.Repo.clone_from(str(bare), str(tmp / name))
-        clones.append(Workspace(tmp / name).init())
-    a, b = clones
+    bare = Workspace(tmp / "origin").init().bare_copy(tmp / "remote.git")
+    a, b = Workspace.clone(bare, tmp / "a"), Workspace.clone(bare, tmp / "b")
     for i in range(1000):
         s = start_session(a.root, f"session {i}")
         s.append("turn", {"role": "user", "text": f"question {i}"})

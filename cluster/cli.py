@@ -1,7 +1,7 @@
 """The ``duet`` command line: one table of commands (COMMANDS) mapping names to plain functions.
 
 Contract (DESIGN.md): every reporting command accepts ``--json`` and prints one JSON document on
-stdout; exit codes 0 ok, 1 invalid input, 2 refused plan or policy (also: command not built yet),
+stdout; exit codes 0 ok, 1 invalid input, 2 refused (plan, policy, conflict),
 3 infrastructure unavailable. Heavy libraries are imported inside the commands, so ``duet --help``
 stays fast and the design host needs no torch.
 """
@@ -21,9 +21,8 @@ EXIT_OK, EXIT_INPUT, EXIT_REFUSED, EXIT_INFRA = 0, 1, 2, 3
 @dataclass
 class Command:
     help: str
-    setup: Callable[[argparse.ArgumentParser], None] | None
-    run: Callable[[argparse.Namespace], int] | None
-    issue: int | None = None  # where a not-yet-built command is tracked
+    setup: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
 
 
 def _emit_json(doc: dict) -> None:
@@ -612,11 +611,6 @@ def _run_node(a) -> int:
 from cluster import cli_memory, cli_monitor, output  # noqa: E402  (session + memory commands import this module lazily)
 
 
-def _not_built(name: str, issue: int) -> int:
-    sys.stderr.write(f"duet {name}: not built yet (tracked in issue {issue}); nothing was done\n")
-    return EXIT_REFUSED
-
-
 COMMANDS: dict[str, Command] = {
     "demo": Command("the main job, embedded, offline", _setup_demo, _run_demo),
     "up": Command("start the embedded cluster + stores for this workspace", _setup_up, _run_up),
@@ -642,15 +636,11 @@ COMMANDS: dict[str, Command] = {
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="duet", description="Two machines fine-tune a personal LLM together.",
-        epilog="exit codes: 0 ok, 1 invalid input, 2 refused (plan, policy, not built yet), 3 infrastructure unavailable")
+        epilog="exit codes: 0 ok, 1 invalid input, 2 refused (plan, policy, conflict), 3 infrastructure unavailable")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, cmd in COMMANDS.items():
-        label = cmd.help if cmd.run else f"{cmd.help} [not built yet: issue {cmd.issue}]"
-        p = sub.add_parser(name, help=label, description=label)
-        if cmd.setup:
-            cmd.setup(p)
-        else:
-            p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+        p = sub.add_parser(name, help=cmd.help, description=cmd.help)
+        cmd.setup(p)
     return parser
 
 
@@ -666,8 +656,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return EXIT_OK
     cmd = COMMANDS[a.command]
-    if cmd.run is None:
-        return _not_built(a.command, cmd.issue or 0)
     if getattr(a, "json", False) and argv is None:  # a process of its own (not a test calling main())
         output.stdout_for_json_only()
     return cmd.run(a)

@@ -93,6 +93,21 @@ class Workspace:
             path.write_text("".join(x + "\n" for x in have + missing))
         return bool(missing)
 
+    @classmethod
+    def clone(cls, remote: str | os.PathLike, path: str | os.PathLike) -> "Workspace":
+        """This workspace on another host: a clone of ``remote`` with duet's merge drivers registered."""
+        import git
+
+        git.Repo.clone_from(str(remote), str(path))
+        return cls(path).init()
+
+    def bare_copy(self, path: str | os.PathLike) -> Path:
+        """A bare repository made from this workspace (a remote both hosts can push to)."""
+        import git
+
+        git.Repo.clone_from(str(self.root), str(path), bare=True)
+        return Path(path)
+
     @property
     def repo(self):
         import git

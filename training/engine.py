@@ -511,7 +511,7 @@ class Run:
             save_strategy="steps" if save else "no", save_steps=cfg["checkpoint_every"], save_total_limit=None,
             report_to=[], disable_tqdm=True, dataloader_num_workers=0, use_cpu=on_cpu,
             bf16=self.plan["dtype"] == "bf16", fp16=self.plan["dtype"] == "fp16",
-            include_num_input_tokens_seen=True,
+            include_num_input_tokens_seen="non_padding",  # tokens/s counts real tokens, not padding
         )
         train_ds, test_ds = self._datasets()
         if self.phase == "dpo":

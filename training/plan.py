@@ -74,7 +74,9 @@ class TrainConfig(BaseModel):
     seed: int = Field(42, description="Seed for data order, dropout and init.")
     gradient_checkpointing: bool | Literal["auto"] = Field(
         "auto", description="Recompute activations in backward; auto: only when the plan does not fit without.")
-    packing: bool = Field(False, description="Pack short examples into full sequences.")
+    packing: bool | Literal["auto"] = Field(
+        "auto", description="Pack short examples into full sequences (SFT); auto: when the median example fills "
+                            "at most half of seq_len (padding would waste more than it costs).")
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="auto: bf16 when the GPU has it, fp32 on CPU.")
     dry_run_steps: int = Field(0, ge=0, description="Steps of a dry run before the real one (0: none).")
     init_from: str | None = Field(None, description="Run id whose adapter this run starts from (phase chaining).")
@@ -376,10 +378,22 @@ def calibrate(cfg: TrainConfig, model: ModelProfile, device: str, host: str | No
 
 
 def make_plan(cfg: TrainConfig, model: ModelProfile, *, device: str, bf16: bool, budget_bytes: int,
-              train_examples: int | None = None, host: str | None = None, facts: list[dict] | None = None) -> Plan:
-    """Estimate ``cfg``; resolve ``gradient_checkpointing: auto``; when it does not fit, propose the
-    nearest plans that do. ``facts``: cortex measurements that calibrate the estimate."""
+              train_examples: int | None = None, host: str | None = None, facts: list[dict] | None = None,
+              token_p50: int | None = None) -> Plan:
+    """Estimate ``cfg``; resolve ``gradient_checkpointing`` and ``packing`` ``auto``; when it does not
+    fit, propose the nearest plans that do. ``facts``: cortex measurements that calibrate the
+    estimate; ``token_p50``: the dataset's median example length in tokens."""
     decisions = []
+    if cfg.packing == "auto":
+        pack = cfg.phase == "sft" and token_p50 is not None and token_p50 <= cfg.seq_len // 2
+        cfg = cfg.model_copy(update={"packing": pack})
+        if pack:
+            decisions.append(f"packing on: the median example is {token_p50} tokens of {cfg.seq_len}; padding each "
+                             "batch to its longest would spend compute on padding")
+        else:
+            decisions.append("packing off: " + ("DPO pairs are not packed" if cfg.phase != "sft" else
+                                                "no token statistics" if token_p50 is None else
+                                                f"the median example ({token_p50} tokens) fills over half of seq_len"))
     if cfg.gradient_checkpointing == "auto":
         off = cfg.model_copy(update={"gradient_checkpointing": False})
         bd_off = estimate(off, model, device, bf16)

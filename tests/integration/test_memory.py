@@ -8,7 +8,6 @@ import sys
 import tarfile
 from pathlib import Path
 
-import git
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -32,14 +31,8 @@ def duet(*args, env=None, stdin=None):
 
 def two_hosts(tmp: Path) -> tuple[Workspace, Workspace]:
     """Host A and host B: clones of one bare remote, each with duet's merge drivers registered."""
-    origin = Workspace(tmp / "origin").init()
-    bare = tmp / "remote.git"
-    git.Repo.clone_from(str(origin.root), str(bare), bare=True)
-    out = []
-    for name in ("a", "b"):
-        git.Repo.clone_from(str(bare), str(tmp / name))
-        out.append(Workspace(tmp / name).init())
-    return out[0], out[1]
+    bare = Workspace(tmp / "origin").init().bare_copy(tmp / "remote.git")
+    return Workspace.clone(bare, tmp / "a"), Workspace.clone(bare, tmp / "b")
 
 
 def event_files(ws: Workspace) -> dict[str, str]:

@@ -1,0 +1,79 @@
+"""The script a user would write instead of duet: TRL's SFTTrainer + PEFT LoRA, nothing of duet's.
+
+    python -m benchmarks.plain_trl --model DIR --train train.jsonl --test test.jsonl --out DIR \
+        [--config '{"per_device_train_batch_size": 4, ...}'] [--trl-defaults]
+
+``--trl-defaults``: SFTConfig as documented (batch 8, padding to the longest, no packing, activation
+checkpointing on), except what a CPU needs to run at all (use_cpu, no bf16) and what ``--config``
+sets. Without it, ``--config`` carries the whole set of SFTConfig fields. The LoRA settings come from
+``--lora``. A minimal callback records the wall time of every optimizer step; results go to
+``OUT/result.json``: step times, non-padding tokens seen, tokens/s, peak RSS, final eval loss.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--train", required=True)
+    ap.add_argument("--test", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--config", default="{}")
+    ap.add_argument("--lora", default='{"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear"}')
+    ap.add_argument("--trl-defaults", action="store_true")
+    a = ap.parse_args(argv)
+
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    torch.set_num_threads(int(os.environ.get("DUET_TORCH_THREADS", "2")))
+    rows = lambda p: Dataset.from_list([{"messages": json.loads(x)["messages"]}  # noqa: E731
+                                        for x in Path(p).read_text().splitlines() if x.strip()])
+    tok = AutoTokenizer.from_pretrained(a.model)
+    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32)
+    extra = json.loads(a.config)
+    base = {"output_dir": a.out, "use_cpu": not torch.cuda.is_available(), "bf16": torch.cuda.is_available(),
+            "report_to": [], "disable_tqdm": True, "logging_steps": 1, "include_num_input_tokens_seen": "non_padding"}
+    args = SFTConfig(**{**base, **extra})
+
+    marks: list[tuple[int, float, int]] = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            marks.append((state.global_step, time.time(), int(state.num_input_tokens_seen or 0)))
+
+    trainer = SFTTrainer(model=model, args=args, train_dataset=rows(a.train), eval_dataset=rows(a.test),
+                         processing_class=tok, peft_config=LoraConfig(task_type="CAUSAL_LM", **json.loads(a.lora)),
+                         callbacks=[Clock()])
+    t0 = time.time()
+    trainer.train()
+    wall = time.time() - t0
+    ev = trainer.evaluate()["eval_loss"]
+    steps = [b[1] - a_[1] for a_, b in zip(marks, marks[1:])]
+    tokens = marks[-1][2] if marks else 0
+    out = {"steps": len(marks), "step_times_s": steps, "train_wall_s": wall, "tokens_non_padding": tokens,
+           "tokens_per_s": tokens / wall if wall else None, "eval_loss": ev,
+           "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+           "config": {k: v for k, v in args.to_dict().items() if k in (
+               "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate", "packing",
+               "padding_free", "max_length", "activation_checkpointing", "gradient_checkpointing", "num_train_epochs",
+               "max_steps", "save_steps", "eval_steps")}}
+    Path(a.out).mkdir(parents=True, exist_ok=True)
+    (Path(a.out) / "result.json").write_text(json.dumps(out, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

