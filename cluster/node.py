@@ -49,6 +49,11 @@ def ray_env() -> dict[str, str]:
     env.setdefault("RAY_health_check_period_ms", "1000")
     env.setdefault("RAY_health_check_failure_threshold", "3")
     env.setdefault("RAY_health_check_timeout_ms", "1000")
+    # Ray processes only fork to exec. With gRPC's fork handlers on (this grpcio's default), the Ray
+    # Client proxy's fork of a per-client server crashes (SIGSEGV) when another thread is inside gRPC,
+    # which on a fresh head is most first connections (ray-project/ray#63202). Off, as gRPC advises
+    # for fork+exec.
+    env.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
     return env
 
 
@@ -232,6 +237,15 @@ def connect(address: str, timeout: float = 30) -> None:
         raise ServiceError(f"no Ray cluster answers at {address}; start one with `duet up` or "
                            "`duet node start --role executor --head`")
     if is_client(address):  # a driver only, through the head's Ray Client server (no node here)
-        ray.init(address, namespace=NAMESPACE, logging_level="ERROR")
+        for attempt in range(3):
+            try:
+                ray.init(address, namespace=NAMESPACE, logging_level="ERROR")
+                return
+            except ConnectionError as e:
+                # A head started without duet's environment can lose the per-client server to
+                # ray-project/ray#63202; a new connection gets a new one.
+                lost = ("Starting Ray client server failed", "ZombieProcess", "Proxy failed to Connect")
+                if attempt == 2 or not any(m in str(e) for m in lost):
+                    raise
         return
     ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, logging_level="ERROR")
