@@ -7,7 +7,10 @@
 checkpointing on), except what a CPU needs to run at all (use_cpu, no bf16) and what ``--config``
 sets. Without it, ``--config`` carries the whole set of SFTConfig fields. The LoRA settings come from
 ``--lora``. A minimal callback records the wall time of every optimizer step; results go to
-``OUT/result.json``: step times, non-padding tokens seen, tokens/s, peak RSS, final eval loss.
+``OUT/result.json``: step times, non-padding tokens seen, tokens/s, peak RSS (of the whole process,
+which includes loading the model, and sampled every 20 ms during ``train()`` only), and the final eval
+loss measured the same way whatever the training config (unpacked, batch 8, max_length 1024, the TRL
+defaults), so two configs' losses compare.
 """
 
 from __future__ import annotations
@@ -17,8 +20,33 @@ import json
 import os
 import resource
 import sys
+import threading
 import time
 from pathlib import Path
+
+
+class RssPeak:
+    """Peak resident memory of this process while the block runs (sampled; ru_maxrss cannot be reset)."""
+
+    def __init__(self, every_s: float = 0.02):
+        import psutil
+
+        self.proc, self.every_s, self.peak = psutil.Process(), every_s, 0
+        self._stop = threading.Event()
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            self._stop.wait(self.every_s)
+
+    def __enter__(self):
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
 
 
 def main(argv=None) -> int:
@@ -58,14 +86,26 @@ def main(argv=None) -> int:
                          processing_class=tok, peft_config=LoraConfig(task_type="CAUSAL_LM", **json.loads(a.lora)),
                          callbacks=[Clock()])
     t0 = time.time()
-    trainer.train()
+    with RssPeak() as train_rss:
+        trainer.train()
     wall = time.time() - t0
-    ev = trainer.evaluate()["eval_loss"]
+    ev_args = SFTConfig(output_dir=str(Path(a.out) / "eval"), use_cpu=base["use_cpu"], bf16=base["bf16"], report_to=[],
+                        disable_tqdm=True, per_device_eval_batch_size=8, max_length=1024, packing=False)
+    ev = SFTTrainer(model=trainer.model, args=ev_args, train_dataset=rows(a.test), eval_dataset=rows(a.test),
+                    processing_class=tok).evaluate()["eval_loss"]  # (a train set is required; none is trained)
     steps = [b[1] - a_[1] for a_, b in zip(marks, marks[1:])]
     tokens = marks[-1][2] if marks else 0
+    # What was trained, counted the same way for any config: the tokenized (or packed) train set's tokens
+    # times the epochs run. (Trainer's "non_padding" counter misses, in a padding-free batch, real tokens
+    # equal to the pad id: SmolLM2's EOS.)
+    per_epoch = sum(len(x) for x in trainer.train_dataset["input_ids"])
+    epochs_run = float(trainer.state.epoch or 0)
     out = {"steps": len(marks), "step_times_s": steps, "train_wall_s": wall, "tokens_non_padding": tokens,
            "tokens_per_s": tokens / wall if wall else None, "eval_loss": ev,
+           "train_tokens_per_epoch": per_epoch, "epochs_run": epochs_run,
+           "trained_tokens_per_s": per_epoch * epochs_run / wall if wall else None,
            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+           "peak_train_rss_bytes": train_rss.peak,
            "config": {k: v for k, v in args.to_dict().items() if k in (
                "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate", "packing",
                "padding_free", "max_length", "activation_checkpointing", "gradient_checkpointing", "num_train_epochs",

@@ -9,8 +9,10 @@ overhead (A: a plain TRL script, B: duet through the actors with telemetry and t
 planner (A: TRL's default SFTConfig, B: the plan duet's architect picks): both train 2 epochs of the
   same data with the same LoRA and learning rate, through the same plain TRL script, so only the
   planner's choices differ (micro-batch, activation checkpointing only when needed, packing when
-  examples are short, sequence length). ``planner_speedup_ratio`` = B tokens/s / A tokens/s
-  (non-padding tokens). Peak RSS and final eval loss beside it. Goal >= 1.3 on CPU.
+  examples are short, sequence length). ``planner_speedup_ratio`` = B tokens/s / A tokens/s, where
+  tokens/s = the train set's tokens (no padding) x epochs / train() wall time: the same count for both.
+  Peak RSS (whole process, and during train() only) and the final eval loss,
+  measured identically for both (unpacked, TRL's default eval settings), beside it. Goal >= 1.3 on CPU.
 Writes benchmarks/results/trl_compare-<machine>.json.
 """
 
@@ -69,7 +71,8 @@ def plan_as_sft_config(plan: dict, **extra) -> dict:
     return {"per_device_train_batch_size": t["micro_batch"], "gradient_accumulation_steps": t["grad_accum"],
             "learning_rate": t["learning_rate"], "lr_scheduler_type": t["lr_scheduler"], "warmup_steps": t["warmup_steps"],
             "max_length": t["seq_len"], "activation_checkpointing": bool(t["gradient_checkpointing"]),
-            "packing": bool(t["packing"]), "seed": t["seed"], "data_seed": t["seed"], **extra}
+            "packing": bool(t["packing"]), **({"packing_strategy": "bfd_split"} if t["packing"] else {}),
+            "seed": t["seed"], "data_seed": t["seed"], **extra}
 
 
 def duet_run(arch, ds: dict, plan: dict, executor, run_id: str, data_dir: Path) -> dict:
@@ -137,18 +140,25 @@ def planner(tmp: Path, reps: int, threads: int, epochs: int = 2) -> dict:
     for i in range(reps):
         rows["trl_defaults"].append(plain(model_dir, ds, tmp / "planner" / f"a-{i}", a_cfg, threads, trl_defaults=True))
         rows["duet_plan"].append(plain(model_dir, ds, tmp / "planner" / f"b-{i}", b_cfg, threads))
-        print(json.dumps({"rep": i, **{k: round(v[-1]["tokens_per_s"], 1) for k, v in rows.items()}}), flush=True)
+        print(json.dumps({"rep": i, **{k: round(v[-1]["trained_tokens_per_s"], 1) for k, v in rows.items()}}), flush=True)
 
     def summ(v):
-        return {"tokens_per_s": statistics.median(x["tokens_per_s"] for x in v),
-                "tokens_per_s_reps": [round(x["tokens_per_s"], 1) for x in v],
-                "peak_rss_bytes": max(x["peak_rss_bytes"] for x in v), "eval_loss": [round(x["eval_loss"], 4) for x in v],
+        return {"tokens_per_s": statistics.median(x["trained_tokens_per_s"] for x in v),
+                "tokens_per_s_reps": [round(x["trained_tokens_per_s"], 1) for x in v],
+                "trainer_counter_tokens_per_s": statistics.median(x["tokens_per_s"] for x in v),
+                "train_tokens_per_epoch": v[0]["train_tokens_per_epoch"],
+                "train_wall_s": [round(x["train_wall_s"], 1) for x in v],
+                "peak_rss_bytes": max(x["peak_rss_bytes"] for x in v),
+                "peak_train_rss_bytes": max(x["peak_train_rss_bytes"] for x in v),
+                "eval_loss": [round(x["eval_loss"], 4) for x in v],
                 "steps": v[0]["steps"], "tokens_non_padding": v[0]["tokens_non_padding"], "config": v[0]["config"]}
 
     a, b = summ(rows["trl_defaults"]), summ(rows["duet_plan"])
     ratio = b["tokens_per_s"] / a["tokens_per_s"]
     return {"trl_defaults": a, "duet_plan": b, "planner_speedup_ratio": round(ratio, 3), "goal": 1.3,
             "meets_goal": ratio >= 1.3, "peak_rss_ratio": round(b["peak_rss_bytes"] / a["peak_rss_bytes"], 3),
+            "peak_train_rss_ratio": round(b["peak_train_rss_bytes"] / a["peak_train_rss_bytes"], 3),
+            "eval_loss_delta": round(statistics.median(b["eval_loss"]) - statistics.median(a["eval_loss"]), 4),
             "epochs": epochs, "plan_decisions": plan.get("decisions", [])}
 
 

@@ -83,8 +83,9 @@ class Architect:
         cfg = load_config(preset, overrides)
         hw = HardwareProfile.from_dict(hardware)
         model = ModelProfile.from_config(model_config)
-        p50 = ((dataset["manifest"].get("tokens") or {}).get("percentiles") or {}).get("p50")
-        plan = make_plan(cfg, model, device=hw.device, bf16=hw.bf16, budget_bytes=hw.memory_budget_bytes, token_p50=p50,
+        lengths = (dataset["manifest"].get("tokens") or {}).get("percentiles") or {}
+        plan = make_plan(cfg, model, device=hw.device, bf16=hw.bf16, budget_bytes=hw.memory_budget_bytes,
+                         token_p50=lengths.get("p50"), token_mean=lengths.get("mean"),
                          train_examples=dataset["manifest"]["counts"]["train"], host=hw.hostname,
                          facts=self.measurements())
         d = plan.to_dict()

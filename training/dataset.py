@@ -376,7 +376,8 @@ def _percentiles(values: list[int]) -> dict:
     def pct(p: float) -> int:
         return v[min(len(v) - 1, int(round(p / 100 * (len(v) - 1))))]
 
-    return {"min": v[0], "p50": pct(50), "p90": pct(90), "p99": pct(99), "max": v[-1]}
+    return {"min": v[0], "p50": pct(50), "p90": pct(90), "p99": pct(99), "max": v[-1],
+            "mean": round(sum(v) / len(v), 1)}
 
 
 def build_version(files: list[str | os.PathLike], out_root: str | os.PathLike, name: str, *,

@@ -511,7 +511,9 @@ class Run:
             save_strategy="steps" if save else "no", save_steps=cfg["checkpoint_every"], save_total_limit=None,
             report_to=[], disable_tqdm=True, dataloader_num_workers=0, use_cpu=on_cpu,
             bf16=self.plan["dtype"] == "bf16", fp16=self.plan["dtype"] == "fp16",
-            include_num_input_tokens_seen="non_padding",  # tokens/s counts real tokens, not padding
+            # tokens/s counts real tokens: by attention mask when padded; a packed (padding-free) batch has
+            # no padding and no mask, and "non_padding" would drop every real token equal to the pad id (EOS)
+            include_num_input_tokens_seen="all" if cfg.get("packing") and self.phase == "sft" else "non_padding",
         )
         train_ds, test_ds = self._datasets()
         if self.phase == "dpo":
@@ -523,7 +525,10 @@ class Run:
         else:
             from trl import SFTConfig, SFTTrainer
 
-            args = SFTConfig(packing=cfg["packing"], **common)
+            # bfd_split: an example longer than seq_len is split across rows, not cut (TRL's "bfd" drops
+            # the overflow); evaluation stays unpacked so eval losses compare across runs and plans.
+            pack = {"packing": True, "packing_strategy": "bfd_split", "eval_packing": False} if cfg["packing"] else {}
+            args = SFTConfig(**pack, **common)
             trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=test_ds,
                                  processing_class=tok)
         from transformers.trainer_callback import PrinterCallback

@@ -379,17 +379,31 @@ def calibrate(cfg: TrainConfig, model: ModelProfile, device: str, host: str | No
 
 def make_plan(cfg: TrainConfig, model: ModelProfile, *, device: str, bf16: bool, budget_bytes: int,
               train_examples: int | None = None, host: str | None = None, facts: list[dict] | None = None,
-              token_p50: int | None = None) -> Plan:
+              token_p50: int | None = None, token_mean: float | None = None) -> Plan:
     """Estimate ``cfg``; resolve ``gradient_checkpointing`` and ``packing`` ``auto``; when it does not
     fit, propose the nearest plans that do. ``facts``: cortex measurements that calibrate the
-    estimate; ``token_p50``: the dataset's median example length in tokens."""
+    estimate; ``token_p50``/``token_mean``: the dataset's median and mean example length in tokens.
+
+    Packing chosen here replaces padding and nothing else: the packed micro-batch holds about as many
+    examples as ``micro_batch`` unpacked rows would, so an optimizer step sees the same data (and the
+    learning curve stays comparable) while the forward pass carries fewer, padding-free tokens."""
     decisions = []
+    examples_per_step = cfg.effective_batch
     if cfg.packing == "auto":
         pack = cfg.phase == "sft" and token_p50 is not None and token_p50 <= cfg.seq_len // 2
         cfg = cfg.model_copy(update={"packing": pack})
         if pack:
             decisions.append(f"packing on: the median example is {token_p50} tokens of {cfg.seq_len}; padding each "
                              "batch to its longest would spend compute on padding")
+            mean = max(1.0, token_mean or token_p50)
+            rows = max(1, math.ceil(cfg.micro_batch * mean / cfg.seq_len))
+            if rows < cfg.micro_batch:
+                decisions.append(f"packed micro-batch {rows} x {cfg.seq_len} tokens: holds ~{rows * cfg.seq_len / mean:.0f} "
+                                 f"examples of ~{mean:.0f} tokens where {cfg.micro_batch} unpacked rows held "
+                                 f"{cfg.micro_batch}, so an optimizer step sees about the same data")
+                # evaluation stays unpacked: it keeps the rows it had
+                cfg = cfg.model_copy(update={"micro_batch": rows, "eval_batch": cfg.eval_batch or cfg.micro_batch})
+            examples_per_step = cfg.effective_batch * cfg.seq_len / mean
         else:
             decisions.append("packing off: " + ("DPO pairs are not packed" if cfg.phase != "sft" else
                                                 "no token statistics" if token_p50 is None else
@@ -413,7 +427,7 @@ def make_plan(cfg: TrainConfig, model: ModelProfile, *, device: str, bf16: bool,
     if cal:
         decisions.append(cal["note"] + f" (x{cal['factor']:.2f})")
     if train_examples:
-        plan.steps_per_epoch = math.ceil(train_examples / cfg.effective_batch)
+        plan.steps_per_epoch = math.ceil(train_examples / examples_per_step)
     if not plan.fits:
         factor = cal["factor"] if cal else 1.0
         plan.suggestions = suggest(cfg, model, device=device, bf16=bf16, budget_bytes=budget_bytes, factor=factor)

@@ -118,6 +118,26 @@ def test_packing_auto_only_for_short_sft_examples():
     assert make_plan(load_config("doica", {"packing": True}), m, **kw).config.packing is True  # explicit wins
 
 
+def test_auto_packing_keeps_the_examples_per_step():
+    """Packing replaces padding and nothing else: 8 unpacked rows of ~100-token examples become one
+    packed row of 1024 tokens, so the optimizer step (and the step count) stays about what it was."""
+    m = ModelProfile.from_config(LLAMA2_7B)
+    kw = dict(device="cuda", bf16=True, budget_bytes=24 * GIB, train_examples=800)
+    cfg = load_config("doica", {"seq_len": 1024, "micro_batch": 8, "grad_accum": 2})
+    unpacked = make_plan(cfg, m, **kw)
+    packed = make_plan(cfg, m, token_p50=90, token_mean=100, **kw)
+    assert unpacked.config.packing is False and unpacked.config.micro_batch == 8
+    assert packed.config.packing is True and packed.config.micro_batch == 1 and packed.config.grad_accum == 2
+    assert any(d.startswith("packed micro-batch 1 x 1024") for d in packed.decisions)
+    assert packed.config.eval_batch == 8  # evaluation is not packed
+    # a packed row holds whole examples: ~10 where 8 were asked for, never fewer
+    assert 0.75 * unpacked.steps_per_epoch <= packed.steps_per_epoch <= unpacked.steps_per_epoch
+    ckpt = cfg.model_copy(update={"gradient_checkpointing": True})  # same recompute setting: fewer tokens, less memory
+    assert make_plan(ckpt, m, token_p50=90, token_mean=100, **kw).total_bytes < make_plan(ckpt, m, **kw).total_bytes
+    # long examples: packing still on, but no fewer rows than asked for
+    assert make_plan(cfg, m, token_p50=500, token_mean=500, **kw).config.micro_batch == 4
+
+
 def test_measured_peaks_calibrate_the_next_plan():
     m = ModelProfile.from_config(SMALL)
     cfg = TrainConfig(name="t", max_steps=10, warmup_steps=0, micro_batch=4, seq_len=64)
