@@ -35,7 +35,10 @@ def test_oom_halves_the_micro_batch_keeps_the_effective_batch_and_finishes(env, 
     state, rec, events = run(env, "oom", {"micro_batch": 4, "grad_accum": 1}, monkeypatch, fault="oom@step=7")
     assert state == "finished", rec["error"]
     (r,) = rec["recoveries"]
-    assert r["kind"] == "oom" and r["step"] == 6 and r["change"] == {"micro_batch": 2, "grad_accum": 2}
+    planned = rec["config"]["train"]  # the planner may have packed 4 rows into fewer
+    assert planned["micro_batch"] >= 2
+    assert r["kind"] == "oom" and r["step"] == 6
+    assert r["change"] == {"micro_batch": planned["micro_batch"] // 2, "grad_accum": planned["grad_accum"] * 2}
     assert r["resumed_from"].endswith("checkpoint-5")
     eff = rec["train_effective"]
     assert eff["micro_batch"] * eff["grad_accum"] == rec["config"]["train"]["micro_batch"] * rec["config"]["train"]["grad_accum"]
