@@ -67,12 +67,13 @@ def plain(model_dir: Path, ds: dict, out: Path, config: dict, threads: int, trl_
 
 
 def plan_as_sft_config(plan: dict, **extra) -> dict:
+    from training.engine import packing_args
+
     t = plan["train"]
     return {"per_device_train_batch_size": t["micro_batch"], "gradient_accumulation_steps": t["grad_accum"],
             "learning_rate": t["learning_rate"], "lr_scheduler_type": t["lr_scheduler"], "warmup_steps": t["warmup_steps"],
             "max_length": t["seq_len"], "activation_checkpointing": bool(t["gradient_checkpointing"]),
-            "packing": bool(t["packing"]), **({"packing_strategy": "bfd_split"} if t["packing"] else {}),
-            "seed": t["seed"], "data_seed": t["seed"], **extra}
+            **packing_args(t["packing"]), "seed": t["seed"], "data_seed": t["seed"], **extra}
 
 
 def duet_run(arch, ds: dict, plan: dict, executor, run_id: str, data_dir: Path) -> dict:

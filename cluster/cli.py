@@ -9,13 +9,12 @@ stays fast and the design host needs no torch.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from dataclasses import dataclass
 from typing import Callable
 
-EXIT_OK, EXIT_INPUT, EXIT_REFUSED, EXIT_INFRA = 0, 1, 2, 3
+from cluster.output import EXIT_INFRA, EXIT_INPUT, EXIT_OK, EXIT_REFUSED
 
 
 @dataclass

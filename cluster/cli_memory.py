@@ -7,7 +7,7 @@ import json
 import os
 import sys
 
-EXIT_OK, EXIT_INPUT, EXIT_REFUSED, EXIT_INFRA = 0, 1, 2, 3
+from cluster.output import EXIT_INFRA, EXIT_INPUT, EXIT_OK, EXIT_REFUSED
 
 
 def _common(p: argparse.ArgumentParser) -> None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import time
 
-EXIT_OK, EXIT_INPUT, EXIT_REFUSED, EXIT_INFRA = 0, 1, 2, 3
+from cluster.output import EXIT_INFRA, EXIT_INPUT, EXIT_OK, EXIT_REFUSED
+
 SPARK = "▁▂▃▄▅▆▇█"
 
 

@@ -237,15 +237,6 @@ def connect(address: str, timeout: float = 30) -> None:
         raise ServiceError(f"no Ray cluster answers at {address}; start one with `duet up` or "
                            "`duet node start --role executor --head`")
     if is_client(address):  # a driver only, through the head's Ray Client server (no node here)
-        for attempt in range(3):
-            try:
-                ray.init(address, namespace=NAMESPACE, logging_level="ERROR")
-                return
-            except ConnectionError as e:
-                # A head started without duet's environment can lose the per-client server to
-                # ray-project/ray#63202; a new connection gets a new one.
-                lost = ("Starting Ray client server failed", "ZombieProcess", "Proxy failed to Connect")
-                if attempt == 2 or not any(m in str(e) for m in lost):
-                    raise
+        ray.init(address, namespace=NAMESPACE, logging_level="ERROR")
         return
     ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, logging_level="ERROR")

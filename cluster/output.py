@@ -10,6 +10,9 @@ import json
 import os
 import sys
 
+# The CLI's exit codes (DESIGN.md): ok, invalid input, refused (plan, policy, conflict), infrastructure unavailable.
+EXIT_OK, EXIT_INPUT, EXIT_REFUSED, EXIT_INFRA = 0, 1, 2, 3
+
 _json_out = None  # with --json: the real stdout, kept for the document alone
 
 

@@ -24,10 +24,9 @@ INSTALL = ("install them: Debian/Ubuntu `sudo apt-get install prometheus prometh
 
 
 def binaries() -> dict:
-    found = {"prometheus": shutil.which("prometheus"), "promtool": shutil.which("promtool"),
-             "alertmanager": shutil.which("alertmanager") or shutil.which("prometheus-alertmanager"),
-             "amtool": shutil.which("amtool")}
-    return found
+    return {"prometheus": shutil.which("prometheus"), "promtool": shutil.which("promtool"),
+            "alertmanager": shutil.which("alertmanager") or shutil.which("prometheus-alertmanager"),
+            "amtool": shutil.which("amtool")}
 
 
 def state_dir(workspace) -> Path:
@@ -64,10 +63,15 @@ def _ready(url: str, timeout: float = 30, pid: int | None = None, what: str = ""
     raise ServiceError(f"{what} is not ready at {url} (log {log}):\n{tail}")
 
 
-def _spawn(cmd: list[str], log: Path) -> int:
+def _start(st: StateFile, name: str, cmd: list[str], port: int, ready: str, what: str) -> None:
+    """Start one service in its own session, record it by PID, wait until ``ready`` (a path) answers."""
+    log = st.path.parent / f"{name}.log"
     with open(log, "ab") as fh:
-        return subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True).pid
+        pid = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                               start_new_session=True).pid
+    url = f"http://{HOST}:{port}"
+    st.update(name, {"pid": pid, "port": port, "url": url + ("/alerts" if name == "receiver" else "")})
+    _ready(url + ready, pid=pid, what=what, log=log)
 
 
 def up(workspace, *, exporter: str = f"{HOST}:9108", ports: dict | None = None, webhook: str | None = None) -> dict:
@@ -83,27 +87,19 @@ def up(workspace, *, exporter: str = f"{HOST}:9108", ports: dict | None = None, 
         return {"reused": True, **status(workspace)}
     down(workspace)
     paths = render(sd, exporter=exporter, ports=ports, webhook=webhook)
-    started = {}
     try:
         if not webhook:
             if port_open(ports["receiver"]):
                 raise ServiceError(f"port {ports['receiver']} (webhook) is taken; pass other ports")
-            pid = _spawn([sys.executable, "-m", "infra.receiver", "--port", str(ports["receiver"]),
-                          "--out", str(sd / "alerts.jsonl")], sd / "receiver.log")
-            st.update("receiver", {"pid": pid, "port": ports["receiver"], "url": f"http://{HOST}:{ports['receiver']}/alerts"})
-            started["receiver"] = pid
-            _ready(f"http://{HOST}:{ports['receiver']}/", pid=pid, what="the webhook receiver", log=sd / "receiver.log")
-        pid = _spawn([b["alertmanager"], f"--config.file={paths['alertmanager.yml']}", f"--storage.path={sd / 'alertmanager'}",
-                      f"--web.listen-address={HOST}:{ports['alertmanager']}", "--cluster.listen-address="],
-                     sd / "alertmanager.log")
-        st.update("alertmanager", {"pid": pid, "port": ports["alertmanager"], "url": f"http://{HOST}:{ports['alertmanager']}"})
-        started["alertmanager"] = pid
-        _ready(f"http://{HOST}:{ports['alertmanager']}/-/ready", pid=pid, what="Alertmanager", log=sd / "alertmanager.log")
-        pid = _spawn([b["prometheus"], f"--config.file={paths['prometheus.yml']}", f"--storage.tsdb.path={sd / 'prometheus'}",
-                      f"--web.listen-address={HOST}:{ports['prometheus']}"], sd / "prometheus.log")
-        st.update("prometheus", {"pid": pid, "port": ports["prometheus"], "url": f"http://{HOST}:{ports['prometheus']}"})
-        started["prometheus"] = pid
-        _ready(f"http://{HOST}:{ports['prometheus']}/-/ready", pid=pid, what="Prometheus", log=sd / "prometheus.log")
+            _start(st, "receiver", [sys.executable, "-m", "infra.receiver", "--port", str(ports["receiver"]),
+                                    "--out", str(sd / "alerts.jsonl")], ports["receiver"], "/", "the webhook receiver")
+        _start(st, "alertmanager", [b["alertmanager"], f"--config.file={paths['alertmanager.yml']}",
+                                    f"--storage.path={sd / 'alertmanager'}", "--cluster.listen-address=",
+                                    f"--web.listen-address={HOST}:{ports['alertmanager']}"],
+               ports["alertmanager"], "/-/ready", "Alertmanager")
+        _start(st, "prometheus", [b["prometheus"], f"--config.file={paths['prometheus.yml']}",
+                                  f"--storage.tsdb.path={sd / 'prometheus'}", f"--web.listen-address={HOST}:{ports['prometheus']}"],
+               ports["prometheus"], "/-/ready", "Prometheus")
     except ServiceError:
         down(workspace)
         raise

@@ -45,6 +45,13 @@ class PreflightError(RuntimeError):
     pass
 
 
+def packing_args(packing: bool) -> dict:
+    """SFTConfig fields for a plan's ``packing``: TRL's padding-free best-fit packing with "bfd_split" (an
+    example longer than seq_len is split across rows; "bfd" would drop the overflow), and evaluation left
+    unpacked so eval losses compare across runs and plans."""
+    return {"packing": True, "packing_strategy": "bfd_split", "eval_packing": False} if packing else {}
+
+
 class RunCancelled(Exception):
     pass
 
@@ -525,10 +532,7 @@ class Run:
         else:
             from trl import SFTConfig, SFTTrainer
 
-            # bfd_split: an example longer than seq_len is split across rows, not cut (TRL's "bfd" drops
-            # the overflow); evaluation stays unpacked so eval losses compare across runs and plans.
-            pack = {"packing": True, "packing_strategy": "bfd_split", "eval_packing": False} if cfg["packing"] else {}
-            args = SFTConfig(**pack, **common)
+            args = SFTConfig(**packing_args(cfg["packing"]), **common)
             trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=test_ds,
                                  processing_class=tok)
         from transformers.trainer_callback import PrinterCallback

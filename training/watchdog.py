@@ -167,8 +167,9 @@ class Watchdog:
 
     # -- alerts --------------------------------------------------------------------------------
 
-    def _set(self, rule: str, holds: bool, severity: str, message: str, value=None, threshold=None,
+    def _set(self, rule: str, holds: bool, message: str, value=None, threshold=None,
              step: int | None = None) -> dict | None:
+        severity = RULES[rule]
         with self._lock:
             was = self.active.get(rule, False)
             self.active[rule] = holds
@@ -191,16 +192,16 @@ class Watchdog:
         out = []
         if loss is not None:
             bad = not math.isfinite(loss)
-            a = self._set("loss_nan", bad, "critical", f"loss is {loss} at step {step}", loss, None, step)
+            a = self._set("loss_nan", bad, f"loss is {loss} at step {step}", loss, None, step)
             out += [a] if a else []
         if grad_norm is not None and math.isfinite(grad_norm):
             self.high_gn = self.high_gn + 1 if grad_norm > self.t.grad_norm_high else 0
             self.low_gn = self.low_gn + 1 if grad_norm < self.t.grad_norm_low else 0
             n = self.t.grad_norm_patience
-            a = self._set("grad_norm_high", self.high_gn >= n, "critical",
+            a = self._set("grad_norm_high", self.high_gn >= n,
                           f"gradient norm {grad_norm:.3g} > {self.t.grad_norm_high} for {self.high_gn} steps",
                           grad_norm, self.t.grad_norm_high, step)
-            b = self._set("grad_norm_vanishing", self.low_gn >= n, "warning",
+            b = self._set("grad_norm_vanishing", self.low_gn >= n,
                           f"gradient norm {grad_norm:.3g} < {self.t.grad_norm_low} for {self.low_gn} steps",
                           grad_norm, self.t.grad_norm_low, step)
             out += [x for x in (a, b) if x]
@@ -209,7 +210,7 @@ class Watchdog:
     def observe_step(self, step: int, tokens_per_second: float | None = None) -> list[dict]:
         self.last_step, self.last_step_at = step, self.clock()
         out = []
-        a = self._set("training_stalled", False, "critical", "")
+        a = self._set("training_stalled", False, "")
         if tokens_per_second is None or tokens_per_second <= 0:
             return out
         self.tps.append(tokens_per_second)
@@ -219,7 +220,7 @@ class Watchdog:
         baseline = statistics.median(self.tps[warm:warm + base_n])
         low = tokens_per_second < self.t.throughput_drop * baseline
         self.low_tps = self.low_tps + 1 if low else 0
-        a = self._set("throughput_drop", self.low_tps >= self.t.throughput_patience, "warning",
+        a = self._set("throughput_drop", self.low_tps >= self.t.throughput_patience,
                       f"{tokens_per_second:.0f} tokens/s is below {self.t.throughput_drop:.0%} of the run's baseline "
                       f"{baseline:.0f} for {self.low_tps} steps", tokens_per_second, self.t.throughput_drop * baseline, step)
         return out + ([a] if a else [])
@@ -242,12 +243,12 @@ class Watchdog:
         self.last_gpu = gpu
         if gpu and gpu.get("memory_total_bytes"):
             frac = gpu["memory_used_bytes"] / gpu["memory_total_bytes"]
-            a = self._set("gpu_memory_high", frac > self.t.vram_fraction, "warning",
+            a = self._set("gpu_memory_high", frac > self.t.vram_fraction,
                           f"GPU memory {frac:.0%} used (> {self.t.vram_fraction:.0%})", round(frac, 4), self.t.vram_fraction)
             out += [a] if a else []
         if gpu and gpu.get("temperature_c") is not None:
             temp, lim = gpu["temperature_c"], self.temperature_limit(gpu)
-            a = self._set("gpu_temperature_high", temp > lim, "critical", f"GPU at {temp:.0f} C (> {lim:.0f} C)", temp, lim)
+            a = self._set("gpu_temperature_high", temp > lim, f"GPU at {temp:.0f} C (> {lim:.0f} C)", temp, lim)
             out += [a] if a else []
             if self.t.thermal_pause and temp > lim and not self.thermal_paused and self.training and self._pause:
                 if self._pause(f"thermal: {temp:.0f} C > {lim:.0f} C"):
@@ -257,7 +258,7 @@ class Watchdog:
                     self.thermal_paused = False
         if self.training and not self.thermal_paused:
             idle = self.clock() - self.last_step_at
-            a = self._set("training_stalled", idle > self.t.stall_seconds, "critical",
+            a = self._set("training_stalled", idle > self.t.stall_seconds,
                           f"no optimizer step for {idle:.0f} s (> {self.t.stall_seconds:.0f} s)", round(idle, 1),
                           self.t.stall_seconds)
             out += [a] if a else []

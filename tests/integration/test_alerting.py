@@ -3,7 +3,6 @@ real: a tiny training run's exporter -> Prometheus (scrape + rules) -> Alertmana
 webhook receiver, plus `promtool check metrics` on a scrape taken during the run."""
 
 import json
-import shutil
 import subprocess
 import time
 import urllib.request

@@ -134,7 +134,7 @@ def test_auto_packing_keeps_the_examples_per_step():
     assert 0.75 * unpacked.steps_per_epoch <= packed.steps_per_epoch <= unpacked.steps_per_epoch
     ckpt = cfg.model_copy(update={"gradient_checkpointing": True})  # same recompute setting: fewer tokens, less memory
     assert make_plan(ckpt, m, token_p50=90, token_mean=100, **kw).total_bytes < make_plan(ckpt, m, **kw).total_bytes
-    # long examples: packing still on, but no fewer rows than asked for
+    # ~500-token examples: two to a packed row, so 4 rows hold the 8 examples
     assert make_plan(cfg, m, token_p50=500, token_mean=500, **kw).config.micro_batch == 4
 
 
