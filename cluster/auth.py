@@ -1,7 +1,8 @@
 """Ray token authentication (Ray >= 2.52, ``RAY_AUTH_MODE=token``).
 
-The token is generated once and kept in ``<config dir>/ray_token`` with mode 0600; it is never
-written into a workspace. The config dir is ``$DUET_CONFIG_DIR``, else ``$XDG_CONFIG_HOME/duet``,
+The token is generated once and kept in ``<config dir>/ray_token`` with mode 0600, in a config dir
+with mode 0700; it is never written into a workspace (and the secret scanner refuses any file or
+text that holds it). The config dir is ``$DUET_CONFIG_DIR``, else ``$XDG_CONFIG_HOME/duet``,
 else ``~/.config/duet``.
 """
 
@@ -23,12 +24,16 @@ def config_dir() -> Path:
 def ensure_token(path: Path | None = None) -> tuple[Path, bool]:
     """Return (token file, created). Creates a 256-bit token with mode 0600 when missing."""
     path = path or token_path()
+    if path.parent == config_dir():  # duet's own folder: owner only (a copied token may live anywhere)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if stat.S_IMODE(path.parent.stat().st_mode) & 0o077:
+            os.chmod(path.parent, 0o700)
     if path.exists():
         mode = stat.S_IMODE(path.stat().st_mode)
         if mode & 0o077:
             os.chmod(path, 0o600)
         return path, False
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as fh:
         fh.write(secrets.token_hex(32))

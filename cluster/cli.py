@@ -12,9 +12,10 @@ import argparse
 import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
-from cluster.output import EXIT_INFRA, EXIT_INPUT, EXIT_OK, EXIT_REFUSED
+from cluster.output import EXIT_INFRA, EXIT_INPUT, EXIT_OK, EXIT_REFUSED, float_arg, int_arg, print_error
 
 
 @dataclass
@@ -47,7 +48,7 @@ def _setup_demo(p):
     g.add_argument("--model", help="a local Hugging Face model folder instead of the bundled SmolLM2-135M")
     g.add_argument("--tiny", action="store_true", help="a tiny random Qwen2 built from a config (fast; for tests)")
     p.add_argument("--data", help="a chat JSONL file instead of examples/persona/persona.jsonl")
-    p.add_argument("--max-steps", type=int, help="override the demo preset's optimizer steps")
+    p.add_argument("--max-steps", type=int_arg(1), help="override the demo preset's optimizer steps")
     p.add_argument("--json", action="store_true", help="print a summary JSON document on stdout")
 
 
@@ -57,7 +58,7 @@ def _run_demo(a) -> int:
     try:
         summary = run_demo(a.workspace, model=a.model, tiny=a.tiny, data=a.data, max_steps=a.max_steps)
     except DemoError as exc:
-        _console().print(f"[red]error:[/] {exc}")
+        print_error(exc)
         if a.json:
             _emit_json({"ok": False, "error": str(exc), "exit_code": exc.code})
         return exc.code
@@ -73,19 +74,19 @@ def _setup_up(p):
 
 def _run_up(a) -> int:
     from cluster import embedded
-    from infra.services import ServiceError
+    from infra.services import ServiceError, display_url
     from memory_sync.workspace import Workspace
 
     Workspace(a.workspace).init()
     try:
         emb = embedded.up(a.workspace)
     except ServiceError as exc:
-        _console().print(f"[red]error:[/] {exc}")
+        print_error(exc)
         return EXIT_INFRA
     if a.json:
-        _emit_json(emb.to_dict())
+        _emit_json({**emb.to_dict(), "postgres_url": display_url(emb.postgres_url)})
     else:
-        _console().print(f"up: Ray {emb.ray_address}, Postgres {emb.postgres_url}, Mongo {emb.mongo_url} "
+        _console().print(f"up: Ray {emb.ray_address}, Postgres {display_url(emb.postgres_url)}, Mongo {emb.mongo_url} "
                          f"(started: {', '.join(emb.started) or 'nothing, all reused'})")
     return EXIT_OK
 
@@ -109,9 +110,12 @@ def _setup_status(p):
 
 def _run_status(a) -> int:
     from cluster import auth, embedded, nodes
-    from infra.services import port_open
+    from infra.services import display_url, port_open
 
     st = embedded.running(a.workspace)
+    for v in st.values():
+        if v.get("url"):
+            v["url"] = display_url(v["url"])
     doc = {"workspace": os.path.abspath(a.workspace), "services": st}
     for name in ("postgres", "mongo"):
         if name in st:
@@ -167,24 +171,24 @@ def _setup_data(p):
     imp.add_argument("--json", action="store_true")
     chk = sub.add_parser("check", help="validate chat/DPO JSONL files, reporting every problem")
     chk.add_argument("files", nargs="+")
-    chk.add_argument("--max-len", type=int, help="maximum sequence length in tokens")
+    chk.add_argument("--max-len", type=int_arg(1), help="maximum sequence length in tokens")
     chk.add_argument("--tokenizer", help="a model folder whose tokenizer counts the tokens (else an estimate)")
     chk.add_argument("--json", action="store_true")
     cur = sub.add_parser("curate", help="build a dataset version in the workspace and commit it")
     cur.add_argument("files", nargs="+")
     cur.add_argument("--name", required=True)
-    cur.add_argument("--test-frac", type=float, default=0.1)
-    cur.add_argument("--seed", type=int, default=0)
-    cur.add_argument("--max-len", type=int, help="maximum sequence length in tokens (reports truncation)")
+    cur.add_argument("--test-frac", type=float_arg(0, 1, lo_open=True, hi_open=True), default=0.1)
+    cur.add_argument("--seed", type=int_arg(0, 2**32 - 1), default=0)
+    cur.add_argument("--max-len", type=int_arg(1), help="maximum sequence length in tokens (reports truncation)")
     cur.add_argument("--tokenizer", help="a model folder whose tokenizer counts the tokens (else an estimate)")
-    cur.add_argument("--reasoning-target", type=float, default=0.5, help="wanted fraction of <think> examples")
+    cur.add_argument("--reasoning-target", type=float_arg(0, 1), default=0.5, help="wanted fraction of <think> examples")
     cur.add_argument("--strict", action="store_true", help="refuse the whole input if any record is invalid")
     cur.add_argument("--json", action="store_true")
     _workspace_arg(cur)
 
 
 def _run_data(a) -> int:
-    from training.dataset import DatasetError, check_records, read_jsonl
+    from training.dataset import DatasetError, check_records
 
     con = _console()
     if a.data_cmd is None:
@@ -192,16 +196,17 @@ def _run_data(a) -> int:
         return EXIT_INPUT
     if a.data_cmd == "import":
         from training.importers import DEFAULT_ASSISTANT_LABELS, DEFAULT_USER_LABELS, ImportFormatError, \
-            import_file, write_jsonl
+            check_output, import_file, write_jsonl
 
-        users = tuple(x.strip() for x in a.user_labels.split(",")) if a.user_labels else DEFAULT_USER_LABELS
-        assts = tuple(x.strip() for x in a.assistant_labels.split(",")) if a.assistant_labels else DEFAULT_ASSISTANT_LABELS
+        users = _labels(a.user_labels, "--user-labels") or DEFAULT_USER_LABELS
+        assts = _labels(a.assistant_labels, "--assistant-labels") or DEFAULT_ASSISTANT_LABELS
         try:
+            check_output(a.src, a.output)
             res = import_file(a.src, a.format, user_labels=users, assistant_labels=assts)
+            write_jsonl(res.records, a.output)
         except ImportFormatError as exc:
-            con.print(f"[red]error:[/] {exc}")
+            print_error(exc)
             return EXIT_INPUT
-        write_jsonl(res.records, a.output)
         doc = {"format": res.format, "detected": res.detected, "records": len(res.records),
                "skipped": res.skipped, "output": a.output}
         if a.json:
@@ -217,17 +222,21 @@ def _run_data(a) -> int:
     try:
         counter = tokenizer_counter(a.tokenizer) if a.tokenizer else None
     except DatasetError as exc:
-        con.print(f"[red]error:[/] {exc}")
+        print_error(exc)
         return EXIT_INPUT
     if a.data_cmd == "check":
-        records, errors = [], []
+        from training.dataset import scan_jsonl
+
+        records, errors, line_problems = [], [], []
         for f in a.files:
             try:
-                records.extend(read_jsonl(f))
+                recs, lines = scan_jsonl(f)
+                records.extend(recs)
+                line_problems.extend(lines)
             except DatasetError as exc:
                 errors.append(str(exc))
-        problems = check_records(records, a.max_len, counter)
-        bad = sum(1 for r in records if not r.ok)
+        problems = sorted(line_problems + check_records(records, a.max_len, counter), key=lambda p: (p.file, p.line))
+        bad = sum(1 for r in records if not r.ok) + len(line_problems)
         doc = {"files": a.files, "records": len(records), "invalid_records": bad, "errors": errors,
                "tokens_counted_with": "tokenizer" if counter else "estimate (~4 characters a token)",
                "problems": [p.to_dict() for p in problems]}
@@ -248,7 +257,7 @@ def _run_data(a) -> int:
         res = arch.curate(a.files, a.name, a.test_frac, a.seed, strict=a.strict, max_tokens=a.max_len,
                           count_tokens=counter, reasoning_target=a.reasoning_target)
     except (DatasetError, WorkspaceError) as exc:
-        con.print(f"[red]error:[/] {exc}")
+        print_error(exc)
         for p in getattr(exc, "problems", [])[:100]:
             con.print(f"  {p}")
         if a.json:
@@ -265,6 +274,15 @@ def _run_data(a) -> int:
         for w in res["manifest"]["warnings"]:
             con.print(f"[yellow]warning:[/] {w}")
     return EXIT_OK
+
+
+def _labels(text: str | None, flag: str) -> tuple[str, ...] | None:
+    if text is None:
+        return None
+    labels = tuple(x.strip() for x in text.split(",") if x.strip())
+    if not labels:
+        raise ValueError(f"{flag} {text!r}: give comma-separated speaker labels, e.g. 'User,Me'")
+    return labels
 
 
 def _parse_size(text: str) -> int:
@@ -284,8 +302,8 @@ def _setup_plan(p):
     p.add_argument("--gpu", help="a GPU by name (memory and bf16 from a table), e.g. rtx3090, rtx4090, t4, a100-80")
     p.add_argument("--preset", default="doica", help="preset name or YAML file (default: doica)")
     p.add_argument("--method", choices=("qlora", "lora", "full"))
-    p.add_argument("--seq-len", type=int)
-    p.add_argument("--batch", type=int, help="micro-batch size")
+    p.add_argument("--seq-len", type=int_arg())
+    p.add_argument("--batch", type=int_arg(), help="micro-batch size")
     p.add_argument("--no-bf16", action="store_true", help="the GPU lacks bf16 (pre-Ampere)")
     p.add_argument("--json", action="store_true")
 
@@ -295,7 +313,8 @@ def _run_plan(a) -> int:
 
     from training.plan import GPUS
 
-    overrides = {k: v for k, v in (("method", a.method), ("seq_len", a.seq_len), ("micro_batch", a.batch)) if v}
+    overrides = {k: v for k, v in (("method", a.method), ("seq_len", a.seq_len), ("micro_batch", a.batch))
+                 if v is not None}  # 0 is a value (refused by the config model), not "unset"
     bf16 = not a.no_bf16
     try:
         if a.gpu:
@@ -310,7 +329,7 @@ def _run_plan(a) -> int:
         cfg = load_config(a.preset, overrides)
         model = ModelProfile.from_config(a.model)
     except (PlanError, ValueError) as exc:
-        _console().print(f"[red]error:[/] {exc}")
+        print_error(exc)
         return EXIT_INPUT
     plan = make_plan(cfg, model, device="cuda", bf16=bf16, budget_bytes=budget)
     doc = plan.to_dict()
@@ -349,7 +368,7 @@ def _run_train(a) -> int:
     try:
         run = local_run(a.config, workspace=a.workspace, data_dir=a.data_dir, run_id=a.run_id, resume=a.resume)
     except ExecutorError as exc:
-        con.print(f"[red]error:[/] {exc}")
+        print_error(exc)
         return EXIT_INPUT
     if run.state == "finished":
         con.print(f"run {run.run_id} already finished")
@@ -389,36 +408,23 @@ def _setup_run(p):
 
 
 def _run_run(a) -> int:
-    import yaml
-
     from cluster import nodes
     from cluster.demo import DemoError, run_pipeline
+    from training.plan import PlanError, load_run_config
 
-    con = _console()
     try:
-        doc = yaml.safe_load(open(a.config, encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        con.print(f"[red]error:[/] {a.config}: {exc}")
+        rc, data, _ = load_run_config(a.config)  # the whole config, its preset and overrides, before anything starts
+    except PlanError as exc:
+        print_error(exc)
         return EXIT_INPUT
-    allowed = {"preset", "model", "data", "dataset", "overrides", "test_frac", "seed"}
-    unknown = set(doc) - allowed
-    if unknown or "data" not in doc:
-        con.print(f"[red]error:[/] {a.config}: " + (f"unknown field(s) {sorted(unknown)}" if unknown else "field 'data' missing")
-                  + f" (allowed: {', '.join(sorted(allowed))})")
-        return EXIT_INPUT
-    base = os.path.dirname(os.path.abspath(a.config))
-    data = [d if os.path.isabs(d) else os.path.normpath(os.path.join(base, d))
-            for d in ([doc["data"]] if isinstance(doc["data"], str) else doc["data"])]
-    model = doc.get("model", "smollm2")
     try:
-        summary = run_pipeline(a.workspace, model=None if model in ("smollm2", "tiny") else model,
-                               tiny=model == "tiny", data=data, overrides=doc.get("overrides"),
-                               preset=doc.get("preset", "demo"), dataset_name=doc.get("dataset", "data"),
-                               title=f"duet run {os.path.basename(a.config)}", detach=a.detach,
-                               test_frac=doc.get("test_frac", 0.1), seed=doc.get("seed", 0),
+        summary = run_pipeline(a.workspace, model=None if rc.model in ("smollm2", "tiny") else rc.model,
+                               tiny=rc.model == "tiny", data=[str(d) for d in data], overrides=rc.overrides, preset=rc.preset,
+                               dataset_name=rc.dataset, title=f"duet run {os.path.basename(a.config)}",
+                               detach=a.detach, test_frac=rc.test_frac, seed=rc.seed,
                                address=nodes.cluster_address(a.workspace, a.address) if a.address or _two_host() else None)
     except DemoError as exc:
-        con.print(f"[red]error:[/] {exc}")
+        print_error(exc)
         return exc.code
     if a.json:
         _emit_json(summary)
@@ -446,12 +452,12 @@ def _run_runs(a) -> int:
 
     con = _console()
     if a.action != "list" and not a.run_id:
-        con.print(f"[red]error:[/] duet runs {a.action} needs a RUN_ID")
+        print_error(f"duet runs {a.action} needs a RUN_ID")
         return EXIT_INPUT
     try:
         ex = nodes.executor_handle(a.workspace, a.address)
     except ServiceError as exc:
-        con.print(f"[red]error:[/] {exc}")
+        print_error(exc)
         return EXIT_INFRA
     import ray
 
@@ -471,7 +477,7 @@ def _run_runs(a) -> int:
         else:
             doc = ray.get(getattr(ex, a.action).remote(a.run_id), timeout=60)
     except ray.exceptions.RayTaskError as exc:
-        con.print(f"[red]error:[/] {exc.cause if hasattr(exc, 'cause') else exc}")
+        print_error(exc.cause if hasattr(exc, 'cause') else exc)
         return EXIT_INPUT
     if a.json:
         _emit_json(doc)
@@ -489,22 +495,27 @@ def _setup_merge(p):
 
 def _run_merge(a) -> int:
     """(Re-)merge a trained run's adapter into its base, e.g. after a merge failed for lack of RAM."""
-    from pathlib import Path
-
     from training import hardware
     from training.engine import Run
 
+    from training.executor import ExecutorError
+    from training.executor import run_dir as checked_run_dir
+
     con = _console()
     data_dir = Path(a.data_dir) if a.data_dir else Path(a.workspace).resolve() / ".duet" / "executor"
-    run_dir = data_dir / "runs" / a.run_id
+    try:
+        run_dir = checked_run_dir(data_dir, a.run_id)
+    except ExecutorError as exc:
+        print_error(exc)
+        return EXIT_INPUT
     if not (run_dir / "adapter" / "adapter_config.json").exists():
-        con.print(f"[red]error:[/] {run_dir}: no trained adapter to merge")
+        print_error(f"{run_dir}: no trained adapter to merge")
         return EXIT_INPUT
     run = Run.load(run_dir, hardware.probe(data_dir).to_dict())
     try:
         run.merge_and_evaluate(Path(run.result.get("model_path") or run.preflight()))
     except RuntimeError as exc:
-        con.print(f"[red]error:[/] {exc}")
+        print_error(exc)
         return EXIT_REFUSED
     run._write_record()
     doc = run.result["merged_model"]
@@ -523,13 +534,13 @@ def _setup_node(p):
     st.add_argument("--role", choices=("executor", "architect"), default="executor")
     st.add_argument("--head", action="store_true", required=True, help="start the head node (required)")
     st.add_argument("--bind", default="127.0.0.1", help="this node's address: a LAN/VPN IP (never 0.0.0.0 by default)")
-    st.add_argument("--port", type=int, default=6390)
+    st.add_argument("--port", type=int_arg(1, 65535), default=6390)
     st.add_argument("--data-dir", help="where the executor keeps runs (default ~/.local/share/duet/executor)")
     st.add_argument("--workspace", help="the architect's workspace (role architect)")
-    st.add_argument("--metrics-port", type=int, default=9108)
+    st.add_argument("--metrics-port", type=int_arg(1, 65535), default=9108)
     st.add_argument("--dashboard", action="store_true", help="start Ray's dashboard (off by default)")
     st.add_argument("--allow-all-interfaces", action="store_true", help="allow --bind 0.0.0.0")
-    st.add_argument("--client-port", type=int, help="Ray Client port for design hosts that connect with "
+    st.add_argument("--client-port", type=int_arg(0, 65535), help="Ray Client port for design hosts that connect with "
                                                     "--client (default: --port + 1; 0: off)")
     st.add_argument("--json", action="store_true")
     jn = sub.add_parser("join", help="join a head with a role (the design host: --role architect)")
@@ -539,8 +550,8 @@ def _setup_node(p):
     jn.add_argument("--token-file", help="the head's token file, copied here (default: this host's config dir)")
     jn.add_argument("--workspace", help="the architect's workspace on this host")
     jn.add_argument("--data-dir", help="where an executor keeps runs")
-    jn.add_argument("--metrics-port", type=int, default=9108)
-    jn.add_argument("--timeout", type=float, default=30, help="seconds before giving up on the head")
+    jn.add_argument("--metrics-port", type=int_arg(1, 65535), default=9108)
+    jn.add_argument("--timeout", type=float_arg(0, 86400, lo_open=True), default=30, help="seconds before giving up on the head")
     jn.add_argument("--client", action="store_true",
                     help="no node here: check that this host can drive the cluster through the head's Ray Client "
                          "port (--address ray://HOST:CLIENT_PORT), then use that address with run/runs/status")
@@ -592,13 +603,13 @@ def _run_node(a) -> int:
             if not a.json:
                 con.print(f"stopped: {', '.join(doc['stopped']) or 'nothing (no node duet started is running)'}")
     except nodes.VersionMismatch as exc:
-        con.print(f"[red]error:[/] {exc}")
+        print_error(exc)
         return EXIT_REFUSED
     except (ServiceError, TimeoutError, ConnectionError) as exc:
-        con.print(f"[red]error:[/] {exc}")
+        print_error(exc)
         return EXIT_INFRA
     except (ValueError, FileNotFoundError) as exc:
-        con.print(f"[red]error:[/] {exc}")
+        print_error(exc)
         return EXIT_INPUT
     if a.json:
         _emit_json(doc)
@@ -632,8 +643,18 @@ COMMANDS: dict[str, Command] = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with the CLI contract's exit code for a bad argument (1: invalid input; argparse's
+    own 2 means "refused" here)."""
+
+    def error(self, message: str):
+        self.print_usage(sys.stderr)
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        raise SystemExit(EXIT_INPUT)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="duet", description="Two machines fine-tune a personal LLM together.",
         epilog="exit codes: 0 ok, 1 invalid input, 2 refused (plan, policy, conflict), 3 infrastructure unavailable")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -657,7 +678,35 @@ def main(argv: list[str] | None = None) -> int:
     cmd = COMMANDS[a.command]
     if getattr(a, "json", False) and argv is None:  # a process of its own (not a test calling main())
         output.stdout_for_json_only()
-    return cmd.run(a)
+    try:
+        return cmd.run(a)
+    except KeyboardInterrupt:
+        _console().print("[red]interrupted[/]")
+        return 130
+    except Exception as exc:  # errors a command left to this table; never a traceback (DUET_DEBUG=1 shows it)
+        if os.environ.get("DUET_DEBUG"):
+            raise
+        return _fail(a, exc, output.exit_code_for(exc), unexpected=not _expected(exc))
+
+
+def _expected(exc: BaseException) -> bool:
+    """Errors about the input, a policy or a service (as opposed to a bug in duet)."""
+    from infra.services import ServiceError
+    from memory_sync.secret_scan import SecretFound
+    from memory_sync.workspace import WorkspaceError
+
+    return isinstance(exc, (ValueError, OSError, SecretFound, WorkspaceError, ServiceError, UnicodeError))
+
+
+def _fail(a, exc: BaseException, code: int, unexpected: bool = False) -> int:
+    msg = output.describe(exc)
+    if unexpected:
+        msg = (f"unexpected {type(exc).__name__}: {msg} (a bug in duet: please report it; "
+               "DUET_DEBUG=1 shows the traceback)")
+    print_error(msg)
+    if getattr(a, "json", False):
+        output.emit_json({"ok": False, "error": msg, "exit_code": code})
+    return code
 
 
 if __name__ == "__main__":

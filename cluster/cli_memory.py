@@ -7,7 +7,7 @@ import json
 import os
 import sys
 
-from cluster.output import EXIT_INFRA, EXIT_INPUT, EXIT_OK, EXIT_REFUSED
+from cluster.output import EXIT_INFRA, EXIT_INPUT, EXIT_OK, EXIT_REFUSED, float_arg, int_arg, print_error
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -27,20 +27,28 @@ def _store_urls(workspace: str) -> tuple[str | None, str | None]:
     return os.environ.get("DUET_POSTGRES_URL") or pg, os.environ.get("DUET_MONGO_URL") or mongo
 
 
-def _memory(a):
+def _memory(a, create: bool = False):
+    """The workspace's memory. Only ``create`` (session start) makes a new workspace; every other
+    command needs one already, so a refused command never leaves a new repository behind."""
     from memory_sync.memory import Memory
     from memory_sync.workspace import Workspace
 
-    Workspace(a.workspace).init()
-    return Memory(a.workspace, *_store_urls(a.workspace))
+    ws = Workspace(a.workspace)
+    ws.init() if create else ws.open()
+    return Memory(ws.root, *_store_urls(a.workspace))
 
 
 def _text(a) -> str:
     if a.text and a.text != ["-"]:
         return " ".join(a.text)
-    if sys.stdin.isatty():
+    if sys.stdin is None or sys.stdin.isatty():
         raise ValueError("no text given (pass it as arguments, or pipe it on stdin)")
-    return sys.stdin.read()
+    data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"the text on stdin is not UTF-8 (byte {exc.start}); convert it first, "
+                         "e.g. iconv -f latin1 -t utf-8") from exc
 
 
 def _emit(a, doc, human: str) -> None:
@@ -87,8 +95,8 @@ def setup_session(p):
     _common(s)
     s = sub.add_parser("resume", help="print the context to resume the session with")
     s.add_argument("id")
-    s.add_argument("--budget", type=int, default=4096, help="tokens (default 4096)")
-    s.add_argument("--threshold", type=float, default=0.75, help="retrieval similarity, 0.70-0.85")
+    s.add_argument("--budget", type=int_arg(1, 10_000_000), default=4096, help="tokens (default 4096)")
+    s.add_argument("--threshold", type=float_arg(0, 1), default=0.75, help="retrieval similarity, 0.70-0.85")
     _common(s)
     for name, hlp in (("handoff", "write sessions/ID/handoff.md (derived)"), ("close", "close the session")):
         s = sub.add_parser(name, help=hlp)
@@ -101,9 +109,12 @@ def _range(spec: str | None, n: int) -> slice:
         return slice(0, n)
     try:
         a, b = spec.split(":")
-        return slice(int(a) - 1 if a else 0, int(b) if b else n)
+        lo, hi = int(a) if a else 1, int(b) if b else n
+        if lo < 1 or hi < lo - 1:
+            raise ValueError
+        return slice(lo - 1, hi)
     except ValueError as exc:
-        raise ValueError(f"--range {spec!r}: use A:B (1-based, inclusive), e.g. 1:50 or 900:") from exc
+        raise ValueError(f"--range {spec!r}: use A:B (1-based, inclusive, A >= 1), e.g. 1:50 or 900:") from exc
 
 
 def run_session(a) -> int:
@@ -113,15 +124,33 @@ def run_session(a) -> int:
     if a.session_cmd is None:
         _console().print("usage: duet session {start,log,note,decide,state,list,show,resume,handoff,close} ...")
         return EXIT_INPUT
+    from memory_sync.secret_scan import SecretFound
+    from memory_sync.workspace import NotAWorkspace, WorkspaceError
+
     try:
-        mem = _memory(a)
+        if a.session_cmd == "start":  # validated before the workspace is created
+            _check_start(a)
+        mem = _memory(a, create=a.session_cmd == "start")
         try:
             return _session(a, mem)
         finally:
             mem.close()
-    except (EventError, ValueError) as exc:
-        _console().print(f"[red]error:[/] {exc}")
+    except (EventError, ValueError, NotAWorkspace) as exc:
+        print_error(exc)
         return EXIT_INPUT
+    except (SecretFound, WorkspaceError) as exc:
+        print_error(exc)
+        return EXIT_REFUSED
+
+
+def _check_start(a) -> None:
+    from memory_sync.secret_scan import check_value
+    from memory_sync.sessions import check_payload
+
+    if not a.title.strip():
+        raise ValueError("a session needs a title")
+    check_payload({"title": a.title, "tags": a.tag}, "session")
+    check_value({"title": a.title, "tags": a.tag}, "session", a.workspace)
 
 
 def _session(a, mem) -> int:
@@ -185,12 +214,12 @@ def setup_memory(p):
     _common(s)
     s = sub.add_parser("search", help="facts, hypotheses and events by embedding similarity")
     s.add_argument("query", nargs="+")
-    s.add_argument("--threshold", type=float, default=0.75, help="0.70-0.85 (default 0.75)")
-    s.add_argument("--limit", type=int, default=10)
+    s.add_argument("--threshold", type=float_arg(0, 1), default=0.75, help="0.70-0.85 (default 0.75)")
+    s.add_argument("--limit", type=int_arg(1, 10_000), default=10)
     _common(s)
     s = sub.add_parser("hypothesize", help="record a hypothesis (confidence 0.3-0.9) in the neocortex")
     s.add_argument("text", nargs="+")
-    s.add_argument("--confidence", type=float, required=True)
+    s.add_argument("--confidence", type=float_arg(), required=True)
     s.add_argument("--id", help="default: derived from the text")
     s.add_argument("--session", help="note it in this session too")
     _common(s)
@@ -216,14 +245,25 @@ def run_memory(a) -> int:
     from memory_sync.search import SearchError
     from memory_sync.workspace import WorkspaceError
 
+    from memory_sync.secret_scan import SecretFound
+    from memory_sync.workspace import NotAWorkspace
+
     con = _console()
     if a.memory_cmd is None:
         con.print("usage: duet memory {sync,search,hypothesize,promote,backup,restore} ...")
         return EXIT_INPUT
     try:
-        mem = _memory(a)
+        if a.memory_cmd == "restore":  # restore creates the workspace itself, after verifying the bundle
+            from memory_sync.memory import Memory
+
+            mem = Memory(a.workspace, *_store_urls(a.workspace))
+        else:
+            mem = _memory(a)
+    except NotAWorkspace as exc:
+        print_error(exc)
+        return EXIT_INPUT
     except WorkspaceError as exc:
-        con.print(f"[red]error:[/] {exc}")
+        print_error(exc)
         return EXIT_REFUSED
     try:
         c = a.memory_cmd
@@ -245,13 +285,15 @@ def run_memory(a) -> int:
             doc = mem.hypothesize(sid, hid, text, a.confidence)
             _emit(a, doc, f"{doc['id']} ({doc['status']}, confidence {doc['confidence']})")
         elif c == "promote":
+            from memory_sync.events import loads_strict
+
             try:
-                ev = json.loads(a.evidence)
+                ev = loads_strict(a.evidence)
                 ev = ev if isinstance(ev, dict) else {"text": a.evidence}
             except ValueError:
                 ev = {"text": a.evidence}
             if mem.neocortex() is None or mem.cortex() is None:
-                con.print("[red]error:[/] promotion needs both stores (DUET_POSTGRES_URL and DUET_MONGO_URL, or `duet up`)")
+                print_error("promotion needs both stores (DUET_POSTGRES_URL and DUET_MONGO_URL, or `duet up`)")
                 return EXIT_INFRA
             sid = mem.session(a.session).id if a.session else None
             doc = mem.promote(a.hypothesis_id, ev, {"session_id": sid, "host": mem.host, "via": "duet memory promote"})
@@ -265,14 +307,14 @@ def run_memory(a) -> int:
         elif c == "restore":
             doc = mem.restore(a.bundle, a.expect)
             _emit(a, doc, f"restored into {doc['workspace']}: {doc['counts']}")
-    except (EventError, HypothesisError, SearchError, BackupError, ValueError) as exc:
-        con.print(f"[red]error:[/] {exc}")
+    except (EventError, HypothesisError, SearchError, BackupError, ValueError, NotAWorkspace) as exc:
+        print_error(exc)
         return EXIT_INPUT
-    except WorkspaceError as exc:
-        con.print(f"[red]error:[/] {exc}")
+    except (WorkspaceError, SecretFound) as exc:
+        print_error(exc)
         return EXIT_REFUSED
     except OSError as exc:
-        con.print(f"[red]error:[/] {exc}")
+        print_error(exc)
         return EXIT_INFRA
     finally:
         mem.close()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from cluster.output import EXIT_INFRA, EXIT_INPUT, EXIT_OK, EXIT_REFUSED
+from cluster.output import EXIT_INFRA, EXIT_INPUT, EXIT_OK, EXIT_REFUSED, float_arg, int_arg, print_error
 
 SPARK = "▁▂▃▄▅▆▇█"
 
@@ -14,9 +14,9 @@ def setup_infra(p):
 
     p.add_argument("action", choices=("up", "down", "status"))
     p.add_argument("--exporter", default="127.0.0.1:9108", help="the executor's exporter HOST:PORT to scrape")
-    p.add_argument("--prometheus-port", type=int, default=9490)
-    p.add_argument("--alertmanager-port", type=int, default=9493)
-    p.add_argument("--webhook-port", type=int, default=9497, help="duet's alert receiver")
+    p.add_argument("--prometheus-port", type=int_arg(1, 65535), default=9490)
+    p.add_argument("--alertmanager-port", type=int_arg(1, 65535), default=9493)
+    p.add_argument("--webhook-port", type=int_arg(1, 65535), default=9497, help="duet's alert receiver")
     p.add_argument("--webhook", help="send alerts to this URL instead of duet's receiver")
     p.add_argument("--json", action="store_true")
     _workspace_arg(p)
@@ -39,7 +39,7 @@ def run_infra(a) -> int:
         else:
             doc = monitoring.status(a.workspace)
     except ServiceError as exc:
-        con.print(f"[red]error:[/] {exc}")
+        print_error(exc)
         return EXIT_INFRA
     if a.json:
         emit_json(doc)
@@ -64,7 +64,7 @@ def setup_watch(p):
     p.add_argument("run_id")
     p.add_argument("--address", help="the cluster's head HOST:PORT or ray://HOST:PORT (default: the one duet knows)")
     p.add_argument("--once", action="store_true", help="one snapshot, then exit")
-    p.add_argument("--interval", type=float, default=1.0)
+    p.add_argument("--interval", type=float_arg(0.05, 3600), default=1.0)
     p.add_argument("--json", action="store_true", help="with --once: the snapshot as JSON")
     _workspace_arg(p)
 
@@ -118,15 +118,13 @@ def run_watch(a) -> int:
     from rich.live import Live
 
     from cluster import nodes
-    from cluster.cli import _console
     from cluster.output import emit_json
     from infra.services import ServiceError
 
-    con = _console()
     try:
         ex = nodes.executor_handle(a.workspace, a.address)
     except ServiceError as exc:
-        con.print(f"[red]error:[/] {exc}")
+        print_error(exc)
         return EXIT_INFRA
     import ray
 
@@ -136,7 +134,7 @@ def run_watch(a) -> int:
     try:
         first = snap()
     except ray.exceptions.RayTaskError as exc:
-        con.print(f"[red]error:[/] {getattr(exc, 'cause', exc)}")
+        print_error(getattr(exc, 'cause', exc))
         return EXIT_INPUT
     if a.once:
         if a.json:

@@ -44,14 +44,21 @@ def scrape(port: int | None, text: str | None = None) -> dict:
     return out
 
 
-def precheck(data: Path) -> None:
-    """Fail fast, before any service starts, on a dataset that would not curate."""
-    from training.dataset import DatasetError, check_records, read_jsonl
+def precheck(data: Path, workspace: Path | None = None) -> None:
+    """Fail fast, before any service starts, on a dataset that would not curate: not a JSONL file,
+    invalid records (exit 1), or a secret in it (exit 2)."""
+    from memory_sync.secret_scan import SecretFound, scanner
+    from training.dataset import DatasetError, check_records, input_file, read_jsonl
 
     try:
+        found = scanner(workspace).scan_file(input_file(data))
+        if found:
+            raise SecretFound(found, action=f"refusing {data}")
         problems = check_records(read_jsonl(data))
     except DatasetError as exc:
         raise DemoError(str(exc), 1) from exc
+    except SecretFound as exc:
+        raise DemoError(str(exc), 2) from exc
     if problems:
         lines = "\n".join(f"  {p}" for p in problems[:50])
         more = f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else ""
@@ -62,7 +69,7 @@ def run_demo(workspace: str, *, model: str | None = None, tiny: bool = False, da
              console=None, quiet: bool = False, max_steps: int | None = None) -> dict:
     """The main job: the persona examples, the demo preset, SmolLM2 (or --tiny / --model)."""
     return run_pipeline(workspace, model=model, tiny=tiny, data=[data] if data else None, console=console,
-                        quiet=quiet, overrides={"max_steps": max_steps} if max_steps else None,
+                        quiet=quiet, overrides={"max_steps": max_steps} if max_steps is not None else None,
                         preset="demo", dataset_name="persona", title="duet demo")
 
 
@@ -91,10 +98,10 @@ def run_pipeline(workspace: str, *, model: str | None = None, tiny: bool = False
         model_ref = str(Path(model).expanduser().resolve())
     else:
         model_ref = "tiny" if tiny else "smollm2"
-    for d in data_paths:
-        precheck(d)
-
     ws = Path(workspace).resolve()
+    for d in data_paths:
+        precheck(d, ws)
+
     from cluster import auth
 
     auth.apply_auth_env()  # before ray is imported: Ray reads RAY_AUTH_MODE at import
@@ -109,7 +116,7 @@ def run_pipeline(workspace: str, *, model: str | None = None, tiny: bool = False
                 emb = embedded.up(ws)
     except services.ServiceError as exc:
         raise DemoError(f"infrastructure unavailable: {exc}", 3) from exc
-    con.print(f"[green]cluster[/] Ray {emb.ray_address} (token auth), Postgres {emb.postgres_url}, "
+    con.print(f"[green]cluster[/] Ray {emb.ray_address} (token auth), Postgres {services.display_url(emb.postgres_url)}, "
               f"Mongo {emb.mongo_url}" + (f"  [dim](started: {', '.join(emb.started)})[/]" if emb.started else
                                           "  [dim](reused)[/]"))
     import ray

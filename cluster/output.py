@@ -29,3 +29,78 @@ def stdout_for_json_only() -> None:
     sys.stdout.flush()
     _json_out = os.fdopen(os.dup(1), "w", encoding="utf-8")
     os.dup2(2, 1)
+
+
+def exit_code_for(exc: BaseException) -> int:
+    """The exit code of an error a command did not handle itself (DESIGN.md's contract): a secret or
+    a policy refusal 2, an unreachable service 3, anything about the input 1."""
+    from infra.services import ServiceError
+    from memory_sync.secret_scan import SecretFound
+    from memory_sync.workspace import NotAWorkspace, WorkspaceError
+
+    if isinstance(exc, (SecretFound,)) or (isinstance(exc, WorkspaceError) and not isinstance(exc, NotAWorkspace)):
+        return EXIT_REFUSED
+    if isinstance(exc, (ServiceError, ConnectionError, TimeoutError)):
+        return EXIT_INFRA
+    return EXIT_INPUT
+
+
+def describe(exc: BaseException) -> str:
+    """One line (or a short block) for a person: the message, or what an OSError was about (for an
+    error raised inside a Ray actor, its cause's message, not the remote traceback)."""
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, BaseException):
+        exc = cause
+    if isinstance(exc, OSError) and exc.filename is not None and not str(exc).startswith(str(exc.filename)):
+        return f"{exc.filename}: {exc.strerror or exc}"
+    text = str(exc).strip()
+    return text or type(exc).__name__
+
+
+def print_error(exc: BaseException | str) -> None:
+    """``error: <message>`` on stderr; the message is printed as it is (no Rich markup inside it)."""
+    from rich.console import Console
+    from rich.markup import escape
+
+    msg = exc if isinstance(exc, str) else describe(exc)
+    Console(stderr=True, soft_wrap=True).print(f"[red]error:[/] {escape(msg)}", highlight=False)
+
+
+# -- argument types: a number that is read is finite and in range, and 0 is a value, not "unset" --------
+
+def int_arg(lo: int | None = None, hi: int | None = None):
+    def parse(text: str) -> int:
+        import argparse
+
+        try:
+            value = int(text, 10)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(f"{value} is outside {lo if lo is not None else '-inf'}.."
+                                             f"{hi if hi is not None else 'inf'}")
+        return value
+    parse.__name__ = "whole number"
+    return parse
+
+
+def float_arg(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False, hi_open: bool = False):
+    def parse(text: str) -> float:
+        import argparse
+        import math
+
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+        below = lo is not None and (value <= lo if lo_open else value < lo)
+        above = hi is not None and (value >= hi if hi_open else value > hi)
+        if below or above:
+            raise argparse.ArgumentTypeError(
+                f"{value} is outside {'(' if lo_open else '['}{lo if lo is not None else '-inf'}, "
+                f"{hi if hi is not None else 'inf'}{')' if hi_open else ']'}")
+        return value
+    parse.__name__ = "number"
+    return parse

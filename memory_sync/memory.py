@@ -21,14 +21,17 @@ OUTBOX = "outbox.jsonl"
 
 
 class Memory:
-    def __init__(self, workspace: str | os.PathLike, postgres_url: str | None, mongo_url: str | None):
+    def __init__(self, workspace: str | os.PathLike, postgres_url: str | None, mongo_url: str | None,
+                 *, redact_secrets: bool = False):
+        """``redact_secrets``: for texts duet writes by itself (the architect's pipeline events), a
+        secret is replaced by a marker; otherwise (what a person types) it is refused, SecretFound."""
         self.root = Path(workspace)
         self.postgres_url = postgres_url
         self.mongo_url = mongo_url
+        self.redact_secrets = redact_secrets
         self._cortex = None
         self._neocortex = None
         self.outbox = self.root / ".duet" / OUTBOX
-        self.outbox.parent.mkdir(parents=True, exist_ok=True)
 
     # -- stores -------------------------------------------------------------------------------------
 
@@ -85,6 +88,7 @@ class Memory:
             return True
         except Exception:  # store down: keep the write, never block the user
             self._reset()
+            self.outbox.parent.mkdir(parents=True, exist_ok=True)
             with open(self.outbox, "a", encoding="utf-8") as fh:
                 fh.write(json.dumps(op, default=str) + "\n")
                 fh.flush()
@@ -126,10 +130,20 @@ class Memory:
     # -- sessions -------------------------------------------------------------------------------------
 
     def start_session(self, title: str, tags: list[str] | None = None) -> Session:
-        if not title.strip():
-            from memory_sync.events import EventError
+        from memory_sync.events import EventError
+        from memory_sync.secret_scan import check_value, redact
+        from memory_sync.sessions import check_payload
 
+        if not isinstance(title, str) or not title.strip():
             raise EventError("a session needs a title")
+        tags = list(tags or [])
+        if any(not isinstance(t, str) or not t.strip() for t in tags):
+            raise EventError("field 'tags': every tag must be a non-empty text")
+        check_payload({"title": title, "tags": tags}, "session")
+        if self.redact_secrets:
+            title, tags = redact(title, self.root), redact(tags, self.root)
+        else:
+            check_value({"title": title, "tags": tags}, "session", self.root)
         s = start_session(self.root, title, tags)
         self.write({"op": "events", "session": s.meta(), "events": []})
         return s
@@ -145,7 +159,7 @@ class Memory:
         from memory_sync.sessions import append_checked
 
         session = self.session(session) if isinstance(session, str) else session
-        ev = append_checked(session, kind, payload)
+        ev = append_checked(session, kind, payload, redact_secrets=self.redact_secrets)
         self.write({"op": "events", "session": session.meta(), "events": [ev]})
         return ev
 
@@ -187,9 +201,16 @@ class Memory:
 
     def hypothesize(self, sid: str | None, hid: str, text: str, confidence: float, links: dict | None = None) -> dict:
         """A hypothesis in the neocortex (confidence checked first), noted in the session when given."""
-        from memory_sync.neocortex import HypothesisError, check_confidence
+        from memory_sync.neocortex import HypothesisError, check_confidence, check_hypothesis_id
+        from memory_sync.secret_scan import check_value
+        from memory_sync.sessions import check_payload
 
         check_confidence(confidence)
+        check_hypothesis_id(hid)
+        if not isinstance(text, str) or not text.strip():
+            raise HypothesisError("a hypothesis needs non-empty text")
+        check_payload({"text": text, "links": links or {}}, "hypothesis")
+        check_value({"id": hid, "text": text, "links": links or {}}, "hypothesis", self.root)
         n = self.neocortex()
         if n is None:
             raise HypothesisError("no neocortex configured (DUET_MONGO_URL, or `duet up`)")
@@ -231,10 +252,24 @@ class Memory:
     # -- facts and hypotheses ---------------------------------------------------------------------------
 
     def add_fact(self, text: str, provenance: dict, **kw) -> bool:
-        return self.write({"op": "fact", "text": text, "provenance": provenance, **kw})
+        """A validated fact in the cortex; what it holds is scanned like an event (refused, or
+        redacted with ``redact_secrets``)."""
+        return self.write(self._clean({"op": "fact", "text": text, "provenance": provenance, **kw}, "fact"))
+
+    def _clean(self, value, field: str):
+        from memory_sync.secret_scan import check_value, redact
+
+        if self.redact_secrets:
+            return redact(value, self.root)
+        check_value(value, field, self.root)
+        return value
 
     def promote(self, hid: str, evidence: dict, provenance: dict) -> dict:
         """Write a validated fact for a hypothesis and mark it promoted (never deleted)."""
+        from memory_sync.sessions import check_payload
+
+        check_payload(evidence, "evidence")
+        self._clean({"evidence": evidence, "provenance": provenance}, "promote")
         n = self.neocortex()
         h = n.update_hypothesis(hid, evidence=evidence)
         self.add_fact(h["text"], {**provenance, "hypothesis": hid, "evidence": h["evidence"]},

@@ -12,6 +12,7 @@ Collections migrate through MIGRATIONS, recorded in ``duet_migrations``.
 from __future__ import annotations
 
 import datetime as dt
+import re
 
 CONFIDENCE_MIN, CONFIDENCE_MAX = 0.3, 0.9
 STATUSES = ("open", "promoted", "rejected")
@@ -30,6 +31,16 @@ def _m1(db) -> None:
 
 
 MIGRATIONS = [_m1]
+
+
+HYPOTHESIS_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}")
+
+
+def check_hypothesis_id(hid: object) -> str:
+    if not isinstance(hid, str) or not HYPOTHESIS_ID.fullmatch(hid):
+        raise HypothesisError(f"hypothesis id {hid!r}: use 1-128 letters, digits, '.', '_', ':' or '-' "
+                              "(starting with a letter or digit)")
+    return hid
 
 
 def check_confidence(value: object) -> float:
@@ -135,3 +146,10 @@ class Neocortex:
         for d in docs:
             self.db[collection].update_one({"id": d["id"]}, {"$setOnInsert": d}, upsert=True)
         return len(docs)
+
+    def remove(self, collection: str, ids: list) -> None:
+        """Delete documents by id (a restore undoing its own inserts after a later step failed)."""
+        if collection not in COLLECTIONS:
+            raise ValueError(f"unknown collection {collection!r}")
+        for i in range(0, len(ids), 500):
+            self.db[collection].delete_many({"id": {"$in": ids[i:i + 500]}})

@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from memory_sync.events import EventError, Session, open_session, read_events
+from memory_sync.events import EventError, Session, open_session, read_events, read_meta
 
 ROLES = ("user", "assistant", "system")
 TERMINAL_RUN_STATES = ("finished", "failed", "cancelled")
@@ -119,8 +120,15 @@ def view(workspace: str | os.PathLike, sid: str) -> View:
 
 def resolve(workspace: str | os.PathLike, prefix: str) -> str:
     """A session id from a unique prefix (ids are long); EventError naming the choices otherwise."""
+    from memory_sync.events import SESSION_ID
+
+    if not isinstance(prefix, str) or not prefix.strip():
+        raise EventError("give a session id (or a unique prefix of one); `duet session list` shows them")
+    if not re.fullmatch(r"[0-9A-Za-z]{1,26}", prefix):
+        raise EventError(f"session id {prefix!r}: only letters and digits (a ULID, 26 characters, or its prefix)")
     root = Path(workspace) / "sessions"
-    ids = sorted(p.name for p in root.iterdir() if (p / "session.json").exists()) if root.exists() else []
+    ids = sorted(p.name for p in root.iterdir()
+                 if SESSION_ID.fullmatch(p.name) and (p / "session.json").is_file()) if root.is_dir() else []
     if prefix in ids:
         return prefix
     hits = [i for i in ids if i.startswith(prefix.lower())]
@@ -134,10 +142,10 @@ def resolve(workspace: str | os.PathLike, prefix: str) -> str:
 def list_sessions(workspace: str | os.PathLike) -> list[dict]:
     root = Path(workspace) / "sessions"
     out = []
-    for p in sorted(root.iterdir()) if root.exists() else []:
+    for p in sorted(root.iterdir()) if root.is_dir() else []:
         if not (p / "session.json").exists():
             continue
-        v = View(json.loads((p / "session.json").read_text()), read_events(p / "events.jsonl"))
+        v = View(read_meta(p / "session.json"), read_events(p / "events.jsonl"))
         last = v.events[-1]["time"] if v.events else v.meta["created"]
         out.append({"id": v.id, "title": v.meta["title"], "status": v.status, "host": v.meta["host"],
                     "tags": v.meta.get("tags", []), "events": len(v.events), "turns": len(v.turns()),
@@ -145,8 +153,60 @@ def list_sessions(workspace: str | os.PathLike) -> list[dict]:
     return sorted(out, key=lambda r: r["last"], reverse=True)
 
 
-def append_checked(session: Session, kind: str, payload: dict) -> dict:
-    """Validate the payload for its kind (a clear error, nothing written) and append it."""
+MAX_TEXT_CHARS = 1_000_000  # per text field; DUET_MAX_TEXT_CHARS overrides
+MAX_DEPTH = 32              # nesting of an event payload
+
+
+def max_text_chars() -> int:
+    raw = os.environ.get("DUET_MAX_TEXT_CHARS", "")
+    try:
+        return int(raw) if raw.strip() else MAX_TEXT_CHARS
+    except ValueError as exc:
+        raise EventError(f"DUET_MAX_TEXT_CHARS={raw!r}: use a whole number of characters") from exc
+
+
+def check_payload(value: object, field: str = "payload", depth: int = 0) -> None:
+    """EventError naming the field unless ``value`` is JSON that can be stored: strings of valid
+    Unicode within the size limit, finite numbers, nesting within MAX_DEPTH."""
+    if depth > MAX_DEPTH:
+        raise EventError(f"{field}: nested deeper than {MAX_DEPTH} levels")
+    if isinstance(value, str):
+        limit = max_text_chars()
+        if len(value) > limit:
+            raise EventError(f"{field}: {len(value):,} characters, above the limit of {limit:,} "
+                             "(DUET_MAX_TEXT_CHARS raises it)")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise EventError(f"{field}: not valid Unicode (a lone surrogate at character {exc.start}; "
+                             "was the text read with the wrong encoding?)") from exc
+        if "\x00" in value:
+            raise EventError(f"{field}: contains a NUL character (binary data is not a text)")
+    elif isinstance(value, float):
+        if value != value or value in (float("inf"), float("-inf")):
+            raise EventError(f"{field}: {value} is not a finite number")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise EventError(f"{field}: key {k!r} is not a string")
+            check_payload(k, f"{field} (a key)", depth + 1)
+            check_payload(v, f"{field}.{k}", depth + 1)
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            check_payload(v, f"{field}[{i}]", depth + 1)
+    elif value is not None and not isinstance(value, (bool, int)):
+        raise EventError(f"{field}: {type(value).__name__} is not a JSON value")
+
+
+def append_checked(session: Session, kind: str, payload: dict, *, redact_secrets: bool = False) -> dict:
+    """Validate the payload for its kind and scan it for secrets, then append it. A bad payload
+    raises EventError and a secret SecretFound (exit 2), both before anything is written. With
+    ``redact_secrets`` (texts duet writes by itself, e.g. a run's error) a secret is replaced by a
+    marker naming its kind instead."""
+    from memory_sync.secret_scan import check_value, redact
+
+    if not isinstance(payload, dict):
+        raise EventError("an event payload must be an object")
     if kind == "turn":
         if payload.get("role") not in ROLES:
             raise EventError(f"turn role {payload.get('role')!r} is not one of {', '.join(ROLES)}")
@@ -155,6 +215,14 @@ def append_checked(session: Session, kind: str, payload: dict) -> dict:
     if kind in ("note", "decision") and "hypothesis" not in payload:
         if not isinstance(payload.get("text"), str) or not payload["text"].strip():
             raise EventError(f"a {kind} needs non-empty text")
+    if kind == "decision" and "why" in payload and not (isinstance(payload["why"], str) and payload["why"].strip()):
+        raise EventError("field 'why': give a non-empty reason, or leave --why out")
+    check_payload(payload)
+    workspace = session.path.parent.parent
+    if redact_secrets:
+        payload = redact(payload, workspace)
+    else:
+        check_value(payload, kind, workspace)
     return session.append(kind, payload)
 
 

@@ -72,6 +72,7 @@ def sync(workspace: str | os.PathLike, memory=None, *, remote: str = "origin", r
                                      f"left at the commit before the pull ({before_pull[:12]}): {exc}") from exc
             if rebuild_derived(ws.root):  # 4
                 ws.commit(["sessions"], "sessions: rebuild derived files (handoff.md)")
+            ws.check_outgoing(remote)
             try:  # 5
                 repo.git.push(remote, f"HEAD:refs/heads/{branch}", "--porcelain")
                 pushed = True

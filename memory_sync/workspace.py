@@ -2,39 +2,31 @@
 
 Layout (see DESIGN.md): duet.yaml, datasets/, configs/, runs/, sessions/, .gitattributes.
 Commits are structured: the subject names the kind, the name and the hash, e.g.
-``dataset: persona 1a2b3c4d5e6f (54 train, 6 test)``. duet refuses to commit a file that looks
-like a secret and names the file.
+``dataset: persona 1a2b3c4d5e6f (54 train, 6 test)``.
+
+Invariants: nothing is committed or pushed that memory_sync.secret_scan finds a secret in (a
+refusal leaves the index and the history as they were); only paths inside the workspace are
+staged; adopting an existing folder commits duet's own files, never the folder's.
 """
 
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
 import yaml
 
 GITATTRIBUTES = "sessions/*/events.jsonl merge=duet-events\nsessions/*/handoff.md merge=duet-derived\n"
 GITIGNORE = ".duet/\nuploads/\n*.safetensors\n*.bin\n*.pt\n*.gguf\ncheckpoints/\n"
-SECRET_PATTERNS = [
-    (re.compile(r"(postgres(ql)?|mongodb(\+srv)?|mysql|redis)://[^:/\s]+:[^@/\s]+@"), "a database URL with a password"),
-    (re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----"), "a private key"),
-    (re.compile(r"\b(ghp|gho|ghs|github_pat)_[A-Za-z0-9_]{20,}"), "a GitHub token"),
-    (re.compile(r"\bhf_[A-Za-z0-9]{30,}"), "a Hugging Face token"),
-    (re.compile(r"\bAKIA[0-9A-Z]{16}\b"), "an AWS access key"),
-    (re.compile(r"(?i)\b(api[_-]?key|secret|password|auth[_-]?token)\b\s*[:=]\s*['\"]?[A-Za-z0-9/+_\-]{16,}"), "a key or password"),
-]
+OWN_DIRS = ("datasets", "configs", "runs", "sessions")
 
 
 class WorkspaceError(RuntimeError):
-    pass
+    """A conflict or a refused operation on the workspace (CLI exit 2)."""
 
 
-def find_secret(text: str) -> str | None:
-    for pat, what in SECRET_PATTERNS:
-        if pat.search(text):
-            return what
-    return None
+class NotAWorkspace(WorkspaceError):
+    """The folder is not a duet workspace (CLI exit 1: the input names the wrong folder)."""
 
 
 class Workspace:
@@ -48,25 +40,87 @@ class Workspace:
         """Machine-local state (pids, ports, store data): never committed."""
         return self.root / ".duet"
 
+    def exists(self) -> bool:
+        return (self.root / ".git").exists() and (self.root / "duet.yaml").is_file()
+
+    def open(self) -> "Workspace":
+        """This workspace as it is: NotAWorkspace (nothing created) unless it exists already."""
+        if not self.exists():
+            raise NotAWorkspace(f"{self.root} is not a duet workspace (no .git and duet.yaml there); "
+                                "`duet session start`, `duet data curate` or `duet up` creates one")
+        self.ensure_merge_driver()
+        return self
+
     def init(self) -> "Workspace":
+        """Create the workspace (or adopt an existing folder) and register duet's merge drivers.
+
+        An existing folder keeps its files: only duet's own files are created and committed
+        (duet.yaml, .gitattributes, .gitignore, the folders' .gitkeep); a .gitignore or
+        .gitattributes already there gets duet's lines appended. If anything fails, what init
+        created is removed again, so a refused init leaves the folder as it was."""
+        import shutil
+
         import git
 
-        self.root.mkdir(parents=True, exist_ok=True)
-        if not (self.root / ".git").exists():
+        if (self.root / ".git").exists():
+            self.ensure_merge_driver()
+            self.state_dir.mkdir(exist_ok=True)
+            return self
+        if self.root.exists() and not self.root.is_dir():
+            raise NotAWorkspace(f"{self.root} is a file, not a folder")
+        created: list[Path] = []
+        appended: dict[Path, bytes] = {}
+        if not self.root.exists():
+            self.root.mkdir(parents=True)
+            created.append(self.root)
+        try:
             repo = git.Repo.init(self.root, initial_branch="main")
+            created.append(self.root / ".git")
             with repo.config_writer() as cw:
                 if not _has_git_identity(repo):
                     cw.set_value("user", "name", "duet")
                     cw.set_value("user", "email", "duet@localhost")
-            (self.root / ".gitattributes").write_text(GITATTRIBUTES)
-            (self.root / ".gitignore").write_text(GITIGNORE)
-            (self.root / "duet.yaml").write_text(yaml.safe_dump(
-                {"schema_version": 1, "name": self.root.name, "stores": "embedded"}, sort_keys=False))
-            for d in ("datasets", "configs", "runs", "sessions"):
-                (self.root / d).mkdir(exist_ok=True)
-                (self.root / d / ".gitkeep").touch()
-            self.commit(["."], "workspace: init")
-        self.ensure_merge_driver()
+            for name, lines in ((".gitattributes", GITATTRIBUTES), (".gitignore", GITIGNORE)):
+                path = self.root / name
+                if path.is_symlink() or (path.exists() and not path.is_file()):
+                    raise WorkspaceError(f"{path}: not a regular file; refusing to adopt {self.root}")
+                if path.exists():
+                    old = path.read_bytes()
+                    have = old.decode("utf-8", "replace").splitlines()
+                    missing = [x for x in lines.splitlines() if x not in have]
+                    if missing:
+                        appended[path] = old
+                        sep = b"" if not old or old.endswith(b"\n") else b"\n"
+                        path.write_bytes(old + sep + "".join(x + "\n" for x in missing).encode())
+                else:
+                    path.write_text(lines)
+                    created.append(path)
+            meta = self.root / "duet.yaml"
+            if not meta.exists():
+                meta.write_text(yaml.safe_dump({"schema_version": 1, "name": self.root.name, "stores": "embedded"},
+                                               sort_keys=False))
+                created.append(meta)
+            own = [".gitattributes", ".gitignore", "duet.yaml"]
+            for d in OWN_DIRS:
+                if not (self.root / d).exists():
+                    (self.root / d).mkdir()
+                    created.append(self.root / d)
+                keep = self.root / d / ".gitkeep"
+                if not keep.exists():
+                    keep.touch()
+                    created.append(keep)
+                own.append(f"{d}/.gitkeep")
+            self.commit(own, "workspace: init")
+            self.ensure_merge_driver()
+        except BaseException:
+            for path, old in appended.items():
+                path.write_bytes(old)
+            for path in reversed(created):
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+            raise
         self.state_dir.mkdir(exist_ok=True)
         return self
 
@@ -114,28 +168,97 @@ class Workspace:
 
         return git.Repo(self.root)
 
+    def inside(self, path: str | os.PathLike) -> Path:
+        """``path`` (relative to the workspace, or absolute) resolved; WorkspaceError unless it lies
+        inside the workspace (a symlink that leads out counts as outside)."""
+        p = Path(path)
+        p = p if p.is_absolute() else self.root / p
+        real = p.resolve()
+        if real != self.root and self.root not in real.parents:
+            raise WorkspaceError(f"{path}: resolves to {real}, outside the workspace {self.root}; refusing it")
+        return p
+
     def commit(self, paths: list[str | os.PathLike], message: str) -> str | None:
         """Stage ``paths`` and commit; returns the commit SHA, or None when nothing changed.
 
-        Refuses (WorkspaceError, nothing staged) when a staged text file looks like a secret.
-        """
+        Every staged blob (what git would store, in any encoding, binary or compressed) is scanned
+        for secrets first; a hit raises SecretFound naming file:line and kind, and the index is put
+        back as it was, so the history and the index are unchanged. A staged symlink that leads out
+        of the workspace is refused the same way (WorkspaceError)."""
+        from memory_sync.secret_scan import SecretFound, scanner
+
         repo = self.repo
-        rel = [os.path.relpath(Path(p).resolve() if Path(p).is_absolute() else self.root / p, self.root)
-               for p in paths]
-        for path in _expand(self.root, rel):
-            try:
-                text = path.read_text(encoding="utf-8")
-            except (UnicodeDecodeError, OSError):
-                continue
-            what = find_secret(text)
-            if what:
-                raise WorkspaceError(f"{path.relative_to(self.root)} looks like it holds {what}; "
-                                     "refusing to commit it (keep secrets in environment variables)")
-        repo.git.add("--", *rel)
+        rel = [os.path.relpath(self.inside(p), self.root) for p in paths]
+        index = self.root / ".git" / "index"
+        saved = index.read_bytes() if index.exists() else None
+        try:
+            repo.git.add("--", *rel)
+            findings = []
+            sc = scanner(self.root)
+            for mode, sha, name in self._staged():
+                if mode == "120000":
+                    self.inside(name)  # a link to outside the workspace: refused
+                    continue
+                if mode == "160000":
+                    continue
+                findings += sc.scan_bytes(repo.odb.stream(bytes.fromhex(sha)).read(), name)
+            if findings:
+                raise SecretFound(findings, action=f"refusing to commit ({message.splitlines()[0][:60]})")
+        except BaseException:
+            if saved is None:
+                index.unlink(missing_ok=True)
+            else:
+                index.write_bytes(saved)
+            raise
         if not repo.is_dirty(index=True, working_tree=False, untracked_files=False) and repo.head.is_valid():
             return None
         repo.git.commit("-m", message, "--no-verify")
         return repo.head.commit.hexsha
+
+    def _staged(self) -> list[tuple[str, str, str]]:
+        """(mode, blob sha, path) of every entry of the index that differs from HEAD."""
+        repo = self.repo
+        if not repo.head.is_valid():
+            out = []
+            for line in repo.git.ls_files("-s", "-z").split("\0"):
+                if line:
+                    meta, name = line.split("\t", 1)
+                    mode, sha, _ = meta.split()
+                    out.append((mode, sha, name))
+            return out
+        raw = repo.git.diff("--cached", "--raw", "-z", "--no-abbrev", "--no-renames", "--diff-filter=ACMRT", "HEAD")
+        parts = raw.split("\0")
+        out = []
+        for i in range(0, len(parts) - 1, 2):
+            fields = parts[i].lstrip(":").split()
+            if len(fields) >= 4:
+                out.append((fields[1], fields[3], parts[i + 1]))
+        return out
+
+    def outgoing_findings(self, remote: str = "origin") -> list:
+        """Secrets in any blob a push to ``remote`` would send (commits not on its branches yet),
+        commits made by hand outside duet included."""
+        from memory_sync.secret_scan import scanner
+
+        repo = self.repo
+        if not repo.head.is_valid():
+            return []
+        listing = repo.git.rev_list("--objects", "HEAD", "--not", f"--remotes={remote}")
+        entries = [ln.split(" ", 1) for ln in listing.splitlines() if " " in ln]
+        sc = scanner(self.root)
+        found = []
+        for sha, name in entries:
+            if repo.odb.info(bytes.fromhex(sha)).type == b"blob":
+                found += sc.scan_bytes(repo.odb.stream(bytes.fromhex(sha)).read(), name)
+        return found
+
+    def check_outgoing(self, remote: str = "origin") -> None:
+        from memory_sync.secret_scan import SecretFound
+
+        found = self.outgoing_findings(remote)
+        if found:
+            raise SecretFound(found, action=f"refusing to push to {remote} (a commit not pushed yet holds it: "
+                                            "amend or rewrite that commit, or allow a false positive)")
 
     def has_remote(self, name: str = "origin") -> bool:
         return any(r.name == name for r in self.repo.remotes)
@@ -153,6 +276,7 @@ class Workspace:
         repo = self.repo
         branch = repo.active_branch.name
         pulls = 0
+        self.check_outgoing(remote)
         for attempt in range(retries + 1):
             try:
                 repo.git.push(remote, f"HEAD:refs/heads/{branch}", "--follow-tags", "--porcelain")
@@ -194,13 +318,3 @@ def _has_git_identity(repo) -> bool:
     except Exception:
         return False
 
-
-def _expand(root: Path, rel: list[str]):
-    for r in rel:
-        p = root / r
-        if p.is_file():
-            yield p
-        elif p.is_dir():
-            for q in p.rglob("*"):
-                if q.is_file() and ".git" not in q.parts and ".duet" not in q.parts:
-                    yield q

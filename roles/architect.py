@@ -7,32 +7,47 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import secrets
+import shutil
 from pathlib import Path
 
 import yaml
 
 from memory_sync.memory import Memory
+from memory_sync.secret_scan import SecretFound, scanner
 from memory_sync.workspace import Workspace
-from training.dataset import build_version
+from training.dataset import build_version, check_name, input_file
+from training.executor import RECORD_FILES
 from training.hardware import HardwareProfile
-from training.plan import ModelProfile, load_config, make_plan
+from training.plan import ModelProfile, check_run_id, load_config, make_plan
 
 
 class Architect:
+    """The workspace and its session are created on first use (a commit or a log), so an input
+    refused before that leaves no new repository and no session behind. Texts the architect logs by
+    itself are mirrored with secrets redacted; files it commits are refused when they hold one."""
+
     def __init__(self, workspace: str, postgres_url: str | None = None, mongo_url: str | None = None,
                  session_title: str | None = None, session_id: str | None = None):
-        self.ws = Workspace(workspace).init()
-        self.memory = Memory(self.ws.root, postgres_url, mongo_url)
-        if session_id:
-            self.session = self.memory.session(session_id)
-        else:
-            self.session = self.memory.start_session(session_title or "work session", ["duet"])
+        self.ws = Workspace(workspace)
+        self.memory = Memory(self.ws.root, postgres_url, mongo_url, redact_secrets=True)
+        self._session = None
+        self._session_ref = session_id
+        self._session_title = session_title or "work session"
         self.seen_events: dict[str, int] = {}
         self.last_publish_error: str | None = None
+
+    @property
+    def session(self):
+        if self._session is None:
+            self.ws.init()
+            self._session = (self.memory.session(self._session_ref) if self._session_ref else
+                             self.memory.start_session(self._session_title, ["duet"]))
+        return self._session
 
     def commit(self, paths: list, message: str, tag: str | None = None) -> str | None:
         """Commit (and tag), then publish to the workspace remote when there is one (a failure is
         logged, not fatal: the commit stays local and goes out with the next publish)."""
+        self.ws.init()
         sha = self.ws.commit(paths, message)
         if sha and tag:
             self.ws.tag(tag, message)
@@ -53,10 +68,25 @@ class Architect:
     def curate(self, files: list[str], name: str, test_frac: float = 0.1, seed: int = 0, *, strict: bool = True,
                **kw) -> dict:
         """Check + split + version a dataset, commit it. ``strict``: bad input writes nothing; else
-        invalid records are quarantined with their reasons."""
-        v = build_version(files, self.ws.root / "datasets", name, test_frac=test_frac, seed=seed, strict=strict, **kw)
+        invalid records are quarantined with their reasons. Inputs are scanned for secrets first
+        (SecretFound, nothing written); a refused commit removes the version folder it wrote."""
+        check_name(name)
+        paths = [input_file(f) for f in files]
+        sc = scanner(self.ws.root)
+        found = [x for p in paths for x in sc.scan_file(p)]
+        if found:
+            raise SecretFound(found, action=f"refusing to curate {name}")
+        existed = self.ws.root.exists()
+        v = build_version(paths, self.ws.root / "datasets", name, test_frac=test_frac, seed=seed, strict=strict, **kw)
         c = v.manifest["counts"]
-        sha = self.commit([v.path], f"dataset: {name} {v.content_hash[:12]} ({c['train']} train, {c['test']} test)")
+        try:
+            sha = self.commit([v.path], f"dataset: {name} {v.content_hash[:12]} ({c['train']} train, {c['test']} test)")
+        except BaseException:
+            if not existed:
+                shutil.rmtree(self.ws.root, ignore_errors=True)
+            elif not self.ws.repo.git.ls_files("--", str(v.path)):
+                shutil.rmtree(v.path, ignore_errors=True)
+            raise
         self.log("state", {"step": "dataset", "name": name, "content_hash": v.content_hash, "counts": c,
                            "path": str(v.path.relative_to(self.ws.root)), "commit": sha})
         return {"name": name, "content_hash": v.content_hash, "path": str(v.path), "manifest": v.manifest,
@@ -66,15 +96,22 @@ class Architect:
                         **kw) -> dict:
         """``curate`` for files sent by a client that shares no filesystem with this host: they are
         written under ``uploads/<name>/`` (basename only) first; error messages name those files."""
+        check_name(name)
+        bases = {}
+        for fname in uploads:
+            base = Path(str(fname)).name
+            if not base or base.startswith(".") or base != str(fname).replace("\\", "/").rsplit("/", 1)[-1]:
+                raise ValueError(f"upload {fname!r}: not a plain file name")
+            bases[fname] = base
+        found = [x for fname, data in uploads.items() for x in scanner(self.ws.root).scan_bytes(data, bases[fname])]
+        if found:
+            raise SecretFound(found, action=f"refusing to curate {name}")
         folder = self.ws.root / "uploads" / name
         folder.mkdir(parents=True, exist_ok=True)
         paths = []
         for fname, data in uploads.items():
-            base = Path(fname).name
-            if not base or base.startswith("."):
-                raise ValueError(f"upload {fname!r}: not a plain file name")
-            (folder / base).write_bytes(data)
-            paths.append(str(folder / base))
+            (folder / bases[fname]).write_bytes(data)
+            paths.append(str(folder / bases[fname]))
         return self.curate(paths, name, test_frac, seed, **kw)
 
     def design_plan(self, preset: str, hardware: dict, model_config: dict, model_ref: str, dataset: dict,
@@ -99,7 +136,12 @@ class Architect:
         header = (f"# duet train configs/{run_id}.yaml   (designed by the architect for "
                   f"{hardware['hostname']}; estimate {plan.total_bytes / 2**30:.2f} GiB, "
                   f"fits={plan.fits})\n")
-        path.write_text(header + yaml.safe_dump(d, sort_keys=False))
+        text = header + yaml.safe_dump(d, sort_keys=False)
+        found = scanner(self.ws.root).scan_text(text, f"configs/{run_id}.yaml")
+        if found:
+            raise SecretFound(found, action=f"refusing to write the plan {run_id}")
+        self.ws.init()
+        path.write_text(text)
         sha = self.commit([path], f"config: {run_id} ({cfg.method} {cfg.phase}, "
                                      f"{plan.total_bytes / 2**30:.2f} GiB est., fits={plan.fits})")
         self.log("decision", {"text": f"plan {run_id}: {cfg.method} {cfg.phase} from preset {preset}, "
@@ -137,17 +179,23 @@ class Architect:
     def record_run(self, files: dict) -> dict:
         """Write runs/<id>/ (run.json, report.md, loss.png, events), commit, tag, mirror to the cortex."""
         rec = files["_record"]
-        run_id = rec["run_id"]
+        run_id = check_run_id(rec["run_id"])
         out = self.ws.root / "runs" / run_id
-        out.mkdir(parents=True, exist_ok=True)
+        blobs = {}
         for name, content in files.items():
             if name.startswith("_"):
                 continue
-            target = out / name
-            if isinstance(content, dict) and "b64" in content:
-                target.write_bytes(base64.b64decode(content["b64"]))
-            else:
-                target.write_text(content, encoding="utf-8")
+            if name not in RECORD_FILES:
+                raise ValueError(f"run {run_id}: unexpected record file {name!r} (allowed: {', '.join(RECORD_FILES)})")
+            blobs[name] = base64.b64decode(content["b64"]) if isinstance(content, dict) else content.encode("utf-8")
+        sc = scanner(self.ws.root)
+        found = [x for name, data in blobs.items() for x in sc.scan_bytes(data, f"runs/{run_id}/{name}")]
+        if found:
+            raise SecretFound(found, action=f"refusing to record run {run_id}")
+        self.ws.init()
+        out.mkdir(parents=True, exist_ok=True)
+        for name, data in blobs.items():
+            (out / name).write_bytes(data)
         subject = (f"run: {run_id} {rec['status']} (dataset {rec['dataset']['content_hash'][:12]}, "
                    f"eval loss {_f(rec.get('eval_loss_before'))} -> {_f(rec.get('eval_loss_after'))})")
         sha = self.commit([out, self.session.path], subject,

@@ -83,31 +83,129 @@ class Record:
         return None
 
 
+MAX_TURN_CHARS = 1_000_000  # one message's text; DUET_MAX_TURN_CHARS overrides
+MAX_JSON_DEPTH = 64         # nesting of one record; DUET_MAX_JSON_DEPTH overrides
+MAX_LINE_ERRORS = 20        # lines named in the error when a file is refused whole
+
+
+def _limit(var: str, default: int) -> int:
+    raw = os.environ.get(var, "")
+    if not raw.strip():
+        return default
+    try:
+        value = int(raw)
+    except ValueError as exc:
+        raise DatasetError(f"{var}={raw!r}: use a whole number") from exc
+    if value < 1:
+        raise DatasetError(f"{var}={raw!r}: must be at least 1")
+    return value
+
+
+def max_turn_chars() -> int:
+    return _limit("DUET_MAX_TURN_CHARS", MAX_TURN_CHARS)
+
+
+def max_json_depth() -> int:
+    return _limit("DUET_MAX_JSON_DEPTH", MAX_JSON_DEPTH)
+
+
+def json_depth(obj: object) -> int:
+    """Nesting depth of a parsed JSON value (iterative: a hostile file cannot overflow the stack)."""
+    deepest, stack = 0, [(obj, 1)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, (dict, list)):
+            deepest = max(deepest, d)
+            stack.extend((x, d + 1) for x in (v.values() if isinstance(v, dict) else v))
+    return deepest
+
+
+def parse_json(text: str, where: str, max_depth: int | None = None) -> object:
+    """json.loads that refuses NaN/Infinity and nesting deeper than ``max_depth``; ValueError naming
+    ``where`` (and the line and column for a syntax error)."""
+    limit = max_depth or max_json_depth()
+
+    def bad_constant(name: str):
+        raise ValueError(f"{where}: {name} is not a JSON number")
+
+    try:
+        obj = json.loads(text, parse_constant=bad_constant)
+    except RecursionError as exc:
+        raise ValueError(f"{where}: nested deeper than {limit} levels (DUET_MAX_JSON_DEPTH)") from exc
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{where}:{exc.lineno}: invalid JSON: {exc.msg} at column {exc.colno}") from exc
+    if json_depth(obj) > limit:
+        raise ValueError(f"{where}: nested deeper than {limit} levels (DUET_MAX_JSON_DEPTH raises the limit)")
+    return obj
+
+
+def input_file(path: str | os.PathLike, folder: str | os.PathLike | None = None) -> Path:
+    """A data file given as input: it must exist and be a regular file, and when it is a symlink its
+    target must stay inside ``folder`` (default: the folder the link is in). DatasetError otherwise."""
+    p = Path(path)
+    if not p.exists():
+        raise DatasetError(f"{p}: no such file")
+    if not p.is_file():
+        raise DatasetError(f"{p}: not a regular file (a folder, device or pipe); give a JSONL file")
+    if p.is_symlink():
+        root = Path(folder).resolve() if folder else p.absolute().parent.resolve()
+        real = p.resolve()
+        if root not in real.parents:
+            raise DatasetError(f"{p}: a symlink to {real}, outside {root}; refusing it (copy the file here instead)")
+    return p
+
+
 def read_jsonl(path: str | os.PathLike) -> list[Record]:
-    """Read a JSONL file line by line; undecodable or unparsable lines become problems."""
-    path = Path(path)
-    if not path.is_file():
-        raise DatasetError(f"{path}: no such file")
+    """Read a chat/DPO JSONL file: one JSON object a line (UTF-8, a byte-order mark and CRLF line
+    ends are fine). A file that is not that (a binary file, a line that is not UTF-8, not JSON or not
+    an object) is refused whole with DatasetError naming its lines, so no foreign content ever
+    reaches a dataset or its quarantine. Records that parse come back with ``problems`` empty; the
+    schema is checked by ``check_records``."""
+    records, bad = scan_jsonl(path)
+    if bad:
+        more = " (and possibly more)" if len(bad) >= MAX_LINE_ERRORS else ""
+        raise DatasetError(f"{bad[0].file}: not a chat/DPO JSONL file: {len(bad)} line(s) are not JSON objects{more}; "
+                           "the file is refused whole (nothing of it was stored)", bad)
+    return records
+
+
+def scan_jsonl(path: str | os.PathLike) -> tuple[list[Record], list[Problem]]:
+    """``read_jsonl`` without the refusal: the records that parsed, and a problem for each line that
+    did not (at most MAX_LINE_ERRORS), for ``duet data check`` to report everything at once."""
+    path = input_file(path)
+    depth = max_json_depth()
     records: list[Record] = []
+    bad: list[Problem] = []
     with open(path, "rb") as fh:
         for lineno, rawb in enumerate(fh, start=1):
+            if lineno == 1 and rawb.startswith(b"\xef\xbb\xbf"):
+                rawb = rawb[3:]
             if not rawb.strip():
                 continue
-            try:
-                raw = rawb.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raw = rawb.decode("utf-8", errors="replace")
-                records.append(Record(str(path), lineno, None, raw, [Problem(
-                    str(path), lineno, None, "<line>", f"not UTF-8 ({exc.reason} at byte {exc.start})")]))
-                continue
-            try:
-                data = json.loads(raw)
-            except json.JSONDecodeError as exc:
-                records.append(Record(str(path), lineno, None, raw, [Problem(
-                    str(path), lineno, None, "<line>", f"invalid JSON: {exc.msg} at column {exc.colno}")]))
-                continue
-            records.append(Record(str(path), lineno, data, raw))
-    return records
+            if b"\x00" in rawb:
+                bad.append(Problem(str(path), lineno, None, "<line>", "binary data (NUL bytes): not a JSONL file"))
+            else:
+                try:
+                    raw = rawb.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    bad.append(Problem(str(path), lineno, None, "<line>",
+                                       f"not UTF-8 ({exc.reason} at byte {exc.start}); convert the file to UTF-8"))
+                else:
+                    try:
+                        data = parse_json(raw, f"{path}:{lineno}", depth)
+                    except ValueError as exc:
+                        msg = str(exc).split(": ", 1)[-1] if str(exc).startswith(str(path)) else str(exc)
+                        bad.append(Problem(str(path), lineno, None, "<line>", msg))
+                    else:
+                        if isinstance(data, dict):
+                            records.append(Record(str(path), lineno, data, raw))
+                        else:
+                            bad.append(Problem(str(path), lineno, None, "<line>",
+                                               f"a JSON {type(data).__name__}, not an object: a JSONL dataset holds "
+                                               "one object a line"))
+            if len(bad) >= MAX_LINE_ERRORS:
+                break
+    return records, bad
 
 
 def _check_messages(msgs: object, fld: str, bad, *, need_user: bool, end_assistant: bool) -> None:
@@ -132,6 +230,11 @@ def _check_messages(msgs: object, fld: str, bad, *, need_user: bool, end_assista
             bad(f"{where}.content", "must be a string")
         elif not content.strip():
             bad(f"{where}.content", "is empty")
+        elif len(content) > max_turn_chars():
+            bad(f"{where}.content", f"{len(content):,} characters, above the limit of {max_turn_chars():,} "
+                                    "(DUET_MAX_TURN_CHARS raises it)")
+        elif not _valid_unicode(content):
+            bad(f"{where}.content", "not valid Unicode (a lone surrogate escape such as \\ud800)")
         elif content.count(THINK_OPEN) != content.count(THINK_CLOSE):
             bad(f"{where}.content", "unbalanced <think> tags")
     roles = [m.get("role") for m in msgs if isinstance(m, dict)]
@@ -139,6 +242,14 @@ def _check_messages(msgs: object, fld: str, bad, *, need_user: bool, end_assista
         bad(fld, "the conversation must end with an assistant message")
     if need_user and "user" not in roles:
         bad(fld, "needs at least one user message")
+
+
+def _valid_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def record_text(d: dict) -> str:
@@ -179,10 +290,17 @@ def check_record(rec: Record, max_tokens: int | None = None, count_tokens=None) 
     def bad(fld: str, msg: str) -> None:
         out.append(Problem(f, ln, rid, fld, msg))
 
+    try:
+        json.dumps(d, ensure_ascii=False, allow_nan=False).encode("utf-8")
+    except (UnicodeEncodeError, ValueError) as exc:
+        bad("<record>", f"cannot be stored: {'not valid Unicode (a lone surrogate escape)' if isinstance(exc, UnicodeEncodeError) else exc}")
+        return out
     if "id" not in d:
         bad("id", "missing (a unique string is required)")
     elif not isinstance(d["id"], str) or not d["id"].strip():
         bad("id", "must be a non-empty string")
+    elif len(d["id"]) > 256:
+        bad("id", f"{len(d['id'])} characters; an id has at most 256")
     if is_dpo(d):
         _check_messages(d.get("prompt"), "prompt", bad, need_user=True, end_assistant=False)
         for key in ("chosen", "rejected"):
@@ -359,6 +477,26 @@ def split(records: list[dict], test_frac: float, seed: int,
     return train, test
 
 
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+CONTENT_HASH = re.compile(r"[0-9a-f]{64}")
+
+
+def check_name(name: object) -> str:
+    """A dataset name names a folder: DatasetError unless it is a plain name."""
+    if not isinstance(name, str) or not NAME.fullmatch(name) or name in (".", "..") or ".." in name:
+        raise DatasetError(f"dataset name {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a "
+                           "letter or digit (it names a folder)")
+    return name
+
+
+def version_dir(datasets: str | os.PathLike, name: object, content_hash: object) -> Path:
+    """``datasets/<name>/<hash12>`` for a (checked) name and a sha256 content hash."""
+    check_name(name)
+    if not isinstance(content_hash, str) or not CONTENT_HASH.fullmatch(content_hash):
+        raise DatasetError(f"content_hash {content_hash!r}: not a sha256 (64 lowercase hex digits)")
+    return Path(datasets) / name / content_hash[:12]
+
+
 @dataclass
 class DatasetVersion:
     name: str
@@ -390,8 +528,7 @@ def build_version(files: list[str | os.PathLike], out_root: str | os.PathLike, n
     is written. Without it, invalid records go to quarantine.jsonl with their reasons; either way
     train + test + quarantine + duplicates removed = input records.
     """
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", name):
-        raise DatasetError(f"dataset name {name!r}: use letters, digits, '.', '_' or '-' (max 64)")
+    check_name(name)
     if not 0.1 <= spot_check_frac <= 0.2:
         raise DatasetError(f"spot_check_frac {spot_check_frac}: use 0.1-0.2")
     records: list[Record] = []

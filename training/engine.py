@@ -134,7 +134,14 @@ class Run:
     """
 
     def __init__(self, spec: dict, data_dir: str | os.PathLike, hardware: dict, *, _loaded: bool = False):
-        self.run_id: str = spec["run_id"]
+        from training.dataset import VERSION_FILES
+        from training.plan import check_run_id
+
+        self.run_id: str = check_run_id(spec["run_id"])
+        unknown = set(spec["dataset"].get("files", {})) - set(VERSION_FILES)
+        if unknown:
+            raise ValueError(f"run {self.run_id}: unexpected dataset file(s) {sorted(unknown)} "
+                             f"(a version holds {', '.join(VERSION_FILES)})")
         self.dir = Path(data_dir) / "runs" / self.run_id
         self.hardware = hardware
         self._lock = threading.Lock()

@@ -25,6 +25,22 @@ class ExecutorError(RuntimeError):
     pass
 
 
+def run_dir(data_dir: str | os.PathLike, run_id: object) -> Path:
+    """``<data_dir>/runs/<run_id>`` for a run id that names a folder there and nothing else
+    (ExecutorError for ``../x``, ``a/b``, an empty or an overlong id, or a link that leads out)."""
+    from training.plan import PlanError, check_run_id
+
+    try:
+        check_run_id(run_id)
+    except PlanError as exc:
+        raise ExecutorError(str(exc)) from exc
+    runs = (Path(data_dir) / "runs").resolve()
+    path = runs / run_id
+    if path.resolve().parent != runs:
+        raise ExecutorError(f"run {run_id!r}: {path} leads out of {runs}; refusing it")
+    return path
+
+
 def make_spec(plan: dict, version_dir: str | os.PathLike, run_id: str | None = None) -> dict:
     """A self-contained submission: the plan, its model, and the dataset version's files."""
     run_id = run_id or plan["run_id"]
@@ -36,35 +52,36 @@ def make_spec(plan: dict, version_dir: str | os.PathLike, run_id: str | None = N
 def local_run(plan_file: str | os.PathLike, *, workspace: str | os.PathLike, data_dir: str | os.PathLike | None = None,
               run_id: str | None = None, resume: bool = False) -> Run:
     """A Run for ``duet train``: a plan the architect wrote (configs/<run>.yaml), trained in this
-    process; with ``resume`` the existing run is reopened. Raises ExecutorError on bad input."""
-    import yaml
+    process; with ``resume`` the existing run is reopened. The plan is validated whole first (the
+    typed training config, the run id, the dataset reference); ExecutorError on bad input, before
+    anything is created."""
+    from training.dataset import DatasetError
+    from training.dataset import version_dir as dataset_dir
+    from training.plan import PlanError, load_plan_file
 
     path = Path(plan_file).resolve()
     try:
-        plan = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ExecutorError(f"{plan_file}: {exc.strerror}") from exc
-    except yaml.YAMLError as exc:
-        raise ExecutorError(f"{plan_file}: invalid YAML: {exc}") from exc
-    for key in ("run_id", "train", "model_ref", "dataset", "estimate"):
-        if not isinstance(plan, dict) or key not in plan:
-            raise ExecutorError(f"{plan_file}: field {key!r} missing: `duet train` takes a plan the architect "
-                                "wrote (configs/<run>.yaml); `duet run` takes a run config")
+        plan = load_plan_file(path)
+    except PlanError as exc:
+        raise ExecutorError(str(exc)) from exc
     ws = path.parent.parent if path.parent.name == "configs" else Path(workspace).resolve()
     data_dir = Path(data_dir) if data_dir else ws / ".duet" / "executor"
-    run_id = run_id or plan["run_id"]
-    run_dir = data_dir / "runs" / run_id
-    hw = hardware.probe(data_dir if data_dir.exists() else ".").to_dict()
+    run_id = plan["run_id"] if run_id is None else run_id
+    rdir = run_dir(data_dir, run_id)
     if resume:
-        if not (run_dir / "spec.json").exists():
-            raise ExecutorError(f"{run_dir}: no such run to resume (train it first without --resume)")
-        return Run.load(run_dir, hw)
-    if (run_dir / "spec.json").exists():
+        if not (rdir / "spec.json").exists():
+            raise ExecutorError(f"{rdir}: no such run to resume (train it first without --resume)")
+        return Run.load(rdir, hardware.probe(data_dir if data_dir.exists() else ".").to_dict())
+    if (rdir / "spec.json").exists():
         raise ExecutorError(f"run {run_id} exists in {data_dir}; use --resume, or --run-id NEW")
-    vd = ws / "datasets" / plan["dataset"]["name"] / plan["dataset"]["content_hash"][:12]
-    if not (vd / "manifest.json").exists():
+    try:
+        vd = dataset_dir(ws / "datasets", plan["dataset"]["name"], plan["dataset"]["content_hash"])
+    except DatasetError as exc:
+        raise ExecutorError(f"{plan_file}: {exc}") from exc
+    if not (vd / "manifest.json").is_file() or vd.is_symlink():
         raise ExecutorError(f"{plan_file}: dataset {plan['dataset']['name']} @ "
                             f"{plan['dataset']['content_hash'][:12]} is not in {ws / 'datasets'}")
+    hw = hardware.probe(data_dir if data_dir.exists() else ".").to_dict()
     return Run(make_spec(plan, vd, run_id), data_dir, hw)
 
 
@@ -133,17 +150,19 @@ class Executor:
 
     def submit(self, spec: dict) -> str:
         run_id = spec["run_id"]
+        rdir = run_dir(self.data_dir, run_id)
         with self._lock:
             if run_id in self.runs and self.runs[run_id].state not in TERMINAL:
                 return run_id
-            if (self.data_dir / "runs" / run_id / "spec.json").exists():
+            if (rdir / "spec.json").exists():
                 raise ExecutorError(f"run {run_id!r} already exists on this executor; resume it instead")
             self._start(Run(spec, self.data_dir, self.probe()))
         return run_id
 
     def _run(self, run_id: str) -> Run:
-        if run_id not in self.runs and (self.data_dir / "runs" / run_id / "spec.json").exists():
-            self.runs[run_id] = Run.load(self.data_dir / "runs" / run_id, self.probe())
+        rdir = run_dir(self.data_dir, run_id)
+        if run_id not in self.runs and (rdir / "spec.json").exists():
+            self.runs[run_id] = Run.load(rdir, self.probe())
         if run_id not in self.runs:
             raise ExecutorError(f"unknown run {run_id!r} on this executor (known: {', '.join(self.runs) or 'none'})")
         return self.runs[run_id]
@@ -194,16 +213,16 @@ class Executor:
 
     def fetch_record(self, run_id: str) -> dict:
         """The run's small files for the workspace (binary ones base64-encoded)."""
-        run_dir = self.data_dir / "runs" / run_id
-        if not (run_dir / "run.json").is_file():
-            raise ExecutorError(f"no record for run {run_id!r} under {run_dir}")
+        rdir = run_dir(self.data_dir, run_id)
+        if not (rdir / "run.json").is_file():
+            raise ExecutorError(f"no record for run {run_id!r} under {rdir}")
         out = {}
         for name in RECORD_FILES:
-            p = run_dir / name
+            p = rdir / name
             if p.is_file():
                 data = p.read_bytes()
                 out[name] = {"b64": base64.b64encode(data).decode()} if name.endswith(".png") else data.decode()
-        out["_record"] = json.loads((run_dir / "run.json").read_text())
+        out["_record"] = json.loads((rdir / "run.json").read_text())
         return out
 
     def wait(self, run_id: str, timeout: float | None = None) -> str:

@@ -28,6 +28,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from training.dataset import DatasetError, input_file, parse_json
+
 FORMATS = ("auto", "jsonl", "sharegpt", "alpaca", "chatgpt", "markdown", "dpo")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "bot": "assistant",
                   "chatgpt": "assistant", "model": "assistant", "system": "system"}
@@ -51,33 +53,49 @@ def _stable_id(prefix: str, obj: object) -> str:
     return f"{prefix}-{hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:12]}"
 
 
+def _read_text(path: Path) -> str:
+    data = path.read_bytes()
+    if b"\x00" in data[:1 << 20] and not data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise ImportFormatError(f"{path}: binary data (NUL bytes), not a text export")
+    for bom, enc in ((b"\xff\xfe", "utf-16"), (b"\xfe\xff", "utf-16")):
+        if data.startswith(bom):
+            try:
+                return data.decode(enc)
+            except UnicodeDecodeError as exc:
+                raise ImportFormatError(f"{path}: not valid UTF-16 (byte {exc.start})") from exc
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise ImportFormatError(f"{path}:{line}: not UTF-8 (byte {exc.start}); convert the file to UTF-8 first") from exc
+
+
+def _parse(text: str, where: str) -> object:
+    try:
+        return parse_json(text, where)
+    except ValueError as exc:
+        raise ImportFormatError(str(exc)) from exc
+
+
 def _load_json_or_jsonl(path: Path) -> list[tuple[str, object]]:
     """[(where, object)]: a JSON document (a list: one item each) or JSONL lines."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise ImportFormatError(f"{path}: not UTF-8 (byte {exc.start})") from exc
+    text = _read_text(path)
     stripped = text.lstrip()
     if stripped.startswith("["):
-        try:
-            doc = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ImportFormatError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg}") from exc
+        doc = _parse(text, str(path))
+        if not isinstance(doc, list):
+            raise ImportFormatError(f"{path}: expected a JSON list")
         return [(f"{path}[{i}]", x) for i, x in enumerate(doc)]
     if stripped.startswith("{") and "\n{" not in stripped:
         try:
-            doc = json.loads(text)
-            return [(str(path), doc)]
-        except json.JSONDecodeError:
+            return [(str(path), parse_json(text, str(path)))]
+        except ValueError:
             pass
     out = []
     for n, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
-        try:
-            out.append((f"{path}:{n}", json.loads(line)))
-        except json.JSONDecodeError as exc:
-            raise ImportFormatError(f"{path}:{n}: invalid JSON: {exc.msg} at column {exc.colno}") from exc
+        out.append((f"{path}:{n}", _parse(line, f"{path}:{n}")))
     return out
 
 
@@ -106,9 +124,12 @@ def detect(path: Path) -> str:
 
 def import_file(src: str | os.PathLike, fmt: str = "auto", *, user_labels: tuple[str, ...] = DEFAULT_USER_LABELS,
                 assistant_labels: tuple[str, ...] = DEFAULT_ASSISTANT_LABELS) -> ImportResult:
-    path = Path(src)
-    if not path.is_file():
-        raise ImportFormatError(f"{path}: no such file")
+    """Import ``src``; ImportFormatError (nothing written) for a file that is not the format it
+    claims, or that yields no record at all. Items that cannot be read are skipped with a reason."""
+    try:
+        path = input_file(src)
+    except DatasetError as exc:
+        raise ImportFormatError(str(exc)) from exc
     if fmt not in FORMATS:
         raise ImportFormatError(f"format {fmt!r} is not one of {', '.join(FORMATS)}")
     detected = fmt == "auto"
@@ -124,7 +145,17 @@ def import_file(src: str | os.PathLike, fmt: str = "auto", *, user_labels: tuple
                 recs.extend(fn(obj, path.name))
             except ImportFormatError as exc:
                 skipped.append({"where": where, "reason": str(exc)})
-    return ImportResult(fmt, detected, recs, skipped)
+    storable = []
+    for r in recs:
+        try:
+            json.dumps(r, ensure_ascii=False, allow_nan=False).encode("utf-8")
+            storable.append(r)
+        except (UnicodeEncodeError, ValueError):
+            skipped.append({"where": str(r.get("id")), "reason": "not valid Unicode (a lone surrogate escape)"})
+    if not storable:
+        first = f": {skipped[0]['where']}: {skipped[0]['reason']}" if skipped else ""
+        raise ImportFormatError(f"{path}: no record could be imported as {fmt} ({len(skipped)} skipped{first})")
+    return ImportResult(fmt, detected, storable, skipped)
 
 
 def _meta(obj: dict, source: str) -> dict:
@@ -172,7 +203,9 @@ def _alpaca(obj: object, source: str) -> list[dict]:
 
 
 def _chatgpt_text(message: dict) -> str:
-    content = message.get("content") or {}
+    content = message.get("content")
+    if not isinstance(content, dict):
+        return ""
     parts = content.get("parts")
     if isinstance(parts, list):
         return "\n".join(p for p in parts if isinstance(p, str)).strip()
@@ -186,28 +219,32 @@ def _chatgpt(obj: object, source: str) -> list[dict]:
         raise ImportFormatError("expected a conversation with a 'mapping' tree")
     mapping = obj["mapping"]
     node_id = obj.get("current_node")
-    if node_id not in mapping:
+    if not isinstance(node_id, str) or node_id not in mapping:
         raise ImportFormatError(f"current_node {node_id!r} is not in the mapping")
     chain = []
     seen = set()
     while node_id is not None:
+        if not isinstance(node_id, str):
+            raise ImportFormatError(f"a parent id {node_id!r} is not a string")
         if node_id in seen:
             raise ImportFormatError(f"the mapping has a cycle at {node_id!r}")
         seen.add(node_id)
         node = mapping.get(node_id)
-        if node is None:
-            raise ImportFormatError(f"node {node_id!r} is referenced but missing from the mapping")
+        if not isinstance(node, dict):
+            raise ImportFormatError(f"node {node_id!r} is referenced but missing from the mapping (or not an object)")
         chain.append(node)
         node_id = node.get("parent")
     msgs = []
     for node in reversed(chain):
         m = node.get("message")
-        if not m:
+        if not isinstance(m, dict):
             continue
-        role = (m.get("author") or {}).get("role")
+        author = m.get("author")
+        role = author.get("role") if isinstance(author, dict) else None
         if role not in ("system", "user", "assistant"):
             continue  # tool calls, browsing results
-        if (m.get("metadata") or {}).get("is_visually_hidden_from_conversation"):
+        meta = m.get("metadata")
+        if isinstance(meta, dict) and meta.get("is_visually_hidden_from_conversation"):
             continue
         text = _chatgpt_text(m)
         if not text:
@@ -218,9 +255,10 @@ def _chatgpt(obj: object, source: str) -> list[dict]:
             msgs.append({"role": role, "content": text})
     if not msgs:
         raise ImportFormatError("no user or assistant text on the current branch")
-    rid = str(obj.get("conversation_id") or obj.get("id") or _stable_id("chatgpt", msgs))
+    cid = obj.get("conversation_id") or obj.get("id")
+    rid = str(cid) if isinstance(cid, (str, int)) and not isinstance(cid, bool) else _stable_id("chatgpt", msgs)
     meta = {"source": source}
-    if obj.get("title"):
+    if isinstance(obj.get("title"), str) and obj["title"]:
         meta["title"] = obj["title"]
     return [{"id": rid, "messages": msgs, "metadata": meta}]
 
@@ -248,10 +286,7 @@ def _label_regex(labels: tuple[str, ...]) -> str:
 
 
 def _markdown(path: Path, user_labels, assistant_labels) -> tuple[list[dict], list[dict]]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise ImportFormatError(f"{path}: not UTF-8 (byte {exc.start})") from exc
+    text = _read_text(path)
     labels = _label_regex(tuple(user_labels) + tuple(assistant_labels) + ("system",))
     speaker = re.compile(
         rf"^\s*(?:"
@@ -306,10 +341,29 @@ def _markdown(path: Path, user_labels, assistant_labels) -> tuple[list[dict], li
     return records, skipped
 
 
+def check_output(src: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """The output path of an import: ImportFormatError when it is the input itself (or a link to it)
+    or not a file path."""
+    out_p, src_p = Path(out), Path(src)
+    if out_p.exists() and not out_p.is_file():
+        raise ImportFormatError(f"-o {out}: not a file path (a folder or device); give the JSONL file to write")
+    same = out_p.resolve() == src_p.resolve()
+    if not same and out_p.exists() and src_p.exists():
+        same = os.path.samefile(out_p, src_p)
+    if same:
+        raise ImportFormatError(f"-o {out} is the input file itself; write the import to another file")
+    return out_p
+
+
 def write_jsonl(records: list[dict], out: str | os.PathLike) -> None:
     """Write atomically (temp file + rename): a failed import leaves no half-written output."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-    os.replace(tmp, out)
+    try:
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False, allow_nan=False) + "\n" for r in records),
+                       encoding="utf-8")
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

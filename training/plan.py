@@ -24,9 +24,9 @@ without it: checkpointing costs ~30 % throughput.
 
 from __future__ import annotations
 
-import json
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -43,54 +43,81 @@ class PlanError(ValueError):
     """A preset or config that does not validate; the message names file, field and what is allowed."""
 
 
+RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+
+
+def check_run_id(run_id: object) -> str:
+    """A run id names a folder under the executor's runs/: PlanError unless it is a plain name."""
+    if not isinstance(run_id, str) or not RUN_ID.fullmatch(run_id) or ".." in run_id:
+        raise PlanError(f"run id {run_id!r}: use 1-128 letters, digits, '.', '_' or '-', starting with a letter or "
+                        "digit (it names a folder; no '/' or '..')")
+    return run_id
+
+
+_STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)  # "4" is not 4, NaN is not a number
+
+
 class LoraSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = _STRICT
     r: int = Field(8, ge=1, le=1024, description="LoRA rank.")
-    alpha: int = Field(16, ge=1, description="LoRA alpha (scaling = alpha / r).")
+    alpha: int = Field(16, ge=1, le=1_000_000, description="LoRA alpha (scaling = alpha / r).")
     dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
     target_modules: list[str] | Literal["all-linear"] = Field(
         "all-linear", description="Module names to adapt, or 'all-linear'.")
 
+    @field_validator("target_modules")
+    @classmethod
+    def _modules(cls, v):
+        if isinstance(v, list) and (not v or not all(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.]{0,127}", m) for m in v)):
+            raise ValueError("give module names such as [q_proj, v_proj], or 'all-linear'")
+        return v
+
 
 class TrainConfig(BaseModel):
-    """One training run's hyper-parameters. Every field is validated; unknown fields are errors."""
+    """One training run's hyper-parameters. Every field is validated; unknown fields are errors,
+    numbers must have their type (no "4" for 4) and be finite."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = _STRICT
     name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", description="Run name prefix.")
     phase: Literal["sft", "dpo"] = Field("sft", description="Training objective.")
     method: Literal["lora", "qlora", "full"] = Field("lora", description="What is trained and how the base is stored.")
     lora: LoraSettings = Field(default_factory=LoraSettings)
     learning_rate: float = Field(2e-4, gt=0, lt=1, description="Peak learning rate.")
     lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
-    warmup_steps: int = Field(100, ge=0, description="Linear warm-up steps.")
+    warmup_steps: int = Field(100, ge=0, le=10_000_000, description="Linear warm-up steps.")
     micro_batch: int = Field(4, ge=1, le=4096, description="Sequences per forward pass.")
     grad_accum: int = Field(4, ge=1, le=4096, description="Micro-batches per optimizer step.")
-    max_steps: int = Field(1000, ge=1, description="Optimizer steps.")
+    max_steps: int = Field(1000, ge=1, le=10_000_000, description="Optimizer steps.")
     seq_len: int = Field(1024, ge=16, le=262144, description="Maximum tokens per sequence.")
-    checkpoint_every: int = Field(100, ge=1, description="Save a checkpoint every N steps.")
-    keep_checkpoints: int = Field(3, ge=1, description="Keep the newest K checkpoints.")
-    eval_every: int = Field(100, ge=1, description="Evaluate on the test split every N steps.")
+    checkpoint_every: int = Field(100, ge=1, le=10_000_000, description="Save a checkpoint every N steps.")
+    keep_checkpoints: int = Field(3, ge=1, le=1000, description="Keep the newest K checkpoints.")
+    eval_every: int = Field(100, ge=1, le=10_000_000, description="Evaluate on the test split every N steps.")
     test_frac: float = Field(0.1, gt=0, lt=1, description="Held-out fraction when curating.")
-    seed: int = Field(42, description="Seed for data order, dropout and init.")
+    seed: int = Field(42, ge=0, le=2**32 - 1, description="Seed for data order, dropout and init.")
     gradient_checkpointing: bool | Literal["auto"] = Field(
         "auto", description="Recompute activations in backward; auto: only when the plan does not fit without.")
     packing: bool | Literal["auto"] = Field(
         "auto", description="Pack short examples into full sequences (SFT); auto: when the median example fills "
                             "at most half of seq_len (padding would waste more than it costs).")
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="auto: bf16 when the GPU has it, fp32 on CPU.")
-    dry_run_steps: int = Field(0, ge=0, description="Steps of a dry run before the real one (0: none).")
+    dry_run_steps: int = Field(0, ge=0, le=100_000, description="Steps of a dry run before the real one (0: none).")
     init_from: str | None = Field(None, description="Run id whose adapter this run starts from (phase chaining).")
-    eval_batch: int | None = Field(None, ge=1, description="Sequences per eval forward (default: micro_batch).")
-    dpo_beta: float = Field(0.1, gt=0, description="DPO temperature (phase dpo).")
+    eval_batch: int | None = Field(None, ge=1, le=4096, description="Sequences per eval forward (default: micro_batch).")
+    dpo_beta: float = Field(0.1, gt=0, le=100, description="DPO temperature (phase dpo).")
     grad_norm_limit: float = Field(10.0, gt=0, description="Gradient norm above which steps count as exploding.")
-    grad_norm_patience: int = Field(3, ge=1, description="Consecutive exploding steps before a rollback.")
+    grad_norm_patience: int = Field(3, ge=1, le=10_000, description="Consecutive exploding steps before a rollback.")
     grad_norm_min: float = Field(0.01, ge=0, description="Gradient norm below which an alert (only) is raised.")
     rollback_lr_factor: float = Field(0.5, gt=0, lt=1, description="LR scale after a rollback on bad gradients.")
-    max_recoveries: int = Field(6, ge=0, description="OOM re-plans + rollbacks before the run gives up.")
+    max_recoveries: int = Field(6, ge=0, le=1000, description="OOM re-plans + rollbacks before the run gives up.")
     sample_prompts: int = Field(3, ge=0, le=20, description="Test prompts to generate samples for.")
     max_new_tokens: int = Field(48, ge=1, le=4096, description="Tokens per sample generation.")
     watchdog: dict = Field(default_factory=dict, description="Watchdog thresholds (training/watchdog.py Thresholds), "
                                                              "e.g. {temperature_c: 80, stall_seconds: 600}.")
+
+    @field_validator("init_from")
+    @classmethod
+    def _init_from(cls, v):
+        return None if v is None else check_run_id(v)
 
     @field_validator("watchdog")
     @classmethod
@@ -104,6 +131,8 @@ class TrainConfig(BaseModel):
     def _check(self) -> "TrainConfig":
         if self.warmup_steps >= self.max_steps:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) must be below max_steps ({self.max_steps})")
+        if self.grad_norm_min >= self.grad_norm_limit:
+            raise ValueError(f"grad_norm_min ({self.grad_norm_min}) must be below grad_norm_limit ({self.grad_norm_limit})")
         return self
 
     @property
@@ -134,32 +163,217 @@ def _key_lines(text: str) -> dict[str, int]:
     return out
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key written twice in one mapping (YAML says keys are unique;
+    PyYAML keeps the last one silently)."""
+
+
+def _mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    loader.flatten_mapping(node)
+    seen: dict = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        try:
+            hash(key)
+        except TypeError as exc:
+            raise yaml.constructor.ConstructorError(None, None, f"a mapping key must be a plain value, got {key!r}",
+                                                    key_node.start_mark) from exc
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key {key!r} appears twice (first on line {seen[key] + 1})", key_node.start_mark)
+        seen[key] = key_node.start_mark.line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping)
+
+MAX_YAML_BYTES = 4 << 20
+
+
+def load_yaml(text: str, source: str) -> object:
+    """Parse a config's YAML strictly: duplicate keys, anchors that expand beyond reason and
+    non-finite numbers (.nan, .inf) are errors naming the line. PlanError otherwise."""
+    if len(text) > MAX_YAML_BYTES:
+        raise PlanError(f"{source}: {len(text):,} characters; a config is at most {MAX_YAML_BYTES:,}")
+    try:
+        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise PlanError(f"{source}{line}: invalid YAML: {getattr(exc, 'problem', None) or exc}") from exc
+    except RecursionError as exc:
+        raise PlanError(f"{source}: nested too deeply") from exc
+    bad = _non_finite(data)
+    if bad:
+        raise PlanError(f"{source}: field {bad!r}: not a finite number (.nan and .inf are refused)")
+    return data
+
+
+def _non_finite(v: object, path: str = "") -> str | None:
+    stack = [(v, path)]
+    seen = 0
+    while stack:
+        x, p = stack.pop()
+        seen += 1
+        if seen > 100_000:
+            raise PlanError("a config with more than 100,000 values (an alias bomb?) is refused")
+        if isinstance(x, float) and not math.isfinite(x):
+            return p or "<document>"
+        if isinstance(x, dict):
+            stack.extend((val, f"{p}.{k}" if p else str(k)) for k, val in x.items())
+        elif isinstance(x, list):
+            stack.extend((val, f"{p}[{i}]") for i, val in enumerate(x))
+    return None
+
+
+def read_yaml_file(path: str | os.PathLike) -> tuple[object, str]:
+    """(document, text) of a YAML config file; PlanError naming the file otherwise."""
+    p = Path(path)
+    try:
+        if not p.is_file():
+            raise PlanError(f"{p}: no such file (or not a regular file)")
+        raw = p.read_bytes()
+    except OSError as exc:
+        raise PlanError(f"{p}: {exc.strerror}") from exc
+    if len(raw) > MAX_YAML_BYTES:
+        raise PlanError(f"{p}: {len(raw):,} bytes; a config is at most {MAX_YAML_BYTES:,}")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise PlanError(f"{p}: not UTF-8 (byte {exc.start})") from exc
+    return load_yaml(text, str(p)), text
+
+
+def train_config(train: object, source: str, text: str = "", overrides: dict | None = None) -> TrainConfig:
+    """The one validation of a training config, whoever gives it: a preset, a plan file's
+    ``train:``, a run config's ``overrides:`` or CLI flags. PlanError naming source:line and field."""
+    if not isinstance(train, dict):
+        raise PlanError(f"{source}: the training fields must be a mapping (got {type(train).__name__})")
+    train = {k: v for k, v in train.items() if k not in ("estimate", "hardware", "model", "dataset", "verdict")}
+    if overrides is not None and not isinstance(overrides, dict):
+        raise PlanError(f"{source}: overrides must be a mapping of training fields")
+    train.update(overrides or {})
+    try:
+        return TrainConfig(**{str(k): v for k, v in train.items()})
+    except ValidationError as exc:
+        raise PlanError(_format_validation(exc, source, _key_lines(text))) from exc
+    except ValueError as exc:  # a field validator's own message (watchdog thresholds)
+        raise PlanError(f"{source}: {exc}") from exc
+
+
 def load_config(path: str | os.PathLike, overrides: dict | None = None) -> TrainConfig:
-    """Load a preset/config YAML (a ``plan:`` section or the bare fields) with clear errors."""
+    """Load a preset/config YAML (a ``train:`` section or the bare fields) with clear errors."""
     p = Path(path)
     if not p.is_file():
         cand = PRESETS_DIR / f"{path}.yaml"
-        if cand.is_file():
+        if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}", str(path)) and cand.is_file():
             p = cand
         else:
             names = ", ".join(sorted(x.stem for x in PRESETS_DIR.glob("*.yaml")))
             raise PlanError(f"{path}: no such config file or preset (presets: {names})")
-    text = p.read_text()
-    try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark else ""
-        raise PlanError(f"{p}{line}: invalid YAML: {getattr(exc, 'problem', exc)}") from exc
+    data, text = read_yaml_file(p)
+    if data is None:
+        data = {}
     if not isinstance(data, dict):
         raise PlanError(f"{p}:1: expected a mapping of fields")
-    train = data.get("train", data)
-    train = {k: v for k, v in train.items() if k not in ("estimate", "hardware", "model", "dataset", "verdict")}
-    train.update(overrides or {})
+    return train_config(data.get("train", data), str(p), text, overrides)
+
+
+class PlanFile(BaseModel):
+    """What `duet train PLAN` accepts: a plan the architect wrote (configs/<run>.yaml)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    run_id: str
+    model_ref: str = Field(..., min_length=1, max_length=4096)
+    dataset: dict
+    train: dict
+    estimate: dict
+    device: Literal["cpu", "cuda", "mps"] = "cpu"
+    dtype: Literal["bf16", "fp16", "fp32"] = "fp32"
+    model: dict = Field(default_factory=dict)
+    trainable_params: int | None = None
+    effective_batch: int | None = None
+    steps_per_epoch: int | None = None
+    decisions: list = Field(default_factory=list)
+    suggestions: list = Field(default_factory=list)
+    hardware: dict = Field(default_factory=dict)
+    commit: str | None = None
+
+
+def load_plan_file(path: str | os.PathLike) -> dict:
+    """A plan file, validated as a whole: its ``train:`` by TrainConfig (the same model `duet plan`
+    uses), its run id and dataset reference as names of folders. PlanError naming file:line and field."""
+    data, text = read_yaml_file(path)
+    src = str(path)
+    if not isinstance(data, dict):
+        raise PlanError(f"{src}:1: expected a plan (a mapping with run_id, train, model_ref, dataset, estimate)")
+    missing = [k for k in ("run_id", "train", "model_ref", "dataset", "estimate") if k not in data]
+    if missing:
+        raise PlanError(f"{src}: field {missing[0]!r} missing: `duet train` takes a plan the architect wrote "
+                        "(configs/<run>.yaml); `duet run` takes a run config")
     try:
-        return TrainConfig(**train)
+        doc = PlanFile(**{str(k): v for k, v in data.items()})
     except ValidationError as exc:
-        raise PlanError(_format_validation(exc, str(p), _key_lines(text))) from exc
+        raise PlanError(_format_validation(exc, src, _key_lines(text))) from exc
+    check_run_id(doc.run_id)
+    ds = doc.dataset
+    from training.dataset import DatasetError, version_dir
+
+    try:
+        version_dir("datasets", ds.get("name"), ds.get("content_hash"))
+    except DatasetError as exc:
+        raise PlanError(f"{src}:{_key_lines(text).get('dataset', 1)}: field 'dataset': {exc}") from exc
+    cfg = train_config(doc.train, src, text)
+    out = doc.model_dump()
+    out["train"] = cfg.model_dump()
+    return out
+
+
+class RunConfig(BaseModel):
+    """What `duet run CONFIG` accepts (see examples/persona/run.yaml)."""
+
+    model_config = _STRICT
+    preset: str = Field("demo", min_length=1, description="A preset name or a YAML file (relative to this file).")
+    model: str = Field("smollm2", min_length=1, description="smollm2, tiny, or a local Hugging Face folder.")
+    data: str | list[str] = Field(..., description="Chat or DPO JSONL files, relative to this file.")
+    dataset: str = Field("data", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", description="The dataset's name.")
+    overrides: dict = Field(default_factory=dict, description="Training fields that replace the preset's.")
+    test_frac: float = Field(0.1, gt=0, lt=1, description="Held-out fraction.")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="Split seed.")
+
+
+def load_run_config(path: str | os.PathLike) -> tuple[RunConfig, list[Path], TrainConfig]:
+    """A run config (its ``preset`` resolved: a preset name, or a file's path), its data files
+    (checked to stay inside the config's folder unless absolute) and the training config its preset
+    + overrides give. PlanError naming file:line and field."""
+    data, text = read_yaml_file(path)
+    src = str(path)
+    if not isinstance(data, dict):
+        raise PlanError(f"{src}:1: expected a run config (a mapping with preset, model, data, ...)")
+    try:
+        rc = RunConfig(**{str(k): v for k, v in data.items()})
+    except ValidationError as exc:
+        raise PlanError(_format_validation(exc, src, _key_lines(text))) from exc
+    base = Path(path).resolve().parent
+    files = []
+    for d in [rc.data] if isinstance(rc.data, str) else rc.data:
+        if not d.strip():
+            raise PlanError(f"{src}:{_key_lines(text).get('data', 1)}: field 'data': an empty path")
+        p = Path(d).expanduser()
+        if not p.is_absolute():
+            p = base / p
+            real = p.resolve()
+            if base not in real.parents:
+                raise PlanError(f"{src}:{_key_lines(text).get('data', 1)}: field 'data': {d!r} leads out of "
+                                f"{base}; give an absolute path for data that lives elsewhere")
+        files.append(p)
+    if not files:
+        raise PlanError(f"{src}: field 'data': give at least one file")
+    preset = rc.preset
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}", preset) or (base / preset).is_file():
+        preset = str((base / preset) if not Path(preset).is_absolute() else Path(preset))
+    cfg = load_config(preset, rc.overrides)
+    return rc.model_copy(update={"preset": preset}), files, cfg
 
 
 @dataclass
@@ -184,23 +398,45 @@ class ModelProfile:
                 p = p / "config.json"
             if not p.is_file():
                 raise PlanError(f"{cfg}: no config.json (give a model folder or its config.json)")
+            from training.dataset import parse_json
+
             try:
-                cfg = json.loads(p.read_text())
-            except json.JSONDecodeError as exc:
-                raise PlanError(f"{p}:{exc.lineno}: invalid JSON: {exc.msg}") from exc
-        cfg = cfg.get("text_config", cfg)
-        try:
-            hidden = int(cfg["hidden_size"])
-            heads = int(cfg["num_attention_heads"])
-            return cls(
-                model_type=str(cfg.get("model_type", "unknown")), hidden=hidden,
-                layers=int(cfg["num_hidden_layers"]),
-                intermediate=int(cfg.get("intermediate_size") or 4 * hidden), heads=heads,
-                kv_heads=int(cfg.get("num_key_value_heads") or heads),
-                head_dim=int(cfg.get("head_dim") or hidden // heads), vocab=int(cfg["vocab_size"]),
-                tied_embeddings=bool(cfg.get("tie_word_embeddings", False)))
-        except KeyError as exc:
-            raise PlanError(f"model config lacks {exc.args[0]!r} (needed to plan)") from exc
+                cfg = parse_json(p.read_bytes().decode("utf-8-sig"), str(p))
+            except UnicodeDecodeError as exc:
+                raise PlanError(f"{p}: not UTF-8 (byte {exc.start})") from exc
+            except ValueError as exc:
+                raise PlanError(str(exc)) from exc
+        if not isinstance(cfg, dict):
+            raise PlanError("model config: expected a JSON object")
+        if isinstance(cfg.get("text_config"), dict):
+            cfg = cfg["text_config"]
+
+        def shape(key: str, default: object = None, required: bool = True) -> int:
+            v = cfg.get(key, default)
+            if v is None and not required:
+                return 0
+            if v is None:
+                raise PlanError(f"model config lacks {key!r} (needed to plan)")
+            if isinstance(v, bool) or not isinstance(v, int) or not 0 < v <= 10**9:
+                raise PlanError(f"model config field {key!r}: {v!r} is not a positive whole number (1..10^9)")
+            return v
+
+        hidden = shape("hidden_size")
+        heads = shape("num_attention_heads")
+        head_dim = shape("head_dim", required=False)
+        if not head_dim:
+            if hidden % heads:
+                raise PlanError(f"model config: hidden_size {hidden} is not divisible by num_attention_heads {heads} "
+                                "(and there is no head_dim)")
+            head_dim = hidden // heads
+        kv = shape("num_key_value_heads", required=False) or heads
+        if heads % kv:
+            raise PlanError(f"model config: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}")
+        tied = cfg.get("tie_word_embeddings", False)
+        return cls(model_type=str(cfg.get("model_type", "unknown"))[:64], hidden=hidden,
+                   layers=shape("num_hidden_layers"), intermediate=shape("intermediate_size", required=False) or 4 * hidden,
+                   heads=heads, kv_heads=kv, head_dim=head_dim, vocab=shape("vocab_size"),
+                   tied_embeddings=tied if isinstance(tied, bool) else bool(tied))
 
     @property
     def linear_shapes(self) -> dict[str, tuple[int, int]]:

@@ -17,7 +17,7 @@ A = {"role": "assistant", "content": "yo"}
 DAMAGE = [  # (line text, field reported, words in the message)
     ('{"id": "trunc", "messages": [', "<line>", "invalid JSON"),
     (b'{"id": "bytes", "messages": "\xff"}', "<line>", "not UTF-8"),
-    ('["a", "list"]', "<record>", "expected a JSON object"),
+    ('["a", "list"]', "<line>", "not an object"),
     (json.dumps({"messages": [U, A]}), "id", "missing"),
     (json.dumps({"id": 7, "messages": [U, A]}), "id", "non-empty string"),
     (json.dumps({"id": " ", "messages": [U, A]}), "id", "non-empty string"),
@@ -40,10 +40,10 @@ DAMAGE = [  # (line text, field reported, words in the message)
 ]
 
 
-def _write(tmp_path):
+def _write(tmp_path, damage=DAMAGE):
     lines = [_ok(i, ("facts", "style", "decisions")[i % 3], think=i % 2 == 0).encode() for i in range(1, 13)]
     first_damage = len(lines) + 1
-    lines += [d[0] if isinstance(d[0], bytes) else d[0].encode() for d in DAMAGE]
+    lines += [d[0] if isinstance(d[0], bytes) else d[0].encode() for d in damage]
     f = tmp_path / "damaged.jsonl"
     f.write_bytes(b"\n".join(lines) + b"\n")
     return f, first_damage, len(lines)
@@ -61,15 +61,28 @@ def test_check_reports_every_kind_of_damage_with_its_line(tmp_path, capsys):
     assert "estimate" in doc["tokens_counted_with"]
 
 
+def test_a_file_with_lines_that_are_not_json_objects_is_refused_whole(tmp_path, capsys):
+    """Not UTF-8, not JSON, not an object: not the format it claims, so nothing of it is stored (the
+    quarantine is for records that parsed and failed a rule)."""
+    f, first, _ = _write(tmp_path)
+    ws = tmp_path / "ws"
+    assert main(["data", "curate", str(f), "--name", "damaged", "--workspace", str(ws), "--json"]) == 1
+    doc = json.loads(capsys.readouterr().out)
+    assert {p["line"] for p in doc["problems"]} == {first + k for k, d in enumerate(DAMAGE) if d[1] == "<line>"}
+    assert not (ws / "datasets" / "damaged").exists()
+
+
 def test_curate_quarantines_with_reasons_and_counts_add_up(tmp_path, capsys):
-    f, _, n_lines = _write(tmp_path)
+    record_damage = [d for d in DAMAGE if d[1] != "<line>"]  # parsed, failed a rule: quarantined
+    f, _, n_lines = _write(tmp_path, record_damage)
+    n_damage = len(record_damage)
     ws = tmp_path / "ws"
     assert main(["data", "curate", str(f), "--name", "damaged", "--max-len", "128", "--workspace", str(ws), "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
     c = res["manifest"]["counts"]
     assert c["input"] == n_lines
     assert c["train"] + c["test"] + c["quarantine"] == n_lines
-    assert c["quarantine"] == len(DAMAGE)
+    assert c["quarantine"] == n_damage
     from pathlib import Path
 
     q = [json.loads(x) for x in (Path(res["path"]) / "quarantine.jsonl").read_text().splitlines()]

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from training.dataset import (DatasetError, build_version, check_records, conversation_key, load_split, read_jsonl,
+from training.dataset import (DatasetError, build_version, check_records, conversation_key, load_split, read_jsonl, scan_jsonl,
                               verify_version)
 
 
@@ -26,7 +26,7 @@ DAMAGED = [
     ('{"id": "g", "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "<think>x"}]}', "messages[1].content", "unbalanced"),
     ('{"id": "h", "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}], "metadata": {"category": "gossip"}}', "metadata.category", "gossip"),
     ('{"id": "i", "messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "yo"}]}', "messages[0].content", "string"),
-    ('[1, 2]', "<record>", "object"),
+    ('[1, 2]', "<line>", "not an object"),
 ]
 
 
@@ -35,7 +35,11 @@ def test_check_reports_every_problem_with_file_line_and_field(tmp_path):
     lines = [good] + [d[0] for d in DAMAGED] + [good.replace('"ok"', '"ok"')]  # last: duplicate id
     f = tmp_path / "bad.jsonl"
     f.write_bytes(("\n".join(lines) + "\n").encode() + b'{"id": "z", "messages": "\xff\xfe"}\n')
-    problems = check_records(read_jsonl(f))
+    with pytest.raises(DatasetError, match="refused whole") as refused:
+        read_jsonl(f)
+    assert {p.line for p in refused.value.problems} == {2, len(DAMAGED) + 1, len(DAMAGED) + 3}
+    records, line_problems = scan_jsonl(f)  # what `duet data check` reports: every problem at once
+    problems = line_problems + check_records(records)
     by_line = {p.line: p for p in problems}
     for i, (_, field, words) in enumerate(DAMAGED, start=2):
         assert i in by_line, f"line {i} not reported"

@@ -1,5 +1,6 @@
 import pytest
 
+from memory_sync.secret_scan import SecretFound
 from memory_sync.workspace import Workspace, WorkspaceError
 
 
@@ -15,12 +16,14 @@ def test_workspace_init_is_a_git_repo_with_duet_layout(tmp_path):
     ("url: postgresql://duet:hunter2secret@db.example:5432/duet\n", "database URL"),
     ("token = ghp_" + "a" * 36 + "\n", "GitHub token"),
     ("-----BEGIN OPENSSH PRIVATE KEY-----\n", "private key"),
+    ("name: x\naws_secret_access_key = wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY\n", "aws_secret_access_key"),
+    ("db: postgresql+psycopg://user:pw@host/db\n", "database URL"),
 ])
 def test_commit_refuses_secrets_and_names_the_file(tmp_path, content, what):
     ws = Workspace(tmp_path / "w").init()
     f = ws.root / "configs" / "leaky.yaml"
     f.write_text(content)
-    with pytest.raises(WorkspaceError, match=rf"configs/leaky.yaml looks like it holds .*{what}"):
+    with pytest.raises(SecretFound, match=rf"configs/leaky.yaml:\d+: .*{what}"):
         ws.commit([f], "config: leaky")
     assert ws.log_subjects() == ["workspace: init"]
     assert "leaky" not in ws.repo.git.diff("--cached", "--name-only")
