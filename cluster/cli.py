@@ -293,7 +293,13 @@ def _parse_size(text: str) -> int:
         raise ValueError(f"size {text!r}: use e.g. 24GiB, 16GB, 8000MiB")
     unit = (m.group(2) or "GiB").upper().rstrip("B")
     mult = {"": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}[unit]
-    return int(float(m.group(1)) * mult)
+    try:
+        value = int(float(m.group(1)) * mult)
+    except ValueError as exc:
+        raise ValueError(f"size {text!r}: use e.g. 24GiB, 16GB, 8000MiB") from exc
+    if not 0 < value <= 2**50:
+        raise ValueError(f"size {text!r}: must be above 0 (and at most 1 PiB)")
+    return value
 
 
 def _setup_plan(p):
@@ -326,7 +332,7 @@ def _run_plan(a) -> int:
             budget = _parse_size(a.gpu_mem)
         if not a.gpu and not a.gpu_mem:
             raise ValueError("give --gpu-mem SIZE or --gpu NAME")
-        cfg = load_config(a.preset, overrides)
+        cfg = load_config(a.preset, overrides, "the command line")
         model = ModelProfile.from_config(a.model)
     except (PlanError, ValueError) as exc:
         print_error(exc)
@@ -668,7 +674,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     a, extra = parser.parse_known_args(argv)
     if extra:  # `duet session log ID --role user some text`: words after an option belong to the text
-        if isinstance(getattr(a, "text", None), list) and not any(x.startswith("-") for x in extra):
+        if isinstance(getattr(a, "text", None), list) and extra[0] == "--":  # `-- -text`: all of it is text
+            a.text += extra[1:]
+        elif isinstance(getattr(a, "text", None), list) and not any(x.startswith("-") for x in extra):
             a.text += extra
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")

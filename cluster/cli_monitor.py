@@ -28,7 +28,15 @@ def run_infra(a) -> int:
     from infra import monitoring
     from infra.services import ServiceError
 
+    import re
+
     con = _console()
+    if not re.fullmatch(r"[A-Za-z0-9.\-]{1,253}:[0-9]{1,5}|\[[0-9A-Fa-f:]{2,45}\]:[0-9]{1,5}", a.exporter):
+        print_error(f"--exporter {a.exporter!r}: give HOST:PORT, e.g. 127.0.0.1:9108")
+        return EXIT_INPUT
+    if a.webhook is not None and not re.fullmatch(r"https?://[^\s'\"\\<>{}]{1,2000}", a.webhook):
+        print_error(f"--webhook {a.webhook!r}: give an http(s) URL, e.g. http://127.0.0.1:9000/alerts")
+        return EXIT_INPUT
     try:
         if a.action == "up":
             doc = monitoring.up(a.workspace, exporter=a.exporter, webhook=a.webhook,

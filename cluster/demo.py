@@ -48,13 +48,14 @@ def precheck(data: Path, workspace: Path | None = None) -> None:
     """Fail fast, before any service starts, on a dataset that would not curate: not a JSONL file,
     invalid records (exit 1), or a secret in it (exit 2)."""
     from memory_sync.secret_scan import SecretFound, scanner
-    from training.dataset import DatasetError, check_records, input_file, read_jsonl
+    from training.dataset import DatasetError, check_records, input_file, scan_jsonl
 
     try:
         found = scanner(workspace).scan_file(input_file(data))
         if found:
             raise SecretFound(found, action=f"refusing {data}")
-        problems = check_records(read_jsonl(data))
+        records, line_problems = scan_jsonl(data)  # every problem at once: lines that are no JSON object, records
+        problems = sorted(line_problems + check_records(records), key=lambda p: p.line)
     except DatasetError as exc:
         raise DemoError(str(exc), 1) from exc
     except SecretFound as exc:

@@ -249,13 +249,21 @@ def _check_members(members: dict[str, bytes], bundle) -> dict:
         if meta_name not in members:
             raise BackupError(f"{bundle}: sessions/{sid}/ has no session.json")
         try:
-            meta = validate_meta(loads_strict(members[meta_name].decode("utf-8")), f"{bundle}: {meta_name}")
+            try:
+                raw_meta = loads_strict(members[meta_name].decode("utf-8"))
+            except ValueError as exc:
+                raise EventError(f"{bundle}: {meta_name}: invalid JSON: {exc}") from exc
+            meta = validate_meta(raw_meta, f"{bundle}: {meta_name}")
             if meta["id"] != sid:
                 raise EventError(f"{bundle}: {meta_name}: field 'id' {meta['id']!r} is not the folder's name")
             ev_name = f"sessions/{sid}/events.jsonl"
             for n, line in enumerate(members.get(ev_name, b"").decode("utf-8").splitlines(), start=1):
                 if line.strip():
-                    validate_event(loads_strict(line), f"{bundle}: {ev_name}:{n}")
+                    try:
+                        ev = loads_strict(line)
+                    except ValueError as exc:
+                        raise EventError(f"{bundle}: {ev_name}:{n}: invalid JSON: {exc}") from exc
+                    validate_event(ev, f"{bundle}: {ev_name}:{n}")
                     counts["events"] += 1
             members.get(f"sessions/{sid}/handoff.md", b"").decode("utf-8")
         except UnicodeDecodeError as exc:

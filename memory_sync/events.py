@@ -81,6 +81,14 @@ def validate_event(ev: object, where: str = "event") -> dict:
         raise EventError(f"{where}: kind {ev['kind']!r} is not one of {', '.join(KINDS)}")
     if not _ULID.fullmatch(ev["id"]):
         raise EventError(f"{where}: id {ev['id']!r} is not a 26-character ULID")
+    try:
+        when = dt.datetime.fromisoformat(ev["time"])
+    except ValueError:
+        when = None
+    if when is None or when.tzinfo is None:
+        raise EventError(f"{where}: time {ev['time'][:40]!r} is not an ISO-8601 time with a zone")
+    if isinstance(ev["schema_version"], bool) or not 1 <= ev["schema_version"] <= SCHEMA_VERSION:
+        raise EventError(f"{where}: schema_version {ev['schema_version']!r} is not one this duet reads (1..{SCHEMA_VERSION})")
     return ev
 
 

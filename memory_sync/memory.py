@@ -172,7 +172,7 @@ class Memory:
         return self.log(sid, "note", {"text": text, **({"pinned": True} if pinned else {})})
 
     def decide(self, sid: str, text: str, why: str | None = None) -> dict:
-        return self.log(sid, "decision", {"text": text, **({"why": why} if why else {})})
+        return self.log(sid, "decision", {"text": text, **({"why": why} if why is not None else {})})
 
     def set_state(self, sid: str, **payload) -> dict:
         return self.log(sid, "state", payload)

@@ -23,6 +23,7 @@ for one command.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import io
@@ -67,8 +68,8 @@ RULES: list[tuple[re.Pattern, str, int]] = [
     (re.compile(r"(?i)authorization\W{1,6}(?:bearer|basic|token)\s+([A-Za-z0-9._~+/\-]{16,}=*)"),
      "an authorization header", 1),
     # a key naming a secret, then its value; the rest of the key's name is read backwards from the match
-    (re.compile(r"(?i)(passw(?:or)?d|passphrase|pwd|secret|token|credentials?|key|pass)[\"']?\s*(?:=>|:=|[:=])\s*[\"']?"
-                r"([^\s\"',;}\]\[)(<>`]{8,512})"),
+    (re.compile(r"(?i)(passw(?:or)?d|passphrase|pwd|secret|token|credentials?|key|pass)\\?[\"']?\s*(?:=>|:=|[:=])\s*"
+                r"\\?[\"']?([^\s\"'\\,;}\]\[)(<>`]{8,512})"),
      "keyword", 2),
 ]
 
@@ -300,8 +301,10 @@ def decodings(data: bytes) -> list[str]:
     return out
 
 
+@functools.lru_cache(maxsize=1)
 def _detect_secrets_plugins():
-    """A block scanner over detect-secrets' plugins, or None when the library is missing."""
+    """A block scanner over detect-secrets' plugins (stateless: built once), or None when the
+    library is missing."""
     try:
         from detect_secrets.core.plugins.util import get_mapping_from_secret_type_to_class
         from detect_secrets.filters import heuristic
@@ -342,9 +345,6 @@ def _detect_secrets_plugins():
             yield from run(near, block[lo:hi], lo)
 
     return scan
-
-
-_default: Scanner | None = None
 
 
 def scanner(workspace: str | os.PathLike | None = None) -> Scanner:

@@ -455,7 +455,7 @@ def split(records: list[dict], test_frac: float, seed: int,
     Identical and near-duplicate conversations form groups that land wholly in train or in test.
     Deterministic for the same records, seed and fraction.
     """
-    if not 0.0 < test_frac < 1.0:
+    if isinstance(test_frac, bool) or not isinstance(test_frac, (int, float)) or not 0.0 < test_frac < 1.0:
         raise DatasetError(f"test_frac must be between 0 and 1 (exclusive), got {test_frac}")
     by_cat: dict[str, list[list[dict]]] = {}
     for g in _groups(records, near_pairs or []):
@@ -529,6 +529,11 @@ def build_version(files: list[str | os.PathLike], out_root: str | os.PathLike, n
     train + test + quarantine + duplicates removed = input records.
     """
     check_name(name)
+    if isinstance(reasoning_target, bool) or not isinstance(reasoning_target, (int, float)) \
+            or not 0 <= reasoning_target <= 1:
+        raise DatasetError(f"reasoning_target {reasoning_target!r}: use a fraction in [0, 1]")
+    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
+        raise DatasetError(f"max_tokens {max_tokens!r}: use a whole number of tokens, at least 1")
     if not 0.1 <= spot_check_frac <= 0.2:
         raise DatasetError(f"spot_check_frac {spot_check_frac}: use 0.1-0.2")
     records: list[Record] = []
@@ -619,7 +624,7 @@ def build_version(files: list[str | os.PathLike], out_root: str | os.PathLike, n
         (tmp / "test.jsonl").write_text(test_txt, encoding="utf-8")
         (tmp / "quarantine.jsonl").write_text(_dump(quarantine), encoding="utf-8")
         (tmp / "spot_check.jsonl").write_text(_dump(spot), encoding="utf-8")
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True, allow_nan=False) + "\n")
         os.rename(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -28,7 +28,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from training.dataset import DatasetError, input_file, parse_json
+from training.dataset import DatasetError, input_file, max_turn_chars, parse_json
 
 FORMATS = ("auto", "jsonl", "sharegpt", "alpaca", "chatgpt", "markdown", "dpo")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "bot": "assistant",
@@ -146,12 +146,21 @@ def import_file(src: str | os.PathLike, fmt: str = "auto", *, user_labels: tuple
             except ImportFormatError as exc:
                 skipped.append({"where": where, "reason": str(exc)})
     storable = []
+    limit = max_turn_chars()
     for r in recs:
         try:
             json.dumps(r, ensure_ascii=False, allow_nan=False).encode("utf-8")
-            storable.append(r)
         except (UnicodeEncodeError, ValueError):
             skipped.append({"where": str(r.get("id")), "reason": "not valid Unicode (a lone surrogate escape)"})
+            continue
+        turns = [m for k in ("messages", "prompt", "chosen", "rejected") for m in (r.get(k) or [])
+                 if isinstance(m, dict) and isinstance(m.get("content"), str)]
+        big = max((len(m["content"]) for m in turns), default=0)
+        if big > limit:
+            skipped.append({"where": str(r.get("id")), "reason": f"a turn of {big:,} characters, above the limit of "
+                                                                 f"{limit:,} (DUET_MAX_TURN_CHARS raises it)"})
+            continue
+        storable.append(r)
     if not storable:
         first = f": {skipped[0]['where']}: {skipped[0]['reason']}" if skipped else ""
         raise ImportFormatError(f"{path}: no record could be imported as {fmt} ({len(skipped)} skipped{first})")

@@ -131,8 +131,6 @@ class TrainConfig(BaseModel):
     def _check(self) -> "TrainConfig":
         if self.warmup_steps >= self.max_steps:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) must be below max_steps ({self.max_steps})")
-        if self.grad_norm_min >= self.grad_norm_limit:
-            raise ValueError(f"grad_norm_min ({self.grad_norm_min}) must be below grad_norm_limit ({self.grad_norm_limit})")
         return self
 
     @property
@@ -140,13 +138,21 @@ class TrainConfig(BaseModel):
         return self.micro_batch * self.grad_accum
 
 
-def _format_validation(err: ValidationError, source: str, lines: dict[str, int]) -> str:
+def _format_validation(err: ValidationError, source: str, lines: dict[str, int],
+                       overridden: dict | None = None, override_source: str = "overrides", prefix: str = "") -> str:
     out = []
     for e in err.errors():
         loc = ".".join(str(x) for x in e["loc"])
         top = str(e["loc"][0]) if e["loc"] else ""
-        line = lines.get(top)
+        parts = [str(x) for x in e["loc"]]
+        line = None
+        while parts and line is None:  # the deepest key the YAML has a line for
+            line = lines.get(prefix + ".".join(parts))
+            parts.pop()
+        line = line or lines.get(prefix.rstrip("."))
         where = f"{source}:{line}" if line else source
+        if overridden and top in overridden:
+            where = f"{override_source} (over {source})"
         allowed = ""
         if e.get("ctx", {}).get("expected"):
             allowed = f" (allowed: {e['ctx']['expected']})"
@@ -155,11 +161,24 @@ def _format_validation(err: ValidationError, source: str, lines: dict[str, int])
 
 
 def _key_lines(text: str) -> dict[str, int]:
-    """Line number of each top-level key in a YAML text (for error messages)."""
-    out = {}
-    for n, line in enumerate(text.splitlines(), start=1):
-        if line and not line[0].isspace() and ":" in line and not line.startswith("#"):
-            out.setdefault(line.split(":", 1)[0].strip(), n)
+    """Line number of every mapping key in a YAML text, by dotted path ("train.lora.r"), for error
+    messages; {} when the text does not compose."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except Exception:  # only for messages: an unparsable text has its own error
+        return {}
+    out: dict[str, int] = {}
+    stack = [(root, "")]
+    while stack:
+        node, prefix = stack.pop()
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                path = f"{prefix}{k.value}" if isinstance(k, yaml.ScalarNode) else prefix.rstrip(".")
+                out.setdefault(path, k.start_mark.line + 1)
+                stack.append((v, path + "."))
+        elif isinstance(node, yaml.SequenceNode):
+            for i, v in enumerate(node.value):
+                stack.append((v, f"{prefix.rstrip('.')}.{i}."))
     return out
 
 
@@ -203,13 +222,20 @@ def load_yaml(text: str, source: str) -> object:
         raise PlanError(f"{source}{line}: invalid YAML: {getattr(exc, 'problem', None) or exc}") from exc
     except RecursionError as exc:
         raise PlanError(f"{source}: nested too deeply") from exc
-    bad = _non_finite(data)
+    try:
+        bad = _bad_value(data)
+    except PlanError as exc:
+        raise PlanError(f"{source}: {exc}") from exc
     if bad:
-        raise PlanError(f"{source}: field {bad!r}: not a finite number (.nan and .inf are refused)")
+        path, why = bad
+        line = _key_lines(text).get(path)
+        raise PlanError(f"{source}{f':{line}' if line else ''}: field {path!r}: {why}")
     return data
 
 
-def _non_finite(v: object, path: str = "") -> str | None:
+def _bad_value(v: object, path: str = "") -> tuple[str, str] | None:
+    """(field, why) of the first value no config may hold: a non-finite number, a text that is not
+    valid Unicode; PlanError for a document with more than 100,000 values (an alias bomb)."""
     stack = [(v, path)]
     seen = 0
     while stack:
@@ -218,9 +244,17 @@ def _non_finite(v: object, path: str = "") -> str | None:
         if seen > 100_000:
             raise PlanError("a config with more than 100,000 values (an alias bomb?) is refused")
         if isinstance(x, float) and not math.isfinite(x):
-            return p or "<document>"
+            return p or "<document>", "not a finite number (.nan and .inf are refused)"
+        if isinstance(x, str):
+            try:
+                x.encode("utf-8")
+            except UnicodeEncodeError:
+                return p or "<document>", "not valid Unicode (a lone surrogate escape)"
         if isinstance(x, dict):
-            stack.extend((val, f"{p}.{k}" if p else str(k)) for k, val in x.items())
+            for k, val in x.items():
+                if isinstance(k, str):
+                    stack.append((k, f"{p} (a key)" if p else "<a key>"))
+                stack.append((val, f"{p}.{k}" if p else str(k)))
         elif isinstance(x, list):
             stack.extend((val, f"{p}[{i}]") for i, val in enumerate(x))
     return None
@@ -244,7 +278,8 @@ def read_yaml_file(path: str | os.PathLike) -> tuple[object, str]:
     return load_yaml(text, str(p)), text
 
 
-def train_config(train: object, source: str, text: str = "", overrides: dict | None = None) -> TrainConfig:
+def train_config(train: object, source: str, text: str = "", overrides: dict | None = None,
+                 override_source: str = "overrides", prefix: str = "") -> TrainConfig:
     """The one validation of a training config, whoever gives it: a preset, a plan file's
     ``train:``, a run config's ``overrides:`` or CLI flags. PlanError naming source:line and field."""
     if not isinstance(train, dict):
@@ -256,12 +291,13 @@ def train_config(train: object, source: str, text: str = "", overrides: dict | N
     try:
         return TrainConfig(**{str(k): v for k, v in train.items()})
     except ValidationError as exc:
-        raise PlanError(_format_validation(exc, source, _key_lines(text))) from exc
+        raise PlanError(_format_validation(exc, source, _key_lines(text), overrides, override_source, prefix)) from exc
     except ValueError as exc:  # a field validator's own message (watchdog thresholds)
         raise PlanError(f"{source}: {exc}") from exc
 
 
-def load_config(path: str | os.PathLike, overrides: dict | None = None) -> TrainConfig:
+def load_config(path: str | os.PathLike, overrides: dict | None = None,
+                override_source: str = "overrides") -> TrainConfig:
     """Load a preset/config YAML (a ``train:`` section or the bare fields) with clear errors."""
     p = Path(path)
     if not p.is_file():
@@ -276,7 +312,8 @@ def load_config(path: str | os.PathLike, overrides: dict | None = None) -> Train
         data = {}
     if not isinstance(data, dict):
         raise PlanError(f"{p}:1: expected a mapping of fields")
-    return train_config(data.get("train", data), str(p), text, overrides)
+    return train_config(data.get("train", data), str(p), text, overrides, override_source,
+                        "train." if "train" in data else "")
 
 
 class PlanFile(BaseModel):
@@ -323,7 +360,7 @@ def load_plan_file(path: str | os.PathLike) -> dict:
         version_dir("datasets", ds.get("name"), ds.get("content_hash"))
     except DatasetError as exc:
         raise PlanError(f"{src}:{_key_lines(text).get('dataset', 1)}: field 'dataset': {exc}") from exc
-    cfg = train_config(doc.train, src, text)
+    cfg = train_config(doc.train, src, text, prefix="train.")
     out = doc.model_dump()
     out["train"] = cfg.model_dump()
     return out
@@ -372,7 +409,7 @@ def load_run_config(path: str | os.PathLike) -> tuple[RunConfig, list[Path], Tra
     preset = rc.preset
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}", preset) or (base / preset).is_file():
         preset = str((base / preset) if not Path(preset).is_absolute() else Path(preset))
-    cfg = load_config(preset, rc.overrides)
+    cfg = load_config(preset, rc.overrides, f"{src}:{_key_lines(text).get('overrides', 1)}: overrides")
     return rc.model_copy(update={"preset": preset}), files, cfg
 
 

@@ -169,8 +169,9 @@ def test_bad_input_is_refused_and_nothing_changes(tmp_path, fresh_db):
     n_events = m.cortex().count("events")
     r = duet("session", "log", "01nosuchsession", "--role", "user", "hi", "-w", str(b.root), env=env)
     assert r.returncode == 1 and "unknown session '01nosuchsession'" in r.stderr
+    # a bad argument is invalid input (exit 1; argparse's own 2 would read as "refused")
     r = duet("session", "log", sid, "--role", "robot", "hi", "-w", str(b.root), env=env)
-    assert r.returncode == 2 and "invalid choice" in r.stderr
+    assert r.returncode == 1 and "invalid choice" in r.stderr
     assert m.cortex().count("events") == n_events
     m.close()
 

@@ -1,0 +1,156 @@
+"""Property-based: random bytes and random JSON/YAML shapes fed to every parser and importer end in
+the parser's own clean error (or a result), never in another exception, and write no file."""
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from memory_sync.backup import BackupError, read_bundle
+from memory_sync.events import EventError, read_events, read_meta
+from memory_sync.secret_scan import SecretFound
+from training.dataset import DatasetError, check_records, read_jsonl, scan_jsonl
+from training.importers import FORMATS, ImportFormatError, import_file
+from training.plan import ModelProfile, PlanError, load_config, load_plan_file, load_run_config
+from training.watchdog import Thresholds
+
+SETTINGS = settings(max_examples=int(os.environ.get("DUET_FUZZ_EXAMPLES", "60")), deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+_DIRS: list[Path] = []
+
+scalars = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(allow_nan=True),
+                    st.text(max_size=30))
+json_values = st.recursive(scalars, lambda kids: st.one_of(
+    st.lists(kids, max_size=5), st.dictionaries(st.text(max_size=12), kids, max_size=6)), max_leaves=30)
+# shapes that look like what the importers and configs expect, with wrong types inside
+KEYS = ["id", "messages", "role", "content", "conversations", "from", "value", "instruction", "output", "input",
+        "mapping", "current_node", "message", "author", "parts", "parent", "prompt", "chosen", "rejected",
+        "train", "run_id", "model_ref", "dataset", "estimate", "name", "content_hash", "lora", "r", "max_steps",
+        "hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size", "data", "preset", "overrides",
+        "format", "counts", "files", "sessions", "events"]
+shaped = st.recursive(scalars, lambda kids: st.one_of(
+    st.lists(kids, max_size=4), st.dictionaries(st.sampled_from(KEYS), kids, max_size=6)), max_leaves=25)
+
+
+def _no_new_files(folder: Path, before: set) -> None:
+    assert {p.name for p in folder.iterdir()} == before
+
+
+def _run(fn, folder: Path, allowed: tuple):
+    before = {p.name for p in folder.iterdir()}
+    try:
+        fn()
+    except allowed:
+        pass
+    _no_new_files(folder, before)
+
+
+@pytest.fixture(autouse=True)
+def _cleanup():
+    yield
+    while _DIRS:
+        shutil.rmtree(_DIRS.pop(), ignore_errors=True)
+
+
+def _file(data: bytes, name: str) -> Path:
+    d = Path(tempfile.mkdtemp(prefix="duet-fuzz-"))
+    _DIRS.append(d)
+    p = d / name
+    p.write_bytes(data)
+    return p
+
+
+def _as_bytes(value, how: str) -> bytes:
+    if how == "json":
+        return json.dumps(value).encode()
+    if how == "jsonl":
+        items = value if isinstance(value, list) else [value]
+        return "".join(json.dumps(x) + "\n" for x in items).encode()
+    return yaml.safe_dump(value, allow_unicode=True).encode()
+
+
+@SETTINGS
+@given(data=st.binary(max_size=2000))
+def test_random_bytes_to_every_file_parser(data):
+    for name in ("x.jsonl", "x.json", "x.md"):
+        p = _file(data, name)
+        _run(lambda: check_records(read_jsonl(p)), p.parent, (DatasetError,))
+        _run(lambda: scan_jsonl(p), p.parent, (DatasetError,))
+        for fmt in FORMATS:
+            _run(lambda: import_file(p, fmt), p.parent, (ImportFormatError,))
+    p = _file(data, "x.yaml")
+    for fn in (load_config, load_plan_file, load_run_config):
+        _run(lambda: fn(p), p.parent, (PlanError,))
+    p = _file(data, "config.json")
+    _run(lambda: ModelProfile.from_config(p), p.parent, (PlanError,))
+    p = _file(data, "b.tar.gz")
+    _run(lambda: read_bundle(p), p.parent, (BackupError, SecretFound))
+    p = _file(data, "events.jsonl")
+    _run(lambda: read_events(p), p.parent, (EventError,))
+    p = _file(data, "session.json")
+    _run(lambda: read_meta(p), p.parent, (EventError,))
+
+
+@SETTINGS
+@given(value=st.one_of(json_values, shaped), how=st.sampled_from(["json", "jsonl", "yaml"]))
+def test_random_json_and_yaml_shapes_to_every_parser(value, how):
+    try:
+        data = _as_bytes(value, how)
+    except (ValueError, yaml.YAMLError):  # a shape the serializer itself refuses (e.g. NaN keys)
+        return
+    for name in ("x.jsonl", "conversations.json"):
+        p = _file(data, name)
+        _run(lambda: check_records(read_jsonl(p)), p.parent, (DatasetError,))
+        for fmt in FORMATS:
+            _run(lambda: import_file(p, fmt), p.parent, (ImportFormatError,))
+    p = _file(data, "x.yaml")
+    for fn in (load_config, load_plan_file, load_run_config):
+        _run(lambda: fn(p), p.parent, (PlanError,))
+    p = _file(data, "config.json")
+    _run(lambda: ModelProfile.from_config(p), p.parent, (PlanError,))
+    if isinstance(value, dict):
+        _run(lambda: ModelProfile.from_config(value), p.parent, (PlanError,))
+        _run(lambda: Thresholds.from_train({"watchdog": value}), p.parent, (ValueError,))
+
+
+@SETTINGS
+@given(value=shaped)
+def test_random_event_lines_and_session_files(value):
+    p = _file((json.dumps(value) + "\n").encode(), "events.jsonl")
+    _run(lambda: read_events(p), p.parent, (EventError,))
+    p = _file(json.dumps(value).encode(), "session.json")
+    _run(lambda: read_meta(p), p.parent, (EventError,))
+
+
+@pytest.mark.parametrize("value", [{"temperature_c": "hot"}, {"stall_seconds": float("inf")}, {"nope": 1},
+                                   {"grad_norm_patience": 1.5}, {"thermal_pause": "yes"}])
+def test_watchdog_thresholds_refuse_bad_values(value):
+    with pytest.raises(ValueError):
+        Thresholds.from_train({"watchdog": value})
+
+
+@SETTINGS
+@given(data=st.binary(max_size=3000), text=st.text(max_size=300))
+def test_the_scanner_reads_anything_and_session_texts_are_checked(data, text):
+    from memory_sync.memory import Memory
+    from memory_sync.secret_scan import Scanner
+    from memory_sync.workspace import Workspace
+
+    sc = Scanner()
+    sc.scan_bytes(data, "random")
+    sc.scan_text(text, "text")
+    root = _file(b"", "placeholder").parent / "ws"
+    Workspace(root).init()
+    m = Memory(root, None, None)
+    s = m.start_session("fuzz")
+    before = s.events_path.read_bytes()
+    try:
+        m.turn(s.id, "user", text)
+    except (EventError, SecretFound):
+        assert s.events_path.read_bytes() == before
