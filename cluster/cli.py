@@ -418,11 +418,17 @@ def _run_run(a) -> int:
     from cluster.demo import DemoError, run_pipeline
     from training.plan import PlanError, load_run_config
 
+    from memory_sync.secret_scan import SecretFound, scanner
+
     try:
         rc, data, _ = load_run_config(a.config)  # the whole config, its preset and overrides, before anything starts
     except PlanError as exc:
         print_error(exc)
         return EXIT_INPUT
+    found = scanner(a.workspace).scan_file(a.config)  # what it names ends up in the committed plan
+    if found:
+        print_error(SecretFound(found, action=f"refusing {a.config}"))
+        return EXIT_REFUSED
     try:
         summary = run_pipeline(a.workspace, model=None if rc.model in ("smollm2", "tiny") else rc.model,
                                tiny=rc.model == "tiny", data=[str(d) for d in data], overrides=rc.overrides, preset=rc.preset,

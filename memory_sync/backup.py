@@ -333,15 +333,25 @@ def restore(bundle: str | os.PathLike, workspace: str | os.PathLike, memory=None
             os.rename(d, target)
             moved.append(target)
         if has_cortex:
-            memory.cortex().load_all({t: _rows(f"cortex/{t}.jsonl", members.get(f"cortex/{t}.jsonl", b""), bundle)
-                                      for t in TABLES})
+            try:  # one transaction: all rows or none
+                memory.cortex().load_all({t: _rows(f"cortex/{t}.jsonl", members.get(f"cortex/{t}.jsonl", b""), bundle)
+                                          for t in TABLES})
+            except BackupError:
+                raise
+            except Exception as exc:  # the database refused a row (a type, a reference): nothing was kept
+                raise BackupError(f"{bundle}: the cortex refused the dump ({type(exc).__name__}: "
+                                  f"{str(exc).splitlines()[0][:200]}); nothing was restored") from exc
             cortex_loaded = True
         if has_neo:
             n = memory.neocortex()
             for col in COLLECTIONS:
                 docs = _rows(f"neocortex/{col}.jsonl", members.get(f"neocortex/{col}.jsonl", b""), bundle)
                 loaded_neo[col] = [d["id"] for d in docs]
-                n.load(col, docs)
+                try:
+                    n.load(col, docs)
+                except Exception as exc:
+                    raise BackupError(f"{bundle}: the neocortex refused the dump of {col} ({type(exc).__name__}: "
+                                      f"{str(exc).splitlines()[0][:200]}); nothing was restored") from exc
         counts = {**workspace_counts(root), **store_counts(memory)}
         want = manifest["counts"]
         if {k: counts.get(k) for k in want} != want:

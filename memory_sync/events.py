@@ -201,4 +201,7 @@ def open_session(workspace: str | os.PathLike, sid: str) -> Session:
     path = Path(workspace) / "sessions" / sid
     if not (path / "session.json").exists():
         raise EventError(f"unknown session {sid!r} (no {path / 'session.json'})")
+    for p in (path, path / "session.json", path / "events.jsonl"):
+        if p.is_symlink():
+            raise EventError(f"{p}: a symlink; a session's files must be its own (refusing to write through it)")
     return Session(sid, path)

@@ -65,6 +65,11 @@ RULES: list[tuple[re.Pattern, str, int]] = [
      "an AWS access key id", 1),
     (re.compile(r"(?i)RAY_AUTH_TOKEN\s*[=:]\s*[\"']?([A-Za-z0-9_\-+/=]{8,})"), "a Ray token", 1),
     (re.compile(r"(?i)(?<![A-Za-z0-9])ray[_\- ]?(?:auth[_\- ]?)?token\W{1,6}([0-9a-f]{32,})"), "a Ray token", 1),
+    (re.compile(r"(?i)\bmachine\s+\S+\s+login\s+\S+\s+password\s+(\S{4,})"), "a .netrc password", 1),
+    (re.compile(r"https://hooks\.slack\.com/services/(T[A-Za-z0-9_]+/B[A-Za-z0-9_]+/[A-Za-z0-9_]{8,})"),
+     "a Slack webhook URL", 1),
+    (re.compile(r"https://(?:ptb\.|canary\.)?discord(?:app)?\.com/api/webhooks/(\d+/[A-Za-z0-9_\-]{20,})"),
+     "a Discord webhook URL", 1),
     (re.compile(r"(?i)authorization\W{1,6}(?:bearer|basic|token)\s+([A-Za-z0-9._~+/\-]{16,}=*)"),
      "an authorization header", 1),
     # a key naming a secret, then its value; the rest of the key's name is read backwards from the match

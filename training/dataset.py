@@ -86,6 +86,7 @@ class Record:
 MAX_TURN_CHARS = 1_000_000  # one message's text; DUET_MAX_TURN_CHARS overrides
 MAX_JSON_DEPTH = 64         # nesting of one record; DUET_MAX_JSON_DEPTH overrides
 MAX_LINE_ERRORS = 20        # lines named in the error when a file is refused whole
+MAX_LINE_BYTES = 64 << 20   # one JSONL line; DUET_MAX_LINE_BYTES overrides
 
 
 def _limit(var: str, default: int) -> int:
@@ -174,10 +175,28 @@ def scan_jsonl(path: str | os.PathLike) -> tuple[list[Record], list[Problem]]:
     did not (at most MAX_LINE_ERRORS), for ``duet data check`` to report everything at once."""
     path = input_file(path)
     depth = max_json_depth()
+    max_line = _limit("DUET_MAX_LINE_BYTES", MAX_LINE_BYTES)
     records: list[Record] = []
     bad: list[Problem] = []
     with open(path, "rb") as fh:
-        for lineno, rawb in enumerate(fh, start=1):
+        head = fh.read(4)
+        fh.seek(0)
+        if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+            raise DatasetError(f"{path}: UTF-16 text; a JSONL file is UTF-8 (convert it, e.g. "
+                               f"iconv -f utf-16 -t utf-8 {path.name} > {path.stem}.utf8.jsonl)",
+                               [Problem(str(path), 1, None, "<file>", "UTF-16, not UTF-8")])
+        lineno = 0
+        while True:
+            rawb = fh.readline(max_line + 1)
+            if not rawb:
+                break
+            lineno += 1
+            if len(rawb) > max_line and not rawb.endswith(b"\n"):
+                bad.append(Problem(str(path), lineno, None, "<line>", f"longer than {max_line:,} bytes "
+                                   "(DUET_MAX_LINE_BYTES raises the limit)"))
+                while rawb and not rawb.endswith(b"\n"):  # skip the rest of that line without holding it
+                    rawb = fh.readline(1 << 20)
+                continue
             if lineno == 1 and rawb.startswith(b"\xef\xbb\xbf"):
                 rawb = rawb[3:]
             if not rawb.strip():
