@@ -19,6 +19,7 @@ import yaml
 GITATTRIBUTES = "sessions/*/events.jsonl merge=duet-events\nsessions/*/handoff.md merge=duet-derived\n"
 GITIGNORE = ".duet/\nuploads/\n*.safetensors\n*.bin\n*.pt\n*.gguf\ncheckpoints/\n"
 OWN_DIRS = ("datasets", "configs", "runs", "sessions")
+_CLEAN_BLOBS: set[str] = set()  # blobs this process scanned and found clean (a push need not read them again)
 
 
 class WorkspaceError(RuntimeError):
@@ -195,13 +196,17 @@ class Workspace:
             repo.git.add("--", *rel)
             findings = []
             sc = scanner(self.root)
+            clean = []
             for mode, sha, name in self._staged():
                 if mode == "120000":
                     self.inside(name)  # a link to outside the workspace: refused
                     continue
                 if mode == "160000":
                     continue
-                findings += sc.scan_bytes(repo.odb.stream(bytes.fromhex(sha)).read(), name)
+                found = sc.scan_bytes(repo.odb.stream(bytes.fromhex(sha)).read(), name)
+                findings += found
+                if not found:
+                    clean.append(sha)
             if findings:
                 raise SecretFound(findings, action=f"refusing to commit ({message.splitlines()[0][:60]})")
         except BaseException:
@@ -210,6 +215,7 @@ class Workspace:
             else:
                 index.write_bytes(saved)
             raise
+        _CLEAN_BLOBS.update(clean)
         if not repo.is_dirty(index=True, working_tree=False, untracked_files=False) and repo.head.is_valid():
             return None
         repo.git.commit("-m", message, "--no-verify")
@@ -244,12 +250,21 @@ class Workspace:
         if not repo.head.is_valid():
             return []
         listing = repo.git.rev_list("--objects", "HEAD", "--not", f"--remotes={remote}")
-        entries = [ln.split(" ", 1) for ln in listing.splitlines() if " " in ln]
+        names = {}
+        for ln in listing.splitlines():
+            sha, _, name = ln.partition(" ")
+            if name and sha not in _CLEAN_BLOBS:
+                names.setdefault(sha, name)
+        if not names:
+            return []
         sc = scanner(self.root)
         found = []
-        for sha, name in entries:
+        for sha, name in names.items():
             if repo.odb.info(bytes.fromhex(sha)).type == b"blob":
-                found += sc.scan_bytes(repo.odb.stream(bytes.fromhex(sha)).read(), name)
+                hits = sc.scan_bytes(repo.odb.stream(bytes.fromhex(sha)).read(), name)
+                found += hits
+                if not hits:
+                    _CLEAN_BLOBS.add(sha)
         return found
 
     def check_outgoing(self, remote: str = "origin") -> None:
