@@ -3,7 +3,7 @@
     python -m benchmarks [--quick] [--table-only]
 
 Runs, each in its own process: trl_compare (duet vs plain TRL: overhead_ratio, planner_speedup_ratio),
-memory, alerting, failover; vram_planner on CPU. Results land in benchmarks/results/<name>-<machine>.json;
+memory, alerting, failover; vram_planner on CPU; importers (a 200 MB ChatGPT export). Results land in benchmarks/results/<name>-<machine>.json;
 benchmarks/results/README.md is rebuilt from every JSON there (GPU results committed from lent
 devices included), each row naming the machine it came from. --table-only rebuilds the table.
 """
@@ -25,6 +25,7 @@ SUITE = [
     ("alerting", ["--reps", "5"], ["--reps", "2"]),
     ("failover", ["--reps", "3"], ["--reps", "1"]),
     ("vram_planner", ["--device", "cpu"], ["--device", "cpu"]),
+    ("importers", ["--reps", "3"], ["--reps", "1", "--mb", "40", "--small-mb", "4"]),
 ]
 
 
@@ -71,6 +72,15 @@ def rows_of(doc: dict) -> list[tuple[str, str, str, str]]:
                     doc["meets_goal"]))
         if "median_from_command_s" in doc:
             out.append(("failover from `duet node start`, median", _fmt(doc["median_from_command_s"], " s"), "", None))
+    elif name == "importers":
+        big, small = doc["median"]["big"], doc["median"]["small"]
+        mb = doc["export"]["big"]["mb"]
+        out.append((f"import of a {mb:.0f} MB ChatGPT export: conversations/s, MB/s",
+                    f"{big['conversations_per_s']:.0f} /s, {big['mb_per_s']:.1f} MB/s", "", None))
+        out.append((f"peak RSS at {mb:.0f} MB / at {doc['export']['small']['mb']:.0f} MB (streamed)",
+                    f"{big['peak_rss_mb']:.0f} / {small['peak_rss_mb']:.0f} MB", "ratio <= 1.25", doc["meets_goal"]))
+        out.append(("peak RSS: duet import / plain json.load of the same file",
+                    f"{doc['peak_rss_ratio_duet_to_json_load']:.2f}", "", None))
     elif name == "vram_planner":
         ratios = [r["ratio_estimate_to_measured"] for r in doc.get("rows", []) if r.get("ratio_estimate_to_measured")]
         if ratios:

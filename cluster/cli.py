@@ -159,132 +159,6 @@ def _run_status(a) -> int:
 
 # -- data / plan ---------------------------------------------------------------------------------
 
-def _setup_data(p):
-    sub = p.add_subparsers(dest="data_cmd", metavar="{import,check,curate}")
-    imp = sub.add_parser("import", help="convert jsonl/sharegpt/alpaca/chatgpt/markdown/dpo to canonical JSONL")
-    imp.add_argument("src")
-    imp.add_argument("--format", default="auto", choices=("auto", "jsonl", "sharegpt", "alpaca", "chatgpt",
-                                                          "markdown", "dpo"))
-    imp.add_argument("-o", "--output", required=True, help="the canonical JSONL to write")
-    imp.add_argument("--user-labels", help="comma-separated speaker labels for the user (markdown)")
-    imp.add_argument("--assistant-labels", help="comma-separated speaker labels for the assistant (markdown)")
-    imp.add_argument("--json", action="store_true")
-    chk = sub.add_parser("check", help="validate chat/DPO JSONL files, reporting every problem")
-    chk.add_argument("files", nargs="+")
-    chk.add_argument("--max-len", type=int_arg(1), help="maximum sequence length in tokens")
-    chk.add_argument("--tokenizer", help="a model folder whose tokenizer counts the tokens (else an estimate)")
-    chk.add_argument("--json", action="store_true")
-    cur = sub.add_parser("curate", help="build a dataset version in the workspace and commit it")
-    cur.add_argument("files", nargs="+")
-    cur.add_argument("--name", required=True)
-    cur.add_argument("--test-frac", type=float_arg(0, 1, lo_open=True, hi_open=True), default=0.1)
-    cur.add_argument("--seed", type=int_arg(0, 2**32 - 1), default=0)
-    cur.add_argument("--max-len", type=int_arg(1), help="maximum sequence length in tokens (reports truncation)")
-    cur.add_argument("--tokenizer", help="a model folder whose tokenizer counts the tokens (else an estimate)")
-    cur.add_argument("--reasoning-target", type=float_arg(0, 1), default=0.5, help="wanted fraction of <think> examples")
-    cur.add_argument("--strict", action="store_true", help="refuse the whole input if any record is invalid")
-    cur.add_argument("--json", action="store_true")
-    _workspace_arg(cur)
-
-
-def _run_data(a) -> int:
-    from training.dataset import DatasetError, check_records
-
-    con = _console()
-    if a.data_cmd is None:
-        con.print("usage: duet data {import,check,curate} ...")
-        return EXIT_INPUT
-    if a.data_cmd == "import":
-        from training.importers import DEFAULT_ASSISTANT_LABELS, DEFAULT_USER_LABELS, ImportFormatError, \
-            check_output, import_file, write_jsonl
-
-        users = _labels(a.user_labels, "--user-labels") or DEFAULT_USER_LABELS
-        assts = _labels(a.assistant_labels, "--assistant-labels") or DEFAULT_ASSISTANT_LABELS
-        try:
-            check_output(a.src, a.output)
-            res = import_file(a.src, a.format, user_labels=users, assistant_labels=assts)
-            write_jsonl(res.records, a.output)
-        except ImportFormatError as exc:
-            print_error(exc)
-            return EXIT_INPUT
-        doc = {"format": res.format, "detected": res.detected, "records": len(res.records),
-               "skipped": res.skipped, "output": a.output}
-        if a.json:
-            _emit_json(doc)
-        else:
-            how = "detected" if res.detected else "given"
-            con.print(f"format {res.format} ({how}): {len(res.records)} records -> {a.output}")
-            for s in res.skipped:
-                con.print(f"[yellow]skipped[/] {s['where']}: {s['reason']}")
-        return EXIT_OK
-    from training.dataset import tokenizer_counter
-
-    try:
-        counter = tokenizer_counter(a.tokenizer) if a.tokenizer else None
-    except DatasetError as exc:
-        print_error(exc)
-        return EXIT_INPUT
-    if a.data_cmd == "check":
-        from training.dataset import scan_jsonl
-
-        records, errors, line_problems = [], [], []
-        for f in a.files:
-            try:
-                recs, lines = scan_jsonl(f)
-                records.extend(recs)
-                line_problems.extend(lines)
-            except DatasetError as exc:
-                errors.append(str(exc))
-        problems = sorted(line_problems + check_records(records, a.max_len, counter), key=lambda p: (p.file, p.line))
-        bad = sum(1 for r in records if not r.ok) + len(line_problems)
-        doc = {"files": a.files, "records": len(records), "invalid_records": bad, "errors": errors,
-               "tokens_counted_with": "tokenizer" if counter else "estimate (~4 characters a token)",
-               "problems": [p.to_dict() for p in problems]}
-        if a.json:
-            _emit_json(doc)
-        else:
-            for e in errors:
-                con.print(f"[red]{e}")
-            for p in problems:
-                con.print(f"[red]{p}")
-            con.print(f"{len(records)} records, {bad} invalid, {len(problems)} problems")
-        return EXIT_INPUT if problems or errors else EXIT_OK
-    from memory_sync.workspace import WorkspaceError
-    from roles.architect import Architect
-
-    try:
-        arch = Architect(a.workspace, session_title="data curate")
-        res = arch.curate(a.files, a.name, a.test_frac, a.seed, strict=a.strict, max_tokens=a.max_len,
-                          count_tokens=counter, reasoning_target=a.reasoning_target)
-    except (DatasetError, WorkspaceError) as exc:
-        print_error(exc)
-        for p in getattr(exc, "problems", [])[:100]:
-            con.print(f"  {p}")
-        if a.json:
-            _emit_json({"ok": False, "error": str(exc),
-                        "problems": [p.to_dict() for p in getattr(exc, "problems", [])]})
-        return EXIT_INPUT
-    if a.json:
-        _emit_json(res)
-    else:
-        c = res["manifest"]["counts"]
-        con.print(f"dataset {a.name} @ {res['content_hash'][:12]}: {c['train']} train, {c['test']} test, "
-                  f"{c['quarantine']} quarantined, {c['duplicates_removed']} duplicates removed, "
-                  f"{c['near_duplicate_pairs']} near-duplicate pairs kept together -> {res['path']}")
-        for w in res["manifest"]["warnings"]:
-            con.print(f"[yellow]warning:[/] {w}")
-    return EXIT_OK
-
-
-def _labels(text: str | None, flag: str) -> tuple[str, ...] | None:
-    if text is None:
-        return None
-    labels = tuple(x.strip() for x in text.split(",") if x.strip())
-    if not labels:
-        raise ValueError(f"{flag} {text!r}: give comma-separated speaker labels, e.g. 'User,Me'")
-    return labels
-
-
 def _parse_size(text: str) -> int:
     import re
 
@@ -630,7 +504,7 @@ def _run_node(a) -> int:
 
 # -- the table -----------------------------------------------------------------------------------
 
-from cluster import cli_memory, cli_monitor, output  # noqa: E402  (session + memory commands import this module lazily)
+from cluster import cli_data, cli_memory, cli_monitor, output  # noqa: E402  (session + memory commands import this module lazily)
 
 
 COMMANDS: dict[str, Command] = {
@@ -639,7 +513,7 @@ COMMANDS: dict[str, Command] = {
     "down": Command("stop what duet started for this workspace", _setup_up, _run_down),
     "status": Command("what runs for this workspace", _setup_status, _run_status),
     "node": Command("start | join | stop a node of a two-host cluster", _setup_node, _run_node),
-    "data": Command("import | check | curate datasets", _setup_data, _run_data),
+    "data": Command("import | check | curate datasets", cli_data.setup_data, cli_data.run_data),
     "plan": Command("estimate memory for a model + preset on a GPU size", _setup_plan, _run_plan),
     "run": Command("curate, plan and train a run config through the actors", _setup_run, _run_run),
     "train": Command("train an architect's plan in this process [--resume]", _setup_train, _run_train),

@@ -30,7 +30,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")  # tool: a tool's result, between assistant turns
 CATEGORIES = ("style", "facts", "decisions")
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
@@ -244,6 +244,8 @@ def _check_messages(msgs: object, fld: str, bad, *, need_user: bool, end_assista
             bad(f"{where}.role", f"{role!r} is not one of {', '.join(ROLES)}")
         elif role == "system" and i != 0:
             bad(f"{where}.role", "a system message is allowed only first")
+        elif role == "tool" and (i == 0 or i == len(msgs) - 1):
+            bad(f"{where}.role", "a tool message comes between assistant turns, never first or last")
         content = m.get("content")
         if not isinstance(content, str):
             bad(f"{where}.content", "must be a string")

@@ -38,15 +38,6 @@ def test_markdown_transcript_with_emoji_code_and_several_styles():
     assert chat["messages"][3]["content"] == "Tank 3 is clean; salinity 35.1 ppt."
 
 
-def test_markdown_labels_are_configurable(tmp_path):
-    f = tmp_path / "t.md"
-    f.write_text("## Maya\nhello\n\n## Wren\nhi Maya\n")
-    with pytest.raises(ImportFormatError, match="no speaker labels"):
-        import_file(f)
-    res = import_file(f, user_labels=("maya",), assistant_labels=("wren",))
-    assert [m["role"] for m in res.records[0]["messages"]] == ["user", "assistant"]
-
-
 def test_sharegpt_alpaca_and_dpo():
     sg = import_file(FIX / "sharegpt.json")
     assert sg.format == "sharegpt" and len(sg.records) == 2 and "narrator" in sg.skipped[0]["reason"]

@@ -16,7 +16,7 @@ from memory_sync.backup import BackupError, read_bundle
 from memory_sync.events import EventError, read_events, read_meta
 from memory_sync.secret_scan import SecretFound
 from training.dataset import DatasetError, check_records, read_jsonl, scan_jsonl
-from training.importers import FORMATS, ImportFormatError, import_file
+from training.importers import EXPORTS, FORMATS, ImportFormatError, import_file, import_to
 from training.plan import ModelProfile, PlanError, load_config, load_plan_file, load_run_config
 from training.watchdog import Thresholds
 
@@ -33,7 +33,11 @@ KEYS = ["id", "messages", "role", "content", "conversations", "from", "value", "
         "mapping", "current_node", "message", "author", "parts", "parent", "prompt", "chosen", "rejected",
         "train", "run_id", "model_ref", "dataset", "estimate", "name", "content_hash", "lora", "r", "max_steps",
         "hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size", "data", "preset", "overrides",
-        "format", "counts", "files", "sessions", "events"]
+        "format", "counts", "files", "sessions", "events",
+        # ChatGPT and Claude exports
+        "content_type", "recipient", "metadata", "is_visually_hidden_from_conversation", "thoughts", "summary",
+        "text", "children", "conversation_id", "title", "create_time", "uuid", "chat_messages", "sender", "type",
+        "thinking", "attachments", "extracted_content", "parent_message_uuid", "file_name", "tool_use", "tool_result"]
 shaped = st.recursive(scalars, lambda kids: st.one_of(
     st.lists(kids, max_size=4), st.dictionaries(st.sampled_from(KEYS), kids, max_size=6)), max_leaves=25)
 
@@ -49,6 +53,20 @@ def _run(fn, folder: Path, allowed: tuple):
     except allowed:
         pass
     _no_new_files(folder, before)
+
+
+def _import_to(p: Path) -> None:
+    """The streaming import writes its output, or on a refusal nothing (no temp file either)."""
+    out = p.parent / "out.jsonl"
+    try:
+        res = import_to(p, out)
+    except ImportFormatError:
+        assert sorted(x.name for x in p.parent.iterdir()) == [p.name]
+        return
+    assert out.read_text(encoding="utf-8").strip()
+    if res.format in EXPORTS:  # an export's records always pass `duet data check`
+        assert check_records(read_jsonl(out)) == []
+    out.unlink()
 
 
 @pytest.fixture(autouse=True)
@@ -84,6 +102,7 @@ def test_random_bytes_to_every_file_parser(data):
         _run(lambda: scan_jsonl(p), p.parent, (DatasetError,))
         for fmt in FORMATS:
             _run(lambda: import_file(p, fmt), p.parent, (ImportFormatError,))
+        _import_to(p)
     p = _file(data, "x.yaml")
     for fn in (load_config, load_plan_file, load_run_config):
         _run(lambda: fn(p), p.parent, (PlanError,))
@@ -109,6 +128,7 @@ def test_random_json_and_yaml_shapes_to_every_parser(value, how):
         _run(lambda: check_records(read_jsonl(p)), p.parent, (DatasetError,))
         for fmt in FORMATS:
             _run(lambda: import_file(p, fmt), p.parent, (ImportFormatError,))
+        _import_to(p)
     p = _file(data, "x.yaml")
     for fn in (load_config, load_plan_file, load_run_config):
         _run(lambda: fn(p), p.parent, (PlanError,))
@@ -154,3 +174,17 @@ def test_the_scanner_reads_anything_and_session_texts_are_checked(data, text):
         m.turn(s.id, "user", text)
     except (EventError, SecretFound):
         assert s.events_path.read_bytes() == before
+
+
+SPEAKER_LINES = ["## User", "## Assistant", "## 👤 **RAF**", "## 🤖 **GPT**", "## 🌀 **Tool**", "**User:** hi",
+                 "**Assistant:**", ">[!nexus_user] **User** - 18.06.2025 at 21:26", ">[!nexus_agent] **Assistant**",
+                 "> quoted", "---", "```", "# Title", "<!-- UID: 1 -->", "### 18.06.2025", "【6†source】", "\ue200cite\ue202x\ue201",
+                 "—Ä–∞–∑ –¥–≤–∞ —Ç—Ä–∏", "Ã©tÃ©"]
+
+
+@SETTINGS
+@given(lines=st.lists(st.one_of(st.sampled_from(SPEAKER_LINES), st.text(max_size=40)), max_size=30))
+def test_random_markdown_transcripts_import_cleanly_or_refuse(lines):
+    p = _file("\n".join(lines).encode("utf-8", "surrogatepass"), "chat.md")
+    _run(lambda: import_file(p, "markdown"), p.parent, (ImportFormatError,))
+    _import_to(p)

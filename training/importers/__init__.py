@@ -1,0 +1,334 @@
+"""Importers: the chat data users have -> duet's canonical chat JSONL (or canonical DPO JSONL).
+
+Formats (``--format``; ``auto`` detects them from the content, never the file name, and says what
+it found):
+
+- ``chatgpt``: ChatGPT's data export ``conversations.json`` (or the export's zip), see chatgpt.py;
+- ``claude``: Claude's data export ``conversations.json`` (or its zip), see claude.py;
+- ``markdown``: transcripts whose speaker labels are learned from the file, see markdown.py;
+- ``jsonl``, ``sharegpt``, ``alpaca``, ``dpo``: one record an item, see simple.py.
+
+Exports (chatgpt, claude, markdown) become one record per conversation, user-first and
+assistant-last, split at turn boundaries when longer than ``max_len`` tokens, with an id from the
+source (the conversation id, ``-part<k>`` when split); tool turns, attachments and images follow
+``tools`` (conversation.py); citation markers and private-use characters are removed and mojibake
+is repaired (text.py). Every change is counted by reason in ``ImportResult.changes``; every item
+that could not be imported is in ``skipped``. A JSON export is streamed (bounded memory) and the
+output is written atomically: a refused import writes nothing.
+
+Canonical chat record: ``{"id", "messages": [{"role", "content"}], "metadata": {"source", ...}}``.
+Canonical DPO record: ``{"id", "prompt": [messages], "chosen": [assistant message],
+"rejected": [assistant message], "metadata": {...}}`` (TRL's conversational preference format).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from training.dataset import max_turn_chars
+from training.importers import chatgpt, claude, markdown, simple
+from training.importers.conversation import TOOLS_MODES, to_records
+from training.importers.source import ImportFormatError, Source, _Skip
+from training.importers.text import Changes
+
+FORMATS = ("auto", "chatgpt", "claude", "markdown", "jsonl", "sharegpt", "alpaca", "dpo")
+EXPORTS = ("chatgpt", "claude", "markdown")
+MAX_LEN = 8192       # tokens (estimated unless a tokenizer counts): longer conversations are split
+MAX_SKIPPED = 200    # skipped items listed one by one (all are counted)
+MAX_ID = 200
+
+__all__ = ["FORMATS", "TOOLS_MODES", "ImportFormatError", "ImportResult", "Options", "detect", "import_file",
+           "import_to", "check_output", "write_jsonl"]
+
+
+@dataclass
+class Options:
+    tools: str = "drop"                       # drop | fold | keep
+    max_len: int | None = MAX_LEN             # None: never split
+    count_tokens: object = None               # record -> tokens (a tokenizer); None: estimated
+    user_labels: tuple[str, ...] = ()         # Markdown overrides
+    assistant_labels: tuple[str, ...] = ()
+    repair: bool = True                       # mojibake repair
+
+
+@dataclass
+class ImportResult:
+    format: str
+    detected: bool
+    how: str = ""                             # what the detection saw
+    records: list[dict] = field(default_factory=list)
+    count: int = 0                            # records written
+    conversations: int = 0                    # items (conversations, lines) read
+    changes: Changes = field(default_factory=Changes)
+    skipped: list[dict] = field(default_factory=list)  # {"where", "reason"}, the first MAX_SKIPPED
+    skipped_count: int = 0
+    labels: dict = field(default_factory=dict)  # Markdown: "style label" -> role (how it was found)
+    source_name: str = ""
+
+    def skip(self, where: str, reason: str) -> None:
+        self.skipped_count += 1
+        if len(self.skipped) < MAX_SKIPPED:
+            self.skipped.append({"where": where, "reason": reason})
+
+    def to_dict(self) -> dict:
+        return {"format": self.format, "detected": self.detected, "how": self.how, "conversations": self.conversations,
+                "records": self.count, "changes": dict(sorted(self.changes.items())), "skipped": self.skipped,
+                "skipped_count": self.skipped_count, "labels": self.labels}
+
+
+_HINTS = {
+    frozenset({"uuid", "full_name", "email_address"}): "Claude's users.json (no chats); import conversations.json",
+    frozenset({"uuid", "name", "docs"}): "Claude's projects.json (no chats); import conversations.json",
+    frozenset({"id", "email", "chatgpt_plus_user"}): "ChatGPT's user.json (no chats); import conversations.json",
+    frozenset({"id", "conversation_id", "title", "is_anonymous"}):
+        "ChatGPT's shared_conversations.json (links, no chats); import conversations.json",
+    frozenset({"id", "conversation_id", "user_id", "rating"}): "ChatGPT's message_feedback.json; import conversations.json",
+}
+
+
+def _classify(obj: object, where: str) -> tuple[str, str]:
+    if isinstance(obj, list) and obj and isinstance(obj[0], dict):  # a JSONL line holding a whole list
+        obj = obj[0]
+    if not isinstance(obj, dict):
+        raise ImportFormatError(f"{where}: cannot tell the format: a JSON {type(obj).__name__}, not an object; "
+                                f"pass --format {'|'.join(FORMATS[1:])}")
+    keys = set(obj)
+    if "mapping" in keys and ("current_node" in keys or "title" in keys):
+        return "chatgpt", "ChatGPT export (conversations with a 'mapping' tree)"
+    if "chat_messages" in keys:
+        return "claude", "Claude export (conversations with 'chat_messages')"
+    if {"chosen", "rejected"} <= keys:
+        return "dpo", "preference pairs ('prompt', 'chosen', 'rejected')"
+    if "conversations" in keys:
+        return "sharegpt", "ShareGPT ('conversations' with from/value)"
+    if "instruction" in keys and "output" in keys:
+        return "alpaca", "Alpaca ('instruction', 'output')"
+    if "messages" in keys:
+        return "jsonl", "chat records ('messages' with role/content)"
+    for sig, hint in _HINTS.items():
+        if sig <= keys:
+            raise ImportFormatError(f"{where}: this is {hint}")
+    raise ImportFormatError(f"{where}: cannot tell the format (keys {sorted(keys)[:12]}); "
+                            f"pass --format {'|'.join(FORMATS[1:])}")
+
+
+def detect(src: str | os.PathLike | Source) -> tuple[str, str]:
+    """(format, what was seen) from the file's content; ImportFormatError when it is none of them."""
+    source = src if isinstance(src, Source) else Source(src)
+    first = source.first_char()
+    if not first:
+        raise ImportFormatError(f"{source.where()}: empty")
+    if first in "[{":
+        items = source.items()
+        try:
+            where, obj = next(items)
+        except StopIteration:
+            raise ImportFormatError(f"{source.where()}: an empty JSON list") from None
+        except ImportFormatError:
+            if source.is_zip:
+                raise
+            try:  # Markdown that opens with a link or a brace
+                markdown.conversations(source.text()[0], source.name, Changes(), overrides={})
+                return "markdown", "text with speaker lines"
+            except ImportFormatError:
+                pass
+            raise
+        finally:
+            items.close()
+        if isinstance(obj, _Skip):
+            raise ImportFormatError(f"{where}: {obj.reason}")
+        fmt, how = _classify(obj, where)
+        return fmt, how + (f", in the zip member {source.member.filename}" if source.is_zip else "")
+    if source.is_zip:
+        raise ImportFormatError(f"{source.where()}: the archive's conversations.json is not JSON")
+    return "markdown", "text with speaker lines"
+
+
+def _safe_id(cid: str | None, fallback: str) -> str:
+    cid = (cid or "").strip()
+    if not cid:
+        return fallback
+    if len(cid) > MAX_ID:
+        return cid[:MAX_ID - 17] + "-" + hashlib.sha256(cid.encode()).hexdigest()[:16]
+    return cid
+
+
+def _storable(rec: dict, res: ImportResult, limit: int) -> bool:
+    try:
+        json.dumps(rec, ensure_ascii=False, allow_nan=False).encode("utf-8")
+    except (UnicodeEncodeError, ValueError):
+        res.skip(str(rec.get("id")), "not valid Unicode (a lone surrogate escape)")
+        return False
+    turns = [m for k in ("messages", "prompt", "chosen", "rejected") for m in (rec.get(k) or [])
+             if isinstance(m, dict) and isinstance(m.get("content"), str)]
+    big = max((len(m["content"]) for m in turns), default=0)
+    if big > limit:
+        res.skip(str(rec.get("id")), f"a turn of {big:,} characters, above the limit of {limit:,} "
+                                     "(DUET_MAX_TURN_CHARS raises it)")
+        return False
+    return True
+
+
+def _overrides(opts: Options) -> dict[str, str]:
+    out = {x.strip().lower(): "user" for x in opts.user_labels if x.strip()}
+    out.update({x.strip().lower(): "assistant" for x in opts.assistant_labels if x.strip()})
+    return out
+
+
+def _export_records(res: ImportResult, opts: Options, convs) -> Iterator[dict]:
+    """Records of an export's conversations: ``convs`` yields (where, (cid, meta, turns)) or
+    (where, ImportFormatError)."""
+    for where, item in convs:
+        res.conversations += 1
+        if isinstance(item, Exception):
+            res.skip(where, str(item))
+            continue
+        cid, meta, turns = item
+        fallback = simple.stable_id(res.format, [where.rsplit("[", 1)[-1], [(t.kind, t.text) for t in turns][:4]])
+        meta = {"source": res.source_name, "format": res.format, **meta}
+        if cid:
+            meta["conversation_id"] = cid
+        recs, why = to_records(turns, base_id=_safe_id(cid, fallback), meta=meta, tools=opts.tools,
+                               changes=res.changes, max_len=opts.max_len, count_tokens=opts.count_tokens)
+        if why:
+            res.skip(where, why)
+        yield from recs
+
+
+def _records(source: Source, res: ImportResult, opts: Options) -> Iterator[dict]:
+    fmt = res.format
+    if fmt == "markdown":
+        text, enc = source.text()
+        if enc != "utf-8":
+            res.changes.add(f"file read as {enc} (not UTF-8)")
+        convs, learned = markdown.conversations(text, source.name, res.changes, overrides=_overrides(opts),
+                                                repair=opts.repair)
+        res.labels = learned.labels
+        yield from _export_records(res, opts, ((f"{source.where()}#{i + 1}", c) for i, c in enumerate(convs)))
+        return
+    if fmt in ("chatgpt", "claude"):
+        mod = chatgpt if fmt == "chatgpt" else claude
+
+        def convs():
+            for where, obj in source.items():
+                if isinstance(obj, _Skip):
+                    yield where, ImportFormatError(obj.reason)
+                    continue
+                try:
+                    yield where, mod.conversation(obj, res.changes, repair=opts.repair)
+                except ImportFormatError as exc:
+                    yield where, exc
+        yield from _export_records(res, opts, convs())
+        return
+    fn = simple.FUNCS[fmt]
+    for where, obj in source.items():
+        res.conversations += 1
+        if isinstance(obj, _Skip):
+            res.skip(where, obj.reason)
+            continue
+        try:
+            yield from fn(obj, source.name)
+        except ImportFormatError as exc:
+            res.skip(where, str(exc))
+
+
+def _start(src, fmt: str, opts: Options | None, on_progress) -> tuple[Source, ImportResult, Options]:
+    opts = opts or Options()
+    if fmt not in FORMATS:
+        raise ImportFormatError(f"format {fmt!r} is not one of {', '.join(FORMATS)}")
+    if opts.tools not in TOOLS_MODES:
+        raise ImportFormatError(f"--tools {opts.tools!r} is not one of {', '.join(TOOLS_MODES)}")
+    if opts.max_len is not None and (not isinstance(opts.max_len, int) or opts.max_len < 1):
+        raise ImportFormatError(f"--max-len {opts.max_len!r}: a positive number of tokens")
+    source = Source(src)
+    detected = fmt == "auto"
+    how = ""
+    if detected:
+        fmt, how = detect(source)
+    source.on_progress = on_progress  # the import's own pass, not the detection's peek
+    res = ImportResult(fmt, detected, how)
+    res.source_name = source.name
+    return source, res, opts
+
+
+def _finish(res: ImportResult, source: Source) -> None:
+    if res.count:
+        return
+    first = f": {res.skipped[0]['where']}: {res.skipped[0]['reason']}" if res.skipped else ""
+    raise ImportFormatError(f"{source.where()}: no record could be imported as {res.format} "
+                            f"({res.skipped_count} skipped{first})")
+
+
+def import_file(src: str | os.PathLike, fmt: str = "auto", options: Options | None = None, *,
+                user_labels: tuple[str, ...] = (), assistant_labels: tuple[str, ...] = (),
+                on_progress=None) -> ImportResult:
+    """Import ``src`` into memory (``result.records``). ImportFormatError for a file that is not the
+    format it claims, or that yields no record at all; items that cannot be read are skipped with a
+    reason."""
+    if options is None:
+        options = Options(user_labels=tuple(user_labels), assistant_labels=tuple(assistant_labels))
+    source, res, opts = _start(src, fmt, options, on_progress)
+    limit = max_turn_chars()
+    for rec in _records(source, res, opts):
+        if _storable(rec, res, limit):
+            res.records.append(rec)
+    res.count = len(res.records)
+    _finish(res, source)
+    return res
+
+
+def import_to(src: str | os.PathLike, out: str | os.PathLike, fmt: str = "auto", options: Options | None = None,
+              *, on_progress=None) -> ImportResult:
+    """Import ``src`` straight into ``out`` (streamed: memory stays bounded for any export size),
+    written atomically: on any error, or when no record came out, ``out`` is left as it was."""
+    check_output(src, out)
+    source, res, opts = _start(src, fmt, options, on_progress)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    limit = max_turn_chars()
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            for rec in _records(source, res, opts):
+                if _storable(rec, res, limit):
+                    fh.write(json.dumps(rec, ensure_ascii=False, allow_nan=False) + "\n")
+                    res.count += 1
+        _finish(res, source)
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return res
+
+
+def check_output(src: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """The output path of an import: ImportFormatError when it is the input itself (or a link to it)
+    or not a file path."""
+    out_p, src_p = Path(out), Path(src)
+    if out_p.exists() and not out_p.is_file():
+        raise ImportFormatError(f"-o {out}: not a file path (a folder or device); give the JSONL file to write")
+    same = out_p.resolve() == src_p.resolve()
+    if not same and out_p.exists() and src_p.exists():
+        same = os.path.samefile(out_p, src_p)
+    if same:
+        raise ImportFormatError(f"-o {out} is the input file itself; write the import to another file")
+    return out_p
+
+
+def write_jsonl(records: list[dict], out: str | os.PathLike) -> None:
+    """Write atomically (temp file + rename): a failed import leaves no half-written output."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    try:
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False, allow_nan=False) + "\n" for r in records),
+                       encoding="utf-8")
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
