@@ -37,7 +37,8 @@ def setup_data(p):
     sub = p.add_subparsers(dest="data_cmd", metavar="{import,check,curate}")
     imp = sub.add_parser("import", help="convert a chat export (ChatGPT, Claude, Markdown) or a dataset "
                                         "(jsonl/sharegpt/alpaca/dpo) to canonical JSONL")
-    imp.add_argument("src", help="the export: conversations.json, the export's .zip, a Markdown file, a JSON(L) file")
+    imp.add_argument("src", nargs="+", help="the export: conversations.json, the export's .zip, a Markdown file, a "
+                                            "JSON(L) file; or several, or a folder of them (an Obsidian vault)")
     imp.add_argument("--format", default="auto", choices=FORMATS,
                      help="auto (default) detects it from the content and says what it found")
     imp.add_argument("-o", "--output", required=True, help="the canonical JSONL to write")

@@ -260,3 +260,76 @@ def test_progress_is_reported_while_streaming(tmp_path):
     total = (EXP / "chatgpt_conversations.json").stat().st_size
     assert seen and all(t == total for _, t in seen) and seen[-1][0] == total
     assert [d for d, _ in seen] == sorted(d for d, _ in seen)
+
+
+def test_markdown_variants_users_keep(tmp_path):
+    """Bold labels with a time stamp, a custom GPT known only by its emoji, a nexus attachment."""
+    f = tmp_path / "bold.md"
+    f.write_text("# Export\n\n**RAF** (23/07/2025 10:32):\nhello there\n\n**ChatGPT** (23/07/2025 10:33):\n"
+                 "Hi! **Note:** bold inside a turn.\n\n**RAF** (23/07/2025 10:34): and again\n\n**ChatGPT**: ok\n")
+    rec = import_file(f).records[0]
+    assert [m["content"] for m in rec["messages"]] == ["hello there", "Hi! **Note:** bold inside a turn.",
+                                                       "and again", "ok"]
+    f = tmp_path / "nova.md"
+    f.write_text("## 👤 **RAF**\nhi Nova\n\n## 🤖 **Nova**\nHello. In short:\n\n## ✨ Summary\nAll good.\n\n"
+                 "## 👤 **RAF**\nthanks\n\n## 🤖 **Nova**\nwelcome\n")
+    res = import_file(f)
+    assert roles(res.records[0]) == ["user", "assistant", "user", "assistant"]
+    assert "## ✨ Summary\nAll good." in res.records[0]["messages"][1]["content"]
+    assert res.labels["h2 Nova"] == "assistant (learned from its emoji)"
+    f = tmp_path / "nexus.md"
+    f.write_text(">[!nexus_user] **User** - 18.06.2025 at 21:26\n> read this\n<!-- UID: 1 -->\n\n"
+                 ">[!nexus_attachment] **notes.pdf**\n> pdf text\n\n>[!nexus_agent] **Assistant** - 18.06.2025 at 21:27\n"
+                 "> done\n")
+    drop = import_file(f)
+    assert [m["content"] for m in drop.records[0]["messages"]] == ["read this", "done"]
+    assert drop.changes["attachments dropped"] == 1
+    fold = import_file(f, options=Options(tools="fold"))
+    assert fold.records[0]["messages"][0]["content"] == 'read this\n\n<attachment name="notes.pdf">\npdf text\n</attachment>'
+
+
+def test_citation_leftovers_and_mac_roman_emoji_are_cleaned(tmp_path):
+    conv = json.loads((EXP / "chatgpt_conversations.json").read_text())[2]
+    node = next(n for n in conv["mapping"].values() if n["message"] and n["message"]["author"]["role"] == "assistant"
+                and n["message"]["content"]["content_type"] == "text")
+    node["message"]["content"]["parts"] = ["Facts citeturn0search3turn0news1. See entity[\"people\",\"Ada Lovelace\","
+                                           "\"mathematician\"] and filecite turn0file0 here \uf8ffüë§."]
+    f = tmp_path / "conversations.json"
+    f.write_text(json.dumps([conv]))
+    res = import_file(f)
+    text = res.records[0]["messages"][1]["content"]
+    assert text.startswith("Facts. See Ada Lovelace and here 👤.")
+    assert res.changes["citation markers removed"] == 2 and res.changes["turns repaired (mojibake)"] == 1
+
+
+def test_claude_user_turn_that_is_only_pasted_text_keeps_it(tmp_path):
+    conv = {"uuid": "c-paste", "name": "Paste", "chat_messages": [
+        {"uuid": "p1", "sender": "human", "text": "", "content": [],
+         "attachments": [{"file_name": "", "extracted_content": "Summarise: the tank log shows 25 C all week."}],
+         "files": []},
+        {"uuid": "p2", "sender": "assistant", "text": "Stable at 25 C.", "content": [], "attachments": [], "files": []}]}
+    f = tmp_path / "conversations.json"
+    f.write_text(json.dumps([conv]))
+    res = import_file(f)
+    assert [m["content"] for m in res.records[0]["messages"]] == ["Summarise: the tank log shows 25 C all week.",
+                                                                  "Stable at 25 C."]
+    assert res.changes["attachments kept as the turn's text (it had no other)"] == 1
+
+
+def test_a_folder_of_exports_imports_into_one_file(tmp_path, capsys):
+    vault = tmp_path / "vault"
+    (vault / "chats").mkdir(parents=True)
+    (vault / ".obsidian").mkdir()
+    shutil.copy(EXP / "decorated.md", vault / "chats" / "a.md")
+    shutil.copy(EXP / "obsidian_nexus.md", vault / "b.md")
+    (vault / ".obsidian" / "app.json").write_text("{}")
+    (vault / "groceries.md").write_text("# Groceries\n- eggs\n")
+    out = tmp_path / "out.jsonl"
+    assert main(["data", "import", str(vault), "-o", str(out), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["records"] == 2 and doc["format"] == "markdown" and len(doc["files"]) == 3
+    assert doc["skipped"][0]["where"].endswith("groceries.md") and "no speaker labels" in doc["skipped"][0]["reason"]
+    assert main(["data", "check", str(out)]) == 0
+    # the same non-chat file given alone is refused, and nothing is written
+    assert main(["data", "import", str(vault / "groceries.md"), "-o", str(tmp_path / "g.jsonl")]) == 1
+    assert not (tmp_path / "g.jsonl").exists()

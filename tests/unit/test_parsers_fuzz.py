@@ -179,7 +179,7 @@ def test_the_scanner_reads_anything_and_session_texts_are_checked(data, text):
 SPEAKER_LINES = ["## User", "## Assistant", "## 👤 **RAF**", "## 🤖 **GPT**", "## 🌀 **Tool**", "**User:** hi",
                  "**Assistant:**", ">[!nexus_user] **User** - 18.06.2025 at 21:26", ">[!nexus_agent] **Assistant**",
                  "> quoted", "---", "```", "# Title", "<!-- UID: 1 -->", "### 18.06.2025", "【6†source】", "\ue200cite\ue202x\ue201",
-                 "—Ä–∞–∑ –¥–≤–∞ —Ç—Ä–∏", "Ã©tÃ©"]
+                 "—Ä–∞–∑ –¥–≤–∞ —Ç—Ä–∏", "Ã©tÃ©", "<think>", "</think>", "## System", "**Tool:** x", ">[!nexus_attachment] f"]
 
 
 @SETTINGS

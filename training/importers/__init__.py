@@ -69,6 +69,7 @@ class ImportResult:
     skipped_count: int = 0
     labels: dict = field(default_factory=dict)  # Markdown: "style label" -> role (how it was found)
     source_name: str = ""
+    files: list = field(default_factory=list)
 
     def skip(self, where: str, reason: str) -> None:
         self.skipped_count += 1
@@ -76,7 +77,8 @@ class ImportResult:
             self.skipped.append({"where": where, "reason": reason})
 
     def to_dict(self) -> dict:
-        return {"format": self.format, "detected": self.detected, "how": self.how, "conversations": self.conversations,
+        return {"format": self.format, "detected": self.detected, "how": self.how, "files": self.files,
+                "conversations": self.conversations,
                 "records": self.count, "changes": dict(sorted(self.changes.items())), "skipped": self.skipped,
                 "skipped_count": self.skipped_count, "labels": self.labels}
 
@@ -207,7 +209,7 @@ def _records(source: Source, res: ImportResult, opts: Options) -> Iterator[dict]
         if enc != "utf-8":
             res.changes.add(f"file read as {enc} (not UTF-8)")
         convs, learned = markdown.conversations(text, source.name, res.changes, overrides=_overrides(opts),
-                                                repair=opts.repair)
+                                                repair=opts.repair, where=source.where())
         res.labels = learned.labels
         yield from _export_records(res, opts, ((f"{source.where()}#{i + 1}", c) for i, c in enumerate(convs)))
         return
@@ -282,28 +284,90 @@ def import_file(src: str | os.PathLike, fmt: str = "auto", options: Options | No
     return res
 
 
-def import_to(src: str | os.PathLike, out: str | os.PathLike, fmt: str = "auto", options: Options | None = None,
+IMPORTABLE = (".json", ".jsonl", ".md", ".markdown", ".txt", ".zip")
+
+
+def sources(srcs: list[str | os.PathLike]) -> list[Path]:
+    """The files to import: each file given, and the importable files under each folder given
+    (sorted; hidden files and folders skipped)."""
+    out: list[Path] = []
+    for s in srcs:
+        p = Path(s)
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMPORTABLE
+                           and not any(part.startswith(".") for part in f.relative_to(p).parts))
+            if not found:
+                raise ImportFormatError(f"{p}: a folder without any {', '.join(IMPORTABLE)} file")
+            out += found
+        else:
+            out.append(p)
+    return out
+
+
+def _merge_result(total: ImportResult, res: ImportResult) -> None:
+    total.conversations += res.conversations
+    total.count += res.count
+    total.changes.update(res.changes)
+    for s in res.skipped:
+        total.skip(s["where"], s["reason"])
+    total.skipped_count += res.skipped_count - len(res.skipped)
+    for k, v in res.labels.items():
+        total.labels.setdefault(k, v)
+
+
+def import_to(src: str | os.PathLike | list, out: str | os.PathLike, fmt: str = "auto", options: Options | None = None,
               *, on_progress=None) -> ImportResult:
-    """Import ``src`` straight into ``out`` (streamed: memory stays bounded for any export size),
-    written atomically: on any error, or when no record came out, ``out`` is left as it was."""
-    check_output(src, out)
-    source, res, opts = _start(src, fmt, options, on_progress)
+    """Import ``src`` (a file, or a list of files and folders) straight into ``out`` (streamed:
+    memory stays bounded for any export size), written atomically: on any error, or when no record
+    came out, ``out`` is left as it was. With one file, a file that cannot be imported refuses the
+    import; with several, it is reported as skipped and the others are imported."""
+    many = isinstance(src, (list, tuple)) and (len(src) != 1 or Path(src[0]).is_dir())
+    files = sources(src if isinstance(src, (list, tuple)) else [src])
+    for f in files:
+        check_output(f, out)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     limit = max_turn_chars()
+    results: list[ImportResult] = []
+    total: ImportResult | None = None
     try:
         with open(tmp, "w", encoding="utf-8") as fh:
-            for rec in _records(source, res, opts):
-                if _storable(rec, res, limit):
-                    fh.write(json.dumps(rec, ensure_ascii=False, allow_nan=False) + "\n")
-                    res.count += 1
-        _finish(res, source)
+            for f in files:
+                try:
+                    source, res, opts = _start(f, fmt, options, on_progress)
+                    for rec in _records(source, res, opts):
+                        if _storable(rec, res, limit):
+                            fh.write(json.dumps(rec, ensure_ascii=False, allow_nan=False) + "\n")
+                            res.count += 1
+                    if not many:
+                        _finish(res, source)
+                except ImportFormatError as exc:
+                    if not many:
+                        raise
+                    if total is None:
+                        total = ImportResult("mixed", fmt == "auto")
+                    total.skip(str(f), str(exc))
+                    continue
+                results.append(res)
+        if many:
+            total = total or ImportResult("mixed", fmt == "auto")
+            formats = sorted({r.format for r in results})
+            total.format = formats[0] if len(formats) == 1 else "mixed"
+            total.how = "; ".join(f"{r.source_name}: {r.format}" for r in results)
+            for r in results:
+                _merge_result(total, r)
+            if not total.count:
+                first = f": {total.skipped[0]['where']}: {total.skipped[0]['reason']}" if total.skipped else ""
+                raise ImportFormatError(f"no record could be imported from {len(files)} files{first}")
+        else:
+            total = results[0]
         os.replace(tmp, out)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return res
+    total.files = [str(f) for f in files]
+    return total
 
 
 def check_output(src: str | os.PathLike, out: str | os.PathLike) -> Path:

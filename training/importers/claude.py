@@ -120,8 +120,13 @@ def _message_turns(m: dict, role: str, changes: Changes, repair: bool) -> list[T
         text = clean_turn(remove_unsupported_blocks(_s(m.get("text")), changes), changes, repair=repair)
         if text:
             turns.append(Turn(role, text))
+    own_text = any(t.kind == role for t in turns)
     for a in m.get("attachments") or []:
         if isinstance(a, dict) and _s(a.get("extracted_content")).strip():
+            if not own_text:  # pasted text and nothing else: it is what the user said
+                turns.append(Turn(role, clean_turn(a["extracted_content"], changes, repair=repair)))
+                changes.add("attachments kept as the turn's text (it had no other)")
+                continue
             turns.append(Turn("attachment", a["extracted_content"], _s(a.get("file_name")), role=role))
     files = [f for f in m.get("files") or [] if isinstance(f, dict)]
     if files:

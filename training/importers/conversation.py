@@ -85,6 +85,9 @@ def _apply_tools(turns: list[Turn], tools: str, changes: Changes) -> list[dict]:
             out.append({"role": t.role if t.role in ("user", "assistant") else "user", "content": body})
             continue
         role = t.kind
+        if text.count(THINK_OPEN) != text.count(THINK_CLOSE):  # a literal, unpaired tag in the source text
+            text = text.replace(THINK_OPEN, "&lt;think&gt;").replace(THINK_CLOSE, "&lt;/think&gt;")
+            changes.add("unpaired <think> tags in the text escaped")
         if role == "assistant" and pending_reasoning:
             text = _think("\n\n".join(pending_reasoning)) + "\n\n" + text
             changes.add("reasoning put inside <think> of the answer", len(pending_reasoning))

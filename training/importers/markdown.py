@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 from training.importers.conversation import Turn
 from training.importers.source import ImportFormatError
-from training.importers.text import Changes, clean_turn
+from training.importers.text import Changes, clean_turn, repair_mojibake
 
 USER_LABELS = ("user", "human", "me", "you", "you said", "question", "q", "prompt", "ich", "yo", "moi", "io")
 ASSISTANT_LABELS = ("assistant", "ai", "gpt", "chatgpt", "chatgpt said", "claude", "gemini", "copilot", "bard",
@@ -55,6 +55,8 @@ _CALLOUT = re.compile(r"^\s*>\s*\[!(?P<type>[\w-]{1,40})\][-+]?\s*(?P<rest>.*)$"
 _DATE_TAIL = re.compile(r"\s*(?:[-–—·|,@]|\bat\b|\bon\b|\()\s*[\w.,:/ -]*\d[\w.,:/ )-]*$")
 _DATE_ONLY = re.compile(r"^[\s#*_>()\[\]]*(?:\d{1,4}[./:-]\d{1,2}(?:[./:-]\d{1,4})?|\d{1,2}\s+\w{3,9}\s+\d{2,4}|\w{3,9}\s+\d{1,2},?\s+\d{4})"
                         r"(?:[\s,T]*(?:at\s+)?\d{1,2}:\d{2}(?::\d{2})?(?:\s*[AP]M)?)?[\s*_()\[\]]*$", re.I)
+_LEAD_DATE = re.compile(r"^(?:[-–—·|@,]\s*)?\(?\s*(?:(?:on\s+)?\d{1,4}[./-]\d{1,2}[./-]\d{1,4}(?:[\sT,]*(?:at\s+)?\d{1,2}:\d{2}"
+                        r"(?::\d{2})?(?:\.\d+)?(?:\s*[AP]M)?)?|\d{1,2}:\d{2}(?::\d{2})?(?:\s*[AP]M)?)\s*\)?\s*:?\s*", re.I)
 _RULE = re.compile(r"^\s*(?:-{3,}|\*{3,}|_{3,})\s*$")
 _COMMENT = re.compile(r"<!--.*?-->", re.S)
 
@@ -138,20 +140,22 @@ def _candidates(lines: list[str], start: int) -> list[_Cand]:
             rest = m.group("rest")
             b = _BOLD.match(rest)
             label, emoji, bold = _strip_decoration(b.group("label") if b else rest)
-            out.append(_Cand(n, "callout", label, (emoji, bold), b.group("rest") if b and not _DATE_TAIL.fullmatch(
-                " " + b.group("rest")) else "", True, m.group("type").lower()))
+            out.append(_Cand(n, "callout", label, (emoji, bold), _LEAD_DATE.sub("", b.group("rest").strip(), count=1)
+                             if b else "", True, m.group("type").lower()))
             continue
         m = _HEADING.match(line)
         if m:
-            label, emoji, bold = _strip_decoration(m.group(2))
+            raw = repair_mojibake(m.group(2))
+            label, emoji, bold = _strip_decoration(raw)
             if _label_ok(label):
-                out.append(_Cand(n, f"h{len(m.group(1))}", label, (emoji, bold), hint=_emoji_role(m.group(2))))
+                out.append(_Cand(n, f"h{len(m.group(1))}", label, (emoji, bold), hint=_emoji_role(raw)))
             continue
         m = _BOLD.match(line)
         if m:
-            label, emoji, _ = _strip_decoration(m.group("label"))
+            label, emoji, _ = _strip_decoration(repair_mojibake(m.group("label")))
+            rest = _LEAD_DATE.sub("", m.group("rest").strip(), count=1)  # **RAF** (23/07/2025 10:32): text
             if _label_ok(label):
-                out.append(_Cand(n, "bold", label, (emoji, True), m.group("rest").strip(), bool(m.group(1))))
+                out.append(_Cand(n, "bold", label, (emoji, True), rest, bool(m.group(1))))
     return out
 
 
@@ -234,7 +238,7 @@ def _tidy(lines: list[str], changes: Changes) -> str:
 
 
 def conversations(text: str, name: str, changes: Changes, *, overrides: dict[str, str],
-                  repair: bool = True) -> tuple[list[tuple[str, dict, list[Turn]]], Learned]:
+                  repair: bool = True, where: str = "") -> tuple[list[tuple[str, dict, list[Turn]]], Learned]:
     """[(conversation id, metadata, turns)] of a Markdown export, and what was learned about its
     labels; ImportFormatError when no speaker line is found."""
     lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
@@ -244,11 +248,11 @@ def conversations(text: str, name: str, changes: Changes, *, overrides: dict[str
     if not any(c.role == "user" for c in speakers) or not any(c.role == "assistant" for c in speakers):
         seen = Counter(c.label for c in _candidates(lines, start) if c.style != "h1")
         common = ", ".join(f"{k!r}" for k, _ in seen.most_common(6)) or "none"
-        raise ImportFormatError(f"{name}: no speaker labels found: no user and assistant turns (labels seen: {common}); "
+        raise ImportFormatError(f"{where or name}: no speaker labels found: no user and assistant turns (labels seen: {common}); "
                                 "pass --user-label NAME --assistant-label NAME")
     at = {c.line: c for c in speakers}
     convs: list[list] = [[front.get("title") or front.get("aliases") or "", []]]
-    fence, quoted, between = None, False, 0
+    fence, quoted, between, preamble = None, False, 0, 0
     for n in range(start, len(lines)):
         line = lines[n]
         if n in at:
@@ -272,6 +276,8 @@ def conversations(text: str, name: str, changes: Changes, *, overrides: dict[str
                 continue
         turns = convs[-1][1]
         if not turns:
+            if line.strip() and not _RULE.match(line) and not _COMMENT.fullmatch(line.strip()):
+                preamble += 1
             continue
         if quoted:
             if line.lstrip().startswith(">"):
@@ -282,6 +288,7 @@ def conversations(text: str, name: str, changes: Changes, *, overrides: dict[str
             continue
         turns[-1][1].append(line)
     changes.add("lines outside a quoted turn dropped", between)
+    changes.add("lines before the first turn not imported (metadata, notes)", preamble)
     out = []
     for index, (title, turns) in enumerate(convs):
         if not turns:
@@ -298,7 +305,8 @@ def conversations(text: str, name: str, changes: Changes, *, overrides: dict[str
         title = clean_turn(title, Changes(), repair=repair) if title else ""
         cid = front.get("conversation_id") if len(convs) == 1 else None
         if not cid:
-            cid = "md-" + hashlib.sha256(f"{name}\n{index}\n{title}".encode()).hexdigest()[:16]
+            first = result[0].text[:200] if result else ""
+            cid = "md-" + hashlib.sha256(f"{name}\n{index}\n{title}\n{first}".encode()).hexdigest()[:16]
         meta = {"title": title} if title else {}
         out.append((cid, meta, result))
     return out, learned
