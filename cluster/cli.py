@@ -408,7 +408,11 @@ def _run_merge(a) -> int:
     if a.json:
         _emit_json(doc)
     else:
-        con.print(f"merged -> {doc['path']} (logits verified, max abs diff {doc['logit_max_abs_diff']:.2e})")
+        con.print(f"merged -> {doc['path']} (verified: {doc.get('criterion') or doc.get('verified')})")
+        if doc.get("qlora_drift"):
+            d = doc["qlora_drift"]
+            con.print(f"QLoRA drift from the nf4 model as trained: mean KL {d['kl_mean']:.2e}, "
+                      f"top-1 agreement {d['top1_agreement']:.3f}")
     return EXIT_OK
 
 

@@ -212,10 +212,12 @@ class Architect:
                 kind="measurement", dedup_key=f"measurement:{run_id}",
                 data={"peak_bytes": measured, "measured_as": rec.get("train_peak_measured_as"),
                       "estimate_bytes": rec["config"]["estimate"]["total_bytes"],
-                      "formula_bytes": rec["config"]["estimate"]["formula_bytes"],
+                      # the formula of what ran (effective micro-batch after an OOM re-plan), in the
+                      # measurement's accounting (no CUDA context): what calibration divides by
+                      "formula_bytes": rec.get("train_peak_formula_bytes") or rec["config"]["estimate"]["formula_bytes"],
                       "model_params": rec["config"]["model"]["params"],
                       "tokens_per_s": rec.get("tokens_per_s"), "host": rec["host"]["hostname"],
-                      "device": rec["host"]["device"], "train": rec["config"]["train"]})
+                      "device": rec["host"]["device"], "train": rec.get("train_effective") or rec["config"]["train"]})
         self.log("state", {"step": "run recorded", "run_id": run_id, "status": rec["status"], "commit": sha})
         return {"run_id": run_id, "path": str(out), "commit": sha, "record": rec}
 

@@ -429,8 +429,12 @@ class Run:
         if self.plan["device"] == "cuda":
             if not torch.cuda.is_available():
                 raise PreflightError("the plan is for CUDA but no GPU is visible")
-            if self.plan["dtype"] == "bf16" and not torch.cuda.is_bf16_supported():
-                raise PreflightError("the plan trains in bf16 but this GPU lacks bf16; re-plan for fp16")
+            from training.hardware import bf16_native
+
+            cc = "{}.{}".format(*torch.cuda.get_device_capability(0))
+            if self.plan["dtype"] == "bf16" and not bf16_native(cc) and self.train_cfg.get("dtype") != "bf16":
+                raise PreflightError(f"the plan trains in bf16 but this GPU (compute capability {cc}) has no native "
+                                     "bf16; re-plan (auto picks fp16) or set train.dtype: bf16 to accept emulation")
             free, _total = torch.cuda.mem_get_info()
             if need > free:
                 raise PreflightError(f"free VRAM {free / 2**30:.1f} GiB < the plan's estimate {need / 2**30:.1f} GiB")
@@ -473,7 +477,9 @@ class Run:
         from transformers import AutoModelForCausalLM
 
         on_cuda = self.plan["device"] == "cuda"
-        kwargs: dict = {"dtype": self._torch_dtype()}
+        # A full fine-tune keeps fp32 weights and trains under bf16/fp16 autocast (mixed precision): fp16
+        # weights cannot have their gradients unscaled, and bf16 weights lose small updates.
+        kwargs: dict = {"dtype": torch.float32 if cfg["method"] == "full" else self._torch_dtype()}
         if cfg["method"] == "qlora":
             from transformers import BitsAndBytesConfig
 
@@ -681,8 +687,12 @@ class Run:
         after = trainer.evaluate()["eval_loss"]
         self.result["eval_loss_after"] = after
         self.emit("eval", which="after", eval_loss=after)
-        adapter_dir = self.dir / "adapter"
-        trainer.model.save_pretrained(adapter_dir)
+        full = cfg["method"] == "full"
+        adapter_dir = self.dir / ("merged" if full else "adapter")  # a full fine-tune's weights are the model
+        if full:
+            trainer.model.to(self._torch_dtype()).save_pretrained(adapter_dir, safe_serialization=True)
+        else:
+            trainer.model.save_pretrained(adapter_dir)
         tok.save_pretrained(adapter_dir)
         tokens = int(trainer.state.num_input_tokens_seen or 0)
         if torch.cuda.is_available():
@@ -694,7 +704,8 @@ class Run:
             "train_loss_final": self.losses[-1]["loss"] if self.losses else None,
             "perplexity_before": math.exp(min(before, 50)) if before is not None and self.phase == "sft" else None,
             "perplexity_after": math.exp(min(after, 50)) if self.phase == "sft" else None,
-            "adapter_path": str(adapter_dir),
+            ("model_path" if full else "adapter_path"): str(adapter_dir),
+            "train_peak_formula_bytes": self._formula_bytes(model_path, cfg),
             "train_peak_bytes": int(self._train_peak),
             "train_peak_measured_as": ("torch.cuda.max_memory_reserved()" if torch.cuda.is_available()
                                        else "max process RSS sampled every step"),
@@ -702,20 +713,74 @@ class Run:
         del trainer, model
         self._free()
 
+    def _formula_bytes(self, model_path: Path, cfg: dict) -> int | None:
+        """The planner's formula for the configuration that ran (after any OOM re-plan), in the
+        accounting of ``train_peak_bytes`` (no CUDA context): what calibration divides by."""
+        from training.plan import ModelProfile, PlanError, TrainConfig, estimate, measured_formula_bytes
+
+        try:
+            prof = ModelProfile.from_config(Path(self._base_path(model_path)) / "config.json")
+            tc = TrainConfig(**{k: v for k, v in cfg.items() if k in TrainConfig.model_fields})
+            bd = estimate(tc, prof, self.plan["device"], bf16=self.plan["dtype"] == "bf16")
+        except (PlanError, ValueError, OSError):
+            return None
+        return measured_formula_bytes(bd)
+
+    def _probe(self, tok) -> tuple[list, list, list]:
+        """(test records, prompts, references) of the test split, for the merge check and samples."""
+        from training.dataset import load_split
+
+        test = load_split(self.dir / "dataset", "test")
+        if self.phase == "dpo":
+            prompts = [r["prompt"] for r in test]
+            refs = [r["chosen"][-1]["content"] for r in test]
+        else:
+            prompts = [r["messages"][:-1] if r["messages"][-1]["role"] == "assistant" else r["messages"] for r in test]
+            refs = [r["messages"][-1]["content"] for r in test]
+        return test, prompts, refs
+
+    def _nf4_logits(self, base_path: Path, enc: list) -> list:
+        """Logits of the model as QLoRA trained it: the adapter on the nf4 base (fp32 logits, on CPU)."""
+        import torch
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+        compute = torch.float32 if self.plan["dtype"] == "fp32" else self._torch_dtype()
+        kwargs: dict = {"dtype": self._torch_dtype(), "quantization_config": BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute)}
+        if self.plan["device"] == "cuda":
+            kwargs["device_map"] = {"": 0}
+        base = AutoModelForCausalLM.from_pretrained(base_path, **kwargs)
+        _bnb_cpu_workaround(base)
+        model = PeftModel.from_pretrained(base, self.dir / "adapter")
+        model.eval()
+        dev = next(model.parameters()).device
+        with torch.no_grad():
+            out = [model(**{k: v.to(dev) for k, v in e.items()}).logits.float().cpu() for e in enc]
+        del model, base
+        self._free()
+        return out
+
     def merge_and_evaluate(self, model_path: Path) -> None:
         """Merge the adapter into the 16/32-bit base (never the 4-bit weights) on the GPU when it fits,
-        else on the CPU after checking free RAM; verify the merged logits against adapter+base; save
-        with safetensors; generate samples."""
+        else on the CPU after checking free RAM; verify the merged model against adapter+base with a
+        dtype-aware criterion (training/merge_check.py); for QLoRA measure the drift from the nf4
+        model as trained; save with safetensors; generate samples. A full fine-tune has no adapter:
+        its trained weights are the model (saved by the training) and only the samples are made."""
         import psutil
         import torch
         from peft import PeftModel
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from training.dataset import load_split
+        from training import merge_check
 
-        tok = AutoTokenizer.from_pretrained(self.dir / "adapter")
+        full = self.train_cfg.get("method") == "full"
+        src = self.dir / ("merged" if full else "adapter")
+        tok = AutoTokenizer.from_pretrained(src)
         dtype = torch.float32 if self.plan["dtype"] == "fp32" else self._torch_dtype()
-        base_path = self._base_path(model_path)
+        dtype_name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+        base_path = src if full else self._base_path(model_path)
         weights = sum(f.stat().st_size for f in Path(base_path).glob("*.safetensors"))
         need = int(weights * (2 if dtype == torch.float32 else 1) * 1.2)  # stored width -> load width, + merge slack
         device = "cpu"
@@ -726,32 +791,47 @@ class Run:
         if device == "cpu" and need > psutil.virtual_memory().available:
             raise RuntimeError(f"merge needs ~{need / 2**30:.1f} GiB; free RAM is "
                                f"{psutil.virtual_memory().available / 2**30:.1f} GiB and the GPU has no room")
-        base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype).to(device)
-        model = PeftModel.from_pretrained(base, self.dir / "adapter").to(device)
-        model.eval()
-        test = load_split(self.dir / "dataset", "test")
-        if self.phase == "dpo":
-            prompts = [r["prompt"] for r in test]
-            refs = [r["chosen"][-1]["content"] for r in test]
-        else:
-            prompts = [r["messages"][:-1] if r["messages"][-1]["role"] == "assistant" else r["messages"] for r in test]
-            refs = [r["messages"][-1]["content"] for r in test]
+        test, prompts, refs = self._probe(tok)
         probe = [tok.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts[:2]]
-        enc = [tok(t, return_tensors="pt").to(device) for t in probe]
-        with torch.no_grad():
-            ref = [model(**e).logits for e in enc]
-            merged = model.merge_and_unload()
-            got = [merged(**e).logits for e in enc]
-        diff = max(float((a - b).abs().max()) for a, b in zip(ref, got)) if enc else 0.0
-        tol = 1e-3 if dtype == torch.float32 else 5e-2
-        if diff > tol:
-            raise RuntimeError(f"merged model's logits differ from adapter+base by {diff:.2e} (> {tol})")
-        merged_dir = self.dir / "merged"
-        merged.save_pretrained(merged_dir, safe_serialization=True)
-        tok.save_pretrained(merged_dir)
-        self.result["merged_model"] = {"path": str(merged_dir), "logit_max_abs_diff": diff, "device": device,
-                                       "dtype": str(dtype).replace("torch.", ""), "verified_prompts": len(enc)}
-        self.emit("merged", path=str(merged_dir), logit_max_abs_diff=diff, device=device)
+        enc = [tok(t, return_tensors="pt") for t in probe]
+        if full:
+            merged = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype).to(device)
+            merged.eval()
+            self.result["merged_model"] = {"path": str(src), "device": device, "dtype": str(dtype).replace("torch.", ""),
+                                           "verified": "full fine-tune: the trained weights are the model (no merge)"}
+            self.emit("merged", path=str(src), device=device, full=True)
+        else:
+            drift_ref = self._nf4_logits(base_path, enc) if self.train_cfg.get("method") == "qlora" else None
+            base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype).to(device)
+            model = PeftModel.from_pretrained(base, self.dir / "adapter").to(device)
+            model.eval()
+            enc_d = [{k: v.to(device) for k, v in e.items()} for e in enc]
+            with torch.no_grad():
+                ref = [model(**e).logits.float().cpu() for e in enc_d]
+                with model.disable_adapter():
+                    base_out = [model(**e).logits.float().cpu() for e in enc_d]
+                merged = model.merge_and_unload()
+                got = [merged(**e).logits.float().cpu() for e in enc_d]
+            check = merge_check.compare(ref, got)
+            effect = merge_check.compare(ref, base_out)
+            ok, why = merge_check.judge(dtype_name, check, effect)
+            if not ok:
+                raise RuntimeError(f"merge verification failed: {why}")
+            merged_dir = self.dir / "merged"
+            merged.save_pretrained(merged_dir, safe_serialization=True)
+            tok.save_pretrained(merged_dir)
+            self.result["merged_model"] = {
+                "path": str(merged_dir), "logit_max_abs_diff": check["max_abs"], "device": device,
+                "dtype": str(dtype).replace("torch.", ""), "verified_prompts": len(enc), "verification": check,
+                "adapter_effect": effect, "criterion": why}
+            if drift_ref is not None:
+                drift = merge_check.compare(drift_ref, got)
+                drift["note"] = ("the adapter was trained on the nf4 base; this is the merged 16-bit model against "
+                                 "the nf4 model + adapter as trained (reported, not judged)")
+                self.result["merged_model"]["qlora_drift"] = drift
+            self.emit("merged", path=str(merged_dir), logit_max_abs_diff=check["max_abs"], device=device,
+                      kl_mean=check["kl_mean"], top1_agreement=check["top1_agreement"])
+            del model, base
         samples = []
         n = self.train_cfg.get("sample_prompts", 3)
         for rec, p, reference in list(zip(test, prompts, refs))[:n]:
@@ -764,7 +844,7 @@ class Run:
             samples.append({"id": rec["id"], "prompt": p[-1]["content"], "reference": reference, "generated": gen})
         self.result["samples"] = samples
         self.emit("samples", count=len(samples))
-        del merged, model, base
+        del merged
         self._free()
 
 
@@ -839,6 +919,8 @@ def _callbacks(run: Run, faults: dict):
 
         def on_step_begin(self, args, state, control, model=None, **kw):
             step = state.global_step + 1
+            if run.watchdog is not None:
+                run.watchdog.step_started()
             if faults.get("oom") == step and self._fire("oom"):
                 import torch
 

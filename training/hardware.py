@@ -41,6 +41,16 @@ class HardwareProfile:
         return self.ram_available_bytes
 
 
+def bf16_native(compute_capability: str | None) -> bool:
+    """bf16 only where the GPU has it in hardware: compute capability 8.0 (Ampere) or newer.
+    torch.cuda.is_bf16_supported() also says yes on a T4 or V100, where bf16 is emulated (slow)."""
+    try:
+        major = int(str(compute_capability).split(".")[0])
+    except (ValueError, TypeError):
+        return False
+    return major >= 8
+
+
 def probe(data_dir: str | os.PathLike = ".") -> HardwareProfile:
     import psutil
 
@@ -60,7 +70,7 @@ def probe(data_dir: str | os.PathLike = ".") -> HardwareProfile:
             gpu_name = props.name
             gpu_free, gpu_total = torch.cuda.mem_get_info(0)
             cc = f"{props.major}.{props.minor}"
-            bf16 = torch.cuda.is_bf16_supported()
+            bf16 = bf16_native(cc)
             cuda_version = torch.version.cuda
     except ImportError:
         pass

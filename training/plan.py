@@ -7,7 +7,8 @@ No torch here: the architect plans on a laptop. Formulas (bytes):
   = 0.516 bytes); with QLoRA the embeddings and lm_head are kept in fp32 (peft's
   prepare_model_for_kbit_training upcasts every non-quantized parameter);
 - LoRA: r x (in + out) per adapted matrix; trainable params x (weight + grad in the train dtype
-  + AdamW's two fp32 moments, + an fp32 master copy when training in 16-bit);
+  + AdamW's two fp32 moments, + an fp32 master copy when training in 16-bit) = 16 bytes: PEFT keeps
+  adapters in fp32; a full fine-tune keeps fp32 weights under autocast: 4 + 4 + 8 bytes a parameter;
 - activations per layer and token, in elements of the train dtype: 12 h + 5 i without gradient
   checkpointing (fp32 RMSNorm inputs, q/k/v and their rotary copies, attention output, MLP
   gate/up/act/down inputs), plus 6 h + i for LoRA dropout's copies of each adapted input when
@@ -363,6 +364,15 @@ def load_plan_file(path: str | os.PathLike) -> dict:
     cfg = train_config(doc.train, src, text, prefix="train.")
     out = doc.model_dump()
     out["train"] = cfg.model_dump()
+    # dtype is set in one place: the plan's own (what the planner chose) or train.dtype (a person's
+    # edit); both, disagreeing, is refused rather than one silently winning.
+    lines = _key_lines(text)
+    if cfg.dtype != "auto":
+        if "dtype" in doc.model_fields_set and doc.dtype != cfg.dtype:
+            raise PlanError(f"{src}:{lines.get('train.dtype', lines.get('dtype', 1))}: field 'train.dtype': "
+                            f"{cfg.dtype!r} disagrees with the plan's dtype {doc.dtype!r} (line {lines.get('dtype', '?')}); "
+                            "set one of them")
+        out["dtype"] = cfg.dtype
     return out
 
 
@@ -511,9 +521,24 @@ def train_dtype(cfg: TrainConfig, device: str, bf16: bool) -> str:
     return "fp32"
 
 
+def dtype_decision(cfg: TrainConfig, device: str, bf16: bool) -> str:
+    dt = train_dtype(cfg, device, bf16)
+    if cfg.dtype != "auto":
+        extra = " (this GPU has no native bf16: it will be emulated, slowly)" if dt == "bf16" and device == "cuda" \
+            and not bf16 else ""
+        return f"dtype {dt}: set in the config{extra}"
+    if device == "cuda":
+        return ("dtype bf16: the GPU has native bf16 (compute capability 8.0 or newer)" if bf16 else
+                "dtype fp16 with a loss scaler: the GPU has no native bf16 (compute capability below 8.0; "
+                "torch.cuda.is_bf16_supported() would count emulation)")
+    return "dtype fp32 on CPU"
+
+
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 CUDA_CONTEXT_BYTES = 500 * MIB
-USABLE_FRACTION = 0.9  # a plan "fits" when its total stays under 90 % of the budget (the seed's VRAM alarm)
+# A plan "fits" when its total stays under 85 % of the budget: below the 90 % VRAM alert
+# (training/watchdog.py, infra/prometheus/rules.yml), so a run that keeps to its plan never alarms.
+USABLE_FRACTION = 0.85
 GPUS = {  # --gpu NAME: memory and bf16 support
     "rtx3060": (12 * GIB, True), "rtx3080": (10 * GIB, True), "rtx3090": (24 * GIB, True),
     "rtx4060ti": (16 * GIB, True), "rtx4070": (12 * GIB, True), "rtx4080": (16 * GIB, True),
@@ -532,13 +557,16 @@ def estimate(cfg: TrainConfig, model: ModelProfile, device: str = "cuda", bf16: 
     body = model.params - emb
     if cfg.method == "qlora":
         weights = body * NF4_DQ_BYTES + emb * 4
+    elif cfg.method == "full":
+        weights = model.params * 4  # the engine keeps fp32 weights and trains under bf16/fp16 autocast
     else:
         weights = model.params * wb
     trainable = model.params if cfg.method == "full" else model.lora_params(cfg.lora)
-    master = 4 if wb < 4 else 0
-    trainable_bytes = trainable * (wb + wb + 8 + master)  # weight + grad + Adam m, v (+ fp32 master)
     if cfg.method == "full":
-        trainable_bytes -= trainable * wb  # the weights are already counted above
+        trainable_bytes = trainable * (4 + 8)  # fp32 gradient + AdamW's fp32 m, v (the weights are above)
+    else:  # PEFT keeps adapter weights in fp32: weight + grad + Adam m, v = 16 bytes in every dtype
+        master = 4 if wb < 4 else 0
+        trainable_bytes = trainable * (wb + wb + 8 + master)
     tokens = cfg.micro_batch * cfg.seq_len
     h, i = model.hidden, model.intermediate
     per_token = 12 * h + 5 * i
@@ -592,10 +620,9 @@ class Plan:
 
     @property
     def total_bytes(self) -> int:
-        """The estimate: the formula's total, scaled by a measured calibration factor when there is one."""
-        if self.calibration:
-            return int(self.formula_bytes * self.calibration["factor"])
-        return self.formula_bytes
+        """The estimate: the formula's total, scaled by a measured calibration factor when there is one
+        (the factor applies to what the measurement saw: everything but the CUDA context)."""
+        return scaled_total(self.breakdown, self.calibration["factor"] if self.calibration else 1.0)
 
     @property
     def fits(self) -> bool:
@@ -618,6 +645,18 @@ class Plan:
             "decisions": self.decisions or [],
             "suggestions": self.suggestions,
         }
+
+
+def scaled_total(breakdown: dict[str, int], factor: float) -> int:
+    """A breakdown's total with a calibration ``factor`` applied to the part a measurement sees
+    (torch.cuda.max_memory_reserved() does not see the CUDA context, so the context is added as is)."""
+    ctx = breakdown.get("cuda_context", 0)
+    return int((sum(breakdown.values()) - ctx) * factor + ctx)
+
+
+def measured_formula_bytes(breakdown: dict[str, int]) -> int:
+    """The formula's bytes in the accounting of a measured peak: without the CUDA context."""
+    return sum(breakdown.values()) - breakdown.get("cuda_context", 0)
 
 
 def _similar(fact: dict, cfg: TrainConfig, model: ModelProfile, device: str, host: str | None) -> int | None:
@@ -644,6 +683,9 @@ def calibrate(cfg: TrainConfig, model: ModelProfile, device: str, host: str | No
     if best is None:
         return None
     d = best[1]["data"]
+    # the run's peak against the formula of the configuration that ran (after any OOM re-plan), both
+    # without the CUDA context; records written before duet kept that apart carry the context in
+    # formula_bytes and the planned micro-batch in train
     factor = d["peak_bytes"] / d["formula_bytes"]
     return {"factor": round(factor, 4), "from_run": (best[1].get("provenance") or {}).get("run_id"),
             "measured_bytes": d["peak_bytes"], "formula_bytes_then": d["formula_bytes"], "distance": best[0],
@@ -685,13 +727,14 @@ def make_plan(cfg: TrainConfig, model: ModelProfile, *, device: str, bf16: bool,
         off = cfg.model_copy(update={"gradient_checkpointing": False})
         bd_off = estimate(off, model, device, bf16)
         cal = calibrate(off, model, device, host, facts or [])
-        total_off = sum(bd_off.values()) * (cal["factor"] if cal else 1)
+        total_off = scaled_total(bd_off, cal["factor"] if cal else 1.0)
         if total_off <= budget_bytes * USABLE_FRACTION:
             cfg = off
             decisions.append("gradient checkpointing off: the plan fits without it (it would cost ~30 % speed)")
         else:
             cfg = cfg.model_copy(update={"gradient_checkpointing": True})
             decisions.append(f"gradient checkpointing on: without it the estimate is {total_off / GIB:.2f} GiB")
+    decisions.append(dtype_decision(cfg, device, bf16))
     bd = estimate(cfg, model, device, bf16)
     cal = calibrate(cfg, model, device, host, facts or [])
     plan = Plan(cfg, model, device, train_dtype(cfg, device, bf16), bd, budget_bytes,
@@ -741,7 +784,7 @@ def suggest(cfg: TrainConfig, model: ModelProfile, *, device: str, bf16: bool, b
     for label, change in tries:
         c2 = cfg.model_copy(update=change)
         bd = estimate(c2, model, device, bf16)
-        total = int(sum(bd.values()) * factor)
+        total = scaled_total(bd, factor)
         if total <= budget_bytes * USABLE_FRACTION:
             out.append({"change": label, "set": change, "total_bytes": total, "breakdown_bytes": bd})
             if len(out) >= 3:

@@ -64,8 +64,7 @@ def write_report(path: Path, rec: dict) -> None:
         + (f", CUDA reserved {mem['cuda_max_reserved_bytes'] / 2**20:.0f} MiB" if "cuda_max_reserved_bytes" in mem else ""),
         f"- planned estimate: {rec['config']['estimate']['total_bytes'] / 2**20:.0f} MiB",
         f"- checkpoints: {', '.join(str(c['step']) for c in rec.get('checkpoints', [])) or 'none'}",
-        f"- merged model: `{rec.get('merged_model', {}).get('path')}` (logits verified, max abs diff "
-        f"{_fmt(rec.get('merged_model', {}).get('logit_max_abs_diff'), '.2e')})",
+        *_merge_lines(rec.get("merged_model") or {}),
         "",
         "![loss](loss.png)",
         "",
@@ -83,3 +82,19 @@ def write_report(path: Path, rec: dict) -> None:
         "",
     ]
     path.write_text("\n".join(lines))
+
+
+def _merge_lines(m: dict) -> list[str]:
+    """What the merge check measured, and for QLoRA the drift from the nf4 model as trained."""
+    if not m:
+        return ["- merged model: none"]
+    if "verified" in m:
+        return [f"- model: `{m.get('path')}` ({m['verified']})"]
+    out = [f"- merged model: `{m.get('path')}` ({m.get('dtype')}), verified: {m.get('criterion') or 'max abs diff '}"
+           + ("" if m.get("criterion") else _fmt(m.get("logit_max_abs_diff"), ".2e"))]
+    d = m.get("qlora_drift")
+    if d:
+        out.append(f"- QLoRA drift (merged 16-bit model vs the nf4 model + adapter it trained): mean KL "
+                   f"{d['kl_mean']:.2e}, max KL {d['kl_max']:.2e}, top-1 agreement {d['top1_agreement']:.3f}, "
+                   f"max |logit diff| {d['max_abs']:.2f}")
+    return out

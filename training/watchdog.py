@@ -5,6 +5,8 @@ Rules (names match the Prometheus alerts; thresholds configurable per run under 
 plan's train section, see ``Thresholds``):
 
 - ``gpu_memory_high``     VRAM used / total > 0.90                                   warning
+                          (above the planner's 85 %: a plan that fits does not alarm; the alert
+                          says a run has grown past what was planned)
 - ``gpu_temperature_high`` temperature > min(85 C, the card's slowdown threshold - 5 C)  critical;
                           action: thermal pause (finish the step, checkpoint, wait) until it is
                           back under ``resume_below_c`` (75 C), then resume, unless paused by a user
@@ -15,7 +17,9 @@ plan's train section, see ``Thresholds``):
 - ``grad_norm_vanishing`` gradient norm < 0.01 for ``grad_norm_patience`` logged steps  warning
 - ``loss_nan``            a non-finite loss                                          critical
                           (the engine's policy rolls back)
-- ``training_stalled``    no optimizer step for ``stall_seconds`` while training      critical
+- ``training_stalled``    a training step running for ``stall_seconds``               critical
+                          (the clock runs only inside a step: model load, quantization, evaluation,
+                          checkpoints and the merge are not stalls)
 
 An alert fires once when its condition starts holding and re-arms when it clears. Each alert
 becomes a run event (and so a session event once the architect records it), a log line, a
@@ -45,7 +49,7 @@ RULES = {"gpu_memory_high": "warning", "gpu_temperature_high": "critical", "thro
 
 @dataclass
 class Thresholds:
-    vram_fraction: float = 0.90
+    vram_fraction: float = 0.90  # above the planner's USABLE_FRACTION (0.85): a plan that fits never alarms
     temperature_c: float = 85.0
     slowdown_margin_c: float = 5.0
     resume_below_c: float = 75.0
@@ -113,14 +117,67 @@ class GpuSource(Protocol):
         """{"memory_used_bytes", "memory_total_bytes", "temperature_c", "slowdown_c"?, ...} or None."""
 
 
+def _usable_fraction() -> float:
+    from training.plan import USABLE_FRACTION
+
+    return USABLE_FRACTION
+
+
+def _torch_uuid() -> str | None:
+    """The UUID of the GPU torch calls cuda:0 (what the run trains on), when torch can say."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            u = getattr(torch.cuda.get_device_properties(0), "uuid", None)
+            return str(u) if u is not None else None
+    except Exception:
+        return None
+    return None
+
+
+def nvml_index(visible: str | None, nvml_uuids: list[str], torch_uuid: str | None = None) -> int:
+    """NVML's index of the GPU the run uses (torch's cuda:0). NVML numbers every GPU of the host in
+    PCI order and ignores CUDA_VISIBLE_DEVICES; CUDA numbers only the visible ones (by default the
+    fastest first). So: the UUID torch reports when there is one; else the first entry of
+    CUDA_VISIBLE_DEVICES (an index, or a UUID or its prefix such as GPU-5e3f); else 0."""
+    def norm(u: str) -> str:
+        u = u.strip().lower()
+        return u[4:] if u.startswith("gpu-") else u
+
+    uuids = [norm(u) for u in nvml_uuids]
+    if torch_uuid:
+        t = norm(torch_uuid)
+        for i, u in enumerate(uuids):
+            if u == t:
+                return i
+    first = (visible or "").split(",")[0].strip()
+    if not first:
+        return 0
+    if first.isdigit():
+        i = int(first)
+        return i if i < max(1, len(uuids)) else 0
+    f = norm(first)
+    for i, u in enumerate(uuids):
+        if u.startswith(f):
+            return i
+    return 0
+
+
 class NvmlSource:
     """One GPU through NVML (nvidia-ml-py). Fields the card does not report are left out."""
 
-    def __init__(self, index: int = 0):
+    def __init__(self, index: int | None = None):
         import pynvml
 
         pynvml.nvmlInit()
         self.nv = pynvml
+        if index is None:
+            uuids = []
+            for i in range(pynvml.nvmlDeviceGetCount()):
+                u = pynvml.nvmlDeviceGetUUID(pynvml.nvmlDeviceGetHandleByIndex(i))
+                uuids.append(u.decode() if isinstance(u, bytes) else u)
+            index = nvml_index(os.environ.get("CUDA_VISIBLE_DEVICES"), uuids, _torch_uuid())
         self.index = index
         self.handle = pynvml.nvmlDeviceGetHandleByIndex(index)
         name = pynvml.nvmlDeviceGetName(self.handle)
@@ -188,6 +245,7 @@ class Watchdog:
         self.last_step_at = clock()
         self.last_step = -1
         self.training = False
+        self.in_step = False  # the stall clock runs only between a step's begin and its end
         self.thermal_paused = False
         self.last_gpu: dict | None = None
         self._stop = threading.Event()
@@ -236,8 +294,14 @@ class Watchdog:
             out += [x for x in (a, b) if x]
         return out
 
+    def step_started(self) -> None:
+        """A training step begins: the stall clock starts (it stops at ``observe_step``)."""
+        self.last_step_at = self.clock()
+        self.in_step = True
+
     def observe_step(self, step: int, tokens_per_second: float | None = None) -> list[dict]:
         self.last_step, self.last_step_at = step, self.clock()
+        self.in_step = False
         out = []
         a = self._set("training_stalled", False, "")
         if tokens_per_second is None or tokens_per_second <= 0:
@@ -273,7 +337,9 @@ class Watchdog:
         if gpu and gpu.get("memory_total_bytes"):
             frac = gpu["memory_used_bytes"] / gpu["memory_total_bytes"]
             a = self._set("gpu_memory_high", frac > self.t.vram_fraction,
-                          f"GPU memory {frac:.0%} used (> {self.t.vram_fraction:.0%})", round(frac, 4), self.t.vram_fraction)
+                          f"GPU memory {frac:.0%} used (> {self.t.vram_fraction:.0%}; plans keep under "
+                          f"{_usable_fraction():.0%}, so this run has grown past its plan)", round(frac, 4),
+                          self.t.vram_fraction)
             out += [a] if a else []
         if gpu and gpu.get("temperature_c") is not None:
             temp, lim = gpu["temperature_c"], self.temperature_limit(gpu)
@@ -285,11 +351,11 @@ class Watchdog:
             elif self.thermal_paused and temp < self.t.resume_below_c and self._resume:
                 if self._resume(f"thermal: back to {temp:.0f} C (< {self.t.resume_below_c:.0f} C)"):
                     self.thermal_paused = False
-        if self.training and not self.thermal_paused:
+        if self.training and self.in_step and not self.thermal_paused:
             idle = self.clock() - self.last_step_at
             a = self._set("training_stalled", idle > self.t.stall_seconds,
-                          f"no optimizer step for {idle:.0f} s (> {self.t.stall_seconds:.0f} s)", round(idle, 1),
-                          self.t.stall_seconds)
+                          f"step {self.last_step + 1} has run for {idle:.0f} s (> {self.t.stall_seconds:.0f} s)",
+                          round(idle, 1), self.t.stall_seconds)
             out += [a] if a else []
         return out
 
@@ -297,6 +363,7 @@ class Watchdog:
 
     def start(self) -> "Watchdog":
         self.training = True
+        self.in_step = False
         self.last_step_at = self.clock()
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, name=f"duet-watchdog-{self.run_id}", daemon=True)

@@ -1,11 +1,10 @@
 import json
 from pathlib import Path
 
-import pytest
 
 from cluster.cli import main
 from training.dataset import check_records, read_jsonl
-from training.importers import ImportFormatError, import_file
+from training.importers import import_file
 
 FIX = Path(__file__).resolve().parents[1] / "fixtures"
 

@@ -1,6 +1,7 @@
 import pytest
 
-from training.plan import GIB, MIB, NF4_DQ_BYTES, ModelProfile, PlanError, TrainConfig, estimate, load_config, make_plan
+from training.plan import GIB, MIB, NF4_DQ_BYTES, USABLE_FRACTION, ModelProfile, PlanError, TrainConfig, estimate, \
+    load_config, make_plan
 
 LLAMA2_7B = {"model_type": "llama", "hidden_size": 4096, "num_hidden_layers": 32, "intermediate_size": 11008,
              "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000, "tie_word_embeddings": False}
@@ -74,7 +75,7 @@ def test_full_7b_on_24gib_is_refused_with_a_fitting_suggestion():
     m = ModelProfile.from_config(LLAMA2_7B)
     full = make_plan(load_config("doica", {"method": "full"}), m, device="cuda", bf16=True, budget_bytes=24 * GIB)
     assert not full.fits
-    assert full.suggestions and all(s["total_bytes"] <= 24 * GIB * 0.9 for s in full.suggestions)
+    assert full.suggestions and all(s["total_bytes"] <= 24 * GIB * USABLE_FRACTION for s in full.suggestions)
     ql = make_plan(load_config("doica", {"method": "qlora", "seq_len": 512, "micro_batch": 1,
                                          "lora": {"r": 16, "alpha": 32}}), m, device="cuda",
                    bf16=True, budget_bytes=24 * GIB)
@@ -152,3 +153,53 @@ def test_measured_peaks_calibrate_the_next_plan():
     assert any("measured in run r1" in d for d in again.decisions)
     other_host = make_plan(cfg, m, device="cpu", bf16=False, budget_bytes=8 * GIB, host="h2", facts=[fact])
     assert other_host.calibration is None
+
+
+def test_bf16_only_on_compute_capability_8_or_newer():
+    from training.hardware import bf16_native
+    from training.plan import dtype_decision, train_dtype
+
+    assert [bf16_native(cc) for cc in ("7.5", "7.0", "8.0", "8.6", "8.9", "9.0", "12.0", None, "x")] == \
+        [False, False, True, True, True, True, True, False, False]
+    cfg = load_config("doica")
+    assert train_dtype(cfg, "cuda", bf16_native("7.5")) == "fp16" and train_dtype(cfg, "cuda", bf16_native("8.9")) == "bf16"
+    assert "fp16 with a loss scaler" in dtype_decision(cfg, "cuda", False)
+    m = ModelProfile.from_config({"model_type": "llama", "hidden_size": 4096, "num_hidden_layers": 32,
+                                  "intermediate_size": 14336, "num_attention_heads": 32, "num_key_value_heads": 8,
+                                  "vocab_size": 128256})
+    plan = make_plan(cfg, m, device="cuda", bf16=False, budget_bytes=16 * GIB)
+    assert plan.dtype == "fp16" and any(d.startswith("dtype fp16") for d in plan.decisions)
+
+
+def test_calibration_keeps_the_cuda_context_apart_and_uses_the_config_that_ran():
+    from training.plan import calibrate, measured_formula_bytes, scaled_total
+
+    m = ModelProfile.from_config({"model_type": "llama", "hidden_size": 2048, "num_hidden_layers": 16,
+                                  "intermediate_size": 8192, "num_attention_heads": 32, "num_key_value_heads": 8,
+                                  "vocab_size": 32000})
+    ran = load_config("doica", {"micro_batch": 2, "gradient_checkpointing": False, "packing": False})
+    bd = estimate(ran, m, "cuda", True)
+    formula = measured_formula_bytes(bd)
+    assert formula == sum(bd.values()) - bd["cuda_context"]
+    fact = {"data": {"device": "cuda", "host": "h", "model_params": m.params, "peak_bytes": int(formula * 1.2),
+                     "formula_bytes": formula, "train": ran.model_dump()}, "provenance": {"run_id": "r1"}}
+    cal = calibrate(ran, m, "cuda", "h", [fact])
+    assert cal["factor"] == 1.2
+    # the factor scales what the measurement saw; the context is added as is
+    assert scaled_total(bd, 1.2) == int(formula * 1.2 + bd["cuda_context"])
+    plan = make_plan(ran, m, device="cuda", bf16=True, budget_bytes=80 * GIB, host="h", facts=[fact])
+    assert plan.total_bytes == scaled_total(plan.breakdown, 1.2)
+
+
+def test_dtype_is_set_in_one_place(tmp_path):
+    from training.plan import load_plan_file
+
+    base = ("run_id: r1\nmodel_ref: tiny\ndataset: {name: d, content_hash: " + "a" * 64 + "}\nestimate: {}\n")
+    f = tmp_path / "p.yaml"
+    f.write_text(base + "train:\n  name: r\n  dtype: bf16\n")
+    assert load_plan_file(f)["dtype"] == "bf16"  # train.dtype alone is honoured
+    f.write_text(base + "dtype: fp32\ntrain:\n  name: r\n  dtype: bf16\n")
+    with pytest.raises(PlanError, match=r"p.yaml:\d+: field 'train.dtype': 'bf16' disagrees with the plan's dtype 'fp32'"):
+        load_plan_file(f)
+    f.write_text(base + "dtype: bf16\ntrain:\n  name: r\n  dtype: auto\n")
+    assert load_plan_file(f)["dtype"] == "bf16"

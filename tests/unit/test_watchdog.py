@@ -85,19 +85,52 @@ def test_nan_loss_is_critical():
     assert rules(fired) == ["loss_nan"] and fired[0]["severity"] == "critical"
 
 
-def test_no_progress_for_the_stall_time_fires_and_a_step_clears_it():
+def test_a_step_running_for_the_stall_time_fires_and_the_next_step_rearms_it():
     w, fired, _, clock = dog(None, stall_seconds=30)
-    w.observe_step(1, None)
+    w.step_started()
     clock.t += 29
     w.tick()
     assert fired == []
     clock.t += 2
     w.tick()
-    assert rules(fired) == ["training_stalled"]
-    w.observe_step(2, None)
+    assert rules(fired) == ["training_stalled"] and "has run for 31 s" in fired[0]["message"]
+    w.observe_step(1, None)
+    w.step_started()
     clock.t += 31
     w.tick()
     assert rules(fired) == ["training_stalled", "training_stalled"]  # re-armed by the step
+
+
+def test_load_eval_checkpoint_and_merge_are_not_stalls():
+    """The clock runs only inside a step: before the first step (model load, quantization, the
+    first evaluation) and between steps (evaluation, checkpoints) nothing fires, however long."""
+    w, fired, _, clock = dog(None, stall_seconds=30)
+    clock.t += 3600  # an 8B load + quantization + eval_loss_before
+    w.tick()
+    w.step_started()
+    clock.t += 5
+    w.observe_step(1, None)
+    clock.t += 3600  # evaluation and a checkpoint after step 1
+    w.tick()
+    assert fired == []
+
+
+def test_nvml_index_is_the_gpu_the_run_uses():
+    from training.watchdog import nvml_index
+
+    uuids = ["GPU-aaaa1111-0000", "GPU-bbbb2222-0000", "GPU-cccc3333-0000"]
+    assert nvml_index(None, uuids) == 0
+    assert nvml_index("2", uuids) == 2
+    assert nvml_index("1,2", uuids) == 1
+    assert nvml_index("GPU-cccc3333", uuids) == 2            # a UUID prefix, as CUDA accepts
+    assert nvml_index("0", uuids, torch_uuid="bbbb2222-0000") == 1  # torch's own UUID wins (device order)
+    assert nvml_index("7", uuids) == 0 and nvml_index("MIG-xyz", uuids) == 0
+
+
+def test_the_vram_alert_sits_above_what_a_plan_may_use():
+    from training.plan import USABLE_FRACTION
+
+    assert Thresholds().vram_fraction > USABLE_FRACTION
 
 
 def test_unknown_watchdog_settings_are_refused():

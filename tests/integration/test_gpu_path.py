@@ -1,0 +1,54 @@
+"""The GPU path's dtype rules, exercised on this CPU (which runs bf16): a bf16 run's merge is
+verified by a dtype-aware criterion, QLoRA reports its drift from the nf4 model it trained, a full
+fine-tune runs end to end (issue 15)."""
+
+import json
+
+import pytest
+
+pytestmark = pytest.mark.integration
+SHORT = {"max_steps": 6, "checkpoint_every": 3, "eval_every": 3, "warmup_steps": 1, "sample_prompts": 1,
+         "max_new_tokens": 8}
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory, engine_env):
+    return engine_env(tmp_path_factory.mktemp("gpu-path"))
+
+
+def run(env, run_id, model, overrides):
+    arch, ex, ds = env
+    plan = arch.design_plan("demo", ex.probe(), ex.prepare_model(model), model, ds, {**SHORT, **overrides})
+    ex.submit(arch.submission({**plan, "run_id": run_id}, ds))
+    state = ex.wait(run_id, timeout=900)
+    rec = json.loads((ex.data_dir / "runs" / run_id / "run.json").read_text())
+    return state, rec, ex.data_dir / "runs" / run_id
+
+
+def test_bf16_sft_of_smollm2_finishes_with_a_verified_merge(env):
+    state, rec, d = run(env, "bf16-smollm2", "smollm2", {"dtype": "bf16", "micro_batch": 2})
+    assert state == "finished", rec["error"]
+    m = rec["merged_model"]
+    assert rec["config"]["dtype"] == "bf16" and m["dtype"] == "bfloat16"
+    v = m["verification"]
+    assert v["positions"] > 0 and v["kl_mean"] <= 2e-2 and v["top1_agreement_decided"] >= 0.98
+    assert m["criterion"].startswith("bf16: mean KL") and "not judged in bf16" in m["criterion"]
+    assert (d / "merged" / "model.safetensors").is_file()
+    assert "KL" in (d / "report.md").read_text()
+
+
+def test_qlora_reports_its_drift_from_the_nf4_model_it_trained(env):
+    state, rec, d = run(env, "qlora-drift", "tiny", {"method": "qlora"})
+    assert state == "finished", rec["error"]
+    drift = rec["merged_model"]["qlora_drift"]
+    assert drift["positions"] > 0 and drift["kl_mean"] >= 0 and 0 <= drift["top1_agreement"] <= 1
+    assert "nf4" in drift["note"] and "drift" in (d / "report.md").read_text()
+
+
+def test_full_fine_tune_runs_end_to_end(env):
+    state, rec, d = run(env, "full", "tiny", {"method": "full", "learning_rate": 1e-4})
+    assert state == "finished", rec["error"]
+    assert rec["eval_loss_after"] < rec["eval_loss_before"]
+    assert (d / "merged" / "model.safetensors").is_file() and not (d / "adapter").exists()
+    assert "no merge" in rec["merged_model"]["verified"] and len(rec["samples"]) == 1
+    assert rec["train_peak_formula_bytes"] > 0
