@@ -4,9 +4,9 @@
     python -m benchmarks.vram_planner --device cpu    # here: vs the process's peak RSS growth (rougher)
 
 Each config builds a Qwen2-shaped model from a config (random init: memory does not depend on the
-values), wraps it in PEFT LoRA (QLoRA: bitsandbytes 4-bit nf4 with double quantization, via
-prepare_model_for_kbit_training), and runs a few real AdamW steps on random tokens at the
-planned micro-batch and sequence length. Writes ``benchmarks/results/vram_planner-<machine>.json``.
+values) and trains it a few steps through duet's own training path (training.engine's
+load_train_model and build_trainer: PEFT LoRA or QLoRA, TRL's SFTTrainer with its fused LM-head
+loss) on random tokens filling every row at the planned micro-batch and sequence length. Writes ``benchmarks/results/vram_planner-<machine>.json``.
 Goal (issue 3/8): the estimate within 10 % of the measurement, and no plan marked "fits" OOMs.
 """
 
@@ -27,80 +27,117 @@ SIZES = {  # Qwen2-shaped configs (hidden, layers, intermediate, heads, kv heads
                  num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
     "1.5B": dict(hidden_size=1536, num_hidden_layers=28, intermediate_size=8960, num_attention_heads=12,
                  num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    # Llama-3.1-8B's shape (128k vocabulary, untied head), as a Qwen2 config: 4-bit only
+    "8B": dict(hidden_size=4096, num_hidden_layers=32, intermediate_size=14336, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
     "tiny": dict(hidden_size=256, num_hidden_layers=4, intermediate_size=768, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=8192, tie_word_embeddings=True),
+    # SmolLM2-135M's shape (Llama-like, 49k vocabulary), as a Qwen2 config
+    "small": dict(hidden_size=576, num_hidden_layers=30, intermediate_size=1536, num_attention_heads=9,
+                  num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
 }
 GPU_CONFIGS = [  # (size, method, micro_batch, seq_len, gradient checkpointing)
     ("0.5B", "lora", 4, 1024, False), ("0.5B", "qlora", 4, 1024, False), ("0.5B", "lora", 8, 2048, True),
     ("1.5B", "lora", 4, 1024, False), ("1.5B", "qlora", 4, 1024, False), ("1.5B", "qlora", 8, 2048, True),
-    ("1.5B", "lora", 2, 4096, True),
+    ("1.5B", "lora", 2, 4096, True), ("8B", "qlora", 2, 2048, True),
 ]
-CPU_CONFIGS = [("tiny", "lora", 4, 256, False), ("tiny", "lora", 8, 256, False), ("tiny", "lora", 4, 512, True)]
+CPU_CONFIGS = [("tiny", "lora", 4, 256, False), ("tiny", "lora", 8, 256, False), ("tiny", "lora", 4, 512, True),
+               ("small", "lora", 4, 256, False), ("small", "lora", 4, 512, False), ("small", "lora", 2, 1024, False),
+               ("small", "qlora", 4, 256, False), ("small", "lora", 8, 512, True)]
+
+
+def _model_folder(size: str, dtype) -> Path:
+    """A random-initialised model of ``size`` saved once (memory does not depend on the values), so it
+    loads the way the engine loads a user's model (from_pretrained, 4-bit for QLoRA)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"duet-bench-{size}-{str(dtype).split('.')[-1]}"
+    if not (tmp / "config.json").exists():
+        import torch
+
+        torch.manual_seed(0)
+        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # an 8B initialises in seconds on a GPU
+            model = Qwen2ForCausalLM(Qwen2Config(**SIZES[size])).to(dtype)
+        model.save_pretrained(tmp)
+        del model
+    return tmp
 
 
 def measure(size: str, method: str, mb: int, seq: int, gc_on: bool, device: str, steps: int = 3) -> dict:
+    """One config through duet's own training path (training.engine.load_train_model + build_trainer:
+    TRL's SFTTrainer with its fused LM-head loss), on random tokens filling every row."""
+    import tempfile
+
     import psutil
     import torch
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from datasets import Dataset
 
+    from training import models
+    from training.engine import build_trainer, load_train_model
+    from training.phases import PhasePeaks
     from training.plan import ModelProfile, TrainConfig, make_plan
 
     cfg_dict = {**SIZES[size], "model_type": "qwen2"}
     tc = TrainConfig(name="bench", method=method, micro_batch=mb, grad_accum=1, seq_len=seq, max_steps=10,
-                     warmup_steps=0, gradient_checkpointing=gc_on,
+                     warmup_steps=0, gradient_checkpointing=gc_on, packing=False,
                      lora={"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"})
-    bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
+    bf16 = device == "cuda" and torch.cuda.get_device_capability(0)[0] >= 8
     plan = make_plan(tc, ModelProfile.from_config(cfg_dict), device=device, bf16=bf16, budget_bytes=1 << 50)
-    est = plan.to_dict()["estimate"]
+    pd = plan.to_dict()
+    est = pd["estimate"]
     dtype = torch.bfloat16 if bf16 else torch.float32
+    folder = _model_folder(size, dtype)
+    tok = __import__("transformers").AutoTokenizer.from_pretrained(models.tiny_folder())
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    g = torch.Generator().manual_seed(0)
+    rows = [{"input_ids": torch.randint(0, SIZES[size]["vocab_size"], (seq,), generator=g).tolist()}
+            for _ in range(mb * (steps + 1))]
+    ds = Dataset.from_list(rows)
+    cfg = pd["train"]
+    import peft  # noqa: F401  (the libraries' own memory is not the plan's: import them before rss0)
+    import trl  # noqa: F401
+    from trl import SFTConfig, SFTTrainer  # noqa: F401
+
+    gc.collect()
+    peaks = PhasePeaks(interval=0.01).start()
     rss0 = psutil.Process().memory_info().rss
     if device == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    hf_cfg = Qwen2Config(**SIZES[size])
     t0 = time.time()
     oom = False
     try:
-        if method == "qlora":
-            from transformers import BitsAndBytesConfig
-
-            q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                   bnb_4bit_compute_dtype=dtype)
-            # from_config cannot quantize: save a random model once and load it 4-bit.
-            tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"duet-bench-{size}"
-            if not (tmp / "config.json").exists():
-                Qwen2ForCausalLM(hf_cfg).to(dtype).save_pretrained(tmp)
-            model = Qwen2ForCausalLM.from_pretrained(tmp, quantization_config=q, dtype=dtype, device_map={"": 0})
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gc_on)
-        else:
-            with torch.device(device):
-                model = Qwen2ForCausalLM(hf_cfg).to(dtype)
-            if gc_on:
-                model.gradient_checkpointing_enable()
-                model.enable_input_require_grads()
-        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear",
-                                                 task_type="CAUSAL_LM"))
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-        peak_rss = 0
-        for _ in range(steps):
-            ids = torch.randint(0, hf_cfg.vocab_size, (mb, seq), device=device)
-            loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            peak_rss = max(peak_rss, psutil.Process().memory_info().rss)
+        peaks.enter("load")
+        model = load_train_model(folder, cfg, device=device, dtype=pd["dtype"])
+        if device == "cuda" and method != "qlora":
+            model.to("cuda")
+        with tempfile.TemporaryDirectory() as out:
+            trainer = build_trainer(model, tok, cfg, phase="sft", device=device, dtype=pd["dtype"], out=Path(out),
+                                    max_steps=steps, evaluate=False, save=False, train_ds=ds, eval_ds=None)
+            if device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            peaks.enter("training")
+            trainer.train()
+            peaks.enter("done")
     except torch.OutOfMemoryError:
         oom = True
-    measured = (torch.cuda.max_memory_reserved() if device == "cuda" else peak_rss - rss0) if not oom else None
+    got = peaks.stop()
+    if oom:
+        measured = None
+    elif device == "cuda":
+        measured = got["training"].get("cuda_reserved_bytes")
+    else:
+        measured = got["training"]["rss_bytes"] - rss0
     out = {"size": size, "method": method, "micro_batch": mb, "seq_len": seq, "gradient_checkpointing": gc_on,
+           "path": "training.engine.build_trainer (TRL SFTTrainer, fused LM-head loss)",
            "estimate_bytes": est["torch_reserved_bytes"] if device == "cuda" else est["total_bytes"] - est["breakdown_bytes"].get("overhead", 0),
            "estimate_breakdown_bytes": est["breakdown_bytes"], "measured_bytes": measured,
-           "measured_as": "torch.cuda.max_memory_reserved()" if device == "cuda" else "peak RSS growth during the steps",
+           "measured_as": ("torch.cuda.max_memory_reserved() during trainer.train()" if device == "cuda" else
+                           "peak RSS (sampled every 10 ms) during trainer.train(), minus RSS before the model load"),
            "oom": oom, "seconds": round(time.time() - t0, 1)}
     if measured:
         out["ratio_estimate_to_measured"] = round(out["estimate_bytes"] / measured, 3)
-    del model
     gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -127,8 +164,6 @@ def main(argv=None) -> int:
     machine = torch.cuda.get_device_name(0) if a.device == "cuda" else f"cpu-{platform.machine()}-{os.cpu_count()}c"
     rows = []
     for size, method, mb, seq, gc_on in (GPU_CONFIGS if a.device == "cuda" else CPU_CONFIGS):
-        if method == "qlora" and a.device != "cuda":
-            continue
         # one process a config: the allocator's caches and RSS start clean each time
         import subprocess
 

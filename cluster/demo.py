@@ -259,8 +259,12 @@ def _plan_table(plan: dict):
     for k, v in est["breakdown_bytes"].items():
         t.add_row(k, _gib(v))
     verdict = "[green]fits[/]" if est["fits"] else "[red]does not fit[/]"
-    t.add_row("[bold]total", f"[bold]{_gib(est['total_bytes'])}")
-    t.add_row("budget (90 % usable)", f"{_gib(est['budget_bytes'])} {verdict}")
+    t.add_row("[bold]total (training)", f"[bold]{_gib(est['total_bytes'])}")
+    for name, ph in (est.get("phases") or {}).items():
+        if name != "training":
+            t.add_row(f"  {name}" + (f" (on {ph['where']})" if ph.get("where") not in (None, plan["device"]) else ""),
+                      _gib(ph["total_bytes"]))
+    t.add_row(f"budget ({est.get('usable_fraction', 0.85):.0%} usable)", f"{_gib(est['budget_bytes'])} {verdict}")
     return t
 
 

@@ -124,7 +124,8 @@ class Architect:
         plan = make_plan(cfg, model, device=hw.device, bf16=hw.bf16, budget_bytes=hw.memory_budget_bytes,
                          token_p50=lengths.get("p50"), token_mean=lengths.get("mean"),
                          train_examples=dataset["manifest"]["counts"]["train"], host=hw.hostname,
-                         facts=self.measurements())
+                         facts=self.measurements(),
+                         host_ram_bytes=hw.ram_available_bytes if hw.device == "cuda" else None)
         d = plan.to_dict()
         run_id = f"{cfg.name}-{dt.datetime.now(dt.timezone.utc).strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
         d["run_id"] = run_id

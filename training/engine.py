@@ -30,6 +30,7 @@ import os
 import resource
 import shutil
 import signal
+import sys
 import threading
 import time
 import traceback
@@ -162,6 +163,7 @@ class Run:
         self.started = time.time()
         self.gpu_source = None  # the watchdog's GPU readings: NVML when a GPU is visible (tests set a fake)
         self.watchdog = None
+        self.peaks = None
         self._pause_reason: str | None = None
         if not _loaded:
             self.dir.mkdir(parents=True, exist_ok=True)
@@ -344,8 +346,12 @@ class Run:
         in state / error / run.json."""
         t0 = time.time()
         lock = None
+        from training.phases import PhasePeaks
+
+        self.peaks = PhasePeaks().start()
         try:
             lock = self._acquire_run_lock()
+            self.peaks.enter("preflight")
             self.set_state("preflight")
             model_path = self.preflight()
             if not resume and self.train_cfg.get("dry_run_steps"):
@@ -360,6 +366,7 @@ class Run:
             self.set_state("reporting")
             self.result["wall_s"] = round(time.time() - t0, 2)
             self.result["peak_memory"] = peak_memory_bytes()
+            self._phase_report()
             from training.report import write_loss_plot, write_report
 
             write_loss_plot(self.dir / "loss.png", self.losses, self.eval_losses, self.run_id)
@@ -382,6 +389,7 @@ class Run:
         finally:
             if self.watchdog is not None:
                 self.watchdog.stop()
+            self.peaks.stop()
             telemetry.sample_host()
             if lock is not None:
                 lock.close()
@@ -472,36 +480,10 @@ class Run:
 
     def _load_model(self, model_path: Path, cfg: dict):
         """Base (4-bit for QLoRA) + LoRA adapter: new, or the init_from run's adapter for DPO."""
-        import torch
-        from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
-        from transformers import AutoModelForCausalLM
-
-        on_cuda = self.plan["device"] == "cuda"
-        # A full fine-tune keeps fp32 weights and trains under bf16/fp16 autocast (mixed precision): fp16
-        # weights cannot have their gradients unscaled, and bf16 weights lose small updates.
-        kwargs: dict = {"dtype": torch.float32 if cfg["method"] == "full" else self._torch_dtype()}
-        if cfg["method"] == "qlora":
-            from transformers import BitsAndBytesConfig
-
-            compute = torch.float32 if self.plan["dtype"] == "fp32" else self._torch_dtype()
-            kwargs["quantization_config"] = BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                bnb_4bit_compute_dtype=compute)
-            if on_cuda:
-                kwargs["device_map"] = {"": 0}
-        model = AutoModelForCausalLM.from_pretrained(self._base_path(model_path), **kwargs)
-        if cfg["method"] == "qlora":
-            _bnb_cpu_workaround(model)
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=bool(cfg["gradient_checkpointing"]))
-        if cfg["method"] == "full":
-            return model
-        torch.manual_seed(cfg["seed"])  # LoRA init draws from the RNG: same seed, same adapter
         init_from = cfg.get("init_from")
-        if init_from and self.phase == "dpo":
-            return PeftModel.from_pretrained(model, self.dir.parent / init_from / "adapter", is_trainable=True)
-        lora = cfg["lora"]
-        return get_peft_model(model, LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
-                                                target_modules=lora["target_modules"], task_type="CAUSAL_LM"))
+        adapter = self.dir.parent / init_from / "adapter" if init_from and self.phase == "dpo" else None
+        return load_train_model(self._base_path(model_path), cfg, device=self.plan["device"], dtype=self.plan["dtype"],
+                                adapter=adapter)
 
     def _datasets(self):
         from datasets import Dataset
@@ -518,39 +500,10 @@ class Run:
         return rows("train"), rows("test")
 
     def _trainer(self, model, tok, cfg: dict, *, out: Path, max_steps: int, save: bool, evaluate: bool):
-        on_cpu = self.plan["device"] != "cuda"
-        common = dict(
-            output_dir=str(out), max_steps=max_steps, per_device_train_batch_size=cfg["micro_batch"],
-            gradient_accumulation_steps=cfg["grad_accum"],
-            per_device_eval_batch_size=cfg.get("eval_batch") or cfg["micro_batch"],
-            learning_rate=cfg["learning_rate"], lr_scheduler_type=cfg["lr_scheduler"],
-            warmup_steps=min(cfg["warmup_steps"], max(0, max_steps - 1)), max_length=cfg["seq_len"],
-            activation_checkpointing=bool(cfg["gradient_checkpointing"]), seed=cfg["seed"], data_seed=cfg["seed"],
-            logging_steps=1, logging_nan_inf_filter=False,
-            eval_strategy="steps" if evaluate else "no", eval_steps=cfg["eval_every"],
-            save_strategy="steps" if save else "no", save_steps=cfg["checkpoint_every"], save_total_limit=None,
-            report_to=[], disable_tqdm=True, dataloader_num_workers=0, use_cpu=on_cpu,
-            bf16=self.plan["dtype"] == "bf16", fp16=self.plan["dtype"] == "fp16",
-            # tokens/s counts real tokens: by attention mask when padded; a packed (padding-free) batch has
-            # no padding and no mask, and "non_padding" would drop every real token equal to the pad id (EOS)
-            include_num_input_tokens_seen="all" if cfg.get("packing") and self.phase == "sft" else "non_padding",
-        )
         train_ds, test_ds = self._datasets()
-        if self.phase == "dpo":
-            from trl import DPOConfig, DPOTrainer
-
-            args = DPOConfig(beta=cfg.get("dpo_beta", 0.1), **common)
-            trainer = DPOTrainer(model=model, ref_model=None, args=args, train_dataset=train_ds,
-                                 eval_dataset=test_ds, processing_class=tok)
-        else:
-            from trl import SFTConfig, SFTTrainer
-
-            args = SFTConfig(**packing_args(cfg["packing"]), **common)
-            trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=test_ds,
-                                 processing_class=tok)
-        from transformers.trainer_callback import PrinterCallback
-
-        trainer.remove_callback(PrinterCallback)
+        trainer = build_trainer(model, tok, cfg, phase=self.phase, device=self.plan["device"], dtype=self.plan["dtype"],
+                                out=out, max_steps=max_steps, evaluate=evaluate, save=save,
+                                train_ds=train_ds, eval_ds=test_ds)
         if save:
             _atomic_checkpoints(trainer, keep=cfg["keep_checkpoints"])
         return trainer
@@ -564,6 +517,8 @@ class Run:
         return tok
 
     def _free(self) -> None:
+        """Give freed memory back: torch's CUDA cache, and on Linux the C heap (glibc keeps freed
+        blocks mapped, so without a trim the merge would run on top of training's high-water mark)."""
         gc.collect()
         try:
             import torch
@@ -572,6 +527,13 @@ class Run:
                 torch.cuda.empty_cache()
         except ImportError:
             pass
+        if sys.platform.startswith("linux"):
+            try:
+                import ctypes
+
+                ctypes.CDLL("libc.so.6").malloc_trim(0)
+            except (OSError, AttributeError):
+                pass
 
     def dry_run(self, model_path: Path) -> None:
         """A few steps at micro-batch 1 before the real run: catches a broken setup in seconds."""
@@ -666,11 +628,13 @@ class Run:
         import torch
 
         tok = self._tokenizer(model_path)
+        self._enter("load")
         model = self._load_model(model_path, cfg)
         trainer = self._trainer(model, tok, cfg, out=self.dir / "checkpoints", max_steps=cfg["max_steps"],
                                 save=True, evaluate=True)
         trainer.add_callback(_callbacks(self, faults))
         if from_ckpt is None and "eval_loss_before" not in self.result:
+            self._enter("evaluation")
             self.emit("eval_started", which="before")
             before = trainer.evaluate()["eval_loss"]
             self.result["eval_loss_before"] = before
@@ -679,10 +643,13 @@ class Run:
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         t0 = time.time()
+        self._enter("training")
         trainer.train(resume_from_checkpoint=str(from_ckpt) if from_ckpt else None)
         if self._cancel.is_set():
             raise RunCancelled()
         train_s = time.time() - t0
+        self._free()  # what training held and freed goes back before the evaluation (and its measurement)
+        self._enter("evaluation")
         self.emit("eval_started", which="after")
         after = trainer.evaluate()["eval_loss"]
         self.result["eval_loss_after"] = after
@@ -713,6 +680,24 @@ class Run:
         del trainer, model
         self._free()
 
+    def _enter(self, phase: str) -> None:
+        if getattr(self, "peaks", None) is not None:
+            self.peaks.enter(phase)
+
+    def _phase_report(self) -> None:
+        """Each phase's measured peak next to the planner's estimate of it (run.json ``phases``)."""
+        measured = self.peaks.snapshot()
+        est = (self.plan.get("estimate") or {}).get("phases") or {}
+        key = "cuda_reserved_bytes" if self.plan.get("device") == "cuda" else "rss_bytes"
+        out = {}
+        for name, m in measured.items():
+            row = {"measured_bytes": m.get(key, m["rss_bytes"]), "measured_as": key}
+            if name in est:
+                row["estimate_bytes"] = est[name]["total_bytes"] if key == "rss_bytes" else est[name]["reserved_bytes"]
+                row["ratio_estimate_to_measured"] = round(row["estimate_bytes"] / max(1, row["measured_bytes"]), 3)
+            out[name] = row
+        self.result["phases"] = out
+
     def _formula_bytes(self, model_path: Path, cfg: dict) -> int | None:
         """The planner's formula for the configuration that ran (after any OOM re-plan), in the
         accounting of ``train_peak_bytes`` (no CUDA context): what calibration divides by."""
@@ -726,126 +711,87 @@ class Run:
             return None
         return measured_formula_bytes(bd)
 
-    def _probe(self, tok) -> tuple[list, list, list]:
-        """(test records, prompts, references) of the test split, for the merge check and samples."""
-        from training.dataset import load_split
-
-        test = load_split(self.dir / "dataset", "test")
-        if self.phase == "dpo":
-            prompts = [r["prompt"] for r in test]
-            refs = [r["chosen"][-1]["content"] for r in test]
-        else:
-            prompts = [r["messages"][:-1] if r["messages"][-1]["role"] == "assistant" else r["messages"] for r in test]
-            refs = [r["messages"][-1]["content"] for r in test]
-        return test, prompts, refs
-
-    def _nf4_logits(self, base_path: Path, enc: list) -> list:
-        """Logits of the model as QLoRA trained it: the adapter on the nf4 base (fp32 logits, on CPU)."""
-        import torch
-        from peft import PeftModel
-        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-        compute = torch.float32 if self.plan["dtype"] == "fp32" else self._torch_dtype()
-        kwargs: dict = {"dtype": self._torch_dtype(), "quantization_config": BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=compute)}
-        if self.plan["device"] == "cuda":
-            kwargs["device_map"] = {"": 0}
-        base = AutoModelForCausalLM.from_pretrained(base_path, **kwargs)
-        _bnb_cpu_workaround(base)
-        model = PeftModel.from_pretrained(base, self.dir / "adapter")
-        model.eval()
-        dev = next(model.parameters()).device
-        with torch.no_grad():
-            out = [model(**{k: v.to(dev) for k, v in e.items()}).logits.float().cpu() for e in enc]
-        del model, base
-        self._free()
-        return out
-
     def merge_and_evaluate(self, model_path: Path) -> None:
-        """Merge the adapter into the 16/32-bit base (never the 4-bit weights) on the GPU when it fits,
-        else on the CPU after checking free RAM; verify the merged model against adapter+base with a
-        dtype-aware criterion (training/merge_check.py); for QLoRA measure the drift from the nf4
-        model as trained; save with safetensors; generate samples. A full fine-tune has no adapter:
-        its trained weights are the model (saved by the training) and only the samples are made."""
-        import psutil
-        import torch
-        from peft import PeftModel
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        """Merge, verify and sample (training/merge.py)."""
+        from training.merge import merge_and_evaluate
 
-        from training import merge_check
+        merge_and_evaluate(self, model_path)
 
-        full = self.train_cfg.get("method") == "full"
-        src = self.dir / ("merged" if full else "adapter")
-        tok = AutoTokenizer.from_pretrained(src)
-        dtype = torch.float32 if self.plan["dtype"] == "fp32" else self._torch_dtype()
-        dtype_name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
-        base_path = src if full else self._base_path(model_path)
-        weights = sum(f.stat().st_size for f in Path(base_path).glob("*.safetensors"))
-        need = int(weights * (2 if dtype == torch.float32 else 1) * 1.2)  # stored width -> load width, + merge slack
-        device = "cpu"
-        if torch.cuda.is_available():
-            free, _ = torch.cuda.mem_get_info()
-            if need < free * 0.9:
-                device = "cuda"
-        if device == "cpu" and need > psutil.virtual_memory().available:
-            raise RuntimeError(f"merge needs ~{need / 2**30:.1f} GiB; free RAM is "
-                               f"{psutil.virtual_memory().available / 2**30:.1f} GiB and the GPU has no room")
-        test, prompts, refs = self._probe(tok)
-        probe = [tok.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts[:2]]
-        enc = [tok(t, return_tensors="pt") for t in probe]
-        if full:
-            merged = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype).to(device)
-            merged.eval()
-            self.result["merged_model"] = {"path": str(src), "device": device, "dtype": str(dtype).replace("torch.", ""),
-                                           "verified": "full fine-tune: the trained weights are the model (no merge)"}
-            self.emit("merged", path=str(src), device=device, full=True)
-        else:
-            drift_ref = self._nf4_logits(base_path, enc) if self.train_cfg.get("method") == "qlora" else None
-            base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype).to(device)
-            model = PeftModel.from_pretrained(base, self.dir / "adapter").to(device)
-            model.eval()
-            enc_d = [{k: v.to(device) for k, v in e.items()} for e in enc]
-            with torch.no_grad():
-                ref = [model(**e).logits.float().cpu() for e in enc_d]
-                with model.disable_adapter():
-                    base_out = [model(**e).logits.float().cpu() for e in enc_d]
-                merged = model.merge_and_unload()
-                got = [merged(**e).logits.float().cpu() for e in enc_d]
-            check = merge_check.compare(ref, got)
-            effect = merge_check.compare(ref, base_out)
-            ok, why = merge_check.judge(dtype_name, check, effect)
-            if not ok:
-                raise RuntimeError(f"merge verification failed: {why}")
-            merged_dir = self.dir / "merged"
-            merged.save_pretrained(merged_dir, safe_serialization=True)
-            tok.save_pretrained(merged_dir)
-            self.result["merged_model"] = {
-                "path": str(merged_dir), "logit_max_abs_diff": check["max_abs"], "device": device,
-                "dtype": str(dtype).replace("torch.", ""), "verified_prompts": len(enc), "verification": check,
-                "adapter_effect": effect, "criterion": why}
-            if drift_ref is not None:
-                drift = merge_check.compare(drift_ref, got)
-                drift["note"] = ("the adapter was trained on the nf4 base; this is the merged 16-bit model against "
-                                 "the nf4 model + adapter as trained (reported, not judged)")
-                self.result["merged_model"]["qlora_drift"] = drift
-            self.emit("merged", path=str(merged_dir), logit_max_abs_diff=check["max_abs"], device=device,
-                      kl_mean=check["kl_mean"], top1_agreement=check["top1_agreement"])
-            del model, base
-        samples = []
-        n = self.train_cfg.get("sample_prompts", 3)
-        for rec, p, reference in list(zip(test, prompts, refs))[:n]:
-            text = tok.apply_chat_template(p, add_generation_prompt=True, tokenize=False)
-            e = tok(text, return_tensors="pt").to(device)
-            with torch.no_grad():
-                out = merged.generate(**e, max_new_tokens=self.train_cfg.get("max_new_tokens", 48), do_sample=False,
-                                      pad_token_id=tok.pad_token_id or tok.eos_token_id)
-            gen = tok.decode(out[0, e["input_ids"].shape[1]:], skip_special_tokens=True).strip()
-            samples.append({"id": rec["id"], "prompt": p[-1]["content"], "reference": reference, "generated": gen})
-        self.result["samples"] = samples
-        self.emit("samples", count=len(samples))
-        del merged
-        self._free()
+
+def load_train_model(path: Path, cfg: dict, *, device: str, dtype: str, adapter: Path | None = None):
+    """The model duet trains, as the planner counts it: the base in the plan's dtype (fp32 for a full
+    fine-tune, trained under autocast; nf4 with double quantization for QLoRA, its other parameters
+    upcast by peft), plus a new LoRA adapter or the given one."""
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM
+
+    tdt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    # A full fine-tune keeps fp32 weights and trains under bf16/fp16 autocast (mixed precision): fp16
+    # weights cannot have their gradients unscaled, and bf16 weights lose small updates.
+    kwargs: dict = {"dtype": torch.float32 if cfg["method"] == "full" else tdt}
+    if cfg["method"] == "qlora":
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32 if dtype == "fp32" else tdt)
+        if device == "cuda":
+            kwargs["device_map"] = {"": 0}
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if cfg["method"] == "qlora":
+        _bnb_cpu_workaround(model)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=bool(cfg["gradient_checkpointing"]))
+        head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+        if dtype != "fp32" and head is not None and head.weight is not emb.weight:
+            head.weight.data = head.weight.data.to(tdt)  # lossless: see training.plan.qlora_head_saving
+    if cfg["method"] == "full":
+        return model
+    torch.manual_seed(cfg["seed"])  # LoRA init draws from the RNG: same seed, same adapter
+    if adapter is not None:
+        return PeftModel.from_pretrained(model, adapter, is_trainable=True)
+    lora = cfg["lora"]
+    return get_peft_model(model, LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
+                                            target_modules=lora["target_modules"], task_type="CAUSAL_LM"))
+
+
+def build_trainer(model, tok, cfg: dict, *, phase: str, device: str, dtype: str, out: Path, max_steps: int,
+                  evaluate: bool, save: bool, train_ds, eval_ds):
+    """The TRL trainer duet trains with (SFT or DPO), from a train config: the one place its
+    arguments are set, shared by the engine and the planner benchmark (benchmarks/vram_planner.py)."""
+    on_cpu = device != "cuda"
+    common = dict(
+        output_dir=str(out), max_steps=max_steps, per_device_train_batch_size=cfg["micro_batch"],
+        gradient_accumulation_steps=cfg["grad_accum"],
+        per_device_eval_batch_size=cfg.get("eval_batch") or cfg["micro_batch"],
+        learning_rate=cfg["learning_rate"], lr_scheduler_type=cfg["lr_scheduler"],
+        warmup_steps=min(cfg["warmup_steps"], max(0, max_steps - 1)), max_length=cfg["seq_len"],
+        activation_checkpointing=bool(cfg["gradient_checkpointing"]), seed=cfg["seed"], data_seed=cfg["seed"],
+        logging_steps=1, logging_nan_inf_filter=False,
+        eval_strategy="steps" if evaluate else "no", eval_steps=cfg["eval_every"],
+        save_strategy="steps" if save else "no", save_steps=cfg["checkpoint_every"], save_total_limit=None,
+        report_to=[], disable_tqdm=True, dataloader_num_workers=0, use_cpu=on_cpu,
+        bf16=dtype == "bf16", fp16=dtype == "fp16",
+        # tokens/s counts real tokens: by attention mask when padded; a packed (padding-free) batch has
+        # no padding and no mask, and "non_padding" would drop every real token equal to the pad id (EOS)
+        include_num_input_tokens_seen="all" if cfg.get("packing") and phase == "sft" else "non_padding",
+    )
+    if phase == "dpo":
+        from trl import DPOConfig, DPOTrainer
+
+        args = DPOConfig(beta=cfg.get("dpo_beta", 0.1), **common)
+        trainer = DPOTrainer(model=model, ref_model=None, args=args, train_dataset=train_ds,
+                             eval_dataset=eval_ds, processing_class=tok)
+    else:
+        from trl import SFTConfig, SFTTrainer
+
+        args = SFTConfig(**packing_args(cfg["packing"]), **common)
+        trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                             processing_class=tok)
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)
+    return trainer
 
 
 def _bnb_cpu_workaround(model) -> None:

@@ -9,14 +9,19 @@ No torch here: the architect plans on a laptop. Formulas (bytes):
 - LoRA: r x (in + out) per adapted matrix; trainable params x (weight + grad in the train dtype
   + AdamW's two fp32 moments, + an fp32 master copy when training in 16-bit) = 16 bytes: PEFT keeps
   adapters in fp32; a full fine-tune keeps fp32 weights under autocast: 4 + 4 + 8 bytes a parameter;
-- activations per layer and token, in elements of the train dtype: 12 h + 5 i without gradient
-  checkpointing (fp32 RMSNorm inputs, q/k/v and their rotary copies, attention output, MLP
-  gate/up/act/down inputs), plus 6 h + i for LoRA dropout's copies of each adapted input when
-  dropout > 0; with checkpointing, h per layer plus one layer's full set. Attention scores
-  (heads x seq^2) count only on CPU, where SDPA has no flash kernel;
-- logits: micro_batch x seq x vocab x 4 bytes, twice (fp32 logits and their gradient);
+- activations per layer and token, in elements of the train dtype: 22 h + 5 i without gradient
+  checkpointing (fp32 RMSNorm inputs, q/k/v, their rotary, head-major and GQA-expanded copies, the
+  attention output and what SDPA keeps for its backward, MLP gate/up/act/down inputs; fitted to
+  duet's training path with benchmarks/vram_planner.py), plus 6 h + i for LoRA dropout's copies of
+  each adapted input when dropout > 0 (QLoRA: x 0.8, measured); with checkpointing, the layer's
+  input (h) per layer on CUDA, 13 h on CPU (measured there: more than the input is kept), plus one
+  layer's full set.
+  No attention scores: SDPA's flash kernels (CUDA, and CPU in torch 2.13) never hold heads x seq^2
+  (measured: the same tokens at seq 512 and 1024 take the same memory);
+- loss head: TRL 1.16 computes the SFT and DPO losses through a fused LM head that never holds the
+  logits, only [4096 tokens x 32768 vocabulary] tiles (``loss_head_bytes``);
 - overhead: allocator slack (8 % + 256 MiB) on a GPU, the CUDA context (~500 MiB) reported
-  apart because torch.cuda.max_memory_reserved() does not see it; the runtime (1.2 GiB: torch,
+  apart because torch.cuda.max_memory_reserved() does not see it; the runtime (640 MiB: torch,
   tokenizers, datasets) on CPU.
 
 ``gradient_checkpointing: auto`` (the default) turns it on only when the plan does not fit
@@ -549,6 +554,38 @@ GPUS = {  # --gpu NAME: memory and bf16 support
 NF4_DQ_BYTES = 4.127 / 8
 
 
+# Measured with benchmarks/vram_planner.py through duet's own training path (CPU, TRL 1.16, torch 2.13):
+QLORA_ACTIVATIONS = 0.80            # bitsandbytes' 4-bit matmul keeps fewer copies than a LoRA-wrapped Linear
+CHECKPOINT_KEPT_CPU = 13            # with checkpointing on CPU, elements of h kept a token per layer (on CUDA: the
+                                    # layer's input only, h; benchmarks/gpu_check.sh measures it there)
+RUNTIME_CPU = 640 * MIB             # the process before any model: torch, transformers, TRL, datasets (measured: demo)
+TRAINING_LOOP_CPU = 64 * MIB        # the trainer's own allocations during train() (optimizer setup, batches)
+FUSED_TOKEN_TILE = 4096    # trl.kernels.chunked_logprob.TOKEN_CHUNK_SIZE (TRL 1.16)
+FUSED_VOCAB_TILE = 32768   # trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE
+
+
+def loss_head_bytes(tokens: int, vocab: int, hidden: int, compute_bytes: int, device: str, *,
+                    backward: bool = True) -> int:
+    """TRL 1.16's SFT and DPO losses go through a fused LM head: the logits are never materialized,
+    only [4096 tokens x 32768 vocabulary] tiles in the compute dtype. On CUDA a Triton kernel folds
+    each tile in place; elsewhere torch ops hold about eight fp32 copies of the tile at once in the
+    backward (its logits, probabilities, gradient and their temporaries), three in a forward without
+    one (evaluation, DPO's reference) - measured with benchmarks/vram_planner.py and the demo. The backward adds the fp32 gradient of the hidden states."""
+    tile = min(tokens, FUSED_TOKEN_TILE) * min(vocab, FUSED_VOCAB_TILE)
+    per_element = compute_bytes if device == "cuda" else compute_bytes + (8 if backward else 3) * 4
+    return int(tile * per_element + (tokens * hidden * 4 if backward else 0))
+
+
+def qlora_head_saving(model: ModelProfile, dtype: str) -> int:
+    """Bytes a 16-bit QLoRA plan saves by keeping an untied lm_head in its dtype after peft upcasts
+    it to fp32 (training.engine.load_train_model): the head is frozen, its values are exactly the
+    checkpoint's 16-bit ones either way, and TRL's fused loss casts its tiles to the compute dtype, so
+    fp32 storage buys nothing. The input embeddings stay fp32 (they set the residual stream's dtype)."""
+    if dtype == "fp32" or model.tied_embeddings:
+        return 0
+    return model.vocab * model.hidden * 2
+
+
 def estimate(cfg: TrainConfig, model: ModelProfile, device: str = "cuda", bf16: bool = True) -> dict[str, int]:
     """Peak memory estimate in bytes, by component (see the module docstring for the formulas)."""
     dt = train_dtype(cfg, device, bf16)
@@ -556,7 +593,7 @@ def estimate(cfg: TrainConfig, model: ModelProfile, device: str = "cuda", bf16: 
     emb = model.embedding_params + model.hidden
     body = model.params - emb
     if cfg.method == "qlora":
-        weights = body * NF4_DQ_BYTES + emb * 4
+        weights = body * NF4_DQ_BYTES + emb * 4 - qlora_head_saving(model, dt)
     elif cfg.method == "full":
         weights = model.params * 4  # the engine keeps fp32 weights and trains under bf16/fp16 autocast
     else:
@@ -569,34 +606,36 @@ def estimate(cfg: TrainConfig, model: ModelProfile, device: str = "cuda", bf16: 
         trainable_bytes = trainable * (wb + wb + 8 + master)
     tokens = cfg.micro_batch * cfg.seq_len
     h, i = model.hidden, model.intermediate
-    per_token = 12 * h + 5 * i
+    per_token = 22 * h + 5 * i
     if cfg.method != "full" and cfg.lora.dropout > 0:
         per_token += 6 * h + i
     per_layer_full = tokens * per_token * wb
-    if device != "cuda":
-        per_layer_full += cfg.micro_batch * model.heads * cfg.seq_len ** 2 * wb * 2
+    if cfg.method == "qlora":
+        per_layer_full *= QLORA_ACTIVATIONS
     if cfg.gradient_checkpointing is True:
-        activations = model.layers * tokens * h * wb + per_layer_full
+        kept = CHECKPOINT_KEPT_CPU if device != "cuda" else 1
+        activations = model.layers * tokens * kept * h * wb + per_layer_full
     else:
         activations = model.layers * per_layer_full
-    logits = 2 * tokens * model.vocab * 4
+    pairs = 2 if cfg.phase == "dpo" else 1  # DPO: chosen + rejected in one batch
     breakdown = {
         "weights": int(weights),
         "trainable_and_optimizer": int(trainable_bytes),
-        "activations": int(activations),
-        "logits": int(logits),
+        "activations": int(activations) * pairs,
+        "loss_head": loss_head_bytes(tokens * pairs, model.vocab, h, wb, device),
     }
     if cfg.phase == "dpo":
-        # chosen + rejected double the batch; the frozen reference adds a no-grad forward.
-        breakdown["activations"] *= 2
-        breakdown["logits"] *= 2
-        breakdown["dpo_reference"] = int(tokens * 2 * model.vocab * 4)
+        # the frozen reference (the adapter disabled on the same weights): a no-grad forward, one
+        # layer's activations at a time, and its own fused-head tile
+        breakdown["dpo_reference"] = int(per_layer_full * pairs + loss_head_bytes(tokens * pairs, model.vocab, h, wb,
+                                                                                  device, backward=False))
     sub = sum(breakdown.values())
     if device == "cuda":
         breakdown["allocator_overhead"] = int(256 * MIB + 0.08 * sub)
         breakdown["cuda_context"] = CUDA_CONTEXT_BYTES
     else:
-        breakdown["overhead"] = int(1200 * MIB)
+        breakdown["training_loop"] = int(TRAINING_LOOP_CPU)
+        breakdown["overhead"] = int(RUNTIME_CPU)
     return breakdown
 
 
@@ -613,6 +652,15 @@ class Plan:
     steps_per_epoch: int | None = None
     decisions: list[str] | None = None
     calibration: dict | None = None
+    host_ram_bytes: int | None = None
+
+    @property
+    def phases(self) -> dict:
+        from training.plan_phases import phase_estimates
+
+        return phase_estimates(self.config, self.model, self.device, self.dtype == "bf16", self.breakdown,
+                               self.calibration["factor"] if self.calibration else 1.0,
+                               host_ram_bytes=self.host_ram_bytes, budget_bytes=self.budget_bytes)
 
     @property
     def formula_bytes(self) -> int:
@@ -626,7 +674,11 @@ class Plan:
 
     @property
     def fits(self) -> bool:
-        return self.total_bytes <= self.budget_bytes * USABLE_FRACTION
+        """Training fits the budget, and every later phase fits where the engine will run it (the merge
+        falls back to host RAM when the GPU has no room)."""
+        if self.total_bytes > self.budget_bytes * USABLE_FRACTION:
+            return False
+        return all(p["where"] != "nowhere" for p in self.phases.values())
 
     def to_dict(self) -> dict:
         ctx = self.breakdown.get("cuda_context", 0)
@@ -641,7 +693,9 @@ class Plan:
             "estimate": {"breakdown_bytes": self.breakdown, "formula_bytes": self.formula_bytes,
                          "total_bytes": self.total_bytes, "torch_reserved_bytes": self.total_bytes - ctx,
                          "budget_bytes": self.budget_bytes, "fits": self.fits,
-                         "usable_fraction": USABLE_FRACTION, "calibration": self.calibration},
+                         "usable_fraction": USABLE_FRACTION, "calibration": self.calibration,
+                         "phases": self.phases,
+                         "whole_run_bytes": max(p["total_bytes"] for p in self.phases.values())},
             "decisions": self.decisions or [],
             "suggestions": self.suggestions,
         }
@@ -694,7 +748,8 @@ def calibrate(cfg: TrainConfig, model: ModelProfile, device: str, host: str | No
 
 def make_plan(cfg: TrainConfig, model: ModelProfile, *, device: str, bf16: bool, budget_bytes: int,
               train_examples: int | None = None, host: str | None = None, facts: list[dict] | None = None,
-              token_p50: int | None = None, token_mean: float | None = None) -> Plan:
+              token_p50: int | None = None, token_mean: float | None = None,
+              host_ram_bytes: int | None = None) -> Plan:
     """Estimate ``cfg``; resolve ``gradient_checkpointing`` and ``packing`` ``auto``; when it does not
     fit, propose the nearest plans that do. ``facts``: cortex measurements that calibrate the
     estimate; ``token_p50``/``token_mean``: the dataset's median and mean example length in tokens.
@@ -735,11 +790,31 @@ def make_plan(cfg: TrainConfig, model: ModelProfile, *, device: str, bf16: bool,
             cfg = cfg.model_copy(update={"gradient_checkpointing": True})
             decisions.append(f"gradient checkpointing on: without it the estimate is {total_off / GIB:.2f} GiB")
     decisions.append(dtype_decision(cfg, device, bf16))
+    if cfg.method == "qlora":
+        dt = train_dtype(cfg, device, bf16)
+        saved = qlora_head_saving(model, dt)
+        decisions.append(
+            f"QLoRA: lm_head kept in {dt} after peft's fp32 upcast, saving {saved / GIB:.2f} GiB (frozen, its values are "
+            "the checkpoint's either way, and the fused loss computes in the compute dtype); the input embeddings "
+            "stay fp32 (the residual stream's dtype)" if saved else
+            "QLoRA: embeddings and lm_head in fp32 as peft upcasts them (" +
+            ("an fp32 plan" if dt == "fp32" else "a tied head is the embedding matrix: kept fp32 for the residual stream")
+            + ")")
+    decisions.append(f"loss through TRL's fused LM head: {min(cfg.micro_batch * cfg.seq_len, FUSED_TOKEN_TILE)} x "
+                     f"{min(model.vocab, FUSED_VOCAB_TILE)} tiles, never the {model.vocab:,}-wide logits of every token"
+                     + ("" if device == "cuda" else " (torch ops on CPU: ~8 fp32 copies of a tile in the backward)")
+                     + "; attention through SDPA's flash kernel (no heads x seq^2 scores)")
     bd = estimate(cfg, model, device, bf16)
     cal = calibrate(cfg, model, device, host, facts or [])
     plan = Plan(cfg, model, device, train_dtype(cfg, device, bf16), bd, budget_bytes,
                 model.params if cfg.method == "full" else model.lora_params(cfg.lora), [],
-                decisions=decisions, calibration=cal)
+                decisions=decisions, calibration=cal, host_ram_bytes=host_ram_bytes)
+    merge = plan.phases["merge"]
+    if merge["where"] == "nowhere":
+        decisions.append(f"the merge needs ~{merge['total_bytes'] / GIB:.1f} GiB: more than the GPU has left and "
+                         f"than the host's free RAM; the plan does not fit")
+    elif merge["where"] == "cpu" and device == "cuda":
+        decisions.append(f"the merge (~{merge['total_bytes'] / GIB:.1f} GiB) runs in host RAM: the GPU has no room")
     if cal:
         decisions.append(cal["note"] + f" (x{cal['factor']:.2f})")
     if train_examples:

@@ -63,6 +63,7 @@ def write_report(path: Path, rec: dict) -> None:
         f"- peak memory: RSS {mem.get('rss_peak_bytes', 0) / 2**20:.0f} MiB"
         + (f", CUDA reserved {mem['cuda_max_reserved_bytes'] / 2**20:.0f} MiB" if "cuda_max_reserved_bytes" in mem else ""),
         f"- planned estimate: {rec['config']['estimate']['total_bytes'] / 2**20:.0f} MiB",
+        *_phase_lines(rec.get("phases") or {}),
         f"- checkpoints: {', '.join(str(c['step']) for c in rec.get('checkpoints', [])) or 'none'}",
         *_merge_lines(rec.get("merged_model") or {}),
         "",
@@ -98,3 +99,13 @@ def _merge_lines(m: dict) -> list[str]:
                    f"{d['kl_mean']:.2e}, max KL {d['kl_max']:.2e}, top-1 agreement {d['top1_agreement']:.3f}, "
                    f"max |logit diff| {d['max_abs']:.2f}")
     return out
+
+
+def _phase_lines(phases: dict) -> list[str]:
+    """Each phase's measured peak beside the planner's estimate of it."""
+    rows = [(k, v) for k, v in phases.items() if "estimate_bytes" in v]
+    if not rows:
+        return []
+    cells = ", ".join(f"{k} {v['measured_bytes'] / 2**20:.0f} MiB (planned {v['estimate_bytes'] / 2**20:.0f}, "
+                      f"x{v['ratio_estimate_to_measured']:.2f})" for k, v in rows)
+    return [f"- memory by phase ({rows[0][1]['measured_as']}): {cells}"]

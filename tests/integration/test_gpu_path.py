@@ -35,6 +35,9 @@ def test_bf16_sft_of_smollm2_finishes_with_a_verified_merge(env):
     assert m["criterion"].startswith("bf16: mean KL") and "not judged in bf16" in m["criterion"]
     assert (d / "merged" / "model.safetensors").is_file()
     assert "KL" in (d / "report.md").read_text()
+    ph = rec["phases"]  # every phase measured, and set beside the planner's estimate of it
+    assert {"training", "evaluation", "merge", "sampling"} <= set(ph)
+    assert all(ph[k]["measured_bytes"] > 0 and ph[k]["estimate_bytes"] > 0 for k in ("training", "merge"))
 
 
 def test_qlora_reports_its_drift_from_the_nf4_model_it_trained(env):

@@ -52,22 +52,24 @@ def test_estimate_matches_a_hand_computed_breakdown():
     lora = 2 * (4 * (64 + 64) + 4 * (64 + 32))  # q and v in 2 layers
     assert bd["trainable_and_optimizer"] == lora * (4 + 4 + 8)
     tokens = 2 * 32
-    # per layer: (12 h + 5 i) elements a token, plus attention scores on CPU (batch x heads x seq^2, twice)
-    assert bd["activations"] == 2 * (tokens * (12 * 64 + 5 * 128) * 4 + 2 * 4 * 32 * 32 * 4 * 2)
+    # per layer: (22 h + 5 i) elements a token; no attention scores (flash kernels on CUDA and CPU)
+    assert bd["activations"] == 2 * tokens * (22 * 64 + 5 * 128) * 4
     with_dropout = estimate(cfg.model_copy(update={"lora": cfg.lora.model_copy(update={"dropout": 0.1})}), m, "cpu", False)
     assert with_dropout["activations"] - bd["activations"] == 2 * tokens * (6 * 64 + 128) * 4
     ckpt = estimate(cfg.model_copy(update={"gradient_checkpointing": True}), m, "cpu", False)
-    assert ckpt["activations"] == 2 * tokens * 64 * 4 + bd["activations"] // 2
-    assert bd["logits"] == 2 * tokens * 512 * 4
-    assert bd["overhead"] == 1200 * MIB
+    assert ckpt["activations"] == 2 * tokens * 13 * 64 * 4 + bd["activations"] // 2  # 13 h kept a layer on CPU
+    # the fused LM head (TRL 1.16): one tile of tokens x vocab, with ~8 fp32 copies on CPU, + the hidden gradient
+    assert bd["loss_head"] == tokens * 512 * (4 + 8 * 4) + tokens * 64 * 4
+    assert bd["overhead"] == 640 * MIB
 
 
-def test_qlora_weights_are_nf4_with_16bit_embeddings():
+def test_qlora_weights_are_nf4_with_fp32_embeddings_and_a_16bit_head():
     m = ModelProfile.from_config(LLAMA2_7B)
     cfg = load_config("doica", {"seq_len": 512, "micro_batch": 1})
     bd = estimate(cfg, m)
-    emb = 2 * 32000 * 4096 + 4096  # kept in fp32 by prepare_model_for_kbit_training
-    assert bd["weights"] == int((m.params - emb) * NF4_DQ_BYTES + emb * 4)
+    emb = 2 * 32000 * 4096 + 4096  # upcast to fp32 by prepare_model_for_kbit_training ...
+    head_back = 32000 * 4096 * 2   # ... and the untied lm_head cast back to bf16 by the engine
+    assert bd["weights"] == int((m.params - emb) * NF4_DQ_BYTES + emb * 4 - head_back)
     assert bd["cuda_context"] == 500 * MIB
 
 
@@ -203,3 +205,33 @@ def test_dtype_is_set_in_one_place(tmp_path):
         load_plan_file(f)
     f.write_text(base + "dtype: bf16\ntrain:\n  name: r\n  dtype: auto\n")
     assert load_plan_file(f)["dtype"] == "bf16"
+
+
+def test_every_phase_is_planned_and_a_merge_that_fits_nowhere_refuses_the_plan():
+    m = ModelProfile.from_config(LLAMA2_7B)
+    cfg = load_config("doica", {"seq_len": 512, "micro_batch": 1})
+    roomy = make_plan(cfg, m, device="cuda", bf16=True, budget_bytes=80 * GIB, host_ram_bytes=64 * GIB)
+    ph = roomy.to_dict()["estimate"]["phases"]
+    assert set(ph) == {"training", "evaluation", "merge", "sampling"} and ph["merge"]["where"] == "cuda"
+    assert roomy.to_dict()["estimate"]["whole_run_bytes"] == max(p["total_bytes"] for p in ph.values())
+    # a 16 GB card trains 7B QLoRA, but the 16-bit merge (~13 GiB of weights) goes to host RAM...
+    small = make_plan(cfg, m, device="cuda", bf16=True, budget_bytes=16 * GIB, host_ram_bytes=64 * GIB)
+    assert small.fits and small.phases["merge"]["where"] == "cpu"
+    assert any("runs in host RAM" in d for d in small.decisions)
+    # ... and with too little RAM for it as well, the plan does not fit, before any training
+    starved = make_plan(cfg, m, device="cuda", bf16=True, budget_bytes=16 * GIB, host_ram_bytes=8 * GIB)
+    assert not starved.fits and starved.phases["merge"]["where"] == "nowhere"
+    assert any("the merge needs" in d for d in starved.decisions)
+
+
+def test_qlora_16bit_plans_keep_an_untied_head_in_their_dtype():
+    from training.plan import qlora_head_saving
+
+    llama3 = ModelProfile.from_config({"model_type": "llama", "hidden_size": 4096, "num_hidden_layers": 32,
+                                       "intermediate_size": 14336, "num_attention_heads": 32,
+                                       "num_key_value_heads": 8, "vocab_size": 128256})
+    saved = qlora_head_saving(llama3, "bf16")
+    assert saved == 128256 * 4096 * 2 and qlora_head_saving(llama3, "fp32") == 0  # ~0.98 GiB
+    plan = make_plan(load_config("doica", {"method": "qlora", "seq_len": 512, "micro_batch": 1}), llama3,
+                     device="cuda", bf16=True, budget_bytes=24 * GIB)
+    assert any(d.startswith("QLoRA: lm_head kept in bf16") for d in plan.decisions)

@@ -50,6 +50,16 @@ def _apply_tools(turns: list[Turn], tools: str, changes: Changes) -> list[dict]:
     """Turns -> messages (role, content), tools/attachments/images as ``tools`` says."""
     out: list[dict] = []
     pending_reasoning: list[str] = []
+
+    def opened(body: str) -> str:
+        """The assistant's text with the reasoning that preceded it in front, inside <think>."""
+        if not pending_reasoning:
+            return body
+        changes.add("reasoning put inside <think> of the answer", len(pending_reasoning))
+        body = _think("\n\n".join(pending_reasoning)) + "\n\n" + body
+        pending_reasoning.clear()
+        return body
+
     for t in turns:
         text = t.text.strip()
         if not text and t.kind != "image":
@@ -64,12 +74,7 @@ def _apply_tools(turns: list[Turn], tools: str, changes: Changes) -> list[dict]:
                 continue
             if t.kind == "tool_call" or tools == "fold":
                 tag = "tool_call" if t.kind == "tool_call" else "tool_response"
-                body = _block(tag, t.name, text)
-                if pending_reasoning:  # the reasoning before a call opens the assistant's turn
-                    body = _think("\n\n".join(pending_reasoning)) + "\n\n" + body
-                    changes.add("reasoning put inside <think> of the answer", len(pending_reasoning))
-                    pending_reasoning = []
-                out.append({"role": "assistant", "content": body, "_tool": True})
+                out.append({"role": "assistant", "content": opened(_block(tag, t.name, text)), "_tool": True})
                 changes.add(f"{what} folded into the assistant turn")
             else:
                 out.append({"role": "tool", "content": text, **({"name": t.name} if t.name else {})})
@@ -88,13 +93,11 @@ def _apply_tools(turns: list[Turn], tools: str, changes: Changes) -> list[dict]:
         if text.count(THINK_OPEN) != text.count(THINK_CLOSE):  # a literal, unpaired tag in the source text
             text = text.replace(THINK_OPEN, "&lt;think&gt;").replace(THINK_CLOSE, "&lt;/think&gt;")
             changes.add("unpaired <think> tags in the text escaped")
-        if role == "assistant" and pending_reasoning:
-            text = _think("\n\n".join(pending_reasoning)) + "\n\n" + text
-            changes.add("reasoning put inside <think> of the answer", len(pending_reasoning))
-            pending_reasoning = []
+        if role == "assistant":
+            text = opened(text)
         elif pending_reasoning:
             changes.add("reasoning without an answer dropped", len(pending_reasoning))
-            pending_reasoning = []
+            pending_reasoning.clear()
         out.append({"role": role, "content": text})
     if pending_reasoning:
         changes.add("reasoning without an answer dropped", len(pending_reasoning))

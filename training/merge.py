@@ -1,0 +1,134 @@
+"""The end of a run: merge the adapter into its base, verify the merged model (merge_check.py), and
+generate samples from it. A full fine-tune has no adapter: its trained weights are the model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from training.engine import _bnb_cpu_workaround
+
+
+def _probe(run, tok) -> tuple[list, list, list]:
+    """(test records, prompts, references) of the test split, for the merge check and samples."""
+    from training.dataset import load_split
+
+    test = load_split(run.dir / "dataset", "test")
+    if run.phase == "dpo":
+        prompts = [r["prompt"] for r in test]
+        refs = [r["chosen"][-1]["content"] for r in test]
+    else:
+        prompts = [r["messages"][:-1] if r["messages"][-1]["role"] == "assistant" else r["messages"] for r in test]
+        refs = [r["messages"][-1]["content"] for r in test]
+    return test, prompts, refs
+
+def _nf4_logits(run, base_path: Path, enc: list) -> list:
+    """Logits of the model as QLoRA trained it: the adapter on the nf4 base (fp32 logits, on CPU)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    compute = torch.float32 if run.plan["dtype"] == "fp32" else run._torch_dtype()
+    kwargs: dict = {"dtype": run._torch_dtype(), "quantization_config": BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute)}
+    if run.plan["device"] == "cuda":
+        kwargs["device_map"] = {"": 0}
+    base = AutoModelForCausalLM.from_pretrained(base_path, **kwargs)
+    _bnb_cpu_workaround(base)
+    model = PeftModel.from_pretrained(base, run.dir / "adapter")
+    model.eval()
+    dev = next(model.parameters()).device
+    with torch.no_grad():
+        out = [model(**{k: v.to(dev) for k, v in e.items()}).logits.float().cpu() for e in enc]
+    del model, base
+    run._free()
+    return out
+
+def merge_and_evaluate(run, model_path: Path) -> None:
+    """Merge the adapter into the 16/32-bit base (never the 4-bit weights) on the GPU when it fits,
+    else on the CPU after checking free RAM; verify the merged model against adapter+base with a
+    dtype-aware criterion (training/merge_check.py); for QLoRA measure the drift from the nf4
+    model as trained; save with safetensors; generate samples. A full fine-tune has no adapter:
+    its trained weights are the model (saved by the training) and only the samples are made."""
+    import psutil
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from training import merge_check
+
+    run._enter("merge")
+    full = run.train_cfg.get("method") == "full"
+    src = run.dir / ("merged" if full else "adapter")
+    tok = AutoTokenizer.from_pretrained(src)
+    dtype = torch.float32 if run.plan["dtype"] == "fp32" else run._torch_dtype()
+    dtype_name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    base_path = src if full else run._base_path(model_path)
+    weights = sum(f.stat().st_size for f in Path(base_path).glob("*.safetensors"))
+    need = int(weights * (2 if dtype == torch.float32 else 1) * 1.2)  # stored width -> load width, + merge slack
+    device = "cpu"
+    if torch.cuda.is_available():
+        free, _ = torch.cuda.mem_get_info()
+        if need < free * 0.9:
+            device = "cuda"
+    if device == "cpu" and need > psutil.virtual_memory().available:
+        raise RuntimeError(f"merge needs ~{need / 2**30:.1f} GiB; free RAM is "
+                           f"{psutil.virtual_memory().available / 2**30:.1f} GiB and the GPU has no room")
+    test, prompts, refs = _probe(run, tok)
+    probe = [tok.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts[:2]]
+    enc = [tok(t, return_tensors="pt") for t in probe]
+    if full:
+        merged = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype).to(device)
+        merged.eval()
+        run.result["merged_model"] = {"path": str(src), "device": device, "dtype": str(dtype).replace("torch.", ""),
+                                       "verified": "full fine-tune: the trained weights are the model (no merge)"}
+        run.emit("merged", path=str(src), device=device, full=True)
+    else:
+        drift_ref = _nf4_logits(run, base_path, enc) if run.train_cfg.get("method") == "qlora" else None
+        base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype).to(device)
+        model = PeftModel.from_pretrained(base, run.dir / "adapter").to(device)
+        model.eval()
+        enc_d = [{k: v.to(device) for k, v in e.items()} for e in enc]
+        with torch.no_grad():
+            ref = [model(**e).logits.float().cpu() for e in enc_d]
+            with model.disable_adapter():
+                base_out = [model(**e).logits.float().cpu() for e in enc_d]
+            merged = model.merge_and_unload()
+            got = [merged(**e).logits.float().cpu() for e in enc_d]
+        check = merge_check.compare(ref, got)
+        effect = merge_check.compare(ref, base_out)
+        ok, why = merge_check.judge(dtype_name, check, effect)
+        if not ok:
+            raise RuntimeError(f"merge verification failed: {why}")
+        merged_dir = run.dir / "merged"
+        merged.save_pretrained(merged_dir, safe_serialization=True)
+        tok.save_pretrained(merged_dir)
+        run.result["merged_model"] = {
+            "path": str(merged_dir), "logit_max_abs_diff": check["max_abs"], "device": device,
+            "dtype": str(dtype).replace("torch.", ""), "verified_prompts": len(enc), "verification": check,
+            "adapter_effect": effect, "criterion": why}
+        if drift_ref is not None:
+            drift = merge_check.compare(drift_ref, got)
+            drift["note"] = ("the adapter was trained on the nf4 base; this is the merged 16-bit model against "
+                             "the nf4 model + adapter as trained (reported, not judged)")
+            run.result["merged_model"]["qlora_drift"] = drift
+        run.emit("merged", path=str(merged_dir), logit_max_abs_diff=check["max_abs"], device=device,
+                  kl_mean=check["kl_mean"], top1_agreement=check["top1_agreement"])
+        del model, base
+    run._enter("sampling")
+    samples = []
+    n = run.train_cfg.get("sample_prompts", 3)
+    for rec, p, reference in list(zip(test, prompts, refs))[:n]:
+        text = tok.apply_chat_template(p, add_generation_prompt=True, tokenize=False)
+        e = tok(text, return_tensors="pt").to(device)
+        with torch.no_grad():
+            out = merged.generate(**e, max_new_tokens=run.train_cfg.get("max_new_tokens", 48), do_sample=False,
+                                  pad_token_id=tok.pad_token_id or tok.eos_token_id)
+        gen = tok.decode(out[0, e["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        samples.append({"id": rec["id"], "prompt": p[-1]["content"], "reference": reference, "generated": gen})
+    run.result["samples"] = samples
+    run.emit("samples", count=len(samples))
+    del merged
+    run._free()
+
+

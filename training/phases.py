@@ -1,0 +1,79 @@
+"""Peak memory of each phase of a run (load, evaluation, training, merge, sampling), measured.
+
+A background thread samples the process's resident memory every ``interval`` seconds (and on CUDA
+``torch.cuda.memory_reserved()``, with the allocator's own peak read at each phase change); the peak
+of each phase lands in run.json as ``phase_peaks`` next to the planner's estimate of the same phase
+(``training.plan.phase_estimates``), so a plan is checked against every phase, not only training.
+"""
+
+from __future__ import annotations
+
+import threading
+
+
+class PhasePeaks:
+    def __init__(self, interval: float = 0.05):
+        self.interval = interval
+        self.peaks: dict[str, dict] = {}
+        self.phase = "start"
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._cuda = None
+
+    def _sample(self) -> None:
+        import psutil
+
+        rss = psutil.Process().memory_info().rss
+        with self._lock:
+            p = self.peaks.setdefault(self.phase, {"rss_bytes": 0})
+            p["rss_bytes"] = max(p["rss_bytes"], rss)
+
+    def _cuda_peak(self) -> None:
+        """Fold the allocator's peak since the last phase change into the phase that ends."""
+        if self._cuda is None:
+            try:
+                import torch
+
+                self._cuda = torch if torch.cuda.is_available() else False
+            except ImportError:
+                self._cuda = False
+        if self._cuda:
+            peak = self._cuda.cuda.max_memory_reserved()
+            p = self.peaks.setdefault(self.phase, {"rss_bytes": 0})
+            p["cuda_reserved_bytes"] = max(p.get("cuda_reserved_bytes", 0), peak)
+            self._cuda.cuda.reset_peak_memory_stats()
+
+    def enter(self, phase: str) -> None:
+        self._sample()
+        with self._lock:
+            self._cuda_peak()
+            self.phase = phase
+        self._sample()
+
+    def start(self) -> "PhasePeaks":
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="duet-phase-peaks", daemon=True)
+            self._thread.start()
+        return self
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self._sample()
+            except Exception:  # never take the run down for a memory reading
+                pass
+
+    def stop(self) -> dict[str, dict]:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=2)
+        self._sample()
+        with self._lock:
+            self._cuda_peak()
+            return {k: dict(v) for k, v in self.peaks.items()}
+
+    def snapshot(self) -> dict[str, dict]:
+        with self._lock:
+            return {k: dict(v) for k, v in self.peaks.items()}
+
