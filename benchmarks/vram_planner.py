@@ -74,6 +74,7 @@ def measure(size: str, method: str, mb: int, seq: int, gc_on: bool, device: str,
 
     from training import models
     from training.engine import build_trainer, load_train_model
+    from training.hardware import bf16_native
     from training.phases import PhasePeaks
     from training.plan import ModelProfile, TrainConfig, make_plan
 
@@ -81,7 +82,7 @@ def measure(size: str, method: str, mb: int, seq: int, gc_on: bool, device: str,
     tc = TrainConfig(name="bench", method=method, micro_batch=mb, grad_accum=1, seq_len=seq, max_steps=10,
                      warmup_steps=0, gradient_checkpointing=gc_on, packing=False,
                      lora={"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"})
-    bf16 = device == "cuda" and torch.cuda.get_device_capability(0)[0] >= 8
+    bf16 = device == "cuda" and bf16_native("{}.{}".format(*torch.cuda.get_device_capability(0)))
     plan = make_plan(tc, ModelProfile.from_config(cfg_dict), device=device, bf16=bf16, budget_bytes=1 << 50)
     pd = plan.to_dict()
     est = pd["estimate"]
@@ -119,6 +120,7 @@ def measure(size: str, method: str, mb: int, seq: int, gc_on: bool, device: str,
                 torch.cuda.reset_peak_memory_stats()
             peaks.enter("training")
             trainer.train()
+            cuda_peak = torch.cuda.max_memory_reserved() if device == "cuda" else None
             peaks.enter("done")
     except torch.OutOfMemoryError:
         oom = True
@@ -126,7 +128,7 @@ def measure(size: str, method: str, mb: int, seq: int, gc_on: bool, device: str,
     if oom:
         measured = None
     elif device == "cuda":
-        measured = got["training"].get("cuda_reserved_bytes")
+        measured = cuda_peak
     else:
         measured = got["training"]["rss_bytes"] - rss0
     out = {"size": size, "method": method, "micro_batch": mb, "seq_len": seq, "gradient_checkpointing": gc_on,

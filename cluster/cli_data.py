@@ -4,19 +4,13 @@ from __future__ import annotations
 
 import sys
 
-from cluster.output import EXIT_INPUT, EXIT_OK, int_arg, float_arg, print_error
+from cluster.output import EXIT_INPUT, EXIT_OK, emit_json as _emit_json, float_arg, int_arg, print_error
 
 
 def _console():
-    from rich.console import Console
+    from cluster.cli import _console as console  # the one stderr console of the CLI
 
-    return Console(stderr=True, soft_wrap=True)
-
-
-def _emit_json(doc: dict) -> None:
-    from cluster import output
-
-    output.emit_json(doc)
+    return console()
 
 
 def _labels(values: list[str] | None, flag: str) -> tuple[str, ...]:

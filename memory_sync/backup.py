@@ -25,7 +25,7 @@ import zlib
 from pathlib import Path, PurePosixPath
 
 from memory_sync.cortex import TABLES
-from memory_sync.events import SESSION_ID, host_name, loads_strict, read_events
+from memory_sync.events import SESSION_ID, host_name, json_lines, loads_strict, read_events
 from memory_sync.neocortex import COLLECTIONS
 
 FORMAT = "duet-backup/1"
@@ -225,13 +225,7 @@ def _rows(name: str, data: bytes, bundle) -> list[dict]:
     except UnicodeDecodeError as exc:
         raise BackupError(f"{bundle}: {name}: not UTF-8 (byte {exc.start})") from exc
     out = []
-    for n, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = loads_strict(line)
-        except ValueError as exc:
-            raise BackupError(f"{bundle}: {name}:{n}: invalid JSON: {exc}") from exc
+    for n, row in json_lines(text, f"{bundle}: {name}", BackupError):
         if not isinstance(row, dict) or "id" not in row:
             raise BackupError(f"{bundle}: {name}:{n}: expected an object with an 'id'")
         out.append(row)
@@ -257,14 +251,9 @@ def _check_members(members: dict[str, bytes], bundle) -> dict:
             if meta["id"] != sid:
                 raise EventError(f"{bundle}: {meta_name}: field 'id' {meta['id']!r} is not the folder's name")
             ev_name = f"sessions/{sid}/events.jsonl"
-            for n, line in enumerate(members.get(ev_name, b"").decode("utf-8").splitlines(), start=1):
-                if line.strip():
-                    try:
-                        ev = loads_strict(line)
-                    except ValueError as exc:
-                        raise EventError(f"{bundle}: {ev_name}:{n}: invalid JSON: {exc}") from exc
-                    validate_event(ev, f"{bundle}: {ev_name}:{n}")
-                    counts["events"] += 1
+            for n, ev in json_lines(members.get(ev_name, b"").decode("utf-8"), f"{bundle}: {ev_name}", EventError):
+                validate_event(ev, f"{bundle}: {ev_name}:{n}")
+                counts["events"] += 1
             members.get(f"sessions/{sid}/handoff.md", b"").decode("utf-8")
         except UnicodeDecodeError as exc:
             raise BackupError(f"{bundle}: sessions/{sid}: a file is not UTF-8 (byte {exc.start})") from exc

@@ -172,15 +172,21 @@ def read_events(path: str | os.PathLike) -> list[dict]:
         text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise EventError(f"{p}: not UTF-8 (byte {exc.start})") from exc
+    for n, ev in json_lines(text, str(p), EventError):
+        out.append(validate_event(ev, f"{p}:{n}"))
+    return out
+
+
+def json_lines(text: str, where: str, error: type[Exception]):
+    """(line number, value) of each non-blank line of a JSONL text, parsed strictly (loads_strict);
+    ``error`` naming where:line for a line that is not JSON."""
     for n, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            ev = loads_strict(line)
+            yield n, loads_strict(line)
         except ValueError as exc:
-            raise EventError(f"{p}:{n}: invalid JSON: {exc}") from exc
-        out.append(validate_event(ev, f"{p}:{n}"))
-    return out
+            raise error(f"{where}:{n}: invalid JSON: {exc}") from exc
 
 
 def start_session(workspace: str | os.PathLike, title: str, tags: list[str] | None = None) -> Session:

@@ -14,7 +14,7 @@ conversation) appears in both train and test.
 The canonical record (the seed's format)::
 
     {"id": "maya-001",
-     "messages": [{"role": "system|user|assistant", "content": "..."}, ...],
+     "messages": [{"role": "system|user|assistant|tool", "content": "..."}, ...],
      "metadata": {"category": "style|facts|decisions", "source": "...", "quality": "..."}}
 """
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from training.engine import _bnb_cpu_workaround
+from training.engine import load_train_model
 
 
 def _probe(run, tok) -> tuple[list, list, list]:
@@ -21,28 +21,22 @@ def _probe(run, tok) -> tuple[list, list, list]:
         refs = [r["messages"][-1]["content"] for r in test]
     return test, prompts, refs
 
-def _nf4_logits(run, base_path: Path, enc: list) -> list:
-    """Logits of the model as QLoRA trained it: the adapter on the nf4 base (fp32 logits, on CPU)."""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    compute = torch.float32 if run.plan["dtype"] == "fp32" else run._torch_dtype()
-    kwargs: dict = {"dtype": run._torch_dtype(), "quantization_config": BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=compute)}
-    if run.plan["device"] == "cuda":
-        kwargs["device_map"] = {"": 0}
-    base = AutoModelForCausalLM.from_pretrained(base_path, **kwargs)
-    _bnb_cpu_workaround(base)
-    model = PeftModel.from_pretrained(base, run.dir / "adapter")
+def _nf4_logits(run, base_path: Path, enc: list) -> list:
+    """Logits of the model as QLoRA trained it: loaded the way training loaded it (the nf4 base, the
+    trained adapter on top), fp32 logits on the CPU."""
+    import torch
+
+    model = load_train_model(base_path, run.train_cfg, device=run.plan["device"], dtype=run.plan["dtype"],
+                             adapter=run.dir / "adapter")
     model.eval()
     dev = next(model.parameters()).device
     with torch.no_grad():
         out = [model(**{k: v.to(dev) for k, v in e.items()}).logits.float().cpu() for e in enc]
-    del model, base
+    del model
     run._free()
     return out
+
 
 def merge_and_evaluate(run, model_path: Path) -> None:
     """Merge the adapter into the 16/32-bit base (never the 4-bit weights) on the GPU when it fits,
@@ -61,8 +55,7 @@ def merge_and_evaluate(run, model_path: Path) -> None:
     full = run.train_cfg.get("method") == "full"
     src = run.dir / ("merged" if full else "adapter")
     tok = AutoTokenizer.from_pretrained(src)
-    dtype = torch.float32 if run.plan["dtype"] == "fp32" else run._torch_dtype()
-    dtype_name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    dtype = run._torch_dtype()
     base_path = src if full else run._base_path(model_path)
     weights = sum(f.stat().st_size for f in Path(base_path).glob("*.safetensors"))
     need = int(weights * (2 if dtype == torch.float32 else 1) * 1.2)  # stored width -> load width, + merge slack
@@ -97,7 +90,7 @@ def merge_and_evaluate(run, model_path: Path) -> None:
             got = [merged(**e).logits.float().cpu() for e in enc_d]
         check = merge_check.compare(ref, got)
         effect = merge_check.compare(ref, base_out)
-        ok, why = merge_check.judge(dtype_name, check, effect)
+        ok, why = merge_check.judge(run.plan["dtype"], check, effect)
         if not ok:
             raise RuntimeError(f"merge verification failed: {why}")
         merged_dir = run.dir / "merged"
@@ -130,5 +123,3 @@ def merge_and_evaluate(run, model_path: Path) -> None:
     run.emit("samples", count=len(samples))
     del merged
     run._free()
-
-

@@ -1,7 +1,7 @@
 """Peak memory of each phase of a run (load, evaluation, training, merge, sampling), measured.
 
 A background thread samples the process's resident memory every ``interval`` seconds (and on CUDA
-``torch.cuda.memory_reserved()``, with the allocator's own peak read at each phase change); the peak
+``torch.cuda.memory_reserved()``); the peak
 of each phase lands in run.json as ``phase_peaks`` next to the planner's estimate of the same phase
 (``training.plan.phase_estimates``), so a plan is checked against every phase, not only training.
 """
@@ -24,13 +24,6 @@ class PhasePeaks:
     def _sample(self) -> None:
         import psutil
 
-        rss = psutil.Process().memory_info().rss
-        with self._lock:
-            p = self.peaks.setdefault(self.phase, {"rss_bytes": 0})
-            p["rss_bytes"] = max(p["rss_bytes"], rss)
-
-    def _cuda_peak(self) -> None:
-        """Fold the allocator's peak since the last phase change into the phase that ends."""
         if self._cuda is None:
             try:
                 import torch
@@ -38,16 +31,19 @@ class PhasePeaks:
                 self._cuda = torch if torch.cuda.is_available() else False
             except ImportError:
                 self._cuda = False
-        if self._cuda:
-            peak = self._cuda.cuda.max_memory_reserved()
+        rss = psutil.Process().memory_info().rss
+        # the caching allocator keeps what it reserved until empty_cache(), so a sample holds a phase's
+        # peak reservation; torch's own max_memory_reserved() is left alone for the engine's readers
+        reserved = self._cuda.cuda.memory_reserved() if self._cuda else None
+        with self._lock:
             p = self.peaks.setdefault(self.phase, {"rss_bytes": 0})
-            p["cuda_reserved_bytes"] = max(p.get("cuda_reserved_bytes", 0), peak)
-            self._cuda.cuda.reset_peak_memory_stats()
+            p["rss_bytes"] = max(p["rss_bytes"], rss)
+            if reserved is not None:
+                p["cuda_reserved_bytes"] = max(p.get("cuda_reserved_bytes", 0), reserved)
 
     def enter(self, phase: str) -> None:
         self._sample()
         with self._lock:
-            self._cuda_peak()
             self.phase = phase
         self._sample()
 
@@ -69,9 +65,7 @@ class PhasePeaks:
         if self._thread is not None:
             self._thread.join(timeout=2)
         self._sample()
-        with self._lock:
-            self._cuda_peak()
-            return {k: dict(v) for k, v in self.peaks.items()}
+        return self.snapshot()
 
     def snapshot(self) -> dict[str, dict]:
         with self._lock:

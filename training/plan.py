@@ -34,6 +34,7 @@ import math
 import os
 import re
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
@@ -654,7 +655,7 @@ class Plan:
     calibration: dict | None = None
     host_ram_bytes: int | None = None
 
-    @property
+    @cached_property
     def phases(self) -> dict:
         from training.plan_phases import phase_estimates
 

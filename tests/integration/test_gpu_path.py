@@ -2,9 +2,9 @@
 verified by a dtype-aware criterion, QLoRA reports its drift from the nf4 model it trained, a full
 fine-tune runs end to end (issue 15)."""
 
-import json
-
 import pytest
+
+from tests.runs import run_plan
 
 pytestmark = pytest.mark.integration
 SHORT = {"max_steps": 6, "checkpoint_every": 3, "eval_every": 3, "warmup_steps": 1, "sample_prompts": 1,
@@ -17,12 +17,7 @@ def env(tmp_path_factory, engine_env):
 
 
 def run(env, run_id, model, overrides):
-    arch, ex, ds = env
-    plan = arch.design_plan("demo", ex.probe(), ex.prepare_model(model), model, ds, {**SHORT, **overrides})
-    ex.submit(arch.submission({**plan, "run_id": run_id}, ds))
-    state = ex.wait(run_id, timeout=900)
-    rec = json.loads((ex.data_dir / "runs" / run_id / "run.json").read_text())
-    return state, rec, ex.data_dir / "runs" / run_id
+    return run_plan(env, run_id, {**SHORT, **overrides}, model)
 
 
 def test_bf16_sft_of_smollm2_finishes_with_a_verified_merge(env):
@@ -44,7 +39,8 @@ def test_qlora_reports_its_drift_from_the_nf4_model_it_trained(env):
     state, rec, d = run(env, "qlora-drift", "tiny", {"method": "qlora"})
     assert state == "finished", rec["error"]
     drift = rec["merged_model"]["qlora_drift"]
-    assert drift["positions"] > 0 and drift["kl_mean"] >= 0 and 0 <= drift["top1_agreement"] <= 1
+    # measured, not judged; on the tiny model the 16-bit merge stays close to what was trained
+    assert drift["positions"] > 0 and drift["kl_mean"] < 0.05 and drift["top1_agreement"] >= 0.9
     assert "nf4" in drift["note"] and "drift" in (d / "report.md").read_text()
 
 

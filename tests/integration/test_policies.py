@@ -1,10 +1,11 @@
 """The executor's recovery policies, in process (the Prometheus counters are this process's)."""
 
-import json
 import time
 
 import pytest
 from prometheus_client import REGISTRY
+
+from tests.runs import run_plan
 
 
 pytestmark = pytest.mark.integration
@@ -18,17 +19,12 @@ def env(tmp_path_factory, engine_env):
 
 
 def run(env, run_id, overrides, monkeypatch, fault=None):
-    arch, ex, ds = env
     if fault:
         monkeypatch.setenv("DUET_FAULT", fault)
     else:
         monkeypatch.delenv("DUET_FAULT", raising=False)
-    plan = arch.design_plan("demo", ex.probe(), ex.prepare_model("tiny"), "tiny", ds, {**BASE, **overrides})
-    spec = arch.submission({**plan, "run_id": run_id}, ds)
-    ex.submit(spec)
-    state = ex.wait(run_id, timeout=600)
-    rec = json.loads((ex.data_dir / "runs" / run_id / "run.json").read_text())
-    return state, rec, ex.status(run_id)["events"]
+    state, rec, _ = run_plan(env, run_id, {**BASE, **overrides}, timeout=600)
+    return state, rec, env[1].status(run_id)["events"]
 
 
 def test_oom_halves_the_micro_batch_keeps_the_effective_batch_and_finishes(env, monkeypatch):

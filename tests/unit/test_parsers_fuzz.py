@@ -69,6 +69,22 @@ def _import_to(p: Path) -> None:
     out.unlink()
 
 
+def _every_importer(p: Path) -> None:
+    for fmt in FORMATS:
+        _run(lambda: import_file(p, fmt), p.parent, (ImportFormatError,))
+    _import_to(p)
+
+
+def _config_parsers(data: bytes) -> Path:
+    """Every config parser on ``data``; the config.json it wrote (for more checks in its folder)."""
+    p = _file(data, "x.yaml")
+    for fn in (load_config, load_plan_file, load_run_config):
+        _run(lambda: fn(p), p.parent, (PlanError,))
+    p = _file(data, "config.json")
+    _run(lambda: ModelProfile.from_config(p), p.parent, (PlanError,))
+    return p
+
+
 @pytest.fixture(autouse=True)
 def _cleanup():
     yield
@@ -100,14 +116,8 @@ def test_random_bytes_to_every_file_parser(data):
         p = _file(data, name)
         _run(lambda: check_records(read_jsonl(p)), p.parent, (DatasetError,))
         _run(lambda: scan_jsonl(p), p.parent, (DatasetError,))
-        for fmt in FORMATS:
-            _run(lambda: import_file(p, fmt), p.parent, (ImportFormatError,))
-        _import_to(p)
-    p = _file(data, "x.yaml")
-    for fn in (load_config, load_plan_file, load_run_config):
-        _run(lambda: fn(p), p.parent, (PlanError,))
-    p = _file(data, "config.json")
-    _run(lambda: ModelProfile.from_config(p), p.parent, (PlanError,))
+        _every_importer(p)
+    p = _config_parsers(data)
     p = _file(data, "b.tar.gz")
     _run(lambda: read_bundle(p), p.parent, (BackupError, SecretFound))
     p = _file(data, "events.jsonl")
@@ -126,14 +136,8 @@ def test_random_json_and_yaml_shapes_to_every_parser(value, how):
     for name in ("x.jsonl", "conversations.json"):
         p = _file(data, name)
         _run(lambda: check_records(read_jsonl(p)), p.parent, (DatasetError,))
-        for fmt in FORMATS:
-            _run(lambda: import_file(p, fmt), p.parent, (ImportFormatError,))
-        _import_to(p)
-    p = _file(data, "x.yaml")
-    for fn in (load_config, load_plan_file, load_run_config):
-        _run(lambda: fn(p), p.parent, (PlanError,))
-    p = _file(data, "config.json")
-    _run(lambda: ModelProfile.from_config(p), p.parent, (PlanError,))
+        _every_importer(p)
+    p = _config_parsers(data)
     if isinstance(value, dict):
         _run(lambda: ModelProfile.from_config(value), p.parent, (PlanError,))
         _run(lambda: Thresholds.from_train({"watchdog": value}), p.parent, (ValueError,))

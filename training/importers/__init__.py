@@ -43,7 +43,7 @@ MAX_SKIPPED = 200    # skipped items listed one by one (all are counted)
 MAX_ID = 200
 
 __all__ = ["FORMATS", "TOOLS_MODES", "ImportFormatError", "ImportResult", "Options", "detect", "import_file",
-           "import_to", "check_output", "write_jsonl"]
+           "import_to", "check_output"]
 
 
 @dataclass
@@ -258,6 +258,15 @@ def _start(src, fmt: str, opts: Options | None, on_progress) -> tuple[Source, Im
     return source, res, opts
 
 
+def _kept(source: Source, res: ImportResult, opts: Options) -> Iterator[dict]:
+    """The records of one source that can be stored (the others are skipped with a reason), counted."""
+    limit = max_turn_chars()
+    for rec in _records(source, res, opts):
+        if _storable(rec, res, limit):
+            res.count += 1
+            yield rec
+
+
 def _finish(res: ImportResult, source: Source) -> None:
     if res.count:
         return
@@ -275,11 +284,7 @@ def import_file(src: str | os.PathLike, fmt: str = "auto", options: Options | No
     if options is None:
         options = Options(user_labels=tuple(user_labels), assistant_labels=tuple(assistant_labels))
     source, res, opts = _start(src, fmt, options, on_progress)
-    limit = max_turn_chars()
-    for rec in _records(source, res, opts):
-        if _storable(rec, res, limit):
-            res.records.append(rec)
-    res.count = len(res.records)
+    res.records = list(_kept(source, res, opts))
     _finish(res, source)
     return res
 
@@ -328,7 +333,6 @@ def import_to(src: str | os.PathLike | list, out: str | os.PathLike, fmt: str = 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
-    limit = max_turn_chars()
     results: list[ImportResult] = []
     total: ImportResult | None = None
     try:
@@ -336,10 +340,8 @@ def import_to(src: str | os.PathLike | list, out: str | os.PathLike, fmt: str = 
             for f in files:
                 try:
                     source, res, opts = _start(f, fmt, options, on_progress)
-                    for rec in _records(source, res, opts):
-                        if _storable(rec, res, limit):
-                            fh.write(json.dumps(rec, ensure_ascii=False, allow_nan=False) + "\n")
-                            res.count += 1
+                    for rec in _kept(source, res, opts):
+                        fh.write(json.dumps(rec, ensure_ascii=False, allow_nan=False) + "\n")
                     if not many:
                         _finish(res, source)
                 except ImportFormatError as exc:
@@ -382,17 +384,3 @@ def check_output(src: str | os.PathLike, out: str | os.PathLike) -> Path:
     if same:
         raise ImportFormatError(f"-o {out} is the input file itself; write the import to another file")
     return out_p
-
-
-def write_jsonl(records: list[dict], out: str | os.PathLike) -> None:
-    """Write atomically (temp file + rename): a failed import leaves no half-written output."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    try:
-        tmp.write_text("".join(json.dumps(r, ensure_ascii=False, allow_nan=False) + "\n" for r in records),
-                       encoding="utf-8")
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
