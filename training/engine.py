@@ -776,6 +776,10 @@ def build_trainer(model, tok, cfg: dict, *, phase: str, device: str, dtype: str,
     """The TRL trainer duet trains with (SFT or DPO), from a train config: the one place its
     arguments are set, shared by the engine and the planner benchmark (benchmarks/vram_planner.py)."""
     on_cpu = device != "cuda"
+    if on_cpu:  # TRL's fused LM head through duet's CPU path (training/fast_loss.py); DUET_CPU_FAST_LOSS=0: TRL's own
+        from training import fast_loss
+
+        fast_loss.set_enabled(os.environ.get("DUET_CPU_FAST_LOSS", "1") != "0")
     common = dict(
         output_dir=str(out), max_steps=max_steps, per_device_train_batch_size=cfg["micro_batch"],
         gradient_accumulation_steps=cfg["grad_accum"],

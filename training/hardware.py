@@ -18,13 +18,14 @@ class HardwareProfile:
     gpu_total_bytes: int | None
     gpu_free_bytes: int | None
     compute_capability: str | None
-    bf16: bool
+    bf16: bool  # native bf16: GPU compute capability >= 8.0, or a CPU with AVX512-BF16/AMX that a probe confirms
     cpu_count: int
     ram_total_bytes: int
     ram_available_bytes: int
     disk_free_bytes: int
     torch_version: str | None
     cuda_version: str | None
+    cpu_bf16_speedup: float | None = None  # CPU only: bf16 / fp32 matmul speed when the CPU has bf16 flags
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -51,6 +52,58 @@ def bf16_native(compute_capability: str | None) -> bool:
     return major >= 8
 
 
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo names of the instructions oneDNN's bf16 GEMMs use
+CPU_BF16_MIN_SPEEDUP = 1.5  # a bf16 matmul must beat fp32 by this much to count as native (measured here: 3x)
+
+
+def cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+_CPU_BF16: dict = {}
+
+
+def cpu_bf16(flags: set[str] | None = None) -> dict:
+    """Whether this CPU runs bf16 matmuls natively: an AVX512-BF16 or AMX flag, confirmed by a short
+    probe (a 512x512x2048 matmul in bf16 against fp32, best of 5; ~50 ms). Without the flags there is no
+    probe: a CPU that emulates bf16 (AVX2 only, most laptops) runs it slower than fp32. Cached."""
+    if flags is None and _CPU_BF16:
+        return dict(_CPU_BF16)
+    have = sorted(set(flags if flags is not None else cpu_flags()) & set(CPU_BF16_FLAGS))
+    out = {"flags": have, "speedup": None, "native": False}
+    if have:
+        try:
+            import time
+
+            import torch
+
+            a32, b32 = torch.randn(512, 2048), torch.randn(2048, 512)
+            best = {}
+            for dt in (torch.float32, torch.bfloat16):
+                a, b = a32.to(dt), b32.to(dt)
+                torch.mm(a, b)
+                ts = []
+                for _ in range(5):
+                    t = time.perf_counter()
+                    torch.mm(a, b)
+                    ts.append(time.perf_counter() - t)
+                best[dt] = min(ts)
+            out["speedup"] = round(best[torch.float32] / max(best[torch.bfloat16], 1e-9), 2)
+            out["native"] = out["speedup"] >= CPU_BF16_MIN_SPEEDUP
+        except ImportError:
+            pass
+    if flags is None:
+        _CPU_BF16.update(out)
+    return out
+
+
 def probe(data_dir: str | os.PathLike = ".") -> HardwareProfile:
     import psutil
 
@@ -74,13 +127,17 @@ def probe(data_dir: str | os.PathLike = ".") -> HardwareProfile:
             cuda_version = torch.version.cuda
     except ImportError:
         pass
+    cpu_bf16_speedup = None
+    if device == "cpu":
+        c = cpu_bf16()
+        bf16, cpu_bf16_speedup = c["native"], c["speedup"]
     return HardwareProfile(
         hostname=os.environ.get("DUET_HOST_NAME") or socket.gethostname(), device=device,
         gpu_name=gpu_name, gpu_total_bytes=gpu_total, gpu_free_bytes=gpu_free,
         compute_capability=cc, bf16=bf16, cpu_count=os.cpu_count() or 1,
         ram_total_bytes=vm.total, ram_available_bytes=vm.available,
         disk_free_bytes=shutil.disk_usage(disk_dir).free, torch_version=torch_version,
-        cuda_version=cuda_version,
+        cuda_version=cuda_version, cpu_bf16_speedup=cpu_bf16_speedup,
     )
 
 
@@ -89,4 +146,5 @@ def describe(hw: HardwareProfile) -> str:
     if hw.device == "cuda":
         return (f"{hw.gpu_name} ({(hw.gpu_total_bytes or 0) / gib:.1f} GiB, cc {hw.compute_capability}, "
                 f"bf16={'yes' if hw.bf16 else 'no'})")
-    return f"CPU x{hw.cpu_count} ({platform.machine()}), {hw.ram_available_bytes / gib:.1f} GiB RAM free"
+    bf16 = f", bf16 native ({hw.cpu_bf16_speedup}x fp32)" if hw.bf16 else ""
+    return f"CPU x{hw.cpu_count} ({platform.machine()}){bf16}, {hw.ram_available_bytes / gib:.1f} GiB RAM free"

@@ -88,8 +88,8 @@ def merge_and_evaluate(run, model_path: Path) -> None:
                 base_out = [model(**e).logits.float().cpu() for e in enc_d]
             merged = model.merge_and_unload()
             got = [merged(**e).logits.float().cpu() for e in enc_d]
-        check = merge_check.compare(ref, got)
-        effect = merge_check.compare(ref, base_out)
+        check = merge_check.compare(ref, got, run.plan["dtype"])
+        effect = merge_check.compare(ref, base_out, run.plan["dtype"])
         ok, why = merge_check.judge(run.plan["dtype"], check, effect)
         if not ok:
             raise RuntimeError(f"merge verification failed: {why}")

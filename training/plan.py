@@ -524,7 +524,9 @@ def train_dtype(cfg: TrainConfig, device: str, bf16: bool) -> str:
         return cfg.dtype
     if device == "cuda":
         return "bf16" if bf16 else "fp16"
-    return "fp32"
+    # CPU: bf16 where the CPU has it natively (LoRA and full fine-tunes; QLoRA's 4-bit CPU kernels in
+    # bitsandbytes 0.50 are the ones with the AVX512-BF16 defect, so QLoRA stays fp32 there)
+    return "bf16" if bf16 and cfg.method != "qlora" else "fp32"
 
 
 def dtype_decision(cfg: TrainConfig, device: str, bf16: bool) -> str:
@@ -537,7 +539,24 @@ def dtype_decision(cfg: TrainConfig, device: str, bf16: bool) -> str:
         return ("dtype bf16: the GPU has native bf16 (compute capability 8.0 or newer)" if bf16 else
                 "dtype fp16 with a loss scaler: the GPU has no native bf16 (compute capability below 8.0; "
                 "torch.cuda.is_bf16_supported() would count emulation)")
-    return "dtype fp32 on CPU"
+    if dt == "bf16":
+        return ("dtype bf16 on CPU: it has native bf16 (AVX512-BF16/AMX, probed); the frozen base is stored in bf16 and "
+                "the LoRA parameters and optimizer state stay fp32 under bf16 autocast" if cfg.method != "full" else
+                "dtype bf16 on CPU: native bf16 (AVX512-BF16/AMX, probed); fp32 master weights under bf16 autocast")
+    if bf16:
+        return "dtype fp32 on CPU: QLoRA's 4-bit CPU kernels are not used in bf16 (bitsandbytes 0.50's AVX512-BF16 defect)"
+    return "dtype fp32 on CPU: no native bf16 (no AVX512-BF16/AMX, or a probe found bf16 no faster)"
+
+
+def speed_decisions(device: str, vocab: int) -> list[str]:
+    """The plan's speed decisions that are not the dtype or packing, each with its measured basis."""
+    out = []
+    if device != "cuda":
+        out.append(f"loss head on CPU: duet's chunked log-softmax (training/fast_loss.py, {cpu_loss_chunk_tokens(vocab)}-"
+                   f"token chunks x the {vocab:,}-token vocabulary) scores only the labelled positions through native "
+                   "reductions; TRL's CPU fallback scores padding too and walks each logits tile about a dozen times "
+                   "(measured 1.5x tokens/s on the demo's LoRA step)")
+    return out
 
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -565,15 +584,27 @@ FUSED_TOKEN_TILE = 4096    # trl.kernels.chunked_logprob.TOKEN_CHUNK_SIZE (TRL 1
 FUSED_VOCAB_TILE = 32768   # trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE
 
 
+# duet's CPU loss head (training/fast_loss.py) holds one token chunk of fp32 logits: 2**25 elements
+# (128 MiB), so 682 tokens of a 49k vocabulary, 220 of a 152k one.
+CPU_LOSS_CHUNK_ELEMENTS = 2 ** 25
+
+
+def cpu_loss_chunk_tokens(vocab: int) -> int:
+    return max(16, CPU_LOSS_CHUNK_ELEMENTS // max(1, vocab))
+
+
 def loss_head_bytes(tokens: int, vocab: int, hidden: int, compute_bytes: int, device: str, *,
                     backward: bool = True) -> int:
-    """TRL 1.16's SFT and DPO losses go through a fused LM head: the logits are never materialized,
-    only [4096 tokens x 32768 vocabulary] tiles in the compute dtype. On CUDA a Triton kernel folds
-    each tile in place; elsewhere torch ops hold about eight fp32 copies of the tile at once in the
-    backward (its logits, probabilities, gradient and their temporaries), three in a forward without
-    one (evaluation, DPO's reference) - measured with benchmarks/vram_planner.py and the demo. The backward adds the fp32 gradient of the hidden states."""
-    tile = min(tokens, FUSED_TOKEN_TILE) * min(vocab, FUSED_VOCAB_TILE)
-    per_element = compute_bytes if device == "cuda" else compute_bytes + (8 if backward else 3) * 4
+    """SFT's and DPO's losses never materialize the logits of every token. On CUDA, TRL 1.16's fused
+    LM head projects [4096 tokens x 32768 vocabulary] tiles in the compute dtype and a Triton kernel
+    folds each tile in place. On CPU, duet's loss head (training/fast_loss.py) projects one chunk of
+    tokens against the whole vocabulary: the chunk in the compute dtype, its fp32 upcast and one more
+    fp32 tile (the softmax for the entropy metric, or the backward's gradient). The backward adds the
+    fp32 gradient of the hidden states."""
+    if device == "cuda":
+        tile, per_element = min(tokens, FUSED_TOKEN_TILE) * min(vocab, FUSED_VOCAB_TILE), compute_bytes
+    else:
+        tile, per_element = min(tokens, cpu_loss_chunk_tokens(vocab)) * vocab, compute_bytes + 8
     return int(tile * per_element + (tokens * hidden * 4 if backward else 0))
 
 
@@ -761,7 +792,9 @@ def make_plan(cfg: TrainConfig, model: ModelProfile, *, device: str, bf16: bool,
     decisions = []
     examples_per_step = cfg.effective_batch
     if cfg.packing == "auto":
-        pack = cfg.phase == "sft" and token_p50 is not None and token_p50 <= cfg.seq_len // 2
+        # CPU: off. SDPA on a CPU attends over a packed row under a dense block mask, seq_len^2 per row, and
+        # that cost more than the padding it saves (benchmarks/speed.py: 0.82x tokens/s on the demo data)
+        pack = cfg.phase == "sft" and device == "cuda" and token_p50 is not None and token_p50 <= cfg.seq_len // 2
         cfg = cfg.model_copy(update={"packing": pack})
         if pack:
             decisions.append(f"packing on: the median example is {token_p50} tokens of {cfg.seq_len}; padding each "
@@ -777,6 +810,9 @@ def make_plan(cfg: TrainConfig, model: ModelProfile, *, device: str, bf16: bool,
             examples_per_step = cfg.effective_batch * cfg.seq_len / mean
         else:
             decisions.append("packing off: " + ("DPO pairs are not packed" if cfg.phase != "sft" else
+                                                "on CPU, SDPA attends over a packed row under a dense block mask "
+                                                "(seq_len^2 a row), which cost more than padding (measured 0.82x "
+                                                "tokens/s on the demo data)" if device != "cuda" else
                                                 "no token statistics" if token_p50 is None else
                                                 f"the median example ({token_p50} tokens) fills over half of seq_len"))
     if cfg.gradient_checkpointing == "auto":
@@ -791,6 +827,7 @@ def make_plan(cfg: TrainConfig, model: ModelProfile, *, device: str, bf16: bool,
             cfg = cfg.model_copy(update={"gradient_checkpointing": True})
             decisions.append(f"gradient checkpointing on: without it the estimate is {total_off / GIB:.2f} GiB")
     decisions.append(dtype_decision(cfg, device, bf16))
+    decisions.extend(speed_decisions(device, model.vocab))
     if cfg.method == "qlora":
         dt = train_dtype(cfg, device, bf16)
         saved = qlora_head_saving(model, dt)
@@ -801,10 +838,10 @@ def make_plan(cfg: TrainConfig, model: ModelProfile, *, device: str, bf16: bool,
             "QLoRA: embeddings and lm_head in fp32 as peft upcasts them (" +
             ("an fp32 plan" if dt == "fp32" else "a tied head is the embedding matrix: kept fp32 for the residual stream")
             + ")")
-    decisions.append(f"loss through TRL's fused LM head: {min(cfg.micro_batch * cfg.seq_len, FUSED_TOKEN_TILE)} x "
-                     f"{min(model.vocab, FUSED_VOCAB_TILE)} tiles, never the {model.vocab:,}-wide logits of every token"
-                     + ("" if device == "cuda" else " (torch ops on CPU: ~8 fp32 copies of a tile in the backward)")
-                     + "; attention through SDPA's flash kernel (no heads x seq^2 scores)")
+    if device == "cuda":
+        decisions.append(f"loss through TRL's fused LM head: {min(cfg.micro_batch * cfg.seq_len, FUSED_TOKEN_TILE)} x "
+                         f"{min(model.vocab, FUSED_VOCAB_TILE)} tiles, never the {model.vocab:,}-wide logits of every "
+                         "token; attention through SDPA's flash kernel (no heads x seq^2 scores)")
     bd = estimate(cfg, model, device, bf16)
     cal = calibrate(cfg, model, device, host, facts or [])
     plan = Plan(cfg, model, device, train_dtype(cfg, device, bf16), bd, budget_bytes,

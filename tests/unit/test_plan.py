@@ -58,8 +58,8 @@ def test_estimate_matches_a_hand_computed_breakdown():
     assert with_dropout["activations"] - bd["activations"] == 2 * tokens * (6 * 64 + 128) * 4
     ckpt = estimate(cfg.model_copy(update={"gradient_checkpointing": True}), m, "cpu", False)
     assert ckpt["activations"] == 2 * tokens * 13 * 64 * 4 + bd["activations"] // 2  # 13 h kept a layer on CPU
-    # the fused LM head (TRL 1.16): one tile of tokens x vocab, with ~8 fp32 copies on CPU, + the hidden gradient
-    assert bd["loss_head"] == tokens * 512 * (4 + 8 * 4) + tokens * 64 * 4
+    # duet's CPU loss head: a chunk of tokens x the whole vocabulary, compute dtype + its fp32 upcast + one more fp32 tile, + the hidden gradient
+    assert bd["loss_head"] == tokens * 512 * (4 + 8) + tokens * 64 * 4
     assert bd["overhead"] == 640 * MIB
 
 
@@ -171,6 +171,32 @@ def test_bf16_only_on_compute_capability_8_or_newer():
                                   "vocab_size": 128256})
     plan = make_plan(cfg, m, device="cuda", bf16=False, budget_bytes=16 * GIB)
     assert plan.dtype == "fp16" and any(d.startswith("dtype fp16") for d in plan.decisions)
+
+
+def test_cpu_speed_decisions_follow_the_cpu():
+    """On a CPU with native bf16, LoRA and full plans train in bf16 (QLoRA stays fp32), packing stays off
+    (measured slower there), and the loss goes through duet's CPU head; without native bf16, fp32."""
+    from training.hardware import cpu_bf16
+
+    m = ModelProfile.from_config({"model_type": "llama", "hidden_size": 576, "num_hidden_layers": 30,
+                                  "intermediate_size": 1536, "num_attention_heads": 9, "num_key_value_heads": 3,
+                                  "vocab_size": 49152, "tie_word_embeddings": True})
+    kw = dict(device="cpu", budget_bytes=16 * GIB, token_p50=90, token_mean=95)
+    lora = {"method": "lora"}
+    native = make_plan(load_config("doica", lora), m, bf16=True, **kw)
+    assert native.dtype == "bf16" and any(d.startswith("dtype bf16 on CPU") for d in native.decisions)
+    assert native.config.packing is False and any(d.startswith("packing off: on CPU") for d in native.decisions)
+    assert any("682-token chunks" in d for d in native.decisions)
+    assert make_plan(load_config("doica", {"method": "qlora"}), m, bf16=True, **kw).dtype == "fp32"
+    assert make_plan(load_config("doica", {"method": "full"}), m, bf16=True, **kw).dtype == "bf16"
+    plain = make_plan(load_config("doica", lora), m, bf16=False, **kw)
+    assert plain.dtype == "fp32" and any("no native bf16" in d for d in plain.decisions)
+    # bf16 halves the frozen base's bytes
+    assert native.breakdown["weights"] * 2 == plain.breakdown["weights"]
+    # the probe: no bf16 flags, no probe, not native; with them, the measured matmul speed decides
+    assert cpu_bf16(set()) == {"flags": [], "speedup": None, "native": False}
+    probed = cpu_bf16({"avx512_bf16", "avx512f"})
+    assert probed["flags"] == ["avx512_bf16"] and probed["native"] == (probed["speedup"] >= 1.5)
 
 
 def test_calibration_keeps_the_cuda_context_apart_and_uses_the_config_that_ran():
