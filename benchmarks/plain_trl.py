@@ -5,8 +5,8 @@
 
 ``--config`` carries the SFTConfig fields beyond the basics (use_cpu off a GPU). ``--dtype bf16`` loads
 the base in bf16 and trains under bf16 autocast (fp32 LoRA parameters, as duet's plan does);
-``--duet-loss`` routes TRL's CPU loss head through training/fast_loss.py, so the script can run the
-exact configuration duet's executor runs (benchmarks/trl_compare.py measures the executor's overhead
+``--duet-cpu`` routes TRL's CPU loss head through training/fast_loss.py and adds LoRA's update in fp32
+(training/cpu_lora.py) as duet's executor does on a CPU, so the script can run the exact configuration duet's executor runs (benchmarks/trl_compare.py measures the executor's overhead
 that way). The LoRA settings come from ``--lora``. A minimal callback stamps every logged optimizer step the way duet's
 executor stamps losses.jsonl (time.time() in on_log), so step times compare; results go to
 ``OUT/result.json``: step times, non-padding tokens seen, tokens/s, peak RSS (of the whole process,
@@ -59,7 +59,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--config", default="{}")
     ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
-    ap.add_argument("--duet-loss", action="store_true")
+    ap.add_argument("--duet-cpu", action="store_true")
     ap.add_argument("--lora", default='{"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear"}')
     a = ap.parse_args(argv)
 
@@ -74,7 +74,7 @@ def main(argv=None) -> int:
                                         for x in Path(p).read_text().splitlines() if x.strip()])
     tok = AutoTokenizer.from_pretrained(a.model)
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.bfloat16 if a.dtype == "bf16" else torch.float32)
-    if a.duet_loss:
+    if a.duet_cpu:
         from training import fast_loss
 
         fast_loss.install()
@@ -93,6 +93,10 @@ def main(argv=None) -> int:
     trainer = SFTTrainer(model=model, args=args, train_dataset=rows(a.train), eval_dataset=rows(a.test),
                          processing_class=tok, peft_config=LoraConfig(task_type="CAUSAL_LM", **json.loads(a.lora)),
                          callbacks=[Clock()])
+    if a.duet_cpu and a.dtype == "bf16":
+        from training import cpu_lora
+
+        cpu_lora.install(trainer.model)
     t0 = time.time()
     with RssPeak() as train_rss:
         trainer.train()

@@ -55,7 +55,7 @@ def plain(model_dir: Path, ds: dict, out: Path, config: dict, threads: int, plan
     cmd = [sys.executable, "-m", "benchmarks.plain_trl", "--model", str(model_dir),
            "--train", str(Path(ds["path"]) / "train.jsonl"), "--test", str(Path(ds["path"]) / "test.jsonl"),
            "--out", str(out), "--config", json.dumps(config), "--lora", json.dumps(lora),
-           "--dtype", "bf16" if plan["dtype"] == "bf16" else "fp32"] + (["--duet-loss"] if plan["device"] == "cpu" else [])
+           "--dtype", "bf16" if plan["dtype"] == "bf16" else "fp32"] + (["--duet-cpu"] if plan["device"] == "cpu" else [])
     env = {**os.environ, "DUET_TORCH_THREADS": str(threads), "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO)}
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
     if r.returncode != 0:

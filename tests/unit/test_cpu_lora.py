@@ -1,0 +1,99 @@
+"""LoRA's update added in fp32 under bf16 autocast (training/cpu_lora.py): what peft's bf16 forward
+rounds away survives, the gradients are the fp32 ones, and merged/disabled adapters keep peft's path."""
+
+import pytest
+
+torch = pytest.importorskip("torch")
+peft = pytest.importorskip("peft")
+
+from training import cpu_lora  # noqa: E402
+
+
+def _model(seed=0, b_scale=1e-3):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=4)).to(torch.bfloat16)
+    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear",
+                                            task_type="CAUSAL_LM"))
+    for m in model.modules():  # a small, non-zero update: an adapter a few steps into training
+        if isinstance(m, peft.tuners.lora.layer.Linear):
+            torch.nn.init.normal_(m.lora_B["default"].weight, std=b_scale)
+    return model
+
+
+def _layer(model):
+    return next(m for m in model.modules() if type(m) is peft.tuners.lora.layer.Linear)
+
+
+def _exact_delta(layer, x):
+    a, b = layer.lora_A["default"].weight.double(), layer.lora_B["default"].weight.double()
+    return (x.double() @ a.t() @ b.t()) * layer.scaling["default"]
+
+
+def test_installs_on_every_vanilla_lora_linear_once():
+    model = _model()
+    n = sum(type(m) is peft.tuners.lora.layer.Linear for m in model.modules())
+    assert n == 2 * 7  # q k v o gate up down, two layers
+    assert cpu_lora.install(model) == n
+    assert cpu_lora.install(model) == n  # idempotent: no double wrapping
+    layer = _layer(model)
+    assert layer.forward.__func__ is cpu_lora._forward
+    cpu_lora.uninstall(model)
+    assert not hasattr(layer, "_duet_peft_forward") and "forward" not in vars(layer)
+
+
+def test_update_survives_where_bf16_rounds_it_away():
+    model = _model(b_scale=1e-4)
+    layer = _layer(model)
+    torch.manual_seed(1)
+    x = torch.randn(16, 64).to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        base = layer.base_layer(x).double()
+        peft_out = layer(x).double()
+        cpu_lora.install(model)
+        ours = layer(x)
+    assert ours.dtype == torch.float32
+    want = _exact_delta(layer, x)
+    got_ours, got_peft = ours.double() - base, peft_out - base
+    err_ours = (got_ours - want).norm() / want.norm()
+    err_peft = (got_peft - want).norm() / want.norm()
+    assert err_ours < 1e-3, err_ours
+    assert err_peft > 50 * err_ours, (err_peft, err_ours)  # peft's bf16 sum loses a large part of the update
+
+
+def test_gradients_are_the_fp32_ones():
+    model = _model()
+    layer = _layer(model)
+    cpu_lora.install(model)
+    torch.manual_seed(2)
+    x = torch.randn(16, 64).to(torch.bfloat16)
+    g = torch.randn(16, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    (out.float() * g).sum().backward()  # outside autocast, as Trainer runs it
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    s = layer.scaling["default"]
+    xd, gd = x.double(), g.double()
+    want_b = s * gd.t() @ (xd @ a.double().t())
+    want_a = s * (gd @ b.double()).t() @ xd
+    assert (b.grad.double() - want_b).norm() / want_b.norm() < 1e-4
+    assert (a.grad.double() - want_a).norm() / want_a.norm() < 1e-4
+
+
+def test_disabled_and_merged_adapters_keep_peft_forward():
+    model = _model(b_scale=0.05)
+    cpu_lora.install(model)
+    ids = torch.randint(0, 300, (2, 12))
+    with torch.no_grad():
+        on = model(input_ids=ids).logits.float()
+        with model.disable_adapter():
+            off = model(input_ids=ids).logits.float()
+    assert not torch.allclose(on, off)
+    merged = model.merge_and_unload()
+    with torch.no_grad():
+        m = merged(input_ids=ids).logits.float()
+    # the merge folds the update into bf16 weights: close to the unmerged output, far from the base's
+    assert (m - on).abs().max() < 0.25 * (on - off).abs().max()
