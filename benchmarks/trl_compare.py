@@ -4,7 +4,8 @@
 
 overhead (A: a plain TRL script, B: duet through the actors with telemetry and the watchdog on):
   the same SFT (model, data, LoRA, dtype, hyper-parameters, steps, checkpoint and eval cadence: the
-  demo plan's; on CPU the script also gets duet's loss head, training/fast_loss.py, so only the
+  demo plan's; on CPU the script also gets duet's loss head and fp32 LoRA update, training/fast_loss.py
+  and training/cpu_lora.py, so only the
   executor's own work differs), A and B alternating, each in its own process. Wall time per optimizer step, median
   after 5 warm-up steps. ``overhead_ratio`` = duet / plain TRL. Goal <= 1.03.
 Both sides stamp each step the same way (time.time() in the trainer's on_log: losses.jsonl for duet).

@@ -37,14 +37,21 @@ SIZES = {  # Qwen2-shaped configs (hidden, layers, intermediate, heads, kv heads
     "small": dict(hidden_size=576, num_hidden_layers=30, intermediate_size=1536, num_attention_heads=9,
                   num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
 }
-GPU_CONFIGS = [  # (size, method, micro_batch, seq_len, gradient checkpointing)
-    ("0.5B", "lora", 4, 1024, False), ("0.5B", "qlora", 4, 1024, False), ("0.5B", "lora", 8, 2048, True),
-    ("1.5B", "lora", 4, 1024, False), ("1.5B", "qlora", 4, 1024, False), ("1.5B", "qlora", 8, 2048, True),
-    ("1.5B", "lora", 2, 4096, True), ("8B", "qlora", 2, 2048, True),
+GPU_CONFIGS = [  # (size, method, micro_batch, seq_len, gradient checkpointing, kind: sft | dpo | packed)
+    ("0.5B", "lora", 4, 1024, False, "sft"), ("0.5B", "qlora", 4, 1024, False, "sft"),
+    ("0.5B", "lora", 8, 2048, True, "sft"), ("1.5B", "lora", 4, 1024, False, "sft"),
+    ("1.5B", "qlora", 4, 1024, False, "sft"), ("1.5B", "qlora", 8, 2048, True, "sft"),
+    ("1.5B", "lora", 2, 4096, True, "sft"), ("8B", "qlora", 2, 2048, True, "sft"),
+    ("0.5B", "lora", 2, 1024, False, "dpo"), ("0.5B", "lora", 4, 2048, False, "packed"),
 ]
-CPU_CONFIGS = [("tiny", "lora", 4, 256, False), ("tiny", "lora", 8, 256, False), ("tiny", "lora", 4, 512, True),
-               ("small", "lora", 4, 256, False), ("small", "lora", 4, 512, False), ("small", "lora", 2, 1024, False),
-               ("small", "qlora", 4, 256, False), ("small", "lora", 8, 512, True)]
+CPU_CONFIGS = [("tiny", "lora", 4, 256, False, "sft"), ("tiny", "lora", 8, 256, False, "sft"),
+               ("tiny", "lora", 4, 512, True, "sft"), ("tiny", "lora", 2, 2048, False, "sft"),
+               ("tiny", "lora", 2, 2048, True, "sft"), ("tiny", "lora", 4, 1024, False, "packed"),
+               ("tiny", "lora", 2, 512, False, "dpo"), ("small", "lora", 4, 256, False, "sft"),
+               ("small", "lora", 4, 512, False, "sft"), ("small", "lora", 2, 1024, False, "sft"),
+               ("small", "qlora", 4, 256, False, "sft"), ("small", "lora", 8, 512, True, "sft"),
+               ("small", "lora", 2, 256, False, "dpo"), ("small", "lora", 4, 512, False, "packed")]
+PACKED_ROW = 4  # a packed config's examples are seq_len / 4 tokens: four to a packed row
 
 
 def _model_folder(size: str, dtype) -> Path:
@@ -64,9 +71,26 @@ def _model_folder(size: str, dtype) -> Path:
     return tmp
 
 
-def measure(size: str, method: str, mb: int, seq: int, gc_on: bool, device: str, steps: int = 3) -> dict:
+def _rows(kind: str, tok, vocab: int, mb: int, seq: int, steps: int, g) -> list[dict]:
+    """Random data that fills every planned row: token rows of seq_len (SFT); rows of seq_len / 4 that
+    the packer joins four to a row (packed); DPO pairs whose prompt + answer exceed seq_len, as text
+    (TRL's DPOTrainer tokenizes its data itself), so chosen and rejected are both cut to seq_len."""
+    import torch
+
+    if kind == "sft":
+        return [{"input_ids": torch.randint(0, vocab, (seq,), generator=g).tolist()} for _ in range(mb * (steps + 1))]
+    if kind == "packed":
+        return [{"input_ids": torch.randint(0, vocab, (seq // PACKED_ROW,), generator=g).tolist()}
+                for _ in range(mb * PACKED_ROW * (steps + 1))]
+    top = min(vocab, len(tok)) - 1
+    text = lambda n: tok.decode(torch.randint(100, top, (n,), generator=g).tolist())  # noqa: E731
+    return [{"prompt": text(seq // 2), "chosen": text(seq), "rejected": text(seq)} for _ in range(mb * (steps + 1))]
+
+
+def measure(size: str, method: str, mb: int, seq: int, gc_on: bool, device: str, steps: int = 3,
+            kind: str = "sft") -> dict:
     """One config through duet's own training path (training.engine.load_train_model + build_trainer:
-    TRL's SFTTrainer with its fused LM-head loss), on random tokens filling every row."""
+    TRL's SFTTrainer or DPOTrainer with its fused LM-head loss), on random data filling every row."""
     import tempfile
 
     import psutil
@@ -81,7 +105,8 @@ def measure(size: str, method: str, mb: int, seq: int, gc_on: bool, device: str,
 
     cfg_dict = {**SIZES[size], "model_type": "qwen2"}
     tc = TrainConfig(name="bench", method=method, micro_batch=mb, grad_accum=1, seq_len=seq, max_steps=10,
-                     warmup_steps=0, gradient_checkpointing=gc_on, packing=False,
+                     warmup_steps=0, gradient_checkpointing=gc_on, packing=kind == "packed",
+                     phase="dpo" if kind == "dpo" else "sft",
                      lora={"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"})
     if device == "cuda":
         bf16 = bf16_native("{}.{}".format(*torch.cuda.get_device_capability(0)))
@@ -97,9 +122,7 @@ def measure(size: str, method: str, mb: int, seq: int, gc_on: bool, device: str,
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     g = torch.Generator().manual_seed(0)
-    rows = [{"input_ids": torch.randint(0, SIZES[size]["vocab_size"], (seq,), generator=g).tolist()}
-            for _ in range(mb * (steps + 1))]
-    ds = Dataset.from_list(rows)
+    ds = Dataset.from_list(_rows(kind, tok, SIZES[size]["vocab_size"], mb, seq, steps, g))
     cfg = pd["train"]
     import peft  # noqa: F401  (the libraries' own memory is not the plan's: import them before rss0)
     import trl  # noqa: F401
@@ -119,7 +142,7 @@ def measure(size: str, method: str, mb: int, seq: int, gc_on: bool, device: str,
         if device == "cuda" and method != "qlora":
             model.to("cuda")
         with tempfile.TemporaryDirectory() as out:
-            trainer = build_trainer(model, tok, cfg, phase="sft", device=device, dtype=pd["dtype"], out=Path(out),
+            trainer = build_trainer(model, tok, cfg, phase=tc.phase, device=device, dtype=pd["dtype"], out=Path(out),
                                     max_steps=steps, evaluate=False, save=False, train_ds=ds, eval_ds=None)
             if device == "cuda":
                 torch.cuda.reset_peak_memory_stats()
@@ -137,7 +160,8 @@ def measure(size: str, method: str, mb: int, seq: int, gc_on: bool, device: str,
     else:
         measured = got["training"]["rss_bytes"] - rss0
     out = {"size": size, "method": method, "micro_batch": mb, "seq_len": seq, "gradient_checkpointing": gc_on,
-           "path": "training.engine.build_trainer (TRL SFTTrainer, fused LM-head loss)",
+           "kind": kind, "path": f"training.engine.build_trainer (TRL {'DPO' if kind == 'dpo' else 'SFT'}Trainer, "
+                                 "fused LM-head loss)",
            "estimate_bytes": est["torch_reserved_bytes"] if device == "cuda" else est["total_bytes"] - est["breakdown_bytes"].get("overhead", 0),
            "estimate_breakdown_bytes": est["breakdown_bytes"], "measured_bytes": measured,
            "measured_as": ("torch.cuda.max_memory_reserved() during trainer.train()" if device == "cuda" else
@@ -156,13 +180,13 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
-    ap.add_argument("--one", help=argparse.SUPPRESS)  # size,method,mb,seq,gc: one config in this process
+    ap.add_argument("--one", help=argparse.SUPPRESS)  # size,method,mb,seq,gc,kind: one config in this process
     a = ap.parse_args(argv)
     import torch
 
     if a.one:
-        size, method, mb, seq, gc_on = a.one.split(",")
-        print(json.dumps(measure(size, method, int(mb), int(seq), gc_on == "1", a.device)))
+        size, method, mb, seq, gc_on, kind = a.one.split(",")
+        print(json.dumps(measure(size, method, int(mb), int(seq), gc_on == "1", a.device, kind=kind)))
         return 0
 
     if a.device == "cuda" and not torch.cuda.is_available():
@@ -171,23 +195,26 @@ def main(argv=None) -> int:
         return 2
     machine = torch.cuda.get_device_name(0) if a.device == "cuda" else f"cpu-{platform.machine()}-{os.cpu_count()}c"
     rows = []
-    for size, method, mb, seq, gc_on in (GPU_CONFIGS if a.device == "cuda" else CPU_CONFIGS):
+    for size, method, mb, seq, gc_on, kind in (GPU_CONFIGS if a.device == "cuda" else CPU_CONFIGS):
         # one process a config: the allocator's caches and RSS start clean each time
         import subprocess
 
         r = subprocess.run([sys.executable, "-m", "benchmarks.vram_planner", "--device", a.device, "--one",
-                            f"{size},{method},{mb},{seq},{int(gc_on)}"], capture_output=True, text=True)
-        if r.returncode != 0:
+                            f"{size},{method},{mb},{seq},{int(gc_on)},{kind}"], capture_output=True, text=True)
+        if r.returncode != 0:  # recorded, not skipped: a config that cannot run is a finding
             print(r.stderr[-2000:], file=sys.stderr)
-            continue
-        row = json.loads(r.stdout.strip().splitlines()[-1])
+            row = {"size": size, "method": method, "micro_batch": mb, "seq_len": seq, "gradient_checkpointing": gc_on,
+                   "kind": kind, "error": r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"rc {r.returncode}"}
+        else:
+            row = json.loads(r.stdout.strip().splitlines()[-1])
         print(json.dumps(row), flush=True)
         rows.append(row)
     ok = [r for r in rows if r.get("ratio_estimate_to_measured")]
     doc = {"benchmark": "vram_planner", "machine": machine, "host": socket.gethostname(), "device": a.device,
            "versions": {"torch": torch.__version__}, "rows": rows,
            "within_10_percent": sum(abs(r["ratio_estimate_to_measured"] - 1) <= 0.10 for r in ok),
-           "configs": len(rows), "ooms": sum(r["oom"] for r in rows)}
+           "configs": len(rows), "ooms": sum(bool(r.get("oom")) for r in rows),
+           "errors": sum("error" in r for r in rows)}
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     name = machine.lower().replace(" ", "-")

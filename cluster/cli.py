@@ -254,6 +254,10 @@ def _run_train(a) -> int:
         con.print(f"run {run.run_id} already finished")
         return EXIT_OK
     threads = int(os.environ.get("DUET_TORCH_THREADS", "0") or 0)
+    if not threads and not os.environ.get("OMP_NUM_THREADS"):
+        from training.hardware import available_cpus
+
+        threads = available_cpus()  # the cores this process may use, not the machine's count
     if threads:
         import torch
 

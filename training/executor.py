@@ -98,7 +98,7 @@ class Executor:
         if metrics_port is not None:
             telemetry.metrics()
             self.metrics_port = telemetry.serve(metrics_port, metrics_addr)
-        n = torch_threads or int(os.environ.get("DUET_TORCH_THREADS", "0")) or os.cpu_count() or 1
+        n = torch_threads or int(os.environ.get("DUET_TORCH_THREADS", "0")) or hardware.available_cpus()
         os.environ["OMP_NUM_THREADS"] = str(n)
         self.torch_threads = n
         os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -42,6 +42,23 @@ class HardwareProfile:
         return self.ram_available_bytes
 
 
+def available_cpus() -> int:
+    """The cores this process may actually run on: its CPU affinity (taskset, a container's cpuset),
+    capped by a cgroup v2 CPU quota (``cpu.max``, e.g. ``docker --cpus``) where one is set. Torch's
+    default, ``os.cpu_count()``, counts the whole machine: more threads than cores slows every step."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    try:
+        quota, period = open("/sys/fs/cgroup/cpu.max").read().split()[:2]
+        if quota != "max":
+            n = min(n, max(1, -(-int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, n)
+
+
 def bf16_native(compute_capability: str | None) -> bool:
     """bf16 only where the GPU has it in hardware: compute capability 8.0 (Ampere) or newer.
     torch.cuda.is_bf16_supported() also says yes on a T4 or V100, where bf16 is emulated (slow)."""
@@ -134,7 +151,7 @@ def probe(data_dir: str | os.PathLike = ".") -> HardwareProfile:
     return HardwareProfile(
         hostname=os.environ.get("DUET_HOST_NAME") or socket.gethostname(), device=device,
         gpu_name=gpu_name, gpu_total_bytes=gpu_total, gpu_free_bytes=gpu_free,
-        compute_capability=cc, bf16=bf16, cpu_count=os.cpu_count() or 1,
+        compute_capability=cc, bf16=bf16, cpu_count=available_cpus(),
         ram_total_bytes=vm.total, ram_available_bytes=vm.available,
         disk_free_bytes=shutil.disk_usage(disk_dir).free, torch_version=torch_version,
         cuda_version=cuda_version, cpu_bf16_speedup=cpu_bf16_speedup,

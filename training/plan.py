@@ -561,6 +561,11 @@ def speed_decisions(device: str, vocab: int, dtype: str = "fp32", method: str = 
                        "low-rank update and its sum with the base output in fp32; in bf16 most of an early update rounds "
                        "away (measured on the demo: eval loss 0.05 above the fp32 script's; 0.007 with the fp32 update, "
                        "for ~5 % of the speed)")
+        out.append("torch.compile off on CPU: inductor recompiled for each new padded batch length and 20 demo steps "
+                   "took over 8 minutes on 2 cores, several times the eager run (measured, not kept)")
+    else:
+        out.append("Liger kernels, torch.compile and packing by default on CUDA: not yet measured on a GPU with this "
+                   "stack, so off (Liger, compile) or by the padding rule (packing) until benchmarks/gpu_check.sh has")
     return out
 
 

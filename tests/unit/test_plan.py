@@ -187,6 +187,9 @@ def test_cpu_speed_decisions_follow_the_cpu():
     assert native.dtype == "bf16" and any(d.startswith("dtype bf16 on CPU") for d in native.decisions)
     assert native.config.packing is False and any(d.startswith("packing off: on CPU") for d in native.decisions)
     assert any("682-token chunks" in d for d in native.decisions)
+    assert any(d.startswith("LoRA update added in fp32") for d in native.decisions)
+    assert not any(d.startswith("LoRA update added in fp32") for d in
+                   make_plan(load_config("doica", lora), m, bf16=False, **kw).decisions)  # fp32: nothing to round
     assert make_plan(load_config("doica", {"method": "qlora"}), m, bf16=True, **kw).dtype == "fp32"
     assert make_plan(load_config("doica", {"method": "full"}), m, bf16=True, **kw).dtype == "bf16"
     plain = make_plan(load_config("doica", lora), m, bf16=False, **kw)
@@ -261,3 +264,19 @@ def test_qlora_16bit_plans_keep_an_untied_head_in_their_dtype():
     plan = make_plan(load_config("doica", {"method": "qlora", "seq_len": 512, "micro_batch": 1}), llama3,
                      device="cuda", bf16=True, budget_bytes=24 * GIB)
     assert any(d.startswith("QLoRA: lm_head kept in bf16") for d in plan.decisions)
+
+
+def test_available_cpus_follows_affinity():
+    import os
+
+    from training.hardware import available_cpus
+
+    if not hasattr(os, "sched_setaffinity"):
+        pytest.skip("no CPU affinity on this OS")
+    before = os.sched_getaffinity(0)
+    try:
+        os.sched_setaffinity(0, {min(before)})
+        assert available_cpus() == 1
+    finally:
+        os.sched_setaffinity(0, before)
+    assert 1 <= available_cpus() <= len(before)
