@@ -1,6 +1,6 @@
 """duet's executor side by side with a plain TRL script (issue 8), SmolLM2-135M on the demo data, on this machine.
 
-    python -m benchmarks.trl_compare [--reps 2] [--steps 20]
+    python -m benchmarks.trl_compare [--reps 5] [--steps 20]
 
 overhead (A: a plain TRL script, B: duet through the actors with telemetry and the watchdog on):
   the same SFT (model, data, LoRA, dtype, hyper-parameters, steps, checkpoint and eval cadence: the
@@ -132,7 +132,7 @@ def overhead(tmp: Path, reps: int, steps: int, threads: int) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))

@@ -167,7 +167,7 @@ def measure(size: str, method: str, mb: int, seq: int, gc_on: bool, device: str,
            "measured_as": ("torch.cuda.max_memory_reserved() during trainer.train()" if device == "cuda" else
                            "peak RSS (sampled every 10 ms) during trainer.train(), minus RSS before the model load"),
            "oom": oom, "seconds": round(time.time() - t0, 1), "dtype": pd["dtype"], "budget_bytes": budget,
-           "fits": pd["fits"]}
+           "fits": est["fits"]}
     if measured:
         out["ratio_estimate_to_measured"] = round(out["estimate_bytes"] / measured, 3)
     gc.collect()

@@ -9,15 +9,18 @@ No torch here: the architect plans on a laptop. Formulas (bytes):
 - LoRA: r x (in + out) per adapted matrix; trainable params x (weight + grad in the train dtype
   + AdamW's two fp32 moments, + an fp32 master copy when training in 16-bit) = 16 bytes: PEFT keeps
   adapters in fp32; a full fine-tune keeps fp32 weights under autocast: 4 + 4 + 8 bytes a parameter;
-- activations per layer and token, in elements of the train dtype: 22 h + 5 i without gradient
+- activations per layer and token, in elements of the train dtype (fp32 on CPU, bf16 included: the
+  residual stream stays fp32 beside LoRA's fp32 update), 22 h + 5 i without gradient
   checkpointing (fp32 RMSNorm inputs, q/k/v, their rotary, head-major and GQA-expanded copies, the
   attention output and what SDPA keeps for its backward, MLP gate/up/act/down inputs; fitted to
   duet's training path with benchmarks/vram_planner.py), plus 6 h + i for LoRA dropout's copies of
-  each adapted input when dropout > 0 (QLoRA: x 0.8, measured); with checkpointing, the layer's
-  input (h) per layer on CUDA, 13 h on CPU (measured there: more than the input is kept), plus one
-  layer's full set.
+  each adapted input when dropout > 0 and not DPO (TRL's DPO disables dropout; QLoRA: x 0.8, measured); with checkpointing, the layer's
+  input (h) per layer on CUDA, 13 h on CPU in fp32 and 17 h under bf16 autocast (measured there: more
+  than the input is kept), plus one layer's full set.
   No attention scores: SDPA's flash kernels (CUDA, and CPU in torch 2.13) never hold heads x seq^2
-  (measured: the same tokens at seq 512 and 1024 take the same memory);
+  (measured: the same tokens at seq 512 and 1024 take the same memory), except a packed row on CPU:
+  its block-diagonal mask sends SDPA down torch's math path, which keeps every layer's heads x seq^2
+  scores (``attention_scores``, PACKED_SCORE_BYTES_CPU a score);
 - loss head: TRL 1.16 computes the SFT and DPO losses through a fused LM head that never holds the
   logits, only [4096 tokens x 32768 vocabulary] tiles (``loss_head_bytes``);
 - overhead: allocator slack (8 % + 256 MiB) on a GPU, the CUDA context (~500 MiB) reported
@@ -560,7 +563,9 @@ def speed_decisions(device: str, vocab: int, dtype: str = "fp32", method: str = 
             out.append("LoRA update added in fp32 (training/cpu_lora.py): the base layers' matmuls run in bf16, the "
                        "low-rank update and its sum with the base output in fp32; in bf16 most of an early update rounds "
                        "away (measured on the demo: eval loss 0.05 above the fp32 script's; 0.007 with the fp32 update, "
-                       "for ~5 % of the speed)")
+                       "for ~5 % of the speed); its dropout masks drawn 16 bits an element, three from each 64-bit "
+                       "draw, where torch's CPU dropout draws one sample at a time (measured: ~2.96 -> ~2.64 s a "
+                       "SmolLM2 LoRA step, dropout 0.05; DUET_CPU_FAST_DROPOUT=0 for torch's)")
         out.append("torch.compile off on CPU: inductor recompiled for each new padded batch length and 20 demo steps "
                    "took over 8 minutes on 2 cores, several times the eager run (measured, not kept)")
     else:
@@ -588,8 +593,13 @@ NF4_DQ_BYTES = 4.127 / 8
 QLORA_ACTIVATIONS = 0.80            # bitsandbytes' 4-bit matmul keeps fewer copies than a LoRA-wrapped Linear
 CHECKPOINT_KEPT_CPU = 13            # with checkpointing on CPU, elements of h kept a token per layer (on CUDA: the
                                     # layer's input only, h; benchmarks/gpu_check.sh measures it there)
+CHECKPOINT_KEPT_CPU_BF16 = 17       # the same under bf16 autocast on CPU (benchmarks/vram_planner.py: SmolLM2's shape,
+                                    # 8 x 512 with checkpointing; autocast's bf16 copies sit beside the fp32 stream)
 RUNTIME_CPU = 640 * MIB             # the process before any model: torch, transformers, TRL, datasets (measured: demo)
 TRAINING_LOOP_CPU = 64 * MIB        # the trainer's own allocations during train() (optimizer setup, batches)
+PACKED_SCORE_BYTES_CPU = 2          # per attention-score element of a packed row on CPU, bf16 (benchmarks/vram_planner.py:
+                                    # packed minus unpacked at equal tokens, 1.8 on SmolLM2's shape (4 x 512) and
+                                    # 2.3 on the tiny one (4 x 1024): the bf16 probabilities the backward keeps)
 FUSED_TOKEN_TILE = 4096    # trl.kernels.chunked_logprob.TOKEN_CHUNK_SIZE (TRL 1.16)
 FUSED_VOCAB_TILE = 32768   # trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE
 
@@ -649,14 +659,18 @@ def estimate(cfg: TrainConfig, model: ModelProfile, device: str = "cuda", bf16: 
     tokens = cfg.micro_batch * cfg.seq_len
     h, i = model.hidden, model.intermediate
     per_token = 22 * h + 5 * i
-    if cfg.method != "full" and cfg.lora.dropout > 0:
+    if cfg.method != "full" and cfg.lora.dropout > 0 and cfg.phase != "dpo":  # DPOConfig.disable_dropout (TRL's default)
         per_token += 6 * h + i
-    per_layer_full = tokens * per_token * wb
+    # what a layer keeps for its backward is in the compute dtype, except on CPU under bf16 autocast: the
+    # residual stream stays fp32 there (LoRA's fp32 update, training/cpu_lora.py) and autocast keeps bf16
+    # copies beside it (measured: the same bytes as an fp32 run, benchmarks/vram_planner.py)
+    ab = 4 if device != "cuda" else wb
+    per_layer_full = tokens * per_token * ab
     if cfg.method == "qlora":
         per_layer_full *= QLORA_ACTIVATIONS
     if cfg.gradient_checkpointing is True:
-        kept = CHECKPOINT_KEPT_CPU if device != "cuda" else 1
-        activations = model.layers * tokens * kept * h * wb + per_layer_full
+        kept = 1 if device == "cuda" else CHECKPOINT_KEPT_CPU_BF16 if wb == 2 else CHECKPOINT_KEPT_CPU
+        activations = model.layers * tokens * kept * h * ab + per_layer_full
     else:
         activations = model.layers * per_layer_full
     pairs = 2 if cfg.phase == "dpo" else 1  # DPO: chosen + rejected in one batch
@@ -666,6 +680,12 @@ def estimate(cfg: TrainConfig, model: ModelProfile, device: str = "cuda", bf16: 
         "activations": int(activations) * pairs,
         "loss_head": loss_head_bytes(tokens * pairs, model.vocab, h, wb, device),
     }
+    if device != "cuda" and cfg.packing is True and cfg.phase == "sft":
+        # a packed row on CPU: SDPA under its block-diagonal mask takes torch's math path and keeps the
+        # heads x seq^2 scores of every layer for the backward (one layer's with checkpointing)
+        kept_layers = 2 if cfg.gradient_checkpointing is True else model.layers
+        breakdown["attention_scores"] = int(kept_layers * cfg.micro_batch * model.heads * cfg.seq_len ** 2
+                                            * PACKED_SCORE_BYTES_CPU)
     if cfg.phase == "dpo":
         # the frozen reference (the adapter disabled on the same weights): a no-grad forward, one
         # layer's activations at a time, and its own fused-head tile

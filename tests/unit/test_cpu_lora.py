@@ -97,3 +97,31 @@ def test_disabled_and_merged_adapters_keep_peft_forward():
         m = merged(input_ids=ids).logits.float()
     # the merge folds the update into bf16 weights: close to the unmerged output, far from the base's
     assert (m - on).abs().max() < 0.25 * (on - off).abs().max()
+
+
+def test_dropout_drops_p_scales_the_rest_and_its_gradient_uses_the_same_mask():
+    x = torch.randn(300, 500, requires_grad=True)
+    torch.manual_seed(3)
+    y = cpu_lora._Dropout.apply(x, 0.1)
+    kept = y != 0
+    assert abs(1 - kept.float().mean().item() - 0.1) < 0.005  # 150,000 draws: 5 standard deviations is 0.004
+    scale = 65536 / (65536 - round(0.1 * 65536))
+    assert torch.allclose(y[kept], x[kept] * scale)
+    y.backward(torch.ones_like(y))
+    assert torch.equal(x.grad != 0, kept) and torch.allclose(x.grad[kept], torch.full_like(x.grad[kept], scale))
+    torch.manual_seed(3)  # the default generator drives it: a resumed run (Trainer restores its state) redraws the same masks
+    assert torch.equal(cpu_lora._Dropout.apply(x, 0.1), y)
+    # columns and rows see the same rate (the mask's 16-bit words come from all three uniform words of each draw)
+    rates = 1 - (y != 0).float().mean(0)
+    assert rates.max() < 0.2 and rates.min() > 0.03
+
+
+def test_dropout_only_in_training_mode():
+    drop = torch.nn.Dropout(0.5)
+    x = torch.randn(64, 64)
+    drop.eval()
+    assert torch.equal(cpu_lora._dropout(drop, x), x)
+    drop.train()
+    y = cpu_lora._dropout(drop, x)
+    assert 0.4 < (y == 0).float().mean().item() < 0.6
+    assert torch.equal(cpu_lora._dropout(torch.nn.Identity(), x), x)  # peft's lora_dropout when p is 0

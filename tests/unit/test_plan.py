@@ -61,6 +61,19 @@ def test_estimate_matches_a_hand_computed_breakdown():
     # duet's CPU loss head: a chunk of tokens x the whole vocabulary, compute dtype + its fp32 upcast + one more fp32 tile, + the hidden gradient
     assert bd["loss_head"] == tokens * 512 * (4 + 8) + tokens * 64 * 4
     assert bd["overhead"] == 640 * MIB
+    # DPO: chosen + rejected in one batch, and TRL's DPOConfig(disable_dropout=True) keeps no dropout copies
+    dpo = lambda c: estimate(c.model_copy(update={"phase": "dpo"}), m, "cpu", False)["activations"]  # noqa: E731
+    assert dpo(cfg) == 2 * bd["activations"]
+    assert dpo(cfg.model_copy(update={"lora": cfg.lora.model_copy(update={"dropout": 0.1})})) == dpo(cfg)
+    # bf16 on CPU: the frozen weights halve, what the layers keep stays fp32 (cpu_lora's fp32 residual stream)
+    bf = estimate(cfg, m, device="cpu", bf16=True)
+    assert bf["weights"] == params * 2 and bf["activations"] == bd["activations"]
+    ckpt_bf = estimate(cfg.model_copy(update={"gradient_checkpointing": True}), m, "cpu", True)
+    assert ckpt_bf["activations"] == 2 * tokens * 17 * 64 * 4 + bd["activations"] // 2
+    # a packed row on CPU keeps every layer's heads x seq^2 scores (SDPA's math path under the block mask)
+    packed = estimate(cfg.model_copy(update={"packing": True}), m, "cpu", True)
+    assert packed["attention_scores"] == 2 * 2 * 4 * 32 ** 2 * 2
+    assert "attention_scores" not in bf and "attention_scores" not in estimate(cfg.model_copy(update={"packing": True}), m)
 
 
 def test_qlora_weights_are_nf4_with_fp32_embeddings_and_a_16bit_head():
