@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml Makefile
 demo: setup
 	DUET_TORCH_THREADS=$${DUET_TORCH_THREADS:-2} $(VENV)/bin/duet demo $(DEMO_ARGS)
 
-# Every benchmark on this machine (about 15 minutes on 2 cores), then benchmarks/results/README.md.
+# Every benchmark on this machine (over an hour on 2 cores: the speed comparison alone takes ~42 minutes), then benchmarks/results/README.md.
 bench: $(STAMP)
 	$(PY) -m benchmarks $(BENCH_ARGS)
 

@@ -4,7 +4,8 @@
 
 Runs, each in its own process: speed (duet's plan vs TRL defaults and hand-written fp32/bf16 scripts),
 trl_compare (duet's executor vs a plain TRL script with the same config: overhead_ratio),
-memory, alerting, failover; vram_planner on CPU; importers (a 200 MB ChatGPT export). Results land in benchmarks/results/<name>-<machine>.json;
+memory, alerting, failover; vram_planner on CPU; thread_step (a LoRA step in the main thread vs a background
+thread); importers (a 200 MB ChatGPT export). Results land in benchmarks/results/<name>-<machine>.json;
 benchmarks/results/README.md is rebuilt from every JSON there (GPU results committed from lent
 devices included), each row naming the machine it came from. --table-only rebuilds the table.
 """
@@ -27,6 +28,7 @@ SUITE = [
     ("alerting", ["--reps", "5"], ["--reps", "2"]),
     ("failover", ["--reps", "3"], ["--reps", "1"]),
     ("vram_planner", ["--device", "cpu"], ["--device", "cpu"]),
+    ("thread_step", ["--reps", "7"], ["--reps", "2"]),
     ("importers", ["--reps", "3"], ["--reps", "1", "--mb", "40", "--small-mb", "4"]),
 ]
 
@@ -47,8 +49,10 @@ def rows_of(doc: dict) -> list[tuple[str, str, str, str]]:
         if "overhead" in doc:
             o = doc["overhead"]
             out.append(("overhead_ratio (duet step time / plain TRL)", _fmt(o["overhead_ratio"]), "<= 1.03", o["meets_goal"]))
-            out.append(("step time plain TRL / duet (s, median)", f"{_fmt(o['step_s']['plain_trl']['median'])} / "
-                        f"{_fmt(o['step_s']['duet']['median'])}", "", None))
+            st = o["step_s"]
+            out.append((f"step time plain TRL / duet, s, median [min-max] over {len(st['duet']['reps'])} alternating reps",
+                        " / ".join(f"{st[k]['median']:.2f} [{st[k]['min']:.2f}-{st[k]['max']:.2f}]" for k in ("plain_trl", "duet")),
+                        "", None))
     elif name == "speed":
         sm, ra, go = doc["summary"], doc["ratios"], doc["goals"]
         out.append((f"tokens/s, median [min-max] over {len(sm[next(iter(sm))]['tokens_per_s']['reps'])} alternating reps "
@@ -91,6 +95,12 @@ def rows_of(doc: dict) -> list[tuple[str, str, str, str]]:
                     f"{big['peak_rss_mb']:.0f} / {small['peak_rss_mb']:.0f} MB", "ratio <= 1.25", doc["meets_goal"]))
         out.append(("peak RSS: duet import / plain json.load of the same file",
                     f"{doc['peak_rss_ratio_duet_to_json_load']:.2f}", "", None))
+    elif name == "thread_step":
+        r, w, c = doc["thread_over_main"], doc["median_wall_s"], doc["median_process_cpu_s"]
+        out.append((f"LoRA step in a background thread / the main thread, wall, over {len(r['reps'])} alternating reps "
+                    f"(the executor trains in one)", f"{r['median']:.2f} [{r['min']:.2f}-{r['max']:.2f}]", "", None))
+        out.append(("step wall / process CPU seconds, main vs thread (medians)",
+                    f"{w['main']:.2f} / {c['main']:.2f} vs {w['thread']:.2f} / {c['thread']:.2f}", "", None))
     elif name == "vram_planner":
         ratios = [r["ratio_estimate_to_measured"] for r in doc.get("rows", []) if r.get("ratio_estimate_to_measured")]
         if ratios:
@@ -98,6 +108,9 @@ def rows_of(doc: dict) -> list[tuple[str, str, str, str]]:
             ok = all(abs(1 - r) <= 0.10 for r in ratios)
             out.append((f"planner estimate / measured ({doc.get('device')}, {len(ratios)} configs), worst",
                         _fmt(worst), "within 10 %", ok))
+            under = min(ratios)
+            out.append(("planner estimate / measured, lowest (an estimate below the peak is the side that OOMs)",
+                        _fmt(under), ">= 0.9", under >= 0.9))
         judged = [r for r in doc.get("rows", []) if "budget_bytes" in r]
         if judged:  # a verdict against the machine's real budget, beside what happened
             wrong = [r for r in judged if r["fits"] == bool(r.get("oom"))]

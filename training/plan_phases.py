@@ -55,7 +55,11 @@ def phase_estimates(cfg: TrainConfig, model: ModelProfile, device: str, bf16: bo
     merge_w = model.params * (4 if dt == "fp32" else 2)  # merge_and_unload writes into the base in place
     adapter = 0 if cfg.method == "full" else model.lora_params(cfg.lora) * 4
     probe = 3 * min(PROBE_TOKENS, cfg.seq_len) * model.vocab * 4  # reference, base and merged logits, fp32
-    merge = merge_w + adapter + probe + MERGE_EXTRA
+    # on CPU a 16-bit merge reads a checkpoint that may be stored wider (SmolLM2's is fp32, dequantized from
+    # its GGUF): the read stays resident beside the cast copy (measured: demo, bf16 merge and sampling peaks
+    # ~params x 4 above the cast weights alone); counted whatever the checkpoint's width, to stay on the safe side
+    read = model.params * 4 if device != "cuda" and dt != "fp32" else 0
+    merge = merge_w + read + adapter + probe + MERGE_EXTRA
     if cfg.method == "qlora":
         emb = model.embedding_params + model.hidden
         merge = max(merge, (model.params - emb) * NF4_DQ_BYTES + emb * 4 + adapter + probe)
@@ -69,7 +73,7 @@ def phase_estimates(cfg: TrainConfig, model: ModelProfile, device: str, bf16: bo
     out["merge"] = {**est, "where": where}
 
     # sampling: the merged model generating a few short answers (its KV cache is small)
-    samp = merge_w + adapter + MERGE_EXTRA + 2 * 2 * PROBE_TOKENS * model.layers * h * wb + 4 * model.vocab * 4
+    samp = merge_w + read + adapter + MERGE_EXTRA + 2 * 2 * PROBE_TOKENS * model.layers * h * wb + 4 * model.vocab * 4
     out["sampling"] = {**(_finish(samp, out["merge"]["where"] if out["merge"]["where"] != "nowhere" else device)),
                        "where": out["merge"]["where"]}
     return out
