@@ -97,8 +97,8 @@ def rows_of(doc: dict) -> list[tuple[str, str, str, str]]:
                     f"{doc['peak_rss_ratio_duet_to_json_load']:.2f}", "", None))
     elif name == "thread_step":
         r, w, c = doc["thread_over_main"], doc["median_wall_s"], doc["median_process_cpu_s"]
-        out.append((f"LoRA step in a background thread / the main thread, wall, over {len(r['reps'])} alternating reps "
-                    f"(the executor trains in one)", f"{r['median']:.2f} [{r['min']:.2f}-{r['max']:.2f}]", "", None))
+        out.append((f"LoRA step ({doc.get('dtype', 'bf16')}) in a background thread / the main thread, wall, over "
+                    f"{len(r['reps'])} alternating reps (the executor trains in one)", f"{r['median']:.2f} [{r['min']:.2f}-{r['max']:.2f}]", "", None))
         out.append(("step wall / process CPU seconds, main vs thread (medians)",
                     f"{w['main']:.2f} / {c['main']:.2f} vs {w['thread']:.2f} / {c['thread']:.2f}", "", None))
     elif name == "vram_planner":

@@ -6,7 +6,8 @@ duet's executor trains each run in a background thread (training/executor.py: th
 answer status, pause and cancel). On the 2-core development machine a step there was slower than the
 same step in a plain script's main thread (benchmarks/trl_compare.py's overhead_ratio); this measures
 only that: SmolLM2-135M in bf16 with LoRA r 16 on every linear layer, duet's fp32 LoRA update
-(training/cpu_lora.py), a 4 x 256 batch, forward and backward under bf16 autocast, no trainer. The two
+(training/cpu_lora.py) (``--dtype fp32``: fp32 weights, no autocast, peft's forward; written to
+thread_step-<machine>-fp32.json), a 4 x 256 batch, forward and backward under bf16 autocast, no trainer. The two
 alternate, ``--reps`` times, 2 timed steps each after one untimed. CPU time per step is reported
 beside wall time: equal CPU time with a longer wall means the cores sat idle. Writes
 benchmarks/results/thread_step-<machine>.json.
@@ -29,6 +30,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--dropout", type=float, default=0.05)
+    ap.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     a = ap.parse_args(argv)
@@ -40,15 +42,16 @@ def main(argv=None) -> int:
     from training import cpu_lora, models
 
     torch.set_num_threads(a.threads)
-    model = AutoModelForCausalLM.from_pretrained(str(models.resolve("smollm2")), dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(str(models.resolve("smollm2")), dtype=torch.bfloat16 if a.dtype == "bf16" else torch.float32)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=a.dropout, target_modules="all-linear",
                                              task_type="CAUSAL_LM"))
-    cpu_lora.install(model)
+    if a.dtype == "bf16":
+        cpu_lora.install(model)
     model.train()
     ids = torch.randint(0, model.config.vocab_size, (4, 256), generator=torch.Generator().manual_seed(0))
 
     def step():
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.dtype == "bf16"):
             loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
 
@@ -71,13 +74,13 @@ def main(argv=None) -> int:
     machine = f"cpu-{platform.machine()}-{os.cpu_count()}c"
     doc = {"benchmark": "thread_step", "machine": machine,
            "versions": {p: __import__("importlib.metadata").metadata.version(p) for p in ("torch", "transformers", "peft")},
-           "threads": a.threads, "dropout": a.dropout, "batch": [4, 256], "reps": rows,
+           "threads": a.threads, "dtype": a.dtype, "dropout": a.dropout, "batch": [4, 256], "reps": rows,
            "median_wall_s": {w: round(med(w, "wall_s"), 3) for w in rows},
            "median_process_cpu_s": {w: round(med(w, "process_cpu_s"), 3) for w in rows},
            "thread_over_main": {"median": round(statistics.median(ratios), 3), "min": round(min(ratios), 3),
                                 "max": round(max(ratios), 3), "reps": [round(r, 3) for r in ratios]}}
     Path(a.out).mkdir(parents=True, exist_ok=True)
-    (Path(a.out) / f"thread_step-{machine}.json").write_text(json.dumps(doc, indent=2) + "\n")
+    (Path(a.out) / f"thread_step-{machine}{'' if a.dtype == 'bf16' else '-fp32'}.json").write_text(json.dumps(doc, indent=2) + "\n")
     print(json.dumps({k: doc[k] for k in ("median_wall_s", "median_process_cpu_s", "thread_over_main")}))
     return 0
 
