@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -28,6 +27,8 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+
+from benchmarks import cpu_machine
 
 
 class ScriptedGpu:
@@ -159,7 +160,7 @@ def main(argv=None) -> int:
     print(json.dumps({"watchdog_path_s": dog}), flush=True)
     ovh = exporter_overhead(tmp / "ovh", max(2, a.reps // 2))
     print(json.dumps(ovh), flush=True)
-    doc = {"benchmark": "alerting", "machine": f"cpu-{platform.machine()}-{os.cpu_count()}c",
+    doc = {"benchmark": "alerting", "machine": cpu_machine(),
            "threshold_to_webhook_s": {"median": statistics.median(prom), "max": max(prom), "reps": prom, "goal": 2.0,
                                       "meets_goal": statistics.median(prom) <= 2.0},
            "watchdog_latency_s": {"median": statistics.median(dog), "max": max(dog), "reps": dog, "goal": 1.0,

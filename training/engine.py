@@ -783,7 +783,7 @@ def build_trainer(model, tok, cfg: dict, *, phase: str, device: str, dtype: str,
         if dtype == "bf16" and cfg["method"] == "lora" and os.environ.get("DUET_CPU_LORA_FP32", "1") != "0":
             from training import cpu_lora  # LoRA's update added in fp32 (see that module and training.plan)
 
-            cpu_lora.install(model)
+            cpu_lora.install(model, fast_dropout=os.environ.get("DUET_CPU_FAST_DROPOUT", "1") != "0")
     common = dict(
         output_dir=str(out), max_steps=max_steps, per_device_train_batch_size=cfg["micro_batch"],
         gradient_accumulation_steps=cfg["grad_accum"],

@@ -682,7 +682,8 @@ def estimate(cfg: TrainConfig, model: ModelProfile, device: str = "cuda", bf16: 
     }
     if device != "cuda" and cfg.packing is True and cfg.phase == "sft":
         # a packed row on CPU: SDPA under its block-diagonal mask takes torch's math path and keeps the
-        # heads x seq^2 scores of every layer for the backward (one layer's with checkpointing)
+        # heads x seq^2 scores of every layer for the backward; with checkpointing, two layers' (the recomputed
+        # one and the forward's own; not measured: benchmarks/vram_planner.py has no packed run with checkpointing)
         kept_layers = 2 if cfg.gradient_checkpointing is True else model.layers
         breakdown["attention_scores"] = int(kept_layers * cfg.micro_batch * model.heads * cfg.seq_len ** 2
                                             * PACKED_SCORE_BYTES_CPU)
