@@ -87,7 +87,8 @@ def _wait_webhook(path: Path, skip: int, status: str, timeout: float = 60) -> fl
 
 
 def watchdog_path(reps: int) -> list[float]:
-    from training.watchdog import Thresholds, Watchdog
+    from training.config import Thresholds
+    from training.watchdog import Watchdog
 
     out = []
     for _ in range(reps):

@@ -90,7 +90,9 @@ def _flops_peak() -> float | None:
 
 def one_run(ex, run_id: str, shape: str, folder: Path, ds, overrides: dict, hw) -> dict:
     from training.executor import make_spec
-    from training.plan import ModelProfile, load_config, make_plan
+    from training.memory_model import ModelProfile
+    from training.config import load_config
+    from training.plan import make_plan
 
     cfg = load_config("demo", overrides)
     model = ModelProfile.from_config(folder / "config.json")

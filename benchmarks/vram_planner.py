@@ -102,7 +102,9 @@ def measure(size: str, method: str, mb: int, seq: int, gc_on: bool, device: str,
     from training.engine import build_trainer, load_train_model
     from training.hardware import bf16_native, cpu_bf16
     from training.phases import PhasePeaks
-    from training.plan import ModelProfile, TrainConfig, make_plan
+    from training.memory_model import ModelProfile
+    from training.config import TrainConfig
+    from training.plan import make_plan
 
     cfg_dict = {**SIZES[size], "model_type": "qwen2"}
     tc = TrainConfig(name="bench", method=method, micro_batch=mb, grad_accum=1, seq_len=seq, max_steps=10,

@@ -189,9 +189,11 @@ def _setup_plan(p):
 
 
 def _run_plan(a) -> int:
-    from training.plan import ModelProfile, PlanError, load_config, make_plan
+    from training.memory_model import ModelProfile
+    from training.config import PlanError, load_config
+    from training.plan import make_plan
 
-    from training.plan import GPUS
+    from training.memory_model import GPUS
 
     overrides = {k: v for k, v in (("method", a.method), ("seq_len", a.seq_len), ("micro_batch", a.batch))
                  if v is not None}  # 0 is a value (refused by the config model), not "unset"
@@ -294,7 +296,7 @@ def _setup_run(p):
 def _run_run(a) -> int:
     from cluster import nodes
     from cluster.demo import DemoError, run_pipeline
-    from training.plan import PlanError, load_run_config
+    from training.config import PlanError, load_run_config
 
     from memory_sync.secret_scan import SecretFound, scanner
 

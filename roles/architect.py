@@ -18,7 +18,9 @@ from memory_sync.workspace import Workspace
 from training.dataset import build_version, check_name, input_file
 from training.executor import RECORD_FILES
 from training.hardware import HardwareProfile
-from training.plan import ModelProfile, check_run_id, load_config, make_plan
+from training.memory_model import ModelProfile
+from training.config import check_run_id, load_config
+from training.plan import make_plan
 
 
 class Architect:

@@ -136,7 +136,7 @@ class Run:
 
     def __init__(self, spec: dict, data_dir: str | os.PathLike, hardware: dict, *, _loaded: bool = False):
         from training.dataset import VERSION_FILES
-        from training.plan import check_run_id
+        from training.config import check_run_id
 
         self.run_id: str = check_run_id(spec["run_id"])
         unknown = set(spec["dataset"].get("files", {})) - set(VERSION_FILES)
@@ -263,7 +263,8 @@ class Run:
         return True
 
     def _start_watchdog(self):
-        from training.watchdog import RULES, NvmlSource, Thresholds, Watchdog
+        from training.watchdog import RULES, NvmlSource, Watchdog
+        from training.config import Thresholds
 
         src = self.gpu_source
         if src is None and self.plan.get("device") == "cuda":
@@ -710,7 +711,9 @@ class Run:
     def _formula_bytes(self, model_path: Path, cfg: dict) -> int | None:
         """The planner's formula for the configuration that ran (after any OOM re-plan), in the
         accounting of ``train_peak_bytes`` (no CUDA context): what calibration divides by."""
-        from training.plan import ModelProfile, PlanError, TrainConfig, estimate, measured_formula_bytes
+        from training.memory_model import ModelProfile, estimate
+        from training.config import PlanError, TrainConfig
+        from training.plan import measured_formula_bytes
 
         try:
             prof = ModelProfile.from_config(Path(self._base_path(model_path)) / "config.json")

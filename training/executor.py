@@ -28,7 +28,7 @@ class ExecutorError(RuntimeError):
 def run_dir(data_dir: str | os.PathLike, run_id: object) -> Path:
     """``<data_dir>/runs/<run_id>`` for a run id that names a folder there and nothing else
     (ExecutorError for ``../x``, ``a/b``, an empty or an overlong id, or a link that leads out)."""
-    from training.plan import PlanError, check_run_id
+    from training.config import PlanError, check_run_id
 
     try:
         check_run_id(run_id)
@@ -57,7 +57,7 @@ def local_run(plan_file: str | os.PathLike, *, workspace: str | os.PathLike, dat
     anything is created."""
     from training.dataset import DatasetError
     from training.dataset import version_dir as dataset_dir
-    from training.plan import PlanError, load_plan_file
+    from training.config import PlanError, load_plan_file
 
     path = Path(plan_file).resolve()
     try:

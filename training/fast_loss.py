@@ -21,7 +21,7 @@ import functools
 
 import torch
 
-from training.plan import cpu_loss_chunk_tokens as chunk_tokens
+from training.memory_model import cpu_loss_chunk_tokens as chunk_tokens
 
 def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
     dev = hidden.device.type

@@ -14,8 +14,9 @@ torch.cuda.max_memory_reserved() sees). run.json's ``phases`` puts each next to 
 
 from __future__ import annotations
 
-from training.plan import CUDA_CONTEXT_BYTES, DTYPE_BYTES, MIB, NF4_DQ_BYTES, RUNTIME_CPU, ModelProfile, \
-    TrainConfig, loss_head_bytes, train_dtype
+from training.config import TrainConfig
+from training.memory_model import CUDA_CONTEXT_BYTES, DTYPE_BYTES, MIB, NF4_DQ_BYTES, RUNTIME_CPU, ModelProfile, \
+    loss_head_bytes, scaled_total, train_dtype
 
 MERGE_EXTRA = 64 * MIB  # the merge's own temporaries beyond the weights (measured: demo)
 PROBE_TOKENS = 256      # the merge check's probe prompts (2 of the test split), at most this long each
@@ -31,8 +32,6 @@ def _finish(sub: int, device: str) -> dict:
 def phase_estimates(cfg: TrainConfig, model: ModelProfile, device: str, bf16: bool, breakdown: dict[str, int],
                     factor: float = 1.0, host_ram_bytes: int | None = None, budget_bytes: int | None = None) -> dict:
     """{phase: {"total_bytes", "reserved_bytes", "where"}} for training, evaluation, merge, sampling."""
-    from training.plan import scaled_total
-
     dt = train_dtype(cfg, device, bf16)
     wb = DTYPE_BYTES[dt]
     training_total = scaled_total(breakdown, factor)

@@ -38,8 +38,10 @@ import statistics
 import threading
 import time
 import urllib.request
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 from typing import Callable, Protocol
+
+from training.config import USABLE_FRACTION, Thresholds
 
 log = logging.getLogger("duet.watchdog")
 RULES = {"gpu_memory_high": "warning", "gpu_temperature_high": "critical", "throughput_drop": "warning",
@@ -47,80 +49,9 @@ RULES = {"gpu_memory_high": "warning", "gpu_temperature_high": "critical", "thro
          "training_stalled": "critical"}
 
 
-@dataclass
-class Thresholds:
-    vram_fraction: float = 0.90  # above the planner's USABLE_FRACTION (0.85): a plan that fits never alarms
-    temperature_c: float = 85.0
-    slowdown_margin_c: float = 5.0
-    resume_below_c: float = 75.0
-    thermal_pause: bool = True
-    throughput_drop: float = 0.80
-    throughput_warmup: int = 3
-    throughput_baseline: int = 5
-    throughput_patience: int = 2
-    grad_norm_high: float = 10.0
-    grad_norm_low: float = 0.01
-    grad_norm_patience: int = 3
-    stall_seconds: float = 300.0
-    interval_s: float = 1.0
-    webhook_url: str | None = None
-
-    def __post_init__(self) -> None:
-        """Every threshold is a finite number of its type, in a sensible range (ValueError naming it)."""
-        import math
-
-        ranges = {"vram_fraction": (0, 1), "temperature_c": (0, 150), "slowdown_margin_c": (0, 100),
-                  "resume_below_c": (0, 150), "throughput_drop": (0, 1), "throughput_warmup": (0, 100_000),
-                  "throughput_baseline": (1, 100_000), "throughput_patience": (1, 100_000),
-                  "grad_norm_high": (0, 1e12), "grad_norm_low": (0, 1e12), "grad_norm_patience": (1, 100_000),
-                  "stall_seconds": (1, 86_400 * 7), "interval_s": (0.01, 3600)}
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if f.name in ranges:
-                lo, hi = ranges[f.name]
-                want_int = f.type in ("int", int)
-                ok_type = isinstance(v, int) if want_int else isinstance(v, (int, float))
-                if isinstance(v, bool) or not ok_type or not math.isfinite(v) or not lo <= v <= hi:
-                    raise ValueError(f"watchdog.{f.name}: {v!r} is not a {'whole ' if want_int else ''}number in "
-                                     f"[{lo}, {hi}]")
-        if not isinstance(self.thermal_pause, bool):
-            raise ValueError(f"watchdog.thermal_pause: {self.thermal_pause!r} is not true or false")
-        if self.webhook_url is not None and (not isinstance(self.webhook_url, str)
-                                             or not self.webhook_url.startswith(("http://", "https://"))):
-            raise ValueError(f"watchdog.webhook_url: {self.webhook_url!r} is not an http(s) URL")
-        if self.resume_below_c >= self.temperature_c:
-            raise ValueError(f"watchdog.resume_below_c ({self.resume_below_c}) must be below temperature_c "
-                             f"({self.temperature_c})")
-
-    @classmethod
-    def from_train(cls, train: dict) -> "Thresholds":
-        """The run's train config: ``watchdog: {...}`` plus the engine's grad-norm settings."""
-        if not isinstance(train.get("watchdog") or {}, dict):
-            raise ValueError("watchdog: expected a mapping of thresholds, e.g. {temperature_c: 80}")
-        raw = dict(train.get("watchdog") or {})
-        if "grad_norm_limit" in train:
-            raw.setdefault("grad_norm_high", train["grad_norm_limit"])
-        if "grad_norm_min" in train:
-            raw.setdefault("grad_norm_low", train["grad_norm_min"])
-        if "grad_norm_patience" in train:
-            raw.setdefault("grad_norm_patience", train["grad_norm_patience"])
-        known = {f.name for f in fields(cls)}
-        unknown = {str(k) for k in raw} - known
-        if unknown:
-            raise ValueError(f"watchdog: unknown field(s) {sorted(unknown)} (allowed: {', '.join(sorted(known))})")
-        raw.setdefault("webhook_url", os.environ.get("DUET_ALERT_WEBHOOK") or None)
-        return cls(**raw)
-
-
 class GpuSource(Protocol):
     def read(self) -> dict | None:
         """{"memory_used_bytes", "memory_total_bytes", "temperature_c", "slowdown_c"?, ...} or None."""
-
-
-def _usable_fraction() -> float:
-    from training.plan import USABLE_FRACTION
-
-    return USABLE_FRACTION
 
 
 def _torch_uuid() -> str | None:
@@ -338,7 +269,7 @@ class Watchdog:
             frac = gpu["memory_used_bytes"] / gpu["memory_total_bytes"]
             a = self._set("gpu_memory_high", frac > self.t.vram_fraction,
                           f"GPU memory {frac:.0%} used (> {self.t.vram_fraction:.0%}; plans keep under "
-                          f"{_usable_fraction():.0%}, so this run has grown past its plan)", round(frac, 4),
+                          f"{USABLE_FRACTION:.0%}, so this run has grown past its plan)", round(frac, 4),
                           self.t.vram_fraction)
             out += [a] if a else []
         if gpu and gpu.get("temperature_c") is not None:

@@ -17,8 +17,9 @@ from memory_sync.events import EventError, read_events, read_meta
 from memory_sync.secret_scan import SecretFound
 from training.dataset import DatasetError, check_records, read_jsonl, scan_jsonl
 from training.importers import EXPORTS, FORMATS, ImportFormatError, import_file, import_to
-from training.plan import ModelProfile, PlanError, load_config, load_plan_file, load_run_config
-from training.watchdog import Thresholds
+from training.memory_model import ModelProfile
+from training.config import PlanError, load_config, load_plan_file, load_run_config
+from training.config import Thresholds
 
 SETTINGS = settings(max_examples=int(os.environ.get("DUET_FUZZ_EXAMPLES", "60")), deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])

@@ -1,7 +1,8 @@
 import pytest
 
-from training.plan import GIB, MIB, NF4_DQ_BYTES, USABLE_FRACTION, ModelProfile, PlanError, TrainConfig, estimate, \
-    load_config, make_plan
+from training.memory_model import GIB, MIB, NF4_DQ_BYTES, ModelProfile, estimate
+from training.config import USABLE_FRACTION, PlanError, TrainConfig, load_config
+from training.plan import make_plan
 
 LLAMA2_7B = {"model_type": "llama", "hidden_size": 4096, "num_hidden_layers": 32, "intermediate_size": 11008,
              "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000, "tie_word_embeddings": False}
@@ -172,7 +173,8 @@ def test_measured_peaks_calibrate_the_next_plan():
 
 def test_bf16_only_on_compute_capability_8_or_newer():
     from training.hardware import bf16_native
-    from training.plan import dtype_decision, train_dtype
+    from training.plan import dtype_decision
+    from training.memory_model import train_dtype
 
     assert [bf16_native(cc) for cc in ("7.5", "7.0", "8.0", "8.6", "8.9", "9.0", "12.0", None, "x")] == \
         [False, False, True, True, True, True, True, False, False]
@@ -216,7 +218,8 @@ def test_cpu_speed_decisions_follow_the_cpu():
 
 
 def test_calibration_keeps_the_cuda_context_apart_and_uses_the_config_that_ran():
-    from training.plan import calibrate, measured_formula_bytes, scaled_total
+    from training.plan import calibrate, measured_formula_bytes
+    from training.memory_model import scaled_total
 
     m = ModelProfile.from_config({"model_type": "llama", "hidden_size": 2048, "num_hidden_layers": 16,
                                   "intermediate_size": 8192, "num_attention_heads": 32, "num_key_value_heads": 8,
@@ -236,7 +239,7 @@ def test_calibration_keeps_the_cuda_context_apart_and_uses_the_config_that_ran()
 
 
 def test_dtype_is_set_in_one_place(tmp_path):
-    from training.plan import load_plan_file
+    from training.config import load_plan_file
 
     base = ("run_id: r1\nmodel_ref: tiny\ndataset: {name: d, content_hash: " + "a" * 64 + "}\nestimate: {}\n")
     f = tmp_path / "p.yaml"
@@ -267,7 +270,7 @@ def test_every_phase_is_planned_and_a_merge_that_fits_nowhere_refuses_the_plan()
 
 
 def test_qlora_16bit_plans_keep_an_untied_head_in_their_dtype():
-    from training.plan import qlora_head_saving
+    from training.memory_model import qlora_head_saving
 
     llama3 = ModelProfile.from_config({"model_type": "llama", "hidden_size": 4096, "num_hidden_layers": 32,
                                        "intermediate_size": 14336, "num_attention_heads": 32,

@@ -7,7 +7,8 @@ import threading
 import pytest
 
 from tests.fakes import FakeGpuSource, Recorded
-from training.watchdog import Thresholds, Watchdog
+from training.config import Thresholds
+from training.watchdog import Watchdog
 
 
 class Clock:
@@ -128,7 +129,7 @@ def test_nvml_index_is_the_gpu_the_run_uses():
 
 
 def test_the_vram_alert_sits_above_what_a_plan_may_use():
-    from training.plan import USABLE_FRACTION
+    from training.config import USABLE_FRACTION
 
     assert Thresholds().vram_fraction > USABLE_FRACTION
 
