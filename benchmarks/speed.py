@@ -95,10 +95,12 @@ def run_arm(arm: str, spec: dict, steps: int, out: Path) -> dict:
             marks.append((time.perf_counter(), int(state.num_input_tokens_seen or 0)))
 
     if arm == "duet":
-        from training.engine import build_trainer, load_train_model
+        from training.config import TrainConfig
+        from training.model_load import build_trainer, load_train_model
 
-        model = load_train_model(Path(spec["model"]), t, device=plan["device"], dtype=plan["dtype"])
-        trainer = build_trainer(model, tok, {**t, "max_steps": steps}, phase="sft", device=plan["device"],
+        tc = TrainConfig.model_validate(t).model_copy(update={"max_steps": steps})
+        model = load_train_model(Path(spec["model"]), tc, device=plan["device"], dtype=plan["dtype"])
+        trainer = build_trainer(model, tok, tc, phase="sft", device=plan["device"],
                                 dtype=plan["dtype"], out=out, max_steps=steps, evaluate=False, save=False,
                                 train_ds=rows(spec["train"]), eval_ds=None)
         trainer.add_callback(Clock())

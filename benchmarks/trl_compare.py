@@ -61,7 +61,7 @@ def plain(model_dir: Path, ds: dict, out: Path, config: dict, threads: int, plan
 
 
 def plan_as_sft_config(plan: dict, **extra) -> dict:
-    from training.engine import packing_args
+    from training.model_load import packing_args
 
     t = plan["train"]
     return {"per_device_train_batch_size": t["micro_batch"], "gradient_accumulation_steps": t["grad_accum"],

@@ -99,7 +99,7 @@ def measure(size: str, method: str, mb: int, seq: int, gc_on: bool, device: str,
     from datasets import Dataset
 
     from training import models
-    from training.engine import build_trainer, load_train_model
+    from training.model_load import build_trainer, load_train_model
     from training.hardware import bf16_native, cpu_bf16
     from training.phases import PhasePeaks
     from training.memory_model import ModelProfile
@@ -126,7 +126,7 @@ def measure(size: str, method: str, mb: int, seq: int, gc_on: bool, device: str,
         tok.pad_token = tok.eos_token
     g = torch.Generator().manual_seed(0)
     ds = Dataset.from_list(_rows(kind, tok, SIZES[size]["vocab_size"], mb, seq, steps, g))
-    cfg = pd["train"]
+    cfg = plan.config  # the plan's resolved TrainConfig, as the engine trains it
     import peft  # noqa: F401  (the libraries' own memory is not the plan's: import them before rss0)
     import trl  # noqa: F401
     from trl import SFTConfig, SFTTrainer  # noqa: F401

@@ -19,10 +19,8 @@ from pathlib import Path
 
 from cluster import auth
 from infra.services import ServiceError, StateFile, pid_alive, port_open, stop_pid
+from roles.names import NAMESPACE
 
-NAMESPACE = "duet"
-ARCHITECT_NAME = "duet-architect"
-EXECUTOR_NAME = "duet-executor"
 DEFAULT_HEAD_PORT = 6390
 
 

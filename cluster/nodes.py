@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from cluster import auth, node
+from roles import names
 from infra.services import ServiceError, StateFile, pid_alive, port_open
 
 KV_KEY = b"duet:versions"
@@ -177,7 +178,7 @@ def client_check(address: str, *, token_file: str | None = None, timeout: float 
         theirs = json.loads(raw) if raw else None
         executor_up = True
         try:
-            ray.get_actor(node.EXECUTOR_NAME, namespace=node.NAMESPACE)
+            ray.get_actor(names.EXECUTOR_NAME, namespace=names.NAMESPACE)
         except ValueError:
             executor_up = False
     finally:
@@ -284,9 +285,9 @@ def status(address: str | None = None) -> dict:
                 doc["actors"].append({"name": a["name"], "node_id": a.get("node_id"), "address": node_addr,
                                       "pid": a.get("pid")})
     except Exception as exc:  # the state API needs the dashboard agent; degrade, do not fail
-        for name in (node.EXECUTOR_NAME, node.ARCHITECT_NAME):
+        for name in (names.EXECUTOR_NAME, names.ARCHITECT_NAME):
             try:
-                h = ray.get_actor(name, namespace=node.NAMESPACE)
+                h = ray.get_actor(name, namespace=names.NAMESPACE)
                 info = ray.get(h.ping.remote(), timeout=10)
                 addr = next((n["address"] for n in doc["nodes"] if n["node_id"] == info.get("node_id")), None)
                 doc["actors"].append({"name": name, "node_id": info.get("node_id"), "address": addr,
@@ -295,7 +296,7 @@ def status(address: str | None = None) -> dict:
                 pass
         doc["actors_note"] = f"via ping ({type(exc).__name__})"
     try:
-        ex = ray.get_actor(node.EXECUTOR_NAME, namespace=node.NAMESPACE)
+        ex = ray.get_actor(names.EXECUTOR_NAME, namespace=names.NAMESPACE)
         for r in ray.get(ex.list.remote(), timeout=10):
             if r["state"] not in ("finished", "failed", "cancelled"):
                 snap = ray.get(ex.status.remote(r["run_id"], 10**9), timeout=10)
@@ -334,6 +335,6 @@ def executor_handle(workspace: str | os.PathLike, address: str | None = None):
     import ray
 
     try:
-        return ray.get_actor(node.EXECUTOR_NAME, namespace=node.NAMESPACE)
+        return ray.get_actor(names.EXECUTOR_NAME, namespace=names.NAMESPACE)
     except ValueError as exc:
         raise ServiceError("the cluster is up but has no executor actor (no run was submitted yet)") from exc

@@ -57,15 +57,6 @@ def describe(exc: BaseException) -> str:
     return text or type(exc).__name__
 
 
-def print_error(exc: BaseException | str) -> None:
-    """``error: <message>`` on stderr; the message is printed as it is (no Rich markup inside it)."""
-    from rich.console import Console
-    from rich.markup import escape
-
-    msg = exc if isinstance(exc, str) else describe(exc)
-    Console(stderr=True, soft_wrap=True).print(f"[red]error:[/] {escape(msg)}", highlight=False)
-
-
 # -- argument types: a number that is read is finite and in range, and 0 is a value, not "unset" --------
 
 def int_arg(lo: int | None = None, hi: int | None = None):

@@ -281,7 +281,9 @@ def restore(bundle: str | os.PathLike, workspace: str | os.PathLike, memory=None
     """Verify the whole bundle, check the target, then write: sessions staged in a temporary folder
     and moved into place, the cortex in one transaction, the neocortex, one commit. If a step fails
     after writing began, what this restore wrote is removed again (the workspace it created, the
-    session folders, the store rows), so a refused or failed restore changes nothing."""
+    session folders, the store rows), so a refused or failed restore changes nothing.
+
+    Long because a restore is one guarded sequence: validate all, write, verify, in that order."""
     import shutil
     import tempfile
 

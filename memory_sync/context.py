@@ -65,6 +65,7 @@ def _fit(items: list[str], budget: int, count) -> tuple[list[str], int, int]:
 
 def build(workspace: str | os.PathLike, sid: str, *, budget: int = DEFAULT_BUDGET, threshold: float = DEFAULT_THRESHOLD,
           store_docs: list[Doc] | None = None, count_tokens=None, embedder=None) -> dict:
+    """Long because the three tiers fill one token budget in order, each reading what the previous left."""
     if budget < 256:
         raise ValueError(f"budget {budget} tokens is too small (at least 256)")
     count = count_tokens or estimate_tokens

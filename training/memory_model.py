@@ -65,7 +65,7 @@ class ModelProfile:
                 p = p / "config.json"
             if not p.is_file():
                 raise PlanError(f"{cfg}: no config.json (give a model folder or its config.json)")
-            from training.dataset import parse_json
+            from training.schema import parse_json
 
             try:
                 cfg = parse_json(p.read_bytes().decode("utf-8-sig"), str(p))

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from training.engine import load_train_model
+from training.model_load import load_train_model
+from training.phases import release_memory
 
 
 def _probe(run, tok) -> tuple[list, list, list]:
@@ -27,14 +28,14 @@ def _nf4_logits(run, base_path: Path, enc: list) -> list:
     trained adapter on top), fp32 logits on the CPU."""
     import torch
 
-    model = load_train_model(base_path, run.train_cfg, device=run.plan["device"], dtype=run.plan["dtype"],
+    model = load_train_model(base_path, run.train_cfg, device=run.device, dtype=run.dtype,
                              adapter=run.dir / "adapter")
     model.eval()
     dev = next(model.parameters()).device
     with torch.no_grad():
         out = [model(**{k: v.to(dev) for k, v in e.items()}).logits.float().cpu() for e in enc]
     del model
-    run._free()
+    release_memory()
     return out
 
 
@@ -43,7 +44,9 @@ def merge_and_evaluate(run, model_path: Path) -> None:
     else on the CPU after checking free RAM; verify the merged model against adapter+base with a
     dtype-aware criterion (training/merge_check.py); for QLoRA measure the drift from the nf4
     model as trained; save with safetensors; generate samples. A full fine-tune has no adapter:
-    its trained weights are the model (saved by the training) and only the samples are made."""
+    its trained weights are the model (saved by the training) and only the samples are made.
+
+    Long because the merge, its check and the samples share the models it loads once."""
     import psutil
     import torch
     from peft import PeftModel
@@ -52,7 +55,7 @@ def merge_and_evaluate(run, model_path: Path) -> None:
     from training import merge_check
 
     run._enter("merge")
-    full = run.train_cfg.get("method") == "full"
+    full = run.train_cfg.method == "full"
     src = run.dir / ("merged" if full else "adapter")
     tok = AutoTokenizer.from_pretrained(src)
     dtype = run._torch_dtype()
@@ -77,7 +80,7 @@ def merge_and_evaluate(run, model_path: Path) -> None:
                                        "verified": "full fine-tune: the trained weights are the model (no merge)"}
         run.emit("merged", path=str(src), device=device, full=True)
     else:
-        drift_ref = _nf4_logits(run, base_path, enc) if run.train_cfg.get("method") == "qlora" else None
+        drift_ref = _nf4_logits(run, base_path, enc) if run.train_cfg.method == "qlora" else None
         base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype).to(device)
         model = PeftModel.from_pretrained(base, run.dir / "adapter").to(device)
         model.eval()
@@ -88,9 +91,9 @@ def merge_and_evaluate(run, model_path: Path) -> None:
                 base_out = [model(**e).logits.float().cpu() for e in enc_d]
             merged = model.merge_and_unload()
             got = [merged(**e).logits.float().cpu() for e in enc_d]
-        check = merge_check.compare(ref, got, run.plan["dtype"])
-        effect = merge_check.compare(ref, base_out, run.plan["dtype"])
-        ok, why = merge_check.judge(run.plan["dtype"], check, effect)
+        check = merge_check.compare(ref, got, run.dtype)
+        effect = merge_check.compare(ref, base_out, run.dtype)
+        ok, why = merge_check.judge(run.dtype, check, effect)
         if not ok:
             raise RuntimeError(f"merge verification failed: {why}")
         merged_dir = run.dir / "merged"
@@ -110,16 +113,16 @@ def merge_and_evaluate(run, model_path: Path) -> None:
         del model, base
     run._enter("sampling")
     samples = []
-    n = run.train_cfg.get("sample_prompts", 3)
+    n = run.train_cfg.sample_prompts
     for rec, p, reference in list(zip(test, prompts, refs))[:n]:
         text = tok.apply_chat_template(p, add_generation_prompt=True, tokenize=False)
         e = tok(text, return_tensors="pt").to(device)
         with torch.no_grad():
-            out = merged.generate(**e, max_new_tokens=run.train_cfg.get("max_new_tokens", 48), do_sample=False,
+            out = merged.generate(**e, max_new_tokens=run.train_cfg.max_new_tokens, do_sample=False,
                                   pad_token_id=tok.pad_token_id or tok.eos_token_id)
         gen = tok.decode(out[0, e["input_ids"].shape[1]:], skip_special_tokens=True).strip()
         samples.append({"id": rec["id"], "prompt": p[-1]["content"], "reference": reference, "generated": gen})
     run.result["samples"] = samples
     run.emit("samples", count=len(samples))
     del merged
-    run._free()
+    release_memory()

@@ -8,6 +8,9 @@ of each phase lands in run.json as ``phase_peaks`` next to the planner's estimat
 
 from __future__ import annotations
 
+import gc
+import resource
+import sys
 import threading
 
 
@@ -71,3 +74,66 @@ class PhasePeaks:
         with self._lock:
             return {k: dict(v) for k, v in self.peaks.items()}
 
+
+def peak_memory_bytes() -> dict:
+    out = {"rss_peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            out["cuda_max_reserved_bytes"] = torch.cuda.max_memory_reserved()
+            out["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated()
+    except ImportError:
+        pass
+    return out
+
+
+
+def release_memory() -> None:
+    """Give freed memory back: torch's CUDA cache, and on Linux the C heap (glibc keeps freed
+    blocks mapped, so without a trim the merge would run on top of training's high-water mark)."""
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:
+        pass
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+
+
+
+def training_peak(peaks: PhasePeaks | None) -> int:
+    """The peak of the training just done: torch's own on CUDA (reset before train()), else the
+    phase sampler's RSS (a per-step reading misses the peak inside a step: 2.9 GB vs 3.6 GB
+    on the demo)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_reserved()
+    if peaks is not None:
+        return peaks.snapshot().get("training", {}).get("rss_bytes", 0)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+
+def phase_report(peaks: PhasePeaks, plan: dict) -> dict:
+    """Each phase's measured peak next to the planner's estimate of it (run.json ``phases``)."""
+    measured = peaks.snapshot()
+    est = (plan.get("estimate") or {}).get("phases") or {}
+    key = "cuda_reserved_bytes" if plan.get("device") == "cuda" else "rss_bytes"
+    out = {}
+    for name, m in measured.items():
+        row = {"measured_bytes": m.get(key, m["rss_bytes"]), "measured_as": key}
+        if name in est:
+            row["estimate_bytes"] = est[name]["total_bytes"] if key == "rss_bytes" else est[name]["reserved_bytes"]
+            row["ratio_estimate_to_measured"] = round(row["estimate_bytes"] / max(1, row["measured_bytes"]), 3)
+        out[name] = row
+    return out

@@ -11,8 +11,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
 
-from training.config import USABLE_FRACTION, TrainConfig
+from training.config import USABLE_FRACTION, PlanError, TrainConfig
 from training.memory_model import FUSED_TOKEN_TILE, FUSED_VOCAB_TILE, GIB, ModelProfile, \
     cpu_loss_chunk_tokens, estimate, qlora_head_saving, scaled_total, train_dtype
 
@@ -170,7 +171,9 @@ def make_plan(cfg: TrainConfig, model: ModelProfile, *, device: str, bf16: bool,
 
     Packing chosen here replaces padding and nothing else: the packed micro-batch holds about as many
     examples as ``micro_batch`` unpacked rows would, so an optimizer step sees the same data (and the
-    learning curve stays comparable) while the forward pass carries fewer, padding-free tokens."""
+    learning curve stays comparable) while the forward pass carries fewer, padding-free tokens.
+
+    Long because its decisions (dtype, checkpointing, packing, calibration, phases) each read the previous ones."""
     decisions = []
     examples_per_step = cfg.effective_batch
     if cfg.packing == "auto":
@@ -285,3 +288,15 @@ def suggest(cfg: TrainConfig, model: ModelProfile, *, device: str, bf16: bool, b
             if len(out) >= 3:
                 break
     return out
+
+
+def formula_bytes_for(cfg: TrainConfig, model_dir, device: str, dtype: str) -> int | None:
+    """The planner's formula for the configuration that ran (after any OOM re-plan), in the
+    accounting of ``train_peak_bytes`` (no CUDA context): what calibration divides by. None when
+    the model's config cannot be profiled."""
+    try:
+        prof = ModelProfile.from_config(Path(model_dir) / "config.json")
+        bd = estimate(cfg, prof, device, bf16=dtype == "bf16")
+    except (PlanError, ValueError, OSError):
+        return None
+    return measured_formula_bytes(bd)

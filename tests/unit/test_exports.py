@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from cluster.cli import main
-from training.dataset import Record, check_records, read_jsonl
+from training.schema import Record, check_records, read_jsonl
 from training.importers import ImportFormatError, Options, import_file, import_to
 
 EXP = Path(__file__).resolve().parents[1] / "fixtures" / "exports"

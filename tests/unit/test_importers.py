@@ -3,7 +3,7 @@ from pathlib import Path
 
 
 from cluster.cli import main
-from training.dataset import check_records, read_jsonl
+from training.schema import check_records, read_jsonl
 from training.importers import import_file
 
 FIX = Path(__file__).resolve().parents[1] / "fixtures"

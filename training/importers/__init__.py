@@ -30,7 +30,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from training.dataset import max_turn_chars
+from training.schema import max_turn_chars
 from training.importers import chatgpt, claude, markdown, simple
 from training.importers.conversation import TOOLS_MODES, to_records
 from training.importers.source import ImportFormatError, Source, _Skip

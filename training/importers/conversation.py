@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from training.dataset import THINK_CLOSE, THINK_OPEN, estimate_tokens
+from training.schema import THINK_CLOSE, THINK_OPEN, estimate_tokens
 from training.importers.text import Changes
 
 TOOLS_MODES = ("drop", "fold", "keep")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import ijson
 
-from training.dataset import DatasetError, input_file, json_depth, max_json_depth, parse_json, _limit, MAX_LINE_BYTES
+from training.schema import DatasetError, input_file, json_depth, max_json_depth, parse_json, _limit, MAX_LINE_BYTES
 
 
 class ImportFormatError(ValueError):

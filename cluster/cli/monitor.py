@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import time
 
-from cluster.output import EXIT_INFRA, EXIT_INPUT, EXIT_OK, EXIT_REFUSED, float_arg, int_arg, print_error
+from cluster.output import EXIT_INFRA, EXIT_INPUT, EXIT_OK, EXIT_REFUSED, float_arg, int_arg
+from cluster.console import print_error
 
 SPARK = "▁▂▃▄▅▆▇█"
 
 
 def setup_infra(p):
-    from cluster.cli import _workspace_arg
+    from cluster.cli.common import workspace_arg as _workspace_arg
 
     p.add_argument("action", choices=("up", "down", "status"))
     p.add_argument("--exporter", default="127.0.0.1:9108", help="the executor's exporter HOST:PORT to scrape")
@@ -23,7 +24,7 @@ def setup_infra(p):
 
 
 def run_infra(a) -> int:
-    from cluster.cli import _console
+    from cluster.console import console as _console
     from cluster.output import emit_json
     from infra import monitoring
     from infra.services import ServiceError
@@ -67,7 +68,7 @@ def run_infra(a) -> int:
 
 
 def setup_watch(p):
-    from cluster.cli import _workspace_arg
+    from cluster.cli.common import workspace_arg as _workspace_arg
 
     p.add_argument("run_id")
     p.add_argument("--address", help="the cluster's head HOST:PORT or ray://HOST:PORT (default: the one duet knows)")

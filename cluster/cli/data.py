@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import sys
 
-from cluster.output import EXIT_INPUT, EXIT_OK, emit_json as _emit_json, float_arg, int_arg, print_error
+from cluster.output import EXIT_INPUT, EXIT_OK, emit_json as _emit_json, float_arg, int_arg
+from cluster.console import print_error
 
 
 def _console():
-    from cluster.cli import _console as console  # the one stderr console of the CLI
+    from cluster.console import console
 
     return console()
 
@@ -25,7 +26,7 @@ def _labels(values: list[str] | None, flag: str) -> tuple[str, ...]:
 
 
 def setup_data(p):
-    from cluster.cli import _workspace_arg
+    from cluster.cli.common import workspace_arg as _workspace_arg
     from training.importers import FORMATS, MAX_LEN, TOOLS_MODES
 
     sub = p.add_subparsers(dest="data_cmd", metavar="{import,check,curate}")
@@ -93,7 +94,8 @@ def _progress(enabled: bool):
 
 
 def _run_import(a) -> int:
-    from training.dataset import DatasetError, tokenizer_counter
+    from training.schema import DatasetError
+    from training.dataset import tokenizer_counter
     from training.importers import ImportFormatError, Options, import_to
 
     con = _console()
@@ -136,7 +138,7 @@ def _run_import(a) -> int:
 
 
 def run_data(a) -> int:
-    from training.dataset import DatasetError, check_records
+    from training.schema import DatasetError, check_records
 
     con = _console()
     if a.data_cmd is None:
@@ -152,7 +154,7 @@ def run_data(a) -> int:
         print_error(exc)
         return EXIT_INPUT
     if a.data_cmd == "check":
-        from training.dataset import scan_jsonl
+        from training.schema import scan_jsonl
 
         records, errors, line_problems = [], [], []
         for f in a.files:

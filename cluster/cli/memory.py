@@ -7,11 +7,12 @@ import json
 import os
 import sys
 
-from cluster.output import EXIT_INFRA, EXIT_INPUT, EXIT_OK, EXIT_REFUSED, float_arg, int_arg, print_error
+from cluster.output import EXIT_INFRA, EXIT_INPUT, EXIT_OK, EXIT_REFUSED, float_arg, int_arg
+from cluster.console import print_error
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    from cluster.cli import _workspace_arg
+    from cluster.cli.common import workspace_arg as _workspace_arg
 
     _workspace_arg(p)
     p.add_argument("--json", action="store_true")
@@ -118,7 +119,7 @@ def _range(spec: str | None, n: int) -> slice:
 
 
 def run_session(a) -> int:
-    from cluster.cli import _console
+    from cluster.console import console as _console
     from memory_sync.events import EventError
 
     if a.session_cmd is None:
@@ -238,7 +239,8 @@ def setup_memory(p):
 
 
 def run_memory(a) -> int:
-    from cluster.cli import _console
+    """Long because it dispatches the memory subcommands, each a few lines over the same opened Memory."""
+    from cluster.console import console as _console
     from memory_sync.backup import BackupError
     from memory_sync.events import EventError
     from memory_sync.neocortex import HypothesisError
