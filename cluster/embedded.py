@@ -40,6 +40,15 @@ def running(workspace: str | os.PathLike) -> dict:
     return {k: {**v, "alive": services.pid_alive(v["pid"])} for k, v in st.items()}
 
 
+def store_urls(workspace: str | os.PathLike) -> tuple[str | None, str | None]:
+    """The stores this workspace uses, resolved in one place: DUET_POSTGRES_URL / DUET_MONGO_URL,
+    else the ones `duet up` started for it and that still run (None where neither)."""
+    st = running(workspace)
+    pg = st.get("postgres", {}).get("url") if st.get("postgres", {}).get("alive") else None
+    mongo = st.get("mongo", {}).get("url") if st.get("mongo", {}).get("alive") else None
+    return os.environ.get("DUET_POSTGRES_URL") or pg, os.environ.get("DUET_MONGO_URL") or mongo
+
+
 def up(workspace: str | os.PathLike, *, ray_port: int | None = None) -> Embedded:
     sd = state_dir(workspace)
     sd.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 from cluster.output import EXIT_INFRA, EXIT_INPUT, EXIT_OK, EXIT_REFUSED, float_arg, int_arg
@@ -19,13 +18,9 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _store_urls(workspace: str) -> tuple[str | None, str | None]:
-    """DUET_POSTGRES_URL / DUET_MONGO_URL, else the stores `duet up` started for this workspace."""
     from cluster import embedded
 
-    st = embedded.running(workspace)
-    pg = st.get("postgres", {}).get("url") if st.get("postgres", {}).get("alive") else None
-    mongo = st.get("mongo", {}).get("url") if st.get("mongo", {}).get("alive") else None
-    return os.environ.get("DUET_POSTGRES_URL") or pg, os.environ.get("DUET_MONGO_URL") or mongo
+    return embedded.store_urls(workspace)
 
 
 def _memory(a, create: bool = False):

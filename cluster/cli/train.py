@@ -213,12 +213,8 @@ def run_runs(a) -> int:
             snap = ray.get(ex.status.remote(a.run_id, 0), timeout=60)
             doc = {k: snap[k] for k in ("run_id", "state", "progress", "error", "recoveries")}
             if snap["state"] in ("finished", "failed", "cancelled"):
-                st = embedded.running(a.workspace)
-                pg = st.get("postgres", {}).get("url") if st.get("postgres", {}).get("alive") else None
-                mongo = st.get("mongo", {}).get("url") if st.get("mongo", {}).get("alive") else None
-                doc["recorded"] = record_if_new(a.workspace, os.environ.get("DUET_POSTGRES_URL") or pg,
-                                                os.environ.get("DUET_MONGO_URL") or mongo,
-                                                ray.get(ex.fetch_record.remote(a.run_id)))
+                pg, mongo = embedded.store_urls(a.workspace)
+                doc["recorded"] = record_if_new(a.workspace, pg, mongo, ray.get(ex.fetch_record.remote(a.run_id)))
         else:
             doc = ray.get(getattr(ex, a.action).remote(a.run_id), timeout=60)
     except ray.exceptions.RayTaskError as exc:

@@ -216,3 +216,18 @@ def test_the_watchdog_and_rules_yml_alert_at_the_same_thresholds():
     assert fields["grad_norm_min"].default == t.grad_norm_low
     assert fields["grad_norm_patience"].default == t.grad_norm_patience
     assert math.isfinite(t.grad_norm_high)
+
+
+def test_both_stores_implement_the_store_interface():
+    import inspect
+
+    from memory_sync.cortex import Cortex
+    from memory_sync.neocortex import Neocortex
+    from memory_sync.stores import Store
+
+    for cls in (Cortex, Neocortex):
+        assert issubclass(cls, Store), cls
+        for name in ("migrate", "upsert_events", "count", "dump", "load", "close"):
+            want = list(inspect.signature(getattr(Store, name)).parameters)
+            got = list(inspect.signature(getattr(cls, name)).parameters)
+            assert len(got) >= len(want), f"{cls.__name__}.{name}{got} vs Store.{name}{want}"
