@@ -34,17 +34,17 @@ def _losses(path: Path) -> list[dict]:
 def one(tmp: Path, port: int, repo: Path) -> dict:
     import psutil
 
-    from cluster import nodes
+    from cluster import two_host
     from roles.architect import Architect
 
     data = tmp / "data"
-    nodes.start_head(role="executor", bind="127.0.0.2", port=port, data_dir=str(data), metrics_port=None)
+    two_host.start_head(role="executor", bind="127.0.0.2", port=port, data_dir=str(data), metrics_port=None)
     arch = Architect(str(tmp / "ws"), None, None, session_title="failover bench")
     ds = arch.curate([str(repo / "examples/persona/persona.jsonl")], "persona")
-    from cluster import node
+    from cluster import ray_node
     from roles import names
 
-    node.connect(f"127.0.0.2:{port}")
+    ray_node.connect(f"127.0.0.2:{port}")
     import ray
 
     ex = ray.get_actor(names.EXECUTOR_NAME, namespace=names.NAMESPACE)
@@ -58,19 +58,19 @@ def one(tmp: Path, port: int, repo: Path) -> dict:
     deadline = time.time() + 180
     while not any(x["step"] >= 45 for x in _losses(losses)):
         if time.time() > deadline:
-            nodes.stop(all_nodes=True)
+            two_host.stop(all_nodes=True)
             raise RuntimeError("the run did not reach step 45 within 180 s")
         time.sleep(0.1)
     key = f"head-127.0.0.2-{port}"
-    head_pid = nodes.local_nodes()[key]["pid"]
+    head_pid = two_host.local_nodes()[key]["pid"]
     raylet = next(c for c in psutil.Process(head_pid).children(recursive=True) if c.name() == "raylet")
     os.kill(raylet.pid, signal.SIGKILL)
     psutil.wait_procs([psutil.Process(head_pid)], timeout=60)
     last = max(x["step"] for x in _losses(losses))
-    nodes.stop(all_nodes=True)
+    two_host.stop(all_nodes=True)
     old_pids = {x["pid"] for x in _losses(losses)}
     t0 = time.time()
-    started = nodes.start_head(role="executor", bind="127.0.0.2", port=port, data_dir=str(data), metrics_port=None)
+    started = two_host.start_head(role="executor", bind="127.0.0.2", port=port, data_dir=str(data), metrics_port=None)
     t_head = time.time()
     t_alive = started["alive_at"]
     new_pid = started["actor"]["pid"]
@@ -81,11 +81,11 @@ def one(tmp: Path, port: int, repo: Path) -> dict:
         if new:
             break
         if time.time() > deadline:
-            nodes.stop(all_nodes=True)
+            two_host.stop(all_nodes=True)
             raise RuntimeError(f"no step after the restart within 120 s; see {data / 'runs' / run_id / 'events.jsonl'}")
         time.sleep(0.02)
     t1 = new[0]["time"]
-    nodes.stop(all_nodes=True)
+    two_host.stop(all_nodes=True)
     return {"failover_s": round(t1 - t_alive, 2), "from_command_s": round(t1 - t0, 2),
             "ray_start_s": round(t_alive - t0, 2), "head_start_s": round(t_head - t0, 2),
             "first_step_after_head_s": round(t1 - t_head, 2), "died_after_step": last,

@@ -28,7 +28,7 @@ GOALS = {"postgres_10k_events_s": 0.5, "mongo_wire_10k_events_s": 1.0, "git_sync
 
 
 def _events(tmp: Path, n: int) -> tuple:
-    from memory_sync.events import start_session
+    from memory_sync.log import start_session
 
     s = start_session(tmp, "bench")
     evs = [s.append("turn", {"role": "user" if i % 2 == 0 else "assistant",
@@ -64,7 +64,7 @@ def stores_once(tmp: Path, pg_url: str, mongo_url: str) -> dict:
 
 
 def sync_once(tmp: Path) -> dict:
-    from memory_sync.events import start_session
+    from memory_sync.log import start_session
     from memory_sync.sync import sync
     from memory_sync.workspace import Workspace
 

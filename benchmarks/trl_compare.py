@@ -90,7 +90,7 @@ def duet_run(arch, ds: dict, plan: dict, executor, run_id: str, data_dir: Path) 
 
 
 def overhead(tmp: Path, reps: int, steps: int, threads: int) -> dict:
-    from cluster import auth, embedded, node
+    from cluster import auth, embedded, ray_node
 
     arch, ds, plan, model_dir = prepare(tmp / "overhead", steps, threads)
     cfg = plan_as_sft_config(plan, max_steps=steps, save_strategy="steps", save_steps=plan["train"]["checkpoint_every"],
@@ -104,7 +104,7 @@ def overhead(tmp: Path, reps: int, steps: int, threads: int) -> dict:
     emb = embedded.up(ws)
     rows = {"plain_trl": [], "duet": []}
     try:
-        node.connect(emb.ray_address)
+        ray_node.connect(emb.ray_address)
         data_dir = ws / ".duet" / "executor"
         ex = executor_actor(str(data_dir), 9188, threads)  # exporter on, watchdog on (every run has one)
         ray.get(ex.ping.remote())

@@ -13,8 +13,11 @@ import time
 import urllib.request
 from pathlib import Path
 
-from cluster import auth, embedded, node
+from cluster import auth, embedded, ray_node
 from infra import services
+from infra.lazy import lazy
+
+ray = lazy("ray", extra="architect")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO_ROOT / "examples" / "persona" / "persona.jsonl"
@@ -118,7 +121,6 @@ def run_on_cluster(workspace: str, *, model: str | None = None, tiny: bool = Fal
     rep.line("cluster", f"Ray {emb.ray_address} (token auth), Postgres {services.display_url(emb.postgres_url)}, "
                         f"Mongo {emb.mongo_url}" + (f"  (started: {', '.join(emb.started)})" if emb.started else
                                                     "  (reused)"))
-    import ray
 
     from roles.actors import architect_actor, executor_actor
 
@@ -126,9 +128,9 @@ def run_on_cluster(workspace: str, *, model: str | None = None, tiny: bool = Fal
     job = Job(ws, data_paths, model_ref, preset, overrides, dataset_name, test_frac, seed, detach,
               extra={"services_started": emb.started})
     try:
-        node.connect(emb.ray_address)
+        ray_node.connect(emb.ray_address)
         executor = executor_actor(str(ws / ".duet" / "executor"), services.free_port(METRICS_PORTS))
-        client = node.is_client(emb.ray_address)
+        client = ray_node.is_client(emb.ray_address)
         if client:  # no node here: the architect runs on the head, in a workspace there; data is uploaded
             e_info = ray.get(executor.ping.remote(), timeout=120)
             head_ws = str(Path(e_info["data_dir"]).parent / "client-workspaces" / ws.name)
@@ -162,8 +164,6 @@ def run_on_cluster(workspace: str, *, model: str | None = None, tiny: bool = Fal
 def _scrape(executor, port: int, address: str | None) -> dict:
     """Over HTTP where the exporter is on this host; through the actor on a two-host cluster (the
     exporter binds the GPU host's loopback by default)."""
-    import ray
-
     if address is None:
         return scrape(port)
     return scrape(None, ray.get(executor.metrics_text.remote(), timeout=30))

@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from cluster import node
+from cluster import ray_node
 from infra import services
 
 EMBEDDED_RESOURCES = {"architect": 1, "executor": 1}
@@ -60,8 +60,8 @@ def up(workspace: str | os.PathLike, *, ray_port: int | None = None) -> Embedded
     mongo_url = os.environ.get("DUET_MONGO_URL")
     if not mongo_url:
         mongo_url = services.start_mongo(sd).url
-    port = ray_port or services.free_port(range(node.DEFAULT_HEAD_PORT, node.DEFAULT_HEAD_PORT + 50))
-    head = node.start_head(sd, resources=EMBEDDED_RESOURCES, ip="127.0.0.1", port=port)
+    port = ray_port or services.free_port(range(ray_node.DEFAULT_HEAD_PORT, ray_node.DEFAULT_HEAD_PORT + 50))
+    head = ray_node.start_head(sd, resources=EMBEDDED_RESOURCES, ip="127.0.0.1", port=port)
     after = running(workspace)
     for key in after:
         if key not in before or not before[key]["alive"] or before[key]["pid"] != after[key]["pid"]:
@@ -73,7 +73,7 @@ def down(workspace: str | os.PathLike, only: list[str] | None = None) -> list[st
     """Stop the Ray node first (its actors hold store connections), then the stores."""
     sd = state_dir(workspace)
     stopped = []
-    if (only is None or "head" in only) and node.stop_node(sd, "head"):
+    if (only is None or "head" in only) and ray_node.stop_node(sd, "head"):
         stopped.append("head")
     if (only is None or "postgres" in only) and services.stop_postgres(sd):
         stopped.append("postgres")

@@ -37,6 +37,8 @@ class LazyModule:
         self._module: ModuleType | None = None
 
     def __getattr__(self, attr: str):
+        if attr.startswith("__") and attr.endswith("__"):  # copy/pickle/inspect probing: never an import
+            raise AttributeError(attr)
         if self._module is None:
             self._module = require(*self._spec)
         return getattr(self._module, attr)

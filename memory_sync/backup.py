@@ -25,7 +25,7 @@ import zlib
 from pathlib import Path, PurePosixPath
 
 from memory_sync.cortex import TABLES
-from memory_sync.events import SESSION_ID, host_name, json_lines, loads_strict, read_events
+from memory_sync.log import SESSION_ID, host_name, json_lines, loads_strict, read_events
 from memory_sync.neocortex import COLLECTIONS
 
 FORMAT = "duet-backup/1"
@@ -49,14 +49,8 @@ def workspace_counts(root: Path) -> dict:
 
 
 def store_counts(memory) -> dict:
-    out: dict = {}
-    c = memory.cortex() if memory else None
-    n = memory.neocortex() if memory else None
-    if c is not None:
-        out["cortex"] = {t: c.count(t) for t in TABLES}
-    if n is not None:
-        out["neocortex"] = {t: n.count(t) for t in COLLECTIONS}
-    return out
+    """{store kind: {table: rows}} of every configured store."""
+    return {s.kind: {name: s.count(name) for name in s.names} for s in (memory.stores() if memory else [])}
 
 
 def backup(workspace: str | os.PathLike, out: str | os.PathLike, memory=None) -> dict:
@@ -71,14 +65,9 @@ def backup(workspace: str | os.PathLike, out: str | os.PathLike, memory=None) ->
                 raise BackupError(f"{p}: a symlink; a backup holds only the session's own files")
             if p.is_file():
                 members[p.relative_to(root).as_posix()] = p.read_bytes()
-    c = memory.cortex() if memory else None
-    n = memory.neocortex() if memory else None
-    if c is not None:
-        for t in TABLES:
-            members[f"cortex/{t}.jsonl"] = _jsonl(c.dump(t))
-    if n is not None:
-        for col in COLLECTIONS:
-            members[f"neocortex/{col}.jsonl"] = _jsonl(n.dump(col))
+    for store in memory.stores() if memory else []:
+        for name in store.names:
+            members[f"{store.kind}/{name}.jsonl"] = _jsonl(store.dump(name))
     manifest = {"format": FORMAT, "host": host_name(),
                 "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                 "workspace": root.name, "counts": {**workspace_counts(root), **store_counts(memory)},
@@ -234,7 +223,7 @@ def _rows(name: str, data: bytes, bundle) -> list[dict]:
 
 def _check_members(members: dict[str, bytes], bundle) -> dict:
     """Every member's schema; returns the counts the files hold."""
-    from memory_sync.events import EventError, validate_event, validate_meta
+    from memory_sync.log import EventError, validate_event, validate_meta
 
     counts: dict = {"sessions": 0, "events": 0}
     sessions = {PurePosixPath(n).parts[1] for n in members if n.startswith("sessions/")}

@@ -21,7 +21,7 @@ import os
 import re
 from pathlib import Path
 
-from memory_sync import sessions
+from memory_sync import views
 from memory_sync.search import DEFAULT_THRESHOLD, Doc, default_embedder, search, workspace_docs
 
 DEFAULT_BUDGET = 4096
@@ -69,7 +69,7 @@ def build(workspace: str | os.PathLike, sid: str, *, budget: int = DEFAULT_BUDGE
     if budget < 256:
         raise ValueError(f"budget {budget} tokens is too small (at least 256)")
     count = count_tokens or estimate_tokens
-    v = sessions.view(workspace, sid)
+    v = views.view(workspace, sid)
     m = v.meta
     header = (f"# Resuming session {m['title']!r} ({v.id}, {v.status}; started on {m['host']} {m['created']}; "
               f"{len(v.events)} events, {len(v.turns())} turns)")

@@ -48,7 +48,10 @@ _JSONB = {"tags", "payload", "data", "provenance", "record"}
 
 
 class Cortex:
-    """A connection to the cortex; ``migrate()`` before first use."""
+    """A connection to the cortex; ``migrate()`` before first use. A ``Store`` (memory_sync/stores.py)."""
+
+    kind = "cortex"
+    names = TABLES
 
     def __init__(self, url: str, connect_timeout: float = 5):
         import psycopg

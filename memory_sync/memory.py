@@ -15,7 +15,7 @@ import json
 import os
 from pathlib import Path
 
-from memory_sync.events import Session, open_session, start_session
+from memory_sync.log import Session, open_session, start_session
 
 OUTBOX = "outbox.jsonl"
 
@@ -52,6 +52,10 @@ class Memory:
             n.migrate()
             self._neocortex = n
         return self._neocortex
+
+    def stores(self) -> list:
+        """The configured stores (``Store``s), connected and migrated; the unconfigured left out."""
+        return [s for s in (self.cortex(), self.neocortex()) if s is not None]
 
     def close(self) -> None:
         for s in (self._cortex, self._neocortex):
@@ -130,9 +134,9 @@ class Memory:
     # -- sessions -------------------------------------------------------------------------------------
 
     def start_session(self, title: str, tags: list[str] | None = None) -> Session:
-        from memory_sync.events import EventError
+        from memory_sync.log import EventError
         from memory_sync.secret_scan import check_value, redact
-        from memory_sync.sessions import check_payload
+        from memory_sync.views import check_payload
 
         if not isinstance(title, str) or not title.strip():
             raise EventError("a session needs a title")
@@ -150,13 +154,13 @@ class Memory:
 
     def session(self, sid: str) -> Session:
         """By id or a unique prefix of it."""
-        from memory_sync.sessions import resolve
+        from memory_sync.views import resolve
 
         return open_session(self.root, resolve(self.root, sid))
 
     def log(self, session: Session | str, kind: str, payload: dict) -> dict:
         """Append an event (validated for its kind) to the session's log and mirror it to both stores."""
-        from memory_sync.sessions import append_checked
+        from memory_sync.views import append_checked
 
         session = self.session(session) if isinstance(session, str) else session
         ev = append_checked(session, kind, payload, redact_secrets=self.redact_secrets)
@@ -181,7 +185,7 @@ class Memory:
         return self.log(sid, "state", {"status": "closed"})
 
     def sessions(self) -> list[dict]:
-        from memory_sync.sessions import list_sessions
+        from memory_sync.views import list_sessions
 
         return list_sessions(self.root)
 
@@ -194,7 +198,7 @@ class Memory:
                              count_tokens=count_tokens)
 
     def handoff(self, sid: str) -> Path:
-        from memory_sync.sessions import write_handoff
+        from memory_sync.views import write_handoff
 
         self.log(sid, "handoff", {"host": self.host})
         return write_handoff(self.root, sid)
@@ -203,7 +207,7 @@ class Memory:
         """A hypothesis in the neocortex (confidence checked first), noted in the session when given."""
         from memory_sync.neocortex import HypothesisError, check_confidence, check_hypothesis_id
         from memory_sync.secret_scan import check_value
-        from memory_sync.sessions import check_payload
+        from memory_sync.views import check_payload
 
         check_confidence(confidence)
         check_hypothesis_id(hid)
@@ -241,7 +245,7 @@ class Memory:
 
     @property
     def host(self) -> str:
-        from memory_sync.events import host_name
+        from memory_sync.log import host_name
 
         return host_name()
 
@@ -266,7 +270,7 @@ class Memory:
 
     def promote(self, hid: str, evidence: dict, provenance: dict) -> dict:
         """Write a validated fact for a hypothesis and mark it promoted (never deleted)."""
-        from memory_sync.sessions import check_payload
+        from memory_sync.views import check_payload
 
         check_payload(evidence, "evidence")
         self._clean({"evidence": evidence, "provenance": provenance}, "promote")

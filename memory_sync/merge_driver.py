@@ -15,7 +15,7 @@ import json
 import os
 import sys
 
-from memory_sync.events import EventError, validate_event
+from memory_sync.log import EventError, validate_event
 
 
 def _read(path: str) -> dict[str, str]:

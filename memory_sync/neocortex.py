@@ -53,6 +53,11 @@ def check_confidence(value: object) -> float:
 
 
 class Neocortex:
+    """A connection to the neocortex; ``migrate()`` before first use. A ``Store`` (memory_sync/stores.py)."""
+
+    kind = "neocortex"
+    names = COLLECTIONS
+
     def __init__(self, url: str, db_name: str | None = None, timeout_ms: int = 5000):
         """``db_name``: else the database the URL names (mongodb://host:port/NAME), else "duet"."""
         import pymongo

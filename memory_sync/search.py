@@ -182,7 +182,7 @@ def workspace_docs(workspace, kinds: tuple[str, ...] = ("note", "decision", "tur
     """Session events of the workspace as search documents (text-bearing kinds)."""
     from pathlib import Path
 
-    from memory_sync.events import read_events
+    from memory_sync.log import read_events
 
     out = []
     root = Path(workspace) / "sessions"

@@ -14,6 +14,9 @@ from typing import Protocol, runtime_checkable
 
 @runtime_checkable
 class Store(Protocol):
+    kind: str                 # "cortex", "neocortex": the folder of its dumps in a backup
+    names: tuple[str, ...]    # its tables (collections), in the order a restore writes them
+
     def migrate(self) -> int:
         """Apply the ordered schema migrations not yet applied; the schema version after."""
 

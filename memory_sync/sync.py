@@ -19,8 +19,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from memory_sync.events import EventError, host_name, read_events
-from memory_sync.sessions import rebuild_derived
+from memory_sync.log import EventError, host_name, read_events
+from memory_sync.views import rebuild_derived
 from memory_sync.workspace import Workspace, WorkspaceError
 
 
@@ -88,7 +88,7 @@ def sync(workspace: str | os.PathLike, memory=None, *, remote: str = "origin", r
     mirrored = flushed = 0
     queued = False
     if memory is not None:  # 6
-        from memory_sync.events import open_session
+        from memory_sync.log import open_session
 
         flushed = memory.flush()
         for sid in sorted(changed):

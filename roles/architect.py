@@ -249,13 +249,9 @@ class Architect:
         return self.commit([self.session.path], f"session: {self.session_id} ({n} events)")
 
     def store_counts(self) -> dict:
-        out = {"outbox_pending": self.memory.pending()}
-        c, n = self.memory.cortex(), self.memory.neocortex()
-        if c is not None:
-            out["cortex"] = {t: c.count(t) for t in ("sessions", "events", "facts", "runs")}
-        if n is not None:
-            out["neocortex"] = {t: n.count(t) for t in ("events", "hypotheses")}
-        return out
+        from memory_sync.backup import store_counts
+
+        return {"outbox_pending": self.memory.pending(), **store_counts(self.memory)}
 
     def close(self) -> None:
         self.memory.close()

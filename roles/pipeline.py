@@ -11,6 +11,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, ContextManager, Protocol
+from infra.lazy import lazy
+
+ray = lazy("ray", extra="architect")
 
 
 class PipelineError(RuntimeError):
@@ -85,8 +88,6 @@ class Job:
 
 def curate(job: Job, architect, client: bool) -> dict:
     """A dataset version: from the paths (the architect reads them) or uploaded (a Ray client)."""
-    import ray
-
     if client:
         uploads = {d.name: d.read_bytes() for d in job.data}
         return ray.get(architect.curate_uploaded.remote(uploads, job.dataset_name, job.test_frac, job.seed))
@@ -96,8 +97,6 @@ def curate(job: Job, architect, client: bool) -> dict:
 def follow(run_id: str, total: int, executor, architect, reporter: Reporter, scrape: Callable[[], dict]) -> dict:
     """Poll the run until it ends, forwarding its events to the architect (the session log);
     returns the metrics scraped once training was under way."""
-    import ray
-
     seen, scraped = 0, {}
     with reporter.progress(f"training {run_id}", total) as update:
         while True:
@@ -124,8 +123,6 @@ def run_pipeline(job: Job, architect, executor, *, client: bool, reporter: Repor
     """Curate, probe, plan (refused with exit 2 when it does not fit), submit, follow, record.
     ``record_here``: also record the run in this host's workspace (a Ray client's own copy);
     ``job.extra`` joins the summary (e.g. the services the caller started)."""
-    import ray
-
     from training.hardware import HardwareProfile, describe
 
     t0 = started_at or time.time()

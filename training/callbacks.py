@@ -25,6 +25,9 @@ from transformers import TrainerCallback
 
 from training import checkpoints, telemetry
 from training.policies import GradientGuard
+from infra.lazy import lazy
+
+torch = lazy("torch", extra="executor")
 
 
 class CheckpointCommit(TrainerCallback):
@@ -180,8 +183,6 @@ class FaultInjection(TrainerCallback):
     def on_step_begin(self, args, state, control, model=None, **kw):
         step = state.global_step + 1
         if self._fire("oom", step):
-            import torch
-
             raise torch.OutOfMemoryError(f"DUET_FAULT: simulated out of memory at step {step}")
         if model is not None and self._fire("nan", step):
             def to_nan(_module, _inputs, output):

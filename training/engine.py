@@ -39,6 +39,9 @@ from training.model_load import build_trainer, load_datasets, load_tokenizer, lo
 from training.plan import formula_bytes_for
 from training.policies import BadGradients, GaveUp, RunCancelled
 from training.preflight import dry_run, preflight
+from infra.lazy import lazy
+
+torch = lazy("torch", extra="executor")
 
 TERMINAL = ("finished", "failed", "cancelled")
 
@@ -323,8 +326,6 @@ class Run:
 
     def train(self, model_path: Path, resume: bool = False) -> None:
         """Train with the recovery policies; ``resume``: continue from the newest valid checkpoint."""
-        import torch
-
         ckpt_root = self.checkpoint_root
         from_ckpt = None
         if resume:
@@ -376,8 +377,6 @@ class Run:
         self.checkpoints = [c for c in self.checkpoints if c["step"] <= step]
 
     def _train_once(self, model_path: Path, cfg: TrainConfig, from_ckpt: Path | None) -> None:
-        import torch
-
         from training import callbacks
 
         tok = load_tokenizer(self._base_path(model_path))

@@ -17,6 +17,9 @@ from pathlib import Path
 from training import hardware, telemetry
 from training.dataset import version_files
 from training.engine import TERMINAL, Run
+from infra.lazy import lazy
+
+torch = lazy("torch", extra="executor")
 
 RECORD_FILES = ("run.json", "report.md", "loss.png", "events.jsonl")
 
@@ -123,8 +126,6 @@ class Executor:
         return out
 
     def _start(self, run: Run, resume: bool = False) -> None:
-        import torch
-
         torch.set_num_threads(self.torch_threads)
         try:
             from transformers.utils import logging as hf_logging

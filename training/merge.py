@@ -7,6 +7,9 @@ from pathlib import Path
 
 from training.model_load import load_train_model
 from training.phases import release_memory
+from infra.lazy import lazy
+
+torch = lazy("torch", extra="executor")
 
 
 def _probe(run, tok) -> tuple[list, list, list]:
@@ -26,8 +29,6 @@ def _probe(run, tok) -> tuple[list, list, list]:
 def _nf4_logits(run, base_path: Path, enc: list) -> list:
     """Logits of the model as QLoRA trained it: loaded the way training loaded it (the nf4 base, the
     trained adapter on top), fp32 logits on the CPU."""
-    import torch
-
     model = load_train_model(base_path, run.train_cfg, device=run.device, dtype=run.dtype,
                              adapter=run.dir / "adapter")
     model.eval()
@@ -48,7 +49,6 @@ def merge_and_evaluate(run, model_path: Path) -> None:
 
     Long because the merge, its check and the samples share the models it loads once."""
     import psutil
-    import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

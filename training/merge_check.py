@@ -17,6 +17,9 @@ report.md), not judged: it is what the user gets from the 16-bit merge.
 """
 
 from __future__ import annotations
+from infra.lazy import lazy
+
+torch = lazy("torch", extra="executor")
 
 KL_BOUND = {"fp32": 1e-5, "bf16": 2e-2, "fp16": 5e-3}   # mean KL(reference || merged), nats per position
 TOP1_MIN = {"fp32": 0.999, "bf16": 0.98, "fp16": 0.99}  # same argmax, over positions the reference decides
@@ -29,8 +32,6 @@ CLOSER_THAN_BASE = 0.5  # merged-vs-reference KL at most this fraction of base-v
 
 def compare(ref: list, got: list, dtype: str = "fp32") -> dict:
     """Distances between two lists of logits tensors [1, seq, vocab] (computed in fp32)."""
-    import torch
-
     kls, agree, n, max_abs = [], 0, 0, 0.0
     decided = agree_decided = 0
     for a, b in zip(ref, got):

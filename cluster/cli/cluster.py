@@ -79,7 +79,7 @@ def setup_status(p):
 
 
 def run_status(a) -> int:
-    from cluster import auth, embedded, nodes
+    from cluster import auth, embedded, two_host
     from infra.services import display_url, port_open
 
     st = embedded.running(a.workspace)
@@ -93,7 +93,7 @@ def run_status(a) -> int:
     head = st.get("head")
     auth.apply_auth_env()
     try:
-        doc["cluster"] = nodes.status(a.address or (head["address"] if head and head["alive"] else None))
+        doc["cluster"] = two_host.status(a.address or (head["address"] if head and head["alive"] else None))
     except Exception as exc:  # status reports; it does not fail
         doc["cluster"] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
     if a.json:
@@ -162,7 +162,7 @@ def setup_node(p):
 
 
 def run_node(a) -> int:
-    from cluster import nodes
+    from cluster import two_host
     from infra.services import ServiceError
 
     con = console()
@@ -171,7 +171,7 @@ def run_node(a) -> int:
         return EXIT_INPUT
     try:
         if a.node_cmd == "start":
-            doc = nodes.start_head(role=a.role, bind=a.bind, port=a.port, data_dir=a.data_dir, workspace=a.workspace,
+            doc = two_host.start_head(role=a.role, bind=a.bind, port=a.port, data_dir=a.data_dir, workspace=a.workspace,
                                    dashboard=a.dashboard, allow_all=a.allow_all_interfaces, metrics_port=a.metrics_port,
                                    client_port=a.client_port)
             if not a.json:
@@ -184,9 +184,9 @@ def run_node(a) -> int:
                               "(Ray Client; the architect then runs here)")
         elif a.node_cmd == "join":
             if a.client:
-                doc = nodes.client_check(a.address, token_file=a.token_file, timeout=a.timeout)
+                doc = two_host.client_check(a.address, token_file=a.token_file, timeout=a.timeout)
             else:
-                doc = nodes.join(address=a.address, role=a.role, bind=a.bind, token_file=a.token_file,
+                doc = two_host.join(address=a.address, role=a.role, bind=a.bind, token_file=a.token_file,
                                  workspace=a.workspace, data_dir=a.data_dir, timeout=a.timeout,
                                  allow_all=a.allow_all_interfaces, metrics_port=a.metrics_port)
             if not a.json:
@@ -198,10 +198,10 @@ def run_node(a) -> int:
                 else:
                     con.print(f"joined {a.address} as {a.role}; actor {doc['actor']}")
         else:
-            doc = {"stopped": nodes.stop(all_nodes=a.all)}
+            doc = {"stopped": two_host.stop(all_nodes=a.all)}
             if not a.json:
                 con.print(f"stopped: {', '.join(doc['stopped']) or 'nothing (no node duet started is running)'}")
-    except nodes.VersionMismatch as exc:
+    except two_host.VersionMismatch as exc:
         print_error(exc)
         return EXIT_REFUSED
     except (ServiceError, TimeoutError, ConnectionError) as exc:

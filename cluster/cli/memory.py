@@ -115,7 +115,7 @@ def _range(spec: str | None, n: int) -> slice:
 
 def run_session(a) -> int:
     from cluster.console import console as _console
-    from memory_sync.events import EventError
+    from memory_sync.log import EventError
 
     if a.session_cmd is None:
         _console().print("usage: duet session {start,log,note,decide,state,list,show,resume,handoff,close} ...")
@@ -141,7 +141,7 @@ def run_session(a) -> int:
 
 def _check_start(a) -> None:
     from memory_sync.secret_scan import check_value
-    from memory_sync.sessions import check_payload
+    from memory_sync.views import check_payload
 
     if not a.title.strip():
         raise ValueError("a session needs a title")
@@ -237,7 +237,7 @@ def run_memory(a) -> int:
     """Long because it dispatches the memory subcommands, each a few lines over the same opened Memory."""
     from cluster.console import console as _console
     from memory_sync.backup import BackupError
-    from memory_sync.events import EventError
+    from memory_sync.log import EventError
     from memory_sync.neocortex import HypothesisError
     from memory_sync.search import SearchError
     from memory_sync.workspace import WorkspaceError
@@ -282,7 +282,7 @@ def run_memory(a) -> int:
             doc = mem.hypothesize(sid, hid, text, a.confidence)
             _emit(a, doc, f"{doc['id']} ({doc['status']}, confidence {doc['confidence']})")
         elif c == "promote":
-            from memory_sync.events import loads_strict
+            from memory_sync.log import loads_strict
 
             try:
                 ev = loads_strict(a.evidence)

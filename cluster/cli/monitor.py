@@ -6,6 +6,9 @@ import time
 
 from cluster.output import EXIT_INFRA, EXIT_INPUT, EXIT_OK, EXIT_REFUSED, float_arg, int_arg
 from cluster.console import print_error
+from infra.lazy import lazy
+
+ray = lazy("ray", extra="architect")
 
 SPARK = "▁▂▃▄▅▆▇█"
 
@@ -126,16 +129,15 @@ def run_watch(a) -> int:
     from rich.console import Console
     from rich.live import Live
 
-    from cluster import nodes
+    from cluster import two_host
     from cluster.output import emit_json
     from infra.services import ServiceError
 
     try:
-        ex = nodes.executor_handle(a.workspace, a.address)
+        ex = two_host.executor_handle(a.workspace, a.address)
     except ServiceError as exc:
         print_error(exc)
         return EXIT_INFRA
-    import ray
 
     def snap():
         return ray.get(ex.watch.remote(a.run_id), timeout=30)

@@ -8,6 +8,10 @@ from pathlib import Path
 from cluster.cli.common import workspace_arg
 from cluster.console import console, print_error
 from cluster.output import EXIT_INFRA, EXIT_INPUT, EXIT_OK, EXIT_REFUSED, emit_json, int_arg
+from infra.lazy import lazy
+
+ray = lazy("ray", extra="architect")
+torch = lazy("torch", extra="executor")
 
 
 def _parse_size(text: str) -> int:
@@ -112,8 +116,6 @@ def run_train(a) -> int:
 
         threads = available_cpus()  # the cores this process may use, not the machine's count
     if threads:
-        import torch
-
         torch.set_num_threads(threads)
     t = threading.Thread(target=run.execute, kwargs={"resume": a.resume}, daemon=True)
     t.start()
@@ -145,7 +147,7 @@ def setup_run(p):
 
 
 def run_run(a) -> int:
-    from cluster import nodes
+    from cluster import two_host
     from cluster.console import RichReporter
     from cluster.demo import DemoError, run_on_cluster
     from training.config import PlanError, load_run_config
@@ -167,7 +169,7 @@ def run_run(a) -> int:
                                tiny=rc.model == "tiny", data=[str(d) for d in data], overrides=rc.overrides, preset=rc.preset,
                                dataset_name=rc.dataset, title=f"duet run {os.path.basename(a.config)}",
                                detach=a.detach, test_frac=rc.test_frac, seed=rc.seed,
-                               address=nodes.cluster_address(a.workspace, a.address) if a.address or _two_host() else None)
+                               address=two_host.cluster_address(a.workspace, a.address) if a.address or _two_host() else None)
     except DemoError as exc:
         print_error(exc)
         return exc.code
@@ -177,9 +179,9 @@ def run_run(a) -> int:
 
 
 def _two_host() -> bool:
-    from cluster import nodes
+    from cluster import two_host
 
-    return any(v["alive"] for v in nodes.local_nodes().values())
+    return any(v["alive"] for v in two_host.local_nodes().values())
 
 
 def setup_runs(p):
@@ -191,7 +193,7 @@ def setup_runs(p):
 
 
 def run_runs(a) -> int:
-    from cluster import embedded, nodes
+    from cluster import embedded, two_host
     from infra.services import ServiceError
     from roles.architect import record_if_new
 
@@ -200,11 +202,10 @@ def run_runs(a) -> int:
         print_error(f"duet runs {a.action} needs a RUN_ID")
         return EXIT_INPUT
     try:
-        ex = nodes.executor_handle(a.workspace, a.address)
+        ex = two_host.executor_handle(a.workspace, a.address)
     except ServiceError as exc:
         print_error(exc)
         return EXIT_INFRA
-    import ray
 
     try:
         if a.action == "list":

@@ -43,9 +43,9 @@ class Cluster:
                        "--workspace", str(self.ws), "--json"))
 
     def nodes(self) -> dict:
-        from cluster import nodes
+        from cluster import two_host
 
-        return nodes.local_nodes()
+        return two_host.local_nodes()
 
     def raylet_of(self, key: str) -> int:
         pid = self.nodes()[key]["pid"]
@@ -71,9 +71,9 @@ def cluster(tmp_path):
     c = Cluster(tmp_path, 6411)
     yield c
     c.stop()
-    from cluster import nodes
+    from cluster import two_host
 
-    assert not any(v["alive"] for v in nodes.local_nodes().values())
+    assert not any(v["alive"] for v in two_host.local_nodes().values())
 
 
 def submit(c: Cluster, steps: int, every: int) -> str:

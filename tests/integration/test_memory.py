@@ -13,9 +13,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from infra import services
-from memory_sync.events import open_session, read_events
+from memory_sync.log import open_session, read_events
 from memory_sync.memory import Memory
-from memory_sync.sessions import write_handoff
+from memory_sync.views import write_handoff
 from memory_sync.sync import sync
 from memory_sync.workspace import Workspace
 

@@ -4,7 +4,7 @@ import pytest
 
 from infra import services
 from memory_sync.cortex import Cortex
-from memory_sync.events import start_session
+from memory_sync.log import start_session
 from memory_sync.memory import Memory
 from memory_sync.neocortex import HypothesisError, Neocortex
 

@@ -5,7 +5,7 @@ import pytest
 from memory_sync import context
 from memory_sync.memory import Memory
 from memory_sync.search import Doc, HashingEmbedder, SearchError, search
-from memory_sync.sessions import render_handoff, view
+from memory_sync.views import render_handoff, view
 
 
 @pytest.fixture

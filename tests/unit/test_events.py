@@ -1,7 +1,7 @@
 
 import pytest
 
-from memory_sync.events import EventError, make_event, new_event_id, read_events, start_session, validate_event
+from memory_sync.log import EventError, make_event, new_event_id, read_events, start_session, validate_event
 
 
 def test_event_ids_are_unique_and_time_ordered():

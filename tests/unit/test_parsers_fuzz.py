@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from memory_sync.backup import BackupError, read_bundle
-from memory_sync.events import EventError, read_events, read_meta
+from memory_sync.log import EventError, read_events, read_meta
 from memory_sync.secret_scan import SecretFound
 from training.schema import DatasetError, check_records, read_jsonl, scan_jsonl
 from training.importers import EXPORTS, FORMATS, ImportFormatError, import_file, import_to

@@ -87,7 +87,7 @@ def test_concurrent_session_appends_merge_without_conflict(tmp_path):
     """Two hosts append to the same session offline; either pull order gives the same union by id."""
     import git
 
-    from memory_sync.events import open_session, start_session
+    from memory_sync.log import open_session, start_session
 
     origin = Workspace(tmp_path / "origin").init()
     s = start_session(origin.root, "shared")
@@ -116,7 +116,7 @@ def test_concurrent_session_appends_merge_without_conflict(tmp_path):
 
 def test_merge_driver_refuses_a_malformed_event_line(tmp_path):
     from memory_sync import merge_driver
-    from memory_sync.events import make_event
+    from memory_sync.log import make_event
 
     good = __import__("json").dumps(make_event("note", {"t": 1}), sort_keys=True)
     (tmp_path / "o").write_text(good + "\n")

@@ -4,7 +4,7 @@ Nothing here writes to an event log except through ``Session.append``; everythin
 from the events (and so from git), deterministically: the same events give byte-identical output on
 any host. That is what lets ``handoff.md`` be rebuilt after every sync instead of merged.
 
-Event payload conventions (kinds from memory_sync.events.KINDS):
+Event payload conventions (kinds from memory_sync.log.KINDS):
 - turn:      {"role": "user"|"assistant"|"system", "text": str}
 - note:      {"text": str, "pinned": bool?}            (pinned notes always go into the context)
              {"hypothesis": {"id", "text", "confidence"}, "status"?}   (a hypothesis was raised)
@@ -24,7 +24,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from memory_sync.events import EventError, Session, open_session, read_events, read_meta
+from memory_sync.log import EventError, Session, open_session, read_events, read_meta
 
 ROLES = ("user", "assistant", "system")
 TERMINAL_RUN_STATES = ("finished", "failed", "cancelled")
@@ -120,7 +120,7 @@ def view(workspace: str | os.PathLike, sid: str) -> View:
 
 def resolve(workspace: str | os.PathLike, prefix: str) -> str:
     """A session id from a unique prefix (ids are long); EventError naming the choices otherwise."""
-    from memory_sync.events import SESSION_ID
+    from memory_sync.log import SESSION_ID
 
     if not isinstance(prefix, str) or not prefix.strip():
         raise EventError("give a session id (or a unique prefix of one); `duet session list` shows them")

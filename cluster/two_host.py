@@ -18,9 +18,12 @@ import subprocess
 import time
 from pathlib import Path
 
-from cluster import auth, node
+from cluster import auth, ray_node
 from roles import names
 from infra.services import ServiceError, StateFile, pid_alive, port_open
+from infra.lazy import lazy
+
+ray = lazy("ray", extra="architect")
 
 KV_KEY = b"duet:versions"
 KV_NAMESPACE = b"duet"
@@ -70,7 +73,7 @@ def join_command(address: str, token_file: Path) -> str:
             f"# copy {token_file} to the design host first (keep it mode 0600)")
 
 
-def start_head(*, role: str = "executor", bind: str = "127.0.0.1", port: int = node.DEFAULT_HEAD_PORT,
+def start_head(*, role: str = "executor", bind: str = "127.0.0.1", port: int = ray_node.DEFAULT_HEAD_PORT,
                data_dir: str | None = None, workspace: str | None = None, dashboard: bool = False,
                allow_all: bool = False, metrics_port: int | None = 9108, key: str | None = None,
                client_port: int | None = None) -> dict:
@@ -86,13 +89,12 @@ def start_head(*, role: str = "executor", bind: str = "127.0.0.1", port: int = n
     resources = {role: 1}
     gpus = detect_gpus()
     client_port = port + 1 if client_port is None else client_port
-    info = node.start_head(state_dir(), resources=resources, ip=bind, port=port, key=key,
+    info = ray_node.start_head(state_dir(), resources=resources, ip=bind, port=port, key=key,
                            num_gpus=gpus, dashboard=dashboard, client_port=client_port)
     address = info.address
     auth.apply_auth_env()
-    import ray
 
-    node.connect(address)
+    ray_node.connect(address)
     alive_at = time.time()  # the node is in the cluster and takes work from here on
     from ray.experimental import internal_kv
 
@@ -103,12 +105,10 @@ def start_head(*, role: str = "executor", bind: str = "127.0.0.1", port: int = n
     return {"node": info.to_dict(), "key": key, "address": address, "token_file": str(token_file),
             "token_created": created, "gpus": gpus, "actor": actor, "alive_at": alive_at,
             "join": join_command(address, token_file),
-            "client_address": f"{node.CLIENT_SCHEME}{bind}:{client_port}" if client_port else None}
+            "client_address": f"{ray_node.CLIENT_SCHEME}{bind}:{client_port}" if client_port else None}
 
 
 def _create_role_actor(role: str, *, data_dir: str | None, workspace: str | None, metrics_port: int | None) -> dict:
-    import ray
-
     from roles.actors import architect_actor, executor_actor
 
     if role == "executor":
@@ -131,7 +131,6 @@ def default_data_dir() -> Path:
 def read_head_versions(address: str, timeout: float = 10) -> dict | None:
     """The head's published versions through a bare GCS client (works before joining)."""
     auth.apply_auth_env()
-    import ray
     from ray._raylet import GcsClient
 
     try:
@@ -167,10 +166,9 @@ def client_check(address: str, *, token_file: str | None = None, timeout: float 
     """
     if token_file:
         auth.use_token_file(Path(token_file))
-    if not node.is_client(address):
-        address = node.CLIENT_SCHEME + address
-    node.connect(address, timeout=timeout)  # Ray Client itself refuses another Python or Ray version
-    import ray
+    if not ray_node.is_client(address):
+        address = ray_node.CLIENT_SCHEME + address
+    ray_node.connect(address, timeout=timeout)  # Ray Client itself refuses another Python or Ray version
     from ray.experimental import internal_kv
 
     try:
@@ -213,10 +211,9 @@ def join(*, address: str, role: str = "architect", bind: str = "127.0.0.1", toke
                            "is the port open on your LAN/VPN?)")
     versions = check_versions(address)
     key = key or f"{role}-{bind}"
-    info = node.start_worker(state_dir(), head=address, resources={role: 1}, ip=bind, key=key, timeout=timeout)
-    import ray
+    info = ray_node.start_worker(state_dir(), head=address, resources={role: 1}, ip=bind, key=key, timeout=timeout)
 
-    node.connect(address)
+    ray_node.connect(address)
     actor = _create_role_actor(role, data_dir=data_dir, workspace=workspace, metrics_port=metrics_port)
     ray.shutdown()
     return {"node": info.to_dict(), "key": key, "address": address, "versions": versions, "actor": actor,
@@ -230,7 +227,7 @@ def stop(*, all_nodes: bool = False, key: str | None = None) -> list[str]:
     keys.sort(key=lambda k: st[k].get("role") == "head")  # workers first: a head's exit would orphan them
     stopped = []
     for k in keys:
-        if node.stop_node(state_dir(), k):
+        if ray_node.stop_node(state_dir(), k):
             stopped.append(k)
     return stopped
 
@@ -264,12 +261,11 @@ def status(address: str | None = None) -> dict:
     if address is None:
         doc["error"] = "no cluster known on this machine: `duet node start --head` or `duet node join`"
         return doc
-    host, port = address.removeprefix(node.CLIENT_SCHEME).rsplit(":", 1)
+    host, port = address.removeprefix(ray_node.CLIENT_SCHEME).rsplit(":", 1)
     if not port_open(int(port), host):
         doc["error"] = f"the head at {address} does not answer"
         return doc
-    node.connect(address)
-    import ray
+    ray_node.connect(address)
     from ray.util.state import list_actors
 
     for n in ray.nodes():
@@ -331,8 +327,7 @@ def executor_handle(workspace: str | os.PathLike, address: str | None = None):
     if not address:
         raise ServiceError(f"no cluster runs for workspace {os.path.abspath(workspace)}: `duet up`, or "
                            "`duet node start/join`, or pass --address")
-    node.connect(address)
-    import ray
+    ray_node.connect(address)
 
     try:
         return ray.get_actor(names.EXECUTOR_NAME, namespace=names.NAMESPACE)

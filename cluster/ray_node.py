@@ -20,6 +20,9 @@ from pathlib import Path
 from cluster import auth
 from infra.services import ServiceError, StateFile, pid_alive, port_open, stop_pid
 from roles.names import NAMESPACE
+from infra.lazy import lazy
+
+ray = lazy("ray", extra="architect")
 
 DEFAULT_HEAD_PORT = 6390
 
@@ -226,7 +229,6 @@ def connect(address: str, timeout: float = 30) -> None:
         raise RuntimeError("ray was imported before duet set RAY_AUTH_MODE=token; call "
                            "cluster.auth.apply_auth_env() first")
     auth.apply_auth_env()
-    import ray
 
     if ray.is_initialized():
         return
