@@ -283,6 +283,10 @@ def stop_postgres(state_dir: str | os.PathLike) -> bool:
                              user=_pg_user(), timeout=40)
         except Exception:
             stop_pid(known["pid"])
+        # pg_ctl returns once the postmaster removed its pid file, a moment before the process exits
+        # (seen on a loaded machine): wait for the process itself, so "stopped" means gone.
+        if not _wait_gone(known["pid"], 10):
+            stop_pid(known["pid"])
     state.update("postgres", None)
     return True
 

@@ -239,9 +239,9 @@ def run_merge(a) -> int:
     """(Re-)merge a trained run's adapter into its base, e.g. after a merge failed for lack of RAM."""
     from training import hardware
     from training.engine import Run
-
     from training.executor import ExecutorError
     from training.executor import run_dir as checked_run_dir
+    from training.preflight import preflight
 
     con = console()
     data_dir = Path(a.data_dir) if a.data_dir else Path(a.workspace).resolve() / ".duet" / "executor"
@@ -255,11 +255,11 @@ def run_merge(a) -> int:
         return EXIT_INPUT
     run = Run.load(run_dir, hardware.probe(data_dir).to_dict())
     try:
-        run.merge_and_evaluate(Path(run.result.get("model_path") or run.preflight()))
+        run.merge_and_evaluate(Path(run.result.get("model_path") or preflight(run)))
     except RuntimeError as exc:
         print_error(exc)
         return EXIT_REFUSED
-    run._write_record()
+    run.write_record()
     doc = run.result["merged_model"]
     if a.json:
         emit_json(doc)

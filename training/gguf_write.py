@@ -1,0 +1,250 @@
+"""A Hugging Face folder (safetensors, config.json, tokenizer.json) -> one GGUF file, with the
+``gguf`` library's own names and types, the way llama.cpp's converter writes it:
+
+- architectures: ``llama`` (Llama 2/3, SmolLM2, Mistral's config family) and ``qwen2`` (Qwen2,
+  Qwen2.5); anything else is refused before a byte is written;
+- tokenizer: byte-level BPE (tokens by id, token types, merges, BOS/EOS/UNK/PAD ids, the chat
+  template); a SentencePiece-style vocabulary (byte fallback) is refused for now;
+- tensors: names from ``gguf.get_tensor_name_map``; llama's q/k projections permuted as llama.cpp
+  expects (rotary halves interleaved); 1-D tensors (norms, biases) stay F32; matrices F16, BF16 or
+  Q8_0 (a row of a length not divisible by 32 stays F16 in a Q8_0 file, as in llama.cpp);
+- memory stays bounded: tensor infos are computed from the safetensors headers, then each tensor is
+  read, converted and written in turn (one tensor in RAM at a time, never a second model).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+SUPPORTED = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}  # HF model_type -> GGUF architecture
+QUANTS = ("f16", "bf16", "q8_0")
+
+
+class ExportError(ValueError):
+    """An export refused or failed; the message says what and why (nothing is left half-written)."""
+
+
+def gguf_arch(config: dict) -> str:
+    mt = str(config.get("model_type", "?"))
+    if mt not in SUPPORTED:
+        raise ExportError(f"model_type {mt!r} cannot be exported to GGUF by duet; supported: "
+                          f"{', '.join(sorted(SUPPORTED))} (the llama and qwen2 GGUF architectures)")
+    return SUPPORTED[mt]
+
+
+@dataclass
+class Vocab:
+    tokens: list[str]
+    types: list[int]
+    merges: list[str]
+    pre: str
+    special: dict[str, int]     # bos, eos, unk, pad -> id
+    add_bos: bool
+    chat_template: str | None
+
+
+def _pre_tokenizer_name(tj: dict, model_type: str) -> str:
+    """llama.cpp's name for the pre-tokenizer (its split regex), read from tokenizer.json."""
+    pre = json.dumps(tj.get("pre_tokenizer") or {})
+    if model_type == "qwen2":
+        return "qwen2"
+    if '"Digits"' in pre and '"individual_digits": true' in pre:
+        return "smollm"  # SmolLM / SmolLM2: single digits, then byte-level
+    if "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\\\r\\\\n\\\\p{L}\\\\p{N}]?\\\\p{L}+|\\\\p{N}{1,3}" in pre:
+        return "llama-bpe"  # Llama 3
+    return "gpt2"
+
+
+def read_vocab(folder: Path, config: dict) -> Vocab:
+    path = folder / "tokenizer.json"
+    if not path.is_file():
+        raise ExportError(f"{folder}: no tokenizer.json (duet exports a fast tokenizer's vocabulary)")
+    tj = json.loads(path.read_text(encoding="utf-8"))
+    model = tj.get("model") or {}
+    if model.get("type") != "BPE" or model.get("byte_fallback"):
+        raise ExportError(f"{path}: tokenizer model {model.get('type')!r}"
+                          f"{' with byte fallback (SentencePiece-style)' if model.get('byte_fallback') else ''} is "
+                          "not exported yet; duet writes byte-level BPE vocabularies (Llama 3, SmolLM2, Qwen2)")
+    vocab: dict[str, int] = dict(model["vocab"])
+    added = {a["content"]: a for a in tj.get("added_tokens", [])}
+    for a in added.values():
+        vocab[a["content"]] = a["id"]
+    size = max(int(config.get("vocab_size") or 0), max(vocab.values()) + 1)
+    by_id = {i: t for t, i in vocab.items()}
+    tokens, types = [], []
+    for i in range(size):
+        t = by_id.get(i)
+        if t is None:
+            tokens.append(f"[PAD{i}]")
+            types.append(5)  # UNUSED: the config's vocabulary is larger than the tokenizer's
+        else:
+            tokens.append(t)
+            types.append(3 if t in added and added[t].get("special") else 4 if t in added else 1)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    tc = {}
+    cfg_path = folder / "tokenizer_config.json"
+    if cfg_path.is_file():
+        tc = json.loads(cfg_path.read_text(encoding="utf-8"))
+    template = tc.get("chat_template")
+    if template is None and (folder / "chat_template.jinja").is_file():
+        template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+
+    def tid(key: str) -> int | None:
+        v = tc.get(key)
+        v = v.get("content") if isinstance(v, dict) else v
+        return vocab.get(v) if isinstance(v, str) else None
+
+    special = {k: v for k, v in (("bos", tid("bos_token")), ("eos", tid("eos_token")), ("unk", tid("unk_token")),
+                                 ("pad", tid("pad_token"))) if v is not None}
+    if "eos" not in special and isinstance(config.get("eos_token_id"), int):
+        special["eos"] = config["eos_token_id"]
+    if "bos" not in special and isinstance(config.get("bos_token_id"), int):
+        special["bos"] = config["bos_token_id"]
+    return Vocab(tokens, types, merges, _pre_tokenizer_name(tj, str(config.get("model_type"))), special,
+                 bool(tc.get("add_bos_token", False)), template if isinstance(template, str) else None)
+
+
+def _permute(w, n_head: int):
+    """llama.cpp's q/k layout: HF keeps the rotary halves apart, GGUF interleaves them per head."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _tensor_plan(folder: Path, arch: str, config: dict):
+    """(gguf name, hf name, file) for every tensor to write, in file order (tied lm_head skipped)."""
+    import gguf
+    from safetensors import safe_open
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ExportError(f"{folder}: no *.safetensors weights")
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA if arch == "llama" else gguf.MODEL_ARCH.QWEN2,
+                                     int(config["num_hidden_layers"]))
+    out = []
+    for f in files:
+        with safe_open(str(f), framework="pt") as fh:
+            for hf in fh.keys():
+                if hf == "lm_head.weight" and config.get("tie_word_embeddings"):
+                    continue
+                if hf.endswith("rotary_emb.inv_freq"):
+                    continue
+                g = names.get_name(hf, try_suffixes=(".weight", ".bias"))
+                if g is None:
+                    raise ExportError(f"{f.name}: tensor {hf!r} has no GGUF name for architecture {arch}")
+                out.append((g, hf, f))
+    return out
+
+
+def _qtype(shape: list[int], quant: str):
+    """The GGML type a tensor of this shape gets in a file of this quantization."""
+    import gguf
+
+    q = gguf.GGMLQuantizationType
+    if len(shape) == 1:
+        return q.F32
+    if quant == "q8_0" and shape[-1] % 32 == 0:
+        return q.Q8_0
+    return q.BF16 if quant == "bf16" else q.F16
+
+
+def _info(shape: list[int], qtype):
+    """(numpy dtype, stored shape, bytes) of a tensor once converted, from its shape alone."""
+    import gguf
+    import numpy as np
+
+    q = gguf.GGMLQuantizationType
+    n = int(np.prod(shape))
+    if qtype == q.F32:
+        return np.float32, tuple(shape), n * 4
+    if qtype == q.F16:
+        return np.float16, tuple(shape), n * 2
+    byte_shape = gguf.quants.quant_shape_to_byte_shape(tuple(shape), qtype)
+    return np.uint8, byte_shape, int(np.prod(byte_shape))
+
+
+def _convert(t, hf: str, qtype, arch: str, config: dict):
+    """One tensor, converted to its GGML type (numpy data)."""
+    import gguf
+    import numpy as np
+
+    q = gguf.GGMLQuantizationType
+    a = t.float().numpy()
+    if arch == "llama" and hf.endswith(("q_proj.weight", "k_proj.weight")):
+        heads = int(config["num_attention_heads"])
+        if hf.endswith("k_proj.weight"):
+            heads = int(config.get("num_key_value_heads") or heads)
+        a = _permute(a, heads)
+    if qtype == q.F32:
+        return a.astype(np.float32)
+    if qtype == q.F16:
+        return a.astype(np.float16)
+    return gguf.quants.quantize(a, qtype)
+
+
+def write_gguf(folder: Path, out: Path, quant: str, *, name: str) -> dict:
+    """Write ``out`` (through ``out``.partial, renamed at the end); returns what was written."""
+    import gguf
+    from safetensors import safe_open
+
+    if quant not in QUANTS:
+        raise ExportError(f"--quant {quant!r}: use one of {', '.join(QUANTS)}")
+    config = json.loads((folder / "config.json").read_text())
+    arch = gguf_arch(config)
+    vocab = read_vocab(folder, config)
+    plan = _tensor_plan(folder, arch, config)
+    tmp = out.with_name(out.name + ".partial")
+    w = gguf.GGUFWriter(str(tmp), arch)
+    hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
+    w.add_name(name)
+    w.add_context_length(int(config.get("max_position_embeddings", 2048)))
+    w.add_embedding_length(hidden)
+    w.add_block_count(int(config["num_hidden_layers"]))
+    w.add_feed_forward_length(int(config["intermediate_size"]))
+    w.add_head_count(heads)
+    w.add_head_count_kv(int(config.get("num_key_value_heads") or heads))
+    w.add_rope_freq_base(float(config.get("rope_theta") or (config.get("rope_parameters") or {}).get("rope_theta")
+                               or 10000.0))
+    w.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
+    w.add_rope_dimension_count(int(config.get("head_dim") or hidden // heads))
+    w.add_vocab_size(len(vocab.tokens))
+    ftype = {"f16": gguf.LlamaFileType.MOSTLY_F16, "bf16": gguf.LlamaFileType.MOSTLY_BF16,
+             "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[quant]
+    w.add_file_type(int(ftype))
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(vocab.pre)
+    w.add_token_list(vocab.tokens)
+    w.add_token_types(vocab.types)
+    w.add_token_merges(vocab.merges)
+    for key, add in (("bos", w.add_bos_token_id), ("eos", w.add_eos_token_id), ("unk", w.add_unk_token_id),
+                     ("pad", w.add_pad_token_id)):
+        if key in vocab.special:
+            add(vocab.special[key])
+    w.add_add_bos_token(vocab.add_bos)
+    if vocab.chat_template:
+        w.add_chat_template(vocab.chat_template)
+    try:
+        handles, qtypes = {}, {}
+        for gname, hf, f in plan:  # every tensor's info first, from the safetensors header alone
+            fh = handles.setdefault(f, safe_open(str(f), framework="pt"))
+            shape = list(fh.get_slice(hf).get_shape())
+            qtypes[gname] = _qtype(shape, quant)
+            dtype, stored, nbytes = _info(shape, qtypes[gname])
+            w.add_tensor_info(gname, stored, dtype, nbytes, raw_dtype=qtypes[gname])
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        for gname, hf, f in plan:  # then the data, one tensor in memory at a time
+            data = _convert(handles[f].get_tensor(hf), hf, qtypes[gname], arch, config)
+            w.write_tensor_data(data)
+            del data
+        w.close()
+        tmp.replace(out)
+    except BaseException:
+        w.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    return {"path": str(out), "bytes": out.stat().st_size, "architecture": arch, "quant": quant,
+            "tensors": len(plan), "tokenizer_pre": vocab.pre, "vocab": len(vocab.tokens),
+            "chat_template": vocab.chat_template is not None}
