@@ -63,6 +63,10 @@ def summary_table(s: dict, rec: dict) -> Table:
     t.add_row("report", s["report"])
     t.add_row("commit", str(s["run_commit"])[:12])
     t.add_row("stores", json.dumps(s["stores"]))
+    if s.get("exported"):
+        e = s["exported"]
+        t.add_row("exported", f"{e['gguf']} ({e['bytes'] / 2**20:.1f} MiB) + Modelfile")
+        t.add_row("run it", e["run_it"])
     t.add_row("wall time", f"{s['wall_s']} s")
     return t
 

@@ -74,7 +74,8 @@ def run_demo(workspace: str, *, model: str | None = None, tiny: bool = False, da
     """The main job: the persona examples, the demo preset, SmolLM2 (or --tiny / --model)."""
     return run_on_cluster(workspace, model=model, tiny=tiny, data=[data] if data else None, reporter=reporter,
                           overrides={"max_steps": max_steps} if max_steps is not None else None,
-                          preset="demo", dataset_name="persona", title="duet demo")
+                          preset="demo", dataset_name="persona", title="duet demo",
+                          export={"quant": "q8_0", "name": "persona"})
 
 
 def _model_ref(model: str | None, tiny: bool) -> str:
@@ -92,7 +93,8 @@ def _model_ref(model: str | None, tiny: bool) -> str:
 def run_on_cluster(workspace: str, *, model: str | None = None, tiny: bool = False, data: list[str] | None = None,
                    reporter=None, overrides: dict | None = None, preset: str = "demo",
                    dataset_name: str = "persona", title: str = "duet run", detach: bool = False,
-                   test_frac: float = 0.1, seed: int = 0, address: str | None = None) -> dict:
+                   test_frac: float = 0.1, seed: int = 0, address: str | None = None,
+                   export: dict | None = None) -> dict:
     """Bring up the embedded cluster (or join ``address``), start the actors, run the pipeline
     (roles/pipeline.py), and stop what this call started.
 
@@ -125,7 +127,7 @@ def run_on_cluster(workspace: str, *, model: str | None = None, tiny: bool = Fal
     from roles.actors import architect_actor, executor_actor
 
     executor = None
-    job = Job(ws, data_paths, model_ref, preset, overrides, dataset_name, test_frac, seed, detach,
+    job = Job(ws, data_paths, model_ref, preset, overrides, dataset_name, test_frac, seed, detach, export,
               extra={"services_started": emb.started})
     try:
         ray_node.connect(emb.ray_address)

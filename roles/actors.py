@@ -57,6 +57,12 @@ def _classes():
         def fetch_record(self, run_id: str) -> dict:
             return self.ex.fetch_record(run_id)
 
+        def export(self, run_id: str, opts: dict) -> dict:
+            return self.ex.export(run_id, opts)
+
+        def read_export(self, run_id: str, path: str, offset: int, size: int) -> bytes:
+            return self.ex.read_export(run_id, path, offset, size)
+
         def watch(self, run_id: str) -> dict:
             return self.ex.watch(run_id)
 
@@ -100,6 +106,9 @@ def _classes():
 
         def record_run(self, files: dict) -> dict:
             return self.a.record_run(files)
+
+        def record_export(self, files: dict, entry: dict) -> dict:
+            return self.a.record_export(files, entry)
 
         def hypothesis_from_run(self, rec: dict) -> dict | None:
             return self.a.hypothesis_from_run(rec)

@@ -248,6 +248,35 @@ class Architect:
         n = len(self.session.events())
         return self.commit([self.session.path], f"session: {self.session_id} ({n} events)")
 
+    def record_export(self, files: dict, entry: dict) -> dict:
+        """An export of a recorded run: the updated run.json and report.md into runs/<id>/, a commit, a
+        session event and a cortex fact (the file's path, size and sha256 on the GPU host)."""
+        rec = files["_record"]
+        run_id = check_run_id(rec["run_id"])
+        out = self.ws.root / "runs" / run_id
+        blobs = {n: files[n].encode("utf-8") for n in ("run.json", "report.md") if isinstance(files.get(n), str)}
+        sc = scanner(self.ws.root)
+        found = [x for name, data in blobs.items() for x in sc.scan_bytes(data, f"runs/{run_id}/{name}")]
+        if found:
+            raise SecretFound(found, action=f"refusing to record the export of {run_id}")
+        self.ws.init()
+        out.mkdir(parents=True, exist_ok=True)
+        for name, data in blobs.items():
+            (out / name).write_bytes(data)
+        g = entry["files"].get("gguf") or {}
+        what = f"{entry['name']}.gguf {entry.get('quant')} {g.get('bytes', 0) / 2**20:.1f} MiB" if g else entry["dir"]
+        self.log("state", {"step": "exported", "run_id": run_id, "export": what, "dir": entry["dir"],
+                           "sha256": g.get("sha256")})
+        sha = self.commit([out, self.session.path], f"export: {run_id} -> {what}")
+        self.memory.add_fact(f"run {run_id} exported to {what} on {rec['host'].get('hostname')}, verified "
+                             f"(top-1 {entry['verification'].get('top1_agreement')}, mean KL "
+                             f"{entry['verification'].get('kl_mean')})",
+                             {"run_id": run_id, "session_id": self.session_id, "commit": sha},
+                             kind="export", dedup_key=f"export:{run_id}:{g.get('sha256') or entry['dir']}",
+                             data={"path": g.get("path") or entry["dir"], "bytes": g.get("bytes"),
+                                   "sha256": g.get("sha256"), "quant": entry.get("quant")})
+        return {"path": str(out), "commit": sha}
+
     def store_counts(self) -> dict:
         from memory_sync.backup import store_counts
 
@@ -275,3 +304,14 @@ def record_if_new(workspace: str, postgres_url: str | None, mongo_url: str | Non
     finally:
         arch.close()
     return {"already": False, "path": out["path"], "commit": out["commit"]}
+
+
+def record_export(workspace: str, postgres_url: str | None, mongo_url: str | None, files: dict, entry: dict) -> dict:
+    """Record an export in the workspace (for a CLI with no architect actor running)."""
+    arch = Architect(workspace, postgres_url, mongo_url, session_title=f"export {files['_record']['run_id']}")
+    try:
+        out = arch.record_export(files, entry)
+        arch.commit_session()
+    finally:
+        arch.close()
+    return out

@@ -83,6 +83,7 @@ class Job:
     test_frac: float = 0.1
     seed: int = 0
     detach: bool = False
+    export: dict | None = None   # export options (training/export.py) for the finished run; None: no export
     extra: dict = field(default_factory=dict)
 
 
@@ -161,6 +162,17 @@ def run_pipeline(job: Job, architect, executor, *, client: bool, reporter: Repor
     recorded = ray.get(architect.record_run.remote(files))
     if record_here is not None:
         recorded = record_here(files)
+    exported = None
+    if job.export is not None and rec["status"] == "finished":
+        with reporter.status("exporting to GGUF (write, then verify against the merged model)..."):
+            entry = ray.get(executor.export.remote(run_id, job.export))
+        ray.get(architect.record_export.remote(ray.get(executor.fetch_record.remote(run_id)), entry))
+        g = entry["files"]["gguf"]
+        exported = {"gguf": g["path"], "bytes": g["bytes"], "sha256": g["sha256"], "dir": entry["dir"],
+                    "modelfile": entry["files"]["Modelfile"]["path"], "run_it": entry["commands"]["ollama"],
+                    "verification": {k: entry["verification"][k] for k in ("top1_agreement", "kl_mean", "prompts")}}
+        reporter.line("exported", f"{g['path']} ({g['bytes'] / 2**20:.1f} MiB, {entry['quant']}, verified: top-1 "
+                                  f"{entry['verification']['top1_agreement']:.3f}) + Modelfile")
     hyp = ray.get(architect.hypothesis_from_run.remote(rec)) if rec["status"] == "finished" else None
     ray.get(architect.commit_session.remote())
     counts = ray.get(architect.store_counts.remote())
@@ -175,7 +187,7 @@ def run_pipeline(job: Job, architect, executor, *, client: bool, reporter: Repor
         "steps": rec["steps"], "train_s": rec["train_s"], "tokens_per_s": rec["tokens_per_s"],
         "run_dir": recorded["path"], "report": str(Path(recorded["path"]) / "report.md"),
         "run_commit": recorded.get("commit"), "metrics_during_training": scraped, "metrics_final": final_scrape,
-        "stores": counts, "hypothesis": hyp and {"id": hyp["id"], "status": hyp["status"]},
+        "stores": counts, "hypothesis": hyp and {"id": hyp["id"], "status": hyp["status"]}, "exported": exported,
         **job.extra, "wall_s": round(time.time() - t0, 1),
     }
     reporter.summary(summary, rec)

@@ -88,6 +88,41 @@ def local_run(plan_file: str | os.PathLike, *, workspace: str | os.PathLike, dat
     return Run(make_spec(plan, vd, run_id), data_dir, hw)
 
 
+def record_files(rdir: Path) -> dict:
+    """A run's small files for the workspace (binary ones base64-encoded) and its record."""
+    if not (rdir / "run.json").is_file():
+        raise ExecutorError(f"no record for run {rdir.name!r} under {rdir}")
+    out = {}
+    for name in RECORD_FILES:
+        p = rdir / name
+        if p.is_file():
+            data = p.read_bytes()
+            out[name] = {"b64": base64.b64encode(data).decode()} if name.endswith(".png") else data.decode()
+    out["_record"] = json.loads((rdir / "run.json").read_text())
+    return out
+
+
+def export(data_dir: str | os.PathLike, run_id: str, *, to: str = "gguf", quant: str = "f16",
+           name: str | None = None, out_dir: str | None = None) -> dict:
+    """Export a finished run (training/export.py), merging it first when its merged model is missing
+    (the merge's own memory pre-check applies). ExecutorError/ExportError say why not."""
+    from training.export import export_run
+    from training.preflight import preflight
+
+    rdir = run_dir(data_dir, run_id)
+    if not (rdir / "run.json").is_file():
+        raise ExecutorError(f"unknown run {run_id!r} under {Path(data_dir) / 'runs'}")
+    if not (rdir / "merged" / "config.json").is_file():
+        if not (rdir / "adapter" / "adapter_config.json").is_file():
+            raise ExecutorError(f"run {run_id}: neither a merged model nor an adapter to merge under {rdir}")
+        run = Run.load(rdir, hardware.probe(data_dir).to_dict())
+        if run.state != "finished":
+            raise ExecutorError(f"run {run_id} is {run.state}: only a finished run is exported")
+        run.merge_and_evaluate(Path(run.result.get("model_path") or preflight(run)))
+        run.write_record()
+    return export_run(rdir, to=to, quant=quant, name=name, out_dir=Path(out_dir) if out_dir else None)
+
+
 class Executor:
     def __init__(self, data_dir: str | os.PathLike, *, metrics_port: int | None = 9108,
                  metrics_addr: str = "127.0.0.1", torch_threads: int | None = None):
@@ -213,18 +248,24 @@ class Executor:
         return {"run_id": run_id, "resumed": True}
 
     def fetch_record(self, run_id: str) -> dict:
-        """The run's small files for the workspace (binary ones base64-encoded)."""
-        rdir = run_dir(self.data_dir, run_id)
-        if not (rdir / "run.json").is_file():
-            raise ExecutorError(f"no record for run {run_id!r} under {rdir}")
-        out = {}
-        for name in RECORD_FILES:
-            p = rdir / name
-            if p.is_file():
-                data = p.read_bytes()
-                out[name] = {"b64": base64.b64encode(data).decode()} if name.endswith(".png") else data.decode()
-        out["_record"] = json.loads((rdir / "run.json").read_text())
-        return out
+        return record_files(run_dir(self.data_dir, run_id))
+
+    def export(self, run_id: str, opts: dict) -> dict:
+        """``duet export`` on this host: the exported entry (files stay here; ``read_export`` fetches)."""
+        run = self.runs.get(run_id)
+        if run is not None and run.state not in TERMINAL:
+            raise ExecutorError(f"run {run_id} is {run.state}: export it once it has finished")
+        return export(self.data_dir, run_id, **opts)
+
+    def read_export(self, run_id: str, path: str, offset: int, size: int) -> bytes:
+        """A chunk of an exported file, for ``duet export --fetch`` (only files of the run's exports)."""
+        rec = json.loads((run_dir(self.data_dir, run_id) / "run.json").read_text())
+        allowed = {f["path"] for e in rec.get("exported", []) for f in e["files"].values() if "bytes" in f}
+        if path not in allowed:
+            raise ExecutorError(f"{path} is not an exported file of run {run_id}")
+        with open(path, "rb") as fh:
+            fh.seek(offset)
+            return fh.read(size)
 
     def wait(self, run_id: str, timeout: float | None = None) -> str:
         t = self.threads.get(run_id)

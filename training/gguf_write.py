@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -248,3 +249,55 @@ def write_gguf(folder: Path, out: Path, quant: str, *, name: str) -> dict:
     return {"path": str(out), "bytes": out.stat().st_size, "architecture": arch, "quant": quant,
             "tensors": len(plan), "tokenizer_pre": vocab.pre, "vocab": len(vocab.tokens),
             "chat_template": vocab.chat_template is not None}
+
+
+def write_lora_gguf(adapter_dir: Path, base_config: dict, out: Path, *, name: str) -> dict:
+    """The LoRA adapter alone as a GGUF LoRA file (llama.cpp: ``llama-cli -m BASE.gguf --lora FILE``),
+    as llama.cpp's convert_lora_to_gguf.py writes it: ``general.type`` adapter, ``adapter.type`` lora,
+    ``adapter.lora.alpha``; each adapted matrix as ``<gguf name>.lora_a`` [r, in] and ``.lora_b``
+    [out, r] in F32 (B's rows permuted like the weight's for llama's q/k)."""
+    import gguf
+    import numpy as np
+    from safetensors import safe_open
+
+    arch = gguf_arch(base_config)
+    acfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA if arch == "llama" else gguf.MODEL_ARCH.QWEN2,
+                                     int(base_config["num_hidden_layers"]))
+    src = adapter_dir / "adapter_model.safetensors"
+    tensors = []
+    with safe_open(str(src), framework="pt") as fh:
+        for key in sorted(fh.keys()):
+            m = re.fullmatch(r"base_model\.model\.(.+)\.lora_([AB])\.weight", key)
+            if not m:
+                raise ExportError(f"{src.name}: tensor {key!r} is not a LoRA A/B matrix (only plain LoRA is exported)")
+            g = names.get_name(m.group(1) + ".weight", try_suffixes=(".weight",))
+            if g is None:
+                raise ExportError(f"{src.name}: {m.group(1)} has no GGUF name for architecture {arch}")
+            a = fh.get_tensor(key).float().numpy()
+            if m.group(2) == "B" and arch == "llama" and m.group(1).endswith(("q_proj", "k_proj")):
+                heads = int(base_config["num_attention_heads"])
+                if m.group(1).endswith("k_proj"):
+                    heads = int(base_config.get("num_key_value_heads") or heads)
+                a = _permute(a, heads)
+            tensors.append((f"{g}.lora_{m.group(2).lower()}", a.astype(np.float32)))
+    tmp = out.with_name(out.name + ".partial")
+    w = gguf.GGUFWriter(str(tmp), arch)
+    try:
+        w.add_name(name)
+        w.add_type(gguf.GGUFType.ADAPTER)
+        w.add_string(gguf.Keys.Adapter.TYPE, "lora")
+        w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(acfg["lora_alpha"]))
+        for tname, a in tensors:
+            w.add_tensor(tname, a)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        tmp.replace(out)
+    except BaseException:
+        w.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    return {"path": str(out), "bytes": out.stat().st_size, "tensors": len(tensors), "r": acfg.get("r"),
+            "alpha": acfg["lora_alpha"]}

