@@ -45,19 +45,19 @@ def sha256_file(path: Path) -> str:
 
 
 def expected_bytes(folder: Path, quant: str) -> int:
-    """What the GGUF will take on disk, from the safetensors headers (plus the vocabulary's room)."""
-    from safetensors import safe_open
+    """What the GGUF will take on disk, from the safetensors headers (plus room for the vocabulary)."""
+    from training.gguf_write import Safetensors
 
     per = {"f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32}[quant]
     total = 0
     for f in folder.glob("*.safetensors"):
-        with safe_open(str(f), framework="pt") as fh:
-            for k in fh.keys():
-                shape = fh.get_slice(k).get_shape()
-                n = 1
-                for d in shape:
-                    n *= int(d)
-                total += n * (4 if len(shape) == 1 else per)
+        st = Safetensors(f)
+        for k in st.keys():
+            shape = st.shape(k)
+            n = 1
+            for d in shape:
+                n *= int(d)
+            total += n * (4 if len(shape) == 1 else per)
     return int(total) + 32 * 2**20
 
 

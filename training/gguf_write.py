@@ -107,6 +107,44 @@ def read_vocab(folder: Path, config: dict) -> Vocab:
                  bool(tc.get("add_bos_token", False)), template if isinstance(template, str) else None)
 
 
+class Safetensors:
+    """A safetensors file read with plain file reads, one tensor at a time. safe_open's mmap would keep
+    every page it touched resident (and counted in RSS) until the kernel reclaims it."""
+
+    DTYPES = {"F32": ("<f4", 4), "F16": ("<f2", 2), "BF16": ("<u2", 2)}
+
+    def __init__(self, path: Path):
+        self.path = path
+        with open(path, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(n))
+        self.base = 8 + n
+        header.pop("__metadata__", None)
+        self.meta = header
+
+    def keys(self) -> list[str]:
+        return list(self.meta)
+
+    def shape(self, key: str) -> list[int]:
+        return list(self.meta[key]["shape"])
+
+    def get(self, key: str):
+        """The tensor as float32 numpy."""
+        import numpy as np
+
+        m = self.meta[key]
+        if m["dtype"] not in self.DTYPES:
+            raise ExportError(f"{self.path.name}: tensor {key!r} is {m['dtype']}; duet exports F32, F16 and BF16 weights")
+        code, _size = self.DTYPES[m["dtype"]]
+        start, end = m["data_offsets"]
+        with open(self.path, "rb") as fh:
+            fh.seek(self.base + start)
+            raw = np.frombuffer(fh.read(end - start), dtype=code)
+        if m["dtype"] == "BF16":
+            raw = (raw.astype(np.uint32) << 16).view(np.float32)
+        return raw.astype(np.float32, copy=False).reshape(m["shape"])
+
+
 def _permute(w, n_head: int):
     """llama.cpp's q/k layout: HF keeps the rotary halves apart, GGUF interleaves them per head."""
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
@@ -115,7 +153,6 @@ def _permute(w, n_head: int):
 def _tensor_plan(folder: Path, arch: str, config: dict):
     """(gguf name, hf name, file) for every tensor to write, in file order (tied lm_head skipped)."""
     import gguf
-    from safetensors import safe_open
 
     files = sorted(folder.glob("*.safetensors"))
     if not files:
@@ -124,16 +161,16 @@ def _tensor_plan(folder: Path, arch: str, config: dict):
                                      int(config["num_hidden_layers"]))
     out = []
     for f in files:
-        with safe_open(str(f), framework="pt") as fh:
-            for hf in fh.keys():
-                if hf == "lm_head.weight" and config.get("tie_word_embeddings"):
-                    continue
-                if hf.endswith("rotary_emb.inv_freq"):
-                    continue
-                g = names.get_name(hf, try_suffixes=(".weight", ".bias"))
-                if g is None:
-                    raise ExportError(f"{f.name}: tensor {hf!r} has no GGUF name for architecture {arch}")
-                out.append((g, hf, f))
+        st = Safetensors(f)
+        for hf in st.keys():
+            if hf == "lm_head.weight" and config.get("tie_word_embeddings"):
+                continue
+            if hf.endswith("rotary_emb.inv_freq"):
+                continue
+            g = names.get_name(hf, try_suffixes=(".weight", ".bias"))
+            if g is None:
+                raise ExportError(f"{f.name}: tensor {hf!r} has no GGUF name for architecture {arch}")
+            out.append((g, hf, st))
     return out
 
 
@@ -164,13 +201,12 @@ def _info(shape: list[int], qtype):
     return np.uint8, byte_shape, int(np.prod(byte_shape))
 
 
-def _convert(t, hf: str, qtype, arch: str, config: dict):
-    """One tensor, converted to its GGML type (numpy data)."""
+def _convert(a, hf: str, qtype, arch: str, config: dict):
+    """One tensor (float32 numpy), converted to its GGML type."""
     import gguf
     import numpy as np
 
     q = gguf.GGMLQuantizationType
-    a = t.float().numpy()
     if arch == "llama" and hf.endswith(("q_proj.weight", "k_proj.weight")):
         heads = int(config["num_attention_heads"])
         if hf.endswith("k_proj.weight"):
@@ -186,7 +222,6 @@ def _convert(t, hf: str, qtype, arch: str, config: dict):
 def write_gguf(folder: Path, out: Path, quant: str, *, name: str) -> dict:
     """Write ``out`` (through ``out``.partial, renamed at the end); returns what was written."""
     import gguf
-    from safetensors import safe_open
 
     if quant not in QUANTS:
         raise ExportError(f"--quant {quant!r}: use one of {', '.join(QUANTS)}")
@@ -226,18 +261,17 @@ def write_gguf(folder: Path, out: Path, quant: str, *, name: str) -> dict:
     if vocab.chat_template:
         w.add_chat_template(vocab.chat_template)
     try:
-        handles, qtypes = {}, {}
-        for gname, hf, f in plan:  # every tensor's info first, from the safetensors header alone
-            fh = handles.setdefault(f, safe_open(str(f), framework="pt"))
-            shape = list(fh.get_slice(hf).get_shape())
+        qtypes = {}
+        for gname, hf, st in plan:  # every tensor's info first, from the safetensors header alone
+            shape = st.shape(hf)
             qtypes[gname] = _qtype(shape, quant)
             dtype, stored, nbytes = _info(shape, qtypes[gname])
             w.add_tensor_info(gname, stored, dtype, nbytes, raw_dtype=qtypes[gname])
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
-        for gname, hf, f in plan:  # then the data, one tensor in memory at a time
-            data = _convert(handles[f].get_tensor(hf), hf, qtypes[gname], arch, config)
+        for gname, hf, st in plan:  # then the data, one tensor in memory at a time
+            data = _convert(st.get(hf), hf, qtypes[gname], arch, config)
             w.write_tensor_data(data)
             del data
         w.close()
@@ -258,7 +292,6 @@ def write_lora_gguf(adapter_dir: Path, base_config: dict, out: Path, *, name: st
     [out, r] in F32 (B's rows permuted like the weight's for llama's q/k)."""
     import gguf
     import numpy as np
-    from safetensors import safe_open
 
     arch = gguf_arch(base_config)
     acfg = json.loads((adapter_dir / "adapter_config.json").read_text())
@@ -266,21 +299,21 @@ def write_lora_gguf(adapter_dir: Path, base_config: dict, out: Path, *, name: st
                                      int(base_config["num_hidden_layers"]))
     src = adapter_dir / "adapter_model.safetensors"
     tensors = []
-    with safe_open(str(src), framework="pt") as fh:
-        for key in sorted(fh.keys()):
-            m = re.fullmatch(r"base_model\.model\.(.+)\.lora_([AB])\.weight", key)
-            if not m:
-                raise ExportError(f"{src.name}: tensor {key!r} is not a LoRA A/B matrix (only plain LoRA is exported)")
-            g = names.get_name(m.group(1) + ".weight", try_suffixes=(".weight",))
-            if g is None:
-                raise ExportError(f"{src.name}: {m.group(1)} has no GGUF name for architecture {arch}")
-            a = fh.get_tensor(key).float().numpy()
-            if m.group(2) == "B" and arch == "llama" and m.group(1).endswith(("q_proj", "k_proj")):
-                heads = int(base_config["num_attention_heads"])
-                if m.group(1).endswith("k_proj"):
-                    heads = int(base_config.get("num_key_value_heads") or heads)
-                a = _permute(a, heads)
-            tensors.append((f"{g}.lora_{m.group(2).lower()}", a.astype(np.float32)))
+    st = Safetensors(src)
+    for key in sorted(st.keys()):
+        m = re.fullmatch(r"base_model\.model\.(.+)\.lora_([AB])\.weight", key)
+        if not m:
+            raise ExportError(f"{src.name}: tensor {key!r} is not a LoRA A/B matrix (only plain LoRA is exported)")
+        g = names.get_name(m.group(1) + ".weight", try_suffixes=(".weight",))
+        if g is None:
+            raise ExportError(f"{src.name}: {m.group(1)} has no GGUF name for architecture {arch}")
+        a = st.get(key)
+        if m.group(2) == "B" and arch == "llama" and m.group(1).endswith(("q_proj", "k_proj")):
+            heads = int(base_config["num_attention_heads"])
+            if m.group(1).endswith("k_proj"):
+                heads = int(base_config.get("num_key_value_heads") or heads)
+            a = _permute(a, heads)
+        tensors.append((f"{g}.lora_{m.group(2).lower()}", a.astype(np.float32)))
     tmp = out.with_name(out.name + ".partial")
     w = gguf.GGUFWriter(str(tmp), arch)
     try:
