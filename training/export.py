@@ -61,9 +61,12 @@ def expected_bytes(folder: Path, quant: str) -> int:
     return int(total) + 32 * 2**20
 
 
-def probe_prompts(run_dir: Path, tokenizer, n: int = 4) -> list[str]:
+def probe_prompts(run_dir: Path, tokenizer, n: int = 4, *, templated: bool = True) -> list[str]:
     """Held-out prompts as the model sees them: the test split's conversations without their last
-    answer, through the chat template (DPO: the prompt); plain probe texts when there is none."""
+    answer, through the chat template (DPO: the prompt); plain probe texts when there is none.
+    ``templated=False``: the turns' text alone. For a SentencePiece-style vocabulary, transformers'
+    GGUF reload puts no word-start marker after a special token, where the HF tokenizer and llama.cpp
+    do, so a rendered template would fail the ids check for a reason outside the file."""
     out = []
     test = run_dir / "dataset" / "test.jsonl"
     for line in test.read_text(encoding="utf-8").splitlines() if test.is_file() else []:
@@ -79,7 +82,7 @@ def probe_prompts(run_dir: Path, tokenizer, n: int = 4) -> list[str]:
             msgs = msgs[:-1]
         if not msgs:
             continue
-        if getattr(tokenizer, "chat_template", None):
+        if templated and getattr(tokenizer, "chat_template", None):
             out.append(tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True))
         else:
             out.append("\n".join(m["content"] for m in msgs))
@@ -191,7 +194,8 @@ def export_run(run_dir: Path, *, to: str = "gguf", quant: str = "f16", name: str
             gguf_path = out_dir / f"{name}.gguf"
             info = write_gguf(merged, gguf_path, quant, name=name)
             files["gguf"] = gguf_path
-            check = verify(merged, gguf_path, probe_prompts(run_dir, tok), quant, info["architecture"], info["tensors"])
+            prompts = probe_prompts(run_dir, tok, templated=info["tokenizer"] == "gpt2")
+            check = verify(merged, gguf_path, prompts, quant, info["architecture"], info["tensors"])
             target = gguf_path.name
             if (run_dir / "adapter" / "adapter_model.safetensors").is_file():  # LoRA / QLoRA: the adapter alone too
                 lora_path = out_dir / f"{name}-lora.gguf"

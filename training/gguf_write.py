@@ -3,8 +3,9 @@
 
 - architectures: ``llama`` (Llama 2/3, SmolLM2, Mistral's config family) and ``qwen2`` (Qwen2,
   Qwen2.5); anything else is refused before a byte is written;
-- tokenizer: byte-level BPE (tokens by id, token types, merges, BOS/EOS/UNK/PAD ids, the chat
-  template); a SentencePiece-style vocabulary (byte fallback) is refused for now;
+- tokenizer: BPE from tokenizer.json: byte-level (``gpt2``: Llama 3, SmolLM2, Qwen2) or
+  SentencePiece-style with byte fallback (``llama``: Llama 2, Mistral; scores ranked by id, the
+  ``<0xNN>`` pieces as BYTE tokens); tokens by id, types, merges, BOS/EOS/UNK/PAD, the chat template;
 - tensors: names from ``gguf.get_tensor_name_map``; llama's q/k projections permuted as llama.cpp
   expects (rotary halves interleaved); 1-D tensors (norms, biases) stay F32; matrices F16, BF16 or
   Q8_0 (a row of a length not divisible by 32 stays F16 in a Q8_0 file, as in llama.cpp);
@@ -41,6 +42,8 @@ class Vocab:
     types: list[int]
     merges: list[str]
     pre: str
+    model: str                  # "gpt2" (byte-level BPE) or "llama" (SentencePiece-style BPE, byte fallback)
+    scores: list[float] | None
     special: dict[str, int]     # bos, eos, unk, pad -> id
     add_bos: bool
     chat_template: str | None
@@ -64,10 +67,11 @@ def read_vocab(folder: Path, config: dict) -> Vocab:
         raise ExportError(f"{folder}: no tokenizer.json (duet exports a fast tokenizer's vocabulary)")
     tj = json.loads(path.read_text(encoding="utf-8"))
     model = tj.get("model") or {}
-    if model.get("type") != "BPE" or model.get("byte_fallback"):
-        raise ExportError(f"{path}: tokenizer model {model.get('type')!r}"
-                          f"{' with byte fallback (SentencePiece-style)' if model.get('byte_fallback') else ''} is "
-                          "not exported yet; duet writes byte-level BPE vocabularies (Llama 3, SmolLM2, Qwen2)")
+    if model.get("type") != "BPE":
+        raise ExportError(f"{path}: tokenizer model {model.get('type')!r} is not exported; duet writes BPE "
+                          "vocabularies: byte-level (Llama 3, SmolLM2, Qwen2) or SentencePiece-style with byte "
+                          "fallback (Llama 2, Mistral)")
+    spm = bool(model.get("byte_fallback"))
     vocab: dict[str, int] = dict(model["vocab"])
     added = {a["content"]: a for a in tj.get("added_tokens", [])}
     for a in added.values():
@@ -82,7 +86,10 @@ def read_vocab(folder: Path, config: dict) -> Vocab:
             types.append(5)  # UNUSED: the config's vocabulary is larger than the tokenizer's
         else:
             tokens.append(t)
-            types.append(3 if t in added and added[t].get("special") else 4 if t in added else 1)
+            if spm and re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", t):
+                types.append(6)  # BYTE: SentencePiece's byte fallback pieces
+            else:
+                types.append(3 if t in added and added[t].get("special") else 4 if t in added else 1)
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     tc = {}
     cfg_path = folder / "tokenizer_config.json"
@@ -103,8 +110,15 @@ def read_vocab(folder: Path, config: dict) -> Vocab:
         special["eos"] = config["eos_token_id"]
     if "bos" not in special and isinstance(config.get("bos_token_id"), int):
         special["bos"] = config["bos_token_id"]
-    return Vocab(tokens, types, merges, _pre_tokenizer_name(tj, str(config.get("model_type"))), special,
-                 bool(tc.get("add_bos_token", False)), template if isinstance(template, str) else None)
+    # SentencePiece BPE orders its pieces by score, best first: -id is the score llama.cpp's merge loop ranks by
+    scores = [0.0 if ty in (3, 4, 5, 6) else -float(i) for i, ty in enumerate(types)] if spm else None
+    # BOS as the tokenizer adds it: its config's flag, else whether its post-processor puts BOS first
+    bos_text = tokens[special["bos"]] if "bos" in special else None
+    add_bos = tc["add_bos_token"] if "add_bos_token" in tc else \
+        bos_text is not None and json.dumps(bos_text) in json.dumps(tj.get("post_processor") or {})
+    return Vocab(tokens, types, merges, "default" if spm else _pre_tokenizer_name(tj, str(config.get("model_type"))),
+                 "llama" if spm else "gpt2", scores, special, bool(add_bos),
+                 template if isinstance(template, str) else None)
 
 
 class Safetensors:
@@ -248,10 +262,13 @@ def write_gguf(folder: Path, out: Path, quant: str, *, name: str) -> dict:
              "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[quant]
     w.add_file_type(int(ftype))
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_model(vocab.model)
     w.add_tokenizer_pre(vocab.pre)
     w.add_token_list(vocab.tokens)
     w.add_token_types(vocab.types)
+    if vocab.scores is not None:
+        w.add_token_scores(vocab.scores)
+        w.add_add_space_prefix(True)
     w.add_token_merges(vocab.merges)
     for key, add in (("bos", w.add_bos_token_id), ("eos", w.add_eos_token_id), ("unk", w.add_unk_token_id),
                      ("pad", w.add_pad_token_id)):
@@ -281,7 +298,7 @@ def write_gguf(folder: Path, out: Path, quant: str, *, name: str) -> dict:
         tmp.unlink(missing_ok=True)
         raise
     return {"path": str(out), "bytes": out.stat().st_size, "architecture": arch, "quant": quant,
-            "tensors": len(plan), "tokenizer_pre": vocab.pre, "vocab": len(vocab.tokens),
+            "tensors": len(plan), "tokenizer": vocab.model, "tokenizer_pre": vocab.pre, "vocab": len(vocab.tokens),
             "chat_template": vocab.chat_template is not None}
 
 

@@ -102,3 +102,50 @@ def test_smollm2_exports_and_verifies(tmp_path, quant):
     assert info["architecture"] == "llama" and info["vocab"] == 49152
     v = verify(src, tmp_path / "smol.gguf", prompts, quant, info["architecture"], info["tensors"])
     assert v["top1_agreement"] >= (0.99 if quant == "f16" else 0.9) and v["tokenizer_ids_equal"]
+
+
+def _sentencepiece_style_llama(out):
+    """A tiny Llama whose tokenizer.json has Llama 2's shape: BPE with byte fallback, <0xNN> pieces,
+    the "prepend \u2581, spaces to \u2581" normalizer, no pre-tokenizer."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    texts = [json.loads(x)["messages"][1]["content"] for x in (pytest.REPO / "examples/persona/persona.jsonl")
+             .read_text().splitlines() if x.strip()]
+    tk = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    tk.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    tk.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                    decoders.Strip(" ", 1, 0)])
+    tk.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=600, special_tokens=["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)],
+        show_progress=False))
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                  chat_template="{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}"
+                                                "[INST] {{ m['content'] }} [/INST]{% else %}{{ m['content'] }}"
+                                                "{{ eos_token }}{% endif %}{% endfor %}")
+    tok.save_pretrained(out)
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                                 bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)).save_pretrained(out)
+    return tok
+
+
+@pytest.mark.parametrize("quant", ["f16", "q8_0"])
+def test_a_sentencepiece_style_llama_exports_and_verifies(tmp_path, repo_root, quant):
+    import gguf
+
+    from training.export import PROBE_TEXTS, verify
+    from training.gguf_write import write_gguf
+
+    pytest.REPO = repo_root
+    tok = _sentencepiece_style_llama(tmp_path / "m")
+    prompts = PROBE_TEXTS + ["\u00fcn\u00efc\u00f6d\u00e9 \U0001f600 and a\ttab\nnew line [INST]"]  # bytes, unseen pieces
+    info = write_gguf(tmp_path / "m", tmp_path / "m.gguf", quant, name="spm")
+    assert info["tokenizer"] == "llama" and info["architecture"] == "llama"
+    r = gguf.GGUFReader(str(tmp_path / "m.gguf"))
+    types = r.fields["tokenizer.ggml.token_type"]
+    assert sum(1 for i in types.data if int(types.parts[i][0]) == 6) == 256  # the <0xNN> pieces are BYTE tokens
+    v = verify(tmp_path / "m", tmp_path / "m.gguf", prompts, quant, "llama", info["tensors"])
+    assert v["tokenizer_ids_equal"] and v["top1_agreement"] >= 0.9
