@@ -149,3 +149,33 @@ def test_a_sentencepiece_style_llama_exports_and_verifies(tmp_path, repo_root, q
     assert sum(1 for i in types.data if int(types.parts[i][0]) == 6) == 256  # the <0xNN> pieces are BYTE tokens
     v = verify(tmp_path / "m", tmp_path / "m.gguf", prompts, quant, "llama", info["tensors"])
     assert v["tokenizer_ids_equal"] and v["top1_agreement"] >= 0.9
+
+
+def test_a_failed_verification_or_a_full_disk_leaves_no_file(finished_run, tmp_path, monkeypatch):
+    import collections
+
+    from training import export as export_mod
+    from training.export import export_run
+    from training.gguf_write import ExportError
+
+    _, _, ex, run_id = finished_run
+    rdir = ex.data_dir / "runs" / run_id
+    monkeypatch.setitem(export_mod.BOUNDS, "f16", (1.01, 0.0))  # no GGUF can meet this
+    with pytest.raises(ExportError, match="drift from the merged model"):
+        export_run(rdir, name="strict", out_dir=tmp_path / "strict")
+    assert list((tmp_path / "strict").iterdir()) == []
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(export_mod.shutil, "disk_usage", lambda p: usage(10 * 2**20, 9 * 2**20, 2**20))
+    with pytest.raises(ExportError, match="GiB free, the export needs about"):
+        export_run(rdir, name="full", out_dir=tmp_path / "full")
+    assert list((tmp_path / "full").iterdir()) == []
+
+
+def test_export_to_a_safetensors_folder_with_a_modelfile(finished_run, tmp_path):
+    from training.export import export_run
+
+    _, _, ex, run_id = finished_run
+    entry = export_run(ex.data_dir / "runs" / run_id, to="safetensors", name="hf", out_dir=tmp_path / "hf")
+    assert (tmp_path / "hf" / "hf-hf" / "config.json").is_file()
+    assert (tmp_path / "hf" / "Modelfile").read_text().startswith("FROM ./hf-hf")
+    assert entry["to"] == "safetensors" and entry["commands"]["llama.cpp"] is None
