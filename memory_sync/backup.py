@@ -285,9 +285,9 @@ def restore(bundle: str | os.PathLike, workspace: str | os.PathLike, memory=None
         raise NotAWorkspace(f"{root} is a file; restore goes into an empty or new workspace folder")
     if (root / "sessions").is_dir() and any((root / "sessions").glob("*/session.json")):
         raise BackupError(f"{root} already has sessions; restore goes into an empty workspace")
-    has_cortex = any(k.startswith("cortex/") for k in members)
-    has_neo = any(k.startswith("neocortex/") for k in members)
-    if (has_cortex and (memory is None or memory.cortex() is None)) or (has_neo and (memory is None or memory.neocortex() is None)):
+    stores = {s.kind: s for s in (memory.stores() if memory else [])}
+    in_bundle = [k for k in ("cortex", "neocortex") if any(m.startswith(k + "/") for m in members)]
+    if set(in_bundle) - set(stores):
         raise BackupError("the bundle has store dumps but no store is configured here (DUET_POSTGRES_URL / "
                           "DUET_MONGO_URL, or `duet up`)")
     before = store_counts(memory)
@@ -298,8 +298,7 @@ def restore(bundle: str | os.PathLike, workspace: str | os.PathLike, memory=None
     kept = {n: (root / n).read_bytes() for n in (".gitignore", ".gitattributes") if (root / n).is_file()}
     staging = Path(tempfile.mkdtemp(prefix=".duet-restore-", dir=root.parent if root.parent.exists() else None))
     moved: list[Path] = []
-    loaded_neo: dict[str, list] = {}
-    cortex_loaded = False
+    restored: list[tuple] = []  # (store, dumps) fully restored, to take back if a later step fails
     try:
         for name, data in members.items():
             if name.startswith("sessions/"):
@@ -312,26 +311,18 @@ def restore(bundle: str | os.PathLike, workspace: str | os.PathLike, memory=None
             target = root / "sessions" / d.name
             os.rename(d, target)
             moved.append(target)
-        if has_cortex:
-            try:  # one transaction: all rows or none
-                memory.cortex().load_all({t: _rows(f"cortex/{t}.jsonl", members.get(f"cortex/{t}.jsonl", b""), bundle)
-                                          for t in TABLES})
+        for kind in in_bundle:  # each store all or nothing: the cortex in one transaction, the neocortex undoes itself
+            store = stores[kind]
+            dumps = {name: _rows(f"{kind}/{name}.jsonl", members.get(f"{kind}/{name}.jsonl", b""), bundle)
+                     for name in store.names}
+            try:
+                store.restore(dumps)
             except BackupError:
                 raise
-            except Exception as exc:  # the database refused a row (a type, a reference): nothing was kept
-                raise BackupError(f"{bundle}: the cortex refused the dump ({type(exc).__name__}: "
+            except Exception as exc:  # the store refused a row (a type, a reference): it kept nothing
+                raise BackupError(f"{bundle}: the {kind} refused the dump ({type(exc).__name__}: "
                                   f"{str(exc).splitlines()[0][:200]}); nothing was restored") from exc
-            cortex_loaded = True
-        if has_neo:
-            n = memory.neocortex()
-            for col in COLLECTIONS:
-                docs = _rows(f"neocortex/{col}.jsonl", members.get(f"neocortex/{col}.jsonl", b""), bundle)
-                loaded_neo[col] = [d["id"] for d in docs]
-                try:
-                    n.load(col, docs)
-                except Exception as exc:
-                    raise BackupError(f"{bundle}: the neocortex refused the dump of {col} ({type(exc).__name__}: "
-                                      f"{str(exc).splitlines()[0][:200]}); nothing was restored") from exc
+            restored.append((store, dumps))
         counts = {**workspace_counts(root), **store_counts(memory)}
         want = manifest["counts"]
         if {k: counts.get(k) for k in want} != want:
@@ -341,10 +332,8 @@ def restore(bundle: str | os.PathLike, workspace: str | os.PathLike, memory=None
     except BaseException:
         for path in moved:
             shutil.rmtree(path, ignore_errors=True)
-        if cortex_loaded:
-            _clear_cortex(memory.cortex())
-        for col, ids in loaded_neo.items():
-            memory.neocortex().remove(col, ids)
+        for store, dumps in reversed(restored):
+            store.undo_restore(dumps)
         if not existed:
             shutil.rmtree(root, ignore_errors=True)
         else:  # what init added to a folder that was there
@@ -358,10 +347,3 @@ def restore(bundle: str | os.PathLike, workspace: str | os.PathLike, memory=None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return {"workspace": str(root), "counts": counts, "commit": sha, "from": {k: manifest[k] for k in ("host", "created")}}
-
-
-def _clear_cortex(c) -> None:
-    """Undo a restore's cortex load (the tables were empty before it: checked)."""
-    with c.conn.transaction():
-        for t in reversed(TABLES):
-            c.conn.execute(f"DELETE FROM {t}")

@@ -143,6 +143,16 @@ class Cortex:
         """Insert dumped rows as they were (ids included); existing ids are left alone."""
         return self.load_all({table: rows})[table]
 
+    def restore(self, dumps: dict[str, list[dict]]) -> None:
+        """A backup's rows into empty tables, all or nothing (one transaction)."""
+        self.load_all(dumps)
+
+    def undo_restore(self, dumps: dict[str, list[dict]]) -> None:
+        """Take a restore back (the tables were empty before it: backup.restore checks)."""
+        with self.conn.transaction():
+            for t in reversed(TABLES):
+                self.conn.execute(f"DELETE FROM {t}")
+
     def load_all(self, dumps: dict[str, list[dict]]) -> dict[str, int]:
         """Insert every table's dumped rows in one transaction (all or nothing), in TABLES order
         (sessions before events: the foreign key). Columns are checked against COLUMNS first."""

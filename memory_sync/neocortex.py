@@ -152,6 +152,21 @@ class Neocortex:
             self.db[collection].update_one({"id": d["id"]}, {"$setOnInsert": d}, upsert=True)
         return len(docs)
 
+    def restore(self, dumps: dict[str, list[dict]]) -> None:
+        """A backup's documents into empty collections; on a failure what it inserted is removed again."""
+        done: dict[str, list[dict]] = {}
+        try:
+            for col in COLLECTIONS:
+                done[col] = dumps.get(col, [])
+                self.load(col, done[col])
+        except BaseException:
+            self.undo_restore(done)
+            raise
+
+    def undo_restore(self, dumps: dict[str, list[dict]]) -> None:
+        for col, docs in dumps.items():
+            self.remove(col, [d["id"] for d in docs if isinstance(d, dict) and "id" in d])
+
     def remove(self, collection: str, ids: list) -> None:
         """Delete documents by id (a restore undoing its own inserts after a later step failed)."""
         if collection not in COLLECTIONS:

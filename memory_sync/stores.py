@@ -1,6 +1,7 @@
 """The interface the two stores share: ``Cortex`` (PostgreSQL, validated facts) and ``Neocortex``
-(a MongoDB-wire server, hypotheses) both implement ``Store``. Session sync (memory.py), backup and
-restore (backup.py) go through these methods; a third backend implements them in one file.
+(a MongoDB-wire server, hypotheses) both implement ``Store``. Counting, backup and restore
+(backup.py) and the architect's counts go through these methods; a third backend implements them in
+its own file and is added to ``Memory.stores()``.
 
 Backend-specific queries stay on the backend (facts and runs on the cortex, hypotheses on the
 neocortex). Portability on the Mongo side: no ``$push`` of sub-documents and no reliance on a
@@ -31,6 +32,12 @@ class Store(Protocol):
 
     def load(self, name: str, rows: list[dict]) -> int:
         """Insert dumped rows as they were; ids that exist are left alone (what a restore does)."""
+
+    def restore(self, dumps: dict[str, list[dict]]) -> None:
+        """A backup's dumps ({name: rows}) into empty tables, all or nothing."""
+
+    def undo_restore(self, dumps: dict[str, list[dict]]) -> None:
+        """Take back a restore of ``dumps`` (after a later step of the restore failed)."""
 
     def close(self) -> None:
         ...

@@ -84,3 +84,22 @@ def test_services_are_reused_and_stopped_by_pid(tmp_path):
     assert services.stop_mongo(sd)
     assert not services.pid_alive(a.pid)
     assert services.StateFile(sd).read() == {}
+
+
+def test_a_store_that_refuses_part_of_a_restore_keeps_none_of_it(fresh_db):
+    """Store.restore is all or nothing on both backends (backup.restore relies on it)."""
+    c = Cortex(fresh_db["postgres_url"])
+    c.migrate()
+    good = {"id": "s1", "title": "t", "status": "open", "host": "h", "tags": [], "created": "2026-12-01T00:00:00+00:00"}
+    with pytest.raises(Exception):  # the second session's created is no time: the transaction rolls back
+        c.restore({"sessions": [good, {**good, "id": "s2", "created": "not a time"}], "events": [], "facts": [],
+                   "runs": [], "alerts": []})
+    assert c.count("sessions") == 0
+    c.close()
+    n = Neocortex(fresh_db["mongo_url"], db_name=fresh_db["mongo_db"])
+    n.migrate()
+    with pytest.raises(Exception):  # the events collection holds a document without an id
+        n.restore({"hypotheses": [{"id": "h1", "text": "x", "confidence": 0.5, "status": "open"}],
+                   "events": [{"no": "id"}]})
+    assert n.count("hypotheses") == 0 and n.count("events") == 0
+    n.close()

@@ -227,7 +227,7 @@ def test_both_stores_implement_the_store_interface():
 
     for cls in (Cortex, Neocortex):
         assert isinstance(cls.kind, str) and cls.names and all(isinstance(n, str) for n in cls.names), cls
-        for name in ("migrate", "upsert_events", "count", "dump", "load", "close"):
+        for name in ("migrate", "upsert_events", "count", "dump", "load", "restore", "undo_restore", "close"):
             want = list(inspect.signature(getattr(Store, name)).parameters)
             got = list(inspect.signature(getattr(cls, name)).parameters)
             assert len(got) >= len(want), f"{cls.__name__}.{name}{got} vs Store.{name}{want}"
