@@ -94,6 +94,9 @@ def _export_lines(exports: list[dict]) -> list[str]:
             head += (f": verified on {v['prompts']} held-out prompts, top-1 agreement {v['top1_agreement']:.3f}, "
                      f"mean KL {v['kl_mean']:.1e}, tokenizer ids equal")
         out += [head, f"  - run it: `{e['commands']['ollama']}`"]
+        lora = (e.get("files") or {}).get("lora_gguf")
+        if lora and lora.get("bytes"):
+            out.append(f"  - the adapter alone (llama.cpp `--lora`): `{lora['path']}` ({lora['bytes'] / 2**20:.1f} MiB)")
         if e["commands"].get("llama.cpp"):
             out.append(f"  - or: `{e['commands']['llama.cpp']}`")
     return out + [""]
