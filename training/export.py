@@ -61,6 +61,22 @@ def expected_bytes(folder: Path, quant: str) -> int:
     return int(total) + 32 * 2**20
 
 
+def verify_ram_bytes(folder: Path) -> float:
+    """RAM the verification needs: one fp32 copy of the model (they are loaded one after the other),
+    plus a quarter for the activations and the loader's temporaries, plus the runtime."""
+    from training.gguf_write import Safetensors
+
+    n = 0
+    for f in folder.glob("*.safetensors"):
+        st = Safetensors(f)
+        for k in st.keys():
+            size = 1
+            for d in st.shape(k):
+                size *= int(d)
+            n += size
+    return n * 4 * 1.25 + 512 * 2**20
+
+
 def probe_prompts(run_dir: Path, tokenizer, n: int = 4, *, templated: bool = True) -> list[str]:
     """Held-out prompts as the model sees them: the test split's conversations without their last
     answer, through the chat template (DPO: the prompt); plain probe texts when there is none.
@@ -187,6 +203,14 @@ def export_run(run_dir: Path, *, to: str = "gguf", quant: str = "f16", name: str
     free = shutil.disk_usage(out_dir).free
     if need > free:
         raise ExportError(f"{out_dir}: {free / 2**30:.2f} GiB free, the export needs about {need / 2**30:.2f} GiB")
+    if to == "gguf":  # verification loads the model in fp32, one copy at a time
+        import psutil
+
+        ram = int(verify_ram_bytes(merged))
+        avail = psutil.virtual_memory().available
+        if ram > avail:
+            raise ExportError(f"verifying the export loads the model in fp32: about {ram / 2**30:.1f} GiB of RAM, "
+                              f"{avail / 2**30:.1f} GiB available; free memory (stop the training?) and retry")
     tok = AutoTokenizer.from_pretrained(merged)
     files: dict[str, Path] = {}
     try:

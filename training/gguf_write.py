@@ -33,6 +33,11 @@ def gguf_arch(config: dict) -> str:
     if mt not in SUPPORTED:
         raise ExportError(f"model_type {mt!r} cannot be exported to GGUF by duet; supported: "
                           f"{', '.join(sorted(SUPPORTED))} (the llama and qwen2 GGUF architectures)")
+    rs, rp = config.get("rope_scaling") or {}, config.get("rope_parameters") or {}
+    rope = rs.get("rope_type") or rs.get("type") or rp.get("rope_type") or "default"
+    if rope != "default":
+        raise ExportError(f"rope scaling {rope!r} (e.g. Llama 3.1/3.2's 'llama3') is not exported by duet yet: "
+                          "only models with plain rotary embeddings are")
     return SUPPORTED[mt]
 
 

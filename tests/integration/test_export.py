@@ -179,3 +179,12 @@ def test_export_to_a_safetensors_folder_with_a_modelfile(finished_run, tmp_path)
     assert (tmp_path / "hf" / "hf-hf" / "config.json").is_file()
     assert (tmp_path / "hf" / "Modelfile").read_text().startswith("FROM ./hf-hf")
     assert entry["to"] == "safetensors" and entry["commands"]["llama.cpp"] is None
+
+
+def test_rope_scaling_is_refused_before_anything_is_written(tmp_path):
+    from training.gguf_write import ExportError, gguf_arch
+
+    llama31 = {"model_type": "llama", "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}
+    with pytest.raises(ExportError, match="rope scaling 'llama3'"):
+        gguf_arch(llama31)
+    assert gguf_arch({"model_type": "qwen2", "rope_parameters": {"rope_type": "default", "rope_theta": 1e6}}) == "qwen2"
