@@ -188,3 +188,42 @@ def test_rope_scaling_is_refused_before_anything_is_written(tmp_path):
     with pytest.raises(ExportError, match="rope scaling 'llama3'"):
         gguf_arch(llama31)
     assert gguf_arch({"model_type": "qwen2", "rope_parameters": {"rope_type": "default", "rope_theta": 1e6}}) == "qwen2"
+
+
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+                r"|\s+(?!\S)|\s+")
+
+
+def test_a_llama3_style_model_exports_with_its_pre_tokenizer_and_bos(tmp_path, repo_root):
+    """Llama 3's tokenizer.json shape: its split regex + byte-level BPE, BOS added by the post-processor."""
+    import gguf
+    import torch
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from training.export import PROBE_TEXTS, verify
+    from training.gguf_write import write_gguf
+
+    texts = [json.loads(x)["messages"][1]["content"] for x in (repo_root / "examples/persona/persona.jsonl")
+             .read_text().splitlines() if x.strip()]
+    tk = Tokenizer(models.BPE(ignore_merges=True))
+    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+                                                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tk.decoder = decoders.ByteLevel()
+    tk.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=500, special_tokens=["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tk.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", 0)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>")
+    tok.save_pretrained(tmp_path / "m")
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                                 bos_token_id=0, eos_token_id=2)).save_pretrained(tmp_path / "m")
+    info = write_gguf(tmp_path / "m", tmp_path / "m.gguf", "f16", name="l3")
+    assert info["tokenizer"] == "gpt2" and info["tokenizer_pre"] == "llama-bpe"
+    r = gguf.GGUFReader(str(tmp_path / "m.gguf"))
+    assert r.fields["tokenizer.ggml.add_bos_token"].contents() is True
+    v = verify(tmp_path / "m", tmp_path / "m.gguf", PROBE_TEXTS + ["It's 12345 o'clock,\n\n  see   you"], "f16",
+               "llama", info["tensors"])
+    assert v["tokenizer_ids_equal"] and v["top1_agreement"] >= 0.99
