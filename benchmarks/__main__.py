@@ -112,6 +112,10 @@ def rows_of(doc: dict) -> list[tuple[str, str, str, str]]:
                     f"{len(r['reps'])} alternating reps (the executor trains in one)", f"{r['median']:.2f} [{r['min']:.2f}-{r['max']:.2f}]", "", None))
         out.append(("step wall / process CPU seconds, main vs thread (medians)",
                     f"{w['main']:.2f} / {c['main']:.2f} vs {w['thread']:.2f} / {c['thread']:.2f}", "", None))
+        if "thread_set_over_main" in doc:
+            s = doc["thread_set_over_main"]
+            out.append(("the same in a background thread that sets torch's thread count itself / the main thread",
+                        f"{s['median']:.2f} [{s['min']:.2f}-{s['max']:.2f}]", "", None))
     elif name == "vram_planner":
         ratios = [r["ratio_estimate_to_measured"] for r in doc.get("rows", []) if r.get("ratio_estimate_to_measured")]
         if ratios:
