@@ -277,6 +277,22 @@ class Architect:
                                    "sha256": g.get("sha256"), "quant": entry.get("quant")})
         return {"path": str(out), "commit": sha}
 
+    def record_sweep(self, comparison: dict) -> dict:
+        """A finished sweep: sweeps/<id>/ (comparison table, JSON, chart), a commit tagged
+        ``sweep/<id>`` naming the best run, and a decision in the session."""
+        from roles import sweep
+
+        files = sweep.write(self.ws.root, comparison)
+        best = comparison["best"]
+        what = f"best {best['run_id']} (eval loss {best['eval_loss_after']:.4f}, {best['point']})" if best else "no run finished"
+        self.log("decision", {"text": f"sweep {comparison['sweep_id']}: {what}", "step": "sweep",
+                              "sweep_id": comparison["sweep_id"], "best": best,
+                              "runs": [r["run_id"] for r in comparison["rows"]]})
+        sha = self.commit([*files.values(), self.session.path],
+                          f"sweep: {comparison['sweep_id']} ({len(comparison['rows'])} runs, {what})",
+                          tag=f"sweep/{comparison['sweep_id']}")
+        return {"path": str(files["md"].parent), "commit": sha}
+
     def store_counts(self) -> dict:
         from memory_sync.backup import store_counts
 
@@ -311,6 +327,17 @@ def record_export(workspace: str, postgres_url: str | None, mongo_url: str | Non
     arch = Architect(workspace, postgres_url, mongo_url, session_title=f"export {files['_record']['run_id']}")
     try:
         out = arch.record_export(files, entry)
+        arch.commit_session()
+    finally:
+        arch.close()
+    return out
+
+
+def record_sweep(workspace: str, postgres_url: str | None, mongo_url: str | None, comparison: dict) -> dict:
+    """Record a sweep in the workspace (the CLI, after its runs)."""
+    arch = Architect(workspace, postgres_url, mongo_url, session_title=f"sweep {comparison['sweep_id']}")
+    try:
+        out = arch.record_sweep(comparison)
         arch.commit_session()
     finally:
         arch.close()

@@ -173,6 +173,21 @@ def _readme(name: str, gguf_name: str, family: str | None) -> str:
     return "\n".join(lines)
 
 
+def check_room(merged: Path, out_dir: Path, to: str, quant: str) -> None:
+    """Before anything is written: the disk holds the file, and RAM holds the verification (one fp32 copy)."""
+    import psutil
+
+    need = expected_bytes(merged, quant) if to == "gguf" else sum(f.stat().st_size for f in merged.iterdir())
+    free = shutil.disk_usage(out_dir).free
+    if need > free:
+        raise ExportError(f"{out_dir}: {free / 2**30:.2f} GiB free, the export needs about {need / 2**30:.2f} GiB")
+    if to == "gguf":
+        ram, avail = int(verify_ram_bytes(merged)), psutil.virtual_memory().available
+        if ram > avail:
+            raise ExportError(f"verifying the export loads the model in fp32: about {ram / 2**30:.1f} GiB of RAM, "
+                              f"{avail / 2**30:.1f} GiB available; free memory (stop the training?) and retry")
+
+
 def export_run(run_dir: Path, *, to: str = "gguf", quant: str = "f16", name: str | None = None,
                out_dir: Path | None = None) -> dict:
     """Export a finished run whose merged model exists (the caller merges first when it does not).
@@ -199,18 +214,7 @@ def export_run(run_dir: Path, *, to: str = "gguf", quant: str = "f16", name: str
     gguf_arch(config)  # an unsupported architecture is refused before anything is written
     out_dir = Path(out_dir) if out_dir else run_dir / "export"
     out_dir.mkdir(parents=True, exist_ok=True)
-    need = expected_bytes(merged, quant) if to == "gguf" else sum(f.stat().st_size for f in merged.iterdir())
-    free = shutil.disk_usage(out_dir).free
-    if need > free:
-        raise ExportError(f"{out_dir}: {free / 2**30:.2f} GiB free, the export needs about {need / 2**30:.2f} GiB")
-    if to == "gguf":  # verification loads the model in fp32, one copy at a time
-        import psutil
-
-        ram = int(verify_ram_bytes(merged))
-        avail = psutil.virtual_memory().available
-        if ram > avail:
-            raise ExportError(f"verifying the export loads the model in fp32: about {ram / 2**30:.1f} GiB of RAM, "
-                              f"{avail / 2**30:.1f} GiB available; free memory (stop the training?) and retry")
+    check_room(merged, out_dir, to, quant)
     tok = AutoTokenizer.from_pretrained(merged)
     files: dict[str, Path] = {}
     try:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from cluster import output
-from cluster.cli import cluster, data, export, memory, monitor, train
+from cluster.cli import cluster, data, export, memory, monitor, sweep, train
 from cluster.console import console, print_error
 from cluster.output import EXIT_INPUT, EXIT_OK
 
@@ -42,6 +42,8 @@ COMMANDS: dict[str, Command] = {
     "watch": Command("live view of a run (step/ETA, loss sparklines, tokens/s, memory, alerts)",
                      monitor.setup_watch, monitor.run_watch),
     "merge": Command("merge a run's adapter into its base (16/32-bit, verified)", train.setup_merge, train.run_merge),
+    "sweep": Command("a grid of runs (--grid KEY=V1,V2) and their comparison | sweep show ID",
+                     sweep.setup_sweep, sweep.run_sweep),
     "export": Command("a finished run -> a verified GGUF + Ollama Modelfile [--quant f16|bf16|q8_0] [--fetch]",
                       export.setup_export, export.run_export),
     "session": Command("start | log | note | decide | list | show | resume | handoff | close work sessions",

@@ -1,0 +1,101 @@
+"""duet sweep CONFIG --grid KEY=V1,V2 [--grid ...] | duet sweep show ID: a grid of runs on one dataset,
+then a comparison (roles/sweep.py) committed to the workspace with the best run named.
+
+Every grid point is validated before the first run starts. The runs go through the same pipeline as
+`duet run`. With one executor they run one after the other; placing them on several executors is
+issue 19's next step. A run that fails is shown as failed, and the others go on.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import secrets
+from pathlib import Path
+
+from cluster.cli.common import workspace_arg
+from cluster.console import console, print_error
+from cluster.output import EXIT_INPUT, EXIT_OK, emit_json, int_arg
+
+
+def setup_sweep(p):
+    p.add_argument("config", help="a run config (as for `duet run`), or `show` to print a sweep")
+    p.add_argument("sweep_id", nargs="?", help="with `show`: the sweep's id")
+    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                   help="a training field and its values; several --grid flags make a grid (lora.r=8,16 too)")
+    p.add_argument("--max-parallel", type=int_arg(1, 64), default=1,
+                   help="runs at a time (bounded by the executors: one executor runs one at a time)")
+    p.add_argument("--address", help="a two-host cluster's head HOST:PORT")
+    p.add_argument("--json", action="store_true")
+    workspace_arg(p)
+
+
+def _show(a) -> int:
+    if not a.sweep_id:
+        print_error("duet sweep show needs a SWEEP_ID")
+        return EXIT_INPUT
+    from training.config import RUN_ID
+
+    if not RUN_ID.fullmatch(a.sweep_id) or ".." in a.sweep_id:
+        print_error(f"sweep id {a.sweep_id!r}: not a sweep name")
+        return EXIT_INPUT
+    d = Path(a.workspace) / "sweeps" / a.sweep_id
+    if not (d / "comparison.json").is_file():
+        known = sorted(x.name for x in (Path(a.workspace) / "sweeps").glob("*/comparison.json")) if \
+            (Path(a.workspace) / "sweeps").is_dir() else []
+        print_error(f"no sweep {a.sweep_id!r} in {a.workspace} (known: {', '.join(known) or 'none'})")
+        return EXIT_INPUT
+    if a.json:
+        emit_json(json.loads((d / "comparison.json").read_text()))
+    else:
+        console().print((d / "comparison.md").read_text(), markup=False, highlight=False)
+    return EXIT_OK
+
+
+def run_sweep(a) -> int:
+    if a.config == "show":
+        return _show(a)
+    from cluster import embedded, two_host
+    from cluster.console import RichReporter
+    from cluster.demo import DemoError, run_on_cluster
+    from roles import sweep
+    from roles.architect import record_sweep
+    from training.config import PlanError, load_run_config
+
+    con = console()
+    try:
+        rc, data, cfg = load_run_config(a.config)
+        points = sweep.expand(sweep.parse_grid(a.grid), rc.preset, rc.overrides)
+    except (PlanError, sweep.SweepError) as exc:
+        print_error(exc)
+        return EXIT_INPUT
+    sweep_id = f"{cfg.name}-sweep-{dt.datetime.now(dt.timezone.utc).strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+    if a.max_parallel > 1:
+        con.print(f"[yellow]--max-parallel {a.max_parallel}[/]: this cluster has one executor, so the runs go one at a "
+                  "time")
+    address = two_host.cluster_address(a.workspace, a.address) if a.address or \
+        any(v["alive"] for v in two_host.local_nodes().values()) else None
+    runs = []
+    for i, pt in enumerate(points, start=1):
+        label = ", ".join(f"{k}={v}" for k, v in pt["point"].items())
+        try:
+            s = run_on_cluster(a.workspace, model=None if rc.model in ("smollm2", "tiny") else rc.model,
+                               tiny=rc.model == "tiny", data=[str(d) for d in data], overrides=pt["overrides"],
+                               preset=rc.preset, dataset_name=rc.dataset, test_frac=rc.test_frac, seed=rc.seed,
+                               title=f"sweep {sweep_id} {i}/{len(points)}: {label}", address=address,
+                               reporter=None if a.json else RichReporter())
+            rec = json.loads((Path(s["run_dir"]) / "run.json").read_text())
+            runs.append({"point": pt["point"], "run_id": s["run_id"], "record": rec})
+        except DemoError as exc:
+            print_error(f"sweep {sweep_id} run {i}/{len(points)} ({label}): {exc}")
+            runs.append({"point": pt["point"], "run_id": None, "status": "failed", "error": str(exc)})
+    comparison = sweep.compare(sweep_id, runs)
+    pg, mongo = embedded.store_urls(a.workspace)
+    comparison["recorded"] = record_sweep(os.fspath(a.workspace), pg, mongo, comparison)
+    if a.json:
+        emit_json(comparison)
+    else:
+        con.print(sweep.markdown(comparison), markup=False, highlight=False)
+        con.print(f"recorded in {comparison['recorded']['path']}; `duet sweep show {sweep_id}` prints it again")
+    return EXIT_OK if comparison["best"] else EXIT_INPUT
