@@ -231,3 +231,11 @@ def test_both_stores_implement_the_store_interface():
             want = list(inspect.signature(getattr(Store, name)).parameters)
             got = list(inspect.signature(getattr(cls, name)).parameters)
             assert len(got) >= len(want), f"{cls.__name__}.{name}{got} vs Store.{name}{want}"
+
+
+def test_test_modules_have_unique_names():
+    """pytest collects tests/ without packages: two test files of one basename stop the whole run."""
+    from collections import Counter
+
+    names = Counter(p.name for p in (ROOT / "tests").rglob("test_*.py"))
+    assert not [n for n, k in names.items() if k > 1], [n for n, k in names.items() if k > 1]
