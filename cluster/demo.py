@@ -8,6 +8,7 @@ and left running.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 import urllib.request
@@ -169,3 +170,25 @@ def _scrape(executor, port: int, address: str | None) -> dict:
     if address is None:
         return scrape(port)
     return scrape(None, ray.get(executor.metrics_text.remote(), timeout=30))
+
+
+def run_points(workspace: str, rc, data: list, points: list[dict], sweep_id: str, *, address: str | None,
+               reporter=None) -> list[dict]:
+    """A sweep's grid points (roles/sweep.expand), one after the other through ``run_on_cluster``: each
+    {"point", "run_id", "record"}, or {"point", "status": "failed", "error"} for a run that failed
+    (the others go on). ``reporter``: a Reporter factory, called once a run."""
+    runs = []
+    for i, pt in enumerate(points, start=1):
+        label = ", ".join(f"{k}={v}" for k, v in pt["point"].items())
+        try:
+            s = run_on_cluster(workspace, model=None if rc.model in ("smollm2", "tiny") else rc.model,
+                               tiny=rc.model == "tiny", data=[str(d) for d in data], overrides=pt["overrides"],
+                               preset=rc.preset, dataset_name=rc.dataset, test_frac=rc.test_frac, seed=rc.seed,
+                               title=f"sweep {sweep_id} {i}/{len(points)}: {label}", address=address,
+                               reporter=reporter() if reporter else None)
+            rec = json.loads((Path(s["run_dir"]) / "run.json").read_text())
+            runs.append({"point": pt["point"], "run_id": s["run_id"], "record": rec})
+        except DemoError as exc:
+            runs.append({"point": pt["point"], "run_id": None, "status": "failed",
+                         "error": f"run {i}/{len(points)} ({label}): {exc}"})
+    return runs

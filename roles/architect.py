@@ -180,6 +180,18 @@ class Architect:
             self.seen_events[run_id] = e["seq"]
         return len(new)
 
+    def _write_record_files(self, out: Path, blobs: dict[str, bytes], action: str) -> None:
+        """A run's record files into ``out`` (runs/<id>/), all of them scanned for secrets first."""
+        sc = scanner(self.ws.root)
+        rel = out.relative_to(self.ws.root).as_posix()
+        found = [x for name, data in blobs.items() for x in sc.scan_bytes(data, f"{rel}/{name}")]
+        if found:
+            raise SecretFound(found, action=action)
+        self.ws.init()
+        out.mkdir(parents=True, exist_ok=True)
+        for name, data in blobs.items():
+            (out / name).write_bytes(data)
+
     def record_run(self, files: dict) -> dict:
         """Write runs/<id>/ (run.json, report.md, loss.png, events), commit, tag, mirror to the cortex."""
         rec = files["_record"]
@@ -192,14 +204,7 @@ class Architect:
             if name not in RECORD_FILES:
                 raise ValueError(f"run {run_id}: unexpected record file {name!r} (allowed: {', '.join(RECORD_FILES)})")
             blobs[name] = base64.b64decode(content["b64"]) if isinstance(content, dict) else content.encode("utf-8")
-        sc = scanner(self.ws.root)
-        found = [x for name, data in blobs.items() for x in sc.scan_bytes(data, f"runs/{run_id}/{name}")]
-        if found:
-            raise SecretFound(found, action=f"refusing to record run {run_id}")
-        self.ws.init()
-        out.mkdir(parents=True, exist_ok=True)
-        for name, data in blobs.items():
-            (out / name).write_bytes(data)
+        self._write_record_files(out, blobs, f"refusing to record run {run_id}")
         subject = (f"run: {run_id} {rec['status']} (dataset {rec['dataset']['content_hash'][:12]}, "
                    f"eval loss {_f(rec.get('eval_loss_before'))} -> {_f(rec.get('eval_loss_after'))})")
         sha = self.commit([out, self.session.path], subject,
@@ -255,14 +260,7 @@ class Architect:
         run_id = check_run_id(rec["run_id"])
         out = self.ws.root / "runs" / run_id
         blobs = {n: files[n].encode("utf-8") for n in ("run.json", "report.md") if isinstance(files.get(n), str)}
-        sc = scanner(self.ws.root)
-        found = [x for name, data in blobs.items() for x in sc.scan_bytes(data, f"runs/{run_id}/{name}")]
-        if found:
-            raise SecretFound(found, action=f"refusing to record the export of {run_id}")
-        self.ws.init()
-        out.mkdir(parents=True, exist_ok=True)
-        for name, data in blobs.items():
-            (out / name).write_bytes(data)
+        self._write_record_files(out, blobs, f"refusing to record the export of {run_id}")
         g = entry["files"].get("gguf") or {}
         what = f"{entry['name']}.gguf {entry.get('quant')} {g.get('bytes', 0) / 2**20:.1f} MiB" if g else entry["dir"]
         self.log("state", {"step": "exported", "run_id": run_id, "export": what, "dir": entry["dir"],

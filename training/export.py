@@ -18,13 +18,14 @@ Also: ``export_adapter`` writes the LoRA adapter alone as a GGUF LoRA file (llam
 
 from __future__ import annotations
 
-import hashlib
 import json
+import math
 import re
 import shutil
 import time
 from pathlib import Path
 
+from training.dataset import sha256_file  # noqa: F401  (tests and the CLI check files with it)
 from training.gguf_write import QUANTS, ExportError, gguf_arch, write_gguf, write_lora_gguf
 
 # (minimum top-1 agreement over every position, maximum mean KL(merged || gguf) a token), per quantization.
@@ -36,45 +37,20 @@ NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 PROBE_TEXTS = ["Hello! Tell me something about yourself.", "Write a haiku about the sea at 3 am, in 17 syllables."]
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def expected_bytes(folder: Path, quant: str) -> int:
     """What the GGUF will take on disk, from the safetensors headers (plus room for the vocabulary)."""
-    from training.gguf_write import Safetensors
+    from training.gguf_write import tensor_shapes
 
     per = {"f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32}[quant]
-    total = 0
-    for f in folder.glob("*.safetensors"):
-        st = Safetensors(f)
-        for k in st.keys():
-            shape = st.shape(k)
-            n = 1
-            for d in shape:
-                n *= int(d)
-            total += n * (4 if len(shape) == 1 else per)
-    return int(total) + 32 * 2**20
+    return int(sum(math.prod(s) * (4 if len(s) == 1 else per) for s in tensor_shapes(folder))) + 32 * 2**20
 
 
 def verify_ram_bytes(folder: Path) -> float:
     """RAM the verification needs: one fp32 copy of the model (they are loaded one after the other),
     plus a quarter for the activations and the loader's temporaries, plus the runtime."""
-    from training.gguf_write import Safetensors
+    from training.gguf_write import tensor_shapes
 
-    n = 0
-    for f in folder.glob("*.safetensors"):
-        st = Safetensors(f)
-        for k in st.keys():
-            size = 1
-            for d in st.shape(k):
-                size *= int(d)
-            n += size
-    return n * 4 * 1.25 + 512 * 2**20
+    return sum(math.prod(s) for s in tensor_shapes(folder)) * 4 * 1.25 + 512 * 2**20
 
 
 def probe_prompts(run_dir: Path, tokenizer, n: int = 4, *, templated: bool = True) -> list[str]:

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from dataclasses import dataclass
@@ -164,6 +165,36 @@ class Safetensors:
         return raw.astype(np.float32, copy=False).reshape(m["shape"])
 
 
+def tensor_shapes(folder: Path) -> list[list[int]]:
+    """The shape of every tensor of a folder's safetensors files, from their headers."""
+    return [st.shape(k) for f in sorted(folder.glob("*.safetensors")) for st in [Safetensors(f)] for k in st.keys()]
+
+
+@contextlib.contextmanager
+def _partial(out: Path, arch: str):
+    """A GGUFWriter on ``out``.partial, renamed to ``out`` when the block ends, removed if it fails."""
+    import gguf
+
+    tmp = out.with_name(out.name + ".partial")
+    w = gguf.GGUFWriter(str(tmp), arch)
+    try:
+        yield w
+        w.close()
+        tmp.replace(out)
+    except BaseException:
+        w.close()
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _rotary_heads(module: str, arch: str, config: dict) -> int | None:
+    """The head count a llama q/k projection's rows are permuted by (None: not permuted)."""
+    if arch != "llama" or not module.endswith(("q_proj", "k_proj")):
+        return None
+    heads = int(config["num_attention_heads"])
+    return int(config.get("num_key_value_heads") or heads) if module.endswith("k_proj") else heads
+
+
 def _permute(w, n_head: int):
     """llama.cpp's q/k layout: HF keeps the rotary halves apart, GGUF interleaves them per head."""
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
@@ -226,10 +257,8 @@ def _convert(a, hf: str, qtype, arch: str, config: dict):
     import numpy as np
 
     q = gguf.GGMLQuantizationType
-    if arch == "llama" and hf.endswith(("q_proj.weight", "k_proj.weight")):
-        heads = int(config["num_attention_heads"])
-        if hf.endswith("k_proj.weight"):
-            heads = int(config.get("num_key_value_heads") or heads)
+    heads = _rotary_heads(hf.removesuffix(".weight"), arch, config)
+    if heads:
         a = _permute(a, heads)
     if qtype == q.F32:
         return a.astype(np.float32)
@@ -238,18 +267,10 @@ def _convert(a, hf: str, qtype, arch: str, config: dict):
     return gguf.quants.quantize(a, qtype)
 
 
-def write_gguf(folder: Path, out: Path, quant: str, *, name: str) -> dict:
-    """Write ``out`` (through ``out``.partial, renamed at the end); returns what was written."""
+def _add_metadata(w, config: dict, vocab: Vocab, quant: str, name: str) -> None:
+    """The model's architecture keys and its tokenizer, as llama.cpp's converter writes them."""
     import gguf
 
-    if quant not in QUANTS:
-        raise ExportError(f"--quant {quant!r}: use one of {', '.join(QUANTS)}")
-    config = json.loads((folder / "config.json").read_text())
-    arch = gguf_arch(config)
-    vocab = read_vocab(folder, config)
-    plan = _tensor_plan(folder, arch, config)
-    tmp = out.with_name(out.name + ".partial")
-    w = gguf.GGUFWriter(str(tmp), arch)
     hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
     w.add_name(name)
     w.add_context_length(int(config.get("max_position_embeddings", 2048)))
@@ -282,7 +303,18 @@ def write_gguf(folder: Path, out: Path, quant: str, *, name: str) -> dict:
     w.add_add_bos_token(vocab.add_bos)
     if vocab.chat_template:
         w.add_chat_template(vocab.chat_template)
-    try:
+
+
+def write_gguf(folder: Path, out: Path, quant: str, *, name: str) -> dict:
+    """Write ``out`` (through ``out``.partial, renamed at the end); returns what was written."""
+    if quant not in QUANTS:
+        raise ExportError(f"--quant {quant!r}: use one of {', '.join(QUANTS)}")
+    config = json.loads((folder / "config.json").read_text())
+    arch = gguf_arch(config)
+    vocab = read_vocab(folder, config)
+    plan = _tensor_plan(folder, arch, config)
+    with _partial(out, arch) as w:
+        _add_metadata(w, config, vocab, quant, name)
         qtypes = {}
         for gname, hf, st in plan:  # every tensor's info first, from the safetensors header alone
             shape = st.shape(hf)
@@ -296,12 +328,6 @@ def write_gguf(folder: Path, out: Path, quant: str, *, name: str) -> dict:
             data = _convert(st.get(hf), hf, qtypes[gname], arch, config)
             w.write_tensor_data(data)
             del data
-        w.close()
-        tmp.replace(out)
-    except BaseException:
-        w.close()
-        tmp.unlink(missing_ok=True)
-        raise
     return {"path": str(out), "bytes": out.stat().st_size, "architecture": arch, "quant": quant,
             "tensors": len(plan), "tokenizer": vocab.model, "tokenizer_pre": vocab.pre, "vocab": len(vocab.tokens),
             "chat_template": vocab.chat_template is not None}
@@ -330,15 +356,11 @@ def write_lora_gguf(adapter_dir: Path, base_config: dict, out: Path, *, name: st
         if g is None:
             raise ExportError(f"{src.name}: {m.group(1)} has no GGUF name for architecture {arch}")
         a = st.get(key)
-        if m.group(2) == "B" and arch == "llama" and m.group(1).endswith(("q_proj", "k_proj")):
-            heads = int(base_config["num_attention_heads"])
-            if m.group(1).endswith("k_proj"):
-                heads = int(base_config.get("num_key_value_heads") or heads)
+        heads = _rotary_heads(m.group(1), arch, base_config)
+        if m.group(2) == "B" and heads:  # B's rows are the projection's output rows
             a = _permute(a, heads)
         tensors.append((f"{g}.lora_{m.group(2).lower()}", a.astype(np.float32)))
-    tmp = out.with_name(out.name + ".partial")
-    w = gguf.GGUFWriter(str(tmp), arch)
-    try:
+    with _partial(out, arch) as w:
         w.add_name(name)
         w.add_type(gguf.GGUFType.ADAPTER)
         w.add_string(gguf.Keys.Adapter.TYPE, "lora")
@@ -348,11 +370,5 @@ def write_lora_gguf(adapter_dir: Path, base_config: dict, out: Path, *, name: st
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
-        w.close()
-        tmp.replace(out)
-    except BaseException:
-        w.close()
-        tmp.unlink(missing_ok=True)
-        raise
     return {"path": str(out), "bytes": out.stat().st_size, "tensors": len(tensors), "r": acfg.get("r"),
             "alpha": acfg["lora_alpha"]}

@@ -58,7 +58,7 @@ def run_sweep(a) -> int:
         return _show(a)
     from cluster import embedded, two_host
     from cluster.console import RichReporter
-    from cluster.demo import DemoError, run_on_cluster
+    from cluster.demo import run_points
     from roles import sweep
     from roles.architect import record_sweep
     from training.config import PlanError, load_run_config
@@ -76,20 +76,11 @@ def run_sweep(a) -> int:
                   "time")
     address = two_host.cluster_address(a.workspace, a.address) if a.address or \
         any(v["alive"] for v in two_host.local_nodes().values()) else None
-    runs = []
-    for i, pt in enumerate(points, start=1):
-        label = ", ".join(f"{k}={v}" for k, v in pt["point"].items())
-        try:
-            s = run_on_cluster(a.workspace, model=None if rc.model in ("smollm2", "tiny") else rc.model,
-                               tiny=rc.model == "tiny", data=[str(d) for d in data], overrides=pt["overrides"],
-                               preset=rc.preset, dataset_name=rc.dataset, test_frac=rc.test_frac, seed=rc.seed,
-                               title=f"sweep {sweep_id} {i}/{len(points)}: {label}", address=address,
-                               reporter=None if a.json else RichReporter())
-            rec = json.loads((Path(s["run_dir"]) / "run.json").read_text())
-            runs.append({"point": pt["point"], "run_id": s["run_id"], "record": rec})
-        except DemoError as exc:
-            print_error(f"sweep {sweep_id} run {i}/{len(points)} ({label}): {exc}")
-            runs.append({"point": pt["point"], "run_id": None, "status": "failed", "error": str(exc)})
+    runs = run_points(a.workspace, rc, data, points, sweep_id, address=address,
+                      reporter=None if a.json else RichReporter)
+    for r in runs:
+        if r.get("error"):
+            print_error(f"sweep {sweep_id} {r['error']}")
     comparison = sweep.compare(sweep_id, runs)
     pg, mongo = embedded.store_urls(a.workspace)
     comparison["recorded"] = record_sweep(os.fspath(a.workspace), pg, mongo, comparison)

@@ -5,7 +5,6 @@ in the CLI, the design host's packages never load torch, and one home for the al
 from __future__ import annotations
 
 import ast
-import math
 import re
 import subprocess
 import sys
@@ -215,7 +214,6 @@ def test_the_watchdog_and_rules_yml_alert_at_the_same_thresholds():
     assert fields["grad_norm_limit"].default == t.grad_norm_high
     assert fields["grad_norm_min"].default == t.grad_norm_low
     assert fields["grad_norm_patience"].default == t.grad_norm_patience
-    assert math.isfinite(t.grad_norm_high)
 
 
 def test_both_stores_implement_the_store_interface():
