@@ -8,9 +8,10 @@ and left running.
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
 import time
+from dataclasses import dataclass
 import urllib.request
 from pathlib import Path
 
@@ -91,26 +92,33 @@ def _model_ref(model: str | None, tiny: bool) -> str:
     return str(Path(model).expanduser().resolve())
 
 
-def run_on_cluster(workspace: str, *, model: str | None = None, tiny: bool = False, data: list[str] | None = None,
-                   reporter=None, overrides: dict | None = None, preset: str = "demo",
-                   dataset_name: str = "persona", title: str = "duet run", detach: bool = False,
-                   test_frac: float = 0.1, seed: int = 0, address: str | None = None,
-                   export: dict | None = None) -> dict:
-    """Bring up the embedded cluster (or join ``address``), start the actors, run the pipeline
-    (roles/pipeline.py), and stop what this call started.
+@dataclass
+class Connected:
+    """What a job on the cluster works through: the architect, the scheduler (the queue on the head),
+    and how to read an executor's metrics and record a run on this host too."""
 
-    ``detach``: return once the executor accepted the run; the run goes on without this driver
-    (and the services stay up); ``duet runs show ID`` picks up the record later.
-    """
-    from roles.pipeline import Job, PipelineError, QuietReporter, run_pipeline
+    ws: Path
+    emb: object
+    architect: object
+    scheduler: object
+    client: bool
+    record_here: object
+    address: str | None
 
-    rep = reporter or QuietReporter()
-    t0 = time.time()
-    data_paths = [Path(d) for d in data] if data else [DEFAULT_DATA]
-    model_ref = _model_ref(model, tiny)
+    def scrape(self, executor) -> dict:
+        """Over HTTP where the exporter is on this host; through the actor on a two-host cluster (the
+        exporter binds the GPU host's loopback by default)."""
+        if self.address is None:
+            return scrape(ray.get(executor.ping.remote(), timeout=60)["metrics_port"])
+        return scrape(None, ray.get(executor.metrics_text.remote(), timeout=30))
+
+
+@contextlib.contextmanager
+def connected(workspace: str, *, title: str, reporter, detach: bool = False, address: str | None = None):
+    """Bring up the embedded cluster (or join ``address``), start the actors (the local executor on an
+    embedded cluster, the architect, the scheduler), and stop what this call started on the way out."""
+    rep = reporter
     ws = Path(workspace).resolve()
-    for d in data_paths:
-        precheck(d, ws)
     auth.apply_auth_env()  # before ray is imported: Ray reads RAY_AUTH_MODE at import
     rep.heading(title)
     try:
@@ -125,17 +133,23 @@ def run_on_cluster(workspace: str, *, model: str | None = None, tiny: bool = Fal
                         f"Mongo {emb.mongo_url}" + (f"  (started: {', '.join(emb.started)})" if emb.started else
                                                     "  (reused)"))
 
-    from roles.actors import architect_actor, executor_actor
+    from roles.actors import architect_actor, executor_actor, scheduler_actor
 
-    executor = None
-    job = Job(ws, data_paths, model_ref, preset, overrides, dataset_name, test_frac, seed, detach, export,
-              extra={"services_started": emb.started})
+    started_actors = []
     try:
         ray_node.connect(emb.ray_address)
-        executor = executor_actor(str(ws / ".duet" / "executor"), services.free_port(METRICS_PORTS))
         client = ray_node.is_client(emb.ray_address)
+        head_executor = None
+        if not address:  # the embedded cluster's own executor, on its head
+            head_executor = executor_actor(str(ws / ".duet" / "executor"), services.free_port(METRICS_PORTS))
+            started_actors.append(head_executor)
+        scheduler = _scheduler(scheduler_actor, ws, address)
+        if emb.started:
+            started_actors.append(scheduler)
         if client:  # no node here: the architect runs on the head, in a workspace there; data is uploaded
-            e_info = ray.get(executor.ping.remote(), timeout=120)
+            from roles import names
+
+            e_info = ray.get(ray.get_actor(names.EXECUTOR_NAME, namespace=names.NAMESPACE).ping.remote(), timeout=120)
             head_ws = str(Path(e_info["data_dir"]).parent / "client-workspaces" / ws.name)
             architect = architect_actor(head_ws, emb.postgres_url, emb.mongo_url, title, on_node=e_info["node_id"])
 
@@ -145,18 +159,14 @@ def run_on_cluster(workspace: str, *, model: str | None = None, tiny: bool = Fal
                 return {**record_if_new(str(ws), emb.postgres_url, emb.mongo_url, files), "head_workspace": head_ws}
         else:
             architect, record_here = architect_actor(str(ws), emb.postgres_url, emb.mongo_url, title), None
-        port = ray.get(executor.ping.remote(), timeout=120)["metrics_port"]
-        try:
-            return run_pipeline(job, architect, executor, client=client, reporter=rep, record_here=record_here,
-                                scrape=lambda: _scrape(executor, port, address), started_at=t0)
-        except PipelineError as exc:
-            raise DemoError(str(exc), exc.code) from exc
+        yield Connected(ws, emb, architect, scheduler, client, record_here, address)
     finally:
-        if executor is not None and emb.started and not detach:
-            try:
-                ray.kill(executor, no_restart=True)
-            except Exception:
-                pass
+        if emb.started and not detach:
+            for actor in started_actors:
+                try:
+                    ray.kill(actor, no_restart=True)
+                except Exception:
+                    pass
         if ray.is_initialized():
             ray.shutdown()
         if emb.started and not detach:
@@ -164,31 +174,76 @@ def run_on_cluster(workspace: str, *, model: str | None = None, tiny: bool = Fal
             rep.note(f"stopped what the demo started: {', '.join(stopped)}")
 
 
-def _scrape(executor, port: int, address: str | None) -> dict:
-    """Over HTTP where the exporter is on this host; through the actor on a two-host cluster (the
-    exporter binds the GPU host's loopback by default)."""
-    if address is None:
-        return scrape(port)
-    return scrape(None, ray.get(executor.metrics_text.remote(), timeout=30))
+def _scheduler(scheduler_actor, ws: Path, address: str | None):
+    """The head's scheduler; created here when the head has none yet (a head `duet node start` makes
+    its own): over <workspace>/.duet/queue.json on the embedded cluster, else beside the head
+    executor's data dir."""
+    from roles import names
+
+    try:
+        return scheduler_actor()
+    except ValueError:
+        pass
+    if not address:
+        return scheduler_actor(str(ws / ".duet" / "queue.json"))
+    try:
+        head = ray.get(ray.get_actor(names.EXECUTOR_NAME, namespace=names.NAMESPACE).ping.remote(), timeout=120)
+        return scheduler_actor(str(Path(head["data_dir"]) / "queue.json"))
+    except ValueError:
+        return scheduler_actor("~/.local/share/duet/queue.json")
+
+
+def run_on_cluster(workspace: str, *, model: str | None = None, tiny: bool = False, data: list[str] | None = None,
+                   reporter=None, overrides: dict | None = None, preset: str = "demo",
+                   dataset_name: str = "persona", title: str = "duet run", detach: bool = False,
+                   test_frac: float = 0.1, seed: int = 0, address: str | None = None,
+                   export: dict | None = None, on: str | None = None) -> dict:
+    """Bring up the embedded cluster (or join ``address``), run the pipeline (roles/pipeline.py):
+    planned for every executor, queued, placed by the head's scheduler (``on``: on that node only).
+
+    ``detach``: return once the run is placed (or queued, when every executor it fits is busy); the
+    run goes on without this driver (and the services stay up); ``duet runs show ID`` picks up the
+    record later.
+    """
+    from roles.pipeline import Job, PipelineError, QuietReporter, run_pipeline
+
+    rep = reporter or QuietReporter()
+    t0 = time.time()
+    data_paths = [Path(d) for d in data] if data else [DEFAULT_DATA]
+    model_ref = _model_ref(model, tiny)
+    ws = Path(workspace).resolve()
+    for d in data_paths:
+        precheck(d, ws)
+    with connected(workspace, title=title, reporter=rep, detach=detach, address=address) as c:
+        job = Job(ws, data_paths, model_ref, preset, overrides, dataset_name, test_frac, seed, detach, on, export,
+                  extra={"services_started": c.emb.started})
+        try:
+            return run_pipeline(job, c.architect, c.scheduler, client=c.client, reporter=rep,
+                                record_here=c.record_here, scrape=c.scrape, started_at=t0)
+        except PipelineError as exc:
+            raise DemoError(str(exc), exc.code) from exc
 
 
 def run_points(workspace: str, rc, data: list, points: list[dict], sweep_id: str, *, address: str | None,
-               reporter=None) -> list[dict]:
-    """A sweep's grid points (roles/sweep.expand), one after the other through ``run_on_cluster``: each
-    {"point", "run_id", "record"}, or {"point", "status": "failed", "error"} for a run that failed
-    (the others go on). ``reporter``: a Reporter factory, called once a run."""
-    runs = []
-    for i, pt in enumerate(points, start=1):
-        label = ", ".join(f"{k}={v}" for k, v in pt["point"].items())
+               reporter=None, max_parallel: int = 1, on: str | None = None) -> list[dict]:
+    """A sweep's grid points (roles/sweep.expand) on one dataset version, spread over the executors by
+    the head's scheduler, at most ``max_parallel`` at a time (roles/sweep_pipeline.py): each
+    {"point", "run_id", "record"}, or {"point", "status": "failed", "error"} (the others go on)."""
+    from roles.pipeline import Job, PipelineError, QuietReporter
+    from roles.sweep_pipeline import run_sweep_pipeline
+
+    rep = reporter or QuietReporter()
+    data_paths = [Path(d) for d in data]
+    ws = Path(workspace).resolve()
+    for d in data_paths:
+        precheck(d, ws)
+    model_ref = _model_ref(None if rc.model in ("smollm2", "tiny") else rc.model, rc.model == "tiny")
+    with connected(workspace, title=f"sweep {sweep_id}: {len(points)} runs", reporter=rep, address=address) as c:
+        job = Job(ws, data_paths, model_ref, rc.preset, rc.overrides, rc.dataset, rc.test_frac, rc.seed, on=on)
         try:
-            s = run_on_cluster(workspace, model=None if rc.model in ("smollm2", "tiny") else rc.model,
-                               tiny=rc.model == "tiny", data=[str(d) for d in data], overrides=pt["overrides"],
-                               preset=rc.preset, dataset_name=rc.dataset, test_frac=rc.test_frac, seed=rc.seed,
-                               title=f"sweep {sweep_id} {i}/{len(points)}: {label}", address=address,
-                               reporter=reporter() if reporter else None)
-            rec = json.loads((Path(s["run_dir"]) / "run.json").read_text())
-            runs.append({"point": pt["point"], "run_id": s["run_id"], "record": rec})
-        except DemoError as exc:
-            runs.append({"point": pt["point"], "run_id": None, "status": "failed",
-                         "error": f"run {i}/{len(points)} ({label}): {exc}"})
-    return runs
+            runs = run_sweep_pipeline(job, points, sweep_id, max_parallel, c.architect, c.scheduler, client=c.client,
+                                      reporter=rep, record_here=c.record_here)
+        except PipelineError as exc:
+            raise DemoError(str(exc), exc.code) from exc
+        ray.get(c.architect.close.remote())
+        return runs

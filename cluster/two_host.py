@@ -101,19 +101,24 @@ def start_head(*, role: str = "executor", bind: str = "127.0.0.1", port: int = r
     internal_kv._internal_kv_put(KV_KEY, json.dumps(local_versions()).encode(), overwrite=True,
                                  namespace=KV_NAMESPACE)
     actor = _create_role_actor(role, data_dir=data_dir, workspace=workspace, metrics_port=metrics_port)
+    from roles.actors import scheduler_actor
+
+    queue_path = Path(data_dir or default_data_dir()).resolve() / "queue.json"
+    sched = ray.get(scheduler_actor(str(queue_path)).ping.remote(), timeout=180)  # the run queue lives on the head
     ray.shutdown()
-    return {"node": info.to_dict(), "key": key, "address": address, "token_file": str(token_file),
+    return {"node": info.to_dict(), "key": key, "address": address, "token_file": str(token_file), "queue": sched,
             "token_created": created, "gpus": gpus, "actor": actor, "alive_at": alive_at,
             "join": join_command(address, token_file),
             "client_address": f"{ray_node.CLIENT_SCHEME}{bind}:{client_port}" if client_port else None}
 
 
-def _create_role_actor(role: str, *, data_dir: str | None, workspace: str | None, metrics_port: int | None) -> dict:
+def _create_role_actor(role: str, *, data_dir: str | None, workspace: str | None, metrics_port: int | None,
+                       node: str | None = None) -> dict:
     from roles.actors import architect_actor, executor_actor
 
     if role == "executor":
-        dd = data_dir or str(default_data_dir())
-        a = executor_actor(dd, metrics_port)
+        dd = str(Path(data_dir).resolve()) if data_dir else str(default_data_dir())
+        a = executor_actor(dd, metrics_port, node=node)
     else:
         if not workspace:
             return {"role": role, "created": False, "reason": "no --workspace given"}
@@ -194,11 +199,17 @@ def client_check(address: str, *, token_file: str | None = None, timeout: float 
 
 def join(*, address: str, role: str = "architect", bind: str = "127.0.0.1", token_file: str | None = None,
          workspace: str | None = None, data_dir: str | None = None, timeout: float = 30,
-         allow_all: bool = False, metrics_port: int | None = 9108, key: str | None = None) -> dict:
-    """Join the head's cluster as a worker node with the role's resource (and create its actor)."""
+         allow_all: bool = False, metrics_port: int | None = 9108, key: str | None = None,
+         name: str | None = None) -> dict:
+    """Join the head's cluster as a worker node with the role's resource (and create its actor).
+
+    An executor node is named (``name``, default: its bind address): its actor is
+    ``duet-executor:<name>``, and the node offers ``duet-node-<name>``, so that after the node dies Ray
+    restarts the actor when this host joins again under the same name, and its runs resume here."""
     if role not in ROLES:
         raise ValueError(f"role {role!r} is not one of {', '.join(ROLES)}")
     _check_bind(bind, allow_all)
+    node = names.check_node_name(name or bind) if role == "executor" else None
     warning = None
     if platform.system() == "Darwin":
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "1"
@@ -211,13 +222,29 @@ def join(*, address: str, role: str = "architect", bind: str = "127.0.0.1", toke
                            "is the port open on your LAN/VPN?)")
     versions = check_versions(address)
     key = key or f"{role}-{bind}"
-    info = ray_node.start_worker(state_dir(), head=address, resources={role: 1}, ip=bind, key=key, timeout=timeout)
+    resources = {role: 1, **({names.node_resource(node): 1} if node else {})}
+    if node:
+        _check_free_name(address, node)
+    info = ray_node.start_worker(state_dir(), head=address, resources=resources, ip=bind, key=key, timeout=timeout)
 
     ray_node.connect(address)
-    actor = _create_role_actor(role, data_dir=data_dir, workspace=workspace, metrics_port=metrics_port)
+    actor = _create_role_actor(role, data_dir=data_dir, workspace=workspace, metrics_port=metrics_port, node=node)
     ray.shutdown()
     return {"node": info.to_dict(), "key": key, "address": address, "versions": versions, "actor": actor,
-            "warning": warning}
+            "executor": names.executor_name(node) if node else None, "warning": warning}
+
+
+def _check_free_name(address: str, node: str) -> None:
+    """Refuse a second live node under an executor name that is taken (the same host rejoining after its
+    node died is welcome: its old node is dead)."""
+    ray_node.connect(address)
+    try:
+        res = names.node_resource(node)
+        taken = [n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"] and n.get("Resources", {}).get(res)]
+    finally:
+        ray.shutdown()
+    if taken:
+        raise ValueError(f"executor node name {node!r} is taken by the live node {taken[0]}: pass --name")
 
 
 def stop(*, all_nodes: bool = False, key: str | None = None) -> list[str]:
@@ -281,7 +308,9 @@ def status(address: str | None = None) -> dict:
                 doc["actors"].append({"name": a["name"], "node_id": a.get("node_id"), "address": node_addr,
                                       "pid": a.get("pid")})
     except Exception as exc:  # the state API needs the dashboard agent; degrade, do not fail
-        for name in (names.EXECUTOR_NAME, names.ARCHITECT_NAME):
+        from roles.scheduler import find_executors
+
+        for name in [*find_executors(), names.ARCHITECT_NAME, names.SCHEDULER_NAME]:
             try:
                 h = ray.get_actor(name, namespace=names.NAMESPACE)
                 info = ray.get(h.ping.remote(), timeout=10)
@@ -291,19 +320,47 @@ def status(address: str | None = None) -> dict:
             except Exception:
                 pass
         doc["actors_note"] = f"via ping ({type(exc).__name__})"
-    try:
-        ex = ray.get_actor(names.EXECUTOR_NAME, namespace=names.NAMESPACE)
-        for r in ray.get(ex.list.remote(), timeout=10):
+    _executors_status(doc)
+    return doc
+
+
+def _executors_status(doc: dict) -> None:
+    """Every executor: its node, hardware (GPU, free/total memory), the run it trains; and the queue."""
+    from roles.scheduler import find_executors
+    from roles.queue import free_bytes
+
+    doc["executors"] = []
+    for n, ex in find_executors().items():
+        row = {"name": n, "node": names.node_of(n), "runs": []}
+        try:
+            info, hw, runs = ray.get([ex.ping.remote(), ex.probe.remote(), ex.list.remote()], timeout=20)
+        except Exception as exc:
+            row["error"] = f"not answering ({type(exc).__name__}): its node is down or restarting"
+            doc["executors"].append(row)
+            continue
+        total = hw["gpu_total_bytes"] if hw.get("device") == "cuda" else hw.get("ram_total_bytes")
+        row.update(ip=info.get("ip"), host=info.get("host"), device=hw.get("device"), gpu=hw.get("gpu_name"),
+                   free_bytes=free_bytes(hw), total_bytes=total,
+                   exporter={"port": info.get("metrics_port"),
+                             "reachable": bool(info.get("metrics_port")) and port_open(info["metrics_port"], "127.0.0.1")})
+        for r in runs:
+            r["node"] = row["node"]
             if r["state"] not in ("finished", "failed", "cancelled"):
                 snap = ray.get(ex.status.remote(r["run_id"], 10**9), timeout=10)
                 r["eta_s"] = snap["progress"].get("eta_s")
+                row["training"] = r["run_id"]
             doc["runs"].append(r)
-        info = ray.get(ex.ping.remote(), timeout=10)
-        doc["exporter"] = {"port": info.get("metrics_port"),
-                           "reachable": bool(info.get("metrics_port")) and port_open(info["metrics_port"], "127.0.0.1")}
+        doc["executors"].append(row)
+        if n == names.EXECUTOR_NAME:
+            doc["exporter"] = row["exporter"]
+    if not doc["executors"]:
+        doc["executor_error"] = "the cluster has no executor actor"
+    sched = scheduler_handle()
+    try:
+        doc["queue"] = [e for e in ray.get(sched.list.remote(), timeout=10) if e["state"] in ("queued", "running")] \
+            if sched is not None else []
     except Exception as exc:
-        doc["executor_error"] = f"{type(exc).__name__}: {exc}"[:300]
-    return doc
+        doc["queue_error"] = f"{type(exc).__name__}: {exc}"[:300]
 
 
 def cluster_address(workspace: str | os.PathLike, address: str | None = None) -> str | None:
@@ -321,15 +378,47 @@ def cluster_address(workspace: str | os.PathLike, address: str | None = None) ->
     return None
 
 
-def executor_handle(workspace: str | os.PathLike, address: str | None = None):
-    """Connect to the cluster and return its executor actor (ServiceError when none is up)."""
+def executor_handle(workspace: str | os.PathLike, address: str | None = None, run_id: str | None = None):
+    """Connect to the cluster and return an executor actor: the one that holds ``run_id`` (the queue
+    says where the scheduler started it; else each executor is asked), or the head's (ServiceError
+    when there is none)."""
     address = cluster_address(workspace, address)
     if not address:
         raise ServiceError(f"no cluster runs for workspace {os.path.abspath(workspace)}: `duet up`, or "
                            "`duet node start/join`, or pass --address")
     ray_node.connect(address)
+    from roles.scheduler import find_executors
 
+    exs = find_executors()
+    if not exs:
+        raise ServiceError("the cluster is up but has no executor actor (no run was submitted yet)")
+    if run_id is None:
+        return exs.get(names.EXECUTOR_NAME) or next(iter(exs.values()))
+    entry = queue_entry(run_id)
+    if entry and entry.get("executor") in exs:
+        return exs[entry["executor"]]
+    for h in exs.values():
+        try:
+            if any(r["run_id"] == run_id for r in ray.get(h.list.remote(), timeout=30)):
+                return h
+        except Exception:
+            continue
+    return exs.get(names.EXECUTOR_NAME) or next(iter(exs.values()))  # its error names the runs it knows
+
+
+def scheduler_handle():
     try:
-        return ray.get_actor(names.EXECUTOR_NAME, namespace=names.NAMESPACE)
-    except ValueError as exc:
-        raise ServiceError("the cluster is up but has no executor actor (no run was submitted yet)") from exc
+        return ray.get_actor(names.SCHEDULER_NAME, namespace=names.NAMESPACE)
+    except ValueError:
+        return None
+
+
+def queue_entry(run_id: str) -> dict | None:
+    """The queue's entry for a run (None when the run never went through the queue)."""
+    sched = scheduler_handle()
+    if sched is None:
+        return None
+    try:
+        return ray.get(sched.get.remote(run_id), timeout=30)
+    except ray.exceptions.RayTaskError:
+        return None

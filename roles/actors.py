@@ -1,17 +1,20 @@
 """Thin Ray shells over the plain classes: each method delegates in a line or two.
 
-Placement is by role resource only ({"architect": 1} / {"executor": 1}), so any node that offers
-the resource can host the role. Both actors are named in the ``duet`` namespace; the executor is
-detached with unlimited restarts so training never depends on the driver.
+Placement is by role resource ({"architect": 1} / {"executor": 1}); an executor also asks for its
+host's resource (roles/names.py), so Ray restarts it on that host only. All actors are named in the
+``duet`` namespace; the executors and the scheduler are detached with unlimited restarts, so training
+and the queue never depend on the driver.
 """
 
 from __future__ import annotations
 
-from roles.names import ARCHITECT_NAME, EXECUTOR_NAME, NAMESPACE
+from roles.names import ARCHITECT_NAME, NAMESPACE, SCHEDULER_NAME, executor_name, node_resource
+
+HEAD_RESOURCE = "node:__internal_head__"  # Ray's own resource of the head node
 
 
 def _classes():
-    """Long because both actor classes are defined inside it, so that Ray is imported only when an actor is made."""
+    """Long because the actor classes are defined inside it, so that Ray is imported only when an actor is made."""
     import ray
 
     @ray.remote(num_cpus=0, resources={"executor": 1}, max_restarts=-1, max_concurrency=8)
@@ -28,7 +31,8 @@ def _classes():
             import socket
 
             return {"pid": os.getpid(), "host": socket.gethostname(), "metrics_port": self.ex.metrics_port,
-                    "node_id": ray.get_runtime_context().get_node_id(), "data_dir": str(self.ex.data_dir)}
+                    "node_id": ray.get_runtime_context().get_node_id(), "data_dir": str(self.ex.data_dir),
+                    "ip": ray.util.get_node_ip_address()}
 
         def probe(self) -> dict:
             return self.ex.probe()
@@ -92,8 +96,15 @@ def _classes():
         def curate_uploaded(self, uploads: dict[str, bytes], name: str, test_frac: float = 0.1, seed: int = 0) -> dict:
             return self.a.curate_uploaded(uploads, name, test_frac, seed)
 
-        def design_plan(self, preset, hardware, model_config, model_ref, dataset, overrides=None) -> dict:
-            return self.a.design_plan(preset, hardware, model_config, model_ref, dataset, overrides)
+        def design_plan(self, preset, hardware, model_config, model_ref, dataset, overrides=None, run_id=None,
+                        record=True) -> dict:
+            return self.a.design_plan(preset, hardware, model_config, model_ref, dataset, overrides, run_id, record)
+
+        def new_run_id(self, name: str) -> str:
+            return self.a.new_run_id(name)
+
+        def record_plan(self, plan: dict) -> dict:
+            return self.a.record_plan(plan)
 
         def submission(self, plan: dict, dataset: dict) -> dict:
             return self.a.submission(plan, dataset)
@@ -122,14 +133,58 @@ def _classes():
         def close(self) -> None:
             self.a.close()
 
-    return ExecutorActor, ArchitectActor
+    @ray.remote(num_cpus=0, resources={HEAD_RESOURCE: 0.001}, max_restarts=-1, max_concurrency=8)
+    class SchedulerActor:
+        def __init__(self, path: str):
+            from roles.scheduler import Scheduler
+
+            self.s = Scheduler(path)
+
+        def ping(self) -> dict:
+            import os
+
+            return {"pid": os.getpid(), "path": str(self.s.q.path), "last_error": self.s.last_error}
+
+        def add(self, run_id: str, kw: dict) -> dict:
+            return self.s.add(run_id, **kw)
+
+        def get(self, run_id: str) -> dict:
+            return self.s.q.get(run_id)
+
+        def list(self) -> list[dict]:
+            return self.s.q.list()
+
+        def cancel(self, run_id: str) -> dict:
+            return self.s.cancel(run_id)
+
+        def kick(self) -> None:
+            self.s.kick()
+
+    return ExecutorActor, ArchitectActor, SchedulerActor
 
 
-def executor_actor(data_dir: str, metrics_port: int | None = 9108, torch_threads: int | None = None):
-    """Get the named executor, or create it (detached) on a node with {"executor": 1}."""
-    ExecutorActor, _ = _classes()
-    return ExecutorActor.options(name=EXECUTOR_NAME, namespace=NAMESPACE, lifetime="detached",
-                                 get_if_exists=True).remote(data_dir, metrics_port, torch_threads)
+def executor_actor(data_dir: str, metrics_port: int | None = 9108, torch_threads: int | None = None,
+                   node: str | None = None):
+    """Get the named executor, or create it (detached): the head's (``node`` None) on the head, another
+    node's on the node that offers ``duet-node-<node>`` (after a crash Ray restarts it there only)."""
+    ExecutorActor = _classes()[0]
+    res = {"executor": 1, HEAD_RESOURCE: 0.001} if node is None else {"executor": 1, node_resource(node): 1}
+    return ExecutorActor.options(name=executor_name(node), namespace=NAMESPACE, lifetime="detached",
+                                 resources=res, get_if_exists=True).remote(data_dir, metrics_port, torch_threads)
+
+
+def scheduler_actor(path: str | None = None):
+    """Get the scheduler, or create it (detached, on the head) over the queue file ``path``."""
+    import ray
+
+    try:
+        return ray.get_actor(SCHEDULER_NAME, namespace=NAMESPACE)
+    except ValueError:
+        if path is None:
+            raise
+    SchedulerActor = _classes()[2]
+    return SchedulerActor.options(name=SCHEDULER_NAME, namespace=NAMESPACE, lifetime="detached",
+                                  get_if_exists=True).remote(path)
 
 
 def architect_actor(workspace: str, postgres_url: str | None, mongo_url: str | None, session_title: str | None,
@@ -137,7 +192,7 @@ def architect_actor(workspace: str, postgres_url: str | None, mongo_url: str | N
     """Get the named architect, or create it on a node with {"architect": 1} (detached: it lives with its
     node, e.g. one started by `duet node join`, instead of with this driver). ``on_node``: a node id to
     run it on instead (a design host connected as a Ray Client has no node: it runs on the head)."""
-    _, ArchitectActor = _classes()
+    ArchitectActor = _classes()[1]
     opts: dict = {"lifetime": "detached"} if detached else {}
     if on_node:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy

@@ -118,8 +118,9 @@ class Architect:
         return self.curate(paths, name, test_frac, seed, **kw)
 
     def design_plan(self, preset: str, hardware: dict, model_config: dict, model_ref: str, dataset: dict,
-                    overrides: dict | None = None) -> dict:
-        """Preset + hardware + model profile -> plan with a memory breakdown; commit configs/<run>.yaml."""
+                    overrides: dict | None = None, run_id: str | None = None, record: bool = True) -> dict:
+        """Preset + hardware + model profile -> plan with a memory breakdown. ``record``: commit it as
+        configs/<run>.yaml now (else ``record_plan`` does, once the run is placed on this hardware)."""
         cfg = load_config(preset, overrides)
         hw = HardwareProfile.from_dict(hardware)
         model = ModelProfile.from_config(model_config)
@@ -130,31 +131,41 @@ class Architect:
                          facts=self.measurements(),
                          host_ram_bytes=hw.ram_available_bytes if hw.device == "cuda" else None)
         d = plan.to_dict()
-        run_id = f"{cfg.name}-{dt.datetime.now(dt.timezone.utc).strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
-        d["run_id"] = run_id
+        d["run_id"] = run_id or self.new_run_id(cfg.name)
         d["model_ref"] = model_ref
+        d["preset"] = preset
         d["dataset"] = {"name": dataset["name"], "content_hash": dataset["content_hash"]}
         d["hardware"] = {k: hardware[k] for k in ("hostname", "device", "gpu_name", "gpu_total_bytes",
                                                   "ram_total_bytes", "cpu_count")}
+        return self.record_plan(d) if record else d
+
+    @staticmethod
+    def new_run_id(name: str) -> str:
+        return f"{name}-{dt.datetime.now(dt.timezone.utc).strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+
+    def record_plan(self, d: dict) -> dict:
+        """Commit a plan as configs/<run>.yaml and log the decision (its preset, size and verdict)."""
+        run_id, est, train = d["run_id"], d["estimate"], d["train"]
+        total, fits = est["total_bytes"], est["fits"]
         path = self.ws.root / "configs" / f"{run_id}.yaml"
         header = (f"# duet train configs/{run_id}.yaml   (designed by the architect for "
-                  f"{hardware['hostname']}; estimate {plan.total_bytes / 2**30:.2f} GiB, "
-                  f"fits={plan.fits})\n")
-        text = header + yaml.safe_dump(d, sort_keys=False)
+                  f"{d['hardware']['hostname']}; estimate {total / 2**30:.2f} GiB, fits={fits})\n")
+        body = {k: v for k, v in d.items() if k not in ("commit", "preset")}
+        text = header + yaml.safe_dump(body, sort_keys=False)
         found = scanner(self.ws.root).scan_text(text, f"configs/{run_id}.yaml")
         if found:
             raise SecretFound(found, action=f"refusing to write the plan {run_id}")
         self.ws.init()
         path.write_text(text)
-        sha = self.commit([path], f"config: {run_id} ({cfg.method} {cfg.phase}, "
-                                     f"{plan.total_bytes / 2**30:.2f} GiB est., fits={plan.fits})")
-        self.log("decision", {"text": f"plan {run_id}: {cfg.method} {cfg.phase} from preset {preset}, "
-                                      f"{plan.total_bytes / 2**30:.2f} GiB estimated ({'fits' if plan.fits else 'does not fit'})",
-                              "step": "plan", "run_id": run_id, "preset": preset, "fits": plan.fits,
-                              "total_bytes": plan.total_bytes, "breakdown_bytes": plan.breakdown,
+        sha = self.commit([path], f"config: {run_id} ({train['method']} {train['phase']}, "
+                                     f"{total / 2**30:.2f} GiB est., fits={fits})")
+        self.log("decision", {"text": f"plan {run_id}: {train['method']} {train['phase']} from preset {d.get('preset')}, "
+                                      f"{total / 2**30:.2f} GiB estimated ({'fits' if fits else 'does not fit'})"
+                                      f" on {d['hardware']['hostname']}",
+                              "step": "plan", "run_id": run_id, "preset": d.get("preset"), "fits": fits,
+                              "total_bytes": total, "breakdown_bytes": est["breakdown_bytes"],
                               "config": f"configs/{run_id}.yaml", "commit": sha})
-        d["commit"] = sha
-        return d
+        return {**d, "commit": sha}
 
     def measurements(self) -> list[dict]:
         """Measured peaks from earlier runs (cortex facts), for calibrating plans; [] if unreachable."""

@@ -234,6 +234,7 @@ class Run:
             "model": {"ref": self.spec["model_ref"], "init_from": self.train_cfg.init_from},
             "code_sha": run_files.code_sha(),
             "host": self.hardware,
+            "placement": self.spec.get("placement"),  # where the scheduler started it (roles/scheduler.py)
             "checkpoints": self.checkpoints,
             "recoveries": self.recoveries,
             "faults_fired": self.faults_fired,

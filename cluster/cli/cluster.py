@@ -121,9 +121,22 @@ def run_status(a) -> int:
             con.print(ct)
             for actor in cl["actors"]:
                 con.print(f"actor {actor['name']} on {actor['address']} (pid {actor['pid']})")
+            et = Table(title="executors")
+            for col in ("node", "address", "device", "free / total", "training"):
+                et.add_column(col)
+            for e in cl.get("executors", []):
+                if e.get("error"):
+                    et.add_row(e["node"], "-", "-", "-", e["error"])
+                    continue
+                et.add_row(e["node"], f"{e['ip']} ({e['host']})", e["gpu"] or e["device"],
+                           f"{e['free_bytes'] / 2**30:.1f} / {(e['total_bytes'] or 0) / 2**30:.1f} GiB", e.get("training") or "idle")
+            con.print(et)
             for r in cl["runs"]:
-                con.print(f"run {r['run_id']}: {r['state']} step {r['step']}/{r['max_steps']}"
+                con.print(f"run {r['run_id']} on {r.get('node')}: {r['state']} step {r['step']}/{r['max_steps']}"
                           + (f", ETA {r['eta_s']:.0f} s" if r.get("eta_s") else ""))
+            queued = [q for q in cl.get("queue", []) if q["state"] == "queued"]
+            con.print(f"queue: {len(queued)} waiting" + "".join(f"\n  {q['run_id']} (fits {', '.join(q['fits_on'])})"
+                                                              for q in queued))
     return EXIT_OK
 
 
@@ -149,6 +162,8 @@ def setup_node(p):
     jn.add_argument("--token-file", help="the head's token file, copied here (default: this host's config dir)")
     jn.add_argument("--workspace", help="the architect's workspace on this host")
     jn.add_argument("--data-dir", help="where an executor keeps runs")
+    jn.add_argument("--name", help="an executor node's name (default: its --bind address); join again under the same "
+                                   "name after the node died, and its runs resume here")
     jn.add_argument("--metrics-port", type=int_arg(1, 65535), default=9108)
     jn.add_argument("--timeout", type=float_arg(0, 86400, lo_open=True), default=30, help="seconds before giving up on the head")
     jn.add_argument("--client", action="store_true",
@@ -188,7 +203,7 @@ def run_node(a) -> int:
             else:
                 doc = two_host.join(address=a.address, role=a.role, bind=a.bind, token_file=a.token_file,
                                  workspace=a.workspace, data_dir=a.data_dir, timeout=a.timeout,
-                                 allow_all=a.allow_all_interfaces, metrics_port=a.metrics_port)
+                                 allow_all=a.allow_all_interfaces, metrics_port=a.metrics_port, name=a.name)
             if not a.json:
                 if doc.get("warning"):
                     con.print(f"[yellow]warning:[/] {doc['warning']}")

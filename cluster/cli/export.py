@@ -63,7 +63,7 @@ def run_export(a) -> int:
     address = two_host.cluster_address(a.workspace, a.address)
     try:
         if address:
-            ex = two_host.executor_handle(a.workspace, address)
+            ex = two_host.executor_handle(a.workspace, address, run_id=a.run_id)
             with con.status(f"exporting {a.run_id} on the executor (write, then verify)..."):
                 entry = ray.get(ex.export.remote(a.run_id, opts), timeout=7200)
             files = ray.get(ex.fetch_record.remote(a.run_id), timeout=120)

@@ -134,7 +134,7 @@ def run_watch(a) -> int:
     from infra.services import ServiceError
 
     try:
-        ex = two_host.executor_handle(a.workspace, a.address)
+        ex = two_host.executor_handle(a.workspace, a.address, run_id=a.run_id)
     except ServiceError as exc:
         print_error(exc)
         return EXIT_INFRA

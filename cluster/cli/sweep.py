@@ -1,9 +1,10 @@
 """duet sweep CONFIG --grid KEY=V1,V2 [--grid ...] | duet sweep show ID: a grid of runs on one dataset,
 then a comparison (roles/sweep.py) committed to the workspace with the best run named.
 
-Every grid point is validated before the first run starts. The runs go through the same pipeline as
-`duet run`. With one executor they run one after the other; placing them on several executors is
-issue 19's next step. A run that fails is shown as failed, and the others go on.
+Every grid point is validated before the first run starts. The runs share one dataset version; each
+is planned for every executor and queued on the head, whose scheduler spreads them over the idle
+executors they fit, at most --max-parallel at a time. A run that fails is shown as failed, and the
+others go on.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ def setup_sweep(p):
     p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
                    help="a training field and its values; several --grid flags make a grid (lora.r=8,16 too)")
     p.add_argument("--max-parallel", type=int_arg(1, 64), default=1,
-                   help="runs at a time (bounded by the executors: one executor runs one at a time)")
+                   help="runs at a time (bounded by the executors: each executor trains one run at a time)")
+    p.add_argument("--on", metavar="NODE", help="run every point on this executor node only (name, IP or hostname)")
     p.add_argument("--address", help="a two-host cluster's head HOST:PORT")
     p.add_argument("--json", action="store_true")
     workspace_arg(p)
@@ -71,13 +73,17 @@ def run_sweep(a) -> int:
         print_error(exc)
         return EXIT_INPUT
     sweep_id = f"{cfg.name}-sweep-{dt.datetime.now(dt.timezone.utc).strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
-    if a.max_parallel > 1:
-        con.print(f"[yellow]--max-parallel {a.max_parallel}[/]: this cluster has one executor, so the runs go one at a "
-                  "time")
     address = two_host.cluster_address(a.workspace, a.address) if a.address or \
         any(v["alive"] for v in two_host.local_nodes().values()) else None
-    runs = run_points(a.workspace, rc, data, points, sweep_id, address=address,
-                      reporter=None if a.json else RichReporter)
+    from cluster.demo import DemoError
+    from roles.pipeline import QuietReporter
+
+    try:
+        runs = run_points(a.workspace, rc, data, points, sweep_id, address=address, max_parallel=a.max_parallel,
+                          on=a.on, reporter=QuietReporter() if a.json else RichReporter())
+    except DemoError as exc:
+        print_error(exc)
+        return exc.code
     for r in runs:
         if r.get("error"):
             print_error(f"sweep {sweep_id} {r['error']}")

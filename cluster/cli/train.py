@@ -139,7 +139,9 @@ def run_train(a) -> int:
 
 def setup_run(p):
     p.add_argument("config", help="a run config: preset, model, data (see examples/persona/run.yaml)")
-    p.add_argument("--detach", action="store_true", help="return once the executor accepted the run")
+    p.add_argument("--detach", action="store_true",
+                   help="return once the run is placed on an executor (or queued, when the executors it fits are busy)")
+    p.add_argument("--on", metavar="NODE", help="run it on this executor node only (name, IP or hostname)")
     p.add_argument("--address", help="a two-host cluster's head HOST:PORT (default: the embedded cluster, or "
                                      "the cluster a `duet node` here belongs to)")
     p.add_argument("--json", action="store_true")
@@ -168,7 +170,7 @@ def run_run(a) -> int:
                                  reporter=RichReporter(),
                                tiny=rc.model == "tiny", data=[str(d) for d in data], overrides=rc.overrides, preset=rc.preset,
                                dataset_name=rc.dataset, title=f"duet run {os.path.basename(a.config)}",
-                               detach=a.detach, test_frac=rc.test_frac, seed=rc.seed,
+                               detach=a.detach, test_frac=rc.test_frac, seed=rc.seed, on=a.on,
                                address=two_host.cluster_address(a.workspace, a.address) if a.address or _two_host() else None)
     except DemoError as exc:
         print_error(exc)
@@ -193,39 +195,104 @@ def setup_runs(p):
 
 
 def run_runs(a) -> int:
-    from cluster import embedded, two_host
+    from cluster import two_host
     from infra.services import ServiceError
-    from roles.architect import record_if_new
 
     con = console()
     if a.action != "list" and not a.run_id:
         print_error(f"duet runs {a.action} needs a RUN_ID")
         return EXIT_INPUT
     try:
-        ex = two_host.executor_handle(a.workspace, a.address)
+        ex = two_host.executor_handle(a.workspace, a.address, run_id=a.run_id)
     except ServiceError as exc:
         print_error(exc)
         return EXIT_INFRA
-
     try:
-        if a.action == "list":
-            doc = {"runs": ray.get(ex.list.remote(), timeout=60)}
-        elif a.action == "show":
-            snap = ray.get(ex.status.remote(a.run_id, 0), timeout=60)
-            doc = {k: snap[k] for k in ("run_id", "state", "progress", "error", "recoveries")}
-            if snap["state"] in ("finished", "failed", "cancelled"):
-                pg, mongo = embedded.store_urls(a.workspace)
-                doc["recorded"] = record_if_new(a.workspace, pg, mongo, ray.get(ex.fetch_record.remote(a.run_id)))
-        else:
-            doc = ray.get(getattr(ex, a.action).remote(a.run_id), timeout=60)
+        doc = _runs_action(a, ex)
     except ray.exceptions.RayTaskError as exc:
         print_error(exc.cause if hasattr(exc, 'cause') else exc)
         return EXIT_INPUT
+    except ValueError as exc:
+        print_error(exc)
+        return EXIT_INPUT
     if a.json:
         emit_json(doc)
+    elif a.action == "list":
+        _runs_table(doc)
     else:
         con.print_json(data=doc, default=str)
     return EXIT_OK
+
+
+def _runs_action(a, ex) -> dict:
+    from cluster import embedded, two_host
+    from roles.architect import record_if_new
+
+    entry = two_host.queue_entry(a.run_id) if a.run_id else None
+    if a.action == "list":
+        return list_runs()
+    if entry and entry["state"] == "queued" or a.action == "cancel" and entry:
+        if a.action == "cancel":
+            return ray.get(two_host.scheduler_handle().cancel.remote(a.run_id), timeout=60)
+        if a.action == "show":
+            return {"run_id": a.run_id, "state": "queued", "progress": {"step": 0}, "error": None, "queue": entry}
+        raise ValueError(f"run {a.run_id} is queued: `duet runs cancel` it, or wait until it starts")
+    if a.action == "show":
+        snap = ray.get(ex.status.remote(a.run_id, 0), timeout=60)
+        doc = {k: snap[k] for k in ("run_id", "state", "progress", "error", "recoveries")}
+        doc["executor"] = entry and entry["executor"]
+        if snap["state"] in ("finished", "failed", "cancelled"):
+            pg, mongo = embedded.store_urls(a.workspace)
+            doc["recorded"] = record_if_new(a.workspace, pg, mongo, ray.get(ex.fetch_record.remote(a.run_id)))
+        return doc
+    return ray.get(getattr(ex, a.action).remote(a.run_id), timeout=60)
+
+
+def list_runs() -> dict:
+    """Queued, running and finished runs with their executor node: the queue's entries, and what every
+    executor holds (runs from before the queue, or trained with `duet train`)."""
+    from cluster import two_host
+    from roles import names
+    from roles.scheduler import find_executors
+
+    rows: dict[str, dict] = {}
+    sched = two_host.scheduler_handle()
+    for e in ray.get(sched.list.remote(), timeout=60) if sched is not None else []:
+        rows[e["run_id"]] = {"run_id": e["run_id"], "state": e["state"], "node": e["executor"] and names.node_of(e["executor"]),
+                             "ip": (e["node"] or {}).get("ip"), "step": None, "max_steps": None,
+                             "queued_at": e["queued_at"], "started_at": e["dispatched_at"], "ended_at": e["ended_at"],
+                             "fits_on": [names.node_of(n) for n in e["fits_on"]], "error": e["error"],
+                             "unreachable_since": e["unreachable_since"]}
+    unreachable = []
+    for n, h in find_executors().items():
+        try:
+            held = ray.get(h.list.remote(), timeout=30)
+        except Exception:
+            unreachable.append(names.node_of(n))
+            continue
+        for r in held:
+            row = rows.setdefault(r["run_id"], {"run_id": r["run_id"], "node": names.node_of(n), "queued_at": None})
+            row.update(state=r["state"], step=r["step"], max_steps=r["max_steps"], node=names.node_of(n))
+    ordered = sorted(rows.values(), key=lambda r: (r.get("queued_at") or 0, r["run_id"]))
+    return {"runs": ordered, "unreachable_executors": unreachable}
+
+
+def _runs_table(doc: dict) -> None:
+    from rich.table import Table
+
+    t = Table(title="duet runs")
+    for col in ("run", "state", "node", "step", "note"):
+        t.add_column(col)
+    for r in doc["runs"]:
+        step = f"{r['step']}/{r['max_steps']}" if r.get("step") is not None else "-"
+        note = r.get("error") or ("fits " + ", ".join(r["fits_on"]) if r.get("fits_on") and r["state"] == "queued" else "")
+        if r.get("unreachable_since"):
+            note = "executor unreachable (node down): resumes when it rejoins"
+        t.add_row(r["run_id"], r["state"], r.get("node") or "-", step, note or "")
+    con = console()
+    con.print(t)
+    if doc["unreachable_executors"]:
+        con.print(f"executors not answering: {', '.join(doc['unreachable_executors'])}")
 
 
 def setup_merge(p):

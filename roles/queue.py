@@ -1,0 +1,173 @@
+"""The run queue: runs the architect planned, waiting for an executor, and where each one went.
+
+It lives on the head, the always-on host (``<head data dir>/queue.json``, or
+``<workspace>/.duet/queue.json`` on the embedded cluster), so a queued run survives the design host
+leaving and the head restarting: the scheduler actor (roles/scheduler.py) reloads the file and goes on.
+Every change is written whole to a temporary file, fsync'd and renamed over the old one.
+
+An entry holds one plan per executor it fits (the architect designed each for that executor's
+hardware), the dataset files once, and its state: queued -> running -> finished | failed |
+cancelled. ``pick`` chooses what to start where: the oldest queued entry first; among the idle
+executors its plans fit (the pinned one only, with ``--on``), the one with the most free memory;
+never more than the entry's group (a sweep) allows at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+TERMINAL = ("finished", "failed", "cancelled")
+STATES = ("queued", "running") + TERMINAL
+SCHEMA = 1
+
+
+class QueueError(RuntimeError):
+    pass
+
+
+def free_bytes(hw: dict) -> int:
+    """What a host has free for a run: VRAM on a GPU host, available RAM on a CPU one."""
+    if hw.get("device") == "cuda" and hw.get("gpu_free_bytes") is not None:
+        return int(hw["gpu_free_bytes"])
+    return int(hw.get("ram_available_bytes") or 0)
+
+
+def plan_bytes(plan: dict) -> int:
+    return int(plan["estimate"]["total_bytes"])
+
+
+class RunQueue:
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self.entries: dict[str, dict] = {}
+        if self.path.exists():
+            try:
+                doc = json.loads(self.path.read_text())
+            except ValueError as exc:
+                raise QueueError(f"{self.path}: not a duet queue file ({exc}); move it away to start an empty "
+                                 "queue") from exc
+            if doc.get("schema") != SCHEMA or not isinstance(doc.get("entries"), list):
+                raise QueueError(f"{self.path}: schema {doc.get('schema')!r}, expected {SCHEMA}")
+            self.entries = {e["run_id"]: e for e in doc["entries"]}
+
+    def _save(self) -> None:
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump({"schema": SCHEMA, "entries": list(self.entries.values())}, fh, default=str)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.path)
+        fd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def add(self, run_id: str, *, plans: dict[str, dict], model_ref: str, dataset: dict, pinned: str | None = None,
+            group: str | None = None, max_parallel: int | None = None, title: str | None = None) -> dict:
+        """Queue a run: ``plans`` {executor name: plan} for the executors it fits (at least one)."""
+        if not plans:
+            raise QueueError(f"run {run_id}: no executor it fits; nothing queued")
+        if pinned is not None and set(plans) != {pinned}:
+            raise QueueError(f"run {run_id}: pinned to {pinned} but planned for {', '.join(sorted(plans))}")
+        with self._lock:
+            if run_id in self.entries:
+                raise QueueError(f"run {run_id} is queued already ({self.entries[run_id]['state']})")
+            e = {"run_id": run_id, "state": "queued", "plans": plans, "model_ref": model_ref, "dataset": dataset,
+                 "pinned": pinned, "group": group, "max_parallel": max_parallel, "title": title,
+                 "queued_at": time.time(), "dispatched_at": None, "ended_at": None, "executor": None,
+                 "node": None, "error": None, "unreachable_since": None}
+            self.entries[run_id] = e
+            self._save()
+            return self.public(e)
+
+    def get(self, run_id: str) -> dict:
+        with self._lock:
+            if run_id not in self.entries:
+                raise QueueError(f"run {run_id!r} is not in the queue")
+            return self.public(self.entries[run_id])
+
+    @staticmethod
+    def public(e: dict) -> dict:
+        """An entry without its bulk (the plans' bodies and the dataset files)."""
+        out = {k: v for k, v in e.items() if k not in ("plans", "dataset")}
+        out["fits_on"] = sorted(e["plans"])
+        out["estimates"] = {n: plan_bytes(p) for n, p in e["plans"].items()}
+        return out
+
+    def list(self) -> list[dict]:
+        with self._lock:
+            return [self.public(e) for e in sorted(self.entries.values(), key=lambda e: e["queued_at"])]
+
+    def spec(self, run_id: str, executor: str) -> dict:
+        """The submission for ``executor`` (the same shape as training.executor.make_spec)."""
+        e = self.entries[run_id]
+        plan = e["plans"][executor]
+        return {"run_id": run_id, "plan": {**plan, "run_id": run_id}, "model_ref": e["model_ref"],
+                "dataset": e["dataset"]}
+
+    def cancel(self, run_id: str) -> dict:
+        """Cancel a queued run (it never starts). A running one is cancelled on its executor."""
+        with self._lock:
+            e = self.entries.get(run_id)
+            if e is None:
+                raise QueueError(f"run {run_id!r} is not in the queue")
+            if e["state"] in TERMINAL:
+                raise QueueError(f"run {run_id} has {e['state']} already; nothing to cancel")
+            if e["state"] == "queued":
+                e.update(state="cancelled", ended_at=time.time(), error="cancelled while queued")
+                self._save()
+            return self.public(e)
+
+    def busy(self) -> set[str]:
+        with self._lock:
+            return {e["executor"] for e in self.entries.values() if e["state"] == "running"}
+
+    def pick(self, idle: dict[str, dict]) -> tuple[str, str] | None:
+        """(run id, executor) to start next, or None. ``idle``: {executor: its hardware probe} for the
+        executors that train nothing now. An entry starts only where its plan fits the memory free
+        now, and not beyond its group's ``max_parallel``."""
+        with self._lock:
+            running: dict[str, int] = {}
+            for e in self.entries.values():
+                if e["state"] == "running" and e["group"]:
+                    running[e["group"]] = running.get(e["group"], 0) + 1
+            for e in sorted(self.entries.values(), key=lambda e: e["queued_at"]):
+                if e["state"] != "queued":
+                    continue
+                if e["group"] and e["max_parallel"] and running.get(e["group"], 0) >= e["max_parallel"]:
+                    continue
+                fits = [n for n in e["plans"] if n in idle and free_bytes(idle[n]) >= plan_bytes(e["plans"][n])]
+                if fits:
+                    return e["run_id"], max(fits, key=lambda n: (free_bytes(idle[n]), n == e["pinned"]))
+            return None
+
+    def started(self, run_id: str, executor: str, node: dict | None) -> None:
+        with self._lock:
+            self.entries[run_id].update(state="running", executor=executor, node=node, dispatched_at=time.time())
+            self._save()
+
+    def ended(self, run_id: str, state: str, error: str | None = None) -> None:
+        if state not in TERMINAL:
+            raise QueueError(f"{state!r} is not an end state ({', '.join(TERMINAL)})")
+        with self._lock:
+            e = self.entries[run_id]
+            if e["state"] in TERMINAL:
+                return
+            e.update(state=state, error=error, ended_at=time.time(), unreachable_since=None)
+            self._save()
+
+    def reachable(self, run_id: str, ok: bool) -> None:
+        """Note when a running entry's executor stopped answering (its node died), and when it is back."""
+        with self._lock:
+            e = self.entries[run_id]
+            since = None if ok else (e["unreachable_since"] or time.time())
+            if since != e["unreachable_since"]:
+                e["unreachable_since"] = since
+                self._save()

@@ -1,0 +1,132 @@
+"""The scheduler: the queue's dispatcher, in a detached actor on the head (roles/actors.py).
+
+Once a second (and at once when a run is queued) it
+- follows the runs it started: their end state comes from their executor; an executor that does not
+  answer (its node died) is noted, and its run stays its own: the executor resumes it from its newest
+  valid checkpoint when the node rejoins (checkpoints are local to that host);
+- starts queued runs on idle executors (``RunQueue.pick``): an executor is idle when no queued run is
+  running on it and it reports no unfinished run of its own (e.g. one resumed after a restart).
+
+Executors are found through Ray (``roles.names.executor_names``), so a node that joins later takes
+work from the next run planned for it on.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from infra.lazy import lazy
+from roles import names
+from roles.queue import TERMINAL, QueueError, RunQueue
+
+ray = lazy("ray", extra="architect")
+CALL_TIMEOUT = 15
+
+
+def find_executors() -> dict:
+    """{executor name: actor handle} for every executor the cluster has now."""
+    out = {}
+    for n in names.executor_names(ray.util.list_named_actors(all_namespaces=True)):
+        try:
+            out[n] = ray.get_actor(n, namespace=names.NAMESPACE)
+        except ValueError:
+            continue
+    return out
+
+
+class Scheduler:
+    def __init__(self, path: str, interval: float = 1.0, start: bool = True):
+        self.q = RunQueue(path)
+        self.interval = interval
+        self.last_error: str | None = None
+        self._wake = threading.Event()
+        self._tick_lock = threading.Lock()
+        if start:
+            threading.Thread(target=self._loop, name="duet-scheduler", daemon=True).start()
+
+    def _loop(self) -> None:
+        while True:
+            self._wake.wait(self.interval)
+            self._wake.clear()
+            try:
+                self.tick()
+                self.last_error = None
+            except Exception as exc:  # keep dispatching; the error shows in `duet runs list`
+                self.last_error = f"{type(exc).__name__}: {exc}"[:500]
+
+    def kick(self) -> None:
+        self._wake.set()
+
+    def add(self, run_id: str, **kw) -> dict:
+        e = self.q.add(run_id, **kw)
+        self.kick()
+        return e
+
+    def cancel(self, run_id: str) -> dict:
+        """A queued run never starts; a running one is cancelled on its executor."""
+        e = self.q.cancel(run_id)
+        if e["state"] == "running":
+            ex = find_executors().get(e["executor"])
+            if ex is None:
+                raise QueueError(f"run {run_id} runs on {e['executor']}, which is not in the cluster now")
+            ray.get(ex.cancel.remote(run_id), timeout=CALL_TIMEOUT)
+            self.kick()
+        return {**e, "cancel_requested": True}
+
+    def tick(self) -> None:
+        with self._tick_lock:
+            exs = find_executors()
+            self._follow(exs)
+            if any(e["state"] == "queued" for e in self.q.list()):
+                self._dispatch(exs)
+
+    def _follow(self, exs: dict) -> None:
+        for e in self.q.list():
+            if e["state"] != "running":
+                continue
+            h = exs.get(e["executor"])
+            try:
+                if h is None:
+                    raise ConnectionError(f"{e['executor']} is not in the cluster")
+                st = ray.get(h.status.remote(e["run_id"], 10**9), timeout=CALL_TIMEOUT)
+            except ray.exceptions.RayTaskError as exc:  # the executor answered: it does not know the run
+                self.q.ended(e["run_id"], "failed", f"{e['executor']}: {exc}"[:500])
+                continue
+            except Exception:
+                self.q.reachable(e["run_id"], False)
+                continue
+            self.q.reachable(e["run_id"], True)
+            if st["state"] in TERMINAL:
+                self.q.ended(e["run_id"], st["state"], st.get("error"))
+
+    def _idle(self, exs: dict) -> dict:
+        busy = self.q.busy()
+        idle = {}
+        for n, h in exs.items():
+            if n in busy:
+                continue
+            try:
+                if any(r["state"] not in TERMINAL for r in ray.get(h.list.remote(), timeout=CALL_TIMEOUT)):
+                    continue
+                idle[n] = ray.get(h.probe.remote(), timeout=CALL_TIMEOUT * 2)
+            except Exception:
+                continue
+        return idle
+
+    def _dispatch(self, exs: dict) -> None:
+        idle = self._idle(exs)
+        while idle and (choice := self.q.pick(idle)):
+            run_id, n = choice
+            hw = idle.pop(n)
+            try:
+                info = ray.get(exs[n].ping.remote(), timeout=CALL_TIMEOUT)
+                where = {"executor": n, "node": names.node_of(n), "ip": info.get("ip"), "host": info.get("host"),
+                         "node_id": info.get("node_id"), "gpu": hw.get("gpu_name"), "queued_at": self.q.entries[run_id]["queued_at"],
+                         "dispatched_at": time.time()}
+                spec = {**self.q.spec(run_id, n), "placement": where}
+                ray.get(exs[n].submit.remote(spec), timeout=CALL_TIMEOUT * 4)
+            except Exception as exc:
+                self.q.ended(run_id, "failed", f"could not start on {n}: {type(exc).__name__}: {exc}"[:500])
+                continue
+            self.q.started(run_id, n, where)
