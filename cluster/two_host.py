@@ -124,8 +124,20 @@ def _create_role_actor(role: str, *, data_dir: str | None, workspace: str | None
             return {"role": role, "created": False, "reason": "no --workspace given"}
         a = architect_actor(str(Path(workspace).resolve()), os.environ.get("DUET_POSTGRES_URL"),
                             os.environ.get("DUET_MONGO_URL"), "architect node", detached=True)
-    info = ray.get(a.ping.remote(), timeout=180)
-    return {"role": role, "created": True, **info}
+    return {"role": role, "created": True, **_ping(a)}
+
+
+def _ping(actor, timeout: float = 180) -> dict:
+    """The actor's ping, waiting while it is (re)starting: an executor whose node died restarts when its
+    host rejoins, and resumes its runs in its constructor."""
+    deadline = time.time() + timeout
+    while True:
+        try:
+            return ray.get(actor.ping.remote(), timeout=max(1.0, deadline - time.time()))
+        except ray.exceptions.ActorUnavailableError:
+            if time.time() >= deadline:
+                raise
+            time.sleep(0.5)
 
 
 def default_data_dir() -> Path:

@@ -76,8 +76,8 @@ def plan_everywhere(architect, infos: dict[str, dict], *, preset: str, model_ref
     if not fit:
         lines = "; ".join(f"{infos[n]['node']} ({infos[n]['hardware'].get('hostname')}): {breakdown(p)}"
                           for n, p in refused.items())
-        where = f"executor {infos[targets[0]]['node']}" if on else f"any of the {len(targets)} executor(s)"
-        raise PlacementError(f"the plan fits {'no' if not on else 'not the'} {where}: {lines}", 2)
+        where = f"executor {infos[targets[0]]['node']} (--on)" if on else f"any of the {len(targets)} executor(s)"
+        raise PlacementError(f"the plan does not fit {where}: {lines}", 2)
     return fit, refused
 
 

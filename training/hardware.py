@@ -121,6 +121,26 @@ def cpu_bf16(flags: set[str] | None = None) -> dict:
     return out
 
 
+def memory_limit() -> int | None:
+    """``DUET_MEMORY_LIMIT`` (e.g. ``12GiB``, ``8000MB``, bytes): the most training memory duet plans with
+    on this host (VRAM on a GPU host, RAM on a CPU one), for a GPU or a box shared with other work.
+    Set it in the environment of `duet node start/join`; the node's executor inherits it."""
+    import re
+
+    raw = os.environ.get("DUET_MEMORY_LIMIT", "").strip()
+    if not raw:
+        return None
+    m = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)\s*([KMGT]i?B?|B)?", raw, re.I)
+    if not m:
+        raise ValueError(f"DUET_MEMORY_LIMIT={raw!r}: give a size such as 12GiB, 8000MB or a byte count")
+    unit = (m.group(2) or "B").upper().rstrip("B")
+    mult = {"": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}[unit]
+    value = int(float(m.group(1)) * mult)
+    if value <= 0:
+        raise ValueError(f"DUET_MEMORY_LIMIT={raw!r}: must be above 0")
+    return value
+
+
 def probe(data_dir: str | os.PathLike = ".") -> HardwareProfile:
     import psutil
 
@@ -148,11 +168,18 @@ def probe(data_dir: str | os.PathLike = ".") -> HardwareProfile:
     if device == "cpu":
         c = cpu_bf16()
         bf16, cpu_bf16_speedup = c["native"], c["speedup"]
+    ram_total, ram_free = vm.total, vm.available
+    limit = memory_limit()
+    if limit is not None:  # DUET_MEMORY_LIMIT: what duet may plan with here (the rest is someone else's)
+        if device == "cuda":
+            gpu_total, gpu_free = min(gpu_total, limit), min(gpu_free, limit)
+        else:
+            ram_total, ram_free = min(ram_total, limit), min(ram_free, limit)
     return HardwareProfile(
         hostname=os.environ.get("DUET_HOST_NAME") or socket.gethostname(), device=device,
         gpu_name=gpu_name, gpu_total_bytes=gpu_total, gpu_free_bytes=gpu_free,
         compute_capability=cc, bf16=bf16, cpu_count=available_cpus(),
-        ram_total_bytes=vm.total, ram_available_bytes=vm.available,
+        ram_total_bytes=ram_total, ram_available_bytes=ram_free,
         disk_free_bytes=shutil.disk_usage(disk_dir).free, torch_version=torch_version,
         cuda_version=cuda_version, cpu_bf16_speedup=cpu_bf16_speedup,
     )
