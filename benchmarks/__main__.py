@@ -3,7 +3,8 @@
     python -m benchmarks [--quick] [--table-only]
 
 Runs, each in its own process: speed (duet's plan vs TRL defaults and hand-written fp32/bf16 scripts),
-trl_compare (duet's executor vs a plain TRL script with the same config: overhead_ratio),
+trl_compare (duet's executor vs a plain TRL script with the same config: overhead_ratio), scheduling
+(submit -> first step and a sweep's wall time with 1 vs 2 executors),
 memory, alerting, failover; vram_planner on CPU; thread_step (a LoRA step in the main thread vs a background
 thread); importers (a 200 MB ChatGPT export); export (SmolLM2 to GGUF f16/q8_0). Results land in benchmarks/results/<name>-<machine>.json;
 benchmarks/results/README.md is rebuilt from every JSON there (GPU results committed from lent
@@ -31,6 +32,7 @@ SUITE = [
     ("thread_step", ["--reps", "7"], ["--reps", "2"]),
     ("importers", ["--reps", "3"], ["--reps", "1", "--mb", "40", "--small-mb", "4"]),
     ("export", ["--reps", "3"], ["--reps", "1"]),
+    ("scheduling", ["--reps", "2"], ["--reps", "1", "--steps", "40"]),
 ]
 
 
@@ -106,6 +108,16 @@ def rows_of(doc: dict) -> list[tuple[str, str, str, str]]:
                         f"(largest tensor {doc['largest_tensor_fp32_bytes'] / 2**20:.0f} MiB in fp32)",
                         f"{doc['writer_extra_rss_bytes'][q] / 2**20:.0f} MiB ({doc['writer_extra_over_model'][q]:.2f})",
                         "< 0.5", doc["writer_extra_over_model"][q] < 0.5))
+    elif name == "scheduling":
+        w, o = doc["sweep_wall_s"], doc["submit_to_first_step_s"]
+        out.append((f"sweep of 4 equal runs ({doc['steps_per_sweep_run']} steps), wall s: 1 executor / 2 executors",
+                    f"{w['1_executor']:.0f} / {w['2_executors']:.0f} s", "", None))
+        out.append(("sweep speedup, 2 executors over 1", _fmt(doc["sweep_speedup"]), "near 2", doc["sweep_speedup"] >= 1.6))
+        out.append(("submit -> first step, s (median): 1 executor / 2 executors",
+                    f"{o['1_executor']:.1f} / {o['2_executors']:.1f} s", "", None))
+        q = doc["queued_to_dispatched_s"]
+        out.append(("queued -> dispatched by the scheduler, s (median): 1 / 2 executors",
+                    f"{q['1_executor']:.2f} / {q['2_executors']:.2f} s", "", None))
     elif name == "thread_step":
         r, w, c = doc["thread_over_main"], doc["median_wall_s"], doc["median_process_cpu_s"]
         out.append((f"LoRA step ({doc.get('dtype', 'bf16')}) in a background thread / the main thread, wall, over "

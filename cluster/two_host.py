@@ -316,6 +316,12 @@ def status(address: str | None = None) -> dict:
     try:
         for a in list_actors(filters=[("state", "=", "ALIVE")], timeout=10):
             if a.get("name", "").startswith("duet-"):
+                if not a.get("node_id"):  # the state API has not placed it yet: ask the actor
+                    try:
+                        h = ray.get_actor(a["name"], namespace=names.NAMESPACE)
+                        a = {**a, "node_id": ray.get(h.ping.remote(), timeout=10).get("node_id")}
+                    except Exception:
+                        pass
                 node_addr = next((n["address"] for n in doc["nodes"] if n["node_id"] == a.get("node_id")), None)
                 doc["actors"].append({"name": a["name"], "node_id": a.get("node_id"), "address": node_addr,
                                       "pid": a.get("pid")})

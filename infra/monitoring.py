@@ -33,11 +33,29 @@ def state_dir(workspace) -> Path:
     return Path(workspace).resolve() / ".duet" / "infra"
 
 
-def render(out: Path, *, exporter: str, ports: dict, webhook: str | None) -> dict:
-    """Write the configs with this workspace's ports; returns their paths."""
+def exporter_targets(exporter: str | list[str]) -> list[tuple[str, str]]:
+    """``[NODE=]HOST:PORT`` (one, or a list: every executor serves its own exporter) -> [(node, target)];
+    a target without a name is "head" when it is the only one, else named by its address."""
+    items = [exporter] if isinstance(exporter, str) else list(exporter)
+    out = []
+    for item in items:
+        node, sep, target = item.rpartition("=")
+        out.append((node if sep else ("head" if len(items) == 1 else target.rsplit(":", 1)[0]), target))
+    return out
+
+
+def render(out: Path, *, exporter: str | list[str], ports: dict, webhook: str | None) -> dict:
+    """Write the configs with this workspace's ports and one scrape target per executor (labelled
+    ``node``); returns their paths."""
+    import yaml
+
     out.mkdir(parents=True, exist_ok=True)
-    prom = (CONFIGS / "prometheus.yml").read_text()
-    prom = prom.replace('"127.0.0.1:9108"', f'"{exporter}"').replace('"127.0.0.1:9493"', f'"{HOST}:{ports["alertmanager"]}"')
+    prom = (CONFIGS / "prometheus.yml").read_text().replace('"127.0.0.1:9493"', f'"{HOST}:{ports["alertmanager"]}"')
+    doc = yaml.safe_load(prom)
+    job = next(j for j in doc["scrape_configs"] if j["job_name"] == "duet-executor")
+    labels = job["static_configs"][0].get("labels", {})
+    job["static_configs"] = [{"targets": [t], "labels": {**labels, "node": n}} for n, t in exporter_targets(exporter)]
+    prom = "# rendered by duet infra up from infra/prometheus/prometheus.yml\n" + yaml.safe_dump(doc, sort_keys=False)
     am = (CONFIGS / "alertmanager.yml").read_text()
     am = am.replace("http://127.0.0.1:9497/alerts", webhook or f"http://{HOST}:{ports['receiver']}/alerts")
     paths = {"prometheus.yml": out / "prometheus.yml", "rules.yml": out / "rules.yml", "alertmanager.yml": out / "alertmanager.yml"}
@@ -74,7 +92,7 @@ def _start(st: StateFile, name: str, cmd: list[str], port: int, ready: str, what
     _ready(url + ready, pid=pid, what=what, log=log)
 
 
-def up(workspace, *, exporter: str = f"{HOST}:9108", ports: dict | None = None, webhook: str | None = None) -> dict:
+def up(workspace, *, exporter: str | list[str] = f"{HOST}:9108", ports: dict | None = None, webhook: str | None = None) -> dict:
     ports = {**DEFAULTS, **(ports or {})}
     b = binaries()
     missing = [k for k in ("prometheus", "alertmanager") if not b[k]]

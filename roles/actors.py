@@ -70,6 +70,21 @@ def _classes():
         def watch(self, run_id: str) -> dict:
             return self.ex.watch(run_id)
 
+        def release(self, run_id: str, to: str) -> dict:
+            return self.ex.release(run_id, to)
+
+        def read_run_file(self, run_id: str, manifest: dict, path: str, offset: int, size: int) -> bytes:
+            return self.ex.read_run_file(run_id, manifest, path, offset, size)
+
+        def adopt_begin(self, manifest: dict) -> None:
+            self.ex.adopt_begin(manifest)
+
+        def adopt_write(self, manifest: dict, path: str, offset: int, data: bytes) -> None:
+            self.ex.adopt_write(manifest, path, offset, data)
+
+        def adopt_finish(self, manifest: dict, moved_from: str) -> str:
+            return self.ex.adopt_finish(manifest, moved_from)
+
         def metrics_text(self) -> str:
             """The exporter's exposition, for a driver that cannot reach its (loopback) port."""
             from prometheus_client import generate_latest
@@ -143,7 +158,8 @@ def _classes():
         def ping(self) -> dict:
             import os
 
-            return {"pid": os.getpid(), "path": str(self.s.q.path), "last_error": self.s.last_error}
+            return {"pid": os.getpid(), "path": str(self.s.q.path), "last_error": self.s.last_error,
+                    "node_id": ray.get_runtime_context().get_node_id()}
 
         def add(self, run_id: str, kw: dict) -> dict:
             return self.s.add(run_id, **kw)
@@ -159,6 +175,12 @@ def _classes():
 
         def kick(self) -> None:
             self.s.kick()
+
+        def moving(self, run_id: str, executor: str) -> None:
+            self.s.q.moving(run_id, executor)
+
+        def moved(self, run_id: str, executor: str | None, node: dict | None) -> None:
+            self.s.q.moved(run_id, executor, node)
 
     return ExecutorActor, ArchitectActor, SchedulerActor
 

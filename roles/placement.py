@@ -13,7 +13,7 @@ import time
 
 from infra.lazy import lazy
 from roles import names
-from roles.scheduler import find_executors
+from roles.scheduler import answering, find_executors
 
 ray = lazy("ray", extra="architect")
 GIB = 2**30
@@ -28,9 +28,10 @@ class PlacementError(RuntimeError):
 
 
 def executors_info(timeout: float = 120) -> dict[str, dict]:
-    """{executor name: {"handle", "node", "ping", "hardware"}} for the executors that answer now."""
+    """{executor name: {"handle", "node", "ping", "hardware"}} for the executors that answer now (one
+    whose node is down takes no new runs until it is back)."""
     out = {}
-    for n, h in find_executors().items():
+    for n, h in answering(find_executors(), timeout=10).items():
         try:
             ping, hw = ray.get([h.ping.remote(), h.probe.remote()], timeout=timeout)
         except Exception:

@@ -119,7 +119,7 @@ class RunQueue:
             if e is None:
                 raise QueueError(f"run {run_id!r} is not in the queue")
             if e["state"] in TERMINAL:
-                raise QueueError(f"run {run_id} has {e['state']} already; nothing to cancel")
+                raise QueueError(f"run {run_id} is {e['state']} already; nothing to cancel")
             if e["state"] == "queued":
                 e.update(state="cancelled", ended_at=time.time(), error="cancelled while queued")
                 self._save()
@@ -127,7 +127,28 @@ class RunQueue:
 
     def busy(self) -> set[str]:
         with self._lock:
-            return {e["executor"] for e in self.entries.values() if e["state"] == "running"}
+            return {e["executor"] for e in self.entries.values() if e["state"] == "running"} | \
+                {e["moving_to"] for e in self.entries.values() if e.get("moving_to")}
+
+    def moving(self, run_id: str, executor: str) -> None:
+        """A run is on its way to ``executor`` (`duet runs move`): that executor takes nothing else, and
+        the run's end on its old executor (it stops there) is not its end."""
+        with self._lock:
+            if run_id in self.entries:
+                self.entries[run_id]["moving_to"] = executor
+                self._save()
+
+    def moved(self, run_id: str, executor: str | None, node: dict | None) -> None:
+        """The move is done (``executor`` runs it now), or failed (``executor`` None)."""
+        with self._lock:
+            e = self.entries.get(run_id)
+            if e is None:
+                return
+            if executor is not None:
+                e.update(state="running", executor=executor, node=node, ended_at=None, error=None,
+                         unreachable_since=None)
+            e["moving_to"] = None
+            self._save()
 
     def pick(self, idle: dict[str, dict]) -> tuple[str, str] | None:
         """(run id, executor) to start next, or None. ``idle``: {executor: its hardware probe} for the

@@ -25,13 +25,30 @@ CALL_TIMEOUT = 15
 
 
 def find_executors() -> dict:
-    """{executor name: actor handle} for every executor the cluster has now."""
+    """{executor name: actor handle} for every executor the cluster has now (one whose node is down
+    is listed too while Ray waits to restart it: ``answering`` tells them apart)."""
     out = {}
     for n in names.executor_names(ray.util.list_named_actors(all_namespaces=True)):
         try:
             out[n] = ray.get_actor(n, namespace=names.NAMESPACE)
         except ValueError:
             continue
+    return out
+
+
+def answering(exs: dict, timeout: float = 3.0) -> dict:
+    """The executors of ``exs`` that answer a ping within ``timeout`` seconds, asked all at once, so a
+    node that is down costs one short wait, not one a call."""
+    refs = {n: h.ping.remote() for n, h in exs.items()}
+    ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout) if refs else ([], [])
+    out = {}
+    for n, ref in refs.items():
+        if ref in ready:
+            try:
+                ray.get(ref, timeout=0)
+                out[n] = exs[n]
+            except Exception:
+                continue
     return out
 
 
@@ -76,14 +93,14 @@ class Scheduler:
 
     def tick(self) -> None:
         with self._tick_lock:
-            exs = find_executors()
+            exs = answering(find_executors())
             self._follow(exs)
             if any(e["state"] == "queued" for e in self.q.list()):
                 self._dispatch(exs)
 
     def _follow(self, exs: dict) -> None:
         for e in self.q.list():
-            if e["state"] != "running":
+            if e["state"] != "running" or e.get("moving_to"):
                 continue
             h = exs.get(e["executor"])
             try:

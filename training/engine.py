@@ -118,7 +118,7 @@ class Run:
         run.checkpoints = rec.get("checkpoints", [])
         run.eval_losses = rec.get("eval_losses", [])
         run.error = rec.get("error")
-        for key in ("eval_loss_before", "preflight", "model_path", "dry_run"):
+        for key in ("eval_loss_before", "preflight", "model_path", "dry_run", "moves", "moved_to"):
             if key in rec:
                 run.result[key] = rec[key]
         run.losses = run_files.read_by_step(run.dir / "losses.jsonl")

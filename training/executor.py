@@ -123,6 +123,12 @@ def export(data_dir: str | os.PathLike, run_id: str, *, to: str = "gguf", quant:
     return export_run(rdir, to=to, quant=quant, name=name, out_dir=Path(out_dir) if out_dir else None)
 
 
+def _file_meta(path: Path) -> dict:
+    from training.moving import _sha256
+
+    return {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+
+
 class Executor:
     def __init__(self, data_dir: str | os.PathLike, *, metrics_port: int | None = 9108,
                  metrics_addr: str = "127.0.0.1", torch_threads: int | None = None):
@@ -223,7 +229,8 @@ class Executor:
     def list(self) -> list[dict]:
         """Runs of this process, plus finished ones found on disk (an earlier process's)."""
         out = {r.run_id: {"run_id": r.run_id, "state": r.state, "step": r.progress["step"],
-                          "max_steps": r.progress["max_steps"]} for r in self.runs.values()}
+                          "max_steps": r.progress["max_steps"], "moved_to": r.result.get("moved_to")}
+               for r in self.runs.values()}
         runs_dir = self.data_dir / "runs"
         for rj in sorted(runs_dir.glob("*/run.json")) if runs_dir.exists() else []:
             if rj.parent.name not in out:
@@ -232,7 +239,7 @@ class Executor:
                 except (OSError, ValueError):
                     continue
                 out[rec["run_id"]] = {"run_id": rec["run_id"], "state": rec["status"], "step": rec.get("steps") or 0,
-                                      "max_steps": rec["config"]["train"]["max_steps"]}
+                                      "max_steps": rec["config"]["train"]["max_steps"], "moved_to": rec.get("moved_to")}
         return list(out.values())
 
     def cancel(self, run_id: str) -> dict:
@@ -266,6 +273,65 @@ class Executor:
         with open(path, "rb") as fh:
             fh.seek(offset)
             return fh.read(size)
+
+    # -- moving a run to another executor (training/moving.py; roles/move.py drives it) ------------
+
+    def release(self, run_id: str, to: str) -> dict:
+        """Stop the run here (at its next step, if it trains) so that executor ``to`` continues it;
+        returns what moves (the newest valid checkpoint and the logs), each file with its SHA-256."""
+        from training import moving
+
+        run = self._run(run_id)
+        if run.state == "finished":
+            raise ExecutorError(f"run {run_id} has finished; there is nothing to move")
+        if run.state not in TERMINAL:
+            run.cancel()
+            self.wait(run_id, timeout=900)
+            if run.state not in TERMINAL:
+                raise ExecutorError(f"run {run_id} did not stop within 900 s; nothing moved")
+        try:
+            manifest = moving.bundle(run.dir)
+        except moving.MoveError as exc:
+            raise ExecutorError(str(exc)) from exc
+        run.result["moved_to"] = to
+        run.error = f"moved to {to} (from {manifest['checkpoint']})"
+        run.write_record()
+        manifest["files"] = [f if f["path"] != "run.json" else {**f, **_file_meta(run.dir / "run.json")}
+                             for f in manifest["files"]]
+        return manifest
+
+    def read_run_file(self, run_id: str, manifest: dict, path: str, offset: int, size: int) -> bytes:
+        from training import moving
+
+        return moving.read_chunk(run_dir(self.data_dir, run_id), manifest, path, offset, size)
+
+    def adopt_begin(self, manifest: dict) -> None:
+        from training import moving
+
+        run_dir(self.data_dir, manifest["run_id"])  # a run id that names a folder here
+        try:
+            moving.begin(self.data_dir / "runs", manifest)
+        except moving.MoveError as exc:
+            raise ExecutorError(str(exc)) from exc
+
+    def adopt_write(self, manifest: dict, path: str, offset: int, data: bytes) -> None:
+        from training import moving
+
+        moving.write_chunk(self.data_dir / "runs", manifest, path, offset, data)
+
+    def adopt_finish(self, manifest: dict, moved_from: str) -> str:
+        """Verify what arrived, put it in place and resume the run from the moved checkpoint."""
+        from training import moving
+
+        run_id = manifest["run_id"]
+        try:
+            rdir = moving.finish(self.data_dir / "runs", manifest, moved_from)
+        except moving.MoveError as exc:
+            raise ExecutorError(str(exc)) from exc
+        with self._lock:
+            self.runs.pop(run_id, None)
+            self._start(Run.load(rdir, self.probe()), resume=True)
+        return run_id
 
     def wait(self, run_id: str, timeout: float | None = None) -> str:
         t = self.threads.get(run_id)

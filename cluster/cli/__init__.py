@@ -38,7 +38,7 @@ COMMANDS: dict[str, Command] = {
     "plan": Command("estimate memory for a model + preset on a GPU size", train.setup_plan, train.run_plan),
     "run": Command("curate, plan and train a run config through the actors", train.setup_run, train.run_run),
     "train": Command("train an architect's plan in this process [--resume]", train.setup_train, train.run_train),
-    "runs": Command("list | show | cancel | pause | resume runs on the executor", train.setup_runs, train.run_runs),
+    "runs": Command("list | show | cancel | pause | resume | move runs on the executors", train.setup_runs, train.run_runs),
     "watch": Command("live view of a run (step/ETA, loss sparklines, tokens/s, memory, alerts)",
                      monitor.setup_watch, monitor.run_watch),
     "merge": Command("merge a run's adapter into its base (16/32-bit, verified)", train.setup_merge, train.run_merge),

@@ -17,7 +17,9 @@ def setup_infra(p):
     from cluster.cli.common import workspace_arg as _workspace_arg
 
     p.add_argument("action", choices=("up", "down", "status"))
-    p.add_argument("--exporter", default="127.0.0.1:9108", help="the executor's exporter HOST:PORT to scrape")
+    p.add_argument("--exporter", action="append", metavar="[NODE=]HOST:PORT",
+                   help="an executor's exporter to scrape, labelled with its node; repeat it for each executor "
+                        "(default: 127.0.0.1:9108)")
     p.add_argument("--prometheus-port", type=int_arg(1, 65535), default=9490)
     p.add_argument("--alertmanager-port", type=int_arg(1, 65535), default=9493)
     p.add_argument("--webhook-port", type=int_arg(1, 65535), default=9497, help="duet's alert receiver")
@@ -35,15 +37,18 @@ def run_infra(a) -> int:
     import re
 
     con = _console()
-    if not re.fullmatch(r"[A-Za-z0-9.\-]{1,253}:[0-9]{1,5}|\[[0-9A-Fa-f:]{2,45}\]:[0-9]{1,5}", a.exporter):
-        print_error(f"--exporter {a.exporter!r}: give HOST:PORT, e.g. 127.0.0.1:9108")
-        return EXIT_INPUT
+    exporters = a.exporter or ["127.0.0.1:9108"]
+    for e in exporters:
+        if not re.fullmatch(r"(?:[A-Za-z0-9][A-Za-z0-9._-]{0,62}=)?(?:[A-Za-z0-9.\-]{1,253}:[0-9]{1,5}|"
+                            r"\[[0-9A-Fa-f:]{2,45}\]:[0-9]{1,5})", e):
+            print_error(f"--exporter {e!r}: give [NODE=]HOST:PORT, e.g. 127.0.0.1:9108 or gpu-b=10.0.0.3:9108")
+            return EXIT_INPUT
     if a.webhook is not None and not re.fullmatch(r"https?://[^\s'\"\\<>{}]{1,2000}", a.webhook):
         print_error(f"--webhook {a.webhook!r}: give an http(s) URL, e.g. http://127.0.0.1:9000/alerts")
         return EXIT_INPUT
     try:
         if a.action == "up":
-            doc = monitoring.up(a.workspace, exporter=a.exporter, webhook=a.webhook,
+            doc = monitoring.up(a.workspace, exporter=exporters, webhook=a.webhook,
                                 ports={"prometheus": a.prometheus_port, "alertmanager": a.alertmanager_port,
                                        "receiver": a.webhook_port})
         elif a.action == "down":

@@ -187,8 +187,9 @@ def _two_host() -> bool:
 
 
 def setup_runs(p):
-    p.add_argument("action", nargs="?", default="list", choices=("list", "show", "cancel", "pause", "resume"))
+    p.add_argument("action", nargs="?", default="list", choices=("list", "show", "cancel", "pause", "resume", "move"))
     p.add_argument("run_id", nargs="?")
+    p.add_argument("--to", metavar="NODE", help="with move: the executor node to continue the run on")
     p.add_argument("--address", help="the cluster's head HOST:PORT (default: the one duet knows here)")
     p.add_argument("--json", action="store_true")
     workspace_arg(p)
@@ -197,6 +198,7 @@ def setup_runs(p):
 def run_runs(a) -> int:
     from cluster import two_host
     from infra.services import ServiceError
+    from roles.move import MoveRefused
 
     con = console()
     if a.action != "list" and not a.run_id:
@@ -215,6 +217,9 @@ def run_runs(a) -> int:
     except ValueError as exc:
         print_error(exc)
         return EXIT_INPUT
+    except MoveRefused as exc:  # the target cannot take the run
+        print_error(exc)
+        return EXIT_REFUSED
     if a.json:
         emit_json(doc)
     elif a.action == "list":
@@ -231,6 +236,8 @@ def _runs_action(a, ex) -> dict:
     entry = two_host.queue_entry(a.run_id) if a.run_id else None
     if a.action == "list":
         return list_runs()
+    if a.action == "move":
+        return _move(a, ex)
     if entry and entry["state"] == "queued" or a.action == "cancel" and entry:
         if a.action == "cancel":
             return ray.get(two_host.scheduler_handle().cancel.remote(a.run_id), timeout=60)
@@ -246,6 +253,23 @@ def _runs_action(a, ex) -> dict:
             doc["recorded"] = record_if_new(a.workspace, pg, mongo, ray.get(ex.fetch_record.remote(a.run_id)))
         return doc
     return ray.get(getattr(ex, a.action).remote(a.run_id), timeout=60)
+
+
+def _move(a, src) -> dict:
+    from cluster import two_host
+    from roles import move, placement
+
+    if not a.to:
+        raise ValueError("duet runs move RUN needs --to NODE")
+    try:
+        infos = placement.executors_info()
+        dst_name = placement.resolve_on(a.to, infos)
+    except placement.PlacementError as exc:
+        raise ValueError(str(exc)) from exc
+    if infos[dst_name]["handle"]._actor_id == src._actor_id:
+        raise ValueError(f"run {a.run_id} is on {a.to} already")
+    with console().status(f"moving {a.run_id} to {a.to} (stop, copy the newest checkpoint, verify, resume)..."):
+        return move.move_run(a.run_id, src, infos[dst_name]["handle"], dst_name, two_host.scheduler_handle())
 
 
 def list_runs() -> dict:
@@ -271,6 +295,8 @@ def list_runs() -> dict:
             unreachable.append(names.node_of(n))
             continue
         for r in held:
+            if r.get("moved_to"):  # it continues on another executor, which lists it
+                continue
             row = rows.setdefault(r["run_id"], {"run_id": r["run_id"], "node": names.node_of(n), "queued_at": None})
             row.update(state=r["state"], step=r["step"], max_steps=r["max_steps"], node=names.node_of(n))
     ordered = sorted(rows.values(), key=lambda r: (r.get("queued_at") or 0, r["run_id"]))

@@ -183,3 +183,35 @@ def test_placement_refuses_what_fits_nowhere_and_places_what_fits_one(three):
     assert r.returncode == 2 and "gpu-b (" in r.stderr, r.stderr[-2000:]
     r = duet("run", config(tmp / "lost.yaml", small), "--on", "nowhere", "--address", ADDRESS, "--workspace", ws)
     assert r.returncode == 1 and "--on nowhere" in r.stderr and "gpu-b" in r.stderr, r.stderr[-2000:]
+
+
+def test_a_run_moves_to_another_executor_and_finishes_there(three):
+    """`duet runs move`: the run stops on the head, its newest checkpoint travels to gpu-b (checked
+    file by file), and it resumes there; every step is logged once the run is done."""
+    tmp, ws = three, three / "ws"
+    join_b(tmp)
+    ok(duet("node", "join", "--role", "architect", "--address", ADDRESS, "--bind", "127.0.0.4", "--workspace", ws,
+            "--json"))
+    cfg = config(tmp / "run.yaml", {**BASE, "max_steps": 200})
+    run_id = ok(duet("run", cfg, "--on", "head", "--detach", "--address", ADDRESS, "--workspace", ws, "--json"))["run_id"]
+    wait_for(lambda: len(steps_logged(tmp / "exec-head" / "runs" / run_id)) >= 45, 300, "step 45 on the head")
+    r = duet("runs", "move", run_id, "--to", "head", "--address", ADDRESS, "--workspace", ws)
+    assert r.returncode == 1 and "on head already" in r.stderr, r.stderr[-2000:]
+    moved = ok(duet("runs", "move", run_id, "--to", "gpu-b", "--address", ADDRESS, "--workspace", ws, "--json"))
+    assert moved["to"] == "gpu-b" and moved["checkpoint"].startswith("checkpoint-") and moved["bytes"] > 0
+    listed = ok(duet("runs", "list", "--address", ADDRESS, "--workspace", ws, "--json"))["runs"]
+    [row] = [x for x in listed if x["run_id"] == run_id]
+    assert row["node"] == "gpu-b" and row["state"] in ("preflight", "training"), row
+
+    def done():
+        st = ok(duet("runs", "show", run_id, "--address", ADDRESS, "--workspace", ws, "--json"))
+        return st if st["state"] in ("finished", "failed", "cancelled") else None
+    st = wait_for(done, 600, "the moved run to end")
+    assert st["state"] == "finished", st
+    rec = json.loads((ws / "runs" / run_id / "run.json").read_text())
+    assert sorted(x["step"] for x in rec["losses"]) == list(range(1, 201))
+    assert rec["moves"][0]["checkpoint"] == moved["checkpoint"] and "moved_to" not in rec
+    ev = [json.loads(x) for x in (tmp / "exec-b" / "runs" / run_id / "events.jsonl").read_text().splitlines()]
+    assert any(e["event"] == "resume" and e["checkpoint"].endswith(moved["checkpoint"]) for e in ev)
+    head_rec = json.loads((tmp / "exec-head" / "runs" / run_id / "run.json").read_text())
+    assert head_rec["status"] == "cancelled" and head_rec["moved_to"] == "gpu-b"

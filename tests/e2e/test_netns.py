@@ -96,7 +96,7 @@ def test_two_hosts_in_two_network_namespaces(namespaces, tmp_path):
         roles = {n["address"]: n["roles"] for n in st["nodes"] if n["alive"]}
         assert roles == {IP_A: ["executor"], IP_B: ["architect"]}, (ns, st["nodes"])
         where = {a["name"]: a["address"] for a in st["actors"]}
-        assert where == {"duet-executor": IP_A, "duet-architect": IP_B}, (ns, st["actors"])
+        assert where == {"duet-executor": IP_A, "duet-architect": IP_B, "duet-scheduler": IP_A}, (ns, st["actors"])
 
     # the design host leaves; the GPU host's cluster goes on without it
     r = duet_in(NS_B, "node", "stop")  # the newest node duet started here: the design host's

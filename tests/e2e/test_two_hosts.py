@@ -105,7 +105,7 @@ def test_roles_land_on_their_hosts_and_strangers_are_refused(cluster, tmp_path):
     roles = {n["address"]: n["roles"] for n in st["nodes"] if n["alive"]}
     assert roles == {"127.0.0.2": ["executor"], "127.0.0.3": ["architect"]}
     where = {a["name"]: a["address"] for a in st["actors"]}
-    assert where == {"duet-executor": "127.0.0.2", "duet-architect": "127.0.0.3"}
+    assert where == {"duet-executor": "127.0.0.2", "duet-architect": "127.0.0.3", "duet-scheduler": "127.0.0.2"}
 
     # a client with a wrong token, and one with no token at all, are refused
     wrong = tmp_path / "wrong_token"
