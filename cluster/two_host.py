@@ -84,6 +84,13 @@ def start_head(*, role: str = "executor", bind: str = "127.0.0.1", port: int = r
     if role not in ROLES:
         raise ValueError(f"role {role!r} is not one of {', '.join(ROLES)}")
     _check_bind(bind, allow_all)
+    from roles.queue import QueueError, RunQueue
+
+    queue_path = Path(data_dir or default_data_dir()).resolve() / "queue.json"
+    try:
+        RunQueue(queue_path)  # a damaged queue file is named now, before the head starts, not as a dead actor
+    except QueueError as exc:
+        raise ValueError(str(exc)) from exc
     token_file, created = auth.ensure_token()
     key = key or f"head-{bind}-{port}"
     resources = {role: 1}
@@ -103,7 +110,6 @@ def start_head(*, role: str = "executor", bind: str = "127.0.0.1", port: int = r
     actor = _create_role_actor(role, data_dir=data_dir, workspace=workspace, metrics_port=metrics_port)
     from roles.actors import scheduler_actor
 
-    queue_path = Path(data_dir or default_data_dir()).resolve() / "queue.json"
     sched = ray.get(scheduler_actor(str(queue_path)).ping.remote(), timeout=180)  # the run queue lives on the head
     ray.shutdown()
     return {"node": info.to_dict(), "key": key, "address": address, "token_file": str(token_file), "queue": sched,
