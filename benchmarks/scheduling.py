@@ -1,6 +1,6 @@
 """Scheduling over several executors: submit -> first step, and a sweep's wall time, 1 vs 2 executors.
 
-    python -m benchmarks.scheduling [--reps 2] [--steps 120]
+    python -m benchmarks.scheduling [--reps 2] [--steps 120,400]
 
 Real Ray on this machine: the head with an executor (127.0.0.2), the architect's node (127.0.0.4),
 and in the second phase a second executor "gpu-b" (127.0.0.3), all through `duet node` (token auth).
@@ -11,9 +11,12 @@ sweep` would be.
 - overhead: a tiny run of 4 steps through run_on_cluster (curate, plan for every executor, queue,
   dispatch, train): queued -> dispatched (the scheduler), dispatched -> first step (the executor:
   model load, dataset, the eval before training) and submit -> first step, the sum with planning.
+  One run before the measured ones warms the executors (the tiny model is built once a host).
 - sweep: 4 equal runs (a learning-rate grid; the cost of a run does not depend on its learning rate)
-  with --max-parallel 2. Phase 1 has one executor (the runs go one after the other), phase 2 two.
-  The figure is wall(1 executor) / wall(2 executors); the goal is near 2.
+  with --max-parallel 2, for each --steps length. Phase 1 has one executor (the runs go one after
+  the other), phase 2 two. The figure is wall(1 executor) / wall(2 executors); the goal is near 2.
+  A run's fixed part (eval before and after, merge, samples, the record) does not shrink with its
+  steps, so the ratio is given for a short and a longer run.
 
 Writes benchmarks/results/scheduling-<machine>.json.
 """
@@ -45,7 +48,7 @@ def _rc(steps: int):
                                 "sample_prompts": 1, "max_new_tokens": 4, "micro_batch": 2})
 
 
-def overhead(ws: Path, data_dirs: dict) -> dict:
+def overhead(ws: Path) -> dict:
     from cluster.demo import run_on_cluster
 
     t0 = time.time()
@@ -58,6 +61,14 @@ def overhead(ws: Path, data_dirs: dict) -> dict:
             "queued_to_dispatched_s": round(p["dispatched_at"] - p["queued_at"], 3),
             "dispatched_to_first_step_s": round(first - p["dispatched_at"], 2),
             "plan_and_queue_s": round(p["queued_at"] - t0, 2)}
+
+
+def overhead_on(ws: Path, node: str) -> dict:
+    from cluster.demo import run_on_cluster
+
+    run_on_cluster(str(ws), tiny=True, data=[str(DATA)], overrides=_rc(4).overrides, address=ADDRESS,
+                   title=f"bench warm-up on {node}", on=node)
+    return {"warmed": node}
 
 
 def sweep(ws: Path, steps: int, tag: str) -> dict:
@@ -79,7 +90,7 @@ def sweep(ws: Path, steps: int, tag: str) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=120)
+    ap.add_argument("--steps", default="120,400", help="optimizer steps of each sweep run; a comma list")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     a = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -90,7 +101,8 @@ def main(argv=None) -> int:
     from cluster import two_host
 
     ws = tmp / "ws"
-    doc: dict = {"benchmark": "scheduling", "machine": cpu_machine(), "steps_per_sweep_run": a.steps, "phases": {}}
+    lengths = [int(x) for x in str(a.steps).split(",")]
+    doc: dict = {"benchmark": "scheduling", "machine": cpu_machine(), "steps_per_sweep_run": lengths, "phases": {}}
     try:
         two_host.start_head(role="executor", bind="127.0.0.2", port=PORT, data_dir=str(tmp / "exec-head"),
                             metrics_port=PORT + 2000)
@@ -99,20 +111,24 @@ def main(argv=None) -> int:
             if phase == "2":
                 two_host.join(address=ADDRESS, role="executor", bind="127.0.0.3", name="gpu-b",
                               data_dir=str(tmp / "exec-b"), metrics_port=PORT + 2001, timeout=60)
-            rows = {"overhead": [], "sweep": []}
+            warm = [overhead_on(ws, "head")] + ([overhead_on(ws, "gpu-b")] if phase == "2" else [])
+            rows = {"warm_up": warm, "overhead": [], "sweep": {str(n): [] for n in lengths}}
             for i in range(a.reps):
-                rows["overhead"].append(overhead(ws, {}))
-                rows["sweep"].append(sweep(ws, a.steps, f"{phase}x{i}"))
+                rows["overhead"].append(overhead(ws))
+                for n in lengths:
+                    rows["sweep"][str(n)].append(sweep(ws, n, f"{phase}x{i}s{n}"))
                 print(json.dumps({"executors": phase, "rep": i, "overhead": rows["overhead"][-1],
-                                  "sweep": rows["sweep"][-1]}), flush=True)
+                                  "sweep": {n: v[-1] for n, v in rows["sweep"].items()}}), flush=True)
             doc["phases"][f"{phase}_executor(s)"] = rows
     finally:
         two_host.stop(all_nodes=True)
     one, two = (doc["phases"][f"{k}_executor(s)"] for k in ("1", "2"))
-    w1 = statistics.median(r["wall_s"] for r in one["sweep"])
-    w2 = statistics.median(r["wall_s"] for r in two["sweep"])
+    walls = {n: {"1_executor": statistics.median(r["wall_s"] for r in one["sweep"][str(n)]),
+                 "2_executors": statistics.median(r["wall_s"] for r in two["sweep"][str(n)])} for n in lengths}
     doc.update({
-        "sweep_wall_s": {"1_executor": w1, "2_executors": w2}, "sweep_speedup": round(w1 / w2, 2), "goal_speedup": 2.0,
+        "sweep_wall_s": {str(n): w for n, w in walls.items()},
+        "sweep_speedup": {str(n): round(w["1_executor"] / w["2_executors"], 2) for n, w in walls.items()},
+        "goal_speedup": 2.0,
         "submit_to_first_step_s": {k: statistics.median(r["submit_to_first_step_s"] for r in p["overhead"])
                                    for k, p in (("1_executor", one), ("2_executors", two))},
         "queued_to_dispatched_s": {k: statistics.median(r["queued_to_dispatched_s"] for r in p["overhead"])

@@ -118,17 +118,20 @@ class Scheduler:
                 self.q.ended(e["run_id"], st["state"], st.get("error"))
 
     def _idle(self, exs: dict) -> dict:
+        """{executor: its hardware probe} for the executors that train nothing now, all asked at once."""
         busy = self.q.busy()
+        asked = {n: (h.list.remote(), h.probe.remote()) for n, h in exs.items() if n not in busy}
+        refs = [r for pair in asked.values() for r in pair]
+        if refs:
+            ray.wait(refs, num_returns=len(refs), timeout=CALL_TIMEOUT)
         idle = {}
-        for n, h in exs.items():
-            if n in busy:
-                continue
+        for n, (runs_ref, hw_ref) in asked.items():
             try:
-                if any(r["state"] not in TERMINAL for r in ray.get(h.list.remote(), timeout=CALL_TIMEOUT)):
-                    continue
-                idle[n] = ray.get(h.probe.remote(), timeout=CALL_TIMEOUT * 2)
+                runs, hw = ray.get([runs_ref, hw_ref], timeout=0.1)
             except Exception:
                 continue
+            if not any(r["state"] not in TERMINAL for r in runs):
+                idle[n] = hw
         return idle
 
     def _dispatch(self, exs: dict) -> None:

@@ -184,6 +184,24 @@ def test_placement_refuses_what_fits_nowhere_and_places_what_fits_one(three):
     r = duet("run", config(tmp / "lost.yaml", small), "--on", "nowhere", "--address", ADDRESS, "--workspace", ws)
     assert r.returncode == 1 and "--on nowhere" in r.stderr and "gpu-b" in r.stderr, r.stderr[-2000:]
 
+    # the head is busy: a second run pinned there waits in the queue, and cancelled there, never starts
+    long = ok(duet("run", config(tmp / "long.yaml", {**BASE, "max_steps": 3000, "checkpoint_every": 1000,
+                                                      "eval_every": 3000}), "--on", "head", "--detach",
+                   "--address", ADDRESS, "--workspace", ws, "--json"))
+    assert long["state"] == "submitted"
+    waiting = ok(duet("run", config(tmp / "next.yaml", small), "--on", "head", "--detach", "--address", ADDRESS,
+                      "--workspace", ws, "--json"))
+    assert waiting["state"] == "queued"
+    rows = {x["run_id"]: x for x in ok(duet("runs", "list", "--address", ADDRESS, "--workspace", ws, "--json"))["runs"]}
+    assert rows[waiting["run_id"]]["state"] == "queued" and rows[waiting["run_id"]]["fits_on"] == ["head"]
+    cancelled = ok(duet("runs", "cancel", waiting["run_id"], "--address", ADDRESS, "--workspace", ws, "--json"))
+    assert cancelled["state"] == "cancelled"
+    ok(duet("runs", "cancel", long["run_id"], "--address", ADDRESS, "--workspace", ws, "--json"))
+    wait_for(lambda: ok(duet("runs", "show", long["run_id"], "--address", ADDRESS, "--workspace", ws,
+                             "--json"))["state"] == "cancelled", 120, "the long run to stop")
+    time.sleep(3)  # the scheduler had seconds to start the cancelled one, had it kept it
+    assert not (tmp / "exec-head" / "runs" / waiting["run_id"]).exists()
+
 
 def test_a_run_moves_to_another_executor_and_finishes_there(three):
     """`duet runs move`: the run stops on the head, its newest checkpoint travels to gpu-b (checked

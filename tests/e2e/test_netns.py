@@ -108,4 +108,4 @@ def test_two_hosts_in_two_network_namespaces(namespaces, tmp_path):
         if alive == {IP_A} or time.time() > deadline:
             break
     assert alive == {IP_A}, st
-    assert {a["name"] for a in st["actors"]} == {"duet-executor"}
+    assert {a["name"] for a in st["actors"]} == {"duet-executor", "duet-scheduler"}
