@@ -40,6 +40,13 @@ def plan_bytes(plan: dict) -> int:
     return int(plan["estimate"]["total_bytes"])
 
 
+def _slim(e: dict) -> None:
+    """An entry that ended keeps its history, not its bulk: the dataset files and the plans' bodies
+    (their estimates stay), so the file the queue rewrites on every change stays small."""
+    e["dataset"] = {k: v for k, v in e["dataset"].items() if k != "files"}
+    e["plans"] = {n: {"estimate": {"total_bytes": plan_bytes(p)}} for n, p in e["plans"].items()}
+
+
 class RunQueue:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -122,6 +129,7 @@ class RunQueue:
                 raise QueueError(f"run {run_id} is {e['state']} already; nothing to cancel")
             if e["state"] == "queued":
                 e.update(state="cancelled", ended_at=time.time(), error="cancelled while queued")
+                _slim(e)
                 self._save()
             return self.public(e)
 
@@ -182,6 +190,7 @@ class RunQueue:
             if e["state"] in TERMINAL:
                 return
             e.update(state=state, error=error, ended_at=time.time(), unreachable_since=None)
+            _slim(e)
             self._save()
 
     def reachable(self, run_id: str, ok: bool) -> None:

@@ -74,6 +74,9 @@ def test_the_queue_survives_a_restart_and_refuses_a_damaged_file(tmp_path):
     assert [(e["run_id"], e["state"], e["executor"]) for e in again.list()] == \
         [("r1", "running", "duet-executor"), ("r2", "queued", None)]
     assert again.spec("r2", "duet-executor")["dataset"] == DATASET
+    again.ended("r1", "finished")
+    kept = json.loads(path.read_text())["entries"][0]
+    assert "files" not in kept["dataset"] and again.get("r1")["estimates"] == {"duet-executor": GIB}
     assert not (tmp_path / "queue.json.tmp").exists()
     path.write_text("{not json")
     with pytest.raises(QueueError, match="not a duet queue file"):
