@@ -351,7 +351,7 @@ def status(address: str | None = None) -> dict:
 def _executors_status(doc: dict) -> None:
     """Every executor: its node, hardware (GPU, free/total memory), the run it trains; and the queue."""
     from roles.scheduler import find_executors
-    from roles.queue import free_bytes
+    from roles.queue import TERMINAL, free_bytes
 
     doc["executors"] = []
     for n, ex in find_executors().items():
@@ -369,7 +369,7 @@ def _executors_status(doc: dict) -> None:
                              "reachable": bool(info.get("metrics_port")) and port_open(info["metrics_port"], "127.0.0.1")})
         for r in runs:
             r["node"] = row["node"]
-            if r["state"] not in ("finished", "failed", "cancelled"):
+            if r["state"] not in TERMINAL:
                 snap = ray.get(ex.status.remote(r["run_id"], 10**9), timeout=10)
                 r["eta_s"] = snap["progress"].get("eta_s")
                 row["training"] = r["run_id"]

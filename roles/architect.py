@@ -5,6 +5,7 @@ committed to the workspace git and mirrored to memory. ``roles.actors.ArchitectA
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime as dt
 import secrets
 import shutil
@@ -316,38 +317,36 @@ def _f(x) -> str:
 
 
 
+@contextlib.contextmanager
+def _recording(workspace: str, postgres_url: str | None, mongo_url: str | None, title: str):
+    """An Architect for one record written by a CLI with no architect actor: its session is committed
+    when the block succeeds, and the stores are closed either way."""
+    arch = Architect(workspace, postgres_url, mongo_url, session_title=title)
+    try:
+        yield arch
+        arch.commit_session()
+    finally:
+        arch.close()
+
+
 def record_if_new(workspace: str, postgres_url: str | None, mongo_url: str | None, files: dict) -> dict:
     """Record a run that finished while no driver watched it (the design host was away), once."""
     run_id = files["_record"]["run_id"]
     out_dir = Path(workspace) / "runs" / run_id
     if (out_dir / "run.json").exists():
         return {"already": True, "path": str(out_dir)}
-    arch = Architect(workspace, postgres_url, mongo_url, session_title=f"record {run_id}")
-    try:
+    with _recording(workspace, postgres_url, mongo_url, f"record {run_id}") as arch:
         out = arch.record_run(files)
-        arch.commit_session()
-    finally:
-        arch.close()
     return {"already": False, "path": out["path"], "commit": out["commit"]}
 
 
 def record_export(workspace: str, postgres_url: str | None, mongo_url: str | None, files: dict, entry: dict) -> dict:
     """Record an export in the workspace (for a CLI with no architect actor running)."""
-    arch = Architect(workspace, postgres_url, mongo_url, session_title=f"export {files['_record']['run_id']}")
-    try:
-        out = arch.record_export(files, entry)
-        arch.commit_session()
-    finally:
-        arch.close()
-    return out
+    with _recording(workspace, postgres_url, mongo_url, f"export {files['_record']['run_id']}") as arch:
+        return arch.record_export(files, entry)
 
 
 def record_sweep(workspace: str, postgres_url: str | None, mongo_url: str | None, comparison: dict) -> dict:
     """Record a sweep in the workspace (the CLI, after its runs)."""
-    arch = Architect(workspace, postgres_url, mongo_url, session_title=f"sweep {comparison['sweep_id']}")
-    try:
-        out = arch.record_sweep(comparison)
-        arch.commit_session()
-    finally:
-        arch.close()
-    return out
+    with _recording(workspace, postgres_url, mongo_url, f"sweep {comparison['sweep_id']}") as arch:
+        return arch.record_sweep(comparison)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from infra.lazy import lazy
 from roles import names
-from roles.queue import free_bytes, plan_bytes
+from roles.queue import TERMINAL, free_bytes, plan_bytes
 
 ray = lazy("ray", extra="architect")
 
@@ -28,7 +28,7 @@ def move_run(run_id: str, src, dst, dst_name: str, scheduler=None, timeout: floa
     if free_bytes(hw) < need:
         raise MoveRefused(f"run {run_id}'s plan needs {need / 2**30:.2f} GiB; {names.node_of(dst_name)} has "
                           f"{free_bytes(hw) / 2**30:.2f} GiB free")
-    if any(r["state"] not in ("finished", "failed", "cancelled") for r in ray.get(dst.list.remote(), timeout=timeout)):
+    if any(r["state"] not in TERMINAL for r in ray.get(dst.list.remote(), timeout=timeout)):
         raise MoveRefused(f"{names.node_of(dst_name)} is training another run; move it there when it is idle")
     if scheduler is not None:
         ray.get(scheduler.moving.remote(run_id, dst_name), timeout=timeout)

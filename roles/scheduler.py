@@ -150,3 +150,28 @@ class Scheduler:
                 self.q.ended(run_id, "failed", f"could not start on {n}: {type(exc).__name__}: {exc}"[:500])
                 continue
             self.q.started(run_id, n, where)
+
+
+def runs_overview(scheduler) -> dict:
+    """`duet runs list`: queued, running and finished runs with their executor node, from the queue's
+    entries and from what every executor holds (runs from before the queue, or trained with `duet
+    train`). A run that moved on is listed by the executor it moved to; one whose executor is down
+    keeps the queue's word for it."""
+    rows: dict[str, dict] = {}
+    for e in ray.get(scheduler.list.remote(), timeout=60) if scheduler is not None else []:
+        rows[e["run_id"]] = {"run_id": e["run_id"], "state": e["state"],
+                             "node": e["executor"] and names.node_of(e["executor"]),
+                             "ip": (e["node"] or {}).get("ip"), "step": None, "max_steps": None,
+                             "queued_at": e["queued_at"], "started_at": e["dispatched_at"], "ended_at": e["ended_at"],
+                             "fits_on": [names.node_of(n) for n in e["fits_on"]], "error": e["error"],
+                             "unreachable_since": e["unreachable_since"]}
+    exs = find_executors()
+    up = answering(exs)
+    for n, h in up.items():
+        for r in ray.get(h.list.remote(), timeout=30):
+            if r.get("moved_to"):
+                continue
+            row = rows.setdefault(r["run_id"], {"run_id": r["run_id"], "queued_at": None})
+            row.update(state=r["state"], step=r["step"], max_steps=r["max_steps"], node=names.node_of(n))
+    return {"runs": sorted(rows.values(), key=lambda r: (r.get("queued_at") or 0, r["run_id"])),
+            "unreachable_executors": [names.node_of(n) for n in exs if n not in up]}

@@ -14,9 +14,9 @@ from typing import Callable
 from infra.lazy import lazy
 from roles import names, placement
 from roles.pipeline import Job, PipelineError, Reporter, curate, plan_run, poll
+from roles.queue import TERMINAL
 
 ray = lazy("ray", extra="architect")
-TERMINAL = ("finished", "failed", "cancelled")
 
 
 def run_sweep_pipeline(job: Job, points: list[dict], sweep_id: str, max_parallel: int, architect, scheduler, *,

@@ -124,9 +124,9 @@ def export(data_dir: str | os.PathLike, run_id: str, *, to: str = "gguf", quant:
 
 
 def _file_meta(path: Path) -> dict:
-    from training.moving import _sha256
+    from training.dataset import sha256_file
 
-    return {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+    return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
 class Executor:

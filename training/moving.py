@@ -10,7 +10,6 @@ exports), which the receiving executor makes again.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -18,6 +17,7 @@ import time
 from pathlib import Path
 
 from training import checkpoints
+from training.dataset import sha256_file
 
 CHUNK = 4 * 2**20
 SKIP_TOP = {".lock", "adapter", "merged", "exports", "checkpoints", "run.json.tmp"}
@@ -25,14 +25,6 @@ SKIP_TOP = {".lock", "adapter", "merged", "exports", "checkpoints", "run.json.tm
 
 class MoveError(RuntimeError):
     pass
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(CHUNK), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def bundle(rdir: Path) -> dict:
@@ -48,7 +40,7 @@ def bundle(rdir: Path) -> dict:
         if rel.parts[0] in SKIP_TOP and not (rel.parts[0] == "checkpoints" and len(rel.parts) > 2
                                              and rel.parts[1] == ckpt.name):
             continue
-        files.append({"path": rel.as_posix(), "bytes": p.stat().st_size, "sha256": _sha256(p)})
+        files.append({"path": rel.as_posix(), "bytes": p.stat().st_size, "sha256": sha256_file(p)})
     return {"run_id": rdir.name, "checkpoint": ckpt.name, "files": files,
             "bytes": sum(f["bytes"] for f in files)}
 
@@ -101,7 +93,7 @@ def finish(runs_dir: Path, manifest: dict, moved_from: str) -> Path:
     try:
         for f in manifest["files"]:
             p = _inside(tmp, f["path"])
-            if not p.is_file() or p.stat().st_size != f["bytes"] or _sha256(p) != f["sha256"]:
+            if not p.is_file() or p.stat().st_size != f["bytes"] or sha256_file(p) != f["sha256"]:
                 raise MoveError(f"run {run_id}: {f['path']} arrived damaged (size or SHA-256 differ); nothing moved")
         if not checkpoints.is_valid(tmp / "checkpoints" / manifest["checkpoint"]):
             raise MoveError(f"run {run_id}: checkpoint {manifest['checkpoint']} fails its manifest; nothing moved")

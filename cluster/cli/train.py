@@ -235,7 +235,9 @@ def _runs_action(a, ex) -> dict:
 
     entry = two_host.queue_entry(a.run_id) if a.run_id else None
     if a.action == "list":
-        return list_runs()
+        from roles.scheduler import runs_overview
+
+        return runs_overview(two_host.scheduler_handle())
     if a.action == "move":
         return _move(a, ex)
     if entry and entry["state"] == "queued" or a.action == "cancel" and entry:
@@ -270,37 +272,6 @@ def _move(a, src) -> dict:
         raise ValueError(f"run {a.run_id} is on {a.to} already")
     with console().status(f"moving {a.run_id} to {a.to} (stop, copy the newest checkpoint, verify, resume)..."):
         return move.move_run(a.run_id, src, infos[dst_name]["handle"], dst_name, two_host.scheduler_handle())
-
-
-def list_runs() -> dict:
-    """Queued, running and finished runs with their executor node: the queue's entries, and what every
-    executor holds (runs from before the queue, or trained with `duet train`)."""
-    from cluster import two_host
-    from roles import names
-    from roles.scheduler import find_executors
-
-    rows: dict[str, dict] = {}
-    sched = two_host.scheduler_handle()
-    for e in ray.get(sched.list.remote(), timeout=60) if sched is not None else []:
-        rows[e["run_id"]] = {"run_id": e["run_id"], "state": e["state"], "node": e["executor"] and names.node_of(e["executor"]),
-                             "ip": (e["node"] or {}).get("ip"), "step": None, "max_steps": None,
-                             "queued_at": e["queued_at"], "started_at": e["dispatched_at"], "ended_at": e["ended_at"],
-                             "fits_on": [names.node_of(n) for n in e["fits_on"]], "error": e["error"],
-                             "unreachable_since": e["unreachable_since"]}
-    unreachable = []
-    for n, h in find_executors().items():
-        try:
-            held = ray.get(h.list.remote(), timeout=30)
-        except Exception:
-            unreachable.append(names.node_of(n))
-            continue
-        for r in held:
-            if r.get("moved_to"):  # it continues on another executor, which lists it
-                continue
-            row = rows.setdefault(r["run_id"], {"run_id": r["run_id"], "node": names.node_of(n), "queued_at": None})
-            row.update(state=r["state"], step=r["step"], max_steps=r["max_steps"], node=names.node_of(n))
-    ordered = sorted(rows.values(), key=lambda r: (r.get("queued_at") or 0, r["run_id"]))
-    return {"runs": ordered, "unreachable_executors": unreachable}
 
 
 def _runs_table(doc: dict) -> None:
