@@ -97,7 +97,6 @@ class Connected:
     """What a job on the cluster works through: the architect, the scheduler (the queue on the head),
     and how to read an executor's metrics and record a run on this host too."""
 
-    ws: Path
     emb: object
     architect: object
     scheduler: object
@@ -159,7 +158,7 @@ def connected(workspace: str, *, title: str, reporter, detach: bool = False, add
                 return {**record_if_new(str(ws), emb.postgres_url, emb.mongo_url, files), "head_workspace": head_ws}
         else:
             architect, record_here = architect_actor(str(ws), emb.postgres_url, emb.mongo_url, title), None
-        yield Connected(ws, emb, architect, scheduler, client, record_here, address)
+        yield Connected(emb, architect, scheduler, client, record_here, address)
     finally:
         if emb.started and not detach:
             for actor in started_actors:

@@ -49,7 +49,7 @@ def _slim(e: dict) -> None:
 
 class RunQueue:
     def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
+        self.path = Path(path).expanduser()  # "~/..." when the head has no executor data dir to name
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
         self.entries: dict[str, dict] = {}

@@ -240,7 +240,7 @@ def _runs_action(a, ex) -> dict:
         return runs_overview(two_host.scheduler_handle())
     if a.action == "move":
         return _move(a, ex)
-    if entry and entry["state"] == "queued" or a.action == "cancel" and entry:
+    if entry and (entry["state"] == "queued" or a.action == "cancel"):
         if a.action == "cancel":
             return ray.get(two_host.scheduler_handle().cancel.remote(a.run_id), timeout=60)
         if a.action == "show":

@@ -86,6 +86,13 @@ def test_the_queue_survives_a_restart_and_refuses_a_damaged_file(tmp_path):
         RunQueue(path)
 
 
+def test_a_queue_path_under_home_is_expanded(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    q = RunQueue("~/duet/queue.json")
+    add(q, "r1", {"duet-executor": 1})
+    assert (tmp_path / "duet" / "queue.json").is_file()
+
+
 def test_cancel_a_queued_run_and_not_a_finished_one(tmp_path):
     q = RunQueue(tmp_path / "queue.json")
     add(q, "r1", {"duet-executor": 1})
