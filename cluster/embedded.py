@@ -70,9 +70,11 @@ def up(workspace: str | os.PathLike, *, ray_port: int | None = None) -> Embedded
 
 
 def down(workspace: str | os.PathLike, only: list[str] | None = None) -> list[str]:
-    """Stop the Ray node first (its actors hold store connections), then the stores."""
+    """Stop the dashboard and the Ray node first (its actors hold store connections), then the stores."""
     sd = state_dir(workspace)
     stopped = []
+    if (only is None or "dashboard" in only) and services.stop_recorded(sd, "dashboard"):
+        stopped.append("dashboard")
     if (only is None or "head" in only) and ray_node.stop_node(sd, "head"):
         stopped.append("head")
     if (only is None or "postgres" in only) and services.stop_postgres(sd):

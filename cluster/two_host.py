@@ -20,7 +20,7 @@ from pathlib import Path
 
 from cluster import auth, ray_node
 from roles import names
-from infra.services import ServiceError, StateFile, pid_alive, port_open
+from infra.services import ServiceError, StateFile, pid_alive, port_open, stop_recorded
 from infra.lazy import lazy
 
 ray = lazy("ray", extra="architect")
@@ -62,7 +62,7 @@ def detect_gpus() -> int:
         return 0
 
 
-def _check_bind(bind: str, allow_all: bool) -> None:
+def check_bind(bind: str, allow_all: bool) -> None:
     if bind in ("0.0.0.0", "::") and not allow_all:
         raise ValueError("refusing to bind 0.0.0.0: give the LAN/VPN address (e.g. a Tailscale IP), "
                          "or pass --allow-all-interfaces if you really mean every interface")
@@ -83,7 +83,7 @@ def start_head(*, role: str = "executor", bind: str = "127.0.0.1", port: int = r
     host that cannot join as a node drives the cluster with ``--address ray://BIND:CLIENT_PORT``."""
     if role not in ROLES:
         raise ValueError(f"role {role!r} is not one of {', '.join(ROLES)}")
-    _check_bind(bind, allow_all)
+    check_bind(bind, allow_all)
     from roles.queue import QueueError, RunQueue
 
     queue_path = Path(data_dir or default_data_dir()).resolve() / "queue.json"
@@ -226,7 +226,7 @@ def join(*, address: str, role: str = "architect", bind: str = "127.0.0.1", toke
     restarts the actor when this host joins again under the same name, and its runs resume here."""
     if role not in ROLES:
         raise ValueError(f"role {role!r} is not one of {', '.join(ROLES)}")
-    _check_bind(bind, allow_all)
+    check_bind(bind, allow_all)
     node = names.check_node_name(name or bind) if role == "executor" else None
     warning = None
     if platform.system() == "Darwin":
@@ -274,7 +274,14 @@ def stop(*, all_nodes: bool = False, key: str | None = None) -> list[str]:
     for k in keys:
         if ray_node.stop_node(state_dir(), k):
             stopped.append(k)
+        if stop_recorded(dashboard_state_dir(), f"dashboard-{k}"):  # `node start --dashboard` started it with the node
+            stopped.append(f"dashboard-{k}")
     return stopped
+
+
+def dashboard_state_dir() -> Path:
+    """Where the dashboards that `duet node start --dashboard` started are recorded (by node key)."""
+    return auth.config_dir() / "dashboards"
 
 
 def _newest(st: dict) -> list[str]:
@@ -364,6 +371,7 @@ def _executors_status(doc: dict) -> None:
             continue
         total = hw["gpu_total_bytes"] if hw.get("device") == "cuda" else hw.get("ram_total_bytes")
         row.update(ip=info.get("ip"), host=info.get("host"), device=hw.get("device"), gpu=hw.get("gpu_name"),
+                   torch=hw.get("torch_version"), cuda=hw.get("cuda_version"), bf16=hw.get("bf16"),
                    free_bytes=free_bytes(hw), total_bytes=total,
                    exporter={"port": info.get("metrics_port"),
                              "reachable": bool(info.get("metrics_port")) and port_open(info["metrics_port"], "127.0.0.1")})
@@ -418,7 +426,9 @@ def executor_handle(workspace: str | os.PathLike, address: str | None = None, ru
         raise ServiceError("the cluster is up but has no executor actor (no run was submitted yet)")
     if run_id is None:
         return exs.get(names.EXECUTOR_NAME) or next(iter(exs.values()))
-    entry = queue_entry(run_id)
+    from roles.run_view import queue_entry
+
+    entry = queue_entry(scheduler_handle(), run_id)
     if entry and entry.get("executor") in exs:
         return exs[entry["executor"]]
     for h in exs.values():
@@ -434,15 +444,4 @@ def scheduler_handle():
     try:
         return ray.get_actor(names.SCHEDULER_NAME, namespace=names.NAMESPACE)
     except ValueError:
-        return None
-
-
-def queue_entry(run_id: str) -> dict | None:
-    """The queue's entry for a run (None when the run never went through the queue)."""
-    sched = scheduler_handle()
-    if sched is None:
-        return None
-    try:
-        return ray.get(sched.get.remote(run_id), timeout=30)
-    except ray.exceptions.RayTaskError:
         return None

@@ -45,7 +45,7 @@ class ServiceInfo:
         return {"name": self.name, "pid": self.pid, "port": self.port, "url": self.url}
 
 
-def _port_free(port: int, host: str = HOST) -> bool:
+def port_free(port: int, host: str = HOST) -> bool:
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -57,7 +57,7 @@ def _port_free(port: int, host: str = HOST) -> bool:
 
 def free_port(ports: range, host: str = HOST) -> int:
     for p in ports:
-        if _port_free(p, host):
+        if port_free(p, host):
             return p
     raise ServiceError(f"no free port in {ports.start}-{ports.stop - 1} on {host}")
 
@@ -293,17 +293,19 @@ def stop_postgres(state_dir: str | os.PathLike) -> bool:
 
 # -- MongoDB wire (nx-27017) --------------------------------------------------------------------
 
-def _wait_port(port: int, pid: int, what: str, log: Path, timeout: float = 30) -> None:
+def wait_port(port: int, pid: int, what: str, log: Path, timeout: float = 30, host: str = HOST) -> None:
+    """Wait until process ``pid`` listens on ``port``; ServiceError with its log's tail (and the
+    process stopped) when it dies or the time runs out."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if port_open(port):
+        if port_open(port, host):
             return
         if not pid_alive(pid):
             break
         time.sleep(0.1)
     tail = log.read_text()[-2000:] if log.exists() else ""
     stop_pid(pid)
-    raise ServiceError(f"{what} did not start on {HOST}:{port} (log {log}):\n{tail}")
+    raise ServiceError(f"{what} did not start on {host}:{port} (log {log}):\n{tail}")
 
 
 def start_mongo(state_dir: str | os.PathLike) -> ServiceInfo:
@@ -328,17 +330,23 @@ def start_mongo(state_dir: str | os.PathLike) -> ServiceInfo:
     with open(data / "stdout.log", "ab") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True)
-    _wait_port(port, proc.pid, "the Mongo-wire server", log)
+    wait_port(port, proc.pid, "the Mongo-wire server", log)
     info = ServiceInfo("mongo", proc.pid, port, f"mongodb://{HOST}:{port}/")
     state.update("mongo", info.to_dict())
     return info
 
 
 def stop_mongo(state_dir: str | os.PathLike) -> bool:
+    return stop_recorded(state_dir, "mongo")
+
+
+def stop_recorded(state_dir: str | os.PathLike, key: str) -> bool:
+    """Stop the process recorded under ``key`` in ``<state_dir>/services.json`` (by its PID) and drop
+    the record; False when nothing was recorded."""
     state = StateFile(state_dir)
-    known = state.read().get("mongo")
+    known = state.read().get(key)
     if not known:
         return False
     stop_pid(known["pid"])
-    state.update("mongo", None)
+    state.update(key, None)
     return True

@@ -268,14 +268,19 @@ class Memory:
         check_value(value, field, self.root)
         return value
 
-    def promote(self, hid: str, evidence: dict, provenance: dict) -> dict:
-        """Write a validated fact for a hypothesis and mark it promoted (never deleted)."""
+    def promote(self, hid: str, evidence: dict, provenance: dict, sid: str | None = None) -> dict:
+        """Write a validated fact for a hypothesis and mark it promoted (never deleted); with ``sid``
+        the session is the fact's provenance and gets a note of the promotion."""
         from memory_sync.views import check_payload
 
         check_payload(evidence, "evidence")
+        provenance = {**provenance, **({"session_id": sid} if sid else {})}
         self._clean({"evidence": evidence, "provenance": provenance}, "promote")
         n = self.neocortex()
         h = n.update_hypothesis(hid, evidence=evidence)
         self.add_fact(h["text"], {**provenance, "hypothesis": hid, "evidence": h["evidence"]},
                       kind="promoted-hypothesis", dedup_key=f"hypothesis:{hid}")
-        return n.update_hypothesis(hid, status="promoted")
+        doc = n.update_hypothesis(hid, status="promoted")
+        if sid:
+            self.log(sid, "note", {"text": f"promoted {hid}: {doc['text']}", "hypothesis_id": hid, "status": "promoted"})
+        return doc

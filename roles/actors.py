@@ -70,6 +70,10 @@ def _classes():
         def watch(self, run_id: str) -> dict:
             return self.ex.watch(run_id)
 
+        def series(self, run_id: str, since_step: int = 0, since_time: float | None = None, since_seq: int = 0,
+                   eval_key: str | None = None) -> dict:
+            return self.ex.series(run_id, since_step, since_time, since_seq, eval_key)
+
         def release(self, run_id: str, to: str) -> dict:
             return self.ex.release(run_id, to)
 

@@ -164,6 +164,7 @@ def runs_overview(scheduler) -> dict:
                              "ip": (e["node"] or {}).get("ip"), "step": None, "max_steps": None,
                              "queued_at": e["queued_at"], "started_at": e["dispatched_at"], "ended_at": e["ended_at"],
                              "fits_on": [names.node_of(n) for n in e["fits_on"]], "error": e["error"],
+                             "group": e.get("group"),
                              "unreachable_since": e["unreachable_since"]}
     exs = find_executors()
     up = answering(exs)
@@ -172,6 +173,6 @@ def runs_overview(scheduler) -> dict:
             if r.get("moved_to"):
                 continue
             row = rows.setdefault(r["run_id"], {"run_id": r["run_id"], "queued_at": None})
-            row.update(state=r["state"], step=r["step"], max_steps=r["max_steps"], node=names.node_of(n))
+            row.update({k: v for k, v in r.items() if k != "moved_to"}, node=names.node_of(n))
     return {"runs": sorted(rows.values(), key=lambda r: (r.get("queued_at") or 0, r["run_id"])),
             "unreachable_executors": [names.node_of(n) for n in exs if n not in up]}

@@ -110,6 +110,7 @@ class Progress(TrainerCallback):
                     entry[key] = float(logs[key])
                     self.m[name].labels(*self.lab).set(float(logs[key]))
                     p[key] = float(logs[key])
+            entry.update(step_telemetry(run))
             run.log_loss(entry)
             p["loss"] = loss
             self.m["loss"].labels(*self.lab).set(loss)
@@ -121,6 +122,27 @@ class Progress(TrainerCallback):
             p["eval_loss"] = ev
             self.m["eval_loss"].labels(*self.lab).set(ev)
             run.emit("eval", which=f"step {step}", step=step, eval_loss=ev)
+
+
+def step_telemetry(run) -> dict:
+    """What a logged step carries besides its loss, for the dashboard's charts: tokens/s, the process
+    RSS, and the GPU's memory, temperature and active throttle reasons when the watchdog reads a GPU."""
+    import psutil
+
+    from training.watchdog import THROTTLE_BITS
+
+    out = {"rss_bytes": psutil.Process().memory_info().rss}
+    if run.progress.get("tokens_per_second") is not None:
+        out["tokens_per_second"] = run.progress["tokens_per_second"]
+    gpu = run.watchdog.last_gpu if run.watchdog is not None else None
+    if gpu:
+        for key, name in (("memory_used_bytes", "gpu_memory_used_bytes"), ("memory_total_bytes", "gpu_memory_total_bytes"),
+                          ("temperature_c", "gpu_temperature_c")):
+            if gpu.get(key) is not None:
+                out[name] = gpu[key]
+        if gpu.get("throttle_reasons") is not None:
+            out["gpu_throttle"] = [r for r, bit in THROTTLE_BITS.items() if gpu["throttle_reasons"] & bit and r != "gpu_idle"]
+    return out
 
 
 class RollbackGuard(TrainerCallback):

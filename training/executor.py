@@ -227,10 +227,16 @@ class Executor:
                 "process_rss_bytes": psutil.Process().memory_info().rss, "time": time.time()}
 
     def list(self) -> list[dict]:
-        """Runs of this process, plus finished ones found on disk (an earlier process's)."""
-        out = {r.run_id: {"run_id": r.run_id, "state": r.state, "step": r.progress["step"],
-                          "max_steps": r.progress["max_steps"], "moved_to": r.result.get("moved_to")}
-               for r in self.runs.values()}
+        """Runs of this process, plus finished ones found on disk (an earlier process's): state, step,
+        and what a runs table shows (phase, ETA, the latest loss, eval loss and tokens/s)."""
+        out = {}
+        for r in list(self.runs.values()):
+            p = r.progress
+            out[r.run_id] = {"run_id": r.run_id, "name": r.train_cfg.name, "phase": r.phase, "state": r.state,
+                             "step": p["step"], "max_steps": p["max_steps"], "moved_to": r.result.get("moved_to"),
+                             "started": r.started, "eta_s": p.get("eta_s") if r.state not in TERMINAL else None,
+                             "loss": p.get("loss"), "eval_loss": p.get("eval_loss") or r.result.get("eval_loss_after"),
+                             "tokens_per_second": p.get("tokens_per_second") or r.result.get("tokens_per_s")}
         runs_dir = self.data_dir / "runs"
         for rj in sorted(runs_dir.glob("*/run.json")) if runs_dir.exists() else []:
             if rj.parent.name not in out:
@@ -238,9 +244,36 @@ class Executor:
                     rec = json.loads(rj.read_text())
                 except (OSError, ValueError):
                     continue
-                out[rec["run_id"]] = {"run_id": rec["run_id"], "state": rec["status"], "step": rec.get("steps") or 0,
-                                      "max_steps": rec["config"]["train"]["max_steps"], "moved_to": rec.get("moved_to")}
+                out[rec["run_id"]] = {"run_id": rec["run_id"], "name": rec.get("name"), "phase": rec.get("phase"),
+                                      "state": rec["status"], "step": rec.get("steps") or 0,
+                                      "max_steps": rec["config"]["train"]["max_steps"], "moved_to": rec.get("moved_to"),
+                                      "started": rec.get("started"), "eta_s": None,
+                                      "loss": rec.get("train_loss_final"), "eval_loss": rec.get("eval_loss_after"),
+                                      "tokens_per_second": rec.get("tokens_per_s")}
         return list(out.values())
+
+    def series(self, run_id: str, since_step: int = 0, since_time: float | None = None, since_seq: int = 0,
+               eval_key: str | None = None) -> dict:
+        """What a live chart lacks: the logged steps after ``since_step`` (or all of them, ``reset``,
+        when the viewer's last point is gone or was replaced: a rollback or a resume re-logs steps),
+        the eval losses when they changed (``eval_key``), the events after ``since_seq``, progress."""
+        run = self._run(run_id)
+        losses = run.losses
+        reset, start = True, 0
+        if since_step > 0:
+            for i in range(len(losses) - 1, -1, -1):
+                if losses[i]["step"] <= since_step:
+                    if losses[i]["step"] == since_step and losses[i].get("time") == since_time:
+                        reset, start = False, i + 1
+                    break
+        ev = run.eval_losses
+        key = f"{len(ev)}:{ev[-1]['step']}:{ev[-1]['eval_loss']}" if ev else "0"
+        snap = run.snapshot(since_seq)
+        return {"run_id": run_id, "state": snap["state"], "phase": run.phase, "progress": snap["progress"],
+                "error": snap["error"], "reset": reset, "points": losses[start:],
+                "eval": ev if key != eval_key else None, "eval_key": key, "events": snap["events"],
+                "next_seq": since_seq + len(snap["events"]), "checkpoints": list(run.checkpoints),
+                "watchdog": run.watchdog.describe() if run.watchdog is not None else None, "time": time.time()}
 
     def cancel(self, run_id: str) -> dict:
         self._run(run_id).cancel()

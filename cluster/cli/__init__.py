@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from cluster import output
-from cluster.cli import cluster, data, export, memory, monitor, sweep, train
+from cluster.cli import cluster, dashboard, data, export, memory, monitor, sweep, train
 from cluster.console import console, print_error
 from cluster.output import EXIT_INPUT, EXIT_OK
 
@@ -30,7 +30,8 @@ class Command:
 
 COMMANDS: dict[str, Command] = {
     "demo": Command("the main job, embedded, offline", cluster.setup_demo, cluster.run_demo),
-    "up": Command("start the embedded cluster + stores for this workspace", cluster.setup_up, cluster.run_up),
+    "up": Command("start the embedded cluster + stores for this workspace [--dashboard]", cluster.setup_up_dashboard,
+                  cluster.run_up),
     "down": Command("stop what duet started for this workspace", cluster.setup_up, cluster.run_down),
     "status": Command("what runs for this workspace", cluster.setup_status, cluster.run_status),
     "node": Command("start | join | stop a node of a two-host cluster", cluster.setup_node, cluster.run_node),
@@ -51,6 +52,8 @@ COMMANDS: dict[str, Command] = {
     "memory": Command("sync | search | hypothesize | promote | backup | restore memory",
                       memory.setup_memory, memory.run_memory),
     "infra": Command("up | down | status for Prometheus + Alertmanager", monitor.setup_infra, monitor.run_infra),
+    "dashboard": Command("the web view: runs (live), datasets, sessions, the cluster; prints a login URL",
+                         dashboard.setup_dashboard, dashboard.run_dashboard),
 }
 
 

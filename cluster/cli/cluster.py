@@ -42,6 +42,30 @@ def setup_up(p):
     p.add_argument("--json", action="store_true")
 
 
+def setup_up_dashboard(p):
+    setup_up(p)
+    _dashboard_args(p)
+
+
+def _dashboard_args(p):
+    p.add_argument("--dashboard", action="store_true", help="also serve the web dashboard (on 127.0.0.1 unless "
+                                                            "--dashboard-bind); prints its login URL")
+    p.add_argument("--dashboard-bind", default="127.0.0.1", help="the dashboard's address (default 127.0.0.1)")
+    p.add_argument("--dashboard-port", type=int_arg(1, 65535), help="default: the first free port from 8750")
+
+
+def _start_dashboard(a, state_dir, workspace, address=None, key="dashboard") -> dict | None:
+    """The dashboard in the background when --dashboard was given (cluster/web/server.py)."""
+    if not getattr(a, "dashboard", False):
+        return None
+    from cluster import two_host
+    from cluster.web import server
+
+    two_host.check_bind(a.dashboard_bind, getattr(a, "allow_all_interfaces", False))
+    return server.start_background(state_dir, workspace, bind=a.dashboard_bind, port=a.dashboard_port,
+                                   address=address, key=key)
+
+
 def run_up(a) -> int:
     from cluster import embedded
     from infra.services import ServiceError, display_url
@@ -50,14 +74,20 @@ def run_up(a) -> int:
     Workspace(a.workspace).init()
     try:
         emb = embedded.up(a.workspace)
+        dash = _start_dashboard(a, embedded.state_dir(a.workspace), a.workspace)
+    except ValueError as exc:
+        print_error(exc)
+        return EXIT_INPUT
     except ServiceError as exc:
         print_error(exc)
         return EXIT_INFRA
     if a.json:
-        emit_json({**emb.to_dict(), "postgres_url": display_url(emb.postgres_url)})
+        emit_json({**emb.to_dict(), "postgres_url": display_url(emb.postgres_url), "dashboard": dash})
     else:
         console().print(f"up: Ray {emb.ray_address}, Postgres {display_url(emb.postgres_url)}, Mongo {emb.mongo_url} "
                          f"(started: {', '.join(emb.started) or 'nothing, all reused'})")
+        if dash:
+            console().print(f"dashboard: {dash['login_url']}", markup=False, highlight=False, soft_wrap=True)
     return EXIT_OK
 
 
@@ -150,7 +180,8 @@ def setup_node(p):
     st.add_argument("--data-dir", help="where the executor keeps runs (default ~/.local/share/duet/executor)")
     st.add_argument("--workspace", help="the architect's workspace (role architect)")
     st.add_argument("--metrics-port", type=int_arg(1, 65535), default=9108)
-    st.add_argument("--dashboard", action="store_true", help="start Ray's dashboard (off by default)")
+    st.add_argument("--ray-dashboard", action="store_true", help="start Ray's own dashboard (off by default)")
+    _dashboard_args(st)
     st.add_argument("--allow-all-interfaces", action="store_true", help="allow --bind 0.0.0.0")
     st.add_argument("--client-port", type=int_arg(0, 65535), help="Ray Client port for design hosts that connect with "
                                                     "--client (default: --port + 1; 0: off)")
@@ -186,9 +217,13 @@ def run_node(a) -> int:
         return EXIT_INPUT
     try:
         if a.node_cmd == "start":
+            if a.dashboard:
+                two_host.check_bind(a.dashboard_bind, a.allow_all_interfaces)
             doc = two_host.start_head(role=a.role, bind=a.bind, port=a.port, data_dir=a.data_dir, workspace=a.workspace,
-                                   dashboard=a.dashboard, allow_all=a.allow_all_interfaces, metrics_port=a.metrics_port,
+                                   dashboard=a.ray_dashboard, allow_all=a.allow_all_interfaces, metrics_port=a.metrics_port,
                                    client_port=a.client_port)
+            doc["dashboard"] = _start_dashboard(a, two_host.dashboard_state_dir(), a.workspace or os.environ.get(
+                "DUET_WORKSPACE", "duet-workspace"), address=doc["address"], key=f"dashboard-{doc['key']}")
             if not a.json:
                 con.print(f"head {doc['address']} ({a.role}, {doc['gpus']} GPU), token auth on; actor {doc['actor']}")
                 if doc["token_created"]:
@@ -197,6 +232,8 @@ def run_node(a) -> int:
                 if doc["client_address"]:
                     con.print(f"or, where joining as a node is not possible: --address {doc['client_address']} "
                               "(Ray Client; the architect then runs here)")
+                if doc["dashboard"]:
+                    con.print(f"dashboard: {doc['dashboard']['login_url']}", markup=False, highlight=False, soft_wrap=True)
         elif a.node_cmd == "join":
             if a.client:
                 doc = two_host.client_check(a.address, token_file=a.token_file, timeout=a.timeout)

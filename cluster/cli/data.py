@@ -29,7 +29,7 @@ def setup_data(p):
     from cluster.cli.common import workspace_arg as _workspace_arg
     from training.importers import FORMATS, MAX_LEN, TOOLS_MODES
 
-    sub = p.add_subparsers(dest="data_cmd", metavar="{import,check,curate}")
+    sub = p.add_subparsers(dest="data_cmd", metavar="{import,check,curate,versions,show,diff}")
     imp = sub.add_parser("import", help="convert a chat export (ChatGPT, Claude, Markdown) or a dataset "
                                         "(jsonl/sharegpt/alpaca/dpo) to canonical JSONL")
     imp.add_argument("src", nargs="+", help="the export: conversations.json, the export's .zip, a Markdown file, a "
@@ -67,6 +67,18 @@ def setup_data(p):
     cur.add_argument("--strict", action="store_true", help="refuse the whole input if any record is invalid")
     cur.add_argument("--json", action="store_true")
     _workspace_arg(cur)
+    ver = sub.add_parser("versions", help="the workspace's dataset versions with their counts")
+    ver.add_argument("--json", action="store_true")
+    _workspace_arg(ver)
+    show = sub.add_parser("show", help="one version: counts, token lengths, categories, reasoning, quarantine reasons")
+    show.add_argument("version", help="NAME (the newest) or NAME@HASH_PREFIX")
+    show.add_argument("--json", action="store_true")
+    _workspace_arg(show)
+    dif = sub.add_parser("diff", help="what changed between two versions (records added, removed, changed, moved)")
+    dif.add_argument("a", help="NAME@HASH_PREFIX")
+    dif.add_argument("b", help="NAME@HASH_PREFIX (or NAME: the newest)")
+    dif.add_argument("--json", action="store_true")
+    _workspace_arg(dif)
 
 
 def _progress(enabled: bool):
@@ -142,10 +154,12 @@ def run_data(a) -> int:
 
     con = _console()
     if a.data_cmd is None:
-        con.print("usage: duet data {import,check,curate} ...")
+        con.print("usage: duet data {import,check,curate,versions,show,diff} ...")
         return EXIT_INPUT
     if a.data_cmd == "import":
         return _run_import(a)
+    if a.data_cmd in ("versions", "show", "diff"):
+        return _run_versions(a)
     from training.dataset import tokenizer_counter
 
     try:
@@ -205,3 +219,41 @@ def run_data(a) -> int:
     return EXIT_OK
 
 
+
+
+def _run_versions(a) -> int:
+    """`duet data versions | show | diff` over training/versions.py (the dashboard's Datasets pages
+    call the same functions)."""
+    from training import versions
+    from training.schema import DatasetError
+
+    con = _console()
+    try:
+        if a.data_cmd == "versions":
+            doc = {"versions": versions.list_versions(a.workspace)}
+            lines = [f"{v['name']}@{v['hash']}  {v['kind']}  {v['counts'].get('train', 0)} train / "
+                     f"{v['counts'].get('test', 0)} test / {v['counts'].get('quarantine', 0)} quarantined"
+                     for v in doc["versions"]] or ["no dataset versions (duet data curate FILE --name NAME)"]
+        elif a.data_cmd == "show":
+            doc = versions.overview(versions.resolve(a.workspace, a.version))
+            c = doc["manifest"]["counts"]
+            lines = [f"{doc['name']}@{doc['hash']}: {c.get('train')} train, {c.get('test')} test, "
+                     f"{c.get('quarantine')} quarantined, {c.get('duplicates_removed')} duplicates removed",
+                     f"reasoning {doc['reasoning']}", f"categories {doc['categories']}",
+                     f"tokens ({doc['tokens']['counted_with']}): {doc['tokens']['percentiles']}"]
+            lines += [f"quarantined {q['file']}:{q['line']}: " + "; ".join(f"{p.get('field')}: {p.get('message')}"
+                                                                       for p in q["problems"]) for q in doc["quarantine"]]
+        else:
+            doc = versions.diff(versions.resolve(a.workspace, a.a), versions.resolve(a.workspace, a.b))
+            lines = [", ".join(f"{k} {v}" for k, v in doc["counts"].items())]
+            lines += [f"+ {i}" for i in doc["added"]] + [f"- {i}" for i in doc["removed"]]
+            lines += [f"~ {i}" for i in doc["changed"]] + [f"> {m['id']} {m['from']} -> {m['to']}" for m in doc["moved"]]
+    except (DatasetError, OSError, ValueError) as exc:
+        print_error(exc)
+        return EXIT_INPUT
+    if a.json:
+        _emit_json(doc)
+    else:
+        for line in lines:
+            con.print(line, markup=False, highlight=False)
+    return EXIT_OK

@@ -293,10 +293,7 @@ def run_memory(a) -> int:
                 print_error("promotion needs both stores (DUET_POSTGRES_URL and DUET_MONGO_URL, or `duet up`)")
                 return EXIT_INFRA
             sid = mem.session(a.session).id if a.session else None
-            doc = mem.promote(a.hypothesis_id, ev, {"session_id": sid, "host": mem.host, "via": "duet memory promote"})
-            if sid:
-                mem.log(sid, "note", {"text": f"promoted {a.hypothesis_id}: {doc['text']}", "hypothesis_id": a.hypothesis_id,
-                                      "status": "promoted"})
+            doc = mem.promote(a.hypothesis_id, ev, {"host": mem.host, "via": "duet memory promote"}, sid)
             _emit(a, doc, f"{doc['id']} promoted; a cortex fact now holds it")
         elif c == "backup":
             doc = mem.backup(a.out)

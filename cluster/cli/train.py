@@ -233,28 +233,24 @@ def _runs_action(a, ex) -> dict:
     from cluster import embedded, two_host
     from roles.architect import record_if_new
 
-    entry = two_host.queue_entry(a.run_id) if a.run_id else None
-    if a.action == "list":
-        from roles.scheduler import runs_overview
+    from roles import run_view
 
-        return runs_overview(two_host.scheduler_handle())
+    if a.action == "list":
+        return run_view.overview(a.workspace, two_host.scheduler_handle())
     if a.action == "move":
         return _move(a, ex)
-    if entry and (entry["state"] == "queued" or a.action == "cancel"):
-        if a.action == "cancel":
-            return ray.get(two_host.scheduler_handle().cancel.remote(a.run_id), timeout=60)
-        if a.action == "show":
-            return {"run_id": a.run_id, "state": "queued", "progress": {"step": 0}, "error": None, "queue": entry}
-        raise ValueError(f"run {a.run_id} is queued: `duet runs cancel` it, or wait until it starts")
-    if a.action == "show":
-        snap = ray.get(ex.status.remote(a.run_id, 0), timeout=60)
-        doc = {k: snap[k] for k in ("run_id", "state", "progress", "error", "recoveries")}
-        doc["executor"] = entry and entry["executor"]
-        if snap["state"] in ("finished", "failed", "cancelled"):
-            pg, mongo = embedded.store_urls(a.workspace)
-            doc["recorded"] = record_if_new(a.workspace, pg, mongo, ray.get(ex.fetch_record.remote(a.run_id)))
-        return doc
-    return ray.get(getattr(ex, a.action).remote(a.run_id), timeout=60)
+    if a.action != "show":
+        return run_view.control(a.run_id, a.action, ex, two_host.scheduler_handle())
+    entry = run_view.queue_entry(two_host.scheduler_handle(), a.run_id)
+    if entry and entry["state"] == "queued":
+        return {"run_id": a.run_id, "state": "queued", "progress": {"step": 0}, "error": None, "queue": entry}
+    snap = ray.get(ex.status.remote(a.run_id, 0), timeout=60)
+    doc = {k: snap[k] for k in ("run_id", "state", "progress", "error", "recoveries")}
+    doc["executor"] = entry and entry["executor"]
+    if snap["state"] in ("finished", "failed", "cancelled"):
+        pg, mongo = embedded.store_urls(a.workspace)
+        doc["recorded"] = record_if_new(a.workspace, pg, mongo, ray.get(ex.fetch_record.remote(a.run_id)))
+    return doc
 
 
 def _move(a, src) -> dict:

@@ -1,0 +1,414 @@
+"""The dashboard's ASGI app (Starlette, Jinja2 templates, uPlot vendored under static/vendor).
+
+Every route but ``/login`` answers 401 without a valid session cookie (pages, the JSON API, the live
+streams and the static files alike); every POST but ``/login`` needs the session's CSRF token and, when
+the browser names one, this dashboard's own Origin (cluster/web/auth.py). Handlers parse, call the
+Source (cluster/web/source.py) and render: the logic lives in the plain classes the CLI calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import time
+from pathlib import Path
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+from starlette.templating import Jinja2Templates
+
+from cluster.web import auth
+from cluster.web.source import NotFound, Source
+
+HERE = Path(__file__).resolve().parent
+TERMINAL = ("finished", "failed", "cancelled")
+STREAM_INTERVAL_S = 0.2      # how often a live stream asks the executor for new steps
+HEARTBEAT_S = 15.0
+SECURITY_HEADERS = {
+    "content-security-policy": "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+                               "img-src 'self' data:; connect-src 'self'; frame-ancestors 'none'; form-action 'self'",
+    "x-content-type-options": "nosniff", "referrer-policy": "no-referrer", "x-frame-options": "DENY",
+    "cache-control": "no-store",
+}
+
+
+def _json_default(o):
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    return str(o)
+
+
+def _clean(o):
+    """NaN and infinities as null: the browser's JSON.parse refuses them."""
+    if isinstance(o, float):
+        return o if math.isfinite(o) else None
+    if isinstance(o, dict):
+        return {k: _clean(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_clean(v) for v in o]
+    return o
+
+
+def dumps(doc) -> str:
+    return json.dumps(_clean(doc), default=_json_default, allow_nan=False)
+
+
+class JSON(JSONResponse):
+    def render(self, content) -> bytes:
+        return dumps(content).encode()
+
+
+class Guard:
+    """ASGI middleware: the Host check, the session cookie, the Origin of a POST, security headers."""
+
+    def __init__(self, app, keys: auth.Keys, bind: str, port: int):
+        self.app, self.keys, self.bind, self.port = app, keys, bind, port
+        self.cookie = auth.cookie_name(port)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        req = Request(scope)
+
+        async def send_with_headers(message):
+            if message["type"] == "http.response.start":
+                headers = [(k, v) for k, v in message.get("headers", []) if k.decode().lower() not in SECURITY_HEADERS
+                           or k.decode().lower() == "cache-control"]
+                have = {k.decode().lower() for k, _ in headers}
+                headers += [(k.encode(), v.encode()) for k, v in SECURITY_HEADERS.items() if k not in have]
+                message = {**message, "headers": headers}
+            await send(message)
+
+        if not auth.host_allowed(req.headers.get("host"), self.bind):
+            return await Response("unexpected Host header: open the dashboard at the address duet printed\n",
+                                  status_code=403, media_type="text/plain")(scope, receive, send_with_headers)
+        scope.setdefault("state", {})
+        if scope["path"] == "/login":
+            return await self.app(scope, receive, send_with_headers)
+        sid = self.keys.session_id(req.cookies.get(self.cookie))
+        if sid is None:
+            return await unauthorized(req)(scope, receive, send_with_headers)
+        if scope["method"] not in ("GET", "HEAD") and not auth.same_origin(req.headers.get("origin"), req.headers.get("host")):
+            return await JSON({"error": "cross-site request refused"}, status_code=403)(scope, receive, send_with_headers)
+        scope["state"]["sid"] = sid
+        scope["state"]["csrf"] = self.keys.csrf(sid)
+        return await self.app(scope, receive, send_with_headers)
+
+
+def wants_html(req: Request) -> bool:
+    return not req.url.path.startswith(("/api/", "/static/")) and "text/html" in req.headers.get("accept", "")
+
+
+def unauthorized(req: Request) -> Response:
+    if wants_html(req):
+        return HTMLResponse(LOGIN_PAGE.format(msg="Log in with the URL that <code>duet dashboard</code> printed, "
+                                                  "or paste its token."), status_code=401)
+    return JSON({"error": "unauthorized: log in through the URL `duet dashboard` printed"}, status_code=401)
+
+
+LOGIN_PAGE = """<!doctype html><html lang="en"><head><meta charset="utf-8"><title>duet: log in</title>
+<style>body{{font:15px system-ui,sans-serif;margin:4rem auto;max-width:32rem;color:#1d2330}}
+input{{width:20rem;padding:.4rem}}button{{padding:.4rem .9rem}}</style></head><body class="login"><main><h1>duet</h1><p>{msg}</p>
+<form method="post" action="/login"><input type="password" name="token" placeholder="dashboard token" autocomplete="off">
+<button type="submit">Log in</button></form></main></body></html>"""
+
+
+def create_app(source: Source, keys: auth.Keys, *, bind: str = "127.0.0.1", port: int = 8765) -> Guard:
+    """The dashboard for ``source``, guarded by ``keys``; ``bind``/``port`` name where it is served.
+
+    Long because the handlers are closures over the one Source, the keys and the templates: each is a
+    few lines (parse, call, render)."""
+    templates = Jinja2Templates(directory=str(HERE / "templates"))
+    templates.env.filters["gib"] = lambda b: "-" if b is None else f"{b / 2**30:.2f} GiB"
+    templates.env.filters["num"] = lambda v, d=4: "-" if v is None else (f"{v:.{d}g}" if isinstance(v, float) else str(v))
+    templates.env.filters["when"] = lambda t: "-" if not t else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+    templates.env.filters["tojson_attr"] = dumps
+    cookie = auth.cookie_name(port)
+
+    def page(req: Request, name: str, status: int = 200, **ctx) -> Response:
+        return templates.TemplateResponse(req, name, {"csrf": req.state.csrf, "nav": name.split(".")[0], **ctx},
+                                          status_code=status)
+
+    def error(req: Request, status: int, msg: str) -> Response:
+        if wants_html(req):
+            return page(req, "error.html", status, message=msg)
+        return JSON({"error": msg}, status_code=status)
+
+    async def call(req: Request, fn, *args, **kw):
+        """Run a blocking Source call in the thread pool; its failures become pages that say why."""
+        try:
+            return await run_in_threadpool(fn, *args, **kw), None
+        except NotFound as exc:
+            return None, error(req, 404, str(exc))
+        except (ValueError, LookupError) as exc:
+            return None, error(req, 400, str(exc))
+        except (ConnectionError, TimeoutError, OSError) as exc:
+            return None, error(req, 503, f"{type(exc).__name__}: {exc}")
+        except Exception as exc:  # a store or the cluster failing mid-call: say so, keep serving
+            return None, error(req, 502, f"{type(exc).__name__}: {exc}"[:500])
+
+    async def csrf_ok(req: Request) -> bool:
+        given = req.headers.get("x-csrf-token")
+        if given is None and req.headers.get("content-type", "").startswith(("application/x-www-form-urlencoded",
+                                                                              "multipart/form-data")):
+            given = (await req.form()).get("csrf")
+        return keys.check_csrf(req.state.sid, given)
+
+    def post(handler):
+        async def checked(req: Request):
+            if not await csrf_ok(req):
+                return JSON({"error": "missing or wrong CSRF token"}, status_code=403)
+            return await handler(req)
+        return checked
+
+    # -- login -----------------------------------------------------------------------------------------
+
+    async def login(req: Request):
+        token = req.query_params.get("token")
+        if req.method == "POST":
+            token = (await req.form()).get("token")
+        if not keys.check_login(token):
+            msg = "That token is not this dashboard's." if token else \
+                "Log in with the URL that <code>duet dashboard</code> printed, or paste its token."
+            return HTMLResponse(LOGIN_PAGE.format(msg=msg), status_code=401)
+        nxt = req.query_params.get("next", "/")
+        resp = RedirectResponse(nxt if nxt.startswith("/") and not nxt.startswith("//") else "/", status_code=303)
+        resp.set_cookie(cookie, keys.new_session(), max_age=auth.SESSION_SECONDS, httponly=True, samesite="strict",
+                        path="/")
+        return resp
+
+    async def logout(req: Request):
+        resp = RedirectResponse("/login", status_code=303)
+        resp.delete_cookie(cookie, path="/")
+        return resp
+
+    # -- runs -------------------------------------------------------------------------------------------
+
+    async def runs_page(req: Request):
+        doc, err = await call(req, source.runs)
+        if err:
+            return err
+        latest = next((r for r in doc["runs"] if r.get("state") not in TERMINAL + ("queued",)), None) \
+            or (doc["runs"][0] if doc["runs"] else None)
+        return page(req, "runs.html", runs=doc, latest=latest)
+
+    async def runs_table(req: Request):
+        """The runs table alone (the runs page refreshes it every few seconds: one template, no copy in JS)."""
+        doc, err = await call(req, source.runs)
+        return err or templates.TemplateResponse(req, "_runs_table.html", {"runs": doc["runs"]})
+
+    async def runs_api(req: Request):
+        doc, err = await call(req, source.runs)
+        return err or JSON(doc)
+
+    async def run_page(req: Request):
+        doc, err = await call(req, source.run, req.path_params["run_id"])
+        if err:
+            return err
+        return page(req, "run.html", run=doc, rec=doc["record"] or {})
+
+    async def run_api(req: Request):
+        doc, err = await call(req, source.run, req.path_params["run_id"])
+        return err or JSON(doc)
+
+    def cursor(q) -> dict:
+        try:
+            return {"since_step": int(q.get("since_step", 0)), "since_time": float(q["since_time"]) if q.get("since_time")
+                    else None, "since_seq": int(q.get("since_seq", 0)), "eval_key": q.get("eval_key") or None}
+        except ValueError as exc:
+            raise ValueError(f"bad cursor: {exc}") from exc
+
+    async def series_api(req: Request):
+        try:
+            cur = cursor(req.query_params)
+        except ValueError as exc:
+            return error(req, 400, str(exc))
+        doc, err = await call(req, source.series, req.path_params["run_id"], **cur)
+        return err or JSON(doc)
+
+    async def stream(req: Request):
+        """Server-sent events: one message a poll that brought something new (steps, eval losses,
+        events, progress or state); each carries its cursor as the event id, so a reconnecting
+        browser (Last-Event-ID) continues where it was. Ends with ``event: end`` once the run ended."""
+        run_id = req.path_params["run_id"]
+        try:
+            cur = cursor(req.query_params)
+            last_id = req.headers.get("last-event-id")
+            if last_id:
+                cur = cursor(json.loads(last_id))
+        except (ValueError, TypeError) as exc:
+            return error(req, 400, str(exc))
+        first, err = await call(req, source.series, run_id, **cur)
+        if err:
+            return err
+
+        async def events():
+            nonlocal cur
+            doc, last, beat = first, None, time.time()
+            while True:
+                news = (doc.get("reset") and (doc["points"] or cur["since_step"])) or doc["points"] or doc["events"] \
+                    or doc.get("eval") is not None or (doc["state"], doc["progress"]) != last
+                if news:
+                    if doc["points"]:
+                        cur.update(since_step=doc["points"][-1]["step"], since_time=doc["points"][-1].get("time"))
+                    elif doc.get("reset"):
+                        cur.update(since_step=0, since_time=None)
+                    cur.update(since_seq=doc["next_seq"], eval_key=doc["eval_key"])
+                    last = (doc["state"], doc["progress"])
+                    yield f"id: {json.dumps(cur)}\ndata: {dumps(doc)}\n\n"
+                    beat = time.time()
+                elif time.time() - beat > HEARTBEAT_S:
+                    yield ": keep-alive\n\n"
+                    beat = time.time()
+                if doc["state"] in TERMINAL:
+                    yield "event: end\ndata: {}\n\n"
+                    return
+                await asyncio.sleep(STREAM_INTERVAL_S)  # a closed tab cancels this generator (Starlette)
+                try:
+                    doc = await run_in_threadpool(source.series, run_id, **cur)
+                except Exception as exc:  # the executor is restarting or its node is down: say so, keep trying
+                    yield f"event: trouble\ndata: {dumps({'error': f'{type(exc).__name__}: {exc}'[:300]})}\n\n"
+                    await asyncio.sleep(2.0)
+                    doc = {**doc, "points": [], "events": [], "eval": None, "reset": False}
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"cache-control": "no-store", "x-accel-buffering": "no"})
+
+    @post
+    async def control(req: Request):
+        doc, err = await call(req, source.control, req.path_params["run_id"], req.path_params["action"])
+        return err or JSON(doc)
+
+    async def compare_page(req: Request):
+        ids = [x for x in req.query_params.getlist("run") for x in x.split(",") if x.strip()]
+        doc, err = await call(req, source.runs)
+        if err:
+            return err
+        sweep = req.query_params.get("sweep")
+        if sweep:
+            from roles.run_view import sweep_runs
+
+            ids += [i for i in sweep_runs(source.workspace, doc["runs"], sweep) if i not in ids]
+        return page(req, "compare.html", ids=ids, runs=doc["runs"], sweep=sweep)
+
+    # -- datasets -----------------------------------------------------------------------------------------
+
+    async def datasets_page(req: Request):
+        doc, err = await call(req, source.datasets)
+        return err or page(req, "datasets.html", versions=doc)
+
+    async def datasets_api(req: Request):
+        doc, err = await call(req, source.datasets)
+        return err or JSON({"versions": doc})
+
+    async def dataset_page(req: Request):
+        doc, err = await call(req, source.dataset, req.path_params["name"], req.path_params["ref"])
+        return err or page(req, "dataset.html", ds=doc)
+
+    async def dataset_api(req: Request):
+        doc, err = await call(req, source.dataset, req.path_params["name"], req.path_params["ref"])
+        return err or JSON(doc)
+
+    async def diff_page(req: Request):
+        name, q = req.path_params["name"], req.query_params
+        versions, err = await call(req, source.datasets)
+        if err:
+            return err
+        mine = [v for v in versions if v["name"] == name]
+        doc = None
+        if q.get("a") and q.get("b"):
+            doc, err = await call(req, source.dataset_diff, name, q["a"], q["b"])
+            if err:
+                return err
+        return page(req, "diff.html", name=name, versions=mine, diff=doc, a=q.get("a"), b=q.get("b"))
+
+    # -- sessions and memory --------------------------------------------------------------------------------
+
+    async def sessions_page(req: Request):
+        rows, err = await call(req, source.sessions)
+        if err:
+            return err
+        found, err = await _search(req)
+        return err or page(req, "sessions.html", sessions=rows, found=found, q=req.query_params.get("q", ""))
+
+    async def _search(req: Request):
+        q = req.query_params.get("q", "").strip()
+        if not q:
+            return None, None
+        try:
+            threshold = float(req.query_params.get("threshold", 0.75))
+        except ValueError:
+            return None, error(req, 400, "threshold: give a number in [0, 1]")
+        return await call(req, source.search, q, threshold)
+
+    async def session_page(req: Request):
+        try:
+            budget = int(req.query_params.get("budget", 4096))
+        except ValueError:
+            return error(req, 400, "budget: give a whole number of tokens")
+        doc, err = await call(req, source.session, req.path_params["sid"], budget)
+        if err:
+            return err
+        found, err = await _search(req)
+        return err or page(req, "session.html", s=doc, found=found, q=req.query_params.get("q", ""), budget=budget)
+
+    async def sessions_api(req: Request):
+        doc, err = await call(req, source.sessions)
+        return err or JSON({"sessions": doc})
+
+    async def session_api(req: Request):
+        doc, err = await call(req, source.session, req.path_params["sid"])
+        return err or JSON(doc)
+
+    async def search_api(req: Request):
+        doc, err = await _search(req)
+        return err or JSON(doc or {"results": []})
+
+    @post
+    async def promote(req: Request):
+        form = await req.form() if "form" in req.headers.get("content-type", "") else await req.json()
+        hid, evidence, sid = form.get("hypothesis_id"), (form.get("evidence") or "").strip(), form.get("session") or None
+        if not hid or not evidence:
+            return error(req, 400, "promote needs hypothesis_id and evidence (what validated it)")
+        doc, err = await call(req, source.promote, hid, evidence, sid)
+        if err:
+            return err
+        if wants_html(req) or "form" in req.headers.get("content-type", ""):
+            back = req.headers.get("referer") or (f"/sessions/{sid}" if sid else "/sessions")
+            return RedirectResponse(back if back.startswith("/") else "/sessions", status_code=303)
+        return JSON(doc)
+
+    # -- the cluster ------------------------------------------------------------------------------------------
+
+    async def cluster_page(req: Request):
+        doc, err = await call(req, source.cluster)
+        return err or page(req, "cluster.html", c=doc)
+
+    async def cluster_api(req: Request):
+        doc, err = await call(req, source.cluster)
+        return err or JSON(doc)
+
+    routes = [
+        Route("/login", login, methods=["GET", "POST"]),
+        Route("/logout", post(logout), methods=["POST"]),
+        Route("/", runs_page), Route("/runs", runs_page), Route("/runs/table", runs_table),
+        Route("/runs/{run_id}", run_page), Route("/compare", compare_page),
+        Route("/datasets", datasets_page), Route("/datasets/{name}/{ref}", dataset_page),
+        Route("/diff/{name}", diff_page),
+        Route("/sessions", sessions_page), Route("/sessions/{sid}", session_page),
+        Route("/cluster", cluster_page),
+        Route("/api/runs", runs_api), Route("/api/runs/{run_id}", run_api),
+        Route("/api/runs/{run_id}/series", series_api), Route("/api/runs/{run_id}/stream", stream),
+        Route("/api/runs/{run_id}/{action:str}", control, methods=["POST"]),
+        Route("/api/datasets", datasets_api), Route("/api/datasets/{name}/{ref}", dataset_api),
+        Route("/api/sessions", sessions_api), Route("/api/sessions/{sid}", session_api),
+        Route("/api/memory/search", search_api), Route("/api/memory/promote", promote, methods=["POST"]),
+        Route("/api/cluster", cluster_api),
+        Mount("/static", StaticFiles(directory=str(HERE / "static")), name="static"),
+    ]
+    return Guard(Starlette(routes=routes), keys, bind, port)

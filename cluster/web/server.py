@@ -1,0 +1,88 @@
+"""Serving the dashboard: in the foreground (``duet dashboard``), or as a background process that
+``duet up --dashboard`` / ``duet node start --head --dashboard`` start and ``duet down`` / ``duet node
+stop`` stop by PID (recorded in a ``services.json`` like every service duet starts).
+
+Bound to 127.0.0.1 unless told; 0.0.0.0 (or ::) only with --allow-all-interfaces. The login URL
+carries the dashboard token (cluster/web/auth.py) and is printed, never written to a file.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from cluster import auth as cluster_auth
+from cluster.web import auth
+from infra import services
+
+DEFAULT_PORT = 8750
+PORTS = range(DEFAULT_PORT, DEFAULT_PORT + 50)   # outside Ray's worker ports (10002-19999)
+STATE_KEY = "dashboard"
+
+
+def keys() -> auth.Keys:
+    path, _ = cluster_auth.ensure_token()
+    return auth.Keys.from_token_file(path)
+
+
+def url_host(bind: str) -> str:
+    return f"[{bind}]" if ":" in bind else bind
+
+
+def login_url(bind: str, port: int, k: auth.Keys | None = None) -> str:
+    host = "127.0.0.1" if bind in ("0.0.0.0", "::") else bind
+    return f"http://{url_host(host)}:{port}/login?token={(k or keys()).login_token}"
+
+
+def pick_port(bind: str, port: int | None) -> int:
+    """``port`` when given (ServiceError when taken), else the first free one from DEFAULT_PORT."""
+    if port:
+        if not services.port_free(port, bind):
+            raise services.ServiceError(f"port {port} on {bind} is taken (another dashboard?); pass --port")
+        return port
+    return services.free_port(PORTS, bind)
+
+
+def serve(workspace: str | os.PathLike, *, bind: str, port: int, address: str | None = None) -> None:
+    """Serve until interrupted (blocking)."""
+    import uvicorn
+
+    from cluster.web.app import create_app
+    from cluster.web.source import Source
+
+    cluster_auth.apply_auth_env()  # before anything imports ray
+    app = create_app(Source(workspace, address), keys(), bind=bind, port=port)
+    uvicorn.Server(uvicorn.Config(app, host=bind, port=port, log_level="warning", access_log=False,
+                                  timeout_graceful_shutdown=2, lifespan="off")).run()
+
+
+def start_background(state_dir: str | os.PathLike, workspace: str | os.PathLike, *, bind: str = "127.0.0.1",
+                     port: int | None = None, address: str | None = None, key: str = STATE_KEY) -> dict:
+    """Start (or reuse) a dashboard process for ``workspace``; recorded under ``key`` in
+    ``<state_dir>/services.json``. Returns {pid, port, url (no token), login_url}."""
+    state = services.StateFile(state_dir)
+    known = state.read().get(key)
+    if known and services.pid_alive(known["pid"]) and services.port_open(known["port"], known.get("bind", bind)):
+        return {**known, "login_url": login_url(known.get("bind", bind), known["port"]), "reused": True}
+    port = pick_port(bind, port)
+    log = Path(state_dir) / f"{key}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "cluster.cli", "dashboard", "--workspace", str(Path(workspace).resolve()),
+           "--bind", bind, "--port", str(port), "--quiet"] + (["--address", address] if address else []) \
+        + (["--allow-all-interfaces"] if bind in ("0.0.0.0", "::") else [])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[2]),
+                                                       os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True, env=env)
+    services.wait_port(port, proc.pid, "the dashboard", log, host=bind if bind not in ("0.0.0.0", "::") else "127.0.0.1")
+    info = {"name": "dashboard", "pid": proc.pid, "port": port, "bind": bind,
+            "url": f"http://{url_host(bind)}:{port}/", "workspace": str(Path(workspace).resolve())}
+    state.update(key, info)
+    return {**info, "login_url": login_url(bind, port), "reused": False}
+
+
+def stop_background(state_dir: str | os.PathLike, key: str = STATE_KEY) -> bool:
+    return services.stop_recorded(state_dir, key)

@@ -1,0 +1,245 @@
+"""What the dashboard reads and does, each a call to the plain classes the CLI calls (no second copy
+of any query): runs through ``roles.run_view`` and the executor actors, datasets through
+``training.versions``, sessions and memory through ``memory_sync.memory.Memory``, the cluster through
+``cluster.two_host.status`` and ``infra.monitoring.status``.
+
+The dashboard is a Ray driver of the cluster the workspace belongs to (the embedded head, the node
+duet started here, or ``--address``). When no cluster answers, the pages still show what the
+workspace recorded (runs, datasets, sessions), and the connection is tried again after a few seconds.
+Closing the dashboard changes nothing on the cluster: it only reads, and asks for pause, resume and
+cancel when a person clicks them.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+from infra.lazy import lazy
+
+ray = lazy("ray", extra="architect")
+RETRY_S = 5.0
+CALL_TIMEOUT = 15
+
+
+class NotFound(LookupError):
+    pass
+
+
+class Source:
+    def __init__(self, workspace: str | os.PathLike, address: str | None = None):
+        self.workspace = Path(workspace).resolve()
+        self.address_arg = address
+        self.address: str | None = None
+        self._handles: dict[str, object] = {}
+        self._lock = threading.Lock()
+        self._down_until = 0.0
+        self.last_error: str | None = None
+
+    # -- the cluster connection ------------------------------------------------------------------
+
+    def connected(self) -> bool:
+        """Connected to the cluster (connecting now if there is one; False while none answers)."""
+        from cluster import ray_node, two_host
+
+        with self._lock:
+            if "ray" in sys.modules and ray.is_initialized():
+                return True
+            if time.time() < self._down_until:
+                return False
+            try:
+                self.address = two_host.cluster_address(self.workspace, self.address_arg)
+                if not self.address:
+                    raise ConnectionError(f"no cluster runs for workspace {self.workspace} (`duet up`, or pass --address)")
+                ray_node.connect(self.address, timeout=10)
+                self.last_error = None
+                return True
+            except Exception as exc:  # the pages say so and show what the workspace holds
+                self.last_error = f"{type(exc).__name__}: {exc}"[:300]
+                self._down_until = time.time() + RETRY_S
+                return False
+
+    def _scheduler(self):
+        from cluster import two_host
+
+        return two_host.scheduler_handle() if self.connected() else None
+
+    def executor_for(self, run_id: str):
+        """The executor that holds ``run_id`` (remembered per run), or None without a cluster."""
+        from cluster import two_host
+
+        if not self.connected():
+            return None
+        h = self._handles.get(run_id)
+        if h is None:
+            h = two_host.executor_handle(self.workspace, self.address, run_id=run_id)
+            self._handles[run_id] = h
+        return h
+
+    def _forget(self, run_id: str) -> None:
+        self._handles.pop(run_id, None)
+
+    # -- runs ----------------------------------------------------------------------------------------
+
+    def runs(self) -> dict:
+        from roles import run_view
+
+        connected = self.connected()
+        try:
+            doc = run_view.overview(self.workspace, self._scheduler(), connected=connected)
+        except Exception as exc:  # the cluster went away mid-call: the workspace's records still show
+            self.last_error = f"{type(exc).__name__}: {exc}"[:300]
+            doc = run_view.overview(self.workspace, None, connected=False)
+        doc["cluster_error"] = None if doc["connected"] else self.last_error
+        return doc
+
+    def run(self, run_id: str) -> dict:
+        """One run's page: its record (from its executor, else the workspace's copy), report, and the
+        queue's entry. NotFound when neither the cluster nor the workspace knows it."""
+        from roles import run_view
+
+        out = {"run_id": run_id, "record": None, "report": None, "queue": None, "source": None}
+        if self.connected():
+            try:
+                out["queue"] = run_view.queue_entry(self._scheduler(), run_id)
+                files = ray.get(self.executor_for(run_id).fetch_record.remote(run_id), timeout=CALL_TIMEOUT)
+                out.update(record=files["_record"], report=files.get("report.md"), source="cluster")
+            except Exception:
+                self._forget(run_id)
+        if out["record"] is None:
+            rec = run_view.recorded_run(self.workspace, run_id)
+            if rec is not None:
+                out.update(record=rec["record"], report=rec["report"], source="workspace")
+        if out["record"] is None and out["queue"] is None:
+            raise NotFound(f"no run {run_id!r} on the cluster or in {self.workspace / 'runs'}")
+        return out
+
+    def series(self, run_id: str, since_step: int = 0, since_time: float | None = None, since_seq: int = 0,
+               eval_key: str | None = None) -> dict:
+        """The chart points, eval losses and events a viewer lacks (``Executor.series``); from the
+        workspace's record when no executor holds the run."""
+        from roles import run_view
+
+        ex = None
+        try:
+            ex = self.executor_for(run_id)
+        except Exception:
+            pass
+        if ex is not None:
+            try:
+                doc = ray.get(ex.series.remote(run_id, since_step, since_time, since_seq, eval_key), timeout=CALL_TIMEOUT)
+                doc["source"] = "cluster"
+                return doc
+            except Exception as exc:
+                self._forget(run_id)
+                err = f"{type(exc).__name__}"
+        else:
+            err = "no cluster"
+        entry = run_view.queue_entry(self._scheduler(), run_id) if self.connected() else None
+        if entry and entry["state"] == "queued":
+            return {"run_id": run_id, "state": "queued", "progress": {"step": 0, "max_steps": None}, "points": [],
+                    "reset": True, "eval": [], "eval_key": "0", "events": [], "next_seq": 0, "checkpoints": [],
+                    "error": None, "watchdog": None, "source": "queue"}
+        rec = run_view.recorded_run(self.workspace, run_id)
+        if rec is None:
+            raise NotFound(f"run {run_id!r}: no executor answers for it ({err}) and the workspace has no record")
+        return run_view.series_from_record(rec["record"], rec["events"])
+
+    def control(self, run_id: str, action: str) -> dict:
+        from roles import run_view
+
+        ex = self.executor_for(run_id)
+        if ex is None:
+            raise ConnectionError(f"no cluster answers ({self.last_error}); {action} needs the run's executor")
+        try:
+            return run_view.control(run_id, action, ex, self._scheduler())
+        except ray.exceptions.RayTaskError as exc:
+            raise ValueError(str(getattr(exc, "cause", exc))) from exc
+
+    # -- datasets --------------------------------------------------------------------------------------
+
+    def datasets(self) -> list[dict]:
+        from training import versions
+
+        return versions.list_versions(self.workspace)
+
+    def dataset(self, name: str, ref: str) -> dict:
+        from training import versions
+
+        return versions.overview(versions.find_version(self.workspace, name, ref))
+
+    def dataset_diff(self, name: str, a: str, b: str) -> dict:
+        from training import versions
+
+        return versions.diff(versions.find_version(self.workspace, name, a), versions.find_version(self.workspace, name, b))
+
+    # -- sessions and memory ------------------------------------------------------------------------------
+
+    def memory(self):
+        from cluster import embedded
+        from memory_sync.memory import Memory
+        from memory_sync.workspace import Workspace
+
+        Workspace(self.workspace).open()
+        return Memory(self.workspace, *embedded.store_urls(self.workspace))
+
+    def sessions(self) -> list[dict]:
+        mem = self.memory()
+        try:
+            return mem.sessions()
+        finally:
+            mem.close()
+
+    def session(self, sid: str, budget: int = 4096) -> dict:
+        from memory_sync import views
+
+        mem = self.memory()
+        try:
+            sid = mem.session(sid).id
+            v = views.view(self.workspace, sid)
+            return {"meta": v.meta, "status": v.status, "handoff": views.render_handoff(v), "decisions": v.decisions(),
+                    "pinned": v.pinned(), "notes": v.notes(), "next": v.next_step(), "blockers": v.blockers(),
+                    "hypotheses": v.hypotheses(), "turns": len(v.turns()), "events": len(v.events),
+                    "context": mem.context(sid, budget=budget)}
+        finally:
+            mem.close()
+
+    def search(self, query: str, threshold: float = 0.75, limit: int = 20) -> dict:
+        mem = self.memory()
+        try:
+            return mem.search(query, threshold, limit)
+        finally:
+            mem.close()
+
+    def promote(self, hid: str, evidence: str, sid: str | None) -> dict:
+        mem = self.memory()
+        try:
+            if mem.neocortex() is None or mem.cortex() is None:
+                raise ConnectionError("promotion needs both stores (DUET_POSTGRES_URL and DUET_MONGO_URL, or `duet up`)")
+            sid = mem.session(sid).id if sid else None
+            return mem.promote(hid, {"text": evidence}, {"host": mem.host, "via": "duet dashboard"}, sid)
+        finally:
+            mem.close()
+
+    # -- the cluster -------------------------------------------------------------------------------------
+
+    def cluster(self) -> dict:
+        from cluster import ray_node, two_host
+        from infra import monitoring
+
+        doc = {"workspace": str(self.workspace), "versions": two_host.local_versions(), "address": None,
+               "status": None, "monitoring": monitoring.status(self.workspace)}
+        if self.connected():
+            doc["address"] = self.address
+            try:
+                doc["status"] = two_host.status(self.address)
+                if not ray_node.is_client(self.address):
+                    doc["head_versions"] = two_host.read_head_versions(self.address)
+            except Exception as exc:
+                doc["status"] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+        else:
+            doc["status"] = {"error": self.last_error}
+        return doc
