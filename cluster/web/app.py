@@ -100,6 +100,23 @@ class Guard:
         return await self.app(scope, receive, send_with_headers)
 
 
+MAX_FORM_BYTES = 1 << 20
+
+
+def is_form(req: Request) -> bool:
+    return req.headers.get("content-type", "").split(";")[0].strip() == "application/x-www-form-urlencoded"
+
+
+async def form(req: Request) -> dict:
+    """An urlencoded form's fields (the dashboard's forms post nothing else; no multipart parser needed)."""
+    from urllib.parse import parse_qs
+
+    body = await req.body()
+    if len(body) > MAX_FORM_BYTES:
+        raise ValueError("form too large")
+    return {k: v[-1] for k, v in parse_qs(body.decode("utf-8", "replace"), max_num_fields=50).items()}
+
+
 def wants_html(req: Request) -> bool:
     return not req.url.path.startswith(("/api/", "/static/")) and "text/html" in req.headers.get("accept", "")
 
@@ -154,14 +171,17 @@ def create_app(source: Source, keys: auth.Keys, *, bind: str = "127.0.0.1", port
 
     async def csrf_ok(req: Request) -> bool:
         given = req.headers.get("x-csrf-token")
-        if given is None and req.headers.get("content-type", "").startswith(("application/x-www-form-urlencoded",
-                                                                              "multipart/form-data")):
-            given = (await req.form()).get("csrf")
+        if given is None and is_form(req):
+            given = (await form(req)).get("csrf")
         return keys.check_csrf(req.state.sid, given)
 
     def post(handler):
         async def checked(req: Request):
-            if not await csrf_ok(req):
+            try:
+                ok = await csrf_ok(req)
+            except ValueError as exc:
+                return JSON({"error": str(exc)}, status_code=413)
+            if not ok:
                 return JSON({"error": "missing or wrong CSRF token"}, status_code=403)
             return await handler(req)
         return checked
@@ -171,7 +191,7 @@ def create_app(source: Source, keys: auth.Keys, *, bind: str = "127.0.0.1", port
     async def login(req: Request):
         token = req.query_params.get("token")
         if req.method == "POST":
-            token = (await req.form()).get("token")
+            token = (await form(req)).get("token") if is_form(req) else None
         if not keys.check_login(token):
             msg = "That token is not this dashboard's." if token else \
                 "Log in with the URL that <code>duet dashboard</code> printed, or paste its token."
@@ -371,14 +391,19 @@ def create_app(source: Source, keys: auth.Keys, *, bind: str = "127.0.0.1", port
 
     @post
     async def promote(req: Request):
-        form = await req.form() if "form" in req.headers.get("content-type", "") else await req.json()
-        hid, evidence, sid = form.get("hypothesis_id"), (form.get("evidence") or "").strip(), form.get("session") or None
+        try:
+            body = await form(req) if is_form(req) else await req.json()
+        except ValueError:
+            return error(req, 400, "promote: send a form or a JSON object")
+        if not isinstance(body, dict):
+            return error(req, 400, "promote: send a form or a JSON object")
+        hid, evidence, sid = body.get("hypothesis_id"), str(body.get("evidence") or "").strip(), body.get("session") or None
         if not hid or not evidence:
             return error(req, 400, "promote needs hypothesis_id and evidence (what validated it)")
         doc, err = await call(req, source.promote, hid, evidence, sid)
         if err:
             return err
-        if wants_html(req) or "form" in req.headers.get("content-type", ""):
+        if is_form(req):
             back = req.headers.get("referer") or (f"/sessions/{sid}" if sid else "/sessions")
             return RedirectResponse(back if back.startswith("/") else "/sessions", status_code=303)
         return JSON(doc)

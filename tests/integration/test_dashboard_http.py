@@ -1,0 +1,177 @@
+"""The dashboard's guard over real HTTP (a `duet dashboard` process, no cluster): every route answers
+401 without the cookie, the login URL sets an HttpOnly SameSite cookie, a POST without the CSRF token
+or from another origin is refused, a foreign Host header is refused, and the server listens only where
+it was told. Without a cluster, the pages still show what the workspace holds."""
+
+import http.client as httpc
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from cluster.web import auth, server
+from infra import services
+
+pytestmark = pytest.mark.integration
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def http(port, method, path, *, host="127.0.0.1", headers=None, body=None, addr="127.0.0.1"):
+    c = httpc.HTTPConnection(addr, port, timeout=30)
+    h = {"Host": f"{host}:{port}", "Accept": "text/html", **(headers or {})}
+    c.request(method, path, body=body, headers=h)
+    r = c.getresponse()
+    data = r.read()
+    c.close()
+    return r.status, dict((k.lower(), v) for k, v in r.getheaders()), data
+
+
+def start(ws, port, *args):
+    proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "dashboard", "--workspace", str(ws), "--port",
+                             str(port), "--quiet", *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env={**os.environ, "PYTHONPATH": REPO})
+    bind = args[args.index("--bind") + 1] if "--bind" in args else "127.0.0.1"
+    deadline = time.time() + 60
+    while not services.port_open(port, bind):
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read().decode()[-2000:]
+        time.sleep(0.2)
+    return proc
+
+
+def stop(proc):
+    services.stop_pid(proc.pid)
+
+
+@pytest.fixture(scope="module")
+def dashboard(tmp_path_factory, repo_root):
+    from memory_sync.log import start_session
+    from memory_sync.workspace import Workspace
+    from training.dataset import build_version
+
+    ws = tmp_path_factory.mktemp("dash") / "ws"
+    Workspace(ws).init()
+    build_version([repo_root / "examples/persona/persona.jsonl"], ws / "datasets", "persona")
+    sid = start_session(ws, "the dashboard's guard").id
+    port = services.free_port(range(8800, 8850))
+    proc = start(ws, port)
+    yield {"ws": ws, "port": port, "proc": proc, "sid": sid}
+    stop(proc)
+
+
+def login(port):
+    url = server.login_url("127.0.0.1", port)
+    status, headers, _ = http(port, "GET", url.split(f":{port}", 1)[1])
+    assert status == 303, status
+    cookie = headers["set-cookie"]
+    return cookie, cookie.split(";")[0]
+
+
+def routes(sid="x", ds="persona", ref="x"):
+    """Every route of the app (read from its router, so a new route is covered), with its parameters filled."""
+    from cluster.web.app import create_app
+    from cluster.web.source import Source
+
+    app = create_app(Source("/nonexistent"), auth.Keys.from_cluster_token("ab" * 32)).app
+    out = []
+    for r in app.routes:
+        if r.path == "/static":
+            out += [("GET", "/static/app.css"), ("GET", "/static/dashboard.js"),
+                    ("GET", "/static/vendor/uplot/uPlot.iife.min.js")]
+            continue
+        path = re.sub(r"\{(\w+)(:\w+)?\}", lambda m: {"sid": sid, "name": ds, "ref": ref, "action": "pause"}
+                      .get(m.group(1), "x"), r.path)
+        out += [(m, path) for m in sorted(r.methods - {"HEAD"})]
+    return out
+
+
+def test_every_route_refuses_without_the_cookie(dashboard):
+    port = dashboard["port"]
+    rs = routes(dashboard["sid"])
+    assert len(rs) >= 25 and ("GET", "/api/runs/x/stream") in rs and ("POST", "/api/runs/x/pause") in rs
+    for method, path in rs:
+        if path == "/login":
+            continue
+        for headers in ({}, {"Cookie": f"{auth.cookie_name(port)}=forged.1.2"},
+                        {"Cookie": f"{auth.cookie_name(port + 1)}=whatever"}):
+            status, _, body = http(port, method, path, headers=headers, body=b"" if method == "POST" else None)
+            assert status == 401, (method, path, headers, status, body[:200])
+    status, _, body = http(port, "GET", "/login?token=wrong")
+    assert status == 401 and b"not this dashboard" in body
+    status, _, _ = http(port, "GET", "/login")
+    assert status == 401
+
+
+def test_login_sets_a_guarded_cookie_and_pages_answer(dashboard):
+    port, sid = dashboard["port"], dashboard["sid"]
+    raw, cookie = login(port)
+    assert "httponly" in raw.lower() and "samesite=strict" in raw.lower() and "path=/" in raw.lower()
+    for path in ("/", "/datasets", "/sessions", f"/sessions/{sid}", "/cluster", "/static/app.css"):
+        status, headers, body = http(port, "GET", path, headers={"Cookie": cookie})
+        assert status == 200, (path, status, body[:300])
+        if path != "/static/app.css":
+            assert "script-src 'self'" in headers["content-security-policy"] and headers["x-frame-options"] == "DENY"
+    status, _, body = http(port, "GET", "/", headers={"Cookie": cookie})
+    assert b"does not answer" in body  # no cluster: the runs the workspace recorded, and a notice
+    status, _, body = http(port, "GET", "/datasets", headers={"Cookie": cookie})
+    ref = re.search(rb'/datasets/persona/([0-9a-f]{12})', body).group(1).decode()
+    status, _, body = http(port, "GET", f"/datasets/persona/{ref}", headers={"Cookie": cookie})
+    assert status == 200 and b"Token lengths" in body and b"Quarantine (0)" in body
+    status, _, body = http(port, "GET", "/api/datasets", headers={"Cookie": cookie, "Accept": "application/json"})
+    assert json.loads(body)["versions"][0]["name"] == "persona"
+    status, _, body = http(port, "GET", "/runs/no-such-run", headers={"Cookie": cookie})
+    assert status == 404 and b"no-such-run" in body
+
+
+def test_state_changes_need_the_csrf_token_and_this_origin(dashboard):
+    port = dashboard["port"]
+    _, cookie = login(port)
+    status, _, body = http(port, "GET", "/", headers={"Cookie": cookie})
+    token = re.search(rb'name="csrf-token" content="([0-9a-f]+)"', body).group(1).decode()
+    j = {"Cookie": cookie, "Content-Type": "application/json", "Accept": "application/json"}
+    for path in ("/api/runs/x/pause", "/api/runs/x/cancel", "/api/memory/promote", "/logout"):
+        assert http(port, "POST", path, headers=j, body=b"{}")[0] == 403, path
+        assert http(port, "POST", path, headers={**j, "X-CSRF-Token": "0" * 64}, body=b"{}")[0] == 403, path
+        assert http(port, "POST", path, headers={**j, "X-CSRF-Token": token, "Origin": "http://evil.example"},
+                    body=b"{}")[0] == 403, path
+    form = {"Cookie": cookie, "Content-Type": "application/x-www-form-urlencoded"}
+    assert http(port, "POST", "/api/memory/promote", headers=form, body=b"hypothesis_id=h&evidence=e")[0] == 403
+    # with the token the guard lets it through; the run is unknown and no cluster answers: not a 401/403
+    status, _, body = http(port, "POST", "/api/runs/x/pause", headers={**j, "X-CSRF-Token": token,
+                                                                       "Origin": f"http://127.0.0.1:{port}"}, body=b"{}")
+    assert status in (400, 404, 503), (status, body)
+    status, headers, _ = http(port, "POST", "/logout", headers={**form, "Origin": f"http://127.0.0.1:{port}"},
+                              body=f"csrf={token}".encode())
+    assert status == 303 and auth.cookie_name(port) in headers["set-cookie"]
+
+
+def test_a_foreign_host_header_is_refused(dashboard):
+    port = dashboard["port"]
+    _, cookie = login(port)
+    status, _, _ = http(port, "GET", "/", host="evil.example", headers={"Cookie": cookie})
+    assert status == 403
+    status, _, _ = http(port, "GET", server.login_url("127.0.0.1", port).split(f":{port}", 1)[1], host="evil.example")
+    assert status == 403  # a DNS-rebinding page cannot even log in
+
+
+def test_it_listens_only_where_told(dashboard, tmp_path):
+    port, proc = dashboard["port"], dashboard["proc"]
+    addrs = {c.laddr.ip for c in psutil.Process(proc.pid).net_connections("inet") if c.status == psutil.CONN_LISTEN}
+    assert addrs == {"127.0.0.1"}
+    assert not services.port_open(port, "127.0.0.2")
+    r = subprocess.run([sys.executable, "-m", "cluster.cli", "dashboard", "--workspace", str(dashboard["ws"]),
+                        "--bind", "0.0.0.0"], cwd=REPO, capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "PYTHONPATH": REPO})
+    assert r.returncode == 1 and "0.0.0.0" in r.stderr
+    other = services.free_port(range(8850, 8900), "127.0.0.2")
+    p2 = start(dashboard["ws"], other, "--bind", "127.0.0.2")
+    try:
+        addrs = {c.laddr.ip for c in psutil.Process(p2.pid).net_connections("inet") if c.status == psutil.CONN_LISTEN}
+        assert addrs == {"127.0.0.2"} and not services.port_open(other, "127.0.0.1")
+        assert http(other, "GET", "/", host="127.0.0.2", addr="127.0.0.2")[0] == 401
+    finally:
+        stop(p2)
