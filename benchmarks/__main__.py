@@ -6,7 +6,8 @@ Runs, each in its own process: speed (duet's plan vs TRL defaults and hand-writt
 trl_compare (duet's executor vs a plain TRL script with the same config: overhead_ratio), scheduling
 (submit -> first step and a sweep's wall time with 1 vs 2 executors),
 memory, alerting, failover; vram_planner on CPU; thread_step (a LoRA step in the main thread vs a background
-thread); importers (a 200 MB ChatGPT export); export (SmolLM2 to GGUF f16/q8_0). Results land in benchmarks/results/<name>-<machine>.json;
+thread); importers (a 200 MB ChatGPT export); export (SmolLM2 to GGUF f16/q8_0); dashboard (a run page
+with 10k steps of history in headless chromium, and a step's way to the open chart). Results land in benchmarks/results/<name>-<machine>.json;
 benchmarks/results/README.md is rebuilt from every JSON there (GPU results committed from lent
 devices included), each row naming the machine it came from. --table-only rebuilds the table.
 """
@@ -33,6 +34,7 @@ SUITE = [
     ("importers", ["--reps", "3"], ["--reps", "1", "--mb", "40", "--small-mb", "4"]),
     ("export", ["--reps", "3"], ["--reps", "1"]),
     ("scheduling", ["--reps", "2"], ["--reps", "1", "--steps", "40"]),  # --steps 120,400 by default
+    ("dashboard", ["--reps", "5"], ["--reps", "2", "--history", "300"]),  # --history 10000 by default
 ]
 
 
@@ -119,6 +121,14 @@ def rows_of(doc: dict) -> list[tuple[str, str, str, str]]:
                     f"{o['1_executor']:.1f} / {o['2_executors']:.1f} s", "", None))
         out.append(("queued -> dispatched by the scheduler, s (median): 1 / 2 executors",
                     f"{q['1_executor']:.2f} / {q['2_executors']:.2f} s", "", None))
+    elif name == "dashboard":
+        pl, st, g = doc["page_load_ms"], doc["step_to_chart_ms"], doc["goals"]
+        n = doc["run"]["logged_steps_when_measured"]
+        out.append((f"run page with {n} logged steps: navigation -> history drawn, ms, median [min-max] over {pl['n']} loads",
+                    f"{pl['median']:.0f} [{pl['min']:.0f}-{pl['max']:.0f}]", "< 1000 ms", g["page_load_under_1s"]["met"]))
+        out.append((f"a step's way to the open chart (executor log -> chart), ms, median [p90, max] over {st['n']} steps",
+                    f"{st['median']:.0f} [{st['p90']:.0f}, {st['max']:.0f}]", "median < 1000 ms",
+                    g["step_to_chart_median_under_1s"]["met"]))
     elif name == "thread_step":
         r, w, c = doc["thread_over_main"], doc["median_wall_s"], doc["median_process_cpu_s"]
         out.append((f"LoRA step ({doc.get('dtype', 'bf16')}) in a background thread / the main thread, wall, over "

@@ -123,6 +123,19 @@ def export(data_dir: str | os.PathLike, run_id: str, *, to: str = "gguf", quant:
     return export_run(rdir, to=to, quant=quant, name=name, out_dir=Path(out_dir) if out_dir else None)
 
 
+def points_after(losses: list[dict], since_step: int, since_time: float | None) -> tuple[bool, int]:
+    """(reset, start): a viewer whose last point is step ``since_step`` logged at ``since_time`` lacks
+    ``losses[start:]``; when that point is gone or was logged again (a rollback or a resume re-logs
+    steps) it lacks everything: reset, from 0."""
+    if since_step > 0:
+        for i in range(len(losses) - 1, -1, -1):
+            if losses[i]["step"] <= since_step:
+                if losses[i]["step"] == since_step and losses[i].get("time") == since_time:
+                    return False, i + 1
+                break
+    return True, 0
+
+
 def _file_meta(path: Path) -> dict:
     from training.dataset import sha256_file
 
@@ -259,13 +272,7 @@ class Executor:
         the eval losses when they changed (``eval_key``), the events after ``since_seq``, progress."""
         run = self._run(run_id)
         losses = run.losses
-        reset, start = True, 0
-        if since_step > 0:
-            for i in range(len(losses) - 1, -1, -1):
-                if losses[i]["step"] <= since_step:
-                    if losses[i]["step"] == since_step and losses[i].get("time") == since_time:
-                        reset, start = False, i + 1
-                    break
+        reset, start = points_after(losses, since_step, since_time)
         ev = run.eval_losses
         key = f"{len(ev)}:{ev[-1]['step']}:{ev[-1]['eval_loss']}" if ev else "0"
         snap = run.snapshot(since_seq)

@@ -54,5 +54,8 @@ def run_dashboard(a) -> int:
         con.print(f"duet dashboard for {os.path.abspath(a.workspace)}: open\n  {url}\n"
                   "(the link logs this browser in; Ctrl-C stops the dashboard, the cluster and its runs go on)",
                   markup=False, highlight=False, soft_wrap=True)
-    server.serve(a.workspace, bind=a.bind, port=port, address=a.address)
+    rc = server.serve(a.workspace, bind=a.bind, port=port, address=a.address)
+    if rc:
+        print_error(f"the dashboard could not serve on {a.bind}:{port} (exit {rc}); see the messages above")
+        return EXIT_INFRA
     return EXIT_OK

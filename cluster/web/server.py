@@ -45,8 +45,60 @@ def pick_port(bind: str, port: int | None) -> int:
     return services.free_port(PORTS, bind)
 
 
-def serve(workspace: str | os.PathLike, *, bind: str, port: int, address: str | None = None) -> None:
-    """Serve until interrupted (blocking)."""
+def serve(workspace: str | os.PathLike, *, bind: str, port: int, address: str | None = None) -> int:
+    """Serve until interrupted (blocking), in a child process that is started again when it dies.
+
+    The child is a Ray driver of the cluster, and Ray ends a driver whose head has been gone for a
+    minute (a GPU host rebooting); the restarted child shows what the workspace holds until the head
+    answers again, then connects. The browser's live streams reconnect by themselves and the session
+    cookie stays valid. A child that fails at once three times in a row (a taken port) ends it."""
+    import signal
+    import time
+
+    cmd = [sys.executable, "-m", "cluster.web.server", "--workspace", str(workspace), "--bind", bind,
+           "--port", str(port)] + (["--address", address] if address else [])
+    stopping = {"sig": None}
+    child = {"proc": None}
+
+    def on_signal(sig, _frame):
+        stopping["sig"] = sig
+        if child["proc"] is not None and child["proc"].poll() is None:
+            child["proc"].send_signal(signal.SIGINT)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+    quick_failures = 0
+    while True:
+        started = time.time()
+        child["proc"] = subprocess.Popen(cmd, env=_child_env(), preexec_fn=_die_with_parent)
+        rc = child["proc"].wait()
+        if stopping["sig"] is not None or rc == 0:
+            return 0
+        quick_failures = quick_failures + 1 if time.time() - started < 5 else 0
+        if quick_failures >= 3:
+            return rc or 1
+        sys.stderr.write(f"duet dashboard: the server exited ({rc}); starting it again\n")
+        time.sleep(1.0)
+
+
+def _child_env() -> dict:
+    root = str(Path(__file__).resolve().parents[2])
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+
+
+def _die_with_parent() -> None:
+    """The server ends with its supervisor, even a killed one (Linux; elsewhere it is stopped by SIGTERM)."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def run_app(workspace: str | os.PathLike, *, bind: str, port: int, address: str | None = None) -> None:
+    """The server itself: uvicorn with the dashboard app, until SIGINT/SIGTERM."""
     import uvicorn
 
     from cluster.web.app import create_app
@@ -72,11 +124,9 @@ def start_background(state_dir: str | os.PathLike, workspace: str | os.PathLike,
     cmd = [sys.executable, "-m", "cluster.cli", "dashboard", "--workspace", str(Path(workspace).resolve()),
            "--bind", bind, "--port", str(port), "--quiet"] + (["--address", address] if address else []) \
         + (["--allow-all-interfaces"] if bind in ("0.0.0.0", "::") else [])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[2]),
-                                                       os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
     with open(log, "ab") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True, env=env)
+                                start_new_session=True, env=_child_env())
     services.wait_port(port, proc.pid, "the dashboard", log, host=bind if bind not in ("0.0.0.0", "::") else "127.0.0.1")
     info = {"name": "dashboard", "pid": proc.pid, "port": port, "bind": bind,
             "url": f"http://{url_host(bind)}:{port}/", "workspace": str(Path(workspace).resolve())}
@@ -86,3 +136,15 @@ def start_background(state_dir: str | os.PathLike, workspace: str | os.PathLike,
 
 def stop_background(state_dir: str | os.PathLike, key: str = STATE_KEY) -> bool:
     return services.stop_recorded(state_dir, key)
+
+
+if __name__ == "__main__":  # the supervised child of serve()
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m cluster.web.server")
+    ap.add_argument("--workspace", required=True)
+    ap.add_argument("--bind", required=True)
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--address")
+    a = ap.parse_args()
+    run_app(a.workspace, bind=a.bind, port=a.port, address=a.address)

@@ -29,6 +29,13 @@ class NotFound(LookupError):
     pass
 
 
+def queued(run_id: str, entry: dict) -> dict:
+    """The series of a run still in the queue: no steps yet."""
+    return {"run_id": run_id, "state": "queued", "progress": {"step": 0, "max_steps": None}, "points": [], "reset": True,
+            "eval": [], "eval_key": "0", "events": [], "next_seq": 0, "checkpoints": [], "error": None,
+            "watchdog": None, "source": "queue", "queue": entry}
+
+
 class Source:
     def __init__(self, workspace: str | os.PathLike, address: str | None = None):
         self.workspace = Path(workspace).resolve()
@@ -47,7 +54,11 @@ class Source:
 
         with self._lock:
             if "ray" in sys.modules and ray.is_initialized():
-                return True
+                if self._head_answers():
+                    return True
+                self.last_error = f"the head at {self.address} stopped answering"
+                self._down_until = time.time() + RETRY_S
+                return False  # every call would wait for its timeout: show the workspace's records instead
             if time.time() < self._down_until:
                 return False
             try:
@@ -61,6 +72,15 @@ class Source:
                 self.last_error = f"{type(exc).__name__}: {exc}"[:300]
                 self._down_until = time.time() + RETRY_S
                 return False
+
+    def _head_answers(self) -> bool:
+        from cluster import ray_node
+        from infra.services import port_open
+
+        if not self.address:
+            return True
+        host, port = self.address.removeprefix(ray_node.CLIENT_SCHEME).rsplit(":", 1)
+        return port_open(int(port), host, timeout=0.5)
 
     def _scheduler(self):
         from cluster import two_host
@@ -123,11 +143,15 @@ class Source:
         workspace's record when no executor holds the run."""
         from roles import run_view
 
-        ex = None
-        try:
-            ex = self.executor_for(run_id)
-        except Exception:
-            pass
+        ex = self._handles.get(run_id)
+        if ex is None and self.connected():
+            entry = run_view.queue_entry(self._scheduler(), run_id)
+            if entry and entry["state"] == "queued":  # no executor holds it yet: do not ask them all
+                return queued(run_id, entry)
+            try:
+                ex = self.executor_for(run_id)
+            except Exception:
+                ex = None
         if ex is not None:
             try:
                 doc = ray.get(ex.series.remote(run_id, since_step, since_time, since_seq, eval_key), timeout=CALL_TIMEOUT)
@@ -138,11 +162,6 @@ class Source:
                 err = f"{type(exc).__name__}"
         else:
             err = "no cluster"
-        entry = run_view.queue_entry(self._scheduler(), run_id) if self.connected() else None
-        if entry and entry["state"] == "queued":
-            return {"run_id": run_id, "state": "queued", "progress": {"step": 0, "max_steps": None}, "points": [],
-                    "reset": True, "eval": [], "eval_key": "0", "events": [], "next_seq": 0, "checkpoints": [],
-                    "error": None, "watchdog": None, "source": "queue"}
         rec = run_view.recorded_run(self.workspace, run_id)
         if rec is None:
             raise NotFound(f"run {run_id!r}: no executor answers for it ({err}) and the workspace has no record")

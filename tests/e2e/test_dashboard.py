@@ -79,7 +79,6 @@ def test_dashboard_follows_and_controls_a_live_run(tmp_path, repo_root):
         wait_for(lambda: driver.execute_script("return window.duetRun.points.length") > pts, what="new chart points")
         arrivals = driver.execute_script("return window.duetRun.arrivals.length")
         assert arrivals > 0  # points came through the stream, not only the first load
-        driver.save_screenshot(str(shots / "run.png"))
         driver.find_element("id", "pause").click()
         wait_for(lambda: driver.find_element("id", "state").text == "paused", what="state paused")
         held = step()
@@ -91,6 +90,9 @@ def test_dashboard_follows_and_controls_a_live_run(tmp_path, repo_root):
         wait_for(lambda: step() > held + 10, what="the step counter moving after resume")
         events = driver.find_element("id", "events").text
         assert "paused" in events and "training" in events
+        wait_for(lambda: step() >= 320, what="a few hundred steps (evals and a checkpoint on the charts)")
+        driver.execute_script("window.scrollTo(0, 0)")
+        driver.save_screenshot(str(shots / "run.png"))
         driver.find_element("id", "cancel").click()
         wait_for(lambda: driver.find_element("id", "state").text == "cancelled", timeout=120, what="state cancelled")
         assert not js_errors(driver), js_errors(driver)
@@ -120,3 +122,37 @@ def test_dashboard_follows_and_controls_a_live_run(tmp_path, repo_root):
             driver.quit()
         down = duet("down", "--workspace", str(ws), "--json", cwd=tmp_path)
         assert "dashboard" in json.loads(down.stdout)["stopped"]
+
+
+def test_the_dashboard_outlives_its_head(tmp_path):
+    """The head goes away (a GPU host rebooting): the dashboard keeps answering with what the workspace
+    holds, its server is started again when Ray ends it (here after 3 s without the head instead of
+    Ray's 60), and it is back on the cluster once the head is."""
+    import urllib.request
+
+    from cluster import ray_node
+
+    env_ray = {"RAY_gcs_rpc_server_reconnect_timeout_s": "3"}
+    os.environ.update(env_ray)
+    ws = tmp_path / "ws"
+    try:
+        dash = json.loads(duet("up", "--dashboard", "--workspace", str(ws), "--json", cwd=tmp_path).stdout)["dashboard"]
+        import http.cookiejar
+
+        op = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
+        op.open(dash["login_url"], timeout=60).read()
+        page = lambda p: op.open(dash["url"].rstrip("/") + p, timeout=60).read().decode()  # noqa: E731
+        assert "executor, architect" in page("/cluster")
+        assert ray_node.stop_node(ws / ".duet", "head")
+        assert "does not answer" in page("/")
+        time.sleep(8)  # Ray ends the server's driver; the supervisor starts it again
+        log = (ws / ".duet" / "dashboard.log").read_text()
+        assert "starting it again" in log
+        assert "does not answer" in wait_for(lambda: page("/"), what="the dashboard answering again")
+        duet("up", "--workspace", str(ws), cwd=tmp_path)
+        wait_for(lambda: "executor, architect" in page("/cluster"), timeout=60, what="the dashboard back on the cluster")
+        assert "does not answer" not in page("/")
+    finally:
+        for k in env_ray:
+            os.environ.pop(k, None)
+        duet("down", "--workspace", str(ws), cwd=tmp_path)

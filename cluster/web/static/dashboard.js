@@ -111,6 +111,7 @@ class RunView {
   async start() {
     const doc = await getJSON("/api/runs/" + encodeURIComponent(this.runId) + "/series");
     this.apply(doc, false);
+    this.readyMs = performance.now();  // ms since the page's navigation began: the history is drawn
     if (!TERMINAL.includes(doc.state) && doc.source !== "workspace") this.listen();
   }
 
@@ -120,7 +121,10 @@ class RunView {
     const es = new EventSource("/api/runs/" + encodeURIComponent(this.runId) + "/stream?" + q.toString());
     this.es = es;
     setField(this.root, "live", "live");
-    es.onmessage = (e) => this.apply(JSON.parse(e.data), true);
+    es.onmessage = (e) => {
+      this.apply(JSON.parse(e.data), true);
+      if (!this.note || Date.now() > this.note) setField(this.root, "live", "live");
+    };
     es.addEventListener("end", () => { es.close(); setField(this.root, "live", ""); this.ended(); });
     es.addEventListener("trouble", (e) => setField(this.root, "live", "executor not answering: " + JSON.parse(e.data).error));
     es.onerror = () => setField(this.root, "live", "reconnecting ...");
@@ -269,6 +273,7 @@ function runPage() {
       try {
         await postJSON("/api/runs/" + encodeURIComponent(view.runId) + "/" + b.dataset.action);
         setField(root, "live", b.dataset.action + " requested (after the current step)");
+        view.note = Date.now() + 3000;  // keep the note up a moment
       } catch (e) {
         out.textContent = b.dataset.action + ": " + e.message;
         b.disabled = false;
