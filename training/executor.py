@@ -322,13 +322,15 @@ class Executor:
         from training import moving
 
         run = self._run(run_id)
-        if run.state == "finished":
-            raise ExecutorError(f"run {run_id} has finished; there is nothing to move")
+        if run.state in ("finished", "merging", "reporting"):  # its training is done: moving it would train again
+            raise ExecutorError(f"run {run_id} has finished training ({run.state}); there is nothing to move")
         if run.state not in TERMINAL:
             run.cancel()
             self.wait(run_id, timeout=900)
             if run.state not in TERMINAL:
                 raise ExecutorError(f"run {run_id} did not stop within 900 s; nothing moved")
+            if run.state == "finished":  # it ended its last step as the cancel came
+                raise ExecutorError(f"run {run_id} finished before it could stop; there is nothing to move")
         try:
             manifest = moving.bundle(run.dir)
         except moving.MoveError as exc:

@@ -144,11 +144,10 @@ def create_app(source: Source, keys: auth.Keys, *, bind: str = "127.0.0.1", port
     templates.env.filters["gib"] = lambda b: "-" if b is None else f"{b / 2**30:.2f} GiB"
     templates.env.filters["num"] = lambda v, d=4: "-" if v is None else (f"{v:.{d}g}" if isinstance(v, float) else str(v))
     templates.env.filters["when"] = lambda t: "-" if not t else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
-    templates.env.filters["tojson_attr"] = dumps
     cookie = auth.cookie_name(port)
 
-    def page(req: Request, name: str, status: int = 200, **ctx) -> Response:
-        return templates.TemplateResponse(req, name, {"csrf": req.state.csrf, "nav": name.split(".")[0], **ctx},
+    def page(req: Request, template: str, status: int = 200, **ctx) -> Response:
+        return templates.TemplateResponse(req, template, {"csrf": req.state.csrf, "nav": template.split(".")[0], **ctx},
                                           status_code=status)
 
     def error(req: Request, status: int, msg: str) -> Response:
@@ -403,9 +402,10 @@ def create_app(source: Source, keys: auth.Keys, *, bind: str = "127.0.0.1", port
         doc, err = await call(req, source.promote, hid, evidence, sid)
         if err:
             return err
-        if is_form(req):
-            back = req.headers.get("referer") or (f"/sessions/{sid}" if sid else "/sessions")
-            return RedirectResponse(back if back.startswith("/") else "/sessions", status_code=303)
+        if is_form(req):  # back to the page of the form (no Referer: the pages send none)
+            from urllib.parse import quote
+
+            return RedirectResponse(f"/sessions/{quote(sid, safe='')}" if sid else "/sessions", status_code=303)
         return JSON(doc)
 
     # -- the cluster ------------------------------------------------------------------------------------------

@@ -37,6 +37,19 @@ def messy_dataset(repo_root: Path, out: Path) -> Path:
     return out
 
 
+def recorded_run(ws: Path) -> str:
+    """A run record as the architect commits it (runs/<id>/run.json), of a run no executor holds any more."""
+    run_id = "earlier-run"
+    d = ws / "runs" / run_id
+    d.mkdir(parents=True)
+    losses = [{"step": s, "loss": 6.2 - 0.01 * s, "time": 1.0e9 + s} for s in range(1, 41)]
+    (d / "run.json").write_text(json.dumps({
+        "run_id": run_id, "status": "finished", "steps": 40, "started": 1.0e9, "phase": "sft", "name": "demo",
+        "config": {"train": {"max_steps": 40}}, "losses": losses, "eval_losses": [{"step": 40, "eval_loss": 5.9}],
+        "eval_loss_after": 5.9}))
+    return run_id
+
+
 def test_dashboard_follows_and_controls_a_live_run(tmp_path, repo_root):
     """Long because one cluster serves the whole journey: bringing it up costs more than each check."""
     shots = Path(os.environ.get("DUET_SCREENSHOTS") or tmp_path / "screenshots")
@@ -96,6 +109,17 @@ def test_dashboard_follows_and_controls_a_live_run(tmp_path, repo_root):
         driver.find_element("id", "cancel").click()
         wait_for(lambda: driver.find_element("id", "state").text == "cancelled", timeout=120, what="state cancelled")
         assert not js_errors(driver), js_errors(driver)
+
+        # two runs on one chart: this one and one the workspace recorded, ticked in the runs list
+        other = recorded_run(ws)
+        driver.get(base + "/")
+        for rid in (run_id, other):
+            wait_for(lambda: driver.find_element("css selector", f'input.pick[value="{rid}"]'), what=f"{rid} listed").click()
+        driver.find_element("id", "compare-btn").click()
+        pts = wait_for(lambda: driver.execute_script("return window.duetCompare && window.duetCompare.points"),
+                       what="the comparison drawn")
+        assert pts[0] > 300 and pts[1] == 40, pts
+        driver.save_screenshot(str(shots / "compare.png"))
 
         # the dataset with bad records: its quarantine and the reasons
         driver.get(f"{base}/datasets")

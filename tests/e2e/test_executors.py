@@ -210,7 +210,7 @@ def test_a_run_moves_to_another_executor_and_finishes_there(three):
     join_b(tmp)
     ok(duet("node", "join", "--role", "architect", "--address", ADDRESS, "--bind", "127.0.0.4", "--workspace", ws,
             "--json"))
-    cfg = config(tmp / "run.yaml", {**BASE, "max_steps": 200})
+    cfg = config(tmp / "run.yaml", {**BASE, "max_steps": 400})  # room for the commands below on a loaded machine
     run_id = ok(duet("run", cfg, "--on", "head", "--detach", "--address", ADDRESS, "--workspace", ws, "--json"))["run_id"]
     wait_for(lambda: len(steps_logged(tmp / "exec-head" / "runs" / run_id)) >= 45, 300, "step 45 on the head")
     r = duet("runs", "move", run_id, "--to", "head", "--address", ADDRESS, "--workspace", ws)
@@ -227,7 +227,7 @@ def test_a_run_moves_to_another_executor_and_finishes_there(three):
     st = wait_for(done, 600, "the moved run to end")
     assert st["state"] == "finished", st
     rec = json.loads((ws / "runs" / run_id / "run.json").read_text())
-    assert sorted(x["step"] for x in rec["losses"]) == list(range(1, 201))
+    assert sorted(x["step"] for x in rec["losses"]) == list(range(1, 401))
     assert rec["moves"][0]["checkpoint"] == moved["checkpoint"] and "moved_to" not in rec
     ev = [json.loads(x) for x in (tmp / "exec-b" / "runs" / run_id / "events.jsonl").read_text().splitlines()]
     assert any(e["event"] == "resume" and e["checkpoint"].endswith(moved["checkpoint"]) for e in ev)

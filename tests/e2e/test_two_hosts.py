@@ -34,9 +34,9 @@ class Cluster:
         self.ws = tmp / "ws"
         self.data = tmp / "executor-data"
 
-    def start_head(self):
+    def start_head(self, *extra):
         return ok(duet("node", "start", "--role", "executor", "--head", "--bind", "127.0.0.2", "--port", str(self.port),
-                       "--data-dir", str(self.data), "--metrics-port", str(self.port + 2000), "--json"))
+                       "--data-dir", str(self.data), "--metrics-port", str(self.port + 2000), "--json", *extra))
 
     def join_architect(self):
         return ok(duet("node", "join", "--role", "architect", "--address", self.address, "--bind", "127.0.0.3",
@@ -95,8 +95,10 @@ def wait_state(c, run_id, pred, timeout=240):
 
 
 def test_roles_land_on_their_hosts_and_strangers_are_refused(cluster, tmp_path):
-    head = cluster.start_head()
+    head = cluster.start_head("--dashboard", "--dashboard-bind", "127.0.0.2", "--workspace", str(cluster.ws))
     assert head["actor"]["role"] == "executor" and "duet node join" in head["join"]
+    dash = head["dashboard"]  # the web view started with the head, on its address, behind the login
+    assert dash["bind"] == "127.0.0.2" and dash["login_url"].startswith(f"http://127.0.0.2:{dash['port']}/login?token=")
     token = Path(head["token_file"])
     assert oct(token.stat().st_mode & 0o777) == "0o600"
     joined = cluster.join_architect()
@@ -106,6 +108,17 @@ def test_roles_land_on_their_hosts_and_strangers_are_refused(cluster, tmp_path):
     assert roles == {"127.0.0.2": ["executor"], "127.0.0.3": ["architect"]}
     where = {a["name"]: a["address"] for a in st["actors"]}
     assert where == {"duet-executor": "127.0.0.2", "duet-architect": "127.0.0.3", "duet-scheduler": "127.0.0.2"}
+
+    import http.cookiejar
+    import urllib.error
+    import urllib.request
+
+    with pytest.raises(urllib.error.HTTPError, match="401"):
+        urllib.request.urlopen(dash["url"] + "cluster", timeout=30)
+    op = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
+    op.open(dash["login_url"], timeout=60).read()
+    page = op.open(dash["url"] + "cluster", timeout=60).read().decode()
+    assert "127.0.0.3" in page and "architect" in page and "duet-executor" in page
 
     # a client with a wrong token, and one with no token at all, are refused
     wrong = tmp_path / "wrong_token"
@@ -123,6 +136,11 @@ def test_roles_land_on_their_hosts_and_strangers_are_refused(cluster, tmp_path):
              env={"DUET_VERSION_OVERRIDES": '{"ray": "2.59.0"}'})
     assert r.returncode == 2
     assert "ray: 2.59.0 here, 2.60.0 on the head" in r.stderr
+    stopped = ok(duet("node", "stop", "--all", "--json"))["stopped"]
+    assert f"dashboard-head-127.0.0.2-{cluster.port}" in stopped  # the dashboard goes with its node
+    from infra.services import port_open
+
+    assert not port_open(dash["port"], "127.0.0.2")
 
 
 def test_dead_head_join_times_out_clearly(tmp_path):

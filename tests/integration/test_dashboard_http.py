@@ -31,10 +31,10 @@ def http(port, method, path, *, host="127.0.0.1", headers=None, body=None, addr=
     return r.status, dict((k.lower(), v) for k, v in r.getheaders()), data
 
 
-def start(ws, port, *args):
+def start(ws, port, *args, env=None):
     proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "dashboard", "--workspace", str(ws), "--port",
                              str(port), "--quiet", *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            env={**os.environ, "PYTHONPATH": REPO})
+                            env={**os.environ, "PYTHONPATH": REPO, **(env or {})})
     bind = args[args.index("--bind") + 1] if "--bind" in args else "127.0.0.1"
     deadline = time.time() + 60
     while not services.port_open(port, bind):
@@ -47,6 +47,12 @@ def stop(proc):
     services.stop_pid(proc.pid)
 
 
+def listening(pid) -> set:
+    """The addresses the dashboard (its supervisor and the server it runs) listens on."""
+    procs = [psutil.Process(pid)] + psutil.Process(pid).children(recursive=True)
+    return {c.laddr.ip for p in procs for c in p.net_connections("inet") if c.status == psutil.CONN_LISTEN}
+
+
 @pytest.fixture(scope="module")
 def dashboard(tmp_path_factory, repo_root):
     from memory_sync.log import start_session
@@ -56,7 +62,7 @@ def dashboard(tmp_path_factory, repo_root):
     ws = tmp_path_factory.mktemp("dash") / "ws"
     Workspace(ws).init()
     build_version([repo_root / "examples/persona/persona.jsonl"], ws / "datasets", "persona")
-    sid = start_session(ws, "the dashboard's guard").id
+    sid = start_session(ws, "the dashboard's guard <script>alert(1)</script>").id
     port = services.free_port(range(8800, 8850))
     proc = start(ws, port)
     yield {"ws": ws, "port": port, "proc": proc, "sid": sid}
@@ -123,6 +129,8 @@ def test_login_sets_a_guarded_cookie_and_pages_answer(dashboard):
     assert status == 200 and b"Token lengths" in body and b"Quarantine (0)" in body
     status, _, body = http(port, "GET", "/api/datasets", headers={"Cookie": cookie, "Accept": "application/json"})
     assert json.loads(body)["versions"][0]["name"] == "persona"
+    status, _, body = http(port, "GET", "/sessions", headers={"Cookie": cookie})
+    assert b"<script>alert(1)" not in body and b"&lt;script&gt;alert(1)" in body  # what people typed is text
     status, _, body = http(port, "GET", "/runs/no-such-run", headers={"Cookie": cookie})
     assert status == 404 and b"no-such-run" in body
 
@@ -160,8 +168,7 @@ def test_a_foreign_host_header_is_refused(dashboard):
 
 def test_it_listens_only_where_told(dashboard, tmp_path):
     port, proc = dashboard["port"], dashboard["proc"]
-    addrs = {c.laddr.ip for c in psutil.Process(proc.pid).net_connections("inet") if c.status == psutil.CONN_LISTEN}
-    assert addrs == {"127.0.0.1"}
+    assert listening(proc.pid) == {"127.0.0.1"}
     assert not services.port_open(port, "127.0.0.2")
     r = subprocess.run([sys.executable, "-m", "cluster.cli", "dashboard", "--workspace", str(dashboard["ws"]),
                         "--bind", "0.0.0.0"], cwd=REPO, capture_output=True, text=True, timeout=60,
@@ -170,8 +177,63 @@ def test_it_listens_only_where_told(dashboard, tmp_path):
     other = services.free_port(range(8850, 8900), "127.0.0.2")
     p2 = start(dashboard["ws"], other, "--bind", "127.0.0.2")
     try:
-        addrs = {c.laddr.ip for c in psutil.Process(p2.pid).net_connections("inet") if c.status == psutil.CONN_LISTEN}
-        assert addrs == {"127.0.0.2"} and not services.port_open(other, "127.0.0.1")
+        assert listening(p2.pid) == {"127.0.0.2"} and not services.port_open(other, "127.0.0.1")
         assert http(other, "GET", "/", host="127.0.0.2", addr="127.0.0.2")[0] == 401
     finally:
         stop(p2)
+
+
+def test_search_promote_and_diff_through_the_dashboard(tmp_path, fresh_db, repo_root):
+    """Memory search with scores, a hypothesis promoted to a cortex fact from the session page's form
+    (real Postgres and Mongo-wire), and the diff of two dataset versions."""
+    from urllib.parse import quote, urlencode
+
+    from memory_sync.memory import Memory
+    from memory_sync.workspace import Workspace
+    from training.dataset import build_version
+
+    ws = tmp_path / "ws"
+    Workspace(ws).init()
+    pg, mongo = fresh_db["postgres_url"], fresh_db["mongo_url"]
+    mem = Memory(ws, pg, mongo)
+    sid = mem.start_session("tuning the persona run").id
+    mem.hypothesize(sid, "h-lower-lr", "a lower learning rate keeps the persona's style", 0.6)
+    mem.close()
+    lines = (repo_root / "examples/persona/persona.jsonl").read_text().splitlines()
+    (tmp_path / "a.jsonl").write_text("\n".join(lines) + "\n")
+    (tmp_path / "b.jsonl").write_text("\n".join(lines[1:]) + "\n")
+    va = build_version([tmp_path / "a.jsonl"], ws / "datasets", "persona")
+    vb = build_version([tmp_path / "b.jsonl"], ws / "datasets", "persona")
+    port = services.free_port(range(8900, 8950))
+    proc = start(ws, port, env={"DUET_POSTGRES_URL": pg, "DUET_MONGO_URL": mongo})
+    try:
+        _, cookie = login(port)
+        j = {"Cookie": cookie, "Accept": "application/json"}
+        status, _, body = http(port, "GET", "/api/memory/search?" + urlencode({"q": "a lower learning rate keeps the style",
+                                                                               "threshold": "0.7"}), headers=j)
+        assert status == 200, body[:500]
+        hit = next(r for r in json.loads(body)["results"] if r["source"] == "hypothesis:h-lower-lr")
+        assert 0.7 <= hit["score"] <= 1 and hit["status"] == "open"
+        status, _, page = http(port, "GET", f"/sessions/{sid}", headers={"Cookie": cookie})
+        assert b"a lower learning rate keeps the persona&#39;s style" in page and b"Promote to a fact" in page
+        token = re.search(rb'name="csrf-token" content="([0-9a-f]+)"', page).group(1).decode()
+        form = urlencode({"csrf": token, "hypothesis_id": "h-lower-lr", "session": sid,
+                          "evidence": "run demo-1: eval loss 1.92 vs 2.10"}).encode()
+        status, headers, _ = http(port, "POST", "/api/memory/promote", body=form, headers={
+            "Cookie": cookie, "Content-Type": "application/x-www-form-urlencoded", "Origin": f"http://127.0.0.1:{port}",
+            "Referer": f"http://127.0.0.1:{port}/sessions/{sid}"})
+        assert status == 303, status
+        mem = Memory(ws, pg, mongo)
+        try:
+            assert mem.neocortex().db.hypotheses.find_one({"id": "h-lower-lr"})["status"] == "promoted"
+            assert any(f["text"] == "a lower learning rate keeps the persona's style" for f in mem.cortex().facts())
+            assert any("promoted h-lower-lr" in (e["payload"].get("text") or "") for e in mem.session(sid).events())
+        finally:
+            mem.close()
+        status, _, body = http(port, "GET", f"/diff/persona?a={va.content_hash[:12]}&b={vb.content_hash[:12]}",
+                               headers={"Cookie": cookie})
+        assert status == 200 and b"- maya-001" in body and b"<b>1</b> removed" in body
+        status, _, body = http(port, "GET", f"/diff/persona?a={quote('../x')}&b=zz", headers={"Cookie": cookie})
+        assert status == 400
+    finally:
+        stop(proc)
