@@ -130,7 +130,8 @@ class Architect:
                          token_p50=lengths.get("p50"), token_mean=lengths.get("mean"),
                          train_examples=dataset["manifest"]["counts"]["train"], host=hw.hostname,
                          facts=self.measurements(),
-                         host_ram_bytes=hw.ram_available_bytes if hw.device == "cuda" else None)
+                         host_ram_bytes=hw.ram_available_bytes if hw.device == "cuda" else None,
+                         gpu_count=(hw.gpu_count or None) if hw.device == "cuda" else None)
         d = plan.to_dict()
         d["run_id"] = run_id or self.new_run_id(cfg.name)
         d["model_ref"] = model_ref

@@ -37,7 +37,9 @@ def free_bytes(hw: dict) -> int:
 
 
 def plan_bytes(plan: dict) -> int:
-    return int(plan["estimate"]["total_bytes"])
+    """What the host must have free for the plan (a data-parallel plan on CPU: every worker's share)."""
+    est = plan["estimate"]
+    return int(est.get("host_bytes") or est["total_bytes"])
 
 
 def _slim(e: dict) -> None:

@@ -12,7 +12,7 @@ import os
 import re
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -152,6 +152,9 @@ class TrainConfig(BaseModel):
                             "at most half of seq_len (padding would waste more than it costs).")
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="auto: bf16 when the GPU has it, fp32 on CPU.")
     dry_run_steps: int = Field(0, ge=0, le=100_000, description="Steps of a dry run before the real one (0: none).")
+    workers: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = Field(
+        "auto", description="Data-parallel workers (processes, one a GPU) training this run through Ray "
+                                         "Train; auto: the executor host's GPUs, 1 on CPU.")
     init_from: str | None = Field(None, description="Run id whose adapter this run starts from (phase chaining).")
     eval_batch: int | None = Field(None, ge=1, le=4096, description="Sequences per eval forward (default: micro_batch).")
     dpo_beta: float = Field(0.1, gt=0, le=100, description="DPO temperature (phase dpo).")
@@ -187,7 +190,18 @@ class TrainConfig(BaseModel):
 
     @property
     def effective_batch(self) -> int:
+        """Sequences a worker contributes to an optimizer step (micro-batch x accumulation)."""
         return self.micro_batch * self.grad_accum
+
+    @property
+    def world_size(self) -> int:
+        """Workers once the planner resolved ``auto`` (1 until then)."""
+        return self.workers if isinstance(self.workers, int) else 1
+
+    @property
+    def global_batch(self) -> int:
+        """Sequences an optimizer step sees over every worker."""
+        return self.effective_batch * self.world_size
 
 
 def train_config(train: object, source: str, text: str = "", overrides: dict | None = None,
@@ -242,6 +256,8 @@ class PlanFile(BaseModel):
     model: dict = Field(default_factory=dict)
     trainable_params: int | None = None
     effective_batch: int | None = None
+    workers: int | None = None
+    global_batch: int | None = None
     steps_per_epoch: int | None = None
     decisions: list = Field(default_factory=list)
     suggestions: list = Field(default_factory=list)

@@ -24,9 +24,7 @@ and rollback policies (policies.py), the merge (merge.py), the run's files (run_
 from __future__ import annotations
 
 import json
-import math
 import os
-import shutil
 import threading
 import time
 import traceback
@@ -35,8 +33,7 @@ from pathlib import Path
 from training import checkpoints, phases, policies, run_files, telemetry
 from training.config import TrainConfig, check_run_id
 from training.dataset import VERSION_FILES
-from training.model_load import build_trainer, load_datasets, load_tokenizer, load_train_model, torch_dtype
-from training.plan import formula_bytes_for
+from training.model_load import build_trainer, load_datasets, load_train_model, torch_dtype
 from training.policies import BadGradients, GaveUp, RunCancelled
 from training.preflight import dry_run, preflight
 from infra.lazy import lazy
@@ -82,6 +79,8 @@ class Run:
         self.gpu_source = None  # the watchdog's GPU readings: NVML when a GPU is visible (tests set a fake)
         self.watchdog = None
         self.peaks = None
+        self.launcher = None  # data-parallel runs: how the ranks are started (roles/data_parallel.py, via the executor)
+        self.torch_threads: int | None = None
         self._pause_reason: str | None = None
         if not _loaded:
             self.dir.mkdir(parents=True, exist_ok=True)
@@ -327,6 +326,10 @@ class Run:
 
     def train(self, model_path: Path, resume: bool = False) -> None:
         """Train with the recovery policies; ``resume``: continue from the newest valid checkpoint."""
+        if self.train_cfg.world_size > 1:  # data parallel: ranks started by the executor's launcher
+            from training import distributed
+
+            return distributed.train(self, model_path, resume)
         ckpt_root = self.checkpoint_root
         from_ckpt = None
         if resume:
@@ -378,61 +381,11 @@ class Run:
         self.checkpoints = [c for c in self.checkpoints if c["step"] <= step]
 
     def _train_once(self, model_path: Path, cfg: TrainConfig, from_ckpt: Path | None) -> None:
+        """One attempt in this process (training/attempt.py; data-parallel ranks run the same)."""
         from training import callbacks
+        from training.attempt import train_attempt
 
-        tok = load_tokenizer(self._base_path(model_path))
-        self._enter("load")
-        model = self._load_model(model_path, cfg)
-        staging = self.checkpoint_root / checkpoints.STAGING  # the Trainer saves here; CheckpointCommit commits
-        shutil.rmtree(staging, ignore_errors=True)
-        trainer = self._trainer(model, tok, cfg, out=staging, max_steps=cfg.max_steps, save=True, evaluate=True)
-        for cb in callbacks.for_run(self):
-            trainer.add_callback(cb)
-        if from_ckpt is None and "eval_loss_before" not in self.result:
-            self._enter("evaluation")
-            self.emit("eval_started", which="before")
-            before = trainer.evaluate()["eval_loss"]
-            self.result["eval_loss_before"] = before
-            self.eval_losses.append({"step": 0, "eval_loss": float(before)})
-            self.emit("eval", which="before", eval_loss=before)
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
-        t0 = time.time()
-        self._enter("training")
-        trainer.train(resume_from_checkpoint=str(from_ckpt) if from_ckpt else None)
-        if self._cancel.is_set():
-            raise RunCancelled()
-        train_s = time.time() - t0
-        self._train_peak = max(self._train_peak, phases.training_peak(self.peaks))
-        phases.release_memory()  # what training held and freed goes back before the evaluation (and its measurement)
-        self._enter("evaluation")
-        self.emit("eval_started", which="after")
-        after = trainer.evaluate()["eval_loss"]
-        self.result["eval_loss_after"] = after
-        self.emit("eval", which="after", eval_loss=after)
-        full = cfg.method == "full"
-        adapter_dir = self.dir / ("merged" if full else "adapter")  # a full fine-tune's weights are the model
-        if full:
-            trainer.model.to(self._torch_dtype()).save_pretrained(adapter_dir, safe_serialization=True)
-        else:
-            trainer.model.save_pretrained(adapter_dir)
-        tok.save_pretrained(adapter_dir)
-        tokens = int(trainer.state.num_input_tokens_seen or 0)
-        before = self.result.get("eval_loss_before")
-        self.result.update({
-            "train_s": round(train_s, 2), "steps": trainer.state.global_step, "tokens": tokens,
-            "tokens_per_s": round(tokens / train_s, 1) if train_s > 0 else None,
-            "train_loss_final": self.losses[-1]["loss"] if self.losses else None,
-            "perplexity_before": math.exp(min(before, 50)) if before is not None and self.phase == "sft" else None,
-            "perplexity_after": math.exp(min(after, 50)) if self.phase == "sft" else None,
-            ("model_path" if full else "adapter_path"): str(adapter_dir),
-            "train_peak_formula_bytes": formula_bytes_for(cfg, self._base_path(model_path), self.device, self.dtype),
-            "train_peak_bytes": int(self._train_peak),
-            "train_peak_measured_as": ("torch.cuda.max_memory_reserved()" if torch.cuda.is_available()
-                                       else "peak process RSS during training (sampled every 50 ms)"),
-        })
-        del trainer, model
-        phases.release_memory()
+        train_attempt(self, model_path, cfg, from_ckpt, callbacks.for_run(self))
 
     def _enter(self, phase: str) -> None:
         if self.peaks is not None:

@@ -144,8 +144,11 @@ def _file_meta(path: Path) -> dict:
 
 class Executor:
     def __init__(self, data_dir: str | os.PathLike, *, metrics_port: int | None = 9108,
-                 metrics_addr: str = "127.0.0.1", torch_threads: int | None = None):
+                 metrics_addr: str = "127.0.0.1", torch_threads: int | None = None, launcher=None):
+        """``launcher``: starts a data-parallel run's ranks (roles.data_parallel.launch in the actor);
+        without one a run with workers > 1 fails with a message that says so."""
         self.data_dir = Path(data_dir)
+        self.launcher = launcher
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.gpu_source = None  # for the runs' watchdogs; None: NVML when the plan is for CUDA
         self.runs: dict[str, Run] = {}
@@ -189,6 +192,7 @@ class Executor:
             pass
         self.runs[run.run_id] = run
         run.gpu_source = self.gpu_source
+        run.launcher, run.torch_threads = self.launcher, self.torch_threads
         t = threading.Thread(target=run.execute, kwargs={"resume": resume}, name=f"duet-run-{run.run_id}",
                              daemon=True)
         self.threads[run.run_id] = t

@@ -26,6 +26,7 @@ class HardwareProfile:
     torch_version: str | None
     cuda_version: str | None
     cpu_bf16_speedup: float | None = None  # CPU only: bf16 / fp32 matmul speed when the CPU has bf16 flags
+    gpu_count: int = 0  # GPUs torch sees on this host (data-parallel workers: one a GPU)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -147,6 +148,7 @@ def probe(data_dir: str | os.PathLike = ".") -> HardwareProfile:
     vm = psutil.virtual_memory()
     disk_dir = os.fspath(data_dir) if os.path.exists(data_dir) else "."
     gpu_name = gpu_total = gpu_free = cc = None
+    gpu_count = 0
     bf16 = False
     torch_version = cuda_version = None
     device = "cpu"
@@ -156,6 +158,7 @@ def probe(data_dir: str | os.PathLike = ".") -> HardwareProfile:
         torch_version = torch.__version__
         if torch.cuda.is_available():
             device = "cuda"
+            gpu_count = torch.cuda.device_count()
             props = torch.cuda.get_device_properties(0)
             gpu_name = props.name
             gpu_free, gpu_total = torch.cuda.mem_get_info(0)
@@ -181,7 +184,7 @@ def probe(data_dir: str | os.PathLike = ".") -> HardwareProfile:
         compute_capability=cc, bf16=bf16, cpu_count=available_cpus(),
         ram_total_bytes=ram_total, ram_available_bytes=ram_free,
         disk_free_bytes=shutil.disk_usage(disk_dir).free, torch_version=torch_version,
-        cuda_version=cuda_version, cpu_bf16_speedup=cpu_bf16_speedup,
+        cuda_version=cuda_version, cpu_bf16_speedup=cpu_bf16_speedup, gpu_count=gpu_count,
     )
 
 

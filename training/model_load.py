@@ -86,6 +86,7 @@ def build_trainer(model, tok, cfg: TrainConfig, *, phase: str, device: str, dtyp
         eval_strategy="steps" if evaluate else "no", eval_steps=cfg.eval_every,
         save_strategy="steps" if save else "no", save_steps=cfg.checkpoint_every, save_total_limit=None,
         report_to=[], disable_tqdm=True, dataloader_num_workers=0, use_cpu=on_cpu,
+        ddp_find_unused_parameters=False,  # data parallel: LoRA uses every trainable parameter in each step
         bf16=dtype == "bf16", fp16=dtype == "fp16",
         # tokens/s counts real tokens: by attention mask when padded; a packed (padding-free) batch has
         # no padding and no mask, and "non_padding" would drop every real token equal to the pad id (EOS)

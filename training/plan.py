@@ -75,6 +75,7 @@ class Plan:
     decisions: list[str] | None = None
     calibration: dict | None = None
     host_ram_bytes: int | None = None
+    gpu_count: int | None = None  # the host's GPUs (None: not known; a data-parallel plan is then not checked)
 
     @cached_property
     def phases(self) -> dict:
@@ -98,9 +99,17 @@ class Plan:
     def fits(self) -> bool:
         """Training fits the budget, and every later phase fits where the engine will run it (the merge
         falls back to host RAM when the GPU has no room)."""
-        if self.total_bytes > self.budget_bytes * USABLE_FRACTION:
+        if self.total_bytes * self.replicas > self.budget_bytes * USABLE_FRACTION:
+            return False
+        if self.device == "cuda" and self.gpu_count is not None and self.config.world_size > self.gpu_count:
             return False
         return all(p["where"] != "nowhere" for p in self.phases.values())
+
+    @property
+    def replicas(self) -> int:
+        """Copies of the per-worker estimate that share ``budget_bytes``: every worker on a CPU host (they
+        share its RAM), one on a GPU (each worker has a GPU of its own, which the budget describes)."""
+        return 1 if self.device == "cuda" else self.config.world_size
 
     def to_dict(self) -> dict:
         ctx = self.breakdown.get("cuda_context", 0)
@@ -111,9 +120,11 @@ class Plan:
                       "layers": self.model.layers, "hidden": self.model.hidden, "vocab": self.model.vocab},
             "trainable_params": self.trainable_params,
             "effective_batch": self.config.effective_batch,
+            "workers": self.config.world_size, "global_batch": self.config.global_batch,
             "steps_per_epoch": self.steps_per_epoch,
             "estimate": {"breakdown_bytes": self.breakdown, "formula_bytes": self.formula_bytes,
                          "total_bytes": self.total_bytes, "torch_reserved_bytes": self.total_bytes - ctx,
+                         "host_bytes": self.total_bytes * self.replicas,  # what the host needs free: every worker's on CPU
                          "budget_bytes": self.budget_bytes, "fits": self.fits,
                          "usable_fraction": USABLE_FRACTION, "calibration": self.calibration,
                          "phases": self.phases,
@@ -161,10 +172,27 @@ def calibrate(cfg: TrainConfig, model: ModelProfile, device: str, host: str | No
             "note": f"scaled by the peak measured in run {(best[1].get('provenance') or {}).get('run_id')} on this host"}
 
 
+def resolve_workers(cfg: TrainConfig, device: str, gpu_count: int | None) -> tuple[TrainConfig, str | None]:
+    """``workers: auto`` -> the host's GPUs on CUDA, 1 on CPU; and the decision that explains a
+    data-parallel plan (its global batch, and where the memory estimate applies)."""
+    asked = cfg.workers
+    n = (max(1, gpu_count or 1) if device == "cuda" else 1) if asked == "auto" else asked
+    cfg = cfg.model_copy(update={"workers": n})
+    if n == 1:
+        return cfg, ("workers 1 (auto on CPU: one process; set workers: N for N)" if asked == "auto" and device != "cuda"
+                     else None)
+    where = ("one a GPU; the memory estimate below is each GPU's" if device == "cuda" else
+             "processes on this CPU host; they share its RAM, so the estimate below counts once a worker")
+    return cfg, (f"data parallel over {n} workers through Ray Train ({where}): global batch {cfg.micro_batch} x "
+                 f"{cfg.grad_accum} x {n} = {cfg.global_batch} sequences an optimizer step; each worker sees a "
+                 "different slice of every global batch (the same data order as one process with a "
+                 f"{n}x micro-batch)")
+
+
 def make_plan(cfg: TrainConfig, model: ModelProfile, *, device: str, bf16: bool, budget_bytes: int,
               train_examples: int | None = None, host: str | None = None, facts: list[dict] | None = None,
               token_p50: int | None = None, token_mean: float | None = None,
-              host_ram_bytes: int | None = None) -> Plan:
+              host_ram_bytes: int | None = None, gpu_count: int | None = None) -> Plan:
     """Estimate ``cfg``; resolve ``gradient_checkpointing`` and ``packing`` ``auto``; when it does not
     fit, propose the nearest plans that do. ``facts``: cortex measurements that calibrate the
     estimate; ``token_p50``/``token_mean``: the dataset's median and mean example length in tokens.
@@ -175,6 +203,9 @@ def make_plan(cfg: TrainConfig, model: ModelProfile, *, device: str, bf16: bool,
 
     Long because its decisions (dtype, checkpointing, packing, calibration, phases) each read the previous ones."""
     decisions = []
+    cfg, text = resolve_workers(cfg, device, gpu_count)
+    if text:
+        decisions.append(text)
     examples_per_step = cfg.effective_batch
     if cfg.packing == "auto":
         # CPU: off. SDPA on a CPU attends over a packed row under a dense block mask, seq_len^2 per row, and
@@ -205,7 +236,7 @@ def make_plan(cfg: TrainConfig, model: ModelProfile, *, device: str, bf16: bool,
         bd_off = estimate(off, model, device, bf16)
         cal = calibrate(off, model, device, host, facts or [])
         total_off = scaled_total(bd_off, cal["factor"] if cal else 1.0)
-        if total_off <= budget_bytes * USABLE_FRACTION:
+        if total_off * (1 if device == "cuda" else cfg.world_size) <= budget_bytes * USABLE_FRACTION:
             cfg = off
             decisions.append("gradient checkpointing off: the plan fits without it (it would cost ~30 % speed)")
         else:
@@ -231,7 +262,7 @@ def make_plan(cfg: TrainConfig, model: ModelProfile, *, device: str, bf16: bool,
     cal = calibrate(cfg, model, device, host, facts or [])
     plan = Plan(cfg, model, device, train_dtype(cfg, device, bf16), bd, budget_bytes,
                 model.params if cfg.method == "full" else model.lora_params(cfg.lora), [],
-                decisions=decisions, calibration=cal, host_ram_bytes=host_ram_bytes)
+                decisions=decisions, calibration=cal, host_ram_bytes=host_ram_bytes, gpu_count=gpu_count)
     merge = plan.phases["merge"]
     if merge["where"] == "nowhere":
         decisions.append(f"the merge needs ~{merge['total_bytes'] / GIB:.1f} GiB: more than the GPU has left and "
@@ -240,8 +271,11 @@ def make_plan(cfg: TrainConfig, model: ModelProfile, *, device: str, bf16: bool,
         decisions.append(f"the merge (~{merge['total_bytes'] / GIB:.1f} GiB) runs in host RAM: the GPU has no room")
     if cal:
         decisions.append(cal["note"] + f" (x{cal['factor']:.2f})")
+    if device == "cuda" and gpu_count is not None and cfg.world_size > gpu_count:
+        decisions.append(f"workers {cfg.world_size}, but this host has {gpu_count} GPU(s): a run trains on one host "
+                         "(data parallel across executor hosts is not supported yet); the plan does not fit here")
     if train_examples:
-        plan.steps_per_epoch = math.ceil(train_examples / examples_per_step)
+        plan.steps_per_epoch = math.ceil(train_examples / (examples_per_step * cfg.world_size))
     if not plan.fits:
         factor = cal["factor"] if cal else 1.0
         plan.suggestions = suggest(cfg, model, device=device, bf16=bf16, budget_bytes=budget_bytes, factor=factor)

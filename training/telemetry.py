@@ -40,6 +40,13 @@ def metrics() -> dict:
                 "rollbacks": Counter("duet_rollbacks", "Rollbacks to an earlier checkpoint.", lab),
                 "state": Gauge("duet_run_state", "1 for the run's current state, 0 otherwise.", lab + ["state"]),
                 "alerts": Counter("duet_alerts", "Alerts the executor's watchdog fired.", lab + ["rule", "severity"]),
+                "worker_tokens_per_second": Gauge("duet_worker_tokens_per_second", "A data-parallel worker's own "
+                                                  "training tokens/s (duet_train_tokens_per_second is their sum).",
+                                                  lab + ["rank"]),
+                "worker_step_seconds": Gauge("duet_worker_step_seconds", "A data-parallel worker's last step time.",
+                                             lab + ["rank"]),
+                "worker_memory_bytes": Gauge("duet_worker_memory_bytes", "A data-parallel worker's memory: "
+                                             "torch.cuda.memory_allocated() on a GPU, its RSS on CPU.", lab + ["rank"]),
                 "cpu": Gauge("duet_process_cpu_seconds", "CPU time of the executor process (user + system)."),
                 "rss": Gauge("duet_process_resident_memory_bytes", "Resident memory of the executor process."),
                 "rss_peak": Gauge("duet_process_resident_memory_peak_bytes", "Peak resident memory of the executor process."),
