@@ -7,7 +7,8 @@ trl_compare (duet's executor vs a plain TRL script with the same config: overhea
 (submit -> first step and a sweep's wall time with 1 vs 2 executors),
 memory, alerting, failover; vram_planner on CPU; thread_step (a LoRA step in the main thread vs a background
 thread); importers (a 200 MB ChatGPT export); export (SmolLM2 to GGUF f16/q8_0); dashboard (a run page
-with 10k steps of history in headless chromium, and a step's way to the open chart). Results land in benchmarks/results/<name>-<machine>.json;
+with 10k steps of history in headless chromium, and a step's way to the open chart); data_parallel
+(tokens/s of one run over 1 vs 2 Ray Train workers). Results land in benchmarks/results/<name>-<machine>.json;
 benchmarks/results/README.md is rebuilt from every JSON there (GPU results committed from lent
 devices included), each row naming the machine it came from. --table-only rebuilds the table.
 """
@@ -35,6 +36,7 @@ SUITE = [
     ("export", ["--reps", "3"], ["--reps", "1"]),
     ("scheduling", ["--reps", "2"], ["--reps", "1", "--steps", "40"]),  # --steps 120,400 by default
     ("dashboard", ["--reps", "5"], ["--reps", "2", "--history", "300"]),  # --history 10000 by default
+    ("data_parallel", ["--reps", "3", "--steps", "150"], ["--reps", "1", "--steps", "30"]),
 ]
 
 
@@ -129,6 +131,13 @@ def rows_of(doc: dict) -> list[tuple[str, str, str, str]]:
         out.append((f"a step's way to the open chart (executor log -> chart), ms, median [p90, max] over {st['n']} steps",
                     f"{st['median']:.0f} [{st['p90']:.0f}, {st['max']:.0f}]", "median < 1000 ms",
                     g["step_to_chart_median_under_1s"]["met"]))
+    elif name == "data_parallel":
+        m, r = doc["median_tokens_per_s"], doc["ratio_2_over_1"]
+        out.append((f"{doc['model']}, {doc['steps']} steps, global batch {doc['global_batch']}: tokens/s 1 worker / 2 workers "
+                    f"(Ray Train, gloo), median of {len(r['reps'])} alternating reps", f"{m['1_worker']:.0f} / {m['2_workers']:.0f}",
+                    "", None))
+        out.append(("2 workers / 1 worker tokens/s, per rep: median [min-max] (the cores are shared: 1.0 means the "
+                    "coordination costs nothing)", f"{r['median']:.2f} [{r['min']:.2f}-{r['max']:.2f}]", "", None))
     elif name == "thread_step":
         r, w, c = doc["thread_over_main"], doc["median_wall_s"], doc["median_process_cpu_s"]
         out.append((f"LoRA step ({doc.get('dtype', 'bf16')}) in a background thread / the main thread, wall, over "

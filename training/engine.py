@@ -128,9 +128,11 @@ class Run:
     # -- state shared with the actor ------------------------------------------------------------
 
     def emit(self, _event: str, **payload) -> None:
-        """Record a run event: kept in memory (the architect polls them), appended to events.jsonl."""
+        """Record a run event: kept in memory (the architect polls them), appended to events.jsonl. A
+        non-finite number (a NaN loss's alert) is stored as null: session events are strict JSON."""
         with self._lock:
-            ev = {"seq": len(self.events), "time": time.time(), "run_id": self.run_id, "event": _event, **payload}
+            ev = {"seq": len(self.events), "time": time.time(), "run_id": self.run_id, "event": _event,
+                  **run_files.finite(payload)}
             self.events.append(ev)
         run_files.jsonl_append(self.dir / "events.jsonl", ev)
 

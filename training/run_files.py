@@ -17,6 +17,17 @@ def atomic_json(path: Path, data: dict) -> None:
 
 
 
+def finite(obj):
+    """``obj`` with every NaN or infinite float replaced by None (strict JSON, as the session log wants)."""
+    if isinstance(obj, float):
+        return obj if obj == obj and obj not in (float("inf"), float("-inf")) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj
+
+
 def jsonl_append(path: Path, obj: dict) -> None:
     with open(path, "a", encoding="utf-8") as fh:
         fh.write(json.dumps(obj, default=str) + "\n")

@@ -39,6 +39,7 @@ def setup_plan(p):
     p.add_argument("--method", choices=("qlora", "lora", "full"))
     p.add_argument("--seq-len", type=int_arg())
     p.add_argument("--batch", type=int_arg(), help="micro-batch size")
+    p.add_argument("--workers", type=int_arg(1, 64), help="data-parallel workers, one a GPU of this size (default 1)")
     p.add_argument("--no-bf16", action="store_true", help="the GPU lacks bf16 (pre-Ampere)")
     p.add_argument("--json", action="store_true")
 
@@ -50,8 +51,8 @@ def run_plan(a) -> int:
 
     from training.memory_model import GPUS
 
-    overrides = {k: v for k, v in (("method", a.method), ("seq_len", a.seq_len), ("micro_batch", a.batch))
-                 if v is not None}  # 0 is a value (refused by the config model), not "unset"
+    overrides = {k: v for k, v in (("method", a.method), ("seq_len", a.seq_len), ("micro_batch", a.batch),
+                                   ("workers", a.workers)) if v is not None}  # 0 is a value (refused by the config model), not "unset"
     bf16 = not a.no_bf16
     try:
         if a.gpu:
@@ -68,7 +69,7 @@ def run_plan(a) -> int:
     except (PlanError, ValueError) as exc:
         print_error(exc)
         return EXIT_INPUT
-    plan = make_plan(cfg, model, device="cuda", bf16=bf16, budget_bytes=budget)
+    plan = make_plan(cfg, model, device="cuda", bf16=bf16, budget_bytes=budget, gpu_count=cfg.world_size)
     doc = plan.to_dict()
     if a.json:
         emit_json(doc)

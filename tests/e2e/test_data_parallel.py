@@ -5,7 +5,8 @@
 - a SIGKILL of one worker's process mid-run: Ray Train starts the group again from the newest checkpoint,
   the run records it, and its losses equal the uninterrupted 2-worker run's;
 - QLoRA (bitsandbytes' CPU path) over 2 workers trains and merges;
-- an OOM on a rank re-plans every worker (half the micro-batch, twice the accumulation) and resumes.
+- an OOM on a rank re-plans every worker (half the micro-batch, twice the accumulation), bad gradients roll
+  back with half the learning rate; each resumes from the newest checkpoint.
 """
 
 import json
@@ -94,6 +95,15 @@ def test_two_workers_give_the_losses_of_one_with_twice_the_micro_batch(cluster, 
     assert sorted(w["rank"] for w in two["workers"]) == [0, 1]
     assert all(w["device"] == "cpu" and w["node"] and w["pid"] for w in two["workers"])
     assert any("data parallel over 2 workers" in d for d in two["config"]["decisions"])
+    # the executor's exporter has each worker's telemetry, labelled by rank
+    import urllib.request
+
+    port = json.loads(duet("status", "--workspace", cluster.ws, "--json", cwd=cluster.tmp).stdout)["cluster"]["exporter"]["port"]
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    for rank in ("0", "1"):
+        for name in ("duet_worker_tokens_per_second", "duet_worker_step_seconds", "duet_worker_memory_bytes"):
+            assert any(line.startswith(name + "{") and f'rank="{rank}"' in line and run_id in line
+                       for line in text.splitlines()), (name, rank)
     one = cluster.record(cluster.run("dp1", {"workers": 1, "micro_batch": 4}))
     assert one["status"] == "finished" and one.get("world_size") is None
     a, b = losses(two), losses(one)
@@ -135,16 +145,19 @@ def test_qlora_over_two_cpu_workers_trains_and_merges(cluster):
     assert rec["merged_model"]["path"] and Path(rec["merged_model"]["path"], "config.json").is_file()
 
 
-def test_an_oom_on_a_rank_replans_every_worker(tmp_path):
-    c = Cluster(tmp_path, env={"DUET_FAULT": "oom@step=7"})  # rank 0's step 7 raises a real OutOfMemoryError
+def test_an_oom_then_bad_gradients_on_a_rank_apply_duet_policies(tmp_path):
+    """Rank 0's step 7 raises a real OutOfMemoryError (every worker is re-planned), and its step 12 has
+    NaN activations (the NaN reaches every rank through the all-reduce: a rollback with half the LR)."""
+    c = Cluster(tmp_path, env={"DUET_FAULT": "oom@step=7,nan@step=12"})
     try:
-        rec = c.record(c.run("dp2-oom", {"workers": 2, "micro_batch": 2, "max_steps": 14, "checkpoint_every": 5}))
+        rec = c.record(c.run("dp2-faults", {"workers": 2, "micro_batch": 2, "max_steps": 14, "checkpoint_every": 5}))
     finally:
         c.down()
     assert rec["status"] == "finished", rec["error"]
-    (r,) = rec["recoveries"]
-    assert r["kind"] == "oom" and r["rank"] == 0 and r["change"] == {"micro_batch": 1, "grad_accum": 2}
-    assert r["resumed_from"].endswith("checkpoint-5")
+    oom, rollback = rec["recoveries"]
+    assert oom["kind"] == "oom" and oom["rank"] == 0 and oom["change"] == {"micro_batch": 1, "grad_accum": 2}
+    assert oom["resumed_from"].endswith("checkpoint-5")
+    assert rollback["kind"] == "rollback" and rollback["lr_scale"] == 0.5 and rollback["resumed_from"].endswith("checkpoint-10")
     eff = rec["train_effective"]
     assert (eff["micro_batch"], eff["grad_accum"], eff["workers"]) == (1, 2, 2)  # the same global batch
-    assert sorted(losses(rec)) == list(range(1, 15))
+    assert sorted(losses(rec)) == list(range(1, 15)) and all(v == v for v in losses(rec).values())

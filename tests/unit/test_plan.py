@@ -296,3 +296,31 @@ def test_available_cpus_follows_affinity():
     finally:
         os.sched_setaffinity(0, before)
     assert 1 <= available_cpus() <= len(before)
+
+
+def test_workers_auto_global_batch_and_where_the_estimate_applies():
+    m = ModelProfile.from_config(LLAMA2_7B)
+    qlora = {"method": "qlora", "seq_len": 512, "micro_batch": 2, "grad_accum": 4}
+    two = make_plan(load_config("doica", qlora), m, device="cuda", bf16=True, budget_bytes=24 * GIB, gpu_count=2)
+    one = make_plan(load_config("doica", qlora), m, device="cuda", bf16=True, budget_bytes=24 * GIB, gpu_count=1)
+    d = two.to_dict()
+    assert d["workers"] == 2 and d["global_batch"] == 2 * 4 * 2 and d["train"]["workers"] == 2 and two.fits
+    assert any("data parallel over 2 workers" in x and "= 16 sequences" in x for x in two.decisions)
+    assert one.config.workers == 1 and one.to_dict()["global_batch"] == 8
+    assert two.total_bytes == one.total_bytes  # each GPU holds a replica: the per-GPU estimate does not grow
+    assert d["estimate"]["host_bytes"] == d["estimate"]["total_bytes"]
+    # asked for more GPUs than the host has: refused, saying why (one host per run)
+    four = make_plan(load_config("doica", {**qlora, "workers": 4}), m, device="cuda", bf16=True,
+                     budget_bytes=24 * GIB, gpu_count=2)
+    assert not four.fits and any("this host has 2 GPU(s)" in x for x in four.decisions)
+    # CPU: auto is one process; asked for two, they share the host's RAM
+    small = ModelProfile.from_config(SMALL)
+    cpu1 = make_plan(load_config("demo"), small, device="cpu", bf16=False, budget_bytes=8 * GIB)
+    assert cpu1.config.workers == 1 and any(x.startswith("workers 1 (auto on CPU") for x in cpu1.decisions)
+    cpu2 = make_plan(load_config("demo", {"workers": 2}), small, device="cpu", bf16=False, budget_bytes=8 * GIB)
+    e = cpu2.to_dict()["estimate"]
+    assert e["host_bytes"] == 2 * e["total_bytes"]
+    tight = make_plan(load_config("demo", {"workers": 2}), small, device="cpu", bf16=False,
+                      budget_bytes=int(cpu1.total_bytes * 1.5 / USABLE_FRACTION))
+    assert not tight.fits and make_plan(load_config("demo"), small, device="cpu", bf16=False,
+                                        budget_bytes=int(cpu1.total_bytes * 1.5 / USABLE_FRACTION)).fits
