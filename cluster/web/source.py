@@ -36,6 +36,16 @@ def queued(run_id: str, entry: dict) -> dict:
             "watchdog": None, "source": "queue", "queue": entry}
 
 
+def checked(run_id: str) -> str:
+    """A run id as the executors accept it (ValueError, a 400, before any cluster call)."""
+    from training.config import PlanError, check_run_id
+
+    try:
+        return check_run_id(run_id)
+    except PlanError as exc:
+        raise ValueError(str(exc)) from None
+
+
 class Source:
     def __init__(self, workspace: str | os.PathLike, address: str | None = None):
         self.workspace = Path(workspace).resolve()
@@ -121,6 +131,7 @@ class Source:
         queue's entry. NotFound when neither the cluster nor the workspace knows it."""
         from roles import run_view
 
+        checked(run_id)
         out = {"run_id": run_id, "record": None, "report": None, "queue": None, "source": None}
         if self.connected():
             try:
@@ -143,6 +154,7 @@ class Source:
         workspace's record when no executor holds the run."""
         from roles import run_view
 
+        checked(run_id)
         ex = self._handles.get(run_id)
         if ex is None and self.connected():
             entry = run_view.queue_entry(self._scheduler(), run_id)
@@ -170,6 +182,9 @@ class Source:
     def control(self, run_id: str, action: str) -> dict:
         from roles import run_view
 
+        checked(run_id)
+        if action not in run_view.CONTROLS:
+            raise ValueError(f"{action!r}: use one of {', '.join(run_view.CONTROLS)}")
         ex = self.executor_for(run_id)
         if ex is None:
             raise ConnectionError(f"no cluster answers ({self.last_error}); {action} needs the run's executor")

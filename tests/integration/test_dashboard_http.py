@@ -157,6 +157,42 @@ def test_state_changes_need_the_csrf_token_and_this_origin(dashboard):
     assert status == 303 and auth.cookie_name(port) in headers["set-cookie"]
 
 
+def test_hostile_parameters_are_refused_with_the_reason(dashboard):
+    """Names that would leave the workspace, option-like refs, bad cursors and numbers, unknown actions:
+    each a 4xx that says what is allowed (never a 5xx, never a file from outside), checked before any
+    cluster call (no cluster answers here, so a check done after it would be a 503)."""
+    port = dashboard["port"]
+    _, cookie = login(port)
+    _, _, body = http(port, "GET", "/", headers={"Cookie": cookie})
+    token = re.search(rb'name="csrf-token" content="([0-9a-f]+)"', body).group(1).decode()
+    j = {"Cookie": cookie, "Accept": "application/json"}
+    cases = {  # path: (status, what the error says)
+        "/api/runs/%2e%2e": (400, "run id"), "/api/runs/..%00/series": (400, "run id"),
+        "/api/runs/-rf/stream": (400, "run id"), "/api/runs/" + "a" * 300: (400, "run id"),
+        "/api/runs/x/series?since_step=abc": (400, "bad cursor"), "/api/runs/x/stream?since_seq=1.5": (400, "bad cursor"),
+        "/api/runs/no-such-run/series": (404, "no-such-run"),
+        "/api/datasets/persona/..": (400, "hash prefix"), "/api/datasets/%2e%2e/x": (400, "dataset name"),
+        "/api/datasets/persona/--output=x": (400, "hash prefix"), "/api/datasets/persona/HEAD~1": (400, "hash prefix"),
+        "/diff/persona?a=../..&b=x": (400, "hash prefix"),
+        "/api/sessions/..": (400, "session id"), "/api/sessions/%27;DROP": (400, "session id"),
+        f"/sessions/{dashboard['sid']}?budget=lots": (400, "budget"), f"/sessions/{dashboard['sid']}?budget=0": (400, "budget"),
+        "/api/memory/search?q=a&threshold=nan": (400, "threshold"), "/api/memory/search?q=a&threshold=1e400": (400, "threshold"),
+    }
+    for path, (want, says) in cases.items():
+        status, _, body = http(port, "GET", path, headers=j)
+        assert status == want and says in json.loads(body)["error"], (path, status, body[:300])
+    for path in ("/static/../app.py", "/static/%2e%2e/app.py", "/runs/..%2f..%2fetc%2fpasswd"):
+        status, _, body = http(port, "GET", path, headers=j)
+        assert status == 404 and b"create_app" not in body and b"root:" not in body, (path, status)
+    post = {**j, "X-CSRF-Token": token, "Origin": f"http://127.0.0.1:{port}", "Content-Type": "application/json"}
+    for path, says in (("/api/runs/x/explode", "use one of"), ("/api/runs/%2e%2e/pause", "run id")):
+        status, _, body = http(port, "POST", path, headers=post, body=b"{}")
+        assert status == 400 and says in json.loads(body)["error"], (path, status, body)
+    for body in (b"[1, 2]", b"{not json", b"\xff\xfe"):
+        status, _, out = http(port, "POST", "/api/memory/promote", headers=post, body=body)
+        assert status == 400 and "JSON object" in json.loads(out)["error"], (body, status, out)
+
+
 def test_a_foreign_host_header_is_refused(dashboard):
     port = dashboard["port"]
     _, cookie = login(port)
