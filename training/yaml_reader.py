@@ -15,13 +15,28 @@ class PlanError(ValueError):
     """A preset or config that does not validate; the message names file, field and what is allowed."""
 
 
+def _union_tag(part: object) -> bool:
+    """A loc element pydantic adds for one member of a union (``constrained-int``, ``literal['auto']``,
+    ``list[str]``, ``bool``): not a key of the YAML (field names are snake_case words)."""
+    p = str(part)
+    return "[" in p or "-" in p or p in ("int", "float", "str", "bool", "none", "dict", "list")
+
+
+def _shown(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def format_validation(err: ValidationError, source: str, lines: dict[str, int],
                        overridden: dict | None = None, override_source: str = "overrides", prefix: str = "") -> str:
-    out = []
+    """One line a field: ``file:line: field 'x': what is wrong (allowed: ...)``; a union's members'
+    complaints (``workers: 0`` is neither a number >= 1 nor 'auto') are one line with the value given."""
+    groups: dict[str, dict] = {}
     for e in err.errors():
-        loc = ".".join(str(x) for x in e["loc"])
-        top = str(e["loc"][0]) if e["loc"] else ""
-        parts = [str(x) for x in e["loc"]]
+        locs = [x for x in e["loc"] if not _union_tag(x)]
+        loc = ".".join(str(x) for x in locs)
+        top = str(locs[0]) if locs else ""
+        parts = [str(x) for x in locs]
         line = None
         while parts and line is None:  # the deepest key the YAML has a line for
             line = lines.get(prefix + ".".join(parts))
@@ -33,7 +48,16 @@ def format_validation(err: ValidationError, source: str, lines: dict[str, int],
         allowed = ""
         if e.get("ctx", {}).get("expected"):
             allowed = f" (allowed: {e['ctx']['expected']})"
-        out.append(f"{where}: field {loc!r}: {e['msg']}{allowed}")
+        g = groups.setdefault(loc, {"where": where, "msgs": [], "union": False, "input": e.get("input")})
+        g["union"] = g["union"] or len(locs) < len(e["loc"])
+        if e["msg"] + allowed not in g["msgs"]:
+            g["msgs"].append(e["msg"] + allowed)
+    out = []
+    for loc, g in groups.items():
+        msg = "; or ".join(g["msgs"])
+        if g["union"] and not isinstance(g["input"], (dict, list)):
+            msg += f" (got {_shown(g['input'])})"
+        out.append(f"{g['where']}: field {loc!r}: {msg}")
     return "\n".join(out)
 
 

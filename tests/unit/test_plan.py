@@ -324,3 +324,17 @@ def test_workers_auto_global_batch_and_where_the_estimate_applies():
                       budget_bytes=int(cpu1.total_bytes * 1.5 / USABLE_FRACTION))
     assert not tight.fits and make_plan(load_config("demo"), small, device="cpu", bf16=False,
                                         budget_bytes=int(cpu1.total_bytes * 1.5 / USABLE_FRACTION)).fits
+
+
+@pytest.mark.parametrize("value, says", [("0", "greater than or equal to 1"), ("65", "less than or equal to 64"),
+                                         ("two", "valid integer"), ("2.5", "valid integer"), ("true", "valid integer"),
+                                         ("'2'", "valid integer"), ("AUTO", "valid integer"), ("null", "valid integer")])
+def test_a_bad_workers_value_is_one_line_naming_line_value_and_what_is_allowed(tmp_path, value, says):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"train:\n  name: mine\n  max_steps: 3\n  workers: {value}\n")
+    with pytest.raises(PlanError) as err:
+        load_config(cfg)
+    lines = str(err.value).splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"{cfg}:4: field 'workers': ") and says in lines[0] and "'auto'" in lines[0]
+    assert "(got " in lines[0] and "constrained" not in lines[0] and "literal[" not in lines[0]
