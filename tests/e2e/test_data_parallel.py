@@ -5,6 +5,7 @@
 - a SIGKILL of one worker's process mid-run: Ray Train starts the group again from the newest checkpoint,
   the run records it, and its losses equal the uninterrupted 2-worker run's;
 - QLoRA (bitsandbytes' CPU path) over 2 workers trains and merges;
+- DPO over 2 workers gives the per-step losses of 1 worker with twice the micro-batch;
 - an OOM on a rank re-plans every worker (half the micro-batch, twice the accumulation), bad gradients roll
   back with half the learning rate; each resumes from the newest checkpoint.
 """
@@ -51,14 +52,15 @@ class Cluster:
         self.data = sums(tmp / "sums.jsonl")
         duet("up", "--workspace", self.ws, cwd=tmp, env=self.env)
 
-    def config(self, name: str, overrides: dict) -> Path:
+    def config(self, name: str, overrides: dict, data: Path | None = None) -> Path:
         p = self.tmp / f"{name}.yaml"
-        p.write_text(json.dumps({"preset": "demo", "model": "tiny", "data": [str(self.data)], "dataset": "sums",
+        data = data or self.data
+        p.write_text(json.dumps({"preset": "demo", "model": "tiny", "data": [str(data)], "dataset": data.stem,
                                  "overrides": {**BASE, **overrides}}))
         return p
 
-    def run(self, name: str, overrides: dict, detach: bool = False) -> str:
-        args = ["run", self.config(name, overrides), "--workspace", self.ws, "--json"] + (["--detach"] if detach else [])
+    def run(self, name: str, overrides: dict, detach: bool = False, data: Path | None = None) -> str:
+        args = ["run", self.config(name, overrides, data), "--workspace", self.ws, "--json"] + (["--detach"] if detach else [])
         return json.loads(duet(*args, cwd=self.tmp, env=self.env).stdout)["run_id"]
 
     def dir(self, run_id: str) -> Path:
@@ -143,6 +145,26 @@ def test_qlora_over_two_cpu_workers_trains_and_merges(cluster):
     assert rec["status"] == "finished", rec["error"]
     assert rec["world_size"] == 2 and rec["train_effective"]["method"] == "qlora" and rec["steps"] == 12
     assert rec["merged_model"]["path"] and Path(rec["merged_model"]["path"], "config.json").is_file()
+
+
+def test_dpo_over_two_workers_gives_the_losses_of_one(cluster):
+    """The DPO phase over 2 workers x micro-batch 2 and 1 worker x micro-batch 4: the same per-step losses."""
+    pairs = []
+    for i in range(96):
+        a, b = random.Random(i).randint(1, 999), random.Random(i + 7).randint(1, 999)
+        pairs.append({"id": f"pair-{i:03d}", "prompt": [{"role": "user", "content": f"What is {a} plus {b}?"}],
+                      "chosen": [{"role": "assistant", "content": f"{a} plus {b} is {a + b}."}],
+                      "rejected": [{"role": "assistant", "content": f"{a} plus {b} is {a + b + 1}."}],
+                      "metadata": {"category": "facts"}})
+    data = cluster.tmp / "pairs.jsonl"
+    data.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    dpo = {"phase": "dpo", "max_steps": 12, "checkpoint_every": 6, "eval_every": 12}
+    two = cluster.record(cluster.run("dpo2", {**dpo, "workers": 2, "micro_batch": 2}, data=data))
+    one = cluster.record(cluster.run("dpo1", {**dpo, "workers": 1, "micro_batch": 4}, data=data))
+    assert two["status"] == one["status"] == "finished", (two["error"], one["error"])
+    assert two["world_size"] == 2 and two["phase"] == one["phase"] == "dpo"
+    a, b = losses(two), losses(one)
+    assert sorted(a) == sorted(b) == list(range(1, 13)) and max(abs(a[s] - b[s]) for s in a) < 1e-4
 
 
 def test_an_oom_then_bad_gradients_on_a_rank_apply_duet_policies(tmp_path):
