@@ -236,11 +236,18 @@ def create_app(source: Source, keys: auth.Keys, *, bind: str = "127.0.0.1", port
         return err or JSON(doc)
 
     def cursor(q) -> dict:
+        """Where a viewer's chart is (query parameters, or the Last-Event-ID the stream sent): ValueError
+        for anything else."""
         try:
-            return {"since_step": int(q.get("since_step", 0)), "since_time": float(q["since_time"]) if q.get("since_time")
-                    else None, "since_seq": int(q.get("since_seq", 0)), "eval_key": q.get("eval_key") or None}
-        except ValueError as exc:
+            out = {"since_step": int(q.get("since_step", 0)), "since_time": float(q["since_time"]) if q.get("since_time")
+                   else None, "since_seq": int(q.get("since_seq", 0)),
+                   "eval_key": str(q["eval_key"])[:64] if q.get("eval_key") else None}
+        except (ValueError, TypeError, OverflowError) as exc:
             raise ValueError(f"bad cursor: {exc}") from exc
+        if out["since_step"] < 0 or out["since_seq"] < 0 or (out["since_time"] is not None
+                                                            and not math.isfinite(out["since_time"])):
+            raise ValueError("bad cursor: since_step and since_seq are counts (>= 0), since_time a finite time")
+        return out
 
     async def series_api(req: Request):
         try:
@@ -259,7 +266,10 @@ def create_app(source: Source, keys: auth.Keys, *, bind: str = "127.0.0.1", port
             cur = cursor(req.query_params)
             last_id = req.headers.get("last-event-id")
             if last_id:
-                cur = cursor(json.loads(last_id))
+                given = json.loads(last_id)
+                if not isinstance(given, dict):
+                    raise ValueError(f"Last-Event-ID {last_id[:60]!r}: not a cursor this server sent")
+                cur = cursor(given)
         except (ValueError, TypeError) as exc:
             return error(req, 400, str(exc))
         first, err = await call(req, source.series, run_id, **cur)

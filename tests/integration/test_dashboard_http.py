@@ -181,6 +181,11 @@ def test_hostile_parameters_are_refused_with_the_reason(dashboard):
     for path, (want, says) in cases.items():
         status, _, body = http(port, "GET", path, headers=j)
         assert status == want and says in json.loads(body)["error"], (path, status, body[:300])
+    for last_id in ("[]", "not json", '"x"', '{"since_step": -1}', '{"since_step": [1]}', '{"since_time": 1e999}'):
+        status, _, body = http(port, "GET", "/api/runs/x/stream", headers={**j, "Last-Event-ID": last_id})
+        assert status == 400, (last_id, status, body[:200])
+    status, _, body = http(port, "GET", "/api/runs/x/series?since_time=nan", headers=j)
+    assert status == 400 and "finite" in json.loads(body)["error"]
     for path in ("/static/../app.py", "/static/%2e%2e/app.py", "/runs/..%2f..%2fetc%2fpasswd"):
         status, _, body = http(port, "GET", path, headers=j)
         assert status == 404 and b"create_app" not in body and b"root:" not in body, (path, status)
