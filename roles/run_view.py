@@ -91,8 +91,12 @@ def sweep_runs(workspace: str | os.PathLike, runs: list[dict], sweep_id: str) ->
     ids = [r["run_id"] for r in runs if r.get("group") == sweep_id]
     if ids:
         return ids
+    from training.config import RUN_ID
+
+    if not RUN_ID.fullmatch(str(sweep_id)) or ".." in str(sweep_id):  # a folder name under sweeps/, nothing else
+        return []
     comp = Path(workspace) / "sweeps" / str(sweep_id) / "comparison.json"
-    if "/" in str(sweep_id) or not comp.is_file():
+    if not comp.is_file():
         return []
     try:
         return [r["run_id"] for r in json.loads(comp.read_text(encoding="utf-8")).get("rows", []) if r.get("run_id")]

@@ -47,6 +47,8 @@ def test_sweep_runs(tmp_path):
     (ws / "sweeps" / "sw2" / "comparison.json").write_text(json.dumps({"rows": [{"run_id": "x"}, {"run_id": "y"}]}))
     assert run_view.sweep_runs(ws, rows, "sw2") == ["x", "y"]
     assert run_view.sweep_runs(ws, rows, "../sw2") == [] and run_view.sweep_runs(ws, rows, "none") == []
+    (ws / "comparison.json").write_text(json.dumps({"rows": [{"run_id": "outside"}]}))
+    assert run_view.sweep_runs(ws, rows, "..") == [] and run_view.sweep_runs(ws, rows, ".") == []
 
 
 def test_the_cursor_sends_what_is_new_and_everything_after_a_rollback():
