@@ -138,6 +138,17 @@ def rows_of(doc: dict) -> list[tuple[str, str, str, str]]:
                     "", None))
         out.append(("2 workers / 1 worker tokens/s, per rep: median [min-max] (the cores are shared: 1.0 means the "
                     "coordination costs nothing)", f"{r['median']:.2f} [{r['min']:.2f}-{r['max']:.2f}]", "", None))
+        p = doc.get("plain_trl")
+        if p:
+            pm, ps, pt = p["median_tokens_per_s"], p["duet_over_plain_step_s"], p["duet_over_plain_tokens_per_s"]
+            out.append((f"plain TRL script ({doc['reps']['1_worker'][0]['dtype']}), same plan: tokens/s 1 process / torchrun 2 processes "
+                        f"(ratio {p['ratio_2_over_1']['median']:.2f})", f"{pm['1_process']:.0f} / {pm['2_processes_torchrun']:.0f}",
+                        "", None))
+            out.append(("duet / plain TRL, median step seconds (tokens/s): 1 worker vs 1 process; 2 workers vs torchrun 2",
+                        f"{ps['1_worker']:.2f} ({pt['1_worker']:.2f}); {ps['2_workers']:.2f} ({pt['2_workers']:.2f})", "", None))
+            d = p["max_loss_diff_vs_duet"]
+            out.append(("largest per-step loss difference, duet vs plain TRL (1 process; torchrun 2)",
+                        f"{d['1_process']:.2g}; {d['2_processes_torchrun']:.2g}", "", None))
     elif name == "thread_step":
         r, w, c = doc["thread_over_main"], doc["median_wall_s"], doc["median_process_cpu_s"]
         out.append((f"LoRA step ({doc.get('dtype', 'bf16')}) in a background thread / the main thread, wall, over "

@@ -9,7 +9,7 @@ the base in bf16 and trains under bf16 autocast (fp32 LoRA parameters, as duet's
 (training/cpu_lora.py) as duet's executor does on a CPU, so the script can run the exact configuration duet's executor runs (benchmarks/trl_compare.py measures the executor's overhead
 that way). The LoRA settings come from ``--lora``. A minimal callback stamps every logged optimizer step the way duet's
 executor stamps losses.jsonl (time.time() in on_log), so step times compare; results go to
-``OUT/result.json``: step times, non-padding tokens seen, tokens/s, peak RSS (of the whole process,
+``OUT/result.json`` (rank 0's, under ``torchrun --nproc_per_node N``: plain DDP over gloo or NCCL): step times, per-step losses, non-padding tokens seen, tokens/s, peak RSS (of the whole process,
 which includes loading the model, and sampled every 20 ms during ``train()`` only), and the final eval
 loss measured the same way whatever the training config (unpacked, batch 8, max_length 1024, the TRL
 defaults), so two configs' losses compare.
@@ -84,11 +84,13 @@ def main(argv=None) -> int:
     args = SFTConfig(**{**base, **extra})
 
     marks: list[tuple[int, float, int]] = []
+    losses: dict[int, float] = {}
 
     class Clock(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kw):  # as training.engine stamps losses.jsonl
             if logs and "loss" in logs:
                 marks.append((state.global_step, time.time(), int(state.num_input_tokens_seen or 0)))
+                losses[state.global_step] = float(logs["loss"])
 
     trainer = SFTTrainer(model=model, args=args, train_dataset=rows(a.train), eval_dataset=rows(a.test),
                          processing_class=tok, peft_config=LoraConfig(task_type="CAUSAL_LM", **json.loads(a.lora)),
@@ -112,7 +114,10 @@ def main(argv=None) -> int:
     # equal to the pad id: SmolLM2's EOS.)
     per_epoch = sum(len(x) for x in trainer.train_dataset["input_ids"])
     epochs_run = float(trainer.state.epoch or 0)
-    out = {"steps": len(marks), "step_times_s": steps, "train_wall_s": wall, "tokens_non_padding": tokens,
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun: rank 0 writes what the run did
+        return 0
+    out = {"steps": len(marks), "step_times_s": steps, "losses": losses,
+           "world_size": int(os.environ.get("WORLD_SIZE", "1")), "train_wall_s": wall, "tokens_non_padding": tokens,
            "tokens_per_s": tokens / wall if wall else None, "eval_loss": ev,
            "train_tokens_per_epoch": per_epoch, "epochs_run": epochs_run,
            "trained_tokens_per_s": per_epoch * epochs_run / wall if wall else None,

@@ -8,6 +8,7 @@ the result. Every rank evaluates and trains, since evaluation and training are c
 
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
 import time
@@ -45,7 +46,8 @@ def train_attempt(run, model_path: Path, cfg: TrainConfig, from_ckpt: Path | Non
         run._enter("evaluation")
         if main:
             run.emit("eval_started", which="before")
-        before = trainer.evaluate()["eval_loss"]
+        with rng_kept():  # measuring the base draws nothing the training would have drawn
+            before = trainer.evaluate()["eval_loss"]
         if main:
             run.result["eval_loss_before"] = before
             run.eval_losses.append({"step": 0, "eval_loss": float(before)})
@@ -93,6 +95,26 @@ def train_attempt(run, model_path: Path, cfg: TrainConfig, from_ckpt: Path | Non
     del trainer, model
     phases.release_memory()
     return result
+
+
+@contextlib.contextmanager
+def rng_kept():
+    """Python's, NumPy's and torch's random states (CPU and every GPU) as they were before the block.
+
+    The evaluation before training draws from the global generator (each pass over a DataLoader takes
+    a seed from it), so the LoRA dropout masks of the training that follows would differ from those of
+    a script that trains without evaluating first: the same config would give other losses than
+    plain TRL's (about 2e-3 apart at dropout 0.05, benchmarks/data_parallel.py)."""
+    import random
+
+    import numpy as np
+
+    py, npy = random.getstate(), np.random.get_state()
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        yield
+    random.setstate(py)
+    np.random.set_state(npy)
 
 
 def unmark_prepared(trainer) -> None:

@@ -187,12 +187,17 @@ class RankControl(TrainerCallback):
             if module.training:
                 mask = kwargs.get("attention_mask")
                 ids = kwargs.get("input_ids", args[0] if args else None)
-                self.tokens += int(mask.sum()) if mask is not None else (int(ids.numel()) if ids is not None else 0)
+                n = mask.sum() if mask is not None else (ids.numel() if ids is not None else 0)
+                self._pending = n if self._pending is None else self._pending + n  # a GPU tensor: no sync here
+        self._pending = None
         trainer.model.register_forward_pre_hook(hook, with_kwargs=True)
 
     def _telemetry(self, step: int) -> None:
         import psutil
 
+        if getattr(self, "_pending", None) is not None:  # once a step (the micro-batches' counts summed on device)
+            self.tokens += int(self._pending)
+            self._pending = None
         now = time.time()
         dt, dtok = now - self.t_last, self.tokens - self.tokens_last
         self.t_last, self.tokens_last = now, self.tokens

@@ -2,6 +2,7 @@
 
 - 2 workers x micro-batch 2 give the per-step losses of 1 worker x micro-batch 4 on the same data order
   (fp32, no dropout, within the first epoch);
+- the script a user would write instead (plain TRL under torchrun, 2 processes) gives the same losses;
 - a SIGKILL of one worker's process mid-run: Ray Train starts the group again from the newest checkpoint,
   the run records it, and its losses equal the uninterrupted 2-worker run's;
 - QLoRA (bitsandbytes' CPU path) over 2 workers trains and merges;
@@ -115,6 +116,21 @@ def test_two_workers_give_the_losses_of_one_with_twice_the_micro_batch(cluster, 
     assert (cluster.ws / "runs" / run_id / "run.json").is_file()  # recorded like any run
     ckpt = cluster.dir(run_id) / "raytrain" / "group"
     assert any(p.name.startswith("checkpoint_") for p in ckpt.iterdir())  # rank 0 reported them to Ray Train
+
+
+def test_two_workers_train_what_plain_trl_under_torchrun_trains(cluster, two_workers):
+    """The script a user would write instead (TRL's SFTTrainer + PEFT, no duet) under `torchrun
+    --nproc_per_node 2`, with the run's plan (model, data split, LoRA, fp32, hyper-parameters): the same
+    per-step losses as duet's 2 workers."""
+    from benchmarks.data_parallel import plain_arm
+
+    run_id, two = two_workers
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    plain = plain_arm(two, cluster.dir(run_id), cluster.tmp / "plain-ddp", 2, 2, 40, env)
+    assert plain["world_size"] == 2 and sorted(plain["losses"]) == list(range(1, 41))
+    mine = losses(two)
+    worst = max(abs(mine[s] - v) for s, v in plain["losses"].items())
+    assert worst < 1e-4, worst
 
 
 def test_a_killed_worker_restarts_the_group_and_the_losses_match(cluster, two_workers):
