@@ -56,6 +56,8 @@ class ModelProfile:
     head_dim: int
     vocab: int
     tied_embeddings: bool
+    logit_softcap: float | None = None   # Gemma 2's final_logit_softcapping: TRL's own loss path applies it
+    fused_projections: bool = False      # Phi-3: one qkv_proj and one gate_up_proj a block
 
     @classmethod
     def from_config(cls, cfg: dict | str | os.PathLike) -> "ModelProfile":
@@ -75,6 +77,13 @@ class ModelProfile:
                 raise PlanError(str(exc)) from exc
         if not isinstance(cfg, dict):
             raise PlanError("model config: expected a JSON object")
+        from training.gguf_convert import family
+        from training.gguf_write import ExportError
+
+        try:
+            family(cfg)  # a family duet cannot train and export end to end is refused before anything runs
+        except ExportError as exc:
+            raise PlanError(str(exc)) from exc
         if isinstance(cfg.get("text_config"), dict):
             cfg = cfg["text_config"]
 
@@ -100,16 +109,24 @@ class ModelProfile:
         if heads % kv:
             raise PlanError(f"model config: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}")
         tied = cfg.get("tie_word_embeddings", False)
-        return cls(model_type=str(cfg.get("model_type", "unknown"))[:64], hidden=hidden,
+        cap = cfg.get("final_logit_softcapping")
+        mt = str(cfg.get("model_type", "unknown"))[:64]
+        return cls(model_type=mt, hidden=hidden,
                    layers=shape("num_hidden_layers"), intermediate=shape("intermediate_size", required=False) or 4 * hidden,
                    heads=heads, kv_heads=kv, head_dim=head_dim, vocab=shape("vocab_size"),
-                   tied_embeddings=tied if isinstance(tied, bool) else bool(tied))
+                   tied_embeddings=tied if isinstance(tied, bool) else bool(tied),
+                   logit_softcap=float(cap) if isinstance(cap, (int, float)) and not isinstance(cap, bool) and cap > 0
+                   else None, fused_projections=mt == "phi3")
 
     @property
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
-        """(in, out) of each linear layer of one decoder block (Llama/Qwen2/Mistral shape)."""
+        """(in, out) of each linear layer of one decoder block, by the module names LoRA targets: q/k/v/o
+        and gate/up/down (Llama, Qwen, Mistral, Gemma), or Phi-3's fused qkv_proj and gate_up_proj."""
         h, kv = self.hidden, self.kv_heads * self.head_dim
         q = self.heads * self.head_dim
+        if self.fused_projections:
+            return {"qkv_proj": (h, q + 2 * kv), "o_proj": (q, h), "gate_up_proj": (h, 2 * self.intermediate),
+                    "down_proj": (self.intermediate, h)}
         return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
                 "gate_proj": (h, self.intermediate), "up_proj": (h, self.intermediate),
                 "down_proj": (self.intermediate, h)}

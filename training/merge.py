@@ -40,6 +40,29 @@ def _nf4_logits(run, base_path: Path, enc: list) -> list:
     return out
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                   "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json")
+
+
+def keep_base_tokenizer(base: Path, merged_dir: Path) -> list[str]:
+    """The merged folder carries the base model's own tokenizer files, byte for byte (what was
+    re-saved is replaced): a re-save drops ``tokenizer.model`` and the special flags that
+    llama.cpp's converter reads, and the tokenizer never changes in training. Returns the files copied."""
+    import shutil
+
+    base = Path(base)
+    if not (base / "tokenizer.json").is_file() and not (base / "tokenizer.model").is_file():
+        return []
+    for name in TOKENIZER_FILES:
+        (merged_dir / name).unlink(missing_ok=True)
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (base / name).is_file():
+            shutil.copyfile(base / name, merged_dir / name)
+            copied.append(name)
+    return copied
+
+
 def merge_and_evaluate(run, model_path: Path) -> None:
     """Merge the adapter into the 16/32-bit base (never the 4-bit weights) on the GPU when it fits,
     else on the CPU after checking free RAM; verify the merged model against adapter+base with a
@@ -74,6 +97,7 @@ def merge_and_evaluate(run, model_path: Path) -> None:
     probe = [tok.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts[:2]]
     enc = [tok(t, return_tensors="pt") for t in probe]
     if full:
+        keep_base_tokenizer(run._base_path(model_path), src)
         merged = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype).to(device)
         merged.eval()
         run.result["merged_model"] = {"path": str(src), "device": device, "dtype": str(dtype).replace("torch.", ""),
@@ -99,6 +123,7 @@ def merge_and_evaluate(run, model_path: Path) -> None:
         merged_dir = run.dir / "merged"
         merged.save_pretrained(merged_dir, safe_serialization=True)
         tok.save_pretrained(merged_dir)
+        keep_base_tokenizer(base_path, merged_dir)
         run.result["merged_model"] = {
             "path": str(merged_dir), "logit_max_abs_diff": check["max_abs"], "device": device,
             "dtype": str(dtype).replace("torch.", ""), "verified_prompts": len(enc), "verification": check,

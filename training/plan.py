@@ -37,10 +37,14 @@ def dtype_decision(cfg: TrainConfig, device: str, bf16: bool) -> str:
     return "dtype fp32 on CPU: no native bf16 (no AVX512-BF16/AMX, or a probe found bf16 no faster)"
 
 
-def speed_decisions(device: str, vocab: int, dtype: str = "fp32", method: str = "lora") -> list[str]:
+def speed_decisions(device: str, vocab: int, dtype: str = "fp32", method: str = "lora",
+                    softcap: float | None = None) -> list[str]:
     """The plan's speed and precision decisions that are not the dtype or packing, each with its measured basis."""
     out = []
-    if device != "cuda":
+    if device != "cuda" and softcap:
+        out.append(f"loss head on CPU: TRL's own chunked path, not duet's (the model caps its final logits at {softcap:g} "
+                   "with tanh, which duet's CPU loss head does not apply: training/fast_loss.py hands such a model to TRL)")
+    elif device != "cuda":
         out.append(f"loss head on CPU: duet's chunked log-softmax (training/fast_loss.py, {cpu_loss_chunk_tokens(vocab)}-"
                    f"token chunks x the {vocab:,}-token vocabulary) scores only the labelled positions through native "
                    "reductions; TRL's CPU fallback scores padding too and walks each logits tile about a dozen times "
@@ -243,7 +247,8 @@ def make_plan(cfg: TrainConfig, model: ModelProfile, *, device: str, bf16: bool,
             cfg = cfg.model_copy(update={"gradient_checkpointing": True})
             decisions.append(f"gradient checkpointing on: without it the estimate is {total_off / GIB:.2f} GiB")
     decisions.append(dtype_decision(cfg, device, bf16))
-    decisions.extend(speed_decisions(device, model.vocab, train_dtype(cfg, device, bf16), cfg.method))
+    decisions.extend(speed_decisions(device, model.vocab, train_dtype(cfg, device, bf16), cfg.method,
+                                     model.logit_softcap))
     if cfg.method == "qlora":
         dt = train_dtype(cfg, device, bf16)
         saved = qlora_head_saving(model, dt)

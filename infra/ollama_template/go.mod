@@ -1,0 +1,3 @@
+module duet/ollama_template
+
+go 1.19
