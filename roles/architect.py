@@ -279,9 +279,10 @@ class Architect:
         self.log("state", {"step": "exported", "run_id": run_id, "export": what, "dir": entry["dir"],
                            "sha256": g.get("sha256")})
         sha = self.commit([out, self.session.path], f"export: {run_id} -> {what}")
-        self.memory.add_fact(f"run {run_id} exported to {what} on {rec['host'].get('hostname')}, verified "
-                             f"(top-1 {entry['verification'].get('top1_agreement')}, mean KL "
-                             f"{entry['verification'].get('kl_mean')})",
+        v = entry["verification"]
+        self.memory.add_fact(f"run {run_id} exported to {what} on {rec['host'].get('hostname')}, checked by "
+                             f"{v.get('judge')} (top-1 {v.get('top1_agreement')}"
+                             + (f", mean KL {v['kl_mean']}" if "kl_mean" in v else "") + ")",
                              {"run_id": run_id, "session_id": self.session_id, "commit": sha},
                              kind="export", dedup_key=f"export:{run_id}:{g.get('sha256') or entry['dir']}",
                              data={"path": g.get("path") or entry["dir"], "bytes": g.get("bytes"),

@@ -176,11 +176,13 @@ def export_run(job: Job, run_id: str, executor, architect, reporter: Reporter) -
         entry = ray.get(executor.export.remote(run_id, job.export))
     ray.get(architect.record_export.remote(ray.get(executor.fetch_record.remote(run_id)), entry))
     g = entry["files"]["gguf"]
-    reporter.line("exported", f"{g['path']} ({g['bytes'] / 2**20:.1f} MiB, {entry['quant']}, verified: top-1 "
-                              f"{entry['verification']['top1_agreement']:.3f}) + Modelfile")
+    v = entry["verification"]
+    reporter.line("exported", f"{g['path']} ({g['bytes'] / 2**20:.1f} MiB, {entry['quant']}; checked by {v['judge']}: "
+                              f"top-1 {v['top1_agreement']:.3f}) + Modelfile")
     return {"gguf": g["path"], "bytes": g["bytes"], "sha256": g["sha256"], "dir": entry["dir"],
             "modelfile": entry["files"]["Modelfile"]["path"], "run_it": entry["commands"]["ollama"],
-            "verification": {k: entry["verification"][k] for k in ("top1_agreement", "kl_mean", "prompts")}}
+            "verification": {k: v[k] for k in ("judge", "top1_agreement", "top1_exact", "kl_mean", "prompts", "greedy",
+                                               "chat_template_equal", "lora") if k in v}}
 
 
 def run_pipeline(job: Job, architect, scheduler, *, client: bool, reporter: Reporter,

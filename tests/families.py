@@ -140,24 +140,8 @@ GEMMA2_TEMPLATE = (
     "{% endif %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
     "{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}")
 
-GEMMA3_TEMPLATE = (
-    "{{ bos_token }}\n{%- if messages[0]['role'] == 'system' -%}\n    {%- if messages[0]['content'] is string -%}\n"
-    "        {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}\n    {%- else -%}\n"
-    "        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}\n    {%- endif -%}\n"
-    "    {%- set loop_messages = messages[1:] -%}\n{%- else -%}\n    {%- set first_user_prefix = \"\" -%}\n"
-    "    {%- set loop_messages = messages -%}\n{%- endif -%}\n{%- for message in loop_messages -%}\n"
-    "    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}\n"
-    "        {{ raise_exception(\"Conversation roles must alternate user/assistant/user/assistant/...\") }}\n"
-    "    {%- endif -%}\n    {%- if (message['role'] == 'assistant') -%}\n        {%- set role = \"model\" -%}\n"
-    "    {%- else -%}\n        {%- set role = message['role'] -%}\n    {%- endif -%}\n"
-    "    {{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else \"\") }}\n"
-    "    {%- if message['content'] is string -%}\n        {{ message['content'] | trim }}\n"
-    "    {%- elif message['content'] is iterable -%}\n        {%- for item in message['content'] -%}\n"
-    "            {%- if item['type'] == 'image' -%}\n                {{ '<start_of_image>' }}\n"
-    "            {%- elif item['type'] == 'text' -%}\n                {{ item['text'] | trim }}\n"
-    "            {%- endif -%}\n        {%- endfor -%}\n    {%- else -%}\n"
-    "        {{ raise_exception(\"Invalid content type\") }}\n    {%- endif -%}\n    {{ '<end_of_turn>\n' }}\n"
-    "{%- endfor -%}\n{%- if add_generation_prompt -%}\n    {{'<start_of_turn>model\n'}}\n{%- endif -%}\n")
+# Gemma 3's template: the one duet gives the real Gemma 3 270M (training/models.py)
+from training.models import GEMMA3_CHAT_TEMPLATE as GEMMA3_TEMPLATE  # noqa: E402
 
 PHI4_MINI_TEMPLATE = (
     "{% for message in messages %}{% if message['role'] == 'system' and 'tools' in message and message['tools'] is "

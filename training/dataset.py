@@ -343,6 +343,34 @@ def version_files(version_dir: str | os.PathLike) -> dict[str, str]:
     return {n: (Path(version_dir) / n).read_text(encoding="utf-8") for n in VERSION_FILES}
 
 
+def takes_system(tok) -> bool:
+    """Whether the tokenizer's chat template renders a system message (Gemma 2's raises on one)."""
+    if not getattr(tok, "chat_template", None):
+        return True
+    cached = getattr(tok, "_duet_takes_system", None)
+    if cached is None:
+        try:
+            tok.apply_chat_template([{"role": "system", "content": "s"}, {"role": "user", "content": "u"}],
+                                    tokenize=False, add_generation_prompt=True)
+            cached = True
+        except Exception:  # noqa: BLE001 - the template's raise_exception
+            cached = False
+        tok._duet_takes_system = cached
+    return cached
+
+
+def for_template(tok, messages: list[dict]) -> list[dict]:
+    """A conversation as the tokenizer's chat template takes it: where the template has no system role,
+    the system message opens the first user turn ("system\n\nuser"), as Gemma 3's own template does."""
+    if not messages or messages[0].get("role") != "system" or takes_system(tok):
+        return messages
+    rest = list(messages[1:])
+    if rest and rest[0].get("role") == "user":
+        rest[0] = {**rest[0], "content": f"{messages[0]['content']}\n\n{rest[0]['content']}"}
+        return rest
+    return [{"role": "user", "content": messages[0]["content"]}] + rest
+
+
 def tokenizer_counter(folder: str | os.PathLike):
     """``record -> token count`` with a model folder's tokenizer (chat template when it has one)."""
     try:
@@ -355,8 +383,8 @@ def tokenizer_counter(folder: str | os.PathLike):
         raise DatasetError(f"{folder}: no tokenizer there ({exc})") from exc
 
     def count(d: dict) -> int:
-        msgs = d["messages"] if "messages" in d else \
-            d["prompt"] + max(d["chosen"], d["rejected"], key=lambda m: len(str(m)))
+        msgs = for_template(tok, d["messages"] if "messages" in d else
+                            d["prompt"] + max(d["chosen"], d["rejected"], key=lambda m: len(str(m))))
         if tok.chat_template:
             return len(tok.apply_chat_template(msgs, tokenize=True, return_dict=False))
         return len(tok("\n".join(m["content"] for m in msgs))["input_ids"])

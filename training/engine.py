@@ -322,7 +322,7 @@ class Run:
         return load_train_model(self._base_path(model_path), cfg, device=self.device, dtype=self.dtype, adapter=adapter)
 
     def _trainer(self, model, tok, cfg: TrainConfig, *, out: Path, max_steps: int, save: bool, evaluate: bool):
-        train_ds, test_ds = load_datasets(self.dir / "dataset", self.phase)
+        train_ds, test_ds = load_datasets(self.dir / "dataset", self.phase, tok)
         return build_trainer(model, tok, cfg, phase=self.phase, device=self.device, dtype=self.dtype, out=out,
                              max_steps=max_steps, evaluate=evaluate, save=save, train_ds=train_ds, eval_ds=test_ds)
 

@@ -69,6 +69,16 @@ def held_out_conversations(run_dir: Path, n: int = HELD_OUT) -> list[list[dict]]
     return out
 
 
+def _as_templated(merged: Path, convs: list[list[dict]]) -> list[list[dict]]:
+    """The conversations as the model's chat template takes them (a system turn folded where it has none)."""
+    from transformers import AutoTokenizer
+
+    from training.dataset import for_template
+
+    tok = AutoTokenizer.from_pretrained(merged)
+    return [for_template(tok, c) for c in convs]
+
+
 def _read_back(path: Path, arch: str) -> dict:
     import gguf
 
@@ -137,7 +147,7 @@ def verify(run_dir: Path, merged: Path, gguf_path: Path, quant: str, arch: str, 
         res = transformers_reload(merged, gguf_path, prompts, quant)
         back.pop("chat_template")
         return {**back, **res, "llama_cpp": f"not run: {why}"}
-    ref = llama_judge.merged_reference(merged, convs)
+    ref = llama_judge.merged_reference(merged, _as_templated(merged, convs))
     lora = None
     if lora_path is not None and base is not None:
         base_gguf = out_dir / f".{name}-base-f16.gguf.check"

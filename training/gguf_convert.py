@@ -255,7 +255,18 @@ def _child(conv: str, model_dir: str, out: str, quant: str, name: str) -> None:
                       "tokenizer_pre": field.contents() if field else None,
                       "tokenizer_pre_source": seen.get("pre_source", "converter (vocabulary type)"),
                       "vocab": len(r.fields["tokenizer.ggml.tokens"].contents()),
-                      "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+                      "peak_rss_bytes": _peak_rss()}))
+
+
+def _peak_rss() -> int:
+    """This process's peak RSS since its exec (VmHWM; ru_maxrss keeps the parent's peak across a fork)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 if __name__ == "__main__":

@@ -94,6 +94,9 @@ def merge_and_evaluate(run, model_path: Path) -> None:
         raise RuntimeError(f"merge needs ~{need / 2**30:.1f} GiB; free RAM is "
                            f"{psutil.virtual_memory().available / 2**30:.1f} GiB and the GPU has no room")
     test, prompts, refs = _probe(run, tok)
+    from training.dataset import for_template
+
+    prompts = [for_template(tok, p) for p in prompts]
     probe = [tok.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts[:2]]
     enc = [tok(t, return_tensors="pt") for t in probe]
     if full:

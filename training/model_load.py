@@ -122,18 +122,22 @@ def _bnb_cpu_workaround(model) -> None:
             m.support_avx512bf16_for_cpu = False
 
 
-def load_datasets(version_dir: Path, phase: str):
-    """The (train, test) splits of a dataset version as the trainer reads them: messages, or DPO triples."""
+def load_datasets(version_dir: Path, phase: str, tok=None):
+    """The (train, test) splits of a dataset version as the trainer reads them: messages, or DPO triples
+    (with ``tok``: each conversation as its chat template takes it, training/dataset.for_template)."""
     from datasets import Dataset
 
-    from training.dataset import load_split
+    from training.dataset import for_template, load_split
+
+    def fit(msgs: list[dict]) -> list[dict]:
+        return for_template(tok, msgs) if tok is not None else msgs
 
     def rows(which: str) -> Dataset:
         recs = load_split(version_dir, which)
         if phase == "dpo":
-            return Dataset.from_list([{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]}
+            return Dataset.from_list([{"prompt": fit(r["prompt"]), "chosen": r["chosen"], "rejected": r["rejected"]}
                                       for r in recs])
-        return Dataset.from_list([{"messages": r["messages"]} for r in recs])
+        return Dataset.from_list([{"messages": fit(r["messages"])} for r in recs])
 
     return rows("train"), rows("test")
 

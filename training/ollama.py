@@ -302,9 +302,10 @@ def derive(tokenizer, system: str | None = None) -> str | None:
 def identify(tokenizer, system: str | None = None) -> tuple[str | None, str, str | None]:
     """(family, why, Go template): the first of ``FAMILIES``, else a derived template, that renders
     every probe as the tokenizer's own chat template does; ``system``: the Modelfile's SYSTEM (the
-    template's default system prompt, which Ollama then puts first as HF's template does)."""
+    template's default system prompt by default, which Ollama then puts first as HF's template does)."""
     if not getattr(tokenizer, "chat_template", None):
         return None, "the tokenizer has no chat template", None
+    system = system if system is not None else default_system(tokenizer)
     for fam, (tmpl, _stops) in FAMILIES.items():
         if _matches(tokenizer, tmpl, system):
             return fam, f"the tokenizer's template renders like {fam} on {len(PROBES)} probe conversations", tmpl

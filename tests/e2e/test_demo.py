@@ -57,6 +57,7 @@ def test_demo_on_services_from_duet_up(tmp_path):
         e = s["exported"]
         assert Path(e["gguf"]).stat().st_size == e["bytes"] and Path(e["modelfile"]).read_text().startswith("FROM ./")
         assert e["verification"]["top1_agreement"] >= 0.9 and "ollama create persona" in e["run_it"]
+        assert e["verification"]["judge"].startswith("llama.cpp")  # llama.cpp itself loaded and checked it
         assert rec["exported"][-1]["files"]["gguf"]["sha256"] == e["sha256"]
         assert "export" in kinds and "persona.gguf" in (ws / "runs" / s["run_id"] / "report.md").read_text()
 

@@ -26,3 +26,6 @@ def test_make_demo_runs_the_demo_path(repo_root, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads(r.stdout[r.stdout.index("{"):])
     assert summary["ok"] and (ws / "runs" / summary["run_id"] / "run.json").is_file()
+    # the demo's persona.gguf was checked by llama.cpp itself (make setup installs it)
+    v = summary["exported"]["verification"]
+    assert v["judge"].startswith("llama.cpp") and v["top1_agreement"] >= 0.95, v

