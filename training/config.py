@@ -309,7 +309,7 @@ class RunConfig(BaseModel):
 
     model_config = _STRICT
     preset: str = Field("demo", min_length=1, description="A preset name or a YAML file (relative to this file).")
-    model: str = Field("smollm2", min_length=1, description="smollm2, tiny, or a local Hugging Face folder.")
+    model: str = Field("smollm2", min_length=1, description="smollm2, gemma3-270m, tiny, or a local Hugging Face folder.")
     data: str | list[str] = Field(..., description="Chat or DPO JSONL files, relative to this file.")
     dataset: str = Field("data", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", description="The dataset's name.")
     overrides: dict = Field(default_factory=dict, description="Training fields that replace the preset's.")

@@ -128,26 +128,52 @@ def pre_tokenizer_name(model_dir: Path) -> str | None:
 
 
 def _view(model_dir: Path, where: Path) -> tuple[Path, list[str]]:
-    """The folder the converter reads: ``model_dir`` itself, or, where its tokenizer_config.json lacks
-    ``added_tokens_decoder`` (transformers 5 keeps the special flags in tokenizer.json alone; the
-    converter's SentencePiece path reads them from tokenizer_config.json, and without them writes
-    <start_of_turn> or [INST] as plain text that llama.cpp splits), a folder of links to its files
-    with that field filled in from tokenizer.json. Returns (folder, what was added)."""
-    tc_path, tj_path = model_dir / "tokenizer_config.json", model_dir / "tokenizer.json"
-    if not (tc_path.is_file() and tj_path.is_file()):
+    """The folder the converter reads: ``model_dir`` itself, or a folder of links to its files with a
+    tokenizer_config.json whose ``added_tokens_decoder`` is completed. The converter's SentencePiece
+    path reads special and user-defined tokens from that field alone; transformers 5 keeps the special
+    flags in tokenizer.json only, and a tokenizer.model's user-defined pieces (Gemma's runs of spaces
+    and newlines) are listed nowhere else. Without them the converter writes <start_of_turn>, [INST]
+    or "    " as plain pieces that llama.cpp never matches. Returns (folder, what was added)."""
+    tc_path = model_dir / "tokenizer_config.json"
+    if not tc_path.is_file():
         return model_dir, []
     tc = json.loads(tc_path.read_text(encoding="utf-8"))
-    added = json.loads(tj_path.read_text(encoding="utf-8")).get("added_tokens") or []
-    if tc.get("added_tokens_decoder") or not added:
+    decoder = dict(tc.get("added_tokens_decoder") or {})
+    notes = []
+    tj_path = model_dir / "tokenizer.json"
+    added = json.loads(tj_path.read_text(encoding="utf-8")).get("added_tokens") or [] if tj_path.is_file() else []
+    new = {str(a["id"]): {k: a[k] for k in ("content", "lstrip", "normalized", "rstrip", "single_word", "special")
+                          if k in a} for a in added if str(a["id"]) not in decoder}
+    if new and not decoder:
+        notes.append("tokenizer_config.json: added_tokens_decoder from tokenizer.json's added_tokens")
+    else:
+        new = {}
+    user = _user_defined_pieces(model_dir / "tokenizer.model")
+    more = {i: {"content": t, "special": False, "normalized": False, "lstrip": False, "rstrip": False,
+                "single_word": False} for i, t in user.items() if i not in decoder and i not in new}
+    if more:
+        notes.append(f"tokenizer_config.json: {len(more)} user-defined pieces of tokenizer.model")
+    if not new and not more:
         return model_dir, []
     where.mkdir(parents=True, exist_ok=True)
     for f in model_dir.iterdir():
         if f.name != "tokenizer_config.json":
             (where / f.name).symlink_to(f.resolve())
-    tc["added_tokens_decoder"] = {str(a["id"]): {k: a[k] for k in ("content", "lstrip", "normalized", "rstrip",
-                                                                    "single_word", "special") if k in a} for a in added}
+    tc["added_tokens_decoder"] = {**decoder, **new, **more}
     (where / "tokenizer_config.json").write_text(json.dumps(tc, ensure_ascii=False), encoding="utf-8")
-    return where, ["tokenizer_config.json: added_tokens_decoder from tokenizer.json's added_tokens"]
+    return where, notes
+
+
+def _user_defined_pieces(path: Path) -> dict[str, str]:
+    """{id: piece} of a SentencePiece model's user-defined pieces (none without the file)."""
+    if not path.is_file():
+        return {}
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    m = pb.ModelProto()
+    m.ParseFromString(path.read_bytes())
+    kind = pb.ModelProto.SentencePiece.USER_DEFINED
+    return {str(i): p.piece for i, p in enumerate(m.pieces) if p.type == kind}
 
 
 def gguf_name(name: str, model_dir: Path) -> str:

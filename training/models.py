@@ -32,6 +32,9 @@ CHATML_TEMPLATE = (
 )
 
 
+BUILTIN = ("smollm2", "gemma3-270m", "tiny")  # the models that come as wheels (or are built), by name
+
+
 class ModelError(ValueError):
     """A model reference that cannot be resolved (CLI exit code 1)."""
 

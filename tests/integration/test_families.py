@@ -131,3 +131,23 @@ def test_a_family_duet_cannot_export_is_refused_before_anything_runs(tmp_path, r
                         "24GiB"], capture_output=True, text=True, cwd=repo_root, timeout=120)
     assert r.returncode in (1, 2), r.stdout + r.stderr
     assert "gpt_neox" in r.stdout + r.stderr and "qwen3" in r.stdout + r.stderr and "Traceback" not in r.stderr
+
+
+@NEEDS_JUDGES
+def test_a_real_pretrained_gemma3_270m_trains_exports_and_llama_cpp_agrees(env):
+    """Gemma 3 270M from the registry's wheels (a real pretrained model, 262k SentencePiece vocabulary,
+    18 layers of local and global attention): LoRA SFT, merge, a q8_0 GGUF that llama.cpp loads and
+    agrees with, the adapter on the base GGUF, and a Modelfile Go renders as the template."""
+    from training.executor import export
+
+    arch, ex, ds, _ = env
+    plan = arch.design_plan("demo", ex.probe(), ex.prepare_model("gemma3-270m"), "gemma3-270m", ds,
+                            {**TINY_RUN, "max_steps": 2, "checkpoint_every": 2, "eval_every": 2, "micro_batch": 1})
+    run_id = ex.submit(arch.submission({**plan, "run_id": "real-gemma3-270m"}, ds))
+    assert ex.wait(run_id, timeout=1500) == "finished", ex.status(run_id).get("error")
+    entry = export(ex.data_dir, run_id, quant="q8_0", name="gemma3-persona")
+    v = entry["verification"]
+    assert v["judge"].startswith("llama.cpp") and v["architecture"] == "gemma3"
+    assert v["top1_agreement"] >= 0.95 and v["chat_template_equal"] >= 2 and v["lora"]["top1_agreement"] >= 0.99
+    assert all(g["equal_prefix"] == g["tokens"] or g["diverged_at_near_tie"] for g in v["greedy"])
+    assert entry["modelfile"]["template_family"] == "gemma" and entry["modelfile"]["go_check"].startswith("Go's")
