@@ -243,7 +243,7 @@ def export_run(run_dir: Path, *, to: str = "gguf", quant: str = "f16", name: str
             lora_path = None
             if has_adapter:  # LoRA / QLoRA: the adapter alone too
                 lora_path = out_dir / f"{name}-lora.gguf"
-                info["lora"] = write_lora_gguf(adapter, config, lora_path, name=f"{name}-lora")
+                info["lora"] = write_lora_gguf(adapter, config, lora_path, name=f"{name}-lora", arch=arch)
                 files["lora_gguf"] = lora_path
             check = verify(run_dir, merged, gguf_path, quant, arch, lora_path=lora_path, base=base, out_dir=out_dir,
                            name=name)

@@ -97,17 +97,15 @@ def _permute(w, n_head: int):
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_lora_gguf(adapter_dir: Path, base_config: dict, out: Path, *, name: str) -> dict:
+def write_lora_gguf(adapter_dir: Path, base_config: dict, out: Path, *, name: str, arch: str) -> dict:
     """The LoRA adapter alone as a GGUF LoRA file (llama.cpp: ``llama-cli -m BASE.gguf --lora FILE``),
     as llama.cpp's convert_lora_to_gguf.py writes it: ``general.type`` adapter, ``adapter.type`` lora,
     ``adapter.lora.alpha``; each adapted matrix as ``<gguf name>.lora_a`` [r, in] and ``.lora_b``
-    [out, r] in F32 (B's rows permuted like the weight's for llama's q/k)."""
+    [out, r] in F32 (B's rows permuted like the weight's for llama's q/k). ``arch``: the GGUF
+    architecture (training/gguf_convert.family)."""
     import gguf
     import numpy as np
 
-    from training.gguf_convert import family
-
-    _mt, arch = family(base_config)
     acfg = json.loads((adapter_dir / "adapter_config.json").read_text())
     by_name = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}
     names = gguf.get_tensor_name_map(by_name[arch], int(base_config["num_hidden_layers"]))

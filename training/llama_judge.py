@@ -160,6 +160,22 @@ def _noise(rows, tops) -> tuple[float, list[float]]:
     return worst, logs
 
 
+def _greedy_continuation(model, ids: list[int], n: int) -> list[int]:
+    """The argmax continuation, token by token, with nothing else applied: ``generate`` would apply the
+    model's generation_config (SmolLM2's repetition penalty) and hold EOS back under min_new_tokens,
+    which llama.cpp's greedy sampling does not."""
+    import torch
+
+    out = model(torch.tensor([ids]), use_cache=True)
+    gen: list[int] = []
+    while True:
+        nxt = int(out.logits[0, -1].argmax())
+        gen.append(nxt)
+        if len(gen) == n:
+            return gen
+        out = model(torch.tensor([[nxt]]), past_key_values=out.past_key_values, use_cache=True)
+
+
 def merged_reference(merged: Path, conversations: list[list[dict]], *, max_prompt: int = 384) -> dict:
     """The merged model's side, once for every check: the tokenizer's ids and renderings, each held-out
     prompt's greedy continuation and the fp32 logits over prompt + continuation."""
@@ -180,19 +196,17 @@ def merged_reference(merged: Path, conversations: list[list[dict]], *, max_promp
     prompts = (prompts or PROBE_TEXTS[:1])[:3]
     texts = PROBE_TEXTS + [r for r in rendered if isinstance(r, str)]
     model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     sequences = []
     with torch.no_grad():
         for p in prompts:
             ids = tok(p, add_special_tokens=not has_template)["input_ids"][-max_prompt:]
-            x = torch.tensor([ids])
-            gen = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=GREEDY_TOKENS, do_sample=False,
-                                 min_new_tokens=GREEDY_TOKENS, pad_token_id=pad)[0, len(ids):].tolist()
+            gen = _greedy_continuation(model, ids, GREEDY_TOKENS)
             full = ids + gen
             logits = model(torch.tensor([full])).logits[0].float()
             sequences.append({"ids": full, "prompt": len(ids), "generate": len(gen), "gen": gen, "logits": logits})
     del model
     return {"tokenizer": tok, "template": tok.chat_template if has_template else None, "rendered": rendered,
+            "conversations": PROBE_CONVERSATIONS + conversations,
             "texts": texts, "text_ids": [tok(t, add_special_tokens=False)["input_ids"] for t in texts],
             "sequences": sequences}
 
@@ -203,7 +217,7 @@ def judge(gguf_path: Path, ref: dict, quant: str, *, template: str | None, lora:
     "quant"} to check the adapter file on the base model's GGUF too."""
     tok = ref["tokenizer"]
     seqs = ref["sequences"]
-    conversations = PROBE_CONVERSATIONS + [None] * (len(ref["rendered"]) - len(PROBE_CONVERSATIONS))
+    conversations = ref["conversations"]
     req = {"model": str(gguf_path), "texts": ref["texts"],
            "sequences": [{"ids": s["ids"], "prompt": s["prompt"], "generate": s["generate"]} for s in seqs]}
     if template:
