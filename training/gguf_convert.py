@@ -148,20 +148,84 @@ def _view(model_dir: Path, where: Path) -> tuple[Path, list[str]]:
         notes.append("tokenizer_config.json: added_tokens_decoder from tokenizer.json's added_tokens")
     else:
         new = {}
-    user = _user_defined_pieces(model_dir / "tokenizer.model")
+    spm_model = _sentencepiece_from_tokenizer_json(model_dir)
+    if spm_model is not None:
+        notes.append("tokenizer.model written from tokenizer.json (a SentencePiece-style vocabulary with no "
+                     "tokenizer.model: pieces ranked by id, as SentencePiece numbers them by score)")
+    user = _user_defined_pieces(model_dir / "tokenizer.model") if spm_model is None else {}
     more = {i: {"content": t, "special": False, "normalized": False, "lstrip": False, "rstrip": False,
                 "single_word": False} for i, t in user.items() if i not in decoder and i not in new}
     if more:
         notes.append(f"tokenizer_config.json: {len(more)} user-defined pieces of tokenizer.model")
-    if not new and not more:
+    if not new and not more and spm_model is None:
         return model_dir, []
     where.mkdir(parents=True, exist_ok=True)
     for f in model_dir.iterdir():
         if f.name != "tokenizer_config.json":
             (where / f.name).symlink_to(f.resolve())
+    if spm_model is not None:
+        (where / "tokenizer.model").write_bytes(spm_model)
     tc["added_tokens_decoder"] = {**decoder, **new, **more}
     (where / "tokenizer_config.json").write_text(json.dumps(tc, ensure_ascii=False), encoding="utf-8")
     return where, notes
+
+
+def _sentencepiece_from_tokenizer_json(model_dir: Path) -> bytes | None:
+    """A SentencePiece model for a SentencePiece-style tokenizer.json (BPE with byte fallback) that came
+    without its tokenizer.model, or None. llama.cpp's converter reads such a vocabulary from
+    tokenizer.model; from tokenizer.json alone it scores every piece alike (-1000), and llama.cpp's
+    SentencePiece merge, which merges the best-scored pair first, then splits words at random. A
+    SentencePiece model numbers its pieces by score, and a BPE trainer numbers merged pieces in merge
+    order, so -id ranks them as the tokenizer merges; llama.cpp judges the result."""
+    tj_path = model_dir / "tokenizer.json"
+    if (model_dir / "tokenizer.model").is_file() or not tj_path.is_file():
+        return None
+    tj = json.loads(tj_path.read_text(encoding="utf-8"))
+    model = tj.get("model") or {}
+    if model.get("type") != "BPE" or not model.get("byte_fallback"):
+        return None
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    vocab = {i: t for t, i in model.get("vocab", {}).items()}
+    added = {a["id"]: a for a in tj.get("added_tokens") or []}
+    vocab.update({i: a["content"] for i, a in added.items()})
+    tc_path = model_dir / "tokenizer_config.json"
+    tc = json.loads(tc_path.read_text(encoding="utf-8")) if tc_path.is_file() else {}
+    unk = model.get("unk_token") or (tc.get("unk_token") if isinstance(tc.get("unk_token"), str) else None) or "<unk>"
+    if not vocab or sorted(vocab) != list(range(len(vocab))) or unk not in vocab.values():
+        return None
+    m = pb.ModelProto()
+    kinds = pb.ModelProto.SentencePiece
+    for i in range(len(vocab)):
+        t = vocab[i]
+        if t == unk:
+            kind, score = kinds.UNKNOWN, 0.0
+        elif re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", t):
+            kind, score = kinds.BYTE, 0.0
+        elif i in added:
+            kind, score = (kinds.CONTROL if added[i].get("special") else kinds.USER_DEFINED), 0.0
+        else:
+            kind, score = kinds.NORMAL, -float(i)
+        m.pieces.add(piece=t, score=score, type=kind)
+    m.trainer_spec.model_type = pb.TrainerSpec.BPE
+    m.trainer_spec.vocab_size = len(vocab)
+    m.trainer_spec.byte_fallback = True
+    ids = {t: i for i, t in vocab.items()}
+
+    def special(key: str) -> int:
+        v = tc.get(key)
+        v = v.get("content") if isinstance(v, dict) else v
+        return ids.get(v, -1) if isinstance(v, str) else -1
+
+    m.trainer_spec.unk_id = ids[unk]
+    m.trainer_spec.bos_id, m.trainer_spec.eos_id, m.trainer_spec.pad_id = (special(k) for k in
+                                                                            ("bos_token", "eos_token", "pad_token"))
+    text = json.dumps([tj.get("normalizer"), tj.get("pre_tokenizer")])
+    m.normalizer_spec.name = "identity"
+    m.normalizer_spec.add_dummy_prefix = '"Prepend"' in text or ('"Metaspace"' in text and '"never"' not in text)
+    m.normalizer_spec.remove_extra_whitespaces = False
+    m.normalizer_spec.escape_whitespaces = True
+    return m.SerializeToString()
 
 
 def _user_defined_pieces(path: Path) -> dict[str, str]:

@@ -122,6 +122,25 @@ def test_qlora_and_dpo_train_and_merge(env, family):
     assert rec["phase"] == "dpo"
 
 
+@NEEDS_JUDGES
+@pytest.mark.parametrize("family", ["mistral", "gemma2", "phi3.5"])
+def test_a_sentencepiece_family_without_its_tokenizer_model_converts_and_llama_cpp_agrees(tmp_path, family):
+    """A folder whose tokenizer.model was not kept (a transformers 5 save keeps tokenizer.json alone)."""
+    from training import gguf_convert, llama_judge
+
+    m = tmp_path / family
+    shutil.copytree(families.build(family), m)
+    (m / "tokenizer.model").unlink()
+    (tmp_path / "out").mkdir()
+    info = gguf_convert.convert(m, tmp_path / "out" / "m.gguf", "f16", name=family)
+    ref = llama_judge.merged_reference(m, [[{"role": "user", "content": "Tell me about the sea."}]])
+    import gguf
+
+    template = gguf.GGUFReader(str(tmp_path / "out" / "m.gguf")).fields["tokenizer.chat_template"].contents()
+    v = llama_judge.judge(tmp_path / "out" / "m.gguf", ref, "f16", template=template)
+    assert v["top1_agreement"] >= 0.99 and info["tokenizer"] == "llama"
+
+
 def test_a_family_duet_cannot_export_is_refused_before_anything_runs(tmp_path, repo_root):
     cfg = {"model_type": "gpt_neox", "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2,
            "vocab_size": 100, "intermediate_size": 128}
