@@ -115,6 +115,16 @@ def rows_of(doc: dict) -> list[tuple[str, str, str, str]]:
             v = j["verdict"]
             out.append((f"GGUF {q} in llama.cpp: top-1 agreement, greedy tokens equal (3 prompts x 20)",
                         f"{v['top1_agreement']:.3f}, {v['greedy_equal']}", "", None))
+    elif name == "export-writer-vs-converter":
+        a = doc["arms"]
+        for q in ("f16", "q8_0"):
+            w, c = a[f"duet-{q}"], a[f"converter-{q}"]
+            out.append((f"SmolLM2 -> GGUF {q}: duet's former writer / llama.cpp's converter, seconds and peak RSS MiB",
+                        f"{w['seconds']:.1f} / {c['seconds']:.1f} s, {w['peak_rss_bytes'] / 2**20:.0f} / "
+                        f"{c['peak_rss_bytes'] / 2**20:.0f} MiB", "", None))
+            out.append((f"GGUF {q} loads in llama.cpp and agrees: duet's former writer / the converter",
+                        f"{'yes' if w['llama_cpp']['agrees'] else 'no'} / {'yes' if c['llama_cpp']['agrees'] else 'no'}",
+                        "the converter: yes", c["llama_cpp"]["agrees"]))
     elif name == "scheduling":
         o, q = doc["submit_to_first_step_s"], doc["queued_to_dispatched_s"]
         for n, w in doc["sweep_wall_s"].items():
