@@ -142,12 +142,10 @@ def _view(model_dir: Path, where: Path) -> tuple[Path, list[str]]:
     notes = []
     tj_path = model_dir / "tokenizer.json"
     added = json.loads(tj_path.read_text(encoding="utf-8")).get("added_tokens") or [] if tj_path.is_file() else []
-    new = {str(a["id"]): {k: a[k] for k in ("content", "lstrip", "normalized", "rstrip", "single_word", "special")
-                          if k in a} for a in added if str(a["id"]) not in decoder}
-    if new and not decoder:
+    new = {} if decoder else {str(a["id"]): {k: a[k] for k in ("content", "lstrip", "normalized", "rstrip",
+                                                                  "single_word", "special") if k in a} for a in added}
+    if new:
         notes.append("tokenizer_config.json: added_tokens_decoder from tokenizer.json's added_tokens")
-    else:
-        new = {}
     spm_model = _sentencepiece_from_tokenizer_json(model_dir)
     if spm_model is not None:
         notes.append("tokenizer.model written from tokenizer.json (a SentencePiece-style vocabulary with no "
@@ -194,22 +192,18 @@ def _sentencepiece_from_tokenizer_json(model_dir: Path) -> bytes | None:
     unk = model.get("unk_token") or (tc.get("unk_token") if isinstance(tc.get("unk_token"), str) else None) or "<unk>"
     if not vocab or sorted(vocab) != list(range(len(vocab))) or unk not in vocab.values():
         return None
-    m = pb.ModelProto()
     kinds = pb.ModelProto.SentencePiece
+    pieces = []
     for i in range(len(vocab)):
         t = vocab[i]
         if t == unk:
-            kind, score = kinds.UNKNOWN, 0.0
+            pieces.append((t, 0.0, kinds.UNKNOWN))
         elif re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", t):
-            kind, score = kinds.BYTE, 0.0
+            pieces.append((t, 0.0, kinds.BYTE))
         elif i in added:
-            kind, score = (kinds.CONTROL if added[i].get("special") else kinds.USER_DEFINED), 0.0
+            pieces.append((t, 0.0, kinds.CONTROL if added[i].get("special") else kinds.USER_DEFINED))
         else:
-            kind, score = kinds.NORMAL, -float(i)
-        m.pieces.add(piece=t, score=score, type=kind)
-    m.trainer_spec.model_type = pb.TrainerSpec.BPE
-    m.trainer_spec.vocab_size = len(vocab)
-    m.trainer_spec.byte_fallback = True
+            pieces.append((t, -float(i), kinds.NORMAL))
     ids = {t: i for i, t in vocab.items()}
 
     def special(key: str) -> int:
@@ -217,12 +211,27 @@ def _sentencepiece_from_tokenizer_json(model_dir: Path) -> bytes | None:
         v = v.get("content") if isinstance(v, dict) else v
         return ids.get(v, -1) if isinstance(v, str) else -1
 
-    m.trainer_spec.unk_id = ids[unk]
-    m.trainer_spec.bos_id, m.trainer_spec.eos_id, m.trainer_spec.pad_id = (special(k) for k in
-                                                                            ("bos_token", "eos_token", "pad_token"))
     text = json.dumps([tj.get("normalizer"), tj.get("pre_tokenizer")])
+    return sentencepiece_model(pieces, unk=ids[unk], bos=special("bos_token"), eos=special("eos_token"),
+                               pad=special("pad_token"),
+                               dummy_prefix='"Prepend"' in text or ('"Metaspace"' in text and '"never"' not in text))
+
+
+def sentencepiece_model(pieces: list[tuple[str, float, int]], *, unk: int, bos: int, eos: int, pad: int,
+                        dummy_prefix: bool) -> bytes:
+    """A serialized SentencePiece BPE model with byte fallback from its (piece, score, type) list, as
+    llama.cpp's converter reads one (types are SentencePiece's, which GGUF's token types copy)."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    m = pb.ModelProto()
+    for piece, score, kind in pieces:
+        m.pieces.add(piece=piece, score=score, type=kind)
+    m.trainer_spec.model_type = pb.TrainerSpec.BPE
+    m.trainer_spec.vocab_size = len(pieces)
+    m.trainer_spec.byte_fallback = True
+    m.trainer_spec.unk_id, m.trainer_spec.bos_id, m.trainer_spec.eos_id, m.trainer_spec.pad_id = unk, bos, eos, pad
     m.normalizer_spec.name = "identity"
-    m.normalizer_spec.add_dummy_prefix = '"Prepend"' in text or ('"Metaspace"' in text and '"never"' not in text)
+    m.normalizer_spec.add_dummy_prefix = dummy_prefix
     m.normalizer_spec.remove_extra_whitespaces = False
     m.normalizer_spec.escape_whitespaces = True
     return m.SerializeToString()

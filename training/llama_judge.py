@@ -178,12 +178,16 @@ def _greedy_continuation(model, ids: list[int], n: int) -> list[int]:
 
 def merged_reference(merged: Path, conversations: list[list[dict]], *, max_prompt: int = 384) -> dict:
     """The merged model's side, once for every check: the tokenizer's ids and renderings, each held-out
-    prompt's greedy continuation and the fp32 logits over prompt + continuation."""
+    prompt's greedy continuation and the fp32 logits over prompt + continuation. A held-out system
+    turn is folded into the first user turn where the template has no system role, as in training."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from training.dataset import for_template
+
     tok = AutoTokenizer.from_pretrained(merged)
     has_template = bool(getattr(tok, "chat_template", None))
+    conversations = [for_template(tok, c) for c in conversations]  # as the model's template takes them
     rendered = []
     for conv in PROBE_CONVERSATIONS + conversations:
         try:

@@ -13,8 +13,9 @@ torch = lazy("torch", extra="executor")
 
 
 def _probe(run, tok) -> tuple[list, list, list]:
-    """(test records, prompts, references) of the test split, for the merge check and samples."""
-    from training.dataset import load_split
+    """(test records, prompts, references) of the test split, for the merge check and samples; each
+    prompt as the chat template takes it (training/dataset.for_template)."""
+    from training.dataset import for_template, load_split
 
     test = load_split(run.dir / "dataset", "test")
     if run.phase == "dpo":
@@ -23,7 +24,7 @@ def _probe(run, tok) -> tuple[list, list, list]:
     else:
         prompts = [r["messages"][:-1] if r["messages"][-1]["role"] == "assistant" else r["messages"] for r in test]
         refs = [r["messages"][-1]["content"] for r in test]
-    return test, prompts, refs
+    return test, [for_template(tok, p) for p in prompts], refs
 
 
 def _nf4_logits(run, base_path: Path, enc: list) -> list:
@@ -94,9 +95,6 @@ def merge_and_evaluate(run, model_path: Path) -> None:
         raise RuntimeError(f"merge needs ~{need / 2**30:.1f} GiB; free RAM is "
                            f"{psutil.virtual_memory().available / 2**30:.1f} GiB and the GPU has no room")
     test, prompts, refs = _probe(run, tok)
-    from training.dataset import for_template
-
-    prompts = [for_template(tok, p) for p in prompts]
     probe = [tok.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts[:2]]
     enc = [tok(t, return_tensors="pt") for t in probe]
     if full:

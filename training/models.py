@@ -124,28 +124,22 @@ def _sentencepiece_from_gguf(gguf_path: Path, out: Path) -> None:
     types (GGUF's token types are SentencePiece's), BPE with byte fallback, no dummy prefix where the
     GGUF says so."""
     import gguf
-    from sentencepiece import sentencepiece_model_pb2 as pb
 
-    r = gguf.GGUFReader(str(gguf_path))
-    f = r.fields
+    from training.gguf_convert import sentencepiece_model
+
+    f = gguf.GGUFReader(str(gguf_path)).fields
     tokens, scores, types = (f[k].contents() for k in ("tokenizer.ggml.tokens", "tokenizer.ggml.scores",
                                                        "tokenizer.ggml.token_type"))
-    unk = f["tokenizer.ggml.unknown_token_id"].contents()
-    m = pb.ModelProto()
-    for i, (t, sc, ty) in enumerate(zip(tokens, scores, types)):
-        m.pieces.add(piece=t, score=float(sc), type=2 if i == unk else int(ty))
-    m.trainer_spec.model_type = pb.TrainerSpec.BPE
-    m.trainer_spec.vocab_size = len(tokens)
-    m.trainer_spec.byte_fallback = True
-    for key, attr in (("unknown_token_id", "unk_id"), ("bos_token_id", "bos_id"), ("eos_token_id", "eos_id"),
-                      ("padding_token_id", "pad_id")):
-        setattr(m.trainer_spec, attr, int(f[f"tokenizer.ggml.{key}"].contents()) if f"tokenizer.ggml.{key}" in f else -1)
+    unk = int(f["tokenizer.ggml.unknown_token_id"].contents())
+
+    def special(key: str) -> int:
+        return int(f[f"tokenizer.ggml.{key}"].contents()) if f"tokenizer.ggml.{key}" in f else -1
+
     add_space = f.get("tokenizer.ggml.add_space_prefix")
-    m.normalizer_spec.name = "identity"
-    m.normalizer_spec.add_dummy_prefix = bool(add_space.contents()) if add_space is not None else True
-    m.normalizer_spec.remove_extra_whitespaces = False
-    m.normalizer_spec.escape_whitespaces = True
-    out.write_bytes(m.SerializeToString())
+    pieces = [(t, float(sc), 2 if i == unk else int(ty)) for i, (t, sc, ty) in enumerate(zip(tokens, scores, types))]
+    out.write_bytes(sentencepiece_model(pieces, unk=unk, bos=special("bos_token_id"), eos=special("eos_token_id"),
+                                        pad=special("padding_token_id"),
+                                        dummy_prefix=bool(add_space.contents()) if add_space is not None else True))
 
 
 GEMMA3_CHAT_TEMPLATE = (
