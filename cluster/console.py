@@ -14,11 +14,22 @@ from rich.table import Table
 _console: Console | None = None
 
 
+class SafeConsole(Console):
+    """A Console whose printed texts have their control characters shown as escapes
+    (``cluster.output.terminal_safe``): stored text (a logged turn, a report, a file name) can never
+    send escape sequences to the terminal. Rich's own styling is added after."""
+
+    def print(self, *objects, **kw):
+        from cluster.output import terminal_safe
+
+        return super().print(*(terminal_safe(o) if isinstance(o, str) else o for o in objects), **kw)
+
+
 def console() -> Console:
     """The one stderr console of the CLI (stdout is for --json documents)."""
     global _console
     if _console is None:
-        _console = Console(stderr=True, soft_wrap=True)
+        _console = SafeConsole(stderr=True, soft_wrap=True)
     return _console
 
 
@@ -27,7 +38,7 @@ def print_error(exc: BaseException | str) -> None:
     from cluster.output import describe
 
     msg = exc if isinstance(exc, str) else describe(exc)
-    Console(stderr=True, soft_wrap=True).print(f"[red]error:[/] {escape(msg)}", highlight=False)
+    SafeConsole(stderr=True, soft_wrap=True).print(f"[red]error:[/] {escape(msg)}", highlight=False)
 
 
 def _gib(b: int) -> str:

@@ -50,7 +50,15 @@ def store_urls(workspace: str | os.PathLike) -> tuple[str | None, str | None]:
 
 
 def up(workspace: str | os.PathLike, *, ray_port: int | None = None) -> Embedded:
+    from roles.queue import QueueError, load_entries
+
     sd = state_dir(workspace)
+    queue = Path(workspace) / ".duet" / "queue.json"
+    if queue.exists() or queue.is_symlink():
+        try:  # a damaged queue file is named now, before anything starts, not as a dead scheduler later
+            load_entries(queue)
+        except QueueError as exc:
+            raise ValueError(str(exc)) from None
     sd.mkdir(parents=True, exist_ok=True)
     before = running(workspace)
     started = []

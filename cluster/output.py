@@ -31,6 +31,25 @@ def stdout_for_json_only() -> None:
     os.dup2(2, 1)
 
 
+_CONTROL = None
+
+
+def terminal_safe(text: str) -> str:
+    """Stored text made safe to print on a terminal: control characters (ESC and every other C0/C1
+    code but newline and tab, DEL, and the bidirectional overrides) are shown as visible escapes
+    (``\\x1b``, ``\\u202e``), so a logged turn cannot write the clipboard (OSC 52), clear the screen,
+    hide text or reorder a line."""
+    global _CONTROL
+    import re
+
+    if _CONTROL is None:
+        _CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+    if not isinstance(text, str):
+        text = str(text)
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100 else f"\\u{ord(m.group()):04x}",
+                        text)
+
+
 def exit_code_for(exc: BaseException) -> int:
     """The exit code of an error a command did not handle itself (DESIGN.md's contract): a secret or
     a policy refusal 2, an unreachable service 3, anything about the input 1."""

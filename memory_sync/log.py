@@ -146,10 +146,20 @@ def validate_meta(meta: object, where: str) -> dict:
     return meta
 
 
+def read_session_file(p: Path) -> str:
+    """A session file's text, read inside its session folder (no symlink out of it, size-limited)."""
+    from infra import safe_files
+
+    try:
+        return safe_files.read_bytes(p.parent, p.name).decode("utf-8")
+    except safe_files.FileRefused as exc:
+        raise EventError(str(exc)) from None
+
+
 def read_meta(path: str | os.PathLike) -> dict:
     p = Path(path)
     try:
-        meta = loads_strict(p.read_text(encoding="utf-8"))
+        meta = loads_strict(read_session_file(p))
     except UnicodeDecodeError as exc:
         raise EventError(f"{p}: not UTF-8 (byte {exc.start})") from exc
     except ValueError as exc:
@@ -169,7 +179,7 @@ def read_events(path: str | os.PathLike) -> list[dict]:
     if not p.exists():
         return out
     try:
-        text = p.read_text(encoding="utf-8")
+        text = read_session_file(p)
     except UnicodeDecodeError as exc:
         raise EventError(f"{p}: not UTF-8 (byte {exc.start})") from exc
     for n, ev in json_lines(text, str(p), EventError):

@@ -49,21 +49,72 @@ def _slim(e: dict) -> None:
     e["plans"] = {n: {"estimate": {"total_bytes": plan_bytes(p)}} for n, p in e["plans"].items()}
 
 
+MAX_QUEUE_BYTES = 256 << 20
+
+
+def load_entries(path: Path) -> dict[str, dict]:
+    """The queue file checked as a whole (schema, every entry's fields, unique run ids) before any
+    of it is used: QueueError naming the file, the entry and the problem, never a half-read queue."""
+    from infra import safe_files
+
+    hint = "; fix or move it away to start an empty queue (nothing was changed)"
+    try:
+        doc = safe_files.read_json(path.parent, path.name, MAX_QUEUE_BYTES)
+    except (OSError, ValueError) as exc:
+        raise QueueError(f"{path}: not a duet queue file ({exc}){hint}") from None
+    if not isinstance(doc, dict):
+        raise QueueError(f"{path}: not a duet queue file (a JSON {type(doc).__name__}, expected an object with "
+                         f"'schema' and 'entries'){hint}")
+    if doc.get("schema") != SCHEMA or not isinstance(doc.get("entries"), list):
+        raise QueueError(f"{path}: schema {doc.get('schema')!r} with {type(doc.get('entries')).__name__} entries, "
+                         f"expected schema {SCHEMA} with a list of entries{hint}")
+    from training.config import RUN_ID
+
+    out: dict[str, dict] = {}
+    for i, e in enumerate(doc["entries"]):
+        where = f"{path}: entries[{i}]"
+        if not isinstance(e, dict):
+            raise QueueError(f"{where}: a JSON {type(e).__name__}, expected an object{hint}")
+        rid = e.get("run_id")
+        if not isinstance(rid, str) or not RUN_ID.fullmatch(rid) or ".." in rid:
+            raise QueueError(f"{where}: run_id {str(rid)[:80]!r} is not a run id{hint}")
+        if rid in out:
+            raise QueueError(f"{where}: run id {rid!r} appears twice (entries do not share an id){hint}")
+        if e.get("state") not in STATES:
+            raise QueueError(f"{where} ({rid}): state {str(e.get('state'))[:40]!r}, expected one of "
+                             f"{', '.join(STATES)}{hint}")
+        plans = e.get("plans")
+        if not isinstance(plans, dict) or not plans or not all(
+                isinstance(p, dict) and isinstance(p.get("estimate"), dict) for p in plans.values()):
+            raise QueueError(f"{where} ({rid}): plans must map each executor to a plan with an estimate{hint}")
+        try:
+            for p in plans.values():
+                plan_bytes(p)
+        except (KeyError, TypeError, ValueError):
+            raise QueueError(f"{where} ({rid}): a plan's estimate lacks total_bytes (a whole number){hint}") from None
+        if not isinstance(e.get("dataset"), dict):
+            raise QueueError(f"{where} ({rid}): dataset must be an object{hint}")
+        q = e.get("queued_at")
+        if isinstance(q, bool) or not isinstance(q, (int, float)):
+            raise QueueError(f"{where} ({rid}): queued_at must be a time (seconds){hint}")
+        for key in ("pinned", "group", "title", "executor"):
+            if e.get(key) is not None and not isinstance(e[key], str):
+                raise QueueError(f"{where} ({rid}): {key} must be a text or null{hint}")
+        mp = e.get("max_parallel")
+        if mp is not None and (isinstance(mp, bool) or not isinstance(mp, int) or mp < 1):
+            raise QueueError(f"{where} ({rid}): max_parallel must be a whole number >= 1 or null{hint}")
+        out[rid] = e
+    return out
+
+
 class RunQueue:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path).expanduser()  # "~/..." when the head has no executor data dir to name
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
         self.entries: dict[str, dict] = {}
-        if self.path.exists():
-            try:
-                doc = json.loads(self.path.read_text())
-            except ValueError as exc:
-                raise QueueError(f"{self.path}: not a duet queue file ({exc}); move it away to start an empty "
-                                 "queue") from exc
-            if doc.get("schema") != SCHEMA or not isinstance(doc.get("entries"), list):
-                raise QueueError(f"{self.path}: schema {doc.get('schema')!r}, expected {SCHEMA}")
-            self.entries = {e["run_id"]: e for e in doc["entries"]}
+        if self.path.exists() or self.path.is_symlink():
+            self.entries = load_entries(self.path)
 
     def _save(self) -> None:
         tmp = self.path.with_name(self.path.name + ".tmp")

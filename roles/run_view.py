@@ -8,7 +8,6 @@ cluster is unreachable still lists and shows the runs its workspace recorded.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -21,11 +20,28 @@ CALL_TIMEOUT = 60
 
 
 def _load(path: Path) -> dict | None:
+    """A run folder's run.json (read inside the folder, infra/safe_files.py); None when absent,
+    ``{"_damaged": why}`` when it is there but unreadable, not a record, or a symlink out of the folder."""
+    from infra import safe_files
+
     try:
-        rec = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        rec = safe_files.read_json(path.parent, path.name)
+    except FileNotFoundError:
         return None
-    return rec if isinstance(rec, dict) and isinstance(rec.get("run_id"), str) else None
+    except (OSError, ValueError) as exc:
+        return {"_damaged": str(exc)[:300]}
+    if not isinstance(rec, dict) or not isinstance(rec.get("run_id"), str):
+        return {"_damaged": f"{path}: not a run record (a JSON object with a run_id)"}
+    if rec["run_id"] != path.parent.name:
+        return {"_damaged": f"{path}: records run {rec['run_id'][:80]!r}, not {path.parent.name!r}"}
+    return rec
+
+
+def damaged_row(run_id: str, why: str) -> dict:
+    """A runs-table row for a run folder whose record cannot be read: shown as damaged, never a failed page."""
+    return {"run_id": run_id, "name": None, "phase": None, "state": "damaged", "node": None, "step": 0,
+            "max_steps": None, "started": None, "eta_s": None, "loss": None, "eval_loss": None,
+            "tokens_per_second": None, "queued_at": None, "source": "workspace", "error": why}
 
 
 def row_from_record(rec: dict) -> dict:
@@ -43,10 +59,19 @@ def recorded_runs(workspace: str | os.PathLike) -> dict[str, dict]:
     """{run id: row} for every run record committed to the workspace (runs/<id>/run.json)."""
     root = Path(workspace) / "runs"
     out = {}
+    from training.config import RUN_ID
+
     for rj in sorted(root.glob("*/run.json")) if root.is_dir() else []:
+        if not RUN_ID.fullmatch(rj.parent.name) or rj.parent.is_symlink():
+            continue
         rec = _load(rj)
-        if rec is not None and rec["run_id"] == rj.parent.name:
-            out[rec["run_id"]] = row_from_record(rec)
+        if rec is None:
+            continue
+        try:
+            out[rj.parent.name] = damaged_row(rj.parent.name, rec["_damaged"]) if "_damaged" in rec \
+                else row_from_record(rec)
+        except (TypeError, AttributeError, KeyError) as exc:  # fields of the wrong type
+            out[rj.parent.name] = damaged_row(rj.parent.name, f"{rj}: a field has the wrong type ({exc})")
     return out
 
 
@@ -58,15 +83,32 @@ def recorded_run(workspace: str | os.PathLike, run_id: str) -> dict | None:
         check_run_id(run_id)
     except PlanError:
         return None
+    from infra import safe_files
+
     d = Path(workspace) / "runs" / run_id
+    if d.is_symlink():
+        return {"record": {"run_id": run_id, "status": "damaged", "error": f"{d}: a symlink; not read"},
+                "report": None, "events": [], "damaged": True}
     rec = _load(d / "run.json")
     if rec is None:
         return None
-    report = d / "report.md"
-    events = d / "events.jsonl"
-    return {"record": rec, "report": report.read_text(encoding="utf-8") if report.is_file() else None,
-            "events": [json.loads(x) for x in events.read_text(encoding="utf-8").splitlines() if x.strip()]
-            if events.is_file() else []}
+    if "_damaged" in rec:
+        return {"record": {"run_id": run_id, "status": "damaged", "error": rec["_damaged"]}, "report": None,
+                "events": [], "damaged": True}
+    out = {"record": rec, "report": None, "events": [], "damaged": False}
+    try:
+        out["report"] = safe_files.read_text(d, "report.md")
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError) as exc:
+        out["report"] = f"(report.md not shown: {exc})"
+    try:
+        out["events"] = [e for e in safe_files.read_jsonl(d, "events.jsonl") if isinstance(e, dict)]
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError) as exc:
+        out["events"] = [{"kind": "damaged", "message": str(exc)[:300]}]
+    return out
 
 
 def overview(workspace: str | os.PathLike, scheduler=None, connected: bool = True) -> dict:
@@ -95,12 +137,12 @@ def sweep_runs(workspace: str | os.PathLike, runs: list[dict], sweep_id: str) ->
 
     if not RUN_ID.fullmatch(str(sweep_id)) or ".." in str(sweep_id):  # a folder name under sweeps/, nothing else
         return []
-    comp = Path(workspace) / "sweeps" / str(sweep_id) / "comparison.json"
-    if not comp.is_file():
-        return []
+    from infra import safe_files
+
     try:
-        return [r["run_id"] for r in json.loads(comp.read_text(encoding="utf-8")).get("rows", []) if r.get("run_id")]
-    except (OSError, ValueError, AttributeError, TypeError):
+        doc = safe_files.read_json(workspace, Path("sweeps") / str(sweep_id) / "comparison.json")
+        return [str(r["run_id"]) for r in doc.get("rows", []) if r.get("run_id")]
+    except (OSError, ValueError, AttributeError, TypeError, KeyError):
         return []
 
 

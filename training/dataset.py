@@ -316,7 +316,9 @@ def build_version(files: list[str | os.PathLike], out_root: str | os.PathLike, n
 
 
 def load_manifest(version_dir: str | os.PathLike) -> dict:
-    return json.loads((Path(version_dir) / "manifest.json").read_text())
+    from infra import safe_files
+
+    return safe_files.read_json(version_dir, "manifest.json")
 
 
 def verify_version(version_dir: str | os.PathLike) -> dict:
@@ -324,10 +326,15 @@ def verify_version(version_dir: str | os.PathLike) -> dict:
     vd = Path(version_dir)
     try:
         manifest = load_manifest(vd)
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:
         raise DatasetError(f"{vd / 'manifest.json'}: unreadable ({exc})") from exc
-    train_txt = (vd / "train.jsonl").read_text(encoding="utf-8")
-    test_txt = (vd / "test.jsonl").read_text(encoding="utf-8")
+    from infra import safe_files
+
+    try:
+        train_txt = safe_files.read_bytes(vd, "train.jsonl", safe_files.DATA_BYTES).decode("utf-8")
+        test_txt = safe_files.read_bytes(vd, "test.jsonl", safe_files.DATA_BYTES).decode("utf-8")
+    except (OSError, ValueError) as exc:
+        raise DatasetError(f"{vd}: {exc}") from exc
     h = hashlib.sha256(("train\n" + train_txt + "test\n" + test_txt).encode()).hexdigest()
     if h != manifest.get("content_hash"):
         raise DatasetError(f"{vd}: content hash {h[:12]} does not match the manifest's "
@@ -393,5 +400,7 @@ def tokenizer_counter(folder: str | os.PathLike):
 
 
 def load_split(version_dir: str | os.PathLike, which: str) -> list[dict]:
-    path = Path(version_dir) / f"{which}.jsonl"
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    """A version's split, read inside the version's folder (infra/safe_files.py)."""
+    from infra import safe_files
+
+    return safe_files.read_jsonl(version_dir, f"{which}.jsonl", safe_files.DATA_BYTES)

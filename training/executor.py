@@ -90,15 +90,24 @@ def local_run(plan_file: str | os.PathLike, *, workspace: str | os.PathLike, dat
 
 def record_files(rdir: Path) -> dict:
     """A run's small files for the workspace (binary ones base64-encoded) and its record."""
+    from infra import safe_files
+
     if not (rdir / "run.json").is_file():
         raise ExecutorError(f"no record for run {rdir.name!r} under {rdir}")
     out = {}
-    for name in RECORD_FILES:
-        p = rdir / name
-        if p.is_file():
-            data = p.read_bytes()
-            out[name] = {"b64": base64.b64encode(data).decode()} if name.endswith(".png") else data.decode()
-    out["_record"] = json.loads((rdir / "run.json").read_text())
+    try:
+        for name in RECORD_FILES:  # inside the run's folder only: a symlink out of it is refused
+            try:
+                data = safe_files.read_bytes(rdir, name)
+            except FileNotFoundError:
+                continue
+            out[name] = {"b64": base64.b64encode(data).decode()} if name.endswith(".png") \
+                else data.decode("utf-8", "replace")
+        out["_record"] = safe_files.loads(out["run.json"], str(rdir / "run.json"))
+    except (ValueError, KeyError) as exc:
+        raise ExecutorError(f"the record of run {rdir.name!r} is damaged: {exc}") from None
+    if not isinstance(out["_record"], dict):
+        raise ExecutorError(f"the record of run {rdir.name!r} is damaged: {rdir / 'run.json'} is not a JSON object")
     return out
 
 

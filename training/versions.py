@@ -8,7 +8,6 @@ Read-only: nothing here writes to a version (they are immutable, see training/da
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -24,8 +23,10 @@ def list_versions(workspace: str | os.PathLike) -> list[dict]:
     root = Path(workspace) / "datasets"
     out = []
     for mf in sorted(root.glob("*/*/manifest.json")) if root.is_dir() else []:
+        if mf.parent.is_symlink() or mf.parent.parent.is_symlink():
+            continue
         try:
-            m = json.loads(mf.read_text(encoding="utf-8"))
+            m = load_manifest(mf.parent)
         except (OSError, ValueError):
             continue
         if not isinstance(m, dict) or not str(m.get("content_hash", "")).startswith(mf.parent.name):
@@ -77,9 +78,12 @@ def histogram(values: list[int], bins: int = 20) -> dict:
 
 
 def _jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
+    from infra import safe_files
+
+    try:
+        return [x for x in safe_files.read_jsonl(path.parent, path.name) if isinstance(x, dict)]
+    except FileNotFoundError:
         return []
-    return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
 
 
 def overview(version_dir: str | os.PathLike, spot_limit: int = 20) -> dict:

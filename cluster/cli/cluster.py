@@ -61,7 +61,7 @@ def _start_dashboard(a, state_dir, workspace, address=None, key="dashboard") -> 
     from cluster import two_host
     from cluster.web import server
 
-    two_host.check_bind(a.dashboard_bind, getattr(a, "allow_all_interfaces", False))
+    a.dashboard_bind = two_host.check_bind(a.dashboard_bind, getattr(a, "allow_all_interfaces", False))
     return server.start_background(state_dir, workspace, bind=a.dashboard_bind, port=a.dashboard_port,
                                    address=address, key=key)
 
@@ -218,7 +218,7 @@ def run_node(a) -> int:
     try:
         if a.node_cmd == "start":
             if a.dashboard:
-                two_host.check_bind(a.dashboard_bind, a.allow_all_interfaces)
+                a.dashboard_bind = two_host.check_bind(a.dashboard_bind, a.allow_all_interfaces)
             doc = two_host.start_head(role=a.role, bind=a.bind, port=a.port, data_dir=a.data_dir, workspace=a.workspace,
                                    dashboard=a.ray_dashboard, allow_all=a.allow_all_interfaces, metrics_port=a.metrics_port,
                                    client_port=a.client_port)

@@ -38,7 +38,7 @@ def run_dashboard(a) -> int:
         emit_json(doc) if a.json else con.print(doc["login_url"], markup=False, highlight=False, soft_wrap=True)
         return EXIT_OK
     try:
-        two_host.check_bind(a.bind, a.allow_all_interfaces)
+        a.bind = two_host.check_bind(a.bind, a.allow_all_interfaces)
         port = server.pick_port(a.bind, a.port)
     except ValueError as exc:
         print_error(exc)

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from cluster.output import EXIT_INFRA, EXIT_INPUT, EXIT_OK, EXIT_REFUSED, float_arg, int_arg
+from cluster.output import EXIT_INFRA, EXIT_INPUT, EXIT_OK, EXIT_REFUSED, float_arg, int_arg, terminal_safe
 from cluster.console import print_error
 
 
@@ -48,12 +48,12 @@ def _text(a) -> str:
 
 
 def _emit(a, doc, human: str) -> None:
-    from cluster.output import emit_json
+    from cluster.output import emit_json, terminal_safe
 
     if a.json:
         emit_json(doc)
     elif human:
-        sys.stdout.write(human + "\n")
+        sys.stdout.write(terminal_safe(human) + "\n")
 
 
 def setup_session(p):
@@ -173,12 +173,14 @@ def _session(a, mem) -> int:
     elif c == "show":
         s = mem.session(a.id)
         if a.raw:
-            lines = [x for x in s.events_path.read_text(encoding="utf-8").splitlines() if x.strip()]
+            from memory_sync.log import read_session_file
+
+            lines = [x for x in read_session_file(s.events_path).splitlines() if x.strip()]
             sel = lines[_range(a.range, len(lines))]
             if a.json:
                 _emit(a, {"session": s.id, "events": [json.loads(x) for x in sel]}, "")
             else:
-                sys.stdout.write("".join(x + "\n" for x in sel))
+                sys.stdout.write("".join(terminal_safe(x) + "\n" for x in sel))
             return EXIT_OK
         evs = s.events()[_range(a.range, len(s.events()))]
         body = "\n".join(f"{e['time'][:19]} {e['host']:<10} {e['kind']:<9} "
@@ -190,7 +192,7 @@ def _session(a, mem) -> int:
         if a.json:
             _emit(a, ctx, "")
         else:
-            sys.stdout.write(ctx["text"])
+            sys.stdout.write(terminal_safe(ctx["text"]))
             lo = ", ".join(f"{k} {v}" for k, v in ctx["left_out"].items() if v) or "nothing"
             sys.stderr.write(f"context: {ctx['tokens']} of {ctx['budget']} tokens ({ctx['saturation_pct']} %, "
                              f"{ctx['token_count']}); left out: {lo}\n")

@@ -10,14 +10,13 @@ others go on.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import os
 import secrets
 from pathlib import Path
 
 from cluster.cli.common import workspace_arg
 from cluster.console import console, print_error
-from cluster.output import EXIT_INPUT, EXIT_OK, emit_json, int_arg
+from cluster.output import EXIT_INPUT, EXIT_OK, EXIT_REFUSED, emit_json, int_arg
 
 
 def setup_sweep(p):
@@ -48,10 +47,18 @@ def _show(a) -> int:
             (Path(a.workspace) / "sweeps").is_dir() else []
         print_error(f"no sweep {a.sweep_id!r} in {a.workspace} (known: {', '.join(known) or 'none'})")
         return EXIT_INPUT
-    if a.json:
-        emit_json(json.loads((d / "comparison.json").read_text()))
-    else:
-        console().print((d / "comparison.md").read_text(), markup=False, highlight=False)
+    from cluster.output import terminal_safe
+    from infra import safe_files
+
+    try:  # inside the workspace only: a comparison that is a symlink out of it is refused
+        if a.json:
+            emit_json(safe_files.read_json(a.workspace, d / "comparison.json"))
+        else:
+            console().print(terminal_safe(safe_files.read_text(a.workspace, d / "comparison.md")), markup=False,
+                            highlight=False)
+    except (OSError, ValueError) as exc:
+        print_error(f"sweep {a.sweep_id}: {exc}")
+        return EXIT_REFUSED
     return EXIT_OK
 
 

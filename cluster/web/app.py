@@ -9,6 +9,7 @@ Source (cluster/web/source.py) and render: the logic lives in the plain classes 
 from __future__ import annotations
 
 import asyncio
+import html
 import json
 import math
 import time
@@ -54,6 +55,10 @@ def _clean(o):
     return o
 
 
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def dumps(doc) -> str:
     return json.dumps(_clean(doc), default=_json_default, allow_nan=False)
 
@@ -66,8 +71,8 @@ class JSON(JSONResponse):
 class Guard:
     """ASGI middleware: the Host check, the session cookie, the Origin of a POST, security headers."""
 
-    def __init__(self, app, keys: auth.Keys, bind: str, port: int):
-        self.app, self.keys, self.bind, self.port = app, keys, bind, port
+    def __init__(self, app, keys: auth.Keys, bind: str, port: int, sessions: auth.Sessions):
+        self.app, self.keys, self.bind, self.port, self.sessions = app, keys, bind, port, sessions
         self.cookie = auth.cookie_name(port)
 
     async def __call__(self, scope, receive, send):
@@ -84,37 +89,110 @@ class Guard:
                 message = {**message, "headers": headers}
             await send(message)
 
+        sizes = [len(k) + len(v) for k, v in scope.get("headers", [])]
+        if len(sizes) > MAX_HEADERS or sum(sizes) > MAX_HEADER_BYTES or len(scope.get("query_string", b"")) > MAX_QUERY:
+            return await Response("request headers or query too large\n", status_code=431,
+                                  media_type="text/plain")(scope, receive, send_with_headers)
         if not auth.host_allowed(req.headers.get("host"), self.bind):
             return await Response("unexpected Host header: open the dashboard at the address duet printed\n",
                                   status_code=403, media_type="text/plain")(scope, receive, send_with_headers)
         scope.setdefault("state", {})
         if scope["path"] == "/login":
-            return await self.app(scope, receive, send_with_headers)
+            return await self._app(scope, receive, send_with_headers)
         sid = self.keys.session_id(req.cookies.get(self.cookie))
-        if sid is None:
+        if sid is None or not self.sessions.valid(sid):
             return await unauthorized(req)(scope, receive, send_with_headers)
         if scope["method"] not in ("GET", "HEAD") and not auth.same_origin(req.headers.get("origin"), req.headers.get("host")):
             return await JSON({"error": "cross-site request refused"}, status_code=403)(scope, receive, send_with_headers)
         scope["state"]["sid"] = sid
         scope["state"]["csrf"] = self.keys.csrf(sid)
-        return await self.app(scope, receive, send_with_headers)
+        return await self._app(scope, receive, send_with_headers)
+
+    async def _app(self, scope, receive, send):
+        """The app, with a last guard: a request that still makes a handler fail gets a 400 naming the
+        failure (one line in the log, no traceback), never a 500."""
+        started = {"yes": False}
+
+        async def tracked(message):
+            if message["type"] == "http.response.start":
+                started["yes"] = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception as exc:  # noqa: BLE001 (the last guard: every input gets an answer)
+            import sys
+
+            sys.stderr.write(f"duet dashboard: {scope.get('method')} {scope.get('path', '')[:200]!r}: "
+                             f"{type(exc).__name__}: {str(exc)[:200]}\n")
+            if not started["yes"]:
+                await JSON({"error": f"the request could not be handled ({type(exc).__name__})"},
+                           status_code=400)(scope, receive, send)
 
 
-MAX_FORM_BYTES = 1 << 20
+MAX_BODY_BYTES = 64 << 10    # a form or JSON body (the dashboard posts a few short fields)
+MAX_LOGIN_BYTES = 4 << 10    # the one unauthenticated body
+MAX_FIELDS = 20
+MAX_HEADERS = 100
+MAX_HEADER_BYTES = 32 << 10
+MAX_QUERY = 8 << 10
+MAX_EVENT_ID = 512
+
+
+class BadInput(ValueError):
+    """A request the dashboard refuses: ``status`` (4xx) and a message naming the field."""
+
+    def __init__(self, msg: str, status: int = 400):
+        super().__init__(msg)
+        self.status = status
 
 
 def is_form(req: Request) -> bool:
     return req.headers.get("content-type", "").split(";")[0].strip() == "application/x-www-form-urlencoded"
 
 
-async def form(req: Request) -> dict:
+async def body(req: Request, limit: int = MAX_BODY_BYTES) -> bytes:
+    """The request body, refused (413) past ``limit`` before more than that is read: the declared
+    Content-Length first, then while streaming."""
+    if getattr(req, "_body", None) is not None:
+        return req._body
+    declared = req.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise BadInput("Content-Length: not a whole number")
+        if int(declared) > limit:
+            raise BadInput(f"request body of {int(declared):,} bytes; the limit is {limit:,}", 413)
+    chunks, size = [], 0
+    async for chunk in req.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BadInput(f"request body over {limit:,} bytes", 413)
+        chunks.append(chunk)
+    req._body = b"".join(chunks)
+    return req._body
+
+
+async def form(req: Request, limit: int = MAX_BODY_BYTES) -> dict:
     """An urlencoded form's fields (the dashboard's forms post nothing else; no multipart parser needed)."""
     from urllib.parse import parse_qs
 
-    body = await req.body()
-    if len(body) > MAX_FORM_BYTES:
-        raise ValueError("form too large")
-    return {k: v[-1] for k, v in parse_qs(body.decode("utf-8", "replace"), max_num_fields=50).items()}
+    data = await body(req, limit)
+    try:
+        fields = parse_qs(data.decode("utf-8", "replace"), max_num_fields=MAX_FIELDS)
+    except ValueError:
+        raise BadInput(f"form: more than {MAX_FIELDS} fields") from None
+    return {k: v[-1] for k, v in fields.items()}
+
+
+async def json_body(req: Request) -> object:
+    """A JSON request body (size-limited; too deep a nesting is a 400, not a RecursionError)."""
+    data = await body(req)
+    try:
+        return json.loads(data.decode("utf-8"))
+    except RecursionError:
+        raise BadInput("body: JSON nested too deep") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadInput(f"body: send a form or a JSON object ({type(exc).__name__})") from None
 
 
 def wants_html(req: Request) -> bool:
@@ -135,16 +213,19 @@ input{{width:20rem;padding:.4rem}}button{{padding:.4rem .9rem}}</style></head><b
 <button type="submit">Log in</button></form></main></body></html>"""
 
 
-def create_app(source: Source, keys: auth.Keys, *, bind: str = "127.0.0.1", port: int = 8765) -> Guard:
+def create_app(source: Source, keys: auth.Keys, *, bind: str = "127.0.0.1", port: int = 8765,
+               sessions: auth.Sessions | None = None) -> Guard:
     """The dashboard for ``source``, guarded by ``keys``; ``bind``/``port`` name where it is served.
 
     Long because the handlers are closures over the one Source, the keys and the templates: each is a
     few lines (parse, call, render)."""
     templates = Jinja2Templates(directory=str(HERE / "templates"))
-    templates.env.filters["gib"] = lambda b: "-" if b is None else f"{b / 2**30:.2f} GiB"
+    templates.env.filters["gib"] = lambda b: f"{b / 2**30:.2f} GiB" if _number(b) else "-"
     templates.env.filters["num"] = lambda v, d=4: "-" if v is None else (f"{v:.{d}g}" if isinstance(v, float) else str(v))
-    templates.env.filters["when"] = lambda t: "-" if not t else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+    templates.env.filters["when"] = lambda t: time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) \
+        if _number(t) and 0 < t < 1e11 else "-"
     cookie = auth.cookie_name(port)
+    sessions = sessions if sessions is not None else auth.Sessions(None)
 
     def page(req: Request, template: str, status: int = 200, **ctx) -> Response:
         return templates.TemplateResponse(req, template, {"csrf": req.state.csrf, "nav": template.split(".")[0], **ctx},
@@ -178,8 +259,8 @@ def create_app(source: Source, keys: auth.Keys, *, bind: str = "127.0.0.1", port
         async def checked(req: Request):
             try:
                 ok = await csrf_ok(req)
-            except ValueError as exc:
-                return JSON({"error": str(exc)}, status_code=413)
+            except BadInput as exc:
+                return error(req, exc.status, str(exc))
             if not ok:
                 return JSON({"error": "missing or wrong CSRF token"}, status_code=403)
             return await handler(req)
@@ -190,18 +271,27 @@ def create_app(source: Source, keys: auth.Keys, *, bind: str = "127.0.0.1", port
     async def login(req: Request):
         token = req.query_params.get("token")
         if req.method == "POST":
-            token = (await form(req)).get("token") if is_form(req) else None
+            try:
+                token = (await form(req, MAX_LOGIN_BYTES)).get("token") if is_form(req) else None
+            except BadInput as exc:
+                return HTMLResponse(LOGIN_PAGE.format(msg=html.escape(str(exc))), status_code=exc.status)
         if not keys.check_login(token):
             msg = "That token is not this dashboard's." if token else \
                 "Log in with the URL that <code>duet dashboard</code> printed, or paste its token."
             return HTMLResponse(LOGIN_PAGE.format(msg=msg), status_code=401)
         nxt = req.query_params.get("next", "/")
-        resp = RedirectResponse(nxt if nxt.startswith("/") and not nxt.startswith("//") else "/", status_code=303)
-        resp.set_cookie(cookie, keys.new_session(), max_age=auth.SESSION_SECONDS, httponly=True, samesite="strict",
-                        path="/")
+        safe_next = nxt.startswith("/") and not nxt.startswith(("//", "/\\")) and nxt.isprintable() and len(nxt) < 500
+        resp = RedirectResponse(nxt if safe_next else "/", status_code=303)
+        old = keys.session_id(req.cookies.get(cookie))
+        if old:  # a new login ends the session this browser had
+            await run_in_threadpool(sessions.revoke, old)
+        new = keys.new_session()
+        await run_in_threadpool(sessions.add, *auth.Keys.parts(new))
+        resp.set_cookie(cookie, new, max_age=auth.SESSION_SECONDS, httponly=True, samesite="strict", path="/")
         return resp
 
     async def logout(req: Request):
+        await run_in_threadpool(sessions.revoke, req.state.sid)
         resp = RedirectResponse("/login", status_code=303)
         resp.delete_cookie(cookie, path="/")
         return resp
@@ -229,7 +319,11 @@ def create_app(source: Source, keys: auth.Keys, *, bind: str = "127.0.0.1", port
         doc, err = await call(req, source.run, req.path_params["run_id"])
         if err:
             return err
-        return page(req, "run.html", run=doc, rec=doc["record"] or {})
+        try:
+            return page(req, "run.html", run=doc, rec=doc["record"] or {})
+        except Exception as exc:  # a record whose fields have the wrong types: say so, not a failed page
+            return error(req, 422, f"run {doc['run_id']}: its record is damaged and cannot be shown "
+                                   f"({type(exc).__name__}: {str(exc)[:200]})")
 
     async def run_api(req: Request):
         doc, err = await call(req, source.run, req.path_params["run_id"])
@@ -237,17 +331,30 @@ def create_app(source: Source, keys: auth.Keys, *, bind: str = "127.0.0.1", port
 
     def cursor(q) -> dict:
         """Where a viewer's chart is (query parameters, or the Last-Event-ID the stream sent): ValueError
-        for anything else."""
-        try:
-            out = {"since_step": int(q.get("since_step", 0)), "since_time": float(q["since_time"]) if q.get("since_time")
-                   else None, "since_seq": int(q.get("since_seq", 0)),
-                   "eval_key": str(q["eval_key"])[:64] if q.get("eval_key") else None}
-        except (ValueError, TypeError, OverflowError) as exc:
-            raise ValueError(f"bad cursor: {exc}") from exc
-        if out["since_step"] < 0 or out["since_seq"] < 0 or (out["since_time"] is not None
-                                                            and not math.isfinite(out["since_time"])):
-            raise ValueError("bad cursor: since_step and since_seq are counts (>= 0), since_time a finite time")
-        return out
+        naming the field for anything else."""
+        def whole(name):
+            v = q.get(name, 0)
+            if isinstance(v, bool) or not ((isinstance(v, int) and 0 <= v < 10**15)
+                                           or (isinstance(v, str) and v.isdigit() and v.isascii() and len(v) < 16)):
+                raise ValueError(f"{name}: give a whole number >= 0")
+            return int(v)
+
+        st = q.get("since_time")
+        if st in (None, ""):
+            since_time = None
+        else:
+            try:
+                since_time = float(st) if isinstance(st, (int, float, str)) and not isinstance(st, bool) \
+                    and len(str(st)) < 40 else math.nan
+            except ValueError:
+                since_time = math.nan
+            if not math.isfinite(since_time):
+                raise ValueError("since_time: give a finite time in seconds")
+        ek = q.get("eval_key")
+        if ek is not None and not isinstance(ek, (str, int)):
+            raise ValueError("eval_key: give the key the server sent")
+        return {"since_step": whole("since_step"), "since_time": since_time, "since_seq": whole("since_seq"),
+                "eval_key": str(ek)[:64] if ek else None}
 
     async def series_api(req: Request):
         try:
@@ -266,9 +373,15 @@ def create_app(source: Source, keys: auth.Keys, *, bind: str = "127.0.0.1", port
             cur = cursor(req.query_params)
             last_id = req.headers.get("last-event-id")
             if last_id:
-                given = json.loads(last_id)
+                bad = "Last-Event-ID: not a cursor this server sent (send none to start from the beginning)"
+                if len(last_id) > MAX_EVENT_ID or not last_id.startswith("{"):
+                    raise ValueError(bad)
+                try:
+                    given = json.loads(last_id)
+                except (ValueError, RecursionError):
+                    raise ValueError(bad) from None
                 if not isinstance(given, dict):
-                    raise ValueError(f"Last-Event-ID {last_id[:60]!r}: not a cursor this server sent")
+                    raise ValueError(bad)
                 cur = cursor(given)
         except (ValueError, TypeError) as exc:
             return error(req, 400, str(exc))
@@ -401,12 +514,18 @@ def create_app(source: Source, keys: auth.Keys, *, bind: str = "127.0.0.1", port
     @post
     async def promote(req: Request):
         try:
-            body = await form(req) if is_form(req) else await req.json()
-        except ValueError:
+            doc = await form(req) if is_form(req) else await json_body(req)
+        except BadInput as exc:
+            return error(req, exc.status, f"promote: {exc}")
+        if not isinstance(doc, dict):
             return error(req, 400, "promote: send a form or a JSON object")
-        if not isinstance(body, dict):
-            return error(req, 400, "promote: send a form or a JSON object")
-        hid, evidence, sid = body.get("hypothesis_id"), str(body.get("evidence") or "").strip(), body.get("session") or None
+        hid, evidence, sid = doc.get("hypothesis_id"), doc.get("evidence"), doc.get("session") or None
+        for field, value in (("hypothesis_id", hid), ("evidence", evidence), ("session", sid)):
+            if value is not None and not isinstance(value, str):
+                return error(req, 400, f"promote: {field} must be a text")
+        evidence = (evidence or "").strip()
+        if len(evidence) > 20000:
+            return error(req, 400, "promote: evidence is longer than 20,000 characters")
         if not hid or not evidence:
             return error(req, 400, "promote needs hypothesis_id and evidence (what validated it)")
         doc, err = await call(req, source.promote, hid, evidence, sid)
@@ -446,4 +565,4 @@ def create_app(source: Source, keys: auth.Keys, *, bind: str = "127.0.0.1", port
         Route("/api/cluster", cluster_api),
         Mount("/static", StaticFiles(directory=str(HERE / "static")), name="static"),
     ]
-    return Guard(Starlette(routes=routes), keys, bind, port)
+    return Guard(Starlette(routes=routes), keys, bind, port, sessions)

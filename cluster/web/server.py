@@ -27,6 +27,12 @@ def keys() -> auth.Keys:
     return auth.Keys.from_token_file(path)
 
 
+def sessions() -> auth.Sessions:
+    """The dashboards' server-side sessions, beside the cluster token (private)."""
+    cluster_auth.ensure_token()
+    return auth.Sessions(cluster_auth.config_dir() / "dashboard_sessions.json")
+
+
 def url_host(bind: str) -> str:
     return f"[{bind}]" if ":" in bind else bind
 
@@ -105,7 +111,7 @@ def run_app(workspace: str | os.PathLike, *, bind: str, port: int, address: str 
     from cluster.web.source import Source
 
     cluster_auth.apply_auth_env()  # before anything imports ray
-    app = create_app(Source(workspace, address), keys(), bind=bind, port=port)
+    app = create_app(Source(workspace, address), keys(), bind=bind, port=port, sessions=sessions())
     uvicorn.Server(uvicorn.Config(app, host=bind, port=port, log_level="warning", access_log=False,
                                   timeout_graceful_shutdown=2, lifespan="off")).run()
 
@@ -147,4 +153,7 @@ if __name__ == "__main__":  # the supervised child of serve()
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--address")
     a = ap.parse_args()
-    run_app(a.workspace, bind=a.bind, port=a.port, address=a.address)
+    try:
+        run_app(a.workspace, bind=a.bind, port=a.port, address=a.address)
+    except KeyboardInterrupt:  # Ctrl-C (uvicorn raises it again once it has shut down): a clean stop
+        sys.exit(0)

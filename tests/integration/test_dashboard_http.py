@@ -169,7 +169,7 @@ def test_hostile_parameters_are_refused_with_the_reason(dashboard):
     cases = {  # path: (status, what the error says)
         "/api/runs/%2e%2e": (400, "run id"), "/api/runs/..%00/series": (400, "run id"),
         "/api/runs/-rf/stream": (400, "run id"), "/api/runs/" + "a" * 300: (400, "run id"),
-        "/api/runs/x/series?since_step=abc": (400, "bad cursor"), "/api/runs/x/stream?since_seq=1.5": (400, "bad cursor"),
+        "/api/runs/x/series?since_step=abc": (400, "since_step"), "/api/runs/x/stream?since_seq=1.5": (400, "since_seq"),
         "/api/runs/no-such-run/series": (404, "no-such-run"),
         "/api/datasets/persona/..": (400, "hash prefix"), "/api/datasets/%2e%2e/x": (400, "dataset name"),
         "/api/datasets/persona/--output=x": (400, "hash prefix"), "/api/datasets/persona/HEAD~1": (400, "hash prefix"),

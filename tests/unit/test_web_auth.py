@@ -45,7 +45,9 @@ def test_csrf_is_bound_to_the_session():
 @pytest.mark.parametrize("host,bind,ok", [
     ("127.0.0.1:8750", "127.0.0.1", True), ("localhost:8750", "127.0.0.1", True), ("[::1]:8750", "::1", True),
     ("evil.example:8750", "127.0.0.1", False), ("192.168.1.5:8750", "127.0.0.1", False), (None, "127.0.0.1", False),
-    ("anything:8750", "100.64.0.10", True),
+    ("100.64.0.10:8750", "100.64.0.10", True), ("anything:8750", "100.64.0.10", False),
+    ("100.64.0.11:8750", "100.64.0.10", False), ("192.168.1.5:8750", "0.0.0.0", True),
+    ("rebind.evil.example:8750", "0.0.0.0", False), ("[fd00::5]:8750", "::", True), ("x" * 400, "0.0.0.0", False),
 ])
 def test_host_header_rule(host, bind, ok):
     assert auth.host_allowed(host, bind) is ok
@@ -58,3 +60,20 @@ def test_same_origin():
     assert not auth.same_origin("http://127.0.0.1:9999", "127.0.0.1:8750")
     assert not auth.same_origin("null", "127.0.0.1:8750")
     assert auth.cookie_name(8750) != auth.cookie_name(8751)  # two dashboards on one host keep their own
+
+
+@pytest.mark.parametrize("given,wanted", [("0", None), ("0x0", None), ("127.1", None), ("0177.0.0.1", None),
+                                          ("evil.example", None), ("0.0.0.0", "0.0.0.0"), ("0:0::0", "::"),
+                                          ("::ffff:0.0.0.0", "0.0.0.0"), ("localhost", "127.0.0.1"),
+                                          ("100.64.0.2", "100.64.0.2"), ("224.0.0.1", None)])
+def test_bind_addresses_are_parsed_strictly_and_wildcards_need_the_flag(given, wanted):
+    from cluster import two_host
+
+    if wanted is None:
+        with pytest.raises(ValueError, match="--bind"):
+            two_host.check_bind(given, True)
+        return
+    assert two_host.check_bind(given, True) == wanted
+    if wanted in ("0.0.0.0", "::"):
+        with pytest.raises(ValueError, match="every interface"):
+            two_host.check_bind(given, False)
