@@ -54,10 +54,10 @@ def exit_code_for(exc: BaseException) -> int:
     """The exit code of an error a command did not handle itself (DESIGN.md's contract): a secret or
     a policy refusal 2, an unreachable service 3, anything about the input 1."""
     from infra.services import ServiceError
-    from memory_sync.secret_scan import SecretFound
+    from memory_sync.secret_scan import ScannerError, SecretFound
     from memory_sync.workspace import NotAWorkspace, WorkspaceError
 
-    if isinstance(exc, (SecretFound,)) or (isinstance(exc, WorkspaceError) and not isinstance(exc, NotAWorkspace)):
+    if isinstance(exc, (SecretFound, ScannerError)) or (isinstance(exc, WorkspaceError) and not isinstance(exc, NotAWorkspace)):
         return EXIT_REFUSED
     if isinstance(exc, (ServiceError, ConnectionError, TimeoutError)):
         return EXIT_INFRA

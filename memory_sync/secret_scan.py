@@ -103,6 +103,11 @@ class SecretFound(Exception):
               "under 'allowed_secrets:' in duet.yaml)")
 
 
+class ScannerError(Exception):
+    """The secret scanner cannot scan (detect-secrets failed to load, or one of its plugins failed on
+    a text): nothing is written, committed or pushed unscanned (exit 2)."""
+
+
 @dataclass(frozen=True)
 class Finding:
     where: str
@@ -182,7 +187,7 @@ class Scanner:
     def __init__(self, allowed: set[str] | None = None):
         self.allowed = set(allowed or ())
         self.literals = _literal_tokens()
-        self._ds = _detect_secrets_plugins()
+        self._ds = _detect_secrets_plugins()  # ScannerError when it cannot load: nothing goes unscanned
 
     # -- texts ------------------------------------------------------------------------------------
 
@@ -313,8 +318,10 @@ def _detect_secrets_plugins():
     try:
         from detect_secrets.core.plugins.util import get_mapping_from_secret_type_to_class
         from detect_secrets.filters import heuristic
-    except ImportError:
-        return None
+    except Exception as exc:  # missing or broken: refuse, never scan with half the rules
+        raise ScannerError(f"the secret scanner detect-secrets could not be loaded ({type(exc).__name__}: {exc}); "
+                           "nothing was scanned, so nothing is written, committed or pushed (reinstall duet: "
+                           "make setup)") from None
     whole, near = [], []
     for cls in get_mapping_from_secret_type_to_class().values():
         if cls.__name__ in _DS_WHOLE:
@@ -330,8 +337,10 @@ def _detect_secrets_plugins():
         for plugin in plugins:
             try:
                 hits = plugin.analyze_line(filename="scan.txt", line=piece, line_number=0)
-            except Exception:  # a plugin's own bug must not let a file through unscanned: others still run
-                continue
+            except Exception as exc:  # a plugin that fails would let a secret through unscanned: refuse
+                raise ScannerError(f"the secret scanner's plugin {type(plugin).__name__} failed "
+                                   f"({type(exc).__name__}: {str(exc)[:200]}); nothing was scanned, so nothing is "
+                                   "written, committed or pushed") from None
             for s in hits or ():
                 value = s.secret_value or ""
                 if value and not ignored(value):

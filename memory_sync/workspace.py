@@ -242,29 +242,43 @@ class Workspace:
         return out
 
     def outgoing_findings(self, remote: str = "origin") -> list:
-        """Secrets in any blob a push to ``remote`` would send (commits not on its branches yet),
-        commits made by hand outside duet included."""
+        """Secrets in anything a push to ``remote`` would send (commits not on its branches yet, made
+        by duet or by hand): every file's content and path, every commit's message (and author
+        lines), and the message of every annotated tag that ``--follow-tags`` would push."""
         from memory_sync.secret_scan import scanner
 
         repo = self.repo
         if not repo.head.is_valid():
             return []
         listing = repo.git.rev_list("--objects", "HEAD", "--not", f"--remotes={remote}")
-        names = {}
+        objects: dict[str, str] = {}
+        paths = set()
         for ln in listing.splitlines():
             sha, _, name = ln.partition(" ")
-            if name and sha not in _CLEAN_BLOBS:
-                names.setdefault(sha, name)
-        if not names:
-            return []
+            if name:
+                paths.add(name)
+            if sha not in _CLEAN_BLOBS:
+                objects.setdefault(sha, name)
+        tags = repo.git.for_each_ref("refs/tags", "--format=%(objectname) %(objecttype) %(refname:short)")
+        for ln in tags.splitlines():
+            sha, kind, name = (ln.split(" ", 2) + ["", ""])[:3]
+            if kind == "tag" and sha not in _CLEAN_BLOBS:
+                objects.setdefault(sha, f"tag {name}")
         sc = scanner(self.root)
-        found = []
-        for sha, name in names.items():
-            if repo.odb.info(bytes.fromhex(sha)).type == b"blob":
-                hits = sc.scan_bytes(repo.odb.stream(bytes.fromhex(sha)).read(), name)
-                found += hits
-                if not hits:
-                    _CLEAN_BLOBS.add(sha)
+        found = sc.scan_text("\n".join(sorted(paths)), "the paths of the files pushed", None) if paths else []
+        for sha, name in objects.items():
+            kind = repo.odb.info(bytes.fromhex(sha)).type
+            if kind not in (b"blob", b"commit", b"tag"):
+                continue
+            data = repo.odb.stream(bytes.fromhex(sha)).read()
+            if kind == b"blob":
+                hits = sc.scan_bytes(data, name)
+            else:
+                what = f"commit {sha[:10]} (its message)" if kind == b"commit" else f"{name} (its message)"
+                hits = sc.scan_text(data.decode("utf-8", "replace"), what, None)
+            found += hits
+            if not hits:
+                _CLEAN_BLOBS.add(sha)
         return found
 
     def check_outgoing(self, remote: str = "origin") -> None:

@@ -193,6 +193,24 @@ def _lora_base(run_dir: Path, rec: dict) -> Path | None:
     return p if (p / "config.json").is_file() else None
 
 
+def check_out_dir(run_dir: Path, out_dir: Path) -> Path:
+    """Where an export may write: a folder (or none yet), never a file, never inside the run's own
+    folders (its model, adapter, checkpoints, dataset) but its ``export/``. ExportError saying why."""
+    real, rd = out_dir.resolve(), run_dir.resolve()
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ExportError(f"-o {out_dir}: a file, not a folder; give a folder to write the export into")
+    for parent in [out_dir, *out_dir.parents]:
+        if parent.exists() and not parent.is_dir():
+            raise ExportError(f"-o {out_dir}: {parent} is a file, so the folder cannot be made there")
+    allowed = (rd / "export").resolve()
+    inside_run = real == rd or rd in real.parents
+    if inside_run and not (real == allowed or allowed in real.parents):
+        where = (real.relative_to(rd).parts or ("the run's own folder",))[0]
+        raise ExportError(f"-o {out_dir}: that is inside run {rd.name} ({where}), which the export reads or keeps; "
+                          f"give a folder outside the run, or leave -o out (the export goes to {rd / 'export'})")
+    return out_dir
+
+
 def export_run(run_dir: Path, *, to: str = "gguf", quant: str = "f16", name: str | None = None,
                out_dir: Path | None = None) -> dict:
     """Export a finished run whose merged model exists (the caller merges first when it does not).
@@ -217,9 +235,8 @@ def export_run(run_dir: Path, *, to: str = "gguf", quant: str = "f16", name: str
         raise ExportError(f"--name {name!r}: use 1-64 letters, digits, '.', '_' or '-' (it names files)")
     config = json.loads((merged / "config.json").read_text())
     _mt, arch = gguf_convert.family(config)  # an unsupported family is refused before anything is written
-    out_dir = Path(out_dir) if out_dir else run_dir / "export"
-    if out_dir.resolve() == merged.resolve() or merged.resolve() in out_dir.resolve().parents:
-        raise ExportError(f"-o {out_dir}: that is inside the merged model the export reads; choose another folder")
+    out_dir = check_out_dir(run_dir, Path(out_dir) if out_dir else run_dir / "export")
+    tensor_shapes(merged)  # every safetensors header checked (a damaged one named) before anything is written
     out_dir.mkdir(parents=True, exist_ok=True)
     adapter = run_dir / "adapter"
     has_adapter = (adapter / "adapter_model.safetensors").is_file()

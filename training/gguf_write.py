@@ -28,14 +28,57 @@ class Safetensors:
     every page it touched resident (and counted in RSS) until the kernel reclaims it."""
 
     DTYPES = {"F32": ("<f4", 4), "F16": ("<f2", 2), "BF16": ("<u2", 2)}
+    SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "U16": 2,
+             "U32": 4, "U64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "F4": 1, "F6_E2M3": 1,
+             "F6_E3M2": 1}
+    MAX_HEADER = 100 << 20
 
     def __init__(self, path: Path):
-        self.path = path
-        with open(path, "rb") as fh:
-            n = int.from_bytes(fh.read(8), "little")
-            header = json.loads(fh.read(n))
+        """The header read and checked against the file before anything else is: its length, that it
+        is a JSON object, and every tensor's dtype, shape and byte range (inside the file, the size
+        its shape says). ExportError naming the file (and the tensor) otherwise."""
+        self.path = path = Path(path)
+        where = f"{path}: a damaged safetensors file"
+        try:
+            size = path.stat().st_size
+            with open(path, "rb") as fh:
+                head = fh.read(8)
+                if len(head) < 8:
+                    raise ExportError(f"{where} ({size} bytes, shorter than its 8-byte header length)")
+                n = int.from_bytes(head, "little")
+                if n > min(self.MAX_HEADER, size - 8):
+                    raise ExportError(f"{where}: its header claims {n:,} bytes, but the file has {size - 8:,} after "
+                                      "the length (truncated or not safetensors)")
+                raw = fh.read(n)
+        except OSError as exc:
+            raise ExportError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+        try:
+            header = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            raise ExportError(f"{where}: its header is not JSON") from None
+        if not isinstance(header, dict):
+            raise ExportError(f"{where}: its header is not a JSON object")
         self.base = 8 + n
         header.pop("__metadata__", None)
+        data = size - self.base
+        for key, m in header.items():
+            t = f"{where}: tensor {key[:120]!r}"
+            if not isinstance(m, dict) or not isinstance(m.get("dtype"), str) or not isinstance(m.get("shape"), list) \
+                    or not isinstance(m.get("data_offsets"), list) or len(m["data_offsets"]) != 2:
+                raise ExportError(f"{t}: an entry without dtype, shape and data_offsets")
+            if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in m["shape"] + m["data_offsets"]):
+                raise ExportError(f"{t}: shape and data_offsets must be whole numbers >= 0")
+            start, end = m["data_offsets"]
+            if not start <= end <= data:
+                raise ExportError(f"{t}: bytes {start:,}..{end:,} lie outside the file's {data:,} bytes of data "
+                                  "(truncated?)")
+            count = 1
+            for d in m["shape"]:
+                count *= d
+            item = self.SIZES.get(m["dtype"])
+            if item is not None and count * item != end - start:
+                raise ExportError(f"{t}: shape {m['shape']} of {m['dtype']} needs {count * item:,} bytes, the file "
+                                  f"gives it {end - start:,}")
         self.meta = header
 
     def keys(self) -> list[str]:

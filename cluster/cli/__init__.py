@@ -108,10 +108,10 @@ def main(argv: list[str] | None = None) -> int:
 def _expected(exc: BaseException) -> bool:
     """Errors about the input, a policy or a service (as opposed to a bug in duet)."""
     from infra.services import ServiceError
-    from memory_sync.secret_scan import SecretFound
+    from memory_sync.secret_scan import ScannerError, SecretFound
     from memory_sync.workspace import WorkspaceError
 
-    return isinstance(exc, (ValueError, OSError, SecretFound, WorkspaceError, ServiceError, UnicodeError))
+    return isinstance(exc, (ValueError, OSError, SecretFound, ScannerError, WorkspaceError, ServiceError, UnicodeError))
 
 
 def _fail(a, exc: BaseException, code: int, unexpected: bool = False) -> int:

@@ -58,10 +58,10 @@ def _start_dashboard(a, state_dir, workspace, address=None, key="dashboard") -> 
     """The dashboard in the background when --dashboard was given (cluster/web/server.py)."""
     if not getattr(a, "dashboard", False):
         return None
-    from cluster import two_host
+    from cluster import addresses
     from cluster.web import server
 
-    a.dashboard_bind = two_host.check_bind(a.dashboard_bind, getattr(a, "allow_all_interfaces", False))
+    a.dashboard_bind = addresses.check_bind(a.dashboard_bind, getattr(a, "allow_all_interfaces", False))
     return server.start_background(state_dir, workspace, bind=a.dashboard_bind, port=a.dashboard_port,
                                    address=address, key=key)
 
@@ -208,7 +208,7 @@ def setup_node(p):
 
 
 def run_node(a) -> int:
-    from cluster import two_host
+    from cluster import addresses, two_host
     from infra.services import ServiceError
 
     con = console()
@@ -218,7 +218,7 @@ def run_node(a) -> int:
     try:
         if a.node_cmd == "start":
             if a.dashboard:
-                a.dashboard_bind = two_host.check_bind(a.dashboard_bind, a.allow_all_interfaces)
+                a.dashboard_bind = addresses.check_bind(a.dashboard_bind, a.allow_all_interfaces)
             doc = two_host.start_head(role=a.role, bind=a.bind, port=a.port, data_dir=a.data_dir, workspace=a.workspace,
                                    dashboard=a.ray_dashboard, allow_all=a.allow_all_interfaces, metrics_port=a.metrics_port,
                                    client_port=a.client_port)

@@ -24,7 +24,7 @@ def setup_dashboard(p):
 
 
 def run_dashboard(a) -> int:
-    from cluster import embedded, two_host
+    from cluster import addresses, embedded
     from cluster.web import server
     from infra.services import ServiceError, StateFile
 
@@ -38,7 +38,7 @@ def run_dashboard(a) -> int:
         emit_json(doc) if a.json else con.print(doc["login_url"], markup=False, highlight=False, soft_wrap=True)
         return EXIT_OK
     try:
-        a.bind = two_host.check_bind(a.bind, a.allow_all_interfaces)
+        a.bind = addresses.check_bind(a.bind, a.allow_all_interfaces)
         port = server.pick_port(a.bind, a.port)
     except ValueError as exc:
         print_error(exc)

@@ -205,6 +205,17 @@ def run_runs(a) -> int:
     if a.action != "list" and not a.run_id:
         print_error(f"duet runs {a.action} needs a RUN_ID")
         return EXIT_INPUT
+    if a.run_id:  # the input is checked before any cluster is asked (exit 1, not 3)
+        from training.config import PlanError, check_run_id
+
+        try:
+            check_run_id(a.run_id)
+        except PlanError as exc:
+            print_error(exc)
+            return EXIT_INPUT
+    if a.action == "move" and not a.to:
+        print_error("duet runs move RUN needs --to NODE")
+        return EXIT_INPUT
     try:
         ex = two_host.executor_handle(a.workspace, a.address, run_id=a.run_id)
     except ServiceError as exc:
@@ -273,6 +284,9 @@ def _move(a, src) -> dict:
 
 def _runs_table(doc: dict) -> None:
     from rich.table import Table
+    from rich.text import Text
+
+    from cluster.output import terminal_safe
 
     t = Table(title="duet runs")
     for col in ("run", "state", "node", "step", "note"):
@@ -282,7 +296,7 @@ def _runs_table(doc: dict) -> None:
         note = r.get("error") or ("fits " + ", ".join(r["fits_on"]) if r.get("fits_on") and r["state"] == "queued" else "")
         if r.get("unreachable_since"):
             note = "executor unreachable (node down): resumes when it rejoins"
-        t.add_row(r["run_id"], r["state"], r.get("node") or "-", step, note or "")
+        t.add_row(*(Text(terminal_safe(str(x))) for x in (r["run_id"], r["state"], r.get("node") or "-", step, note or "")))
     con = console()
     con.print(t)
     if doc["unreachable_executors"]:

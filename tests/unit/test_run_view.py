@@ -27,11 +27,18 @@ def test_recorded_runs_and_the_table_without_a_cluster(tmp_path):
     (ws / "runs" / "broken" / "run.json").write_text("{not json")
     (ws / "runs" / "liar").mkdir()
     (ws / "runs" / "liar" / "run.json").write_text(json.dumps({"run_id": "someone-else"}))
+    secret = tmp_path / "ray_token"
+    secret.write_text(json.dumps({"run_id": "leak", "token": "TOPSECRET"}))
+    (ws / "runs" / "leak").mkdir()
+    (ws / "runs" / "leak" / "run.json").symlink_to(secret)  # git carries symlinks in on a pull
     rows = run_view.recorded_runs(ws)
-    assert set(rows) == {"old-run", "new-run"}
+    assert set(rows) == {"old-run", "new-run", "broken", "liar", "leak"}
     assert rows["old-run"]["node"] == "gpu-b" and rows["old-run"]["eval_loss"] == 1.0
+    for bad, says in (("broken", "not valid JSON"), ("liar", "someone-else"), ("leak", "outside")):
+        assert rows[bad]["state"] == "damaged" and says in rows[bad]["error"], rows[bad]
+    assert "TOPSECRET" not in json.dumps(rows) and "TOPSECRET" not in json.dumps(run_view.recorded_run(ws, "leak"))
     doc = run_view.overview(ws, connected=False)
-    assert [r["run_id"] for r in doc["runs"]] == ["new-run", "old-run"] and doc["connected"] is False
+    assert [r["run_id"] for r in doc["runs"]][:2] == ["new-run", "old-run"] and doc["connected"] is False
     assert run_view.recorded_run(ws, "../old-run") is None and run_view.recorded_run(ws, "nope") is None
     got = run_view.recorded_run(ws, "old-run")
     s = run_view.series_from_record(got["record"], got["events"])

@@ -67,13 +67,13 @@ def test_same_origin():
                                           ("::ffff:0.0.0.0", "0.0.0.0"), ("localhost", "127.0.0.1"),
                                           ("100.64.0.2", "100.64.0.2"), ("224.0.0.1", None)])
 def test_bind_addresses_are_parsed_strictly_and_wildcards_need_the_flag(given, wanted):
-    from cluster import two_host
+    from cluster import addresses
 
     if wanted is None:
         with pytest.raises(ValueError, match="--bind"):
-            two_host.check_bind(given, True)
+            addresses.check_bind(given, True)
         return
-    assert two_host.check_bind(given, True) == wanted
+    assert addresses.check_bind(given, True) == wanted
     if wanted in ("0.0.0.0", "::"):
         with pytest.raises(ValueError, match="every interface"):
-            two_host.check_bind(given, False)
+            addresses.check_bind(given, False)

@@ -202,6 +202,12 @@ def _export_records(res: ImportResult, opts: Options, convs) -> Iterator[dict]:
         yield from recs
 
 
+def _named(where: str, obj: object) -> str:
+    """``where`` with the conversation's own id when it has one (what a person searches for)."""
+    cid = obj.get("uuid") or obj.get("conversation_id") or obj.get("id") if isinstance(obj, dict) else None
+    return f"{where} (id {cid[:80]})" if isinstance(cid, str) and cid.strip() else where
+
+
 def _records(source: Source, res: ImportResult, opts: Options) -> Iterator[dict]:
     fmt = res.format
     if fmt == "markdown":
@@ -224,7 +230,12 @@ def _records(source: Source, res: ImportResult, opts: Options) -> Iterator[dict]
                 try:
                     yield where, mod.conversation(obj, res.changes, repair=opts.repair)
                 except ImportFormatError as exc:
-                    yield where, exc
+                    yield _named(where, obj), exc
+                except (TypeError, AttributeError, KeyError, ValueError, IndexError, RecursionError) as exc:
+                    # one malformed conversation (a field of the wrong shape) is skipped and named;
+                    # the rest of the export is imported
+                    yield _named(where, obj), ImportFormatError(f"malformed conversation ({type(exc).__name__}: "
+                                                                f"{str(exc)[:160]})")
         yield from _export_records(res, opts, convs())
         return
     fn = simple.FUNCS[fmt]

@@ -18,6 +18,7 @@ from training.importers.text import Changes, clean_turn, remove_unsupported_bloc
 
 ROLES = {"human": "user", "user": "user", "assistant": "assistant"}
 ROOT = "00000000-0000-4000-8000-000000000000"
+MAX_ATTACHMENTS = 1000   # per message; more are counted and skipped
 
 
 def _s(x: object) -> str:
@@ -121,14 +122,22 @@ def _message_turns(m: dict, role: str, changes: Changes, repair: bool) -> list[T
         if text:
             turns.append(Turn(role, text))
     own_text = any(t.kind == role for t in turns)
-    for a in m.get("attachments") or []:
+    attachments = m.get("attachments") or []
+    if not isinstance(attachments, list):
+        raise ImportFormatError(f"message {_s(m.get('uuid'))[:40] or '?'}: 'attachments' is a "
+                                f"{type(attachments).__name__}, not a list")
+    if len(attachments) > MAX_ATTACHMENTS:
+        changes.add(f"attachments beyond {MAX_ATTACHMENTS} in one message skipped", len(attachments) - MAX_ATTACHMENTS)
+        attachments = attachments[:MAX_ATTACHMENTS]
+    for a in attachments:
         if isinstance(a, dict) and _s(a.get("extracted_content")).strip():
             if not own_text:  # pasted text and nothing else: it is what the user said
                 turns.append(Turn(role, clean_turn(a["extracted_content"], changes, repair=repair)))
                 changes.add("attachments kept as the turn's text (it had no other)")
                 continue
             turns.append(Turn("attachment", a["extracted_content"], _s(a.get("file_name")), role=role))
-    files = [f for f in m.get("files") or [] if isinstance(f, dict)]
+    files = m.get("files") or []
+    files = [f for f in files if isinstance(f, dict)] if isinstance(files, list) else []
     if files:
         changes.add("files referenced (their content is not in the export)", len(files))
     return turns

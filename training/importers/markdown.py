@@ -49,14 +49,17 @@ _EMOJI_ROLES = {**{e: "user" for e in "👤👩👨🧑🙋🙂😀🗣"}, **{e:
                 **{e: "tool" for e in "🌀🔧🛠⚙🔨🧰📎"}}
 
 _FENCE = re.compile(r"^\s*(```|~~~)")
-_HEADING = re.compile(r"^(#{1,6})\s+(.*?)\s*#*\s*$")
-_BOLD = re.compile(r"^\s*(>\s*)?(?:\*\*|__)(?P<label>[^*_\n]{1,60}?)\s*:?\s*(?:\*\*|__)\s*:?\s*(?P<rest>.*)$")
+# Every pattern here runs in time linear in the line (tests/unit/test_importers.py times each against
+# adversarial 10k-character lines): possessive quantifiers (*+) where two runs of spaces meet.
+_HEADING = re.compile(r"^(#{1,6})\s++(.*)$")   # the closing #s are stripped in code (heading_text)
+_BOLD = re.compile(r"^\s*+(>\s*+)?(?:\*\*|__)(?P<label>[^*_\n]{1,60}?)\s*+:?\s*+(?:\*\*|__)\s*+:?\s*+(?P<rest>.*)$")
 _CALLOUT = re.compile(r"^\s*>\s*\[!(?P<type>[\w-]{1,40})\][-+]?\s*(?P<rest>.*)$")
 _DATE_TAIL = re.compile(r"\s*(?:[-–—·|,@]|\bat\b|\bon\b|\()\s*[\w.,:/ -]*\d[\w.,:/ )-]*$")
 _DATE_ONLY = re.compile(r"^[\s#*_>()\[\]]*(?:\d{1,4}[./:-]\d{1,2}(?:[./:-]\d{1,4})?|\d{1,2}\s+\w{3,9}\s+\d{2,4}|\w{3,9}\s+\d{1,2},?\s+\d{4})"
                         r"(?:[\s,T]*(?:at\s+)?\d{1,2}:\d{2}(?::\d{2})?(?:\s*[AP]M)?)?[\s*_()\[\]]*$", re.I)
-_LEAD_DATE = re.compile(r"^(?:[-–—·|@,]\s*)?\(?\s*(?:(?:on\s+)?\d{1,4}[./-]\d{1,2}[./-]\d{1,4}(?:[\sT,]*(?:at\s+)?\d{1,2}:\d{2}"
-                        r"(?::\d{2})?(?:\.\d+)?(?:\s*[AP]M)?)?|\d{1,2}:\d{2}(?::\d{2})?(?:\s*[AP]M)?)\s*\)?\s*:?\s*", re.I)
+_LEAD_DATE = re.compile(r"^(?:[-–—·|@,]\s*+)?\(?\s*+(?:(?:on\s++)?\d{1,4}[./-]\d{1,2}[./-]\d{1,4}(?:[\sT,]*+(?:at\s++)?\d{1,2}:\d{2}"
+                        r"(?::\d{2})?(?:\.\d++)?(?:\s*+[AP]M)?)?|\d{1,2}:\d{2}(?::\d{2})?(?:\s*+[AP]M)?)\s*+\)?\s*+:?\s*+", re.I)
+MAX_LABEL_SOURCE = 200   # a heading longer than this is no speaker label (and no date-tail regex runs on it)
 _RULE = re.compile(r"^\s*(?:-{3,}|\*{3,}|_{3,})\s*$")
 _COMMENT = re.compile(r"<!--.*?-->", re.S)
 
@@ -72,8 +75,14 @@ def _strip_decoration(raw: str) -> tuple[str, bool, bool]:
     s = "".join(c for c in raw if unicodedata.category(c) not in ("So", "Sk", "Cs", "Co", "Mn", "Cf") or c.isalnum())
     s = re.sub(r"[*_`~]", "", s).strip()
     s = re.sub(r"^title:\s*", "", s, flags=re.I)
-    s = _DATE_TAIL.sub("", s).strip().rstrip(":").strip()
+    if len(s) <= MAX_LABEL_SOURCE:  # _DATE_TAIL backtracks on long text; a label is short
+        s = _DATE_TAIL.sub("", s).strip().rstrip(":").strip()
     return s, emoji, bold
+
+
+def heading_text(m: re.Match) -> str:
+    """A heading's text without its closing #s (``## User ##`` -> ``User``)."""
+    return m.group(2).rstrip().rstrip("#").rstrip()
 
 
 def _label_ok(label: str) -> bool:
@@ -145,7 +154,7 @@ def _candidates(lines: list[str], start: int) -> list[_Cand]:
             continue
         m = _HEADING.match(line)
         if m:
-            raw = repair_mojibake(m.group(2))
+            raw = repair_mojibake(heading_text(m))
             label, emoji, bold = _strip_decoration(raw)
             if _label_ok(label):
                 out.append(_Cand(n, f"h{len(m.group(1))}", label, (emoji, bold), hint=_emoji_role(raw)))
@@ -220,11 +229,25 @@ def _learn(cands: list[_Cand], overrides: dict[str, str], learned: Learned) -> l
     return sorted(speakers, key=lambda c: c.line)
 
 
+def strip_comments(text: str) -> tuple[str, int]:
+    """``text`` without its closed HTML comments, and how many (what ``<!--.*?-->`` removes, in one
+    pass: the regex rescans the rest of the text from every unclosed ``<!--``)."""
+    out, n, i = [], 0, 0
+    while True:
+        a = text.find("<!--", i)
+        b = text.find("-->", a + 4) if a >= 0 else -1
+        if a < 0 or b < 0:
+            out.append(text[i:])
+            return "".join(out), n
+        out.append(text[i:a])
+        i, n = b + 3, n + 1
+
+
 def _tidy(lines: list[str], changes: Changes) -> str:
     """A turn's lines without markup at its ends (rules, comments, date-only lines)."""
     text = "\n".join(lines)
     if "<!--" in text:
-        text, n = _COMMENT.subn("", text)
+        text, n = strip_comments(text)
         changes.add("HTML comments removed (<!-- ... -->)", n)
     kept = text.split("\n")
 

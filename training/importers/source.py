@@ -27,6 +27,34 @@ ZIP_MEMBERS = ("conversations.json",)
 MAX_TEXT_BYTES = 512 << 20  # a text (Markdown) export is read whole; DUET_MAX_TEXT_EXPORT_BYTES overrides
 
 
+class _Bounded(io.RawIOBase):
+    """A zip member's stream that never hands out more than the member declared (a lying header
+    cannot make it grow), and whose damage is an ImportFormatError."""
+
+    def __init__(self, raw, size: int, where: str):
+        super().__init__()
+        self.raw, self.left, self.where = raw, size, where
+
+    def readable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        if not self.closed:
+            self.raw.close()
+        super().close()
+
+    def read(self, n: int = -1) -> bytes:
+        want = self.left if n is None or n < 0 else min(n, self.left)
+        if want <= 0:
+            return b""
+        try:
+            data = self.raw.read(want)
+        except (zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
+            raise ImportFormatError(f"{self.where}: a damaged zip member ({exc})") from None
+        self.left -= len(data)
+        return data
+
+
 class _Counting(io.RawIOBase):
     """A binary stream that counts what it hands out (progress) and can put bytes back in front."""
 
@@ -86,6 +114,38 @@ class _Counting(io.RawIOBase):
         return bytes(out)
 
 
+MAX_ZIP_MEMBERS = 100_000
+MAX_MEMBER_BYTES = 16 << 30     # a conversations.json inside a zip; DUET_MAX_ZIP_MEMBER_BYTES overrides
+MAX_RATIO = 500                 # uncompressed / compressed; chat JSON compresses ~5-20x
+ZIP_METHODS = {zipfile.ZIP_STORED: "stored", zipfile.ZIP_DEFLATED: "Deflate", zipfile.ZIP_BZIP2: "bzip2",
+               zipfile.ZIP_LZMA: "LZMA"}
+ZIP_METHOD_NAMES = {9: "Deflate64 (what Windows Explorer writes for large files)", 93: "Zstandard", 95: "xz",
+                    98: "PPMd", 99: "AES encryption"}
+
+
+def check_member(path: Path, info: zipfile.ZipInfo) -> None:
+    """A zip member duet will read: a plain name, not encrypted, a compression Python reads, and a
+    size (declared and per compressed byte) within bounds. ImportFormatError for each, saying what
+    to do instead."""
+    name = info.filename
+    if name.startswith(("/", "\\")) or ".." in Path(name.replace("\\", "/")).parts or ":" in name.split("/")[0]:
+        raise ImportFormatError(f"{path}: member {name[:120]!r} has a path that leaves the archive; refusing the zip")
+    if info.flag_bits & 0x1 or info.compress_type == 99:
+        raise ImportFormatError(f"{path}: {name} is encrypted (password-protected); unpack it yourself and import "
+                                "the conversations.json")
+    if info.compress_type not in ZIP_METHODS:
+        how = ZIP_METHOD_NAMES.get(info.compress_type, f"compression method {info.compress_type}")
+        raise ImportFormatError(f"{path}: {name} is compressed with {how}, which duet cannot read; unpack the archive "
+                                "(e.g. with 7-Zip or `unzip`) and import the conversations.json inside")
+    limit = _limit("DUET_MAX_ZIP_MEMBER_BYTES", MAX_MEMBER_BYTES)
+    if info.file_size > limit:
+        raise ImportFormatError(f"{path}: {name} unpacks to {info.file_size:,} bytes, over the {limit:,}-byte limit "
+                                "(DUET_MAX_ZIP_MEMBER_BYTES raises it)")
+    if info.file_size > (1 << 20) and info.file_size > MAX_RATIO * max(1, info.compress_size):
+        raise ImportFormatError(f"{path}: {name} unpacks {info.file_size // max(1, info.compress_size):,} times its "
+                                f"packed size (over {MAX_RATIO}x: a zip bomb?); refusing it")
+
+
 class Source:
     """One export file opened for reading; ``name`` is what records name as their source."""
 
@@ -106,10 +166,17 @@ class Source:
     def _zip_member(self) -> None:
         try:
             with zipfile.ZipFile(self.path) as zf:
-                names = [i for i in zf.infolist() if not i.is_dir()]
-        except (zipfile.BadZipFile, OSError) as exc:
+                infos = zf.infolist()
+        except (zipfile.BadZipFile, OSError, ValueError, NotImplementedError) as exc:
             raise ImportFormatError(f"{self.path}: a damaged zip archive ({exc})") from exc
+        max_members = _limit("DUET_MAX_ZIP_MEMBERS", MAX_ZIP_MEMBERS)
+        if len(infos) > max_members:
+            raise ImportFormatError(f"{self.path}: a zip archive of {len(infos):,} members (more than {max_members:,}; "
+                                    "DUET_MAX_ZIP_MEMBERS raises the limit)")
+        names = [i for i in infos if not i.is_dir()]
         chats = [i for i in names if Path(i.filename).name in ZIP_MEMBERS]
+        for i in chats:
+            check_member(self.path, i)
         if not chats:
             listed = ", ".join(i.filename for i in names[:8]) + (" ..." if len(names) > 8 else "")
             raise ImportFormatError(f"{self.path}: a zip archive without conversations.json (it holds {listed}); "
@@ -122,7 +189,13 @@ class Source:
         """A fresh binary stream of the export (the zip member's bytes for an archive)."""
         if self.member is not None:
             zf = zipfile.ZipFile(self.path)
-            return _Counting(zf.open(self.member), self.member.file_size, self.on_progress, owner=zf)
+            try:
+                member = zf.open(self.member)
+            except (RuntimeError, NotImplementedError, zipfile.BadZipFile, ValueError) as exc:
+                zf.close()
+                raise ImportFormatError(f"{self.where()}: cannot be read ({exc})") from None
+            return _Counting(_Bounded(member, self.member.file_size, self.where()), self.member.file_size,
+                             self.on_progress, owner=zf)
         return _Counting(open(self.path, "rb"), self.path.stat().st_size, self.on_progress)
 
     def head(self, n: int = 1 << 16) -> bytes:
@@ -196,7 +269,10 @@ class Source:
         with self._stream() as s:
             i = -1
             try:
-                for i, obj in enumerate(ijson.items(s, "item", use_float=True)):
+                for i, obj in enumerate(bounded_items(s, self.where())):
+                    if isinstance(obj, _Skip):
+                        yield obj.where, obj
+                        continue
                     try:
                         yield self._checked(f"{self.where()}[{i}]", obj)
                     except _Skip as sk:
@@ -246,6 +322,87 @@ class Source:
         except ValueError as exc:
             raise ImportFormatError(f"{exc}; the file is refused whole") from exc
         return where, obj
+
+
+MAX_ITEM_NODES = 1_000_000      # values in one item (a conversation); DUET_MAX_ITEM_NODES overrides
+MAX_ITEM_BYTES = 512 << 20      # bytes of one item; DUET_MAX_ITEM_BYTES overrides
+MAX_ITEMS = 5_000_000           # items in one export; DUET_MAX_ITEMS overrides
+MAX_SECONDS = 1800              # reading one export; DUET_MAX_IMPORT_SECONDS overrides
+
+
+def bounded_items(stream, where: str) -> Iterator[object]:
+    """The elements of a top-level JSON array, each built from the parser's events with its limits
+    checked while it is built (nesting depth, values, bytes), so an item too deep or too large is
+    skipped (a ``_Skip`` in its place) before it exists in memory; the export's item count and the
+    time spent are bounded too (ImportFormatError). ijson's own ``items`` keeps a path prefix per
+    level, which grows with the square of the depth: a 541-byte zip of nested lists needed tens of GB."""
+    import time
+
+    depth_limit = max_json_depth()
+    nodes_limit = _limit("DUET_MAX_ITEM_NODES", MAX_ITEM_NODES)
+    bytes_limit = _limit("DUET_MAX_ITEM_BYTES", MAX_ITEM_BYTES)
+    items_limit = _limit("DUET_MAX_ITEMS", MAX_ITEMS)
+    deadline = time.monotonic() + _limit("DUET_MAX_IMPORT_SECONDS", MAX_SECONDS)
+    events = ijson.basic_parse(stream, use_float=True)
+    first = next(events, (None, None))[0]
+    if first != "start_array":
+        raise ImportFormatError(f"{where}: not a JSON list")
+    index, stack, keys, nodes, skipping, why, start = 0, [], [], 0, 0, None, stream.done
+    for n, (ev, value) in enumerate(events):
+        if n & 0x3FF == 0 and time.monotonic() > deadline:
+            raise ImportFormatError(f"{where}: reading took longer than {_limit('DUET_MAX_IMPORT_SECONDS', MAX_SECONDS)} s "
+                                    f"(at item {index:,}); nothing was imported (DUET_MAX_IMPORT_SECONDS raises it)")
+        if skipping:
+            if ev in ("start_map", "start_array"):
+                skipping += 1
+            elif ev in ("end_map", "end_array"):
+                skipping -= 1
+            if skipping == 0:
+                yield _Skip(f"{where}[{index}]", why)
+                index += 1
+            continue
+        if not stack:
+            if ev == "end_array":  # the end of the top-level list
+                return
+            if index >= items_limit:
+                raise ImportFormatError(f"{where}: more than {items_limit:,} items (DUET_MAX_ITEMS raises the limit)")
+            start, nodes = stream.done, 0
+        nodes += 1
+        too = None
+        if len(stack) >= depth_limit and ev in ("start_map", "start_array"):
+            too = f"nested deeper than {depth_limit} levels (DUET_MAX_JSON_DEPTH raises the limit)"
+        elif nodes > nodes_limit:
+            too = f"more than {nodes_limit:,} values in one item (DUET_MAX_ITEM_NODES raises the limit)"
+        elif n & 0xFF == 0 and stream.done - start > bytes_limit:
+            too = f"larger than {bytes_limit:,} bytes (DUET_MAX_ITEM_BYTES raises the limit)"
+        if too:
+            skipping = len(stack) + (1 if ev in ("start_map", "start_array") else 0) \
+                - (1 if ev in ("end_map", "end_array") else 0)
+            stack, keys, why = [], [], too
+            if skipping == 0:
+                yield _Skip(f"{where}[{index}]", why)
+                index += 1
+            continue
+        if ev == "map_key":
+            keys[-1] = value
+            continue
+        if ev in ("start_map", "start_array"):
+            stack.append({} if ev == "start_map" else [])
+            keys.append(None)
+            continue
+        if ev in ("end_map", "end_array"):
+            value = stack.pop()
+            keys.pop()
+        if not stack:
+            yield value
+            index += 1
+            continue
+        top = stack[-1]
+        if isinstance(top, list):
+            top.append(value)
+        else:
+            top[keys[-1]] = value
+    raise ImportFormatError(f"{where}: the JSON list is cut short (no closing bracket)")
 
 
 class _Skip(Exception):

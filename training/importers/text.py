@@ -30,14 +30,14 @@ class Changes(Counter):
 
 # ChatGPT's inline references: U+E200 kind (U+E202 argument)* U+E201, e.g.
 # "\ue200cite\ue202turn0search3\ue202turn1news2\ue201" or "\ue200entity\ue202["people","Ada Lovelace"]\ue201".
-_PUA_REF = re.compile("[ \t]*\ue200([^\ue200\ue201\ue202]{0,64})((?:\ue202[^\ue200\ue201\ue202]*)*)\ue201")
+_PUA_REF = re.compile("(?<![ \t])[ \t]*+\ue200([^\ue200\ue201\ue202]{0,64})((?:\ue202[^\ue200\ue201\ue202]*)*)\ue201")
 # The older form: 【6†source】, 【4:0†notes.pdf】, 【11†L1-L5】, 【turn0search3】 (CJK brackets used as
 # ordinary punctuation, 【お知らせ】, have neither a dagger nor a turn reference and stay).
-_BRACKET_REF = re.compile(r"[ \t]*【(?:[^【】\n]{0,200}†[^【】\n]{0,200}|turn\d+[a-z]+\d+(?:[^【】\n]{0,80}))】")
+_BRACKET_REF = re.compile(r"(?<![ \t])[ \t]*+【(?:[^【】\n]{0,200}†[^【】\n]{0,200}|turn\d+[a-z]+\d+(?:[^【】\n]{0,80}))】")
 _PUA = re.compile("[\ue000-\uf8ff]")
 # The same references once something stripped their private-use characters: "citeturn0search3turn1news2",
 # "filecite turn0file1", 'entity["people","Ada Lovelace","..."]'.
-_BARE_CITE = re.compile(r"[ \t]*\b(?:file)?cite\s?(?:turn\d+[a-z]+\d+(?:L\d+-L\d+)?)+")
+_BARE_CITE = re.compile(r"(?<![ \t])[ \t]*+\b(?:file)?cite\s?(?:turn\d+[a-z]+\d+(?:L\d+-L\d+)?)+")
 _BARE_ENTITY = re.compile(r'\bentity\[\s*"[^"\n]{1,40}"\s*,\s*"([^"\n]{1,120})"[^\]\n]{0,400}\]')
 _UNSUPPORTED = re.compile(r"(?:```[ \t]*\n)?This block is not supported on your current device yet\.(?:\n```)?")
 
