@@ -49,16 +49,22 @@ def store_urls(workspace: str | os.PathLike) -> tuple[str | None, str | None]:
     return os.environ.get("DUET_POSTGRES_URL") or pg, os.environ.get("DUET_MONGO_URL") or mongo
 
 
-def up(workspace: str | os.PathLike, *, ray_port: int | None = None) -> Embedded:
+def check_queue(workspace: str | os.PathLike) -> None:
+    """The workspace's queue file (``.duet/queue.json``) checked whole; ValueError naming it and the
+    problem, before anything starts or is written (not a dead scheduler later)."""
     from roles.queue import QueueError, load_entries
 
-    sd = state_dir(workspace)
     queue = Path(workspace) / ".duet" / "queue.json"
     if queue.exists() or queue.is_symlink():
-        try:  # a damaged queue file is named now, before anything starts, not as a dead scheduler later
+        try:
             load_entries(queue)
         except QueueError as exc:
             raise ValueError(str(exc)) from None
+
+
+def up(workspace: str | os.PathLike, *, ray_port: int | None = None) -> Embedded:
+    check_queue(workspace)
+    sd = state_dir(workspace)
     sd.mkdir(parents=True, exist_ok=True)
     before = running(workspace)
     started = []

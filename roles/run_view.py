@@ -44,15 +44,28 @@ def damaged_row(run_id: str, why: str) -> dict:
             "tokens_per_second": None, "queued_at": None, "source": "workspace", "error": why}
 
 
+def _num(v):
+    """A number as a record should hold it, else None (a hand-edited or damaged record's "yesterday")."""
+    import math
+
+    return v if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+
+
+def _text(v):
+    return v if isinstance(v, str) else None
+
+
 def row_from_record(rec: dict) -> dict:
-    """A runs-table row from a run record (run.json)."""
-    placement = rec.get("placement") or {}
-    train = (rec.get("config") or {}).get("train") or {}
-    return {"run_id": rec["run_id"], "name": rec.get("name"), "phase": rec.get("phase"), "state": rec.get("status"),
-            "node": placement.get("node"), "step": rec.get("steps") or 0, "max_steps": train.get("max_steps"),
-            "started": rec.get("started"), "eta_s": None, "loss": rec.get("train_loss_final"),
-            "eval_loss": rec.get("eval_loss_after"), "tokens_per_second": rec.get("tokens_per_s"),
-            "queued_at": (rec.get("placement") or {}).get("queued_at"), "source": "workspace"}
+    """A runs-table row from a run record (run.json); fields of the wrong type are left out (None)."""
+    placement = rec.get("placement") if isinstance(rec.get("placement"), dict) else {}
+    config = rec.get("config") if isinstance(rec.get("config"), dict) else {}
+    train = config.get("train") if isinstance(config.get("train"), dict) else {}
+    return {"run_id": rec["run_id"], "name": _text(rec.get("name")), "phase": _text(rec.get("phase")),
+            "state": _text(rec.get("status")), "node": _text(placement.get("node")), "step": _num(rec.get("steps")) or 0,
+            "max_steps": _num(train.get("max_steps")), "started": _num(rec.get("started")), "eta_s": None,
+            "loss": _num(rec.get("train_loss_final")), "eval_loss": _num(rec.get("eval_loss_after")),
+            "tokens_per_second": _num(rec.get("tokens_per_s")), "queued_at": _num(placement.get("queued_at")),
+            "source": "workspace"}
 
 
 def recorded_runs(workspace: str | os.PathLike) -> dict[str, dict]:
@@ -122,7 +135,7 @@ def overview(workspace: str | os.PathLike, scheduler=None, connected: bool = Tru
     for r in doc["runs"]:
         base = rows.get(r["run_id"], {})
         rows[r["run_id"]] = {**base, **{k: v for k, v in r.items() if v is not None or k not in base}, "source": "cluster"}
-    doc["runs"] = sorted(rows.values(), key=lambda r: -(r.get("started") or r.get("queued_at") or 0))
+    doc["runs"] = sorted(rows.values(), key=lambda r: -(_num(r.get("started")) or _num(r.get("queued_at")) or 0))
     doc["connected"] = connected
     return doc
 

@@ -179,7 +179,9 @@ class Run:
     def log_loss(self, entry: dict) -> None:
         """A logged step's loss: a resumed step replaces the entry it repeats (losses.jsonl keeps both;
         the last entry of a step wins when read back)."""
-        self.losses = [x for x in self.losses if x["step"] < entry["step"]] + [entry]
+        if self.losses and self.losses[-1]["step"] >= entry["step"]:  # a re-logged step (resume, rollback)
+            self.losses = [x for x in self.losses if x["step"] < entry["step"]]
+        self.losses.append(entry)
         run_files.jsonl_append(self.dir / "losses.jsonl", entry)
 
     # -- the watchdog's hands --------------------------------------------------------------------

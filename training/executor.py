@@ -156,6 +156,9 @@ class Executor:
                  metrics_addr: str = "127.0.0.1", torch_threads: int | None = None, launcher=None):
         """``launcher``: starts a data-parallel run's ranks (roles.data_parallel.launch in the actor);
         without one a run with workers > 1 fails with a message that says so."""
+        from infra import malloc
+
+        malloc.tame()  # a long run's RSS stays flat (glibc keeps fragments of freed tensors otherwise)
         self.data_dir = Path(data_dir)
         self.launcher = launcher
         self.data_dir.mkdir(parents=True, exist_ok=True)

@@ -5,19 +5,31 @@ from __future__ import annotations
 from pathlib import Path
 
 
+MAX_PLOT_POINTS = 2000
+
+
+def _thin(points: list[dict], key: str) -> tuple[list, list]:
+    """At most MAX_PLOT_POINTS (step, value) pairs: every k-th point (the last one kept), so the
+    plot costs the same at step 20,000 as at step 2,000."""
+    k = max(1, -(-len(points) // MAX_PLOT_POINTS))
+    picked = points[::k] + ([points[-1]] if (len(points) - 1) % k else [])
+    return [x["step"] for x in picked], [x[key] for x in picked]
+
+
 def write_loss_plot(path: Path, losses: list[dict], eval_losses: list[dict], title: str) -> None:
+    """loss.png, drawn with matplotlib's object API (pyplot's global figure registry grew the
+    executor's memory at every redraw of a long run)."""
     if not losses:
         return
-    import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    ax.plot([x["step"] for x in losses], [x["loss"] for x in losses], label="train loss", lw=1.5)
+    fig = Figure(figsize=(7, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.plot(*_thin(losses, "loss"), label="train loss", lw=1.5)
     if eval_losses:
-        ax.plot([x["step"] for x in eval_losses], [x["eval_loss"] for x in eval_losses], "o-",
-                label="eval loss", lw=1.5)
+        ax.plot(*_thin(eval_losses, "eval_loss"), "o-", label="eval loss", lw=1.5)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title(title)
@@ -26,7 +38,7 @@ def write_loss_plot(path: Path, losses: list[dict], eval_losses: list[dict], tit
     fig.tight_layout()
     tmp = path.with_name(path.name + ".tmp.png")
     fig.savefig(tmp)
-    plt.close(fig)
+    fig.clear()
     tmp.replace(path)
 
 

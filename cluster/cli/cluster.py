@@ -71,6 +71,11 @@ def run_up(a) -> int:
     from infra.services import ServiceError, display_url
     from memory_sync.workspace import Workspace
 
+    try:
+        embedded.check_queue(a.workspace)
+    except ValueError as exc:
+        print_error(exc)
+        return EXIT_INPUT
     Workspace(a.workspace).init()
     try:
         emb = embedded.up(a.workspace)

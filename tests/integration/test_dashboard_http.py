@@ -278,3 +278,57 @@ def test_search_promote_and_diff_through_the_dashboard(tmp_path, fresh_db, repo_
         assert status == 400
     finally:
         stop(proc)
+
+
+def test_hostile_input_round_two_over_real_http(dashboard, tmp_path):
+    """A symlinked record never serves what it points to; logout ends the session for a copied cookie;
+    an unauthenticated body is bounded; a nested Last-Event-ID or JSON body is a 400; a damaged
+    record shows as damaged and the runs list still answers."""
+    port, ws = dashboard["port"], dashboard["ws"]
+    j = {"Accept": "application/json"}
+    token = tmp_path / "ray_token"
+    token.write_text(json.dumps({"run_id": "leaky", "status": "finished", "secret": "RAYTOKEN-abcdef"}))
+    (ws / "runs" / "leaky").mkdir(parents=True)
+    (ws / "runs" / "leaky" / "run.json").symlink_to(token)
+    (ws / "runs" / "broken").mkdir()
+    (ws / "runs" / "broken" / "run.json").write_text('{"run_id": "broken", "started": "x", "placement": 5')
+    try:
+        _, cookie = login(port)
+        for path in ("/api/runs", "/api/runs/leaky", "/runs/leaky", "/", "/api/runs/broken", "/runs/broken"):
+            status, _, body = http(port, "GET", path, headers={"Cookie": cookie, **(j if "api" in path else {})})
+            assert status in (200, 422) and b"RAYTOKEN" not in body, (path, status, body[:300])
+        status, _, body = http(port, "GET", "/api/runs", headers={"Cookie": cookie, **j})
+        rows = {r["run_id"]: r for r in json.loads(body)["runs"]}
+        assert rows["leaky"]["state"] == rows["broken"]["state"] == "damaged"
+        for last_id in ("[" * 20000, '{"since_step": ' + "[" * 3000 + "]" * 3000 + "}"):
+            status, _, body = http(port, "GET", "/api/runs/leaky/stream", headers={"Cookie": cookie, **j,
+                                                                                  "Last-Event-ID": last_id})
+            assert status in (400, 431) and b"Traceback" not in body, (status, body[:200])
+        csrf = auth.Keys.from_token_file(auth_token_path()).csrf(cookie.split("=", 1)[1].split(".")[0])
+        post = {"Cookie": cookie, **j, "X-CSRF-Token": csrf, "Content-Type": "application/json"}
+        status, _, body = http(port, "POST", "/api/memory/promote", headers=post, body=b"[" * 50000)
+        assert status == 400 and b"deep" in body, body[:200]
+        status, _, body = http(port, "POST", "/api/memory/promote", headers=post, body=b"x" * (1 << 20))
+        assert status == 413, body[:200]
+        form = {"Content-Type": "application/x-www-form-urlencoded"}
+        status, _, _ = http(port, "POST", "/login", headers=form, body=b"token=" + b"a" * (1 << 20))
+        assert status == 413
+        status, _, _ = http(port, "POST", "/login", headers=form, body=b"&".join(b"f%d=1" % i for i in range(500)))
+        assert status == 400
+        status, _, _ = http(port, "POST", "/logout", headers={"Cookie": cookie, "X-CSRF-Token": csrf})
+        assert status == 303
+        status, _, _ = http(port, "GET", "/api/runs", headers={"Cookie": cookie, **j})
+        assert status == 401  # the cookie copied before the logout no longer works
+        log = dashboard["proc"]
+        assert log.poll() is None
+    finally:
+        for d in ("leaky", "broken"):
+            for p in (ws / "runs" / d).iterdir():
+                p.unlink()
+            (ws / "runs" / d).rmdir()
+
+
+def auth_token_path():
+    from cluster import auth as cluster_auth
+
+    return cluster_auth.token_path()

@@ -173,3 +173,30 @@ def test_a_false_positive_is_allowed_by_its_fingerprint(tmp_path):
     (ws / "duet.yaml").write_text((ws / "duet.yaml").read_text() + f"allowed_secrets:\n  - {fp}\n")
     r = duet("data", "curate", str(data), "--name", "d", "-w", str(ws))
     assert r.returncode == 0, r.stderr
+
+
+def test_a_secret_in_a_commit_or_tag_message_is_not_pushed(setup):
+    """Push scans commit messages and the annotated tags --follow-tags would push, not only files."""
+    ws, bare, env, sid = setup
+    value = "ghp_" + "Z8q" * 12
+    subprocess.run(["git", "-C", str(ws), "commit", "-q", "--allow-empty", "-m", f"deploy with {value}"], check=True)
+    before = subprocess.run(["git", "-C", str(bare), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
+    r = duet("memory", "sync", "-w", str(ws), env=env)
+    assert r.returncode == 2 and "its message" in r.stderr and value not in r.stderr, r.stderr
+    subprocess.run(["git", "-C", str(ws), "reset", "-q", "--hard", "HEAD~1"], check=True)
+    subprocess.run(["git", "-C", str(ws), "tag", "-a", "v1", "-m", f"release token {value}"], check=True)
+    r = duet("memory", "sync", "-w", str(ws), env=env)
+    assert r.returncode == 2 and "tag v1" in r.stderr, r.stderr
+    assert value.encode() not in remote_bytes(bare)
+    assert subprocess.run(["git", "-C", str(bare), "rev-parse", "HEAD"], capture_output=True, text=True).stdout == before
+
+
+def test_a_scanner_that_cannot_load_is_a_refusal(setup, tmp_path):
+    """detect-secrets failing to import refuses (exit 2, naming it); nothing is written unscanned."""
+    ws, bare, env, sid = setup
+    shadow = tmp_path / "shadow" / "detect_secrets"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('broken install')\n")
+    pp = os.pathsep.join([str(shadow.parent), str(Path(__file__).resolve().parents[2])])
+    r = duet("session", "note", sid, "--", "a harmless note", env={**env, "DUET_WORKSPACE": str(ws), "PYTHONPATH": pp})
+    assert r.returncode == 2 and "detect-secrets" in r.stderr, r.stderr

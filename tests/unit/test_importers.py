@@ -71,3 +71,41 @@ def test_cli_import_then_check(tmp_path, capsys):
     assert [(p["line"], p["id"], p["field"]) for p in problems] == [(3, "pair-3", "rejected")]
     assert main(["data", "import", str(tmp_path / "missing.json"), "-o", str(tmp_path / "x.jsonl")]) == 1
     assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_every_importer_pattern_runs_in_linear_time_on_adversarial_text():
+    """Each regex of the importers against 10k-character strings built to make backtracking explode
+    (runs of the characters its quantifiers share, with a tail that fails the match): linear time.
+    _DATE_TAIL is only ever run on a label of at most MAX_LABEL_SOURCE characters (checked below)."""
+    import re
+    import time
+
+    from training.importers import markdown as md, text as tx
+
+    pats = {f"{m.__name__}.{k}": v for m in (md, tx) for k, v in vars(m).items()
+            if isinstance(v, re.Pattern) and k != "_DATE_TAIL"}
+    units = [" ", "1", "-", "#", "*", "1 ", "1-", "1:", " at ", "**", "- ", "( 1", "turn1a1", "\ue202", "【", "<!--",
+             "\n", "gpt-"]
+    prefixes = ["", "# ", "**", "> [!", "- ", "\ue200"]
+
+    def worst(n):
+        out = {}
+        for name, p in pats.items():
+            t = time.perf_counter()
+            for u in units:
+                for pre in prefixes:
+                    s = pre + u * (n // len(u)) + "!"
+                    p.search(s)
+                    p.match(s)
+                    p.sub("", s)
+            out[name] = time.perf_counter() - t
+        return out
+
+    small, big = worst(2500), worst(10000)
+    for name in pats:
+        assert big[name] < 2.0, (name, big[name])                       # seconds for all 108 strings
+        assert big[name] < 8 * small[name] + 0.05, (name, small[name], big[name])  # 4x the text: ~4x the time
+    label = "User " + "1-" * 5000 + "!"
+    t = time.perf_counter()
+    md._strip_decoration(label)
+    assert time.perf_counter() - t < 0.5

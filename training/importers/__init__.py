@@ -41,6 +41,7 @@ EXPORTS = ("chatgpt", "claude", "markdown")
 MAX_LEN = 8192       # tokens (estimated unless a tokenizer counts): longer conversations are split
 MAX_SKIPPED = 200    # skipped items listed one by one (all are counted)
 MAX_ID = 200
+DETECT_SKIPS = 100   # unreadable items passed over before the format is told from the next one
 
 __all__ = ["FORMATS", "TOOLS_MODES", "ImportFormatError", "ImportResult", "Options", "detect", "import_file",
            "import_to", "check_output"]
@@ -129,7 +130,13 @@ def detect(src: str | os.PathLike | Source) -> tuple[str, str]:
         items = source.items()
         try:
             where, obj = next(items)
+            skipped = 0
+            while isinstance(obj, _Skip) and skipped < DETECT_SKIPS:  # the first item that can be read tells
+                skipped += 1
+                where, obj = next(items)
         except StopIteration:
+            if skipped:
+                raise ImportFormatError(f"{where}: {obj.reason}") from None
             raise ImportFormatError(f"{source.where()}: an empty JSON list") from None
         except ImportFormatError:
             if source.is_zip:

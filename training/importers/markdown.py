@@ -61,7 +61,6 @@ _LEAD_DATE = re.compile(r"^(?:[-–—·|@,]\s*+)?\(?\s*+(?:(?:on\s++)?\d{1,4}[.
                         r"(?::\d{2})?(?:\.\d++)?(?:\s*+[AP]M)?)?|\d{1,2}:\d{2}(?::\d{2})?(?:\s*+[AP]M)?)\s*+\)?\s*+:?\s*+", re.I)
 MAX_LABEL_SOURCE = 200   # a heading longer than this is no speaker label (and no date-tail regex runs on it)
 _RULE = re.compile(r"^\s*(?:-{3,}|\*{3,}|_{3,})\s*$")
-_COMMENT = re.compile(r"<!--.*?-->", re.S)
 
 
 def _emoji_role(raw: str) -> str | None:
@@ -229,6 +228,10 @@ def _learn(cands: list[_Cand], overrides: dict[str, str], learned: Learned) -> l
     return sorted(speakers, key=lambda c: c.line)
 
 
+def _is_comment(s: str) -> bool:
+    return len(s) >= 7 and s.startswith("<!--") and s.endswith("-->")
+
+
 def strip_comments(text: str) -> tuple[str, int]:
     """``text`` without its closed HTML comments, and how many (what ``<!--.*?-->`` removes, in one
     pass: the regex rescans the rest of the text from every unclosed ``<!--``)."""
@@ -299,13 +302,13 @@ def conversations(text: str, name: str, changes: Changes, *, overrides: dict[str
                 continue
         turns = convs[-1][1]
         if not turns:
-            if line.strip() and not _RULE.match(line) and not _COMMENT.fullmatch(line.strip()):
+            if line.strip() and not _RULE.match(line) and not _is_comment(line.strip()):
                 preamble += 1
             continue
         if quoted:
             if line.lstrip().startswith(">"):
                 turns[-1][1].append(bare)
-            elif line.strip() and not _RULE.match(line) and not _COMMENT.fullmatch(line.strip()) \
+            elif line.strip() and not _RULE.match(line) and not _is_comment(line.strip()) \
                     and not _DATE_ONLY.match(line) and not line.startswith("#"):
                 between += 1
             continue
