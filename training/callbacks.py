@@ -55,6 +55,7 @@ class CheckpointCommit(TrainerCallback):
 
 
 TRIM_EVERY = 100
+KEEP_LOG_HISTORY = 500  # the trainer's own log_history entries kept in memory (and in trainer_state.json)
 PLOT_EVERY = 500  # loss.png redrawn (every 50 steps before that); each redraw left ~1 MB of heap behind on a
                   # training thread, so a 20,000-step run grew by hundreds of MB. The live charts are the dashboard's.
 
@@ -104,7 +105,7 @@ class Progress(TrainerCallback):
         if state.global_step % PLOT_EVERY == 0 or (state.global_step < PLOT_EVERY and state.global_step % 50 == 0):
             from training.report import write_loss_plot
 
-            write_loss_plot(run.dir / "loss.png", run.losses, run.eval_losses, run.run_id)
+            write_loss_plot(run.dir / "loss.png", run.all_losses(), run.eval_losses, run.run_id)
         if state.global_step % TRIM_EVERY == 0:  # freed heap pages back to the system (infra/malloc.py)
             malloc.trim()
         telemetry.sample_host()
@@ -131,6 +132,8 @@ class Progress(TrainerCallback):
             p["eval_loss"] = ev
             self.m["eval_loss"].labels(*self.lab).set(ev)
             run.emit("eval", which=f"step {step}", step=step, eval_loss=ev)
+        if len(state.log_history) > 2 * KEEP_LOG_HISTORY:  # transformers keeps every log; losses.jsonl has them
+            del state.log_history[:-KEEP_LOG_HISTORY]
 
 
 def step_telemetry(run) -> dict:

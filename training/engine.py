@@ -41,6 +41,7 @@ from infra.lazy import lazy
 torch = lazy("torch", extra="executor")
 
 TERMINAL = ("finished", "failed", "cancelled")
+LOSS_WINDOW = 2000   # logged steps kept in memory (twice that before trimming); the rest stay in losses.jsonl
 
 
 class Run:
@@ -66,7 +67,9 @@ class Run:
         self._resumed = threading.Event()
         self.events: list[dict] = []
         self.state = "queued"
-        self.losses: list[dict] = []
+        self.losses: list[dict] = []   # the newest LOSS_WINDOW..2x entries; all of them: all_losses()
+        self._trimmed = False
+        self._cut: int | None = None    # the step a resume rolled back to
         self.eval_losses: list[dict] = []
         self.checkpoints: list[dict] = []
         self.recoveries: list[dict] = []
@@ -183,6 +186,22 @@ class Run:
             self.losses = [x for x in self.losses if x["step"] < entry["step"]]
         self.losses.append(entry)
         run_files.jsonl_append(self.dir / "losses.jsonl", entry)
+        if len(self.losses) > 2 * LOSS_WINDOW:  # memory stays flat over a long run: the rest is on disk
+            with self._lock:
+                self.losses = self.losses[-LOSS_WINDOW:]
+                self._trimmed = True
+
+    def all_losses(self) -> list[dict]:
+        """Every logged step's loss: those kept in memory, after the older ones read back from
+        losses.jsonl (append-only; the last entry of a step wins; a resume's roll-back honoured)."""
+        with self._lock:
+            mem, trimmed, cut = list(self.losses), self._trimmed, self._cut
+        if not trimmed:
+            return mem
+        older = run_files.read_by_step(self.dir / "losses.jsonl")
+        if mem:
+            return [x for x in older if x["step"] < mem[0]["step"]] + mem
+        return [x for x in older if cut is None or x["step"] <= cut]
 
     # -- the watchdog's hands --------------------------------------------------------------------
 
@@ -242,7 +261,7 @@ class Run:
             "recoveries": self.recoveries,
             "faults_fired": self.faults_fired,
             "lr_scale": self.lr_scale,
-            "losses": self.losses,
+            "losses": self.all_losses(),
             "eval_losses": self.eval_losses,
             **self.result,
         }
@@ -280,7 +299,7 @@ class Run:
             self.result["phases"] = phases.phase_report(self.peaks, self.plan)
             from training.report import write_loss_plot, write_report
 
-            write_loss_plot(self.dir / "loss.png", self.losses, self.eval_losses, self.run_id)
+            write_loss_plot(self.dir / "loss.png", self.all_losses(), self.eval_losses, self.run_id)
             self.state = "finished"
             self.write_record()
             write_report(self.dir / "report.md", self.record())
@@ -381,6 +400,7 @@ class Run:
 
     def _drop_losses_after(self, step: int) -> None:
         self.losses = [x for x in self.losses if x["step"] <= step]
+        self._cut = step
         self.eval_losses = [x for x in self.eval_losses if x["step"] <= step]
         self.checkpoints = [c for c in self.checkpoints if c["step"] <= step]
 

@@ -289,6 +289,9 @@ class Executor:
         run = self._run(run_id)
         losses = run.losses
         reset, start = points_after(losses, since_step, since_time)
+        if reset and run._trimmed:  # a viewer that lacks older steps than memory holds: from losses.jsonl
+            losses = run.all_losses()
+            reset, start = points_after(losses, since_step, since_time)
         ev = run.eval_losses
         key = f"{len(ev)}:{ev[-1]['step']}:{ev[-1]['eval_loss']}" if ev else "0"
         snap = run.snapshot(since_seq)
