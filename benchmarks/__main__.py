@@ -37,6 +37,7 @@ SUITE = [
     ("scheduling", ["--reps", "2"], ["--reps", "1", "--steps", "40"]),  # --steps 120,400 by default
     ("dashboard", ["--reps", "5"], ["--reps", "2", "--history", "300"]),  # --history 10000 by default
     ("data_parallel", ["--reps", "3", "--steps", "150"], ["--reps", "1", "--steps", "30"]),
+    ("soak", [], ["--steps", "2000", "--from-step", "500"]),  # --steps 20000 by default
 ]
 
 
@@ -144,6 +145,16 @@ def rows_of(doc: dict) -> list[tuple[str, str, str, str]]:
         out.append((f"a step's way to the open chart (executor log -> chart), ms, median [p90, max] over {st['n']} steps",
                     f"{st['median']:.0f} [{st['p90']:.0f}, {st['max']:.0f}]", "median < 1000 ms",
                     g["step_to_chart_median_under_1s"]["met"]))
+    elif name == "soak":
+        run, g = doc["run"], doc["goals"]
+        for who, what in (("executor", "the executor (it trains the run)"), ("dashboard", "the dashboard's server"),
+                          ("watch", "`duet watch`")):
+            r = doc["rss"][who]
+            if r.get("growth_pct") is None:
+                continue
+            out.append((f"{run['max_steps']}-step tiny run, stream and `duet watch` following: RSS of {what}, step "
+                        f"{r['from_step']} -> {r['to_step']}", f"{r['from_mib']:.0f} -> {r['to_mib']:.0f} MiB "
+                        f"({r['growth_pct']:+.1f} %)", "< 5 % growth", g[f"{who}_growth_under_5pct"]["met"]))
     elif name == "data_parallel":
         m, r = doc["median_tokens_per_s"], doc["ratio_2_over_1"]
         out.append((f"{doc['model']}, {doc['steps']} steps, global batch {doc['global_batch']}: tokens/s 1 worker / 2 workers "

@@ -76,8 +76,11 @@ def _follow_stream(base: str, run_id: str, cookie: str, stop: threading.Event, s
             time.sleep(1)
 
 
+ENDED = ("finished", "failed", "cancelled", "queued")
+
+
 def growth(samples: list[dict], key: str, from_step: int) -> dict:
-    pts = [s for s in samples if s[key] and s["step"] >= from_step and s["state"] == "running"]
+    pts = [s for s in samples if s[key] and s["step"] >= from_step and s["state"] not in ENDED]
     if len(pts) < 2:
         return {"from_mib": None, "to_mib": None, "growth_pct": None}
     a, b = pts[0][key], pts[-1][key]

@@ -128,9 +128,9 @@ def detect(src: str | os.PathLike | Source) -> tuple[str, str]:
         raise ImportFormatError(f"{source.where()}: empty")
     if first in "[{":
         items = source.items()
+        skipped = 0
         try:
             where, obj = next(items)
-            skipped = 0
             while isinstance(obj, _Skip) and skipped < DETECT_SKIPS:  # the first item that can be read tells
                 skipped += 1
                 where, obj = next(items)
