@@ -386,4 +386,9 @@ def create_app(source: Source, keys: auth.Keys, *, bind: str = "127.0.0.1", port
         Route("/api/cluster", cluster_api),
         Mount("/static", StaticFiles(directory=str(HERE / "static")), name="static"),
     ]
-    return Guard(Starlette(routes=routes), keys, bind, port, sessions)
+    def failed(req: Request, exc: Exception) -> Response:
+        """A handler that still fails on some input answers 400 naming the failure (Starlette would send
+        a 500); the Guard logs it in one line."""
+        return JSON({"error": f"the request could not be handled ({type(exc).__name__})"}, status_code=400)
+
+    return Guard(Starlette(routes=routes, exception_handlers={Exception: failed}), keys, bind, port, sessions)

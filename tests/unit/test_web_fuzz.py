@@ -126,3 +126,21 @@ def test_the_damaged_records_show_as_damaged(app):
     for path in ("/", "/runs/r1", "/runs/r2", "/api/runs/r2"):
         status, out = call(asgi, "GET", path, h + [(b"accept", b"text/html")], b"")
         assert status in (200, 422), (path, status, out[:300])
+
+
+def test_a_handler_that_still_fails_answers_400_not_500(app):
+    """The last guard: whatever input makes a handler raise gets a 400 naming the failure."""
+    from starlette.routing import Route
+
+    asgi, cookie = app
+
+    async def boom(req):
+        raise KeyError("x")
+
+    asgi.app.router.routes.insert(0, Route("/boom", boom))
+    try:
+        h = [(b"host", f"127.0.0.1:{PORT}".encode()), (b"cookie", f"{auth.cookie_name(PORT)}={cookie}".encode())]
+        status, out = call(asgi, "GET", "/boom", h, b"")
+        assert status == 400 and b"KeyError" in out and b"Traceback" not in out
+    finally:
+        asgi.app.router.routes.pop(0)
