@@ -193,3 +193,54 @@ def test_random_markdown_transcripts_import_cleanly_or_refuse(lines):
     p = _file("\n".join(lines).encode("utf-8", "surrogatepass"), "chat.md")
     _run(lambda: import_file(p, "markdown"), p.parent, (ImportFormatError,))
     _import_to(p)
+
+
+ADVERSARIAL = ["1-", " ", "**", "#", "<!--", " at 1", "( 1", "- ", "turn1a1", "\ue202", "【", "1:", "_"]
+
+
+@SETTINGS
+@given(lines=st.lists(st.tuples(st.sampled_from(["", "# ", "**", "> [!x] ", "- ", "User: "]),
+                                st.sampled_from(ADVERSARIAL), st.integers(100, 5000),
+                                st.sampled_from(["", "!", "**", ":", " -->"])), min_size=1, max_size=4))
+def test_markdown_built_to_backtrack_imports_within_bounds(lines):
+    """Long runs of the characters the Markdown patterns share: refused or imported in bounded time."""
+    import time
+
+    text = "\n".join(pre + unit * n + tail for pre, unit, n, tail in lines) + "\nUser: hi\nAssistant: hello\n"
+    p = _file(text.encode(), "chat.md")
+    t = time.time()
+    _run(lambda: import_file(p, "markdown"), p.parent, (ImportFormatError,))
+    assert time.time() - t < 5, [(pre, unit, n) for pre, unit, n, _ in lines]
+
+
+@SETTINGS
+@given(members=st.lists(st.tuples(st.sampled_from(["conversations.json", "a/conversations.json", "../conversations.json",
+                                                   "/abs/conversations.json", "x.txt"]),
+                                  st.one_of(st.binary(max_size=300), st.sampled_from([b"[" * 20000, b"[]", b"[{}]"])),
+                                  st.sampled_from([0, 8, 12, 14]), st.sampled_from([0, 1, 9, 99])),
+                        min_size=1, max_size=3))
+def test_random_zips_import_cleanly_or_refuse_within_bounds(members):
+    """Zip archives with random members, methods, flags and names (traversal, encryption bits, Deflate64):
+    a clean ImportFormatError or a result, within time, writing nothing on a refusal."""
+    import io
+    import time
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name, data, method, _ in members:
+            zf.writestr(zipfile.ZipInfo(name), data, compress_type=method)
+    raw = bytearray(buf.getvalue())
+    i = 0
+    for _, _, _, patch in members:  # what other zippers write: an encryption flag, another method
+        i = raw.find(b"PK\x03\x04", i)
+        if patch == 1:
+            raw[i + 6] |= 1
+        elif patch in (9, 99):
+            raw[i + 8:i + 10] = patch.to_bytes(2, "little")
+        i += 4
+    p = _file(bytes(raw), "export.zip")
+    t = time.time()
+    _run(lambda: import_file(p), p.parent, (ImportFormatError,))
+    _import_to(p)
+    assert time.time() - t < 10
