@@ -45,6 +45,15 @@ def duet(*args, env, timeout=600) -> str:
     return r.stdout
 
 
+def isolated(name: str) -> tuple[Path, dict]:
+    """A fresh folder and the environment of a benchmark's own cluster (its own config dir and token,
+    offline, one thread a process)."""
+    tmp = Path(tempfile.mkdtemp(prefix=f"duet-bench-{name}-"))
+    return tmp, {**os.environ, "PYTHONPATH": str(REPO), "DUET_CONFIG_DIR": str(tmp / "config"), "HF_HUB_OFFLINE": "1",
+                 "OMP_NUM_THREADS": "1", "DUET_TORCH_THREADS": "1", "DUET_CACHE_DIR": os.environ.get(
+                     "DUET_CACHE_DIR", str(Path.home() / ".cache" / "duet"))}
+
+
 def _opener(login_url: str):
     import http.cookiejar
 
@@ -69,10 +78,7 @@ def main(argv=None) -> dict:
     a = ap.parse_args(argv)
     from tests.browser import chrome
 
-    tmp = Path(tempfile.mkdtemp(prefix="duet-bench-dash-"))
-    env = {**os.environ, "PYTHONPATH": str(REPO), "DUET_CONFIG_DIR": str(tmp / "config"), "HF_HUB_OFFLINE": "1",
-           "OMP_NUM_THREADS": "1", "DUET_TORCH_THREADS": "1", "DUET_CACHE_DIR": os.environ.get(
-               "DUET_CACHE_DIR", str(Path.home() / ".cache" / "duet"))}
+    tmp, env = isolated("dash")
     ws = tmp / "ws"
     steps = a.history + 400 + a.latency_steps * 4
     cfg = tmp / "run.yaml"

@@ -19,19 +19,16 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
-import os
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-from pathlib import Path
 from urllib.parse import urlsplit
 
 import psutil
 
 from benchmarks import cpu_machine, versions
-from benchmarks.dashboard import DATA, REPO, _opener, duet
+from benchmarks.dashboard import DATA, REPO, _opener, duet, isolated
 
 
 def _executor_pid() -> int | None:
@@ -96,10 +93,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--sample-s", type=float, default=10.0)
     ap.add_argument("--from-step", type=int, default=1000)
     a = ap.parse_args(argv)
-    tmp = Path(tempfile.mkdtemp(prefix="duet-bench-soak-"))
-    env = {**os.environ, "PYTHONPATH": str(REPO), "DUET_CONFIG_DIR": str(tmp / "config"), "HF_HUB_OFFLINE": "1",
-           "OMP_NUM_THREADS": "1", "DUET_TORCH_THREADS": "1", "DUET_CACHE_DIR": os.environ.get(
-               "DUET_CACHE_DIR", str(Path.home() / ".cache" / "duet"))}
+    tmp, env = isolated("soak")
     ws = tmp / "ws"
     cfg = tmp / "run.yaml"
     cfg.write_text(f"preset: demo\nmodel: tiny\ndata: [{DATA}]\ndataset: persona\n"

@@ -191,6 +191,11 @@ class Run:
                 self.losses = self.losses[-LOSS_WINDOW:]
                 self._trimmed = True
 
+    @property
+    def trimmed(self) -> bool:
+        """Older logged losses than ``losses`` holds exist (on disk only)."""
+        return self._trimmed
+
     def all_losses(self) -> list[dict]:
         """Every logged step's loss: those kept in memory, after the older ones read back from
         losses.jsonl (append-only; the last entry of a step wins; a resume's roll-back honoured)."""

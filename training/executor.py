@@ -289,7 +289,7 @@ class Executor:
         run = self._run(run_id)
         losses = run.losses
         reset, start = points_after(losses, since_step, since_time)
-        if reset and run._trimmed:  # a viewer that lacks older steps than memory holds: from losses.jsonl
+        if reset and run.trimmed:  # a viewer that lacks older steps than memory holds: from losses.jsonl
             losses = run.all_losses()
             reset, start = points_after(losses, since_step, since_time)
         ev = run.eval_losses
