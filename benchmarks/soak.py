@@ -29,6 +29,7 @@ import psutil
 
 from benchmarks import cpu_machine, versions
 from benchmarks.dashboard import DATA, REPO, _opener, duet, isolated
+from infra.run_states import TERMINAL
 
 
 def _executor_pid() -> int | None:
@@ -73,7 +74,7 @@ def _follow_stream(base: str, run_id: str, cookie: str, stop: threading.Event, s
             time.sleep(1)
 
 
-ENDED = ("finished", "failed", "cancelled", "queued")
+ENDED = TERMINAL + ("queued",)
 
 
 def growth(samples: list[dict], key: str, from_step: int) -> dict:

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from benchmarks import cpu_machine, versions
+from infra.run_states import TERMINAL
 
 REPO = Path(__file__).resolve().parents[1]
 WARMUP = 5
@@ -77,7 +78,7 @@ def duet_run(arch, ds: dict, plan: dict, executor, run_id: str, data_dir: Path) 
     ray.get(executor.submit.remote(spec))
     while True:
         st = ray.get(executor.status.remote(run_id, 10**9))
-        if st["state"] in ("finished", "failed", "cancelled"):
+        if st["state"] in TERMINAL:
             break
         time.sleep(1)
     if st["state"] != "finished":

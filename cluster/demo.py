@@ -18,6 +18,7 @@ from pathlib import Path
 from cluster import auth, embedded, ray_node
 from infra import services
 from infra.lazy import lazy
+from roles.client import call
 
 ray = lazy("ray", extra="architect")
 
@@ -110,8 +111,8 @@ class Connected:
         """Over HTTP where the exporter is on this host; through the actor on a two-host cluster (the
         exporter binds the GPU host's loopback by default)."""
         if self.address is None:
-            return scrape(ray.get(executor.ping.remote(), timeout=60)["metrics_port"])
-        return scrape(None, ray.get(executor.metrics_text.remote(), timeout=30))
+            return scrape(call(executor, "ping", timeout=60)["metrics_port"])
+        return scrape(None, call(executor, "metrics_text", timeout=30))
 
 
 @contextlib.contextmanager
@@ -150,16 +151,19 @@ def connected(workspace: str, *, title: str, reporter, detach: bool = False, add
         if client:  # no node here: the architect runs on the head, in a workspace there; data is uploaded
             from roles import names
 
-            e_info = ray.get(ray.get_actor(names.EXECUTOR_NAME, namespace=names.NAMESPACE).ping.remote(), timeout=120)
+            e_info = call(ray.get_actor(names.EXECUTOR_NAME, namespace=names.NAMESPACE), "ping", timeout=120)
             head_ws = str(Path(e_info["data_dir"]).parent / "client-workspaces" / ws.name)
             architect = architect_actor(head_ws, emb.postgres_url, emb.mongo_url, title, on_node=e_info["node_id"])
 
             def record_here(files: dict) -> dict:  # the design host's own workspace gets the record too
-                from roles.architect import record_if_new
+                from roles.recorder import record_into
 
-                return {**record_if_new(str(ws), emb.postgres_url, emb.mongo_url, files), "head_workspace": head_ws}
+                return {**record_into(str(ws), emb.postgres_url, emb.mongo_url, files), "head_workspace": head_ws}
         else:
             architect, record_here = architect_actor(str(ws), emb.postgres_url, emb.mongo_url, title), None
+        recorder = _recorder(architect, emb)
+        if emb.started:
+            started_actors.append(recorder)
         yield Connected(emb, architect, scheduler, client, record_here, address)
     finally:
         if emb.started and not detach:
@@ -175,6 +179,16 @@ def connected(workspace: str, *, title: str, reporter, detach: bool = False, add
             rep.note(f"stopped what the demo started: {', '.join(stopped)}")
 
 
+def _recorder(architect, emb):
+    """The recorder of the architect's workspace, on the architect's host (created once, detached): it
+    records every run of the workspace that ends, whether or not a driver is there to see it."""
+    from roles.actors import recorder_actor
+    from roles.client import call
+
+    info = call(architect, "ping", timeout=120)
+    return recorder_actor(info["workspace"], emb.postgres_url, emb.mongo_url, info["node_id"])
+
+
 def _scheduler(scheduler_actor, ws: Path, address: str | None):
     """The head's scheduler; created here when the head has none yet (a head `duet node start` makes
     its own): over <workspace>/.duet/queue.json on the embedded cluster, else beside the head
@@ -188,17 +202,33 @@ def _scheduler(scheduler_actor, ws: Path, address: str | None):
     if not address:
         return scheduler_actor(str(ws / ".duet" / "queue.json"))
     try:
-        head = ray.get(ray.get_actor(names.EXECUTOR_NAME, namespace=names.NAMESPACE).ping.remote(), timeout=120)
+        head = call(ray.get_actor(names.EXECUTOR_NAME, namespace=names.NAMESPACE), "ping", timeout=120)
         return scheduler_actor(str(Path(head["data_dir"]) / "queue.json"))
     except ValueError:
         return scheduler_actor("~/.local/share/duet/queue.json")
+
+
+def preset_label(preset: str) -> str:
+    """What a training config came from, as a record names it: the preset's name, or its file's name
+    (its content travels in the request; a path means nothing on the host that plans)."""
+    return preset if "/" not in preset and not preset.endswith((".yaml", ".yml")) else Path(preset).name
+
+
+def _train_config(preset: str, overrides: dict | None):
+    """The training config of a built-in job (the demo's): DemoError (exit 1) when it does not validate."""
+    from training.config import PlanError, load_config
+
+    try:
+        return load_config(preset, overrides)
+    except PlanError as exc:
+        raise DemoError(str(exc), 1) from exc
 
 
 def run_on_cluster(workspace: str, *, model: str | None = None, tiny: bool = False, data: list[str] | None = None,
                    reporter=None, overrides: dict | None = None, preset: str = "demo",
                    dataset_name: str = "persona", title: str = "duet run", detach: bool = False,
                    test_frac: float = 0.1, seed: int = 0, address: str | None = None,
-                   export: dict | None = None, on: str | None = None) -> dict:
+                   export: dict | None = None, on: str | None = None, train=None) -> dict:
     """Bring up the embedded cluster (or join ``address``), run the pipeline (roles/pipeline.py):
     planned for every executor, queued, placed by the head's scheduler (``on``: on that node only).
 
@@ -209,6 +239,7 @@ def run_on_cluster(workspace: str, *, model: str | None = None, tiny: bool = Fal
     from roles.pipeline import Job, PipelineError, QuietReporter, run_pipeline
 
     rep = reporter or QuietReporter()
+    train = train if train is not None else _train_config(preset, overrides)
     t0 = time.time()
     data_paths = [Path(d) for d in data] if data else [DEFAULT_DATA]
     model_ref = _model_ref(model, tiny)
@@ -216,7 +247,7 @@ def run_on_cluster(workspace: str, *, model: str | None = None, tiny: bool = Fal
     for d in data_paths:
         precheck(d, ws)
     with connected(workspace, title=title, reporter=rep, detach=detach, address=address) as c:
-        job = Job(ws, data_paths, model_ref, preset, overrides, dataset_name, test_frac, seed, detach, on, export,
+        job = Job(ws, data_paths, model_ref, preset_label(preset), train, dataset_name, test_frac, seed, detach, on, export,
                   extra={"services_started": c.emb.started})
         try:
             return run_pipeline(job, c.architect, c.scheduler, client=c.client, reporter=rep,
@@ -240,11 +271,11 @@ def run_points(workspace: str, rc, data: list, points: list[dict], sweep_id: str
         precheck(d, ws)
     model_ref = _model_ref(rc.model, False)
     with connected(workspace, title=f"sweep {sweep_id}: {len(points)} runs", reporter=rep, address=address) as c:
-        job = Job(ws, data_paths, model_ref, rc.preset, rc.overrides, rc.dataset, rc.test_frac, rc.seed, on=on)
+        job = Job(ws, data_paths, model_ref, preset_label(rc.preset), None, rc.dataset, rc.test_frac, rc.seed, on=on)
         try:
             runs = run_sweep_pipeline(job, points, sweep_id, max_parallel, c.architect, c.scheduler, client=c.client,
                                       reporter=rep, record_here=c.record_here)
         except PipelineError as exc:
             raise DemoError(str(exc), exc.code) from exc
-        ray.get(c.architect.close.remote())
+        call(c.architect, "close")
         return runs

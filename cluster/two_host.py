@@ -23,6 +23,7 @@ from cluster.addresses import check_bind
 from roles import names
 from infra.services import ServiceError, StateFile, pid_alive, port_open, stop_recorded
 from infra.lazy import lazy
+from roles.client import call
 
 ray = lazy("ray", extra="architect")
 
@@ -86,8 +87,11 @@ def start_head(*, role: str = "executor", bind: str = "127.0.0.1", port: int = r
         RunQueue(queue_path)  # a damaged queue file is named now, before the head starts, not as a dead actor
     except QueueError as exc:
         raise ValueError(str(exc)) from exc
-    token_file, created = auth.ensure_token()
     key = key or f"head-{bind}-{port}"
+    known = StateFile(state_dir()).read().get(key)
+    if role == "executor" and not (known and pid_alive(known["pid"])):  # a head already up is reused as it is
+        check_executor_free(metrics_port, data_dir)
+    token_file, created = auth.ensure_token()
     resources = {role: 1}
     gpus = detect_gpus()
     client_port = port + 1 if client_port is None else client_port
@@ -105,7 +109,7 @@ def start_head(*, role: str = "executor", bind: str = "127.0.0.1", port: int = r
     actor = _create_role_actor(role, data_dir=data_dir, workspace=workspace, metrics_port=metrics_port)
     from roles.actors import scheduler_actor
 
-    sched = ray.get(scheduler_actor(str(queue_path)).ping.remote(), timeout=180)  # the run queue lives on the head
+    sched = call(scheduler_actor(str(queue_path)), "ping", timeout=180)  # the run queue lives on the head
     ray.shutdown()
     return {"node": info.to_dict(), "key": key, "address": address, "token_file": str(token_file), "queue": sched,
             "token_created": created, "gpus": gpus, "actor": actor, "alive_at": alive_at,
@@ -123,8 +127,14 @@ def _create_role_actor(role: str, *, data_dir: str | None, workspace: str | None
     else:
         if not workspace:
             return {"role": role, "created": False, "reason": "no --workspace given"}
-        a = architect_actor(str(Path(workspace).resolve()), os.environ.get("DUET_POSTGRES_URL"),
-                            os.environ.get("DUET_MONGO_URL"), "architect node", detached=True)
+        from roles.actors import recorder_actor
+
+        ws = str(Path(workspace).resolve())
+        pg, mongo = os.environ.get("DUET_POSTGRES_URL"), os.environ.get("DUET_MONGO_URL")
+        info = _ping(architect_actor(ws, pg, mongo, "architect node", detached=True))
+        # the recorder: every run of this workspace that ended while this host was away lands now
+        rec = _ping(recorder_actor(ws, pg, mongo, info["node_id"]))
+        return {"role": role, "created": True, **info, "recorder": {"pid": rec["pid"], "workspace": rec["workspace"]}}
     return {"role": role, "created": True, **_ping(a)}
 
 
@@ -134,7 +144,7 @@ def _ping(actor, timeout: float = 180) -> dict:
     deadline = time.time() + timeout
     while True:
         try:
-            return ray.get(actor.ping.remote(), timeout=max(1.0, deadline - time.time()))
+            return call(actor, "ping", timeout=max(1.0, deadline - time.time()))
         except ray.exceptions.ActorUnavailableError:
             if time.time() >= deadline:
                 raise
@@ -238,6 +248,7 @@ def join(*, address: str, role: str = "architect", bind: str = "127.0.0.1", toke
     resources = {role: 1, **({names.node_resource(node): 1} if node else {})}
     if node:
         _check_free_name(address, node)
+        check_executor_free(metrics_port, data_dir)
     info = ray_node.start_worker(state_dir(), head=address, resources=resources, ip=bind, key=key, timeout=timeout)
 
     ray_node.connect(address)
@@ -245,6 +256,28 @@ def join(*, address: str, role: str = "architect", bind: str = "127.0.0.1", toke
     ray.shutdown()
     return {"node": info.to_dict(), "key": key, "address": address, "versions": versions, "actor": actor,
             "executor": names.executor_name(node) if node else None, "warning": warning}
+
+
+def check_executor_free(metrics_port: int | None, data_dir: str | None) -> None:
+    """Refuse, before any node starts, an executor whose metrics port is taken on this host or whose
+    data dir another live executor uses (two executors on one machine need one of each apiece)."""
+    import socket
+
+    from training.run_files import data_dir_holder
+
+    if metrics_port:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", metrics_port))
+            except OSError as exc:
+                raise ValueError(f"port {metrics_port} (the executor's metrics exporter, 127.0.0.1:{metrics_port}) is "
+                                 f"taken on this host ({exc.strerror}), e.g. by another executor: pass --metrics-port "
+                                 "with a free port") from None
+    dd = Path(data_dir).resolve() if data_dir else default_data_dir()
+    holder = data_dir_holder(dd)
+    if holder:
+        raise ValueError(f"the data dir {dd} is used by a live executor ({holder}): pass --data-dir with a folder of "
+                         "this executor's own")
 
 
 def _check_free_name(address: str, node: str) -> None:
@@ -297,99 +330,6 @@ def local_nodes() -> dict:
     return {k: {**v, "alive": pid_alive(v["pid"])} for k, v in st.items()}
 
 
-def status(address: str | None = None) -> dict:
-    """Nodes (role, address, alive, GPUs, memory), actors and where they live, runs in progress."""
-    local = local_nodes()
-    if address is None:
-        heads = [v for v in local.values() if v.get("role") == "head" and v["alive"]]
-        workers = [v for v in local.values() if v["alive"] and v.get("head")]
-        address = heads[0]["address"] if heads else (workers[0]["head"] if workers else None)
-    doc: dict = {"local_nodes": local, "address": address, "nodes": [], "actors": [], "runs": []}
-    if address is None:
-        doc["error"] = "no cluster known on this machine: `duet node start --head` or `duet node join`"
-        return doc
-    host, port = address.removeprefix(ray_node.CLIENT_SCHEME).rsplit(":", 1)
-    if not port_open(int(port), host):
-        doc["error"] = f"the head at {address} does not answer"
-        return doc
-    ray_node.connect(address)
-    from ray.util.state import list_actors
-
-    for n in ray.nodes():
-        res = n.get("Resources", {})
-        role = [r for r in ROLES if res.get(r)]
-        doc["nodes"].append({"node_id": n["NodeID"], "address": n["NodeManagerAddress"], "alive": n["Alive"],
-                             "roles": role, "gpus": res.get("GPU", 0), "cpus": res.get("CPU", 0),
-                             "memory_bytes": int(res.get("memory", 0))})
-    try:
-        for a in list_actors(filters=[("state", "=", "ALIVE")], timeout=10):
-            if a.get("name", "").startswith("duet-"):
-                if not a.get("node_id"):  # the state API has not placed it yet: ask the actor
-                    try:
-                        h = ray.get_actor(a["name"], namespace=names.NAMESPACE)
-                        a = {**a, "node_id": ray.get(h.ping.remote(), timeout=10).get("node_id")}
-                    except Exception:
-                        pass
-                node_addr = next((n["address"] for n in doc["nodes"] if n["node_id"] == a.get("node_id")), None)
-                doc["actors"].append({"name": a["name"], "node_id": a.get("node_id"), "address": node_addr,
-                                      "pid": a.get("pid")})
-    except Exception as exc:  # the state API needs the dashboard agent; degrade, do not fail
-        from roles.scheduler import find_executors
-
-        for name in [*find_executors(), names.ARCHITECT_NAME, names.SCHEDULER_NAME]:
-            try:
-                h = ray.get_actor(name, namespace=names.NAMESPACE)
-                info = ray.get(h.ping.remote(), timeout=10)
-                addr = next((n["address"] for n in doc["nodes"] if n["node_id"] == info.get("node_id")), None)
-                doc["actors"].append({"name": name, "node_id": info.get("node_id"), "address": addr,
-                                      "pid": info.get("pid")})
-            except Exception:
-                pass
-        doc["actors_note"] = f"via ping ({type(exc).__name__})"
-    _executors_status(doc)
-    return doc
-
-
-def _executors_status(doc: dict) -> None:
-    """Every executor: its node, hardware (GPU, free/total memory), the run it trains; and the queue."""
-    from roles.scheduler import find_executors
-    from roles.queue import TERMINAL, free_bytes
-
-    doc["executors"] = []
-    for n, ex in find_executors().items():
-        row = {"name": n, "node": names.node_of(n), "runs": []}
-        try:
-            info, hw, runs = ray.get([ex.ping.remote(), ex.probe.remote(), ex.list.remote()], timeout=20)
-        except Exception as exc:
-            row["error"] = f"not answering ({type(exc).__name__}): its node is down or restarting"
-            doc["executors"].append(row)
-            continue
-        total = hw["gpu_total_bytes"] if hw.get("device") == "cuda" else hw.get("ram_total_bytes")
-        row.update(ip=info.get("ip"), host=info.get("host"), device=hw.get("device"), gpu=hw.get("gpu_name"),
-                   torch=hw.get("torch_version"), cuda=hw.get("cuda_version"), bf16=hw.get("bf16"),
-                   free_bytes=free_bytes(hw), total_bytes=total,
-                   exporter={"port": info.get("metrics_port"),
-                             "reachable": bool(info.get("metrics_port")) and port_open(info["metrics_port"], "127.0.0.1")})
-        for r in runs:
-            r["node"] = row["node"]
-            if r["state"] not in TERMINAL:
-                snap = ray.get(ex.status.remote(r["run_id"], 10**9), timeout=10)
-                r["eta_s"] = snap["progress"].get("eta_s")
-                row["training"] = r["run_id"]
-            doc["runs"].append(r)
-        doc["executors"].append(row)
-        if n == names.EXECUTOR_NAME:
-            doc["exporter"] = row["exporter"]
-    if not doc["executors"]:
-        doc["executor_error"] = "the cluster has no executor actor"
-    sched = scheduler_handle()
-    try:
-        doc["queue"] = [e for e in ray.get(sched.list.remote(), timeout=10) if e["state"] in ("queued", "running")] \
-            if sched is not None else []
-    except Exception as exc:
-        doc["queue_error"] = f"{type(exc).__name__}: {exc}"[:300]
-
-
 def cluster_address(workspace: str | os.PathLike, address: str | None = None) -> str | None:
     """--address, else the workspace's embedded head, else a node duet started on this machine."""
     from cluster import embedded
@@ -414,7 +354,7 @@ def executor_handle(workspace: str | os.PathLike, address: str | None = None, ru
         raise ServiceError(f"no cluster runs for workspace {os.path.abspath(workspace)}: `duet up`, or "
                            "`duet node start/join`, or pass --address")
     ray_node.connect(address)
-    from roles.scheduler import find_executors
+    from roles.client import find_executors
 
     exs = find_executors()
     if not exs:
@@ -428,7 +368,7 @@ def executor_handle(workspace: str | os.PathLike, address: str | None = None, ru
         return exs[entry["executor"]]
     for h in exs.values():
         try:
-            if any(r["run_id"] == run_id for r in ray.get(h.list.remote(), timeout=30)):
+            if any(r["run_id"] == run_id for r in call(h, "list", timeout=30)):
                 return h
         except Exception:
             continue
@@ -436,7 +376,6 @@ def executor_handle(workspace: str | os.PathLike, address: str | None = None, ru
 
 
 def scheduler_handle():
-    try:
-        return ray.get_actor(names.SCHEDULER_NAME, namespace=names.NAMESPACE)
-    except ValueError:
-        return None
+    from roles.client import scheduler_handle as handle
+
+    return handle()

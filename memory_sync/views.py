@@ -24,10 +24,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from infra.run_states import TERMINAL as TERMINAL_RUN_STATES
 from memory_sync.log import EventError, Session, open_session, read_events, read_meta
 
 ROLES = ("user", "assistant", "system")
-TERMINAL_RUN_STATES = ("finished", "failed", "cancelled")
 HANDOFF = "handoff.md"
 
 

@@ -180,6 +180,15 @@ class Workspace:
         return p
 
     def commit(self, paths: list[str | os.PathLike], message: str) -> str | None:
+        """``_commit`` under the workspace's commit lock: the architect's job and its recorder (two
+        threads, or two processes on one host) commit into one workspace without racing on git's index."""
+        import fcntl
+
+        with open(self.root / ".git" / "duet-commit.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            return self._commit(paths, message)
+
+    def _commit(self, paths: list[str | os.PathLike], message: str) -> str | None:
         """Stage ``paths`` and commit; returns the commit SHA, or None when nothing changed.
 
         Every staged blob (what git would store, in any encoding, binary or compressed) is scanned

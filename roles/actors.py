@@ -8,7 +8,7 @@ and the queue never depend on the driver.
 
 from __future__ import annotations
 
-from roles.names import ARCHITECT_NAME, NAMESPACE, SCHEDULER_NAME, executor_name, node_resource
+from roles.names import ARCHITECT_NAME, NAMESPACE, RECORDER_NAME, SCHEDULER_NAME, executor_name, node_resource
 
 HEAD_RESOURCE = "node:__internal_head__"  # Ray's own resource of the head node
 
@@ -24,6 +24,7 @@ def _classes():
             from training.executor import Executor
 
             self.ex = Executor(data_dir, metrics_port=metrics_port, torch_threads=torch_threads, launcher=launch)
+            self.ex.hold_data_dir()
             # After a crash or a node restart Ray re-runs this constructor: continue what was running.
             self.ex.resume_interrupted()
 
@@ -108,7 +109,7 @@ def _classes():
             import os
 
             return {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
-                    "session_id": self.a.session_id}
+                    "session_id": self.a.session_id, "workspace": str(self.a.ws.root.resolve())}
 
         def curate(self, files: list[str], name: str, test_frac: float = 0.1, seed: int = 0) -> dict:
             return self.a.curate(files, name, test_frac, seed)
@@ -117,8 +118,9 @@ def _classes():
             return self.a.curate_uploaded(uploads, name, test_frac, seed)
 
         def design_plan(self, preset, hardware, model_config, model_ref, dataset, overrides=None, run_id=None,
-                        record=True) -> dict:
-            return self.a.design_plan(preset, hardware, model_config, model_ref, dataset, overrides, run_id, record)
+                        record=True, preset_name=None) -> dict:
+            return self.a.design_plan(preset, hardware, model_config, model_ref, dataset, overrides, run_id, record,
+                                      preset_name)
 
         def new_run_id(self, name: str) -> str:
             return self.a.new_run_id(name)
@@ -155,10 +157,13 @@ def _classes():
 
     @ray.remote(num_cpus=0, resources={HEAD_RESOURCE: 0.001}, max_restarts=-1, max_concurrency=8)
     class SchedulerActor:
-        def __init__(self, path: str):
-            from roles.scheduler import Scheduler
+        """The head's run controller (roles/controller.py) over the durable queue."""
 
-            self.s = Scheduler(path)
+        def __init__(self, path: str):
+            from roles.client import RayExecutors
+            from roles.controller import RunController
+
+            self.s = RunController(path, RayExecutors())
 
         def ping(self) -> dict:
             import os
@@ -187,7 +192,38 @@ def _classes():
         def moved(self, run_id: str, executor: str | None, node: dict | None) -> None:
             self.s.q.moved(run_id, executor, node)
 
-    return ExecutorActor, ArchitectActor, SchedulerActor
+        def to_record(self) -> list[dict]:
+            return self.s.to_record()
+
+        def claim(self, run_id: str, by: str, lease_s: float) -> dict | None:
+            return self.s.claim(run_id, by, lease_s)
+
+        def recorded(self, run_id: str, by: str, info: dict) -> dict:
+            return self.s.recorded(run_id, by, info)
+
+        def unclaim(self, run_id: str, by: str, error: str | None = None) -> None:
+            self.s.unclaim(run_id, by, error)
+
+    @ray.remote(num_cpus=0, max_restarts=0, max_concurrency=2)
+    class RecorderActor:
+        """The architect's recorder (roles/recorder.py) for one workspace, pinned to the host that has it."""
+
+        def __init__(self, workspace: str, postgres_url: str | None, mongo_url: str | None):
+            from roles.client import HeadQueue, RayExecutors
+            from roles.recorder import Recorder
+
+            self.r = Recorder(workspace, postgres_url, mongo_url, HeadQueue(), RayExecutors().fetch_record).start()
+
+        def ping(self) -> dict:
+            import os
+
+            return {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
+                    "workspace": self.r.workspace, "last_error": self.r.last_error, "recorded": self.r.done[-20:]}
+
+        def sweep(self) -> list[dict]:
+            return self.r.sweep()
+
+    return ExecutorActor, ArchitectActor, SchedulerActor, RecorderActor
 
 
 def executor_actor(data_dir: str, metrics_port: int | None = 9108, torch_threads: int | None = None,
@@ -227,3 +263,17 @@ def architect_actor(workspace: str, postgres_url: str | None, mongo_url: str | N
         opts.update(resources={}, scheduling_strategy=NodeAffinitySchedulingStrategy(on_node, soft=False))
     return ArchitectActor.options(name=ARCHITECT_NAME, namespace=NAMESPACE, get_if_exists=True,
                                   **opts).remote(workspace, postgres_url, mongo_url, session_title)
+
+
+def recorder_actor(workspace: str, postgres_url: str | None, mongo_url: str | None, node_id: str):
+    """Get the recorder of ``workspace``, or create it (detached) on ``node_id``, the host where that
+    workspace is: it records every run of the workspace that ended, whenever it is up."""
+    import hashlib
+
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    RecorderActor = _classes()[3]
+    name = f"{RECORDER_NAME}:{hashlib.sha256(workspace.encode()).hexdigest()[:12]}"
+    return RecorderActor.options(name=name, namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
+                                 scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False)).remote(
+        workspace, postgres_url, mongo_url)

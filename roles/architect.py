@@ -21,7 +21,7 @@ from training.schema import input_file
 from training.executor import RECORD_FILES
 from training.hardware import HardwareProfile
 from training.memory_model import ModelProfile
-from training.config import check_run_id, load_config
+from training.config import TrainConfig, check_run_id, load_config
 from training.plan import make_plan
 
 
@@ -118,11 +118,20 @@ class Architect:
             paths.append(str(folder / bases[fname]))
         return self.curate(paths, name, test_frac, seed, **kw)
 
-    def design_plan(self, preset: str, hardware: dict, model_config: dict, model_ref: str, dataset: dict,
-                    overrides: dict | None = None, run_id: str | None = None, record: bool = True) -> dict:
-        """Preset + hardware + model profile -> plan with a memory breakdown. ``record``: commit it as
-        configs/<run>.yaml now (else ``record_plan`` does, once the run is placed on this hardware)."""
-        cfg = load_config(preset, overrides)
+    def design_plan(self, preset: "str | TrainConfig", hardware: dict, model_config: dict, model_ref: str,
+                    dataset: dict, overrides: dict | None = None, run_id: str | None = None, record: bool = True,
+                    preset_name: str | None = None) -> dict:
+        """Training config + hardware + model profile -> plan with a memory breakdown. ``preset``: the
+        ``TrainConfig`` the submitting host validated (a run request: a preset file's content travels,
+        not its path; ``preset_name`` says what it came from), or a built-in preset's name with
+        ``overrides``. ``record``: commit it as configs/<run>.yaml now (else ``record_plan`` does, once
+        the run is placed on this hardware)."""
+        if isinstance(preset, TrainConfig):
+            if overrides:
+                raise ValueError("overrides go into the TrainConfig the request carries, not beside it")
+            cfg = preset
+        else:
+            cfg, preset_name = load_config(preset, overrides), preset_name or preset
         hw = HardwareProfile.from_dict(hardware)
         model = ModelProfile.from_config(model_config)
         lengths = (dataset["manifest"].get("tokens") or {}).get("percentiles") or {}
@@ -135,7 +144,7 @@ class Architect:
         d = plan.to_dict()
         d["run_id"] = run_id or self.new_run_id(cfg.name)
         d["model_ref"] = model_ref
-        d["preset"] = preset
+        d["preset"] = preset_name
         d["dataset"] = {"name": dataset["name"], "content_hash": dataset["content_hash"]}
         d["hardware"] = {k: hardware[k] for k in ("hostname", "device", "gpu_name", "gpu_total_bytes",
                                                   "ram_total_bytes", "cpu_count")}
@@ -329,17 +338,6 @@ def _recording(workspace: str, postgres_url: str | None, mongo_url: str | None, 
         arch.commit_session()
     finally:
         arch.close()
-
-
-def record_if_new(workspace: str, postgres_url: str | None, mongo_url: str | None, files: dict) -> dict:
-    """Record a run that finished while no driver watched it (the design host was away), once."""
-    run_id = files["_record"]["run_id"]
-    out_dir = Path(workspace) / "runs" / run_id
-    if (out_dir / "run.json").exists():
-        return {"already": True, "path": str(out_dir)}
-    with _recording(workspace, postgres_url, mongo_url, f"record {run_id}") as arch:
-        out = arch.record_run(files)
-    return {"already": False, "path": out["path"], "commit": out["commit"]}
 
 
 def record_export(workspace: str, postgres_url: str | None, mongo_url: str | None, files: dict, entry: dict) -> dict:

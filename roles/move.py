@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from infra.lazy import lazy
 from roles import names
+from roles.client import call
 from roles.queue import TERMINAL, free_bytes, plan_bytes
 
 ray = lazy("ray", extra="architect")
@@ -20,43 +21,43 @@ class MoveRefused(RuntimeError):
 
 def move_run(run_id: str, src, dst, dst_name: str, scheduler=None, timeout: float = 120) -> dict:
     """Move ``run_id`` from executor handle ``src`` to ``dst`` (named ``dst_name``); returns what moved."""
-    snap = ray.get(src.status.remote(run_id, 10**9), timeout=timeout)
-    rec = ray.get(src.fetch_record.remote(run_id), timeout=timeout)["_record"]
+    snap = call(src, "status", run_id, 10**9, timeout=timeout)
+    rec = call(src, "fetch_record", run_id, timeout=timeout)["_record"]
     if snap["state"] == "finished":
         raise MoveRefused(f"run {run_id} has finished; there is nothing to move")
-    need, hw = plan_bytes(rec["config"]), ray.get(dst.probe.remote(), timeout=timeout)
+    need, hw = plan_bytes(rec["config"]), call(dst, "probe", timeout=timeout)
     if free_bytes(hw) < need:
         raise MoveRefused(f"run {run_id}'s plan needs {need / 2**30:.2f} GiB; {names.node_of(dst_name)} has "
                           f"{free_bytes(hw) / 2**30:.2f} GiB free")
-    if any(r["state"] not in TERMINAL for r in ray.get(dst.list.remote(), timeout=timeout)):
+    if any(r["state"] not in TERMINAL for r in call(dst, "list", timeout=timeout)):
         raise MoveRefused(f"{names.node_of(dst_name)} is training another run; move it there when it is idle")
     if scheduler is not None:
-        ray.get(scheduler.moving.remote(run_id, dst_name), timeout=timeout)
+        call(scheduler, "moving", run_id, dst_name, timeout=timeout)
     try:
         moved = _copy(run_id, src, dst, dst_name, timeout)
     except BaseException:
         if scheduler is not None:
-            ray.get(scheduler.moved.remote(run_id, None, None), timeout=timeout)
+            call(scheduler, "moved", run_id, None, None, timeout=timeout)
         raise
     if scheduler is not None:
-        ray.get(scheduler.moved.remote(run_id, dst_name, ray.get(dst.ping.remote(), timeout=timeout)), timeout=timeout)
+        call(scheduler, "moved", run_id, dst_name, call(dst, "ping", timeout=timeout), timeout=timeout)
     return moved
 
 
 def _copy(run_id: str, src, dst, dst_name: str, timeout: float) -> dict:
-    manifest = ray.get(src.release.remote(run_id, names.node_of(dst_name)), timeout=1200)
-    ray.get(dst.adopt_begin.remote(manifest), timeout=timeout)
+    manifest = call(src, "release", run_id, names.node_of(dst_name), timeout=1200)
+    call(dst, "adopt_begin", manifest, timeout=timeout)
     for f in manifest["files"]:
         offset = 0
         while offset < f["bytes"]:
-            data = ray.get(src.read_run_file.remote(run_id, manifest, f["path"], offset, 4 * 2**20), timeout=timeout)
+            data = call(src, "read_run_file", run_id, manifest, f["path"], offset, 4 * 2**20, timeout=timeout)
             if not data:
                 break
-            ray.get(dst.adopt_write.remote(manifest, f["path"], offset, data), timeout=timeout)
+            call(dst, "adopt_write", manifest, f["path"], offset, data, timeout=timeout)
             offset += len(data)
         if f["bytes"] == 0:
-            ray.get(dst.adopt_write.remote(manifest, f["path"], 0, b""), timeout=timeout)
-    src_info = ray.get(src.ping.remote(), timeout=timeout)
-    ray.get(dst.adopt_finish.remote(manifest, src_info.get("ip") or "?"), timeout=timeout)
+            call(dst, "adopt_write", manifest, f["path"], 0, b"", timeout=timeout)
+    src_info = call(src, "ping", timeout=timeout)
+    call(dst, "adopt_finish", manifest, src_info.get("ip") or "?", timeout=timeout)
     return {"run_id": run_id, "to": names.node_of(dst_name), "checkpoint": manifest["checkpoint"],
             "files": len(manifest["files"]), "bytes": manifest["bytes"]}

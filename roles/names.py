@@ -16,6 +16,7 @@ NAMESPACE = "duet"
 ARCHITECT_NAME = "duet-architect"
 EXECUTOR_NAME = "duet-executor"
 SCHEDULER_NAME = "duet-scheduler"
+RECORDER_NAME = "duet-recorder"   # + ":<workspace hash>", one per design-host workspace
 HEAD_NODE = "head"
 NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 

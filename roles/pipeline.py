@@ -12,7 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, ContextManager, Protocol
 from infra.lazy import lazy
+from infra.run_states import ended
 from roles import names
+from roles.client import call
 
 ray = lazy("ray", extra="architect")
 
@@ -78,8 +80,8 @@ class Job:
     workspace: Path
     data: list[Path]
     model_ref: str
-    preset: str = "demo"
-    overrides: dict | None = None
+    preset: str = "demo"         # what the training config came from: a preset name or a file's name
+    train: object = None         # the TrainConfig (preset + overrides), validated once where submitted
     dataset_name: str = "persona"
     test_frac: float = 0.1
     seed: int = 0
@@ -93,8 +95,8 @@ def curate(job: Job, architect, client: bool) -> dict:
     """A dataset version: from the paths (the architect reads them) or uploaded (a Ray client)."""
     if client:
         uploads = {d.name: d.read_bytes() for d in job.data}
-        return ray.get(architect.curate_uploaded.remote(uploads, job.dataset_name, job.test_frac, job.seed))
-    return ray.get(architect.curate.remote([str(d) for d in job.data], job.dataset_name, job.test_frac, job.seed))
+        return call(architect, "curate_uploaded", uploads, job.dataset_name, job.test_frac, job.seed)
+    return call(architect, "curate", [str(d) for d in job.data], job.dataset_name, job.test_frac, job.seed)
 
 
 LOST_WAIT_S = 6 * 3600  # how long a follower waits for an executor whose node is down
@@ -104,7 +106,7 @@ def poll(executor, run_id: str, since: int, lost: dict | None = None) -> dict | 
     """The run's status, or None while its executor does not answer (RuntimeError after LOST_WAIT_S)."""
     lost = {} if lost is None else lost
     try:
-        st = ray.get(executor.status.remote(run_id, since), timeout=30)
+        st = call(executor, "status", run_id, since, timeout=30)
     except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError, ConnectionError):
         first = lost.setdefault(run_id, time.time())
         if time.time() - first > LOST_WAIT_S:
@@ -114,19 +116,69 @@ def poll(executor, run_id: str, since: int, lost: dict | None = None) -> dict | 
     return st
 
 
-def follow(run_id: str, total: int, executor, architect, reporter: Reporter, scrape: Callable[[], dict]) -> dict:
-    """Poll the run until it ends, forwarding its events to the architect (the session log);
-    returns the metrics scraped once training was under way."""
+class Holding:
+    """A driver that follows its run holds the right to record it (roles/recorder.py): claimed when the
+    run is queued, renewed while it is followed, used once it ends. A driver that detaches, or dies,
+    lets the lease lapse, and the recorder of the workspace records the run instead."""
+
+    RENEW_S = 30.0
+
+    def __init__(self, scheduler, run_id: str, workspace: str):
+        from roles.recorder import LEASE_S, holder_name
+
+        self.scheduler, self.run_id, self.lease = scheduler, run_id, LEASE_S
+        self.by = holder_name("driver", workspace)
+        self.held = bool(call(scheduler, "claim", run_id, self.by, self.lease, timeout=60))
+        self.renewed = time.time()
+
+    def renew(self) -> None:
+        if self.held and time.time() - self.renewed > self.RENEW_S:
+            self.held = bool(call(self.scheduler, "claim", self.run_id, self.by, self.lease, timeout=60))
+            self.renewed = time.time()
+
+    def release(self) -> None:
+        call(self.scheduler, "unclaim", self.run_id, self.by, timeout=60)
+
+    def record(self, architect, files: dict, wait_s: float = 600) -> dict:
+        """Record the ended run through ``architect`` when this driver holds it, else wait for whoever
+        does (the recorder took it over): {"path", "commit", ...} either way."""
+        if call(self.scheduler, "claim", self.run_id, self.by, self.lease, timeout=60):
+            try:
+                out = call(architect, "record_run", files, timeout=600)
+            except Exception as exc:
+                call(self.scheduler, "unclaim", self.run_id, self.by, f"{type(exc).__name__}: {exc}", timeout=60)
+                raise
+            a = call(architect, "ping", timeout=60)
+            call(self.scheduler, "recorded", self.run_id, self.by, {"path": out["path"], "commit": out["commit"],
+                                                                    "workspace": a["workspace"],
+                                                                    "session_id": a["session_id"]}, timeout=60)
+            return out
+        deadline = time.time() + wait_s
+        while time.time() < deadline:
+            rec = call(self.scheduler, "get", self.run_id, timeout=60)["record"]
+            if rec["state"] == "recorded":
+                return {"path": rec.get("path"), "commit": rec.get("commit"), "by": rec.get("by")}
+            time.sleep(1)
+        raise PipelineError(f"run {self.run_id} ended, but its record was not written within {wait_s:.0f} s "
+                            f"(held by another; `duet runs show {self.run_id}` says by whom)", 3)
+
+
+def follow(run_id: str, total: int, executor, architect, reporter: Reporter, scrape: Callable[[], dict],
+           holding: Holding | None = None) -> dict:
+    """Poll the run until it ends, forwarding its events to the architect (the session log) and
+    renewing the driver's hold on its record; returns the metrics scraped once training was under way."""
     seen, scraped, lost, step = 0, {}, {}, 0
     with reporter.progress(f"training {run_id}", total) as update:
         while True:
+            if holding is not None:
+                holding.renew()
             st = poll(executor, run_id, seen, lost)
             if st is None:  # its node is down: the run resumes there when the node rejoins
                 update(step, "executor unreachable (node down?); waiting for it to rejoin")
                 time.sleep(2)
                 continue
             if st["events"]:
-                ray.get(architect.record_run_events.remote(run_id, st["events"]))
+                call(architect, "record_run_events", run_id, st["events"])
                 seen = st["events"][-1]["seq"] + 1
             p = st["progress"]
             info = st["state"]
@@ -137,14 +189,15 @@ def follow(run_id: str, total: int, executor, architect, reporter: Reporter, scr
             update(step, info)
             if st["state"] == "training" and p["step"] >= 1 and not scraped:
                 scraped = scrape()
-            if st["state"] in ("finished", "failed", "cancelled"):
+            if ended(st["state"]):
                 return scraped
             time.sleep(0.5)
 
 
 def plan_run(job: Job, architect, infos: dict, dataset: dict, reporter: Reporter,
-             overrides: dict | None = None) -> tuple[dict, str]:
-    """One plan per executor (``job.on``: that one only); shows the best and why the others refuse."""
+             train=None) -> tuple[dict, str]:
+    """One plan per executor (``job.on``: that one only) for ``train`` (a sweep point's config; default
+    the job's); shows the best and why the others refuse."""
     from roles import placement
     from roles.queue import free_bytes
     from training.hardware import HardwareProfile, describe
@@ -152,11 +205,11 @@ def plan_run(job: Job, architect, infos: dict, dataset: dict, reporter: Reporter
     for i in infos.values():
         reporter.line("executor", f"{i['node']} {i['hardware']['hostname']}: "
                                   f"{describe(HardwareProfile.from_dict(i['hardware']))}")
-    run_id = ray.get(architect.new_run_id.remote(job_name(job.preset, overrides or job.overrides)))
+    train = train or job.train
+    run_id = call(architect, "new_run_id", train.name)
     with reporter.status(f"preparing model {job.model_ref} on {len(infos)} executor(s) (converted once, then cached)..."):
-        plans, refused = placement.plan_everywhere(architect, infos, preset=job.preset, model_ref=job.model_ref,
-                                                   dataset=dataset, overrides=overrides or job.overrides,
-                                                   run_id=run_id, on=job.on)
+        plans, refused = placement.plan_everywhere(architect, infos, train=train, preset=job.preset,
+                                                   model_ref=job.model_ref, dataset=dataset, run_id=run_id, on=job.on)
     best = max(plans, key=lambda n: free_bytes(infos[n]["hardware"]))
     reporter.plan(plans[best])
     for n, p in refused.items():
@@ -164,17 +217,11 @@ def plan_run(job: Job, architect, infos: dict, dataset: dict, reporter: Reporter
     return plans, run_id
 
 
-def job_name(preset: str, overrides: dict | None) -> str:
-    from training.config import load_config
-
-    return load_config(preset, overrides).name
-
-
 def export_run(job: Job, run_id: str, executor, architect, reporter: Reporter) -> dict:
     """Export the finished run on its executor (training/export.py) and record the export."""
     with reporter.status("exporting to GGUF (write, then verify against the merged model)..."):
-        entry = ray.get(executor.export.remote(run_id, job.export))
-    ray.get(architect.record_export.remote(ray.get(executor.fetch_record.remote(run_id)), entry))
+        entry = call(executor, "export", run_id, job.export)
+    call(architect, "record_export", call(executor, "fetch_record", run_id), entry)
     g = entry["files"]["gguf"]
     v = entry["verification"]
     reporter.line("exported", f"{g['path']} ({g['bytes'] / 2**20:.1f} MiB, {entry['quant']}; checked by {v['judge']}: "
@@ -195,7 +242,7 @@ def run_pipeline(job: Job, architect, scheduler, *, client: bool, reporter: Repo
     from roles import placement
 
     t0 = started_at or time.time()
-    a_info = ray.get(architect.ping.remote(), timeout=120)
+    a_info = call(architect, "ping", timeout=120)
     session_id = a_info["session_id"]
     try:
         infos = placement.executors_info()
@@ -208,15 +255,17 @@ def run_pipeline(job: Job, architect, scheduler, *, client: bool, reporter: Repo
                                  f"{c['test']} test, {r['reasoning']} reasoning / {r['direct']} direct")
         plans, run_id = plan_run(job, architect, infos, dataset, reporter)
         entry = placement.enqueue(scheduler, architect, run_id, plans, dataset=dataset,
-                                  pinned=placement.resolve_on(job.on, infos) if job.on else None, title=job.dataset_name)
+                                  pinned=placement.resolve_on(job.on, infos) if job.on else None, title=job.dataset_name,
+                                  session_id=session_id, workspace=a_info["workspace"])
     except placement.PlacementError as exc:
         raise PipelineError(str(exc), exc.code) from exc
-    ray.get(architect.log.remote("state", {"step": "queued", "run_id": run_id, "fits_on": entry["fits_on"]}))
+    holding = None if job.detach else Holding(scheduler, run_id, a_info["workspace"])
+    call(architect, "log", "state", {"step": "queued", "run_id": run_id, "fits_on": entry["fits_on"]})
     with reporter.status(f"{run_id} is queued; waiting for an idle executor it fits..."):
         placed = placement.wait_placed(scheduler, run_id, timeout=15 if job.detach else None)
     if placed["state"] == "queued":  # detached, and every executor it fits is busy: the head starts it later
-        ray.get(architect.commit_session.remote())
-        ray.get(architect.close.remote())
+        call(architect, "commit_session")
+        call(architect, "close")
         reporter.line("queued", f"{run_id}: the executors it fits ({', '.join(entry['fits_on'])}) are busy; the head "
                                 f"starts it when one is idle; `duet runs list` shows the queue")
         return {"ok": True, "run_id": run_id, "state": "queued", "workspace": str(job.workspace),
@@ -224,31 +273,46 @@ def run_pipeline(job: Job, architect, scheduler, *, client: bool, reporter: Repo
     if placed["executor"] is None:
         raise PipelineError(f"run {run_id} {placed['state']} before it started: {placed.get('error')}", 1)
     executor = ray.get_actor(placed["executor"], namespace=names.NAMESPACE)
-    plan = ray.get(architect.record_plan.remote(plans[placed["executor"]]))  # the config that runs, committed
-    ray.get(architect.log.remote("state", {"step": "submitted", "run_id": run_id, "executor": placed["executor"],
-                                           "node": placed["node"]}))
+    try:
+        return _follow_and_record(job, run_id, executor, placed, plans, dataset, architect, holding, session_id,
+                                  reporter=reporter, scrape=scrape, record_here=record_here, t0=t0)
+    except BaseException:
+        if holding is not None:  # this driver stops following: the recorder records the run when it ends
+            with contextlib.suppress(Exception):
+                holding.release()
+        raise
+
+
+def _follow_and_record(job: Job, run_id: str, executor, placed: dict, plans: dict, dataset: dict, architect,
+                       holding: Holding | None, session_id: str, *, reporter: Reporter, scrape, record_here,
+                       t0: float) -> dict:
+    """Follow the placed run to its end (or hand it over: --detach), record it, export it, sum it up."""
+    plan = call(architect, "record_plan", plans[placed["executor"]])  # the config that runs, committed
+    call(architect, "log", "state", {"step": "submitted", "run_id": run_id, "executor": placed["executor"],
+                                           "node": placed["node"]})
     reporter.line("submitted", f"{run_id} on {names.node_of(placed['executor'])} ({placed['node'].get('ip')}, "
                                f"{placed['node'].get('host')})")
     if job.detach:
-        ray.get(architect.commit_session.remote())
-        ray.get(architect.close.remote())
+        call(architect, "commit_session")
+        call(architect, "close")
         reporter.line("detached", f"follow it with `duet runs show {run_id}`; stop the services with "
                                   "`duet down` when it is done")
         return {"ok": True, "run_id": run_id, "state": "submitted", "workspace": str(job.workspace),
                 "session_id": session_id, "detached": True, "executor": placed["executor"]}
-    scraped = follow(run_id, plan["train"]["max_steps"], executor, architect, reporter, lambda: scrape(executor))
+    scraped = follow(run_id, plan["train"]["max_steps"], executor, architect, reporter, lambda: scrape(executor),
+                     holding)
     final_scrape = scrape(executor)
-    files = ray.get(executor.fetch_record.remote(run_id))
+    files = call(executor, "fetch_record", run_id)
     rec = files["_record"]
-    recorded = ray.get(architect.record_run.remote(files))
+    recorded = holding.record(architect, files)
     if record_here is not None:
         recorded = record_here(files)
     exported = export_run(job, run_id, executor, architect, reporter) if job.export is not None and \
         rec["status"] == "finished" else None
-    hyp = ray.get(architect.hypothesis_from_run.remote(rec)) if rec["status"] == "finished" else None
-    ray.get(architect.commit_session.remote())
-    counts = ray.get(architect.store_counts.remote())
-    ray.get(architect.close.remote())
+    hyp = call(architect, "hypothesis_from_run", rec) if rec["status"] == "finished" else None
+    call(architect, "commit_session")
+    counts = call(architect, "store_counts")
+    call(architect, "close")
     if rec["status"] != "finished":
         raise PipelineError(f"run {run_id} {rec['status']}: {rec.get('error')}", 1)
     summary = {

@@ -13,7 +13,7 @@ import time
 
 from infra.lazy import lazy
 from roles import names
-from roles.scheduler import answering, find_executors
+from roles.client import answering, call, find_executors
 
 ray = lazy("ray", extra="architect")
 GIB = 2**30
@@ -33,7 +33,7 @@ def executors_info(timeout: float = 120) -> dict[str, dict]:
     out = {}
     for n, h in answering(find_executors(), timeout=10).items():
         try:
-            ping, hw = ray.get([h.ping.remote(), h.probe.remote()], timeout=timeout)
+            ping, hw = call(h, "ping", timeout=timeout), call(h, "probe", timeout=timeout)
         except Exception:
             continue  # a node that is down (its actor restarts when it rejoins) takes no new runs
         out[n] = {"handle": h, "node": names.node_of(n), "ping": ping, "hardware": hw}
@@ -61,8 +61,8 @@ def breakdown(plan: dict) -> str:
     return f"{est['total_bytes'] / GIB:.2f} GiB of {est['budget_bytes'] / GIB:.2f} GiB ({parts})"
 
 
-def plan_everywhere(architect, infos: dict[str, dict], *, preset: str, model_ref: str, dataset: dict,
-                    overrides: dict | None, run_id: str, on: str | None = None) -> tuple[dict, dict]:
+def plan_everywhere(architect, infos: dict[str, dict], *, train, preset: str, model_ref: str, dataset: dict,
+                    run_id: str, on: str | None = None) -> tuple[dict, dict]:
     """({executor: plan} where it fits, {executor: plan} where it does not); PlacementError (exit 2)
     with every executor's breakdown when it fits none. The model is prepared on each executor (a host
     converts or builds it once, then caches it)."""
@@ -70,9 +70,8 @@ def plan_everywhere(architect, infos: dict[str, dict], *, preset: str, model_ref
     fit, refused = {}, {}
     for n in targets:
         h, hw = infos[n]["handle"], infos[n]["hardware"]
-        model_cfg = ray.get(h.prepare_model.remote(model_ref))
-        plan = ray.get(architect.design_plan.remote(preset, hw, model_cfg, model_ref, dataset, overrides, run_id,
-                                                    False))
+        model_cfg = call(h, "prepare_model", model_ref)
+        plan = call(architect, "design_plan", train, hw, model_cfg, model_ref, dataset, None, run_id, False, preset)
         (fit if plan["estimate"]["fits"] else refused)[n] = plan
     if not fit:
         lines = "; ".join(f"{infos[n]['node']} ({infos[n]['hardware'].get('hostname')}): {breakdown(p)}"
@@ -83,13 +82,15 @@ def plan_everywhere(architect, infos: dict[str, dict], *, preset: str, model_ref
 
 
 def enqueue(scheduler, architect, run_id: str, plans: dict, *, dataset: dict, pinned: str | None = None,
-            group: str | None = None, max_parallel: int | None = None, title: str | None = None) -> dict:
+            group: str | None = None, max_parallel: int | None = None, title: str | None = None,
+            session_id: str | None = None, workspace: str | None = None) -> dict:
     """Queue a planned run. The architect reads the dataset version's files (they live in its
     workspace); they travel once, with the entry."""
-    spec = ray.get(architect.submission.remote(next(iter(plans.values())), dataset))
-    return ray.get(scheduler.add.remote(run_id, {"plans": plans, "model_ref": spec["model_ref"], "dataset": spec["dataset"],
+    spec = call(architect, "submission", next(iter(plans.values())), dataset)
+    return call(scheduler, "add", run_id, {"plans": plans, "model_ref": spec["model_ref"], "dataset": spec["dataset"],
                                                  "pinned": pinned, "group": group, "max_parallel": max_parallel,
-                                                 "title": title}))
+                                                 "title": title, "session_id": session_id,
+                                                 "workspace": workspace})
 
 
 def wait_placed(scheduler, run_id: str, timeout: float | None = None, poll: float = 0.3) -> dict:
@@ -97,7 +98,7 @@ def wait_placed(scheduler, run_id: str, timeout: float | None = None, poll: floa
     seconds, as it is (still queued)."""
     deadline = None if timeout is None else time.time() + timeout
     while True:
-        e = ray.get(scheduler.get.remote(run_id), timeout=60)
+        e = call(scheduler, "get", run_id, timeout=60)
         if e["state"] != "queued" or (deadline is not None and time.time() >= deadline):
             return e
         time.sleep(poll)

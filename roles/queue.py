@@ -2,7 +2,7 @@
 
 It lives on the head, the always-on host (``<head data dir>/queue.json``, or
 ``<workspace>/.duet/queue.json`` on the embedded cluster), so a queued run survives the design host
-leaving and the head restarting: the scheduler actor (roles/scheduler.py) reloads the file and goes on.
+leaving and the head restarting: the scheduler actor (roles/controller.py) reloads the file and goes on.
 Every change is written whole to a temporary file, fsync'd and renamed over the old one.
 
 An entry holds one plan per executor it fits (the architect designed each for that executor's
@@ -20,9 +20,12 @@ import threading
 import time
 from pathlib import Path
 
-TERMINAL = ("finished", "failed", "cancelled")
-STATES = ("queued", "running") + TERMINAL
+from infra.run_states import QUEUE_STATES as STATES, TERMINAL
 SCHEMA = 1
+# Whether the architect has the run in its workspace: ``waiting`` (not ended), ``pending`` (ended on
+# an executor, to record), ``recorded``; ``none`` when there is nothing to record (it never started);
+# ``legacy`` for an entry from before the queue tracked this (recorded by hand, or never).
+RECORD_STATES = ("waiting", "pending", "recorded", "none", "legacy")
 
 
 class QueueError(RuntimeError):
@@ -97,9 +100,14 @@ def load_entries(path: Path) -> dict[str, dict]:
         q = e.get("queued_at")
         if isinstance(q, bool) or not isinstance(q, (int, float)):
             raise QueueError(f"{where} ({rid}): queued_at must be a time (seconds){hint}")
-        for key in ("pinned", "group", "title", "executor"):
+        for key in ("pinned", "group", "title", "executor", "session_id", "workspace"):
             if e.get(key) is not None and not isinstance(e[key], str):
                 raise QueueError(f"{where} ({rid}): {key} must be a text or null{hint}")
+        rec = e.setdefault("record", {"state": "legacy", "claim": None})
+        if not isinstance(rec, dict) or rec.get("state") not in RECORD_STATES or not (
+                rec.get("claim") is None or isinstance(rec["claim"], dict)):
+            raise QueueError(f"{where} ({rid}): record must be an object with a state of {', '.join(RECORD_STATES)}"
+                             f" and a claim (an object or null){hint}")
         mp = e.get("max_parallel")
         if mp is not None and (isinstance(mp, bool) or not isinstance(mp, int) or mp < 1):
             raise QueueError(f"{where} ({rid}): max_parallel must be a whole number >= 1 or null{hint}")
@@ -130,8 +138,11 @@ class RunQueue:
             os.close(fd)
 
     def add(self, run_id: str, *, plans: dict[str, dict], model_ref: str, dataset: dict, pinned: str | None = None,
-            group: str | None = None, max_parallel: int | None = None, title: str | None = None) -> dict:
-        """Queue a run: ``plans`` {executor name: plan} for the executors it fits (at least one)."""
+            group: str | None = None, max_parallel: int | None = None, title: str | None = None,
+            session_id: str | None = None, workspace: str | None = None) -> dict:
+        """Queue a run: ``plans`` {executor name: plan} for the executors it fits (at least one).
+        ``session_id``: the work session that designed it (its record is logged there); ``workspace``:
+        the architect's workspace it belongs to (the recorder of that workspace records it)."""
         if not plans:
             raise QueueError(f"run {run_id}: no executor it fits; nothing queued")
         if pinned is not None and set(plans) != {pinned}:
@@ -142,7 +153,8 @@ class RunQueue:
             e = {"run_id": run_id, "state": "queued", "plans": plans, "model_ref": model_ref, "dataset": dataset,
                  "pinned": pinned, "group": group, "max_parallel": max_parallel, "title": title,
                  "queued_at": time.time(), "dispatched_at": None, "ended_at": None, "executor": None,
-                 "node": None, "error": None, "unreachable_since": None}
+                 "node": None, "error": None, "unreachable_since": None, "session_id": session_id,
+                 "workspace": workspace, "record": {"state": "waiting", "claim": None}}
             self.entries[run_id] = e
             self._save()
             return self.public(e)
@@ -182,6 +194,7 @@ class RunQueue:
                 raise QueueError(f"run {run_id} is {e['state']} already; nothing to cancel")
             if e["state"] == "queued":
                 e.update(state="cancelled", ended_at=time.time(), error="cancelled while queued")
+                e["record"] = {"state": "none", "claim": None}
                 _slim(e)
                 self._save()
             return self.public(e)
@@ -235,7 +248,8 @@ class RunQueue:
             self.entries[run_id].update(state="running", executor=executor, node=node, dispatched_at=time.time())
             self._save()
 
-    def ended(self, run_id: str, state: str, error: str | None = None) -> None:
+    def ended(self, run_id: str, state: str, error: str | None = None, ran_on_executor: bool = True) -> None:
+        """The run ended: recorded later by the architect (``to_record``) when it ran on an executor."""
         if state not in TERMINAL:
             raise QueueError(f"{state!r} is not an end state ({', '.join(TERMINAL)})")
         with self._lock:
@@ -243,6 +257,8 @@ class RunQueue:
             if e["state"] in TERMINAL:
                 return
             e.update(state=state, error=error, ended_at=time.time(), unreachable_since=None)
+            if e.get("record", {}).get("state") in (None, "waiting", "legacy"):
+                e["record"] = {**e.get("record", {}), "state": "pending" if ran_on_executor else "none"}
             _slim(e)
             self._save()
 
@@ -254,3 +270,61 @@ class RunQueue:
             if since != e["unreachable_since"]:
                 e["unreachable_since"] = since
                 self._save()
+
+    # -- recording: the architect records each ended run once, whenever it is up --------------------
+
+    def to_record(self) -> list[dict]:
+        """Ended runs not recorded yet, and not held by a live claim (oldest first)."""
+        now = time.time()
+        with self._lock:
+            return [self.public(e) for e in sorted(self.entries.values(), key=lambda e: e["queued_at"])
+                    if e["record"]["state"] == "pending" and not _held(e["record"], now)]
+
+    def claim(self, run_id: str, by: str, lease_s: float) -> dict | None:
+        """Take (or renew) the right to record ``run_id`` for ``lease_s`` seconds: the entry, or None
+        when it is recorded already, has nothing to record, or another holder's lease is live."""
+        now = time.time()
+        with self._lock:
+            e = self.entries.get(run_id)
+            if e is None:
+                raise QueueError(f"run {run_id!r} is not in the queue")
+            rec = e["record"]
+            if rec["state"] not in ("waiting", "pending") or (_held(rec, now) and rec["claim"]["by"] != by):
+                return None
+            rec["claim"] = {"by": by, "until": now + lease_s}
+            self._save()
+            return self.public(e)
+
+    def recorded(self, run_id: str, by: str, info: dict) -> dict:
+        """``by`` recorded the run (``info``: path, commit, workspace); the claim ends."""
+        with self._lock:
+            e = self.entries[run_id]
+            rec = e["record"]
+            if rec["state"] == "recorded":
+                return self.public(e)
+            if rec.get("claim") and rec["claim"]["by"] != by and _held(rec, time.time()):
+                raise QueueError(f"run {run_id}: {rec['claim']['by']} holds its record, not {by}")
+            e["record"] = {"state": "recorded", "claim": None, "by": by, "at": time.time(),
+                           **{k: info.get(k) for k in ("path", "commit", "workspace", "session_id")}}
+            self._save()
+            return self.public(e)
+
+    def unclaim(self, run_id: str, by: str, error: str | None = None) -> None:
+        """Give the claim back (the holder stops following, or recording failed: ``error`` says why;
+        the next recorder tries again)."""
+        with self._lock:
+            e = self.entries.get(run_id)
+            if e is None:
+                return
+            rec = e["record"]
+            if rec.get("claim") and rec["claim"]["by"] == by:
+                rec["claim"] = None
+            if error:
+                rec["error"] = error[:500]
+                rec["attempts"] = rec.get("attempts", 0) + 1
+            self._save()
+
+
+def _held(rec: dict, now: float) -> bool:
+    c = rec.get("claim")
+    return bool(c) and float(c.get("until") or 0) > now

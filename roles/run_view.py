@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from infra.lazy import lazy
+from roles.client import call
 from roles.queue import TERMINAL
 
 ray = lazy("ray", extra="architect")
@@ -126,9 +127,9 @@ def recorded_run(workspace: str | os.PathLike, run_id: str) -> dict | None:
 
 def overview(workspace: str | os.PathLike, scheduler=None, connected: bool = True) -> dict:
     """`duet runs list` and the dashboard's runs table: what the cluster knows (the queue and every
-    answering executor, ``roles.scheduler.runs_overview``) over what the workspace recorded; the
+    answering executor, ``roles.client.runs_overview``) over what the workspace recorded; the
     cluster's word wins for a run both know. Newest first."""
-    from roles.scheduler import runs_overview
+    from roles.client import runs_overview
 
     doc = runs_overview(scheduler) if connected else {"runs": [], "unreachable_executors": []}
     rows = recorded_runs(workspace)
@@ -175,7 +176,7 @@ def queue_entry(scheduler, run_id: str) -> dict | None:
     if scheduler is None:
         return None
     try:
-        return ray.get(scheduler.get.remote(run_id), timeout=30)
+        return call(scheduler, "get", run_id, timeout=30)
     except ray.exceptions.RayTaskError:
         return None
 
@@ -189,8 +190,20 @@ def control(run_id: str, action: str, executor, scheduler) -> dict:
     entry = queue_entry(scheduler, run_id)
     if entry and (entry["state"] == "queued" or action == "cancel"):
         if action == "cancel":
-            return ray.get(scheduler.cancel.remote(run_id), timeout=CALL_TIMEOUT)
+            return call(scheduler, "cancel", run_id, timeout=CALL_TIMEOUT)
         raise ValueError(f"run {run_id} is queued: `duet runs cancel` it, or wait until it starts")
     if entry and entry["state"] in TERMINAL:
         raise ValueError(f"run {run_id} is {entry['state']}")
-    return ray.get(getattr(executor, action).remote(run_id), timeout=CALL_TIMEOUT)
+    return call(executor, action, run_id, timeout=CALL_TIMEOUT)
+
+
+def record_state(workspace: str | os.PathLike, run_id: str, entry: dict | None) -> dict:
+    """Whether an ended run is in ``workspace`` yet (and what the head's queue says of its record):
+    ``in_workspace``, ``state`` (pending, recorded, none, legacy), ``by``, ``commit``, ``path``, ``error``."""
+    rec = (entry or {}).get("record") or {}
+    here = (Path(workspace) / "runs" / run_id / "run.json").is_file()
+    out = {"in_workspace": here, "state": rec.get("state", "recorded" if here else "unknown")}
+    out.update({k: rec[k] for k in ("by", "commit", "path", "workspace", "error", "at") if rec.get(k) is not None})
+    if rec.get("claim"):
+        out["held_by"] = rec["claim"].get("by")
+    return out

@@ -89,11 +89,11 @@ def expand(grid: dict[str, list], preset: str, base: dict | None = None) -> list
         if any(k.startswith("lora.") for k in keys):
             o["lora"] = lora
         try:
-            load_config(preset, o, "--grid")
+            cfg = load_config(preset, o, "--grid")
         except PlanError as exc:
             point = ", ".join(f"{k}={v}" for k, v in zip(keys, values))
             raise SweepError(f"grid point {point}: {exc}") from exc
-        points.append({"point": dict(zip(keys, values)), "overrides": o})
+        points.append({"point": dict(zip(keys, values)), "overrides": o, "train": cfg})
     return points
 
 

@@ -13,7 +13,8 @@ from typing import Callable
 
 from infra.lazy import lazy
 from roles import names, placement
-from roles.pipeline import Job, PipelineError, Reporter, curate, plan_run, poll
+from roles.client import call
+from roles.pipeline import Holding, Job, PipelineError, Reporter, curate, plan_run, poll
 from roles.queue import TERMINAL
 
 ray = lazy("ray", extra="architect")
@@ -30,6 +31,7 @@ def run_sweep_pipeline(job: Job, points: list[dict], sweep_id: str, max_parallel
     pinned = placement.resolve_on(job.on, infos) if job.on else None
     reporter.line("executors", ", ".join(f"{i['node']} ({i['ping'].get('ip')})" for i in infos.values())
                   + f"; at most {max_parallel} run(s) at a time")
+    a_info = call(architect, "ping", timeout=120)
     dataset = curate(job, architect, client)
     reporter.line("dataset", f"{job.dataset_name} @ {dataset['content_hash'][:12]} (one version for every run)")
     results: dict[int, dict] = {}
@@ -37,21 +39,24 @@ def run_sweep_pipeline(job: Job, points: list[dict], sweep_id: str, max_parallel
     for i, pt in enumerate(points):
         label = ", ".join(f"{k}={v}" for k, v in pt["point"].items())
         try:
-            plans, run_id = plan_run(job, architect, infos, dataset, reporter, overrides=pt["overrides"])
+            plans, run_id = plan_run(job, architect, infos, dataset, reporter, train=pt["train"])
             placement.enqueue(scheduler, architect, run_id, plans, dataset=dataset, pinned=pinned, group=sweep_id,
-                              max_parallel=max_parallel, title=f"sweep {sweep_id}: {label}")
+                              max_parallel=max_parallel, title=f"sweep {sweep_id}: {label}",
+                              session_id=a_info["session_id"], workspace=a_info["workspace"])
         except placement.PlacementError as exc:
             results[i] = {"point": pt["point"], "run_id": None, "status": "failed",
                           "error": f"run {i + 1}/{len(points)} ({label}): {exc}"}
             continue
-        active[run_id] = {"i": i, "point": pt["point"], "label": label, "plans": plans, "seen": 0, "handle": None}
-    ray.get(architect.log.remote("state", {"step": "sweep queued", "sweep_id": sweep_id, "runs": list(active)}))
+        active[run_id] = {"i": i, "point": pt["point"], "label": label, "plans": plans, "seen": 0, "handle": None,
+                          "holding": Holding(scheduler, run_id, a_info["workspace"])}
+    call(architect, "log", "state", {"step": "sweep queued", "sweep_id": sweep_id, "runs": list(active)})
     total = sum(p["overrides"].get("max_steps") or 0 for p in points) or len(points)
     lost: dict = {}
     with reporter.progress(f"sweep {sweep_id}", total) as update:
         done_steps: dict[str, int] = {}
         while active:
             for run_id, a in list(active.items()):
+                a["holding"].renew()
                 if a["handle"] is None:
                     where = _placed(run_id, a, scheduler, architect, reporter, results)
                     if where == "ended":
@@ -62,7 +67,7 @@ def run_sweep_pipeline(job: Job, points: list[dict], sweep_id: str, max_parallel
                 if st is None:
                     continue
                 if st["events"]:
-                    ray.get(architect.record_run_events.remote(run_id, st["events"]))
+                    call(architect, "record_run_events", run_id, st["events"])
                     a["seen"] = st["events"][-1]["seq"] + 1
                 done_steps[run_id] = st["progress"]["step"]
                 if st["state"] in TERMINAL:
@@ -73,14 +78,14 @@ def run_sweep_pipeline(job: Job, points: list[dict], sweep_id: str, max_parallel
                                              f"{len(results)} done" + (f", {len(lost)} unreachable" if lost else ""))
             if active:
                 time.sleep(0.5)
-    ray.get(architect.commit_session.remote())
+    call(architect, "commit_session")
     return [results[i] for i in sorted(results)]
 
 
 def _placed(run_id: str, a: dict, scheduler, architect, reporter: Reporter, results: dict) -> str:
     """"placed" once the scheduler started the run (its config is committed then), "queued" before;
     "ended" for a run that ended in the queue (cancelled, or it could not start: into ``results``)."""
-    e = ray.get(scheduler.get.remote(run_id), timeout=60)
+    e = call(scheduler, "get", run_id, timeout=60)
     if e["state"] == "queued":
         return "queued"
     if e["executor"] is None:
@@ -88,19 +93,19 @@ def _placed(run_id: str, a: dict, scheduler, architect, reporter: Reporter, resu
                            "error": f"{run_id} ({a['label']}): {e.get('error')}"}
         return "ended"
     a["handle"] = ray.get_actor(e["executor"], namespace=names.NAMESPACE)
-    ray.get(architect.record_plan.remote(a["plans"][e["executor"]]))
+    call(architect, "record_plan", a["plans"][e["executor"]])
     reporter.line("started", f"{run_id} ({a['label']}) on {names.node_of(e['executor'])} ({(e['node'] or {}).get('ip')})")
     return "placed"
 
 
 def _record(run_id: str, a: dict, architect, record_here, reporter: Reporter) -> dict:
-    files = ray.get(a["handle"].fetch_record.remote(run_id), timeout=120)
+    files = call(a["handle"], "fetch_record", run_id, timeout=120)
     rec = files["_record"]
-    ray.get(architect.record_run.remote(files))
+    a["holding"].record(architect, files)
     if record_here is not None:
         record_here(files)
     if rec["status"] == "finished":
-        ray.get(architect.hypothesis_from_run.remote(rec))
+        call(architect, "hypothesis_from_run", rec)
     reporter.line("run recorded", f"{run_id} ({a['label']}): {rec['status']}"
                   + (f", eval loss {rec['eval_loss_after']:.4f}" if rec.get("eval_loss_after") is not None else ""))
     out = {"point": a["point"], "run_id": run_id, "record": rec}

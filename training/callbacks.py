@@ -27,6 +27,7 @@ from training import checkpoints, telemetry
 from training.policies import GradientGuard
 from infra import malloc
 from infra.lazy import lazy
+from infra.run_states import RunState
 
 torch = lazy("torch", extra="executor")
 
@@ -251,12 +252,12 @@ class PauseControl(TrainerCallback):
         run = self.run
         if not run.pause_requested():
             return
-        run.set_state("paused")
+        run.set_state(RunState.PAUSED)
         if run.watchdog is not None:
             run.watchdog.training = False  # paused is not stalled
         run.wait_for_resume()
         if not run.cancel_requested():
-            run.set_state("training")
+            run.set_state(RunState.TRAINING)
         if run.watchdog is not None:
             run.watchdog.training = True
             run.watchdog.last_step_at = run.watchdog.clock()

@@ -40,7 +40,7 @@ from infra.lazy import lazy
 
 torch = lazy("torch", extra="executor")
 
-TERMINAL = ("finished", "failed", "cancelled")
+from infra.run_states import TERMINAL, RunState  # noqa: F401  (TERMINAL: training.executor reads it here)
 LOSS_WINDOW = 2000   # logged steps kept in memory (twice that before trimming); the rest stay in losses.jsonl
 
 
@@ -66,7 +66,7 @@ class Run:
         self._pause = threading.Event()
         self._resumed = threading.Event()
         self.events: list[dict] = []
-        self.state = "queued"
+        self.state = RunState.QUEUED.value
         self.losses: list[dict] = []   # the newest LOSS_WINDOW..2x entries; all of them: all_losses()
         self._trimmed = False
         self._cut: int | None = None    # the step a resume rolled back to
@@ -140,6 +140,7 @@ class Run:
         run_files.jsonl_append(self.dir / "events.jsonl", ev)
 
     def set_state(self, state: str) -> None:
+        state = RunState(state).value  # one of the states infra/run_states.py defines, as its plain word
         self.state = state
         telemetry.set_state(self.run_id, self.phase, state)
         self.emit("state", state=state)
@@ -261,7 +262,7 @@ class Run:
             "model": {"ref": self.spec["model_ref"], "init_from": self.train_cfg.init_from},
             "code_sha": run_files.code_sha(),
             "host": self.hardware,
-            "placement": self.spec.get("placement"),  # where the scheduler started it (roles/scheduler.py)
+            "placement": self.spec.get("placement"),  # where the scheduler started it (roles/controller.py)
             "checkpoints": self.checkpoints,
             "recoveries": self.recoveries,
             "faults_fired": self.faults_fired,
@@ -287,34 +288,34 @@ class Run:
         try:
             lock = run_files.acquire_lock(self.dir / ".lock", self.emit, f"run {self.run_id}")
             self.peaks.enter("preflight")
-            self.set_state("preflight")
+            self.set_state(RunState.PREFLIGHT)
             model_path = preflight(self)
             if not resume and self.train_cfg.dry_run_steps:
-                self.set_state("dry-run")
+                self.set_state(RunState.DRY_RUN)
                 dry_run(self, model_path)
-            self.set_state("training")
+            self.set_state(RunState.TRAINING)
             self._start_watchdog()
             self.train(model_path, resume=resume)
             self.watchdog.stop()
-            self.set_state("merging")
+            self.set_state(RunState.MERGING)
             self.merge_and_evaluate(model_path)
-            self.set_state("reporting")
+            self.set_state(RunState.REPORTING)
             self.result["wall_s"] = round(time.time() - t0, 2)
             self.result["peak_memory"] = phases.peak_memory_bytes()
             self.result["phases"] = phases.phase_report(self.peaks, self.plan)
             from training.report import write_loss_plot, write_report
 
             write_loss_plot(self.dir / "loss.png", self.all_losses(), self.eval_losses, self.run_id)
-            self.state = "finished"
+            self.state = RunState.FINISHED.value
             self.write_record()
             write_report(self.dir / "report.md", self.record())
-            self.set_state("finished")
+            self.set_state(RunState.FINISHED)
         except RunCancelled:
-            self.set_state("cancelled")
+            self.set_state(RunState.CANCELLED)
         except Exception as exc:  # the outcome is reported, not raised, in the background thread
             self.error = f"{type(exc).__name__}: {exc}"
             self.emit("error", message=self.error, traceback=traceback.format_exc()[-4000:])
-            self.set_state("failed")
+            self.set_state(RunState.FAILED)
             try:
                 from training.report import write_report
 

@@ -151,6 +151,9 @@ def _file_meta(path: Path) -> dict:
     return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
+from training import run_files
+
+
 class Executor:
     def __init__(self, data_dir: str | os.PathLike, *, metrics_port: int | None = 9108,
                  metrics_addr: str = "127.0.0.1", torch_threads: int | None = None, launcher=None):
@@ -176,6 +179,14 @@ class Executor:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+
+    def hold_data_dir(self, timeout: float = 30) -> None:
+        """Hold this data dir for the life of the process (an executor actor does): a second executor
+        on it would resume and train the same runs (ExecutorError naming the holder)."""
+        try:
+            self._dir_lock = run_files.hold_dir(self.data_dir, timeout)
+        except RuntimeError as exc:
+            raise ExecutorError(f"{exc}: give each executor its own --data-dir") from None
 
     def resume_interrupted(self) -> list[str]:
         """Continue every run this data dir holds that was neither finished, failed nor cancelled
@@ -265,7 +276,8 @@ class Executor:
                              "step": p["step"], "max_steps": p["max_steps"], "moved_to": r.result.get("moved_to"),
                              "started": r.started, "eta_s": p.get("eta_s") if r.state not in TERMINAL else None,
                              "loss": p.get("loss"), "eval_loss": p.get("eval_loss") or r.result.get("eval_loss_after"),
-                             "tokens_per_second": p.get("tokens_per_second") or r.result.get("tokens_per_s")}
+                             "tokens_per_second": p.get("tokens_per_second") or r.result.get("tokens_per_s"),
+                             "executor": (r.spec.get("placement") or {}).get("executor")}
         runs_dir = self.data_dir / "runs"
         for rj in sorted(runs_dir.glob("*/run.json")) if runs_dir.exists() else []:
             if rj.parent.name not in out:
@@ -278,7 +290,9 @@ class Executor:
                                       "max_steps": rec["config"]["train"]["max_steps"], "moved_to": rec.get("moved_to"),
                                       "started": rec.get("started"), "eta_s": None,
                                       "loss": rec.get("train_loss_final"), "eval_loss": rec.get("eval_loss_after"),
-                                      "tokens_per_second": rec.get("tokens_per_s")}
+                                      "tokens_per_second": rec.get("tokens_per_s"),
+                                      "executor": (rec.get("placement") or {}).get("executor")
+                                      if isinstance(rec.get("placement"), dict) else None}
         return list(out.values())
 
     def series(self, run_id: str, since_step: int = 0, since_time: float | None = None, since_seq: int = 0,

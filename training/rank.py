@@ -20,6 +20,7 @@ from training import checkpoints, policies, run_files
 from training.callbacks import CheckpointCommit, FaultInjection, Progress, RollbackGuard, parse_faults
 from training.distributed import ATTEMPTS, CONTROL, FAILURE, OUTCOME, PAUSED_FLAG, PROGRESS, _read
 from infra.lazy import lazy
+from infra.run_states import RunState
 
 torch = lazy("torch", extra="executor")
 dist = lazy("torch.distributed", extra="executor")
@@ -230,7 +231,7 @@ class RankControl(TrainerCallback):
         run, flag = self.run, self.run.dir / PAUSED_FLAG
         if self.main:
             flag.touch()
-            run.set_state("paused")
+            run.set_state(RunState.PAUSED)
             if run.watchdog is not None:
                 run.watchdog.training = False  # paused is not stalled
         dist.barrier()
@@ -252,7 +253,7 @@ class RankControl(TrainerCallback):
             run._cancel.set()
             control.should_training_stop = True
         elif self.main:
-            run.set_state("training")
+            run.set_state(RunState.TRAINING)
             if run.watchdog is not None:
                 run.watchdog.training = True
                 run.watchdog.last_step_at = run.watchdog.clock()

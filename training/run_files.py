@@ -69,6 +69,48 @@ def acquire_lock(path: Path, emit, what: str, timeout: float = 300) -> object:
                 raise RuntimeError(f"{what} is held by another process for over {timeout:.0f} s")
             time.sleep(0.1)
 
+DIR_LOCK = "executor.lock"
+
+
+def data_dir_holder(data_dir: str | os.PathLike) -> str | None:
+    """Who holds an executor's data dir ("pid N on HOST"), or None when no live executor does."""
+    path = Path(data_dir) / DIR_LOCK
+    if not path.exists():
+        return None
+    with open(path, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fh.seek(0)
+            return fh.read().strip() or "another process"
+        fcntl.flock(fh, fcntl.LOCK_UN)
+    return None
+
+
+def hold_dir(data_dir: Path, timeout: float = 30) -> object:
+    """An flock on <data dir>/executor.lock for the life of the process, naming its holder; waits
+    ``timeout`` seconds for a predecessor that is still exiting (Ray restarting the actor), then
+    RuntimeError naming the holder."""
+    import socket
+
+    fh = open(data_dir / DIR_LOCK, "a+")
+    deadline = time.time() + timeout
+    while True:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except OSError:
+            if time.time() >= deadline:
+                fh.seek(0)
+                holder = fh.read().strip() or "another process"
+                fh.close()
+                raise RuntimeError(f"the data dir {data_dir} is used by another executor ({holder})") from None
+            time.sleep(0.5)
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"pid {os.getpid()} on {socket.gethostname()}")
+    fh.flush()
+    return fh
 
 
 def code_sha() -> str:

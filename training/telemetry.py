@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import threading
 
+from infra.run_states import RunState
+
 _lock = threading.Lock()
 _metrics: dict | None = None
 _server: dict = {}
@@ -56,8 +58,7 @@ def metrics() -> dict:
         return _metrics
 
 
-RUN_STATES = ("queued", "preflight", "training", "evaluating", "merging", "reporting", "finished", "failed",
-              "cancelled")
+RUN_STATES = tuple(s.value for s in RunState if s is not RunState.RUNNING)  # an executor's states
 
 
 def set_state(run_id: str, phase: str, state: str) -> None:

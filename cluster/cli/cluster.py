@@ -114,7 +114,7 @@ def setup_status(p):
 
 
 def run_status(a) -> int:
-    from cluster import auth, embedded, two_host
+    from cluster import auth, cluster_status, embedded
     from infra.services import display_url, port_open
 
     st = embedded.running(a.workspace)
@@ -128,7 +128,7 @@ def run_status(a) -> int:
     head = st.get("head")
     auth.apply_auth_env()
     try:
-        doc["cluster"] = two_host.status(a.address or (head["address"] if head and head["alive"] else None))
+        doc["cluster"] = cluster_status.status(a.address or (head["address"] if head and head["alive"] else None))
     except Exception as exc:  # status reports; it does not fail
         doc["cluster"] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
     if a.json:

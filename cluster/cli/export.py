@@ -14,6 +14,7 @@ from cluster.cli.common import workspace_arg
 from cluster.console import console, print_error
 from cluster.output import EXIT_INFRA, EXIT_INPUT, EXIT_OK, emit_json
 from infra.lazy import lazy
+from roles.client import call
 
 ray = lazy("ray", extra="architect")
 FETCH_CHUNK = 8 << 20
@@ -46,7 +47,7 @@ def _fetch(ex, run_id: str, entry: dict, dest: Path, con) -> list[str]:
         tmp = target.with_name(target.name + ".partial")
         with open(tmp, "wb") as fh:
             for off in range(0, f["bytes"], FETCH_CHUNK):
-                fh.write(ray.get(ex.read_export.remote(run_id, f["path"], off, FETCH_CHUNK), timeout=600))
+                fh.write(call(ex, "read_export", run_id, f["path"], off, FETCH_CHUNK, timeout=600))
         tmp.replace(target)
         out.append(str(target))
     return out
@@ -65,8 +66,8 @@ def run_export(a) -> int:
         if address:
             ex = two_host.executor_handle(a.workspace, address, run_id=a.run_id)
             with con.status(f"exporting {a.run_id} on the executor (write, then verify)..."):
-                entry = ray.get(ex.export.remote(a.run_id, opts), timeout=7200)
-            files = ray.get(ex.fetch_record.remote(a.run_id), timeout=120)
+                entry = call(ex, "export", a.run_id, opts, timeout=7200)
+            files = call(ex, "fetch_record", a.run_id, timeout=120)
         else:
             if a.fetch is not None:
                 print_error("--fetch copies from a cluster's executor; no cluster runs for this workspace")

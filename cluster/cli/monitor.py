@@ -7,6 +7,8 @@ import time
 from cluster.output import EXIT_INFRA, EXIT_INPUT, EXIT_OK, EXIT_REFUSED, float_arg, int_arg
 from cluster.console import print_error
 from infra.lazy import lazy
+from roles.client import call
+from infra.run_states import ended
 
 ray = lazy("ray", extra="architect")
 
@@ -145,7 +147,7 @@ def run_watch(a) -> int:
         return EXIT_INFRA
 
     def snap():
-        return ray.get(ex.watch.remote(a.run_id), timeout=30)
+        return call(ex, "watch", a.run_id, timeout=30)
 
     try:
         first = snap()
@@ -161,7 +163,7 @@ def run_watch(a) -> int:
     out = Console()
     with Live(render(first), console=out, refresh_per_second=4) as live:
         s = first
-        while s["state"] not in ("finished", "failed", "cancelled"):
+        while not ended(s["state"]):
             time.sleep(a.interval)
             try:
                 s = snap()

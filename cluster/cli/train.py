@@ -9,6 +9,8 @@ from cluster.cli.common import workspace_arg
 from cluster.console import console, print_error
 from cluster.output import EXIT_INFRA, EXIT_INPUT, EXIT_OK, EXIT_REFUSED, emit_json, int_arg
 from infra.lazy import lazy
+from roles.client import call
+from infra.run_states import ended
 
 ray = lazy("ray", extra="architect")
 torch = lazy("torch", extra="executor")
@@ -158,7 +160,7 @@ def run_run(a) -> int:
     from memory_sync.secret_scan import SecretFound, scanner
 
     try:
-        rc, data, _ = load_run_config(a.config)  # the whole config, its preset and overrides, before anything starts
+        rc, data, train = load_run_config(a.config)  # the whole config, its preset and overrides: parsed once, here
     except PlanError as exc:
         print_error(exc)
         return EXIT_INPUT
@@ -169,7 +171,7 @@ def run_run(a) -> int:
     try:
         summary = run_on_cluster(a.workspace, model=None if rc.model in ("smollm2", "tiny") else rc.model,
                                  reporter=RichReporter(),
-                               tiny=rc.model == "tiny", data=[str(d) for d in data], overrides=rc.overrides, preset=rc.preset,
+                               tiny=rc.model == "tiny", data=[str(d) for d in data], train=train, preset=rc.preset,
                                dataset_name=rc.dataset, title=f"duet run {os.path.basename(a.config)}",
                                detach=a.detach, test_frac=rc.test_frac, seed=rc.seed, on=a.on,
                                address=two_host.cluster_address(a.workspace, a.address) if a.address or _two_host() else None)
@@ -242,9 +244,9 @@ def run_runs(a) -> int:
 
 
 def _runs_action(a, ex) -> dict:
-    from cluster import embedded, two_host
-    from roles.architect import record_if_new
-
+    """What `duet runs` asks of the cluster. A read never writes: a run that ended is recorded by the
+    architect's recorder (roles/recorder.py); ``recorded`` says whether, where and by whom."""
+    from cluster import two_host
     from roles import run_view
 
     if a.action == "list":
@@ -256,12 +258,11 @@ def _runs_action(a, ex) -> dict:
     entry = run_view.queue_entry(two_host.scheduler_handle(), a.run_id)
     if entry and entry["state"] == "queued":
         return {"run_id": a.run_id, "state": "queued", "progress": {"step": 0}, "error": None, "queue": entry}
-    snap = ray.get(ex.status.remote(a.run_id, 0), timeout=60)
+    snap = call(ex, "status", a.run_id, 0, timeout=60)
     doc = {k: snap[k] for k in ("run_id", "state", "progress", "error", "recoveries")}
     doc["executor"] = entry and entry["executor"]
-    if snap["state"] in ("finished", "failed", "cancelled"):
-        pg, mongo = embedded.store_urls(a.workspace)
-        doc["recorded"] = record_if_new(a.workspace, pg, mongo, ray.get(ex.fetch_record.remote(a.run_id)))
+    if ended(snap["state"]):
+        doc["recorded"] = run_view.record_state(a.workspace, a.run_id, entry)
     return doc
 
 

@@ -27,9 +27,10 @@ from cluster.web import auth
 from cluster.web.guard import (JSON, LOGIN_PAGE, MAX_EVENT_ID, MAX_LOGIN_BYTES, BadInput, Guard, _number, dumps, form,
                                is_form, json_body, wants_html)
 from cluster.web.source import NotFound, Source
+from memory_sync.workspace import NotAWorkspace
 
 HERE = Path(__file__).resolve().parent
-TERMINAL = ("finished", "failed", "cancelled")
+from infra.run_states import TERMINAL
 STREAM_INTERVAL_S = 0.2      # how often a live stream asks the executor for new steps
 HEARTBEAT_S = 15.0
 
@@ -61,7 +62,7 @@ def create_app(source: Source, keys: auth.Keys, *, bind: str = "127.0.0.1", port
         """Run a blocking Source call in the thread pool; its failures become pages that say why."""
         try:
             return await run_in_threadpool(fn, *args, **kw), None
-        except NotFound as exc:
+        except (NotFound, NotAWorkspace) as exc:  # no such run, session, or no workspace there yet
             return None, error(req, 404, str(exc))
         except (ValueError, LookupError) as exc:
             return None, error(req, 400, str(exc))

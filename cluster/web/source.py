@@ -1,7 +1,7 @@
 """What the dashboard reads and does, each a call to the plain classes the CLI calls (no second copy
 of any query): runs through ``roles.run_view`` and the executor actors, datasets through
 ``training.versions``, sessions and memory through ``memory_sync.memory.Memory``, the cluster through
-``cluster.two_host.status`` and ``infra.monitoring.status``.
+``cluster.cluster_status.status`` and ``infra.monitoring.status``.
 
 The dashboard is a Ray driver of the cluster the workspace belongs to (the embedded head, the node
 duet started here, or ``--address``). When no cluster answers, the pages still show what the
@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from infra.lazy import lazy
+from roles.client import call
 
 ray = lazy("ray", extra="architect")
 RETRY_S = 5.0
@@ -136,7 +137,7 @@ class Source:
         if self.connected():
             try:
                 out["queue"] = run_view.queue_entry(self._scheduler(), run_id)
-                files = ray.get(self.executor_for(run_id).fetch_record.remote(run_id), timeout=CALL_TIMEOUT)
+                files = call(self.executor_for(run_id), "fetch_record", run_id, timeout=CALL_TIMEOUT)
                 out.update(record=files["_record"], report=files.get("report.md"), source="cluster")
             except Exception:
                 self._forget(run_id)
@@ -166,7 +167,7 @@ class Source:
                 ex = None
         if ex is not None:
             try:
-                doc = ray.get(ex.series.remote(run_id, since_step, since_time, since_seq, eval_key), timeout=CALL_TIMEOUT)
+                doc = call(ex, "series", run_id, since_step, since_time, since_seq, eval_key, timeout=CALL_TIMEOUT)
                 doc["source"] = "cluster"
                 return doc
             except Exception as exc:
@@ -221,7 +222,14 @@ class Source:
         return Memory(self.workspace, *embedded.store_urls(self.workspace))
 
     def sessions(self) -> list[dict]:
-        mem = self.memory()
+        """The workspace's sessions; none while the folder is no workspace yet (nothing was curated or
+        logged there)."""
+        from memory_sync.workspace import NotAWorkspace
+
+        try:
+            mem = self.memory()
+        except NotAWorkspace:
+            return []
         try:
             return mem.sessions()
         finally:
@@ -261,7 +269,7 @@ class Source:
     # -- the cluster -------------------------------------------------------------------------------------
 
     def cluster(self) -> dict:
-        from cluster import ray_node, two_host
+        from cluster import cluster_status, ray_node, two_host
         from infra import monitoring
 
         doc = {"workspace": str(self.workspace), "versions": two_host.local_versions(), "address": None,
@@ -269,7 +277,7 @@ class Source:
         if self.connected():
             doc["address"] = self.address
             try:
-                doc["status"] = two_host.status(self.address)
+                doc["status"] = cluster_status.status(self.address)
                 if not ray_node.is_client(self.address):
                     doc["head_versions"] = two_host.read_head_versions(self.address)
             except Exception as exc:

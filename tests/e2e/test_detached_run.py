@@ -51,9 +51,17 @@ def test_detached_run_survives_its_driver_and_is_recorded_later(tmp_path, repo_r
             time.sleep(1)
         assert doc["state"] == "finished", doc
         assert "watch" in seen_states
-        assert doc["recorded"]["already"] is False and (ws / "runs" / run_id / "run.json").exists()
+        # no driver follows it: the workspace's recorder records it, with no command typed
+        deadline = time.time() + 90
+        while time.time() < deadline and not (ws / "runs" / run_id / "run.json").exists():
+            time.sleep(1)
+        assert (ws / "runs" / run_id / "run.json").exists()
         again = json.loads(duet("runs", "show", run_id, "--workspace", str(ws), "--json", cwd=tmp_path).stdout)
-        assert again["recorded"]["already"] is True
+        assert again["recorded"]["state"] == "recorded" and again["recorded"]["by"].startswith("recorder")
+        assert again["recorded"]["in_workspace"] and again["recorded"]["commit"]
+        session = sub["session_id"]  # the run's end is logged in the session that designed it
+        events = (ws / "sessions" / session / "events.jsonl").read_text()
+        assert f'"run recorded"' in events and run_id in events
         listed = json.loads(duet("runs", "list", "--workspace", str(ws), "--json", cwd=tmp_path).stdout)
         assert run_id in [x["run_id"] for x in listed["runs"]]
         log = subprocess.run(["git", "log", "--format=%s"], cwd=ws, capture_output=True, text=True).stdout
