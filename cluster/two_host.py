@@ -131,11 +131,25 @@ def _create_role_actor(role: str, *, data_dir: str | None, workspace: str | None
 
         ws = str(Path(workspace).resolve())
         pg, mongo = os.environ.get("DUET_POSTGRES_URL"), os.environ.get("DUET_MONGO_URL")
-        info = _ping(architect_actor(ws, pg, mongo, "architect node", detached=True))
+        info = _fresh(lambda: architect_actor(ws, pg, mongo, "architect node", detached=True))
         # the recorder: every run of this workspace that ended while this host was away lands now
-        rec = _ping(recorder_actor(ws, pg, mongo, info["node_id"]))
+        rec = _fresh(lambda: recorder_actor(ws, pg, mongo, info["node_id"]))
         return {"role": role, "created": True, **info, "recorder": {"pid": rec["pid"], "workspace": rec["workspace"]}}
     return {"role": role, "created": True, **_ping(a)}
+
+
+def _fresh(make, timeout: float = 60) -> dict:
+    """Ping the actor ``make()`` gets or creates. This host's earlier actor (its node stopped moments
+    ago) keeps its name until Ray has seen the node dead (seconds): while ``make`` returns that one,
+    wait and ask again."""
+    deadline = time.time() + timeout
+    while True:
+        try:
+            return _ping(make())
+        except ray.exceptions.ActorDiedError:
+            if time.time() >= deadline:
+                raise
+            time.sleep(1)
 
 
 def _ping(actor, timeout: float = 180) -> dict:

@@ -202,7 +202,9 @@ def record_state(workspace: str | os.PathLike, run_id: str, entry: dict | None) 
     ``in_workspace``, ``state`` (pending, recorded, none, legacy), ``by``, ``commit``, ``path``, ``error``."""
     rec = (entry or {}).get("record") or {}
     here = (Path(workspace) / "runs" / run_id / "run.json").is_file()
-    out = {"in_workspace": here, "state": rec.get("state", "recorded" if here else "unknown")}
+    state = rec.get("state", "recorded" if here else "unknown")
+    # the executor said it ended; the head's controller notes that within a second: to record, either way
+    out = {"in_workspace": here, "state": "pending" if state == "waiting" else state}
     out.update({k: rec[k] for k in ("by", "commit", "path", "workspace", "error", "at") if rec.get(k) is not None})
     if rec.get("claim"):
         out["held_by"] = rec["claim"].get("by")

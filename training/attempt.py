@@ -31,19 +31,19 @@ def train_attempt(run, model_path: Path, cfg: TrainConfig, from_ckpt: Path | Non
     data-parallel rank hooks in once the trainer exists (its token counter).
 
     Long because it is the one sequence every attempt follows (load, eval before, train, eval after, save)."""
-    tok = load_tokenizer(run._base_path(model_path))
-    run._enter("load")
-    model = run._load_model(model_path, cfg)
+    tok = load_tokenizer(run.base_path(model_path))
+    run.enter_phase("load")
+    model = run.load_model(model_path, cfg)
     staging = run.checkpoint_root / checkpoints.STAGING  # the Trainer saves here; CheckpointCommit commits
     if main:
         shutil.rmtree(staging, ignore_errors=True)
-    trainer = run._trainer(model, tok, cfg, out=staging, max_steps=cfg.max_steps, save=True, evaluate=True)
+    trainer = run.trainer(model, tok, cfg, out=staging, max_steps=cfg.max_steps, save=True, evaluate=True)
     for cb in callbacks:
         trainer.add_callback(cb)
     if before_train is not None:
         before_train(trainer)
     if from_ckpt is None and "eval_loss_before" not in run.result:
-        run._enter("evaluation")
+        run.enter_phase("evaluation")
         if main:
             run.emit("eval_started", which="before")
         with rng_kept():  # measuring the base draws nothing the training would have drawn
@@ -56,14 +56,14 @@ def train_attempt(run, model_path: Path, cfg: TrainConfig, from_ckpt: Path | Non
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
-    run._enter("training")
+    run.enter_phase("training")
     trainer.train(resume_from_checkpoint=str(from_ckpt) if from_ckpt else None)
     if run.cancel_requested():
         raise RunCancelled()
     train_s = time.time() - t0
-    run._train_peak = max(run._train_peak, phases.training_peak(run.peaks)) if run.peaks is not None else run._train_peak
+    run.train_peak = max(run.train_peak, phases.training_peak(run.peaks)) if run.peaks is not None else run.train_peak
     phases.release_memory()  # what training held and freed goes back before the evaluation (and its measurement)
-    run._enter("evaluation")
+    run.enter_phase("evaluation")
     if main:
         run.emit("eval_started", which="after")
     after = trainer.evaluate()["eval_loss"]
@@ -73,7 +73,7 @@ def train_attempt(run, model_path: Path, cfg: TrainConfig, from_ckpt: Path | Non
         full = cfg.method == "full"
         adapter_dir = run.dir / ("merged" if full else "adapter")  # a full fine-tune's weights are the model
         if full:
-            trainer.model.to(run._torch_dtype()).save_pretrained(adapter_dir, safe_serialization=True)
+            trainer.model.to(run.torch_dtype_of_run()).save_pretrained(adapter_dir, safe_serialization=True)
         else:
             trainer.model.save_pretrained(adapter_dir)
         tok.save_pretrained(adapter_dir)
@@ -86,8 +86,8 @@ def train_attempt(run, model_path: Path, cfg: TrainConfig, from_ckpt: Path | Non
             "perplexity_before": math.exp(min(before, 50)) if before is not None and run.phase == "sft" else None,
             "perplexity_after": math.exp(min(after, 50)) if run.phase == "sft" else None,
             ("model_path" if full else "adapter_path"): str(adapter_dir),
-            "train_peak_formula_bytes": formula_bytes_for(cfg, run._base_path(model_path), run.device, run.dtype),
-            "train_peak_bytes": int(run._train_peak),
+            "train_peak_formula_bytes": formula_bytes_for(cfg, run.base_path(model_path), run.device, run.dtype),
+            "train_peak_bytes": int(run.train_peak),
             "train_peak_measured_as": ("torch.cuda.max_memory_reserved()" if torch.cuda.is_available()
                                        else "peak process RSS during training (sampled every 50 ms)"),
         })

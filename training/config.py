@@ -108,6 +108,19 @@ class Thresholds:
         return cls(**raw)
 
 
+class CpuPaths(BaseModel):
+    """How a run trains on a CPU executor: duet's faster paths (on by default, measured in
+    benchmarks/), each of which changes the numbers a run computes, so each is a field of the config
+    and of run.json, never an environment switch."""
+
+    model_config = _STRICT
+    fast_loss: bool = Field(True, description="duet's chunked CPU loss head (training/fast_loss.py); false: TRL's.")
+    lora_fp32: bool = Field(True, description="bf16 LoRA on CPU: the low-rank update added in fp32 "
+                                              "(training/cpu_lora.py); false: all in bf16.")
+    fast_dropout: bool = Field(True, description="with lora_fp32: LoRA dropout masks drawn 16 bits an element; "
+                                                 "false: torch's own draw.")
+
+
 class LoraSettings(BaseModel):
     model_config = _STRICT
     r: int = Field(8, ge=1, le=1024, description="LoRA rank.")
@@ -133,6 +146,7 @@ class TrainConfig(BaseModel):
     phase: Literal["sft", "dpo"] = Field("sft", description="Training objective.")
     method: Literal["lora", "qlora", "full"] = Field("lora", description="What is trained and how the base is stored.")
     lora: LoraSettings = Field(default_factory=LoraSettings)
+    cpu: CpuPaths = Field(default_factory=CpuPaths, description="CPU executors only: duet's fast paths.")
     learning_rate: float = Field(2e-4, gt=0, lt=1, description="Peak learning rate.")
     lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
     warmup_steps: int = Field(100, ge=0, le=10_000_000, description="Linear warm-up steps.")

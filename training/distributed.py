@@ -178,8 +178,7 @@ class Follower:
 
     def _event(self, ev: dict, m: dict, lab: tuple) -> None:
         run = self.run
-        with run._lock:
-            run.events.append(ev)
+        run.append_event(ev)
         kind = ev.get("event")
         if kind == "state":
             run.state = ev["state"]

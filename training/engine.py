@@ -77,7 +77,7 @@ class Run:
         self.lr_scale = 1.0
         self.result: dict = {}
         self.error: str | None = None
-        self._train_peak = 0
+        self.train_peak = 0
         self.started = time.time()
         self.gpu_source = None  # the watchdog's GPU readings: NVML when a GPU is visible (tests set a fake)
         self.watchdog = None
@@ -151,6 +151,11 @@ class Run:
             return {"run_id": self.run_id, "state": self.state, "progress": dict(self.progress),
                     "events": self.events[since:], "error": self.error, "result": dict(self.result),
                     "recoveries": list(self.recoveries)}
+
+    def append_event(self, ev: dict) -> None:
+        """An event that happened elsewhere (a data-parallel rank's), into this run's list."""
+        with self._lock:
+            self.events.append(ev)
 
     def cancel(self) -> None:
         self._cancel.set()
@@ -229,7 +234,7 @@ class Run:
         self.resume()
         return True
 
-    def _start_watchdog(self):
+    def start_watchdog(self):
         from training.watchdog import RULES, NvmlSource, Watchdog
         from training.config import Thresholds
 
@@ -294,7 +299,7 @@ class Run:
                 self.set_state(RunState.DRY_RUN)
                 dry_run(self, model_path)
             self.set_state(RunState.TRAINING)
-            self._start_watchdog()
+            self.start_watchdog()
             self.train(model_path, resume=resume)
             self.watchdog.stop()
             self.set_state(RunState.MERGING)
@@ -332,23 +337,23 @@ class Run:
 
     # -- building blocks ----------------------------------------------------------------------------
 
-    def _torch_dtype(self):
+    def torch_dtype_of_run(self):
         return torch_dtype(self.dtype)
 
-    def _base_path(self, model_path: Path) -> Path:
+    def base_path(self, model_path: Path) -> Path:
         """SFT chaining trains a new adapter on the previous run's merged model."""
         init_from = self.train_cfg.init_from
         if init_from and self.phase == "sft":
             return self.dir.parent / init_from / "merged"
         return model_path
 
-    def _load_model(self, model_path: Path, cfg: TrainConfig):
+    def load_model(self, model_path: Path, cfg: TrainConfig):
         """Base (4-bit for QLoRA) + LoRA adapter: new, or the init_from run's adapter for DPO."""
         init_from = cfg.init_from
         adapter = self.dir.parent / init_from / "adapter" if init_from and self.phase == "dpo" else None
-        return load_train_model(self._base_path(model_path), cfg, device=self.device, dtype=self.dtype, adapter=adapter)
+        return load_train_model(self.base_path(model_path), cfg, device=self.device, dtype=self.dtype, adapter=adapter)
 
-    def _trainer(self, model, tok, cfg: TrainConfig, *, out: Path, max_steps: int, save: bool, evaluate: bool):
+    def trainer(self, model, tok, cfg: TrainConfig, *, out: Path, max_steps: int, save: bool, evaluate: bool):
         train_ds, test_ds = load_datasets(self.dir / "dataset", self.phase, tok)
         return build_trainer(model, tok, cfg, phase=self.phase, device=self.device, dtype=self.dtype, out=out,
                              max_steps=max_steps, evaluate=evaluate, save=save, train_ds=train_ds, eval_ds=test_ds)
@@ -373,38 +378,19 @@ class Run:
             try:
                 self._train_once(model_path, cfg, from_ckpt)
                 return
-            except torch.OutOfMemoryError as exc:
+            except (torch.OutOfMemoryError, BadGradients) as exc:  # the one policy (training/policies.py)
                 phases.release_memory()
-                telemetry.metrics()["ooms"].labels(self.run_id, self.phase).inc()
-                replan = policies.oom_replan(cfg)
-                change = None
-                if replan is not None:
-                    self.train_cfg, change = replan
-                entry = {"kind": "oom", "step": self.progress["step"], "message": str(exc)[:300], "change": change,
-                         "train": {k: getattr(self.train_cfg, k) for k in policies.OOM_KNOBS}}
-                self.recoveries.append(entry)
-                self.emit("oom", **entry)
-                if change is None:
-                    raise GaveUp(f"out of memory at step {entry['step']} and the OOM policy is exhausted "
-                                 f"(micro-batch 1, gradient checkpointing on, eval batch 1): {exc}") from exc
-            except BadGradients as exc:
-                phases.release_memory()
-                telemetry.metrics()["rollbacks"].labels(self.run_id, self.phase).inc()
-                self.lr_scale *= self.train_cfg.rollback_lr_factor
-                entry = {"kind": "rollback", "step": self.progress["step"], "reason": str(exc),
-                         "lr_scale": self.lr_scale}
-                self.recoveries.append(entry)
-                self.emit("rollback", **entry)
-            if policies.exhausted(self.train_cfg, self.recoveries):
-                raise GaveUp(f"{len(self.recoveries)} recoveries: giving up ({self.recoveries[-1]})")
-            telemetry.metrics()["recoveries"].labels(self.run_id, self.phase).inc()
+                why = policies.recover(self, "oom" if isinstance(exc, torch.OutOfMemoryError) else "rollback",
+                                       step=self.progress["step"], message=str(exc))
+                if why is not None:
+                    raise GaveUp(why) from exc
             skipped = []
             from_ckpt = checkpoints.newest_valid(ckpt_root, skipped)
             self.recoveries[-1]["resumed_from"] = str(from_ckpt) if from_ckpt else "start"
-            self._drop_losses_after(checkpoints.step_of(from_ckpt) if from_ckpt else 0)
+            self.drop_losses_after(checkpoints.step_of(from_ckpt) if from_ckpt else 0)
             self.write_record()
 
-    def _drop_losses_after(self, step: int) -> None:
+    def drop_losses_after(self, step: int) -> None:
         self.losses = [x for x in self.losses if x["step"] <= step]
         self._cut = step
         self.eval_losses = [x for x in self.eval_losses if x["step"] <= step]
@@ -417,7 +403,7 @@ class Run:
 
         train_attempt(self, model_path, cfg, from_ckpt, callbacks.for_run(self))
 
-    def _enter(self, phase: str) -> None:
+    def enter_phase(self, phase: str) -> None:
         if self.peaks is not None:
             self.peaks.enter(phase)
 

@@ -78,12 +78,12 @@ def merge_and_evaluate(run, model_path: Path) -> None:
 
     from training import merge_check
 
-    run._enter("merge")
+    run.enter_phase("merge")
     full = run.train_cfg.method == "full"
     src = run.dir / ("merged" if full else "adapter")
     tok = AutoTokenizer.from_pretrained(src)
-    dtype = run._torch_dtype()
-    base_path = src if full else run._base_path(model_path)
+    dtype = run.torch_dtype_of_run()
+    base_path = src if full else run.base_path(model_path)
     weights = sum(f.stat().st_size for f in Path(base_path).glob("*.safetensors"))
     need = int(weights * (2 if dtype == torch.float32 else 1) * 1.2)  # stored width -> load width, + merge slack
     device = "cpu"
@@ -98,7 +98,7 @@ def merge_and_evaluate(run, model_path: Path) -> None:
     probe = [tok.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts[:2]]
     enc = [tok(t, return_tensors="pt") for t in probe]
     if full:
-        keep_base_tokenizer(run._base_path(model_path), src)
+        keep_base_tokenizer(run.base_path(model_path), src)
         merged = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype).to(device)
         merged.eval()
         run.result["merged_model"] = {"path": str(src), "device": device, "dtype": str(dtype).replace("torch.", ""),
@@ -137,7 +137,7 @@ def merge_and_evaluate(run, model_path: Path) -> None:
         run.emit("merged", path=str(merged_dir), logit_max_abs_diff=check["max_abs"], device=device,
                   kl_mean=check["kl_mean"], top1_agreement=check["top1_agreement"])
         del model, base
-    run._enter("sampling")
+    run.enter_phase("sampling")
     samples = []
     n = run.train_cfg.sample_prompts
     for rec, p, reference in list(zip(test, prompts, refs))[:n]:

@@ -5,7 +5,6 @@ check and the benchmarks (benchmarks/vram_planner.py, benchmarks/speed.py)."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from training.config import TrainConfig
@@ -67,14 +66,14 @@ def build_trainer(model, tok, cfg: TrainConfig, *, phase: str, device: str, dtyp
     """The TRL trainer duet trains with (SFT or DPO), from a train config: the one place its
     arguments are set, shared by the engine and the planner benchmark (benchmarks/vram_planner.py)."""
     on_cpu = device != "cuda"
-    if on_cpu:  # TRL's fused LM head through duet's CPU path (training/fast_loss.py); DUET_CPU_FAST_LOSS=0: TRL's own
+    if on_cpu:  # TRL's fused LM head through duet's CPU path (training/fast_loss.py); cpu.fast_loss false: TRL's own
         from training import fast_loss
 
-        fast_loss.set_enabled(os.environ.get("DUET_CPU_FAST_LOSS", "1") != "0")
-        if dtype == "bf16" and cfg.method == "lora" and os.environ.get("DUET_CPU_LORA_FP32", "1") != "0":
+        fast_loss.set_enabled(cfg.cpu.fast_loss)
+        if dtype == "bf16" and cfg.method == "lora" and cfg.cpu.lora_fp32:
             from training import cpu_lora  # LoRA's update added in fp32 (see that module and training.plan)
 
-            cpu_lora.install(model, fast_dropout=os.environ.get("DUET_CPU_FAST_DROPOUT", "1") != "0")
+            cpu_lora.install(model, fast_dropout=cfg.cpu.fast_dropout)
     common = dict(
         output_dir=str(out), max_steps=max_steps, per_device_train_batch_size=cfg.micro_batch,
         gradient_accumulation_steps=cfg.grad_accum,

@@ -55,7 +55,7 @@ def speed_decisions(device: str, vocab: int, dtype: str = "fp32", method: str = 
                        "away (measured on the demo: eval loss 0.05 above the fp32 script's; 0.007 with the fp32 update, "
                        "for ~5 % of the speed); its dropout masks drawn 16 bits an element, three from each 64-bit "
                        "draw, where torch's CPU dropout draws one sample at a time (measured: ~2.96 -> ~2.64 s a "
-                       "SmolLM2 LoRA step, dropout 0.05; DUET_CPU_FAST_DROPOUT=0 for torch's)")
+                       "SmolLM2 LoRA step, dropout 0.05; train.cpu.fast_dropout: false for torch's)")
         out.append("torch.compile off on CPU: inductor recompiled for each new padded batch length and 20 demo steps "
                    "took over 8 minutes on 2 cores, several times the eager run (measured, not kept)")
     else:

@@ -65,3 +65,39 @@ class GradientGuard:
         self.exploding = self.exploding + 1 if grad_norm is not None and grad_norm > self.limit else 0
         if self.exploding >= self.patience:
             raise BadGradients(f"gradient norm above {self.limit} for {self.exploding} steps (last {grad_norm:.3g})")
+
+
+def recover(run, kind: str, *, step: int, message: str, **extra) -> str | None:
+    """The one recovery policy, for a run in one process (training/engine.py) and for a data-parallel
+    group (training/rank.py, rank 0 between attempts): what ended the attempt (``kind``: ``oom``,
+    ``rollback``, ``worker_restart``) is recorded as a recovery, an OOM re-plans ``run.train_cfg``, bad
+    gradients scale ``run.lr_scale``. Returns why the run gives up, or None to go on from the newest
+    valid checkpoint."""
+    from training import telemetry
+
+    m = telemetry.metrics()
+    give_up = None
+    if kind == "oom":
+        m["ooms"].labels(run.run_id, run.phase).inc()
+        replan = oom_replan(run.train_cfg)
+        entry = {"kind": "oom", "step": step, "message": message[:300], **extra, "change": replan and replan[1]}
+        if replan is None:
+            where = f" on rank {extra['rank']}" if extra.get("rank") is not None else ""
+            give_up = (f"out of memory{where} at step {step} and the OOM policy is exhausted (micro-batch 1, "
+                       f"gradient checkpointing on, eval batch 1): {message}")
+        else:
+            run.train_cfg = replan[0]
+        entry["train"] = {k: getattr(run.train_cfg, k) for k in OOM_KNOBS}
+    elif kind == "rollback":
+        m["rollbacks"].labels(run.run_id, run.phase).inc()
+        run.lr_scale *= run.train_cfg.rollback_lr_factor
+        entry = {"kind": "rollback", "step": step, "reason": message, **extra, "lr_scale": run.lr_scale}
+    else:
+        entry = {"kind": kind, "step": step, "message": message, **extra}
+    run.recoveries.append(entry)
+    run.emit(entry["kind"], **entry)
+    if give_up is None and exhausted(run.train_cfg, run.recoveries):
+        give_up = f"{len(run.recoveries)} recoveries: giving up ({entry})"
+    if give_up is None:
+        m["recoveries"].labels(run.run_id, run.phase).inc()
+    return give_up

@@ -96,8 +96,8 @@ def dry_run(run, model_path: Path) -> None:
     cfg = run.train_cfg.model_copy(update={"micro_batch": 1, "grad_accum": 1})
     n = cfg.dry_run_steps
     out = run.dir / "dry_run"
-    model = run._load_model(model_path, cfg)
-    trainer = run._trainer(model, load_tokenizer(run._base_path(model_path)), cfg, out=out, max_steps=n,
+    model = run.load_model(model_path, cfg)
+    trainer = run.trainer(model, load_tokenizer(run.base_path(model_path)), cfg, out=out, max_steps=n,
                            save=False, evaluate=False)
     t0 = time.time()
     trainer.train()

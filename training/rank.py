@@ -67,7 +67,7 @@ def worker(run_dir: Path, *, rank: int, world_size: int, report, node: str | Non
         from training.phases import PhasePeaks
 
         run.peaks = PhasePeaks().start()
-        run._start_watchdog()
+        run.start_watchdog()
     else:
         cbs.append(RollbackGuard(run))
     cbs.append(control)
@@ -103,25 +103,14 @@ def begin_attempt(run, world_size: int) -> str | None:
     restart = att["count"] > 1
     if restart or fail:
         step = run.losses[-1]["step"] if run.losses else 0
-        entry = {"kind": "worker_restart", "step": step, "attempt": att["count"],
-                 "message": "a worker ended; Ray Train started the group again"}
-        if fail and fail["kind"] == "oom":
-            replan = policies.oom_replan(run.train_cfg)
-            entry = {"kind": "oom", "step": fail.get("step") or step, "message": fail["message"], "rank": fail["rank"],
-                     "change": replan and replan[1]}
-            if replan is None:
-                return _give_up(run, f"out of memory on rank {fail['rank']} at step {entry['step']} and the OOM "
-                                     f"policy is exhausted: {fail['message']}")
-            run.train_cfg = replan[0]
-            entry["train"] = {k: getattr(run.train_cfg, k) for k in policies.OOM_KNOBS}
-        elif fail and fail["kind"] == "rollback":
-            run.lr_scale *= run.train_cfg.rollback_lr_factor
-            entry = {"kind": "rollback", "step": fail.get("step") or step, "reason": fail["message"],
-                     "lr_scale": run.lr_scale}
-        run.recoveries.append(entry)
-        run.emit(entry["kind"], **entry)
-        if policies.exhausted(run.train_cfg, run.recoveries):
-            return _give_up(run, f"{len(run.recoveries)} recoveries: giving up ({entry})")
+        if fail:  # the one policy (training/policies.py), as a run in one process applies it
+            why = policies.recover(run, fail["kind"], step=fail.get("step") or step, message=fail["message"],
+                                   rank=fail["rank"])
+        else:
+            why = policies.recover(run, "worker_restart", step=step, attempt=att["count"],
+                                   message="a worker ended; Ray Train started the group again")
+        if why is not None:
+            return _give_up(run, why)
     from_ckpt = None
     if restart or att["resume"] or fail:
         skipped: list = []
@@ -129,7 +118,7 @@ def begin_attempt(run, world_size: int) -> str | None:
         if skipped:
             run.emit("checkpoint_skipped", paths=skipped, reason="invalid or partial (size/hash mismatch)")
         run.emit("resume", checkpoint=str(from_ckpt) if from_ckpt else None, attempt=att["count"])
-        run._drop_losses_after(checkpoints.step_of(from_ckpt) if from_ckpt else 0)
+        run.drop_losses_after(checkpoints.step_of(from_ckpt) if from_ckpt else 0)
         if run.recoveries and restart:
             run.recoveries[-1]["resumed_from"] = str(from_ckpt) if from_ckpt else "start"
     att["from"] = str(from_ckpt) if from_ckpt else None
@@ -218,7 +207,7 @@ class RankControl(TrainerCallback):
             run_files.atomic_json(run.dir / PROGRESS, {"progress": run.progress, "state": run.state, "time": time.time(),
                                                        "watchdog": run.watchdog.describe() if run.watchdog else None})
         if cancel:
-            run._cancel.set()
+            run.cancel()
             control.should_training_stop = True
         elif pause:
             self.pausing = True
@@ -250,7 +239,7 @@ class RankControl(TrainerCallback):
             while flag.exists():  # not in a collective while paused: a pause may outlast its timeout
                 time.sleep(0.2)
         if agree([cancel])[0]:
-            run._cancel.set()
+            run.cancel()
             control.should_training_stop = True
         elif self.main:
             run.set_state(RunState.TRAINING)

@@ -126,6 +126,6 @@ def test_dropout_only_in_training_mode():
     assert 0.4 < (y == 0).float().mean().item() < 0.6
     assert torch.equal(cpu_lora._dropout(torch.nn.Identity(), x), x)  # peft's lora_dropout when p is 0
     torch.manual_seed(5)
-    slow = cpu_lora._dropout(drop, x, fast=False)  # DUET_CPU_FAST_DROPOUT=0: torch's own draw
+    slow = cpu_lora._dropout(drop, x, fast=False)  # train.cpu.fast_dropout false: torch's own draw
     torch.manual_seed(5)
     assert torch.equal(slow, drop(x))

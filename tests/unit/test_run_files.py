@@ -28,7 +28,7 @@ def test_a_long_runs_losses_stay_bounded_in_memory_and_whole_on_disk(tmp_path, m
     for s in range(1, 31):
         run.log_loss({"step": s, "loss": 1.0 / s, "time": float(s)})
     assert len(run.losses) <= 10 and [x["step"] for x in run.all_losses()] == list(range(1, 31))
-    run._drop_losses_after(3)  # a resume from a checkpoint older than what memory holds
+    run.drop_losses_after(3)  # a resume from a checkpoint older than what memory holds
     assert [x["step"] for x in run.all_losses()] == [1, 2, 3]
     for s in range(4, 9):
         run.log_loss({"step": s, "loss": 2.0, "time": 100.0 + s})

@@ -237,3 +237,32 @@ def test_test_modules_have_unique_names():
 
     names = Counter(p.name for p in (ROOT / "tests").rglob("test_*.py"))
     assert not [n for n, k in names.items() if k > 1], [n for n, k in names.items() if k > 1]
+
+
+def test_every_environment_variable_is_documented():
+    """docs/environment.md names every ``DUET_*`` variable the code reads (and nothing trains differently
+    by one: those are config fields)."""
+    import re
+
+    doc = (ROOT / "docs" / "environment.md").read_text(encoding="utf-8")
+    used = {m for p in MODULES.values() for m in re.findall(r"DUET_[A-Z0-9_]*[A-Z0-9]", p.read_text(encoding="utf-8"))}
+    missing = sorted(v for v in used if f"`{v}`" not in doc)
+    assert not missing, f"undocumented in docs/environment.md: {missing}"
+    assert not {"DUET_CPU_FAST_LOSS", "DUET_CPU_LORA_FP32", "DUET_CPU_FAST_DROPOUT"} & used
+
+
+def test_actors_are_called_only_through_the_client_module():
+    """``.remote(`` appears in the actor shells and the one client module only (roles/client.py)."""
+    allowed = {"roles/actors.py", "roles/client.py"}
+    bad = [str(p.relative_to(ROOT)) for p in MODULES.values()
+           if ".remote(" in p.read_text(encoding="utf-8") and str(p.relative_to(ROOT)) not in allowed]
+    assert not bad, f".remote( outside {sorted(allowed)}: {bad}"
+
+
+def test_the_terminal_run_states_are_defined_once():
+    import re
+
+    bad = [str(p.relative_to(ROOT)) for p in MODULES.values()
+           if re.search(r"\(\s*\"finished\",\s*\"failed\",\s*\"cancelled\"\s*\)", p.read_text(encoding="utf-8"))
+           and not str(p).endswith("infra/run_states.py")]
+    assert not bad, f"the terminal states written out again (import infra.run_states.TERMINAL): {bad}"
