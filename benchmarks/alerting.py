@@ -46,7 +46,7 @@ def prometheus_path(tmp: Path, reps: int) -> list[float]:
     from prometheus_client import CollectorRegistry, start_http_server
 
     from infra import monitoring
-    from training.telemetry import GpuCollector
+    from training.run.telemetry import GpuCollector
 
     gpu = ScriptedGpu()
     reg = CollectorRegistry()
@@ -88,7 +88,7 @@ def _wait_webhook(path: Path, skip: int, status: str, timeout: float = 60) -> fl
 
 def watchdog_path(reps: int) -> list[float]:
     from training.config import Thresholds
-    from training.watchdog import Watchdog
+    from training.run.watchdog import Watchdog
 
     out = []
     for _ in range(reps):
@@ -111,8 +111,8 @@ def watchdog_path(reps: int) -> list[float]:
 
 def exporter_overhead(tmp: Path, reps: int) -> dict:
     from roles.architect import Architect
-    from training import telemetry
-    from training.executor import Executor
+    from training.run import telemetry
+    from training.run.executor import Executor
     from training.models import model_config
 
     repo = Path(__file__).resolve().parents[1]

@@ -1,6 +1,6 @@
 """GGUF export time and peak memory: SmolLM2-135M-Instruct (from the wheel) through llama.cpp's
-converter (training/gguf_convert.py) to f16 and q8_0, then llama.cpp's judgement of each file
-(training/llama_judge.py) against the model in fp32.
+converter (training/export/gguf_convert.py) to f16 and q8_0, then llama.cpp's judgement of each file
+(training/export/llama_judge.py) against the model in fp32.
 
     python -m benchmarks.export [--reps 3]
 
@@ -34,7 +34,9 @@ CONVERSATIONS = [[{"role": "user", "content": "What is 12 + 7?"}], [{"role": "us
 def main(argv=None) -> int:
     import gguf
 
-    from training import gguf_convert, llama_judge, models
+    from training.export import gguf_convert, llama_judge
+
+    from training import models
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=3)

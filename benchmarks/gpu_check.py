@@ -4,7 +4,7 @@ benchmark; ``--smoke`` runs the same code on this CPU with tiny shapes (to keep 
 
     python -m benchmarks.gpu_check --out DIR [--smoke]
 
-Runs, each through training.executor.Executor (the engine, its watchdog and its exporter):
+Runs, each through training.run.executor.Executor (the engine, its watchdog and its exporter):
   LoRA SFT (SmolLM2-135M shape), QLoRA SFT (Qwen2-1.5B shape), DPO (LoRA on the SmolLM2 shape,
   pairs built from the persona data), a full fine-tune (SmolLM2 shape); each merged and verified in
   the plan's dtype. Records for each: the plan's dtype and decisions, tokens/s, MFU (6 x parameters x
@@ -61,7 +61,7 @@ def model_folder(shape: str, root: Path) -> Path:
 def datasets(root: Path) -> dict:
     """The persona data as an SFT dataset version, and DPO pairs made from it (another record's answer
     is the rejected one)."""
-    from training.dataset import build_version
+    from training.data.dataset import build_version
 
     sft = build_version([PERSONA], root / "datasets", "persona", test_frac=0.1, seed=0)
     recs = [json.loads(x) for x in PERSONA.read_text().splitlines() if x.strip()]
@@ -89,10 +89,10 @@ def _flops_peak() -> float | None:
 
 
 def one_run(ex, run_id: str, shape: str, folder: Path, ds, overrides: dict, hw) -> dict:
-    from training.executor import make_spec
-    from training.memory_model import ModelProfile
+    from training.run.executor import make_spec
+    from training.plan.memory_model import ModelProfile
     from training.config import load_config
-    from training.plan import make_plan
+    from training.plan.planner import make_plan
 
     cfg = load_config("demo", overrides)
     model = ModelProfile.from_config(folder / "config.json")
@@ -141,8 +141,8 @@ def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
-    from training import hardware
-    from training.executor import Executor
+    from training.plan import hardware
+    from training.run.executor import Executor
 
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

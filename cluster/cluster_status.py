@@ -68,10 +68,11 @@ def status(address: str | None = None) -> dict:
 
 def _executors_status(doc: dict) -> None:
     """Every executor: its node, hardware (GPU, free/total memory), the run it trains; and the queue."""
-    from roles.client import find_executors
+    from roles.client import find_executors, owned, placements
     from roles.queue import TERMINAL, free_bytes
 
     doc["executors"] = []
+    placed = placements(scheduler_handle())
     for n, ex in find_executors().items():
         row = {"name": n, "node": names.node_of(n), "runs": []}
         try:
@@ -86,7 +87,7 @@ def _executors_status(doc: dict) -> None:
                    free_bytes=free_bytes(hw), total_bytes=total,
                    exporter={"port": info.get("metrics_port"),
                              "reachable": bool(info.get("metrics_port")) and port_open(info["metrics_port"], "127.0.0.1")})
-        for r in runs:
+        for r in owned(n, runs, placed):
             r["node"] = row["node"]
             if r["state"] not in TERMINAL:
                 snap = call(ex, "status", r["run_id"], 10**9, timeout=10)

@@ -54,7 +54,7 @@ def precheck(data: Path, workspace: Path | None = None) -> None:
     """Fail fast, before any service starts, on a dataset that would not curate: not a JSONL file,
     invalid records (exit 1), or a secret in it (exit 2)."""
     from memory_sync.secret_scan import SecretFound, scanner
-    from training.schema import DatasetError, check_records, input_file, scan_jsonl
+    from training.data.schema import DatasetError, check_records, input_file, scan_jsonl
 
     try:
         found = scanner(workspace).scan_file(input_file(data))

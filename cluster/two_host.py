@@ -277,7 +277,7 @@ def check_executor_free(metrics_port: int | None, data_dir: str | None) -> None:
     data dir another live executor uses (two executors on one machine need one of each apiece)."""
     import socket
 
-    from training.run_files import data_dir_holder
+    from training.run.run_files import data_dir_holder
 
     if metrics_port:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

@@ -21,7 +21,7 @@ def _classes():
     class ExecutorActor:
         def __init__(self, data_dir: str, metrics_port: int | None = 9108, torch_threads: int | None = None):
             from roles.data_parallel import launch
-            from training.executor import Executor
+            from training.run.executor import Executor
 
             self.ex = Executor(data_dir, metrics_port=metrics_port, torch_threads=torch_threads, launcher=launch)
             self.ex.hold_data_dir()

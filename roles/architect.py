@@ -16,13 +16,13 @@ import yaml
 from memory_sync.memory import Memory
 from memory_sync.secret_scan import SecretFound, scanner
 from memory_sync.workspace import Workspace
-from training.dataset import build_version, check_name
-from training.schema import input_file
-from training.executor import RECORD_FILES
-from training.hardware import HardwareProfile
-from training.memory_model import ModelProfile
+from training.data.dataset import build_version, check_name
+from training.data.schema import input_file
+from training.run.executor import RECORD_FILES
+from training.plan.hardware import HardwareProfile
+from training.plan.memory_model import ModelProfile
 from training.config import TrainConfig, check_run_id, load_config
-from training.plan import make_plan
+from training.plan.planner import make_plan
 
 
 class Architect:
@@ -188,7 +188,7 @@ class Architect:
 
     def submission(self, plan: dict, dataset: dict) -> dict:
         """What the executor needs, self-contained (the dataset files travel with it)."""
-        from training.executor import make_spec
+        from training.run.executor import make_spec
 
         return make_spec(plan, dataset["path"])
 

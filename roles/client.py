@@ -108,6 +108,29 @@ class RayExecutors:
         return call(self._handle(name), "fetch_record", run_id, timeout=120)
 
 
+def owned(name: str, runs: list[dict], placed: dict[str, str]) -> list[dict]:
+    """The runs of an executor's list that are its own: where the queue placed them (a move updates
+    that), else where their own record says they were started; never one that moved on. Two executors
+    that once shared a data dir both list its runs; each is shown once, by the one that trained it."""
+    out = []
+    for r in runs:
+        if r.get("moved_to"):
+            continue
+        where = placed.get(r["run_id"]) or r.get("executor")
+        if where in (None, name):
+            out.append(r)
+    return out
+
+
+def placements(scheduler) -> dict[str, str]:
+    """{run id: executor name} as the head's queue has them (empty without a scheduler)."""
+    try:
+        entries = call(scheduler, "list", timeout=60) if scheduler is not None else []
+    except Exception:
+        return {}
+    return {e["run_id"]: e["executor"] for e in entries if e.get("executor")}
+
+
 def runs_overview(scheduler) -> dict:
     """`duet runs list`: queued, running and finished runs with their executor node, from the queue's
     entries and from what every executor holds (runs from before the queue, or trained with `duet
@@ -129,11 +152,7 @@ def runs_overview(scheduler) -> dict:
     exs = find_executors()
     up = answering(exs)
     for n, runs in ask_all(up, "list", timeout=30).items():
-        for r in runs:
-            if r.get("moved_to") or placed.get(r["run_id"], n) != n:
-                continue  # another executor trained it (or it moved on): that one's word counts
-            if r.get("executor") and r["executor"] != n:
-                continue  # a shared data dir: the run's own record names the executor that trained it
+        for r in owned(n, runs, placed):
             row = rows.setdefault(r["run_id"], {"run_id": r["run_id"], "queued_at": None})
             row.update({k: v for k, v in r.items() if k not in ("moved_to", "executor")}, node=names.node_of(n))
     return {"runs": sorted(rows.values(), key=lambda r: (r.get("queued_at") or 0, r["run_id"])),

@@ -1,11 +1,11 @@
 """Data-parallel runs through Ray Train: the launcher the executor actor hands its runs
 (``launch``), which starts one Ray Train worker a GPU (a process a share of the cores on CPU) on the
-executor's own node, each running ``training.rank.worker`` with its rank and Ray Train's ``report``.
+executor's own node, each running ``training.run.rank.worker`` with its rank and Ray Train's ``report``.
 
 What Ray Train brings: the worker group and its process group (gloo on CPU, NCCL on GPUs), the
 checkpoints reported by rank 0 (kept under ``<run>/raytrain/``), and the failure handling: a worker
 that fails or dies ends the group, and Ray Train starts it again (``FailureConfig``), up to
-``max_failures`` times; each new attempt resumes from the newest valid checkpoint (training/rank.py).
+``max_failures`` times; each new attempt resumes from the newest valid checkpoint (training/run/rank.py).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def _entry(config: dict) -> None:
     import ray.train
     from ray.train import Checkpoint
 
-    from training.rank import worker
+    from training.run.rank import worker
 
     ctx = ray.train.get_context()
 

@@ -87,7 +87,7 @@ class Job:
     seed: int = 0
     detach: bool = False
     on: str | None = None        # --on NODE: this executor only
-    export: dict | None = None   # export options (training/export.py) for the finished run; None: no export
+    export: dict | None = None   # export options (training/export/exporter.py) for the finished run; None: no export
     extra: dict = field(default_factory=dict)
 
 
@@ -200,7 +200,7 @@ def plan_run(job: Job, architect, infos: dict, dataset: dict, reporter: Reporter
     the job's); shows the best and why the others refuse."""
     from roles import placement
     from roles.queue import free_bytes
-    from training.hardware import HardwareProfile, describe
+    from training.plan.hardware import HardwareProfile, describe
 
     for i in infos.values():
         reporter.line("executor", f"{i['node']} {i['hardware']['hostname']}: "
@@ -218,7 +218,7 @@ def plan_run(job: Job, architect, infos: dict, dataset: dict, reporter: Reporter
 
 
 def export_run(job: Job, run_id: str, executor, architect, reporter: Reporter) -> dict:
-    """Export the finished run on its executor (training/export.py) and record the export."""
+    """Export the finished run on its executor (training/export/exporter.py) and record the export."""
     with reporter.status("exporting to GGUF (write, then verify against the merged model)..."):
         entry = call(executor, "export", run_id, job.export)
     call(architect, "record_export", call(executor, "fetch_record", run_id), entry)
@@ -305,11 +305,12 @@ def _follow_and_record(job: Job, run_id: str, executor, placed: dict, plans: dic
     files = call(executor, "fetch_record", run_id)
     rec = files["_record"]
     recorded = holding.record(architect, files)
+    mine = "by" not in recorded  # this driver recorded it (else the recorder did, hypothesis included)
     if record_here is not None:
         recorded = record_here(files)
     exported = export_run(job, run_id, executor, architect, reporter) if job.export is not None and \
         rec["status"] == "finished" else None
-    hyp = call(architect, "hypothesis_from_run", rec) if rec["status"] == "finished" else None
+    hyp = call(architect, "hypothesis_from_run", rec) if rec["status"] == "finished" and mine else None
     call(architect, "commit_session")
     counts = call(architect, "store_counts")
     call(architect, "close")

@@ -178,7 +178,7 @@ class RunQueue:
             return [self.public(e) for e in sorted(self.entries.values(), key=lambda e: e["queued_at"])]
 
     def spec(self, run_id: str, executor: str) -> dict:
-        """The submission for ``executor`` (the same shape as training.executor.make_spec)."""
+        """The submission for ``executor`` (the same shape as training.run.executor.make_spec)."""
         e = self.entries[run_id]
         plan = e["plans"][executor]
         return {"run_id": run_id, "plan": {**plan, "run_id": run_id}, "model_ref": e["model_ref"],

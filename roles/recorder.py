@@ -55,6 +55,8 @@ def record_into(workspace: str, postgres_url: str | None, mongo_url: str | None,
                      session_id=session_id if known else None)
     try:
         out = arch.record_run(files)
+        if files["_record"]["status"] == "finished":
+            arch.hypothesis_from_run(files["_record"])  # as a driver that followed the run would
         arch.commit_session()
         return {"already": False, "path": out["path"], "commit": out["commit"], "workspace": str(workspace),
                 "session_id": arch.session_id}

@@ -101,10 +101,10 @@ def _placed(run_id: str, a: dict, scheduler, architect, reporter: Reporter, resu
 def _record(run_id: str, a: dict, architect, record_here, reporter: Reporter) -> dict:
     files = call(a["handle"], "fetch_record", run_id, timeout=120)
     rec = files["_record"]
-    a["holding"].record(architect, files)
+    mine = "by" not in a["holding"].record(architect, files)  # else the recorder did, hypothesis included
     if record_here is not None:
         record_here(files)
-    if rec["status"] == "finished":
+    if rec["status"] == "finished" and mine:
         call(architect, "hypothesis_from_run", rec)
     reporter.line("run recorded", f"{run_id} ({a['label']}): {rec['status']}"
                   + (f", eval loss {rec['eval_loss_after']:.4f}" if rec.get("eval_loss_after") is not None else ""))

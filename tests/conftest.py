@@ -64,7 +64,7 @@ def architect_and_executor(tmp: Path) -> tuple:
     """A plain Architect (no stores) with the persona dataset curated, and a plain Executor (no
     exporter): the engine without Ray."""
     from roles.architect import Architect
-    from training.executor import Executor
+    from training.run.executor import Executor
 
     arch = Architect(str(tmp / "ws"), None, None, session_title=tmp.name)
     ds = arch.curate([str(REPO / "examples/persona/persona.jsonl")], "persona")

@@ -43,7 +43,7 @@ USABLE_FRACTION = 0.85
 
 @dataclass
 class Thresholds:
-    """The watchdog's thresholds (training/watchdog.py), one home: the run's ``watchdog:`` section sets
+    """The watchdog's thresholds (training/run/watchdog.py), one home: the run's ``watchdog:`` section sets
     them, TrainConfig's gradient-norm fields default to them, and tests/unit/test_structure.py checks
     that infra/prometheus/rules.yml alerts at the same values."""
 
@@ -114,9 +114,9 @@ class CpuPaths(BaseModel):
     and of run.json, never an environment switch."""
 
     model_config = _STRICT
-    fast_loss: bool = Field(True, description="duet's chunked CPU loss head (training/fast_loss.py); false: TRL's.")
+    fast_loss: bool = Field(True, description="duet's chunked CPU loss head (training/run/fast_loss.py); false: TRL's.")
     lora_fp32: bool = Field(True, description="bf16 LoRA on CPU: the low-rank update added in fp32 "
-                                              "(training/cpu_lora.py); false: all in bf16.")
+                                              "(training/run/cpu_lora.py); false: all in bf16.")
     fast_dropout: bool = Field(True, description="with lora_fp32: LoRA dropout masks drawn 16 bits an element; "
                                                  "false: torch's own draw.")
 
@@ -182,7 +182,7 @@ class TrainConfig(BaseModel):
     max_recoveries: int = Field(6, ge=0, le=1000, description="OOM re-plans + rollbacks before the run gives up.")
     sample_prompts: int = Field(3, ge=0, le=20, description="Test prompts to generate samples for.")
     max_new_tokens: int = Field(48, ge=1, le=4096, description="Tokens per sample generation.")
-    watchdog: dict = Field(default_factory=dict, description="Watchdog thresholds (training/watchdog.py Thresholds), "
+    watchdog: dict = Field(default_factory=dict, description="Watchdog thresholds (training/run/watchdog.py Thresholds), "
                                                              "e.g. {temperature_c: 80, stall_seconds: 600}.")
 
     @field_validator("init_from")
@@ -296,8 +296,8 @@ def load_plan_file(path: str | os.PathLike) -> dict:
         raise PlanError(format_validation(exc, src, key_lines(text))) from exc
     check_run_id(doc.run_id)
     ds = doc.dataset
-    from training.schema import DatasetError
-    from training.dataset import version_dir
+    from training.data.schema import DatasetError
+    from training.data.dataset import version_dir
 
     try:
         version_dir("datasets", ds.get("name"), ds.get("content_hash"))

@@ -125,7 +125,7 @@ def _sentencepiece_from_gguf(gguf_path: Path, out: Path) -> None:
     GGUF says so."""
     import gguf
 
-    from training.gguf_convert import sentencepiece_model
+    from training.export.gguf_convert import sentencepiece_model
 
     f = gguf.GGUFReader(str(gguf_path)).fields
     tokens, scores, types = (f[k].contents() for k in ("tokenizer.ggml.tokens", "tokenizer.ggml.scores",

@@ -27,7 +27,7 @@ def _labels(values: list[str] | None, flag: str) -> tuple[str, ...]:
 
 def setup_data(p):
     from cluster.cli.common import workspace_arg as _workspace_arg
-    from training.importers import FORMATS, MAX_LEN, TOOLS_MODES
+    from training.data.importers import FORMATS, MAX_LEN, TOOLS_MODES
 
     sub = p.add_subparsers(dest="data_cmd", metavar="{import,check,curate,versions,show,diff}")
     imp = sub.add_parser("import", help="convert a chat export (ChatGPT, Claude, Markdown) or a dataset "
@@ -106,9 +106,9 @@ def _progress(enabled: bool):
 
 
 def _run_import(a) -> int:
-    from training.schema import DatasetError
-    from training.dataset import tokenizer_counter
-    from training.importers import ImportFormatError, Options, import_to
+    from training.data.schema import DatasetError
+    from training.data.dataset import tokenizer_counter
+    from training.data.importers import ImportFormatError, Options, import_to
 
     con = _console()
     try:
@@ -150,7 +150,7 @@ def _run_import(a) -> int:
 
 
 def run_data(a) -> int:
-    from training.schema import DatasetError, check_records
+    from training.data.schema import DatasetError, check_records
 
     con = _console()
     if a.data_cmd is None:
@@ -160,7 +160,7 @@ def run_data(a) -> int:
         return _run_import(a)
     if a.data_cmd in ("versions", "show", "diff"):
         return _run_versions(a)
-    from training.dataset import tokenizer_counter
+    from training.data.dataset import tokenizer_counter
 
     try:
         counter = tokenizer_counter(a.tokenizer) if a.tokenizer else None
@@ -168,7 +168,7 @@ def run_data(a) -> int:
         print_error(exc)
         return EXIT_INPUT
     if a.data_cmd == "check":
-        from training.schema import scan_jsonl
+        from training.data.schema import scan_jsonl
 
         records, errors, line_problems = [], [], []
         for f in a.files:
@@ -222,10 +222,10 @@ def run_data(a) -> int:
 
 
 def _run_versions(a) -> int:
-    """`duet data versions | show | diff` over training/versions.py (the dashboard's Datasets pages
+    """`duet data versions | show | diff` over training/data/versions.py (the dashboard's Datasets pages
     call the same functions)."""
-    from training import versions
-    from training.schema import DatasetError
+    from training.data import versions
+    from training.data.schema import DatasetError
 
     con = _console()
     try:

@@ -56,8 +56,8 @@ def _fetch(ex, run_id: str, entry: dict, dest: Path, con) -> list[str]:
 def run_export(a) -> int:
     from cluster import embedded, two_host
     from roles.architect import record_export
-    from training.executor import ExecutorError, export, record_files, run_dir
-    from training.gguf_write import ExportError
+    from training.run.executor import ExecutorError, export, record_files, run_dir
+    from training.export.gguf_write import ExportError
 
     con = console()
     opts = {"to": a.to, "quant": a.quant, "name": a.name, "out_dir": a.out}

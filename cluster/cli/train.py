@@ -47,11 +47,11 @@ def setup_plan(p):
 
 
 def run_plan(a) -> int:
-    from training.memory_model import ModelProfile
+    from training.plan.memory_model import ModelProfile
     from training.config import PlanError, load_config
-    from training.plan import make_plan
+    from training.plan.planner import make_plan
 
-    from training.memory_model import GPUS
+    from training.plan.memory_model import GPUS
 
     overrides = {k: v for k, v in (("method", a.method), ("seq_len", a.seq_len), ("micro_batch", a.batch),
                                    ("workers", a.workers)) if v is not None}  # 0 is a value (refused by the config model), not "unset"
@@ -102,7 +102,7 @@ def run_train(a) -> int:
     """Train a plan in this process (the executor's host), in the foreground."""
     import threading
 
-    from training.executor import ExecutorError, local_run
+    from training.run.executor import ExecutorError, local_run
 
     con = console()
     try:
@@ -115,7 +115,7 @@ def run_train(a) -> int:
         return EXIT_OK
     threads = int(os.environ.get("DUET_TORCH_THREADS", "0") or 0)
     if not threads and not os.environ.get("OMP_NUM_THREADS"):
-        from training.hardware import available_cpus
+        from training.plan.hardware import available_cpus
 
         threads = available_cpus()  # the cores this process may use, not the machine's count
     if threads:
@@ -313,11 +313,11 @@ def setup_merge(p):
 
 def run_merge(a) -> int:
     """(Re-)merge a trained run's adapter into its base, e.g. after a merge failed for lack of RAM."""
-    from training import hardware
-    from training.engine import Run
-    from training.executor import ExecutorError
-    from training.executor import run_dir as checked_run_dir
-    from training.preflight import preflight
+    from training.plan import hardware
+    from training.run.engine import Run
+    from training.run.executor import ExecutorError
+    from training.run.executor import run_dir as checked_run_dir
+    from training.run.preflight import preflight
 
     con = console()
     data_dir = Path(a.data_dir) if a.data_dir else Path(a.workspace).resolve() / ".duet" / "executor"

@@ -1,6 +1,6 @@
 """What the dashboard reads and does, each a call to the plain classes the CLI calls (no second copy
 of any query): runs through ``roles.run_view`` and the executor actors, datasets through
-``training.versions``, sessions and memory through ``memory_sync.memory.Memory``, the cluster through
+``training.data.versions``, sessions and memory through ``memory_sync.memory.Memory``, the cluster through
 ``cluster.cluster_status.status`` and ``infra.monitoring.status``.
 
 The dashboard is a Ray driver of the cluster the workspace belongs to (the embedded head, the node
@@ -197,17 +197,17 @@ class Source:
     # -- datasets --------------------------------------------------------------------------------------
 
     def datasets(self) -> list[dict]:
-        from training import versions
+        from training.data import versions
 
         return versions.list_versions(self.workspace)
 
     def dataset(self, name: str, ref: str) -> dict:
-        from training import versions
+        from training.data import versions
 
         return versions.overview(versions.find_version(self.workspace, name, ref))
 
     def dataset_diff(self, name: str, a: str, b: str) -> dict:
-        from training import versions
+        from training.data import versions
 
         return versions.diff(versions.find_version(self.workspace, name, a), versions.find_version(self.workspace, name, b))
 

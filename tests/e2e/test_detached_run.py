@@ -61,7 +61,7 @@ def test_detached_run_survives_its_driver_and_is_recorded_later(tmp_path, repo_r
         assert again["recorded"]["in_workspace"] and again["recorded"]["commit"]
         session = sub["session_id"]  # the run's end is logged in the session that designed it
         events = (ws / "sessions" / session / "events.jsonl").read_text()
-        assert f'"run recorded"' in events and run_id in events
+        assert '"run recorded"' in events and run_id in events
         listed = json.loads(duet("runs", "list", "--workspace", str(ws), "--json", cwd=tmp_path).stdout)
         assert run_id in [x["run_id"] for x in listed["runs"]]
         log = subprocess.run(["git", "log", "--format=%s"], cwd=ws, capture_output=True, text=True).stdout
@@ -72,7 +72,7 @@ def test_detached_run_survives_its_driver_and_is_recorded_later(tmp_path, repo_r
                   "--json", cwd=tmp_path, timeout=600)
         assert ex.returncode == 0, ex.stderr[-3000:]
         doc = json.loads(ex.stdout)
-        from training.export import sha256_file
+        from training.export.exporter import sha256_file
 
         fetched = {Path(x).name: Path(x) for x in doc["fetched"]}
         g = doc["files"]["gguf"]

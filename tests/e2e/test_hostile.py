@@ -52,7 +52,7 @@ def ws(tmp_path_factory):
           "ram_available_bytes": 20 * 2**30, "cpu_count": 2, "bf16": False, "disk_free_bytes": 10**11}
     from dataclasses import fields
 
-    from training.hardware import HardwareProfile
+    from training.plan.hardware import HardwareProfile
 
     hw = {**{f.name: None for f in fields(HardwareProfile)}, **hw}
     plan = arch.design_plan("demo", hw, TINY, "tiny", ds, {"max_steps": 4})

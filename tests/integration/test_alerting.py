@@ -42,7 +42,7 @@ def test_grafana_dashboard_plots_what_the_issue_lists():
 @needs
 def test_alert_travels_from_a_training_run_to_the_webhook(tmp_path, engine_env):
     arch, ex, ds = engine_env(tmp_path)
-    from training import telemetry
+    from training.run import telemetry
 
     port = telemetry.serve(0)  # the process's exporter (one per process)
     ws = tmp_path / "ws"

@@ -31,7 +31,7 @@ def test_run_trains_checkpoints_and_lowers_eval_loss(finished_run):
     if mm["dtype"] == "float32":
         assert mm["logit_max_abs_diff"] < 1e-3
     else:
-        from training.merge_check import KL_BOUND
+        from training.run.merge_check import KL_BOUND
         assert mm["verification"]["kl_mean"] <= KL_BOUND["bf16"] and mm["criterion"].startswith("bf16")
     assert (ex.data_dir / "runs" / run_id / "merged" / "model.safetensors").is_file()
     assert len(rec["samples"]) == 3

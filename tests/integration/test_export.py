@@ -30,9 +30,9 @@ def finished_run(tmp_path_factory, engine_env):
 def test_a_finished_tiny_qwen2_run_exports_verified(finished_run, quant):
     import gguf
 
-    from training import llama_judge
-    from training.executor import export
-    from training.export import sha256_file
+    from training.export import llama_judge
+    from training.run.executor import export
+    from training.export.exporter import sha256_file
 
     tmp, arch, ex, run_id = finished_run
     entry = export(ex.data_dir, run_id, quant=quant, name=f"tiny-{quant}")
@@ -65,8 +65,8 @@ def test_a_finished_tiny_qwen2_run_exports_verified(finished_run, quant):
 
 
 def test_without_llama_cpp_the_export_says_which_check_ran(finished_run, tmp_path, monkeypatch):
-    from training import llama_judge
-    from training.export import export_run
+    from training.export import llama_judge
+    from training.export.exporter import export_run
 
     _, _, ex, run_id = finished_run
     monkeypatch.setattr(llama_judge, "runtime_dir", lambda: None)
@@ -92,8 +92,8 @@ def test_export_merges_first_when_the_merged_model_is_gone_and_the_cli_records_i
 
 
 def test_an_unsupported_architecture_is_refused_before_anything_is_written(finished_run, tmp_path):
-    from training.export import export_run
-    from training.gguf_write import ExportError
+    from training.export.exporter import export_run
+    from training.export.gguf_write import ExportError
 
     _, _, ex, run_id = finished_run
     fake = tmp_path / run_id
@@ -112,7 +112,8 @@ def test_an_unsupported_architecture_is_refused_before_anything_is_written(finis
 def test_smollm2_converts_and_llama_cpp_agrees(tmp_path, quant):
     """The demo's model: llama.cpp's converter names its pre-tokenizer (smollm) and llama.cpp loads the
     file and agrees with transformers (f16: every greedy token on 3 chat prompts)."""
-    from training import gguf_convert, llama_judge, models
+    from training.export import gguf_convert, llama_judge
+    from training import models
 
     if not llama_judge.available()[0]:
         pytest.skip(llama_judge.available()[1])
@@ -136,7 +137,7 @@ def test_a_llama2_style_tokenizer_json_without_tokenizer_model_exports(tmp_path,
     """BPE with byte fallback in tokenizer.json alone (no tokenizer.model): llama.cpp's converter would
     score every piece alike and llama.cpp would split words differently; duet writes the converter a
     tokenizer.model ranked as the tokenizer merges, and llama.cpp tokenizes and predicts as transformers."""
-    from training import gguf_convert, llama_judge
+    from training.export import gguf_convert, llama_judge
 
     if not llama_judge.available()[0]:
         pytest.skip(llama_judge.available()[1])
@@ -158,8 +159,8 @@ def test_a_tokenizer_whose_split_llama_cpp_lacks_is_refused_before_a_file_is_wri
     from transformers import MistralConfig, MistralForCausalLM
 
     import families
-    from training import gguf_convert
-    from training.gguf_write import ExportError
+    from training.export import gguf_convert
+    from training.export.gguf_write import ExportError
 
     spec = {**families.FAMILIES["qwen2.5"], "regex": r"\p{L}+|\p{N}+|\s+|[^\s\p{L}\p{N}]+"}
     tok = families._bpe_tokenizer(spec, tmp_path / "m")
@@ -202,9 +203,9 @@ def _sentencepiece_style_llama(out):
 def test_a_failed_verification_or_a_full_disk_leaves_no_file(finished_run, tmp_path, monkeypatch):
     import collections
 
-    from training import export as export_mod
-    from training.export import export_run
-    from training.gguf_write import ExportError
+    from training.export import exporter as export_mod
+    from training.export.exporter import export_run
+    from training.export.gguf_write import ExportError
 
     _, _, ex, run_id = finished_run
     rdir = ex.data_dir / "runs" / run_id
@@ -221,7 +222,7 @@ def test_a_failed_verification_or_a_full_disk_leaves_no_file(finished_run, tmp_p
 
 
 def test_export_to_a_safetensors_folder_with_a_modelfile(finished_run, tmp_path):
-    from training.export import export_run
+    from training.export.exporter import export_run
 
     _, _, ex, run_id = finished_run
     entry = export_run(ex.data_dir / "runs" / run_id, to="safetensors", name="hf", out_dir=tmp_path / "hf")
@@ -231,8 +232,8 @@ def test_export_to_a_safetensors_folder_with_a_modelfile(finished_run, tmp_path)
 
 
 def test_a_gemma3_whose_layers_llama_cpp_cannot_run_is_refused():
-    from training.gguf_convert import family
-    from training.gguf_write import ExportError
+    from training.export.gguf_convert import family
+    from training.export.gguf_write import ExportError
 
     standard = {"model_type": "gemma3_text", "num_hidden_layers": 6,
                 "layer_types": ["sliding_attention"] * 5 + ["full_attention"]}

@@ -63,7 +63,7 @@ def _run(env, family: str, name: str, overrides: dict, *, dpo: bool = False) -> 
 
 
 def _trained_lora_params(adapter_dir) -> int:
-    from training.gguf_write import Safetensors
+    from training.export.gguf_write import Safetensors
 
     st = Safetensors(adapter_dir / "adapter_model.safetensors")
     n = 0
@@ -80,8 +80,8 @@ def _trained_lora_params(adapter_dir) -> int:
 def test_lora_sft_exports_and_llama_cpp_and_ollamas_engine_agree(env, family):
     from transformers import AutoTokenizer
 
-    from training import ollama
-    from training.executor import export
+    from training.export import ollama
+    from training.run.executor import export
 
     arch, ex, ds, _ = env
     plan, rec = _run(env, family, "lora", {"method": "lora"})
@@ -126,7 +126,7 @@ def test_qlora_and_dpo_train_and_merge(env, family):
 @pytest.mark.parametrize("family", ["mistral", "gemma2", "phi3.5"])
 def test_a_sentencepiece_family_without_its_tokenizer_model_converts_and_llama_cpp_agrees(tmp_path, family):
     """A folder whose tokenizer.model was not kept (a transformers 5 save keeps tokenizer.json alone)."""
-    from training import gguf_convert, llama_judge
+    from training.export import gguf_convert, llama_judge
 
     m = tmp_path / family
     shutil.copytree(families.build(family), m)
@@ -157,7 +157,7 @@ def test_a_real_pretrained_gemma3_270m_trains_exports_and_llama_cpp_agrees(env):
     """Gemma 3 270M from the registry's wheels (a real pretrained model, 262k SentencePiece vocabulary,
     18 layers of local and global attention): LoRA SFT, merge, a q8_0 GGUF that llama.cpp loads and
     agrees with, the adapter on the base GGUF, and a Modelfile Go renders as the template."""
-    from training.executor import export
+    from training.run.executor import export
 
     arch, ex, ds, _ = env
     plan = arch.design_plan("demo", ex.probe(), ex.prepare_model("gemma3-270m"), "gemma3-270m", ds,

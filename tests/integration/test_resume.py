@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from roles.architect import Architect
-from training.hardware import probe
+from training.plan.hardware import probe
 from training.models import model_config
 
 pytestmark = pytest.mark.integration

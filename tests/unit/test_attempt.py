@@ -1,4 +1,4 @@
-"""training/attempt.py: the evaluation before training leaves the random generators as they were, so the
+"""training/run/attempt.py: the evaluation before training leaves the random generators as they were, so the
 training that follows draws what a script that never evaluated first draws (the same dropout masks)."""
 
 import random
@@ -6,7 +6,7 @@ import random
 import numpy as np
 import torch
 
-from training.attempt import rng_kept
+from training.run.attempt import rng_kept
 
 
 def draws():

@@ -1,4 +1,4 @@
-"""LoRA's update added in fp32 under bf16 autocast (training/cpu_lora.py): what peft's bf16 forward
+"""LoRA's update added in fp32 under bf16 autocast (training/run/cpu_lora.py): what peft's bf16 forward
 rounds away survives, the gradients are the fp32 ones, and merged/disabled adapters keep peft's path."""
 
 import pytest
@@ -6,7 +6,7 @@ import pytest
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 
-from training import cpu_lora  # noqa: E402
+from training.run import cpu_lora  # noqa: E402
 
 
 def _model(seed=0, b_scale=1e-3):

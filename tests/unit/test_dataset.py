@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from training.schema import DatasetError, check_records, read_jsonl, scan_jsonl
-from training.dataset import build_version, conversation_key, load_split, verify_version
+from training.data.schema import DatasetError, check_records, read_jsonl, scan_jsonl
+from training.data.dataset import build_version, conversation_key, load_split, verify_version
 
 
 def test_bundled_persona_examples_are_valid_and_balanced(repo_root):

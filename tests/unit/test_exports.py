@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from cluster.cli import main
-from training.schema import Record, check_records, read_jsonl
-from training.importers import ImportFormatError, Options, import_file, import_to
+from training.data.schema import Record, check_records, read_jsonl
+from training.data.importers import ImportFormatError, Options, import_file, import_to
 
 EXP = Path(__file__).resolve().parents[1] / "fixtures" / "exports"
 OLD = Path(__file__).resolve().parents[1] / "fixtures"

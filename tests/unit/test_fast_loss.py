@@ -1,4 +1,4 @@
-"""duet's CPU loss head (training/fast_loss.py) against TRL's own fused LM head: the same per-token
+"""duet's CPU loss head (training/run/fast_loss.py) against TRL's own fused LM head: the same per-token
 log-probabilities, metrics and gradients, and only the labelled positions scored."""
 
 import pytest
@@ -6,7 +6,7 @@ import pytest
 torch = pytest.importorskip("torch")
 from trl.kernels import ChunkedLogProbFunction  # noqa: E402
 
-from training import fast_loss  # noqa: E402
+from training.run import fast_loss  # noqa: E402
 
 OUTS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 

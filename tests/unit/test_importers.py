@@ -3,8 +3,8 @@ from pathlib import Path
 
 
 from cluster.cli import main
-from training.schema import check_records, read_jsonl
-from training.importers import import_file
+from training.data.schema import check_records, read_jsonl
+from training.data.importers import import_file
 
 FIX = Path(__file__).resolve().parents[1] / "fixtures"
 
@@ -80,7 +80,7 @@ def test_every_importer_pattern_runs_in_linear_time_on_adversarial_text():
     import re
     import time
 
-    from training.importers import markdown as md, text as tx
+    from training.data.importers import markdown as md, text as tx
 
     pats = {f"{m.__name__}.{k}": v for m in (md, tx) for k, v in vars(m).items()
             if isinstance(v, re.Pattern) and k != "_DATE_TAIL"}

@@ -1,10 +1,10 @@
-"""The merge criterion (training/merge_check.py) on logits made to order."""
+"""The merge criterion (training/run/merge_check.py) on logits made to order."""
 
 import pytest
 
 torch = pytest.importorskip("torch")
 
-from training.merge_check import compare, judge  # noqa: E402
+from training.run.merge_check import compare, judge  # noqa: E402
 
 
 def logits(seed: int, scale: float = 3.0):

@@ -1,11 +1,11 @@
-"""Moving a run between executors, the files' side (training/moving.py): what travels, and that a
+"""Moving a run between executors, the files' side (training/run/moving.py): what travels, and that a
 damaged transfer puts nothing in place."""
 
 import json
 
 import pytest
 
-from training import checkpoints, moving
+from training.run import checkpoints, moving
 
 
 def make_run(root, run_id="r1"):

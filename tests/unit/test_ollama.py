@@ -40,7 +40,9 @@ def _llama3():
 def test_the_modelfile_template_renders_like_the_tokenizer(which, family):
     from transformers import AutoTokenizer
 
-    from training import models, ollama
+    from training import models
+
+    from training.export import ollama
 
     tok = {"tiny": _tiny, "llama3": _llama3,
            "smollm2": lambda: AutoTokenizer.from_pretrained(models.resolve("smollm2"))}[which]()
@@ -58,7 +60,7 @@ def test_the_modelfile_template_renders_like_the_tokenizer(which, family):
 def test_a_template_of_fixed_text_around_each_turn_is_derived_and_one_that_is_not_is_left_to_the_gguf():
     from transformers import PreTrainedTokenizerFast
 
-    from training import ollama
+    from training.export import ollama
 
     tok = _tiny()
     wrapped = PreTrainedTokenizerFast(tokenizer_object=tok.backend_tokenizer, eos_token="<|im_end|>",
@@ -81,7 +83,7 @@ def test_a_template_of_fixed_text_around_each_turn_is_derived_and_one_that_is_no
 def test_the_go_template_subset_renders_as_gos_text_template():
     """The constructs the family templates use, rendered by duet's subset and, where Go is installed, by
     Go's text/template itself (Ollama's engine): the Modelfile's SYSTEM becomes the first message."""
-    from training import ollama
+    from training.export import ollama
 
     t = ('{{- $sys := "" }}{{- range .Messages }}{{ if eq .Role "system" }}{{ $sys = .Content }}{{ end }}{{ end }}'
          '{{- range $i, $m := .Messages }}{{ if eq $m.Role "user" }}U{{ $i }}:{{ if and $sys (eq (len (slice $.Messages $i)) 1) }}'

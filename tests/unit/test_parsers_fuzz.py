@@ -15,9 +15,9 @@ from hypothesis import strategies as st
 from memory_sync.backup import BackupError, read_bundle
 from memory_sync.log import EventError, read_events, read_meta
 from memory_sync.secret_scan import SecretFound
-from training.schema import DatasetError, check_records, read_jsonl, scan_jsonl
-from training.importers import EXPORTS, FORMATS, ImportFormatError, import_file, import_to
-from training.memory_model import ModelProfile
+from training.data.schema import DatasetError, check_records, read_jsonl, scan_jsonl
+from training.data.importers import EXPORTS, FORMATS, ImportFormatError, import_file, import_to
+from training.plan.memory_model import ModelProfile
 from training.config import PlanError, load_config, load_plan_file, load_run_config
 from training.config import Thresholds
 

@@ -1,8 +1,8 @@
 import pytest
 
-from training.memory_model import GIB, MIB, NF4_DQ_BYTES, ModelProfile, estimate
+from training.plan.memory_model import GIB, MIB, NF4_DQ_BYTES, ModelProfile, estimate
 from training.config import USABLE_FRACTION, PlanError, TrainConfig, load_config
-from training.plan import make_plan
+from training.plan.planner import make_plan
 
 LLAMA2_7B = {"model_type": "llama", "hidden_size": 4096, "num_hidden_layers": 32, "intermediate_size": 11008,
              "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000, "tie_word_embeddings": False}
@@ -172,9 +172,9 @@ def test_measured_peaks_calibrate_the_next_plan():
 
 
 def test_bf16_only_on_compute_capability_8_or_newer():
-    from training.hardware import bf16_native
-    from training.plan import dtype_decision
-    from training.memory_model import train_dtype
+    from training.plan.hardware import bf16_native
+    from training.plan.planner import dtype_decision
+    from training.plan.memory_model import train_dtype
 
     assert [bf16_native(cc) for cc in ("7.5", "7.0", "8.0", "8.6", "8.9", "9.0", "12.0", None, "x")] == \
         [False, False, True, True, True, True, True, False, False]
@@ -191,7 +191,7 @@ def test_bf16_only_on_compute_capability_8_or_newer():
 def test_cpu_speed_decisions_follow_the_cpu():
     """On a CPU with native bf16, LoRA and full plans train in bf16 (QLoRA stays fp32), packing stays off
     (measured slower there), and the loss goes through duet's CPU head; without native bf16, fp32."""
-    from training.hardware import cpu_bf16
+    from training.plan.hardware import cpu_bf16
 
     m = ModelProfile.from_config({"model_type": "llama", "hidden_size": 576, "num_hidden_layers": 30,
                                   "intermediate_size": 1536, "num_attention_heads": 9, "num_key_value_heads": 3,
@@ -218,8 +218,8 @@ def test_cpu_speed_decisions_follow_the_cpu():
 
 
 def test_calibration_keeps_the_cuda_context_apart_and_uses_the_config_that_ran():
-    from training.plan import calibrate, measured_formula_bytes
-    from training.memory_model import scaled_total
+    from training.plan.planner import calibrate, measured_formula_bytes
+    from training.plan.memory_model import scaled_total
 
     m = ModelProfile.from_config({"model_type": "llama", "hidden_size": 2048, "num_hidden_layers": 16,
                                   "intermediate_size": 8192, "num_attention_heads": 32, "num_key_value_heads": 8,
@@ -270,7 +270,7 @@ def test_every_phase_is_planned_and_a_merge_that_fits_nowhere_refuses_the_plan()
 
 
 def test_qlora_16bit_plans_keep_an_untied_head_in_their_dtype():
-    from training.memory_model import qlora_head_saving
+    from training.plan.memory_model import qlora_head_saving
 
     llama3 = ModelProfile.from_config({"model_type": "llama", "hidden_size": 4096, "num_hidden_layers": 32,
                                        "intermediate_size": 14336, "num_attention_heads": 32,
@@ -285,7 +285,7 @@ def test_qlora_16bit_plans_keep_an_untied_head_in_their_dtype():
 def test_available_cpus_follows_affinity():
     import os
 
-    from training.hardware import available_cpus
+    from training.plan.hardware import available_cpus
 
     if not hasattr(os, "sched_setaffinity"):
         pytest.skip("no CPU affinity on this OS")

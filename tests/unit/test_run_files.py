@@ -3,7 +3,7 @@
 import json
 import math
 
-from training.run_files import finite
+from training.run.run_files import finite
 
 
 def test_non_finite_numbers_become_null():
@@ -18,8 +18,8 @@ def test_a_long_runs_losses_stay_bounded_in_memory_and_whole_on_disk(tmp_path, m
     and the series a viewer gets are whole (from losses.jsonl), a resume's roll-back honoured."""
     import threading
 
-    from training import engine
-    from training.executor import points_after
+    from training.run import engine
+    from training.run.executor import points_after
 
     monkeypatch.setattr(engine, "LOSS_WINDOW", 5)
     run = object.__new__(engine.Run)

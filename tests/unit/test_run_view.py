@@ -1,10 +1,10 @@
 """Runs as people see them without a cluster (roles/run_view.py), and the live chart's cursor
-(training.executor.points_after)."""
+(training.run.executor.points_after)."""
 
 import json
 
 from roles import run_view
-from training.executor import points_after
+from training.run.executor import points_after
 
 
 def _record(ws, run_id, **kw):

@@ -50,7 +50,7 @@ def _safetensors(path, header: dict, data: bytes, claim: int | None = None):
     ({"w": [1, 2]}, b"", None, "tensor 'w'"),
 ])
 def test_a_damaged_safetensors_header_is_named_with_the_file_and_tensor(tmp_path, header, data, claim, says):
-    from training.gguf_write import ExportError, Safetensors
+    from training.export.gguf_write import ExportError, Safetensors
 
     f = _safetensors(tmp_path / "model.safetensors", header, data, claim)
     with pytest.raises(ExportError, match=says) as e:
@@ -62,8 +62,8 @@ def test_a_damaged_safetensors_header_is_named_with_the_file_and_tensor(tmp_path
 
 
 def test_an_export_writes_outside_the_runs_own_folders(tmp_path):
-    from training.export import check_out_dir
-    from training.gguf_write import ExportError
+    from training.export.exporter import check_out_dir
+    from training.export.gguf_write import ExportError
 
     run = tmp_path / "runs" / "r1"
     (run / "merged").mkdir(parents=True)

@@ -188,7 +188,7 @@ def _number_after(expr: str, pattern: str) -> float:
 
 def test_the_watchdog_and_rules_yml_alert_at_the_same_thresholds():
     from training.config import USABLE_FRACTION, Thresholds, TrainConfig
-    from training.watchdog import RULES
+    from training.run.watchdog import RULES
 
     t, a = Thresholds(), _alerts()
     alert_of = {"gpu_memory_high": "DuetGpuMemoryHigh", "gpu_temperature_high": "DuetGpuTemperatureHigh",

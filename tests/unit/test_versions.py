@@ -1,12 +1,12 @@
-"""Dataset versions as `duet data versions|show|diff` and the dashboard show them (training/versions.py)."""
+"""Dataset versions as `duet data versions|show|diff` and the dashboard show them (training/data/versions.py)."""
 
 import json
 
 import pytest
 
-from training import versions
-from training.dataset import build_version
-from training.schema import DatasetError
+from training.data import versions
+from training.data.dataset import build_version
+from training.data.schema import DatasetError
 
 
 @pytest.fixture

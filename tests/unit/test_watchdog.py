@@ -8,7 +8,7 @@ import pytest
 
 from tests.fakes import FakeGpuSource, Recorded
 from training.config import Thresholds
-from training.watchdog import Watchdog
+from training.run.watchdog import Watchdog
 
 
 class Clock:
@@ -117,7 +117,7 @@ def test_load_eval_checkpoint_and_merge_are_not_stalls():
 
 
 def test_nvml_index_is_the_gpu_the_run_uses():
-    from training.watchdog import nvml_index
+    from training.run.watchdog import nvml_index
 
     uuids = ["GPU-aaaa1111-0000", "GPU-bbbb2222-0000", "GPU-cccc3333-0000"]
     assert nvml_index(None, uuids) == 0

@@ -1,0 +1,1 @@
+"""Datasets: import (importers/), records and their checks (schema), curation and versions."""

@@ -1,0 +1,151 @@
+"""The model and trainer duet trains with, as the planner counts them: ``load_train_model`` (the
+base in the plan's dtype, 4-bit for QLoRA, plus a LoRA adapter) and ``build_trainer`` (TRL's
+SFTTrainer or DPOTrainer, the one place their arguments are set). Shared by the engine, the merge
+check and the benchmarks (benchmarks/vram_planner.py, benchmarks/speed.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from training.config import TrainConfig
+from infra.lazy import lazy
+
+torch = lazy("torch", extra="executor")
+
+
+def packing_args(packing: bool) -> dict:
+    """SFTConfig fields for a plan's ``packing``: TRL's padding-free best-fit packing with "bfd_split" (an
+    example longer than seq_len is split across rows; "bfd" would drop the overflow), and evaluation left
+    unpacked so eval losses compare across runs and plans."""
+    return {"packing": True, "packing_strategy": "bfd_split", "eval_packing": False} if packing else {}
+
+
+def torch_dtype(name: str):
+    """The torch dtype of a plan's ``dtype`` ("fp32", "bf16", "fp16")."""
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def load_train_model(path: Path, cfg: TrainConfig, *, device: str, dtype: str, adapter: Path | None = None):
+    """The model duet trains, as the planner counts it: the base in the plan's dtype (fp32 for a full
+    fine-tune, trained under autocast; nf4 with double quantization for QLoRA, its other parameters
+    upcast by peft), plus a new LoRA adapter or the given one."""
+    from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM
+
+    tdt = torch_dtype(dtype)
+    # A full fine-tune keeps fp32 weights and trains under bf16/fp16 autocast (mixed precision): fp16
+    # weights cannot have their gradients unscaled, and bf16 weights lose small updates.
+    kwargs: dict = {"dtype": torch.float32 if cfg.method == "full" else tdt}
+    if cfg.method == "qlora":
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32 if dtype == "fp32" else tdt)
+        if device == "cuda":
+            kwargs["device_map"] = {"": 0}
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if cfg.method == "qlora":
+        _bnb_cpu_workaround(model)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=bool(cfg.gradient_checkpointing))
+        head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+        if dtype != "fp32" and head is not None and head.weight is not emb.weight:
+            head.weight.data = head.weight.data.to(tdt)  # lossless: see training.plan.planner.qlora_head_saving
+    if cfg.method == "full":
+        return model
+    torch.manual_seed(cfg.seed)  # LoRA init draws from the RNG: same seed, same adapter
+    if adapter is not None:
+        return PeftModel.from_pretrained(model, adapter, is_trainable=True)
+    lora = cfg.lora
+    return get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                            target_modules=lora.target_modules, task_type="CAUSAL_LM"))
+
+
+def build_trainer(model, tok, cfg: TrainConfig, *, phase: str, device: str, dtype: str, out: Path, max_steps: int,
+                  evaluate: bool, save: bool, train_ds, eval_ds):
+    """The TRL trainer duet trains with (SFT or DPO), from a train config: the one place its
+    arguments are set, shared by the engine and the planner benchmark (benchmarks/vram_planner.py)."""
+    on_cpu = device != "cuda"
+    if on_cpu:  # TRL's fused LM head through duet's CPU path (training/run/fast_loss.py); cpu.fast_loss false: TRL's own
+        from training.run import fast_loss
+
+        fast_loss.set_enabled(cfg.cpu.fast_loss)
+        if dtype == "bf16" and cfg.method == "lora" and cfg.cpu.lora_fp32:
+            from training.run import cpu_lora  # LoRA's update added in fp32 (see that module and training.plan.planner)
+
+            cpu_lora.install(model, fast_dropout=cfg.cpu.fast_dropout)
+    common = dict(
+        output_dir=str(out), max_steps=max_steps, per_device_train_batch_size=cfg.micro_batch,
+        gradient_accumulation_steps=cfg.grad_accum,
+        per_device_eval_batch_size=cfg.eval_batch or cfg.micro_batch,
+        learning_rate=cfg.learning_rate, lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=min(cfg.warmup_steps, max(0, max_steps - 1)), max_length=cfg.seq_len,
+        activation_checkpointing=bool(cfg.gradient_checkpointing), seed=cfg.seed, data_seed=cfg.seed,
+        logging_steps=1, logging_nan_inf_filter=False,
+        eval_strategy="steps" if evaluate else "no", eval_steps=cfg.eval_every,
+        save_strategy="steps" if save else "no", save_steps=cfg.checkpoint_every, save_total_limit=None,
+        report_to=[], disable_tqdm=True, dataloader_num_workers=0, use_cpu=on_cpu,
+        ddp_find_unused_parameters=False,  # data parallel: LoRA uses every trainable parameter in each step
+        bf16=dtype == "bf16", fp16=dtype == "fp16",
+        # tokens/s counts real tokens: by attention mask when padded; a packed (padding-free) batch has
+        # no padding and no mask, and "non_padding" would drop every real token equal to the pad id (EOS)
+        include_num_input_tokens_seen="all" if cfg.packing and phase == "sft" else "non_padding",
+    )
+    if phase == "dpo":
+        from trl import DPOConfig, DPOTrainer
+
+        args = DPOConfig(beta=cfg.dpo_beta, **common)
+        trainer = DPOTrainer(model=model, ref_model=None, args=args, train_dataset=train_ds,
+                             eval_dataset=eval_ds, processing_class=tok)
+    else:
+        from trl import SFTConfig, SFTTrainer
+
+        args = SFTConfig(**packing_args(cfg.packing), **common)
+        trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                             processing_class=tok)
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)
+    return trainer
+
+
+def _bnb_cpu_workaround(model) -> None:
+    """bitsandbytes 0.50 on CPUs with AVX512-BF16 breaks training after an eval-mode forward of a
+    4-bit layer unless the layer opts out of that kernel."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            m.support_avx512bf16_for_cpu = False
+
+
+def load_datasets(version_dir: Path, phase: str, tok=None):
+    """The (train, test) splits of a dataset version as the trainer reads them: messages, or DPO triples
+    (with ``tok``: each conversation as its chat template takes it, training/data/dataset.for_template)."""
+    from datasets import Dataset
+
+    from training.data.dataset import for_template, load_split
+
+    def fit(msgs: list[dict]) -> list[dict]:
+        return for_template(tok, msgs) if tok is not None else msgs
+
+    def rows(which: str) -> Dataset:
+        recs = load_split(version_dir, which)
+        if phase == "dpo":
+            return Dataset.from_list([{"prompt": fit(r["prompt"]), "chosen": r["chosen"], "rejected": r["rejected"]}
+                                      for r in recs])
+        return Dataset.from_list([{"messages": fit(r["messages"])} for r in recs])
+
+    return rows("train"), rows("test")
+
+
+def load_tokenizer(path: Path):
+    """The model's tokenizer, with EOS as its pad token when it has none."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
