@@ -149,11 +149,15 @@ def connected(workspace: str, *, title: str, reporter, detach: bool = False, add
         if emb.started:
             started_actors.append(scheduler)
         if client:  # no node here: the architect runs on the head, in a workspace there; data is uploaded
+            from cluster import two_host
             from roles import names
 
             e_info = call(ray.get_actor(names.EXECUTOR_NAME, namespace=names.NAMESPACE), "ping", timeout=120)
-            head_ws = str(Path(e_info["data_dir"]).parent / "client-workspaces" / ws.name)
+            head_ws = two_host.client_workspace(ws)
             architect = architect_actor(head_ws, emb.postgres_url, emb.mongo_url, title, on_node=e_info["node_id"])
+            caught = [r["run_id"] for r in two_host.client_catch_up(ws) if "error" not in r]
+            if caught:  # runs that ended while this host was away, copied here too
+                rep.note(f"recorded here what ended meanwhile: {', '.join(caught)}")
 
             def record_here(files: dict) -> dict:  # the design host's own workspace gets the record too
                 from roles.recorder import record_into

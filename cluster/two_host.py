@@ -130,11 +130,20 @@ def _create_role_actor(role: str, *, data_dir: str | None, workspace: str | None
         from roles.actors import recorder_actor
 
         ws = str(Path(workspace).resolve())
-        pg, mongo = os.environ.get("DUET_POSTGRES_URL"), os.environ.get("DUET_MONGO_URL")
+        from cluster import embedded
+
+        pg, mongo = embedded.store_urls(ws)  # DUET_*_URL, else the stores `duet up` runs for this workspace
         info = _fresh(lambda: architect_actor(ws, pg, mongo, "architect node", detached=True))
         # the recorder: every run of this workspace that ended while this host was away lands now
-        rec = _fresh(lambda: recorder_actor(ws, pg, mongo, info["node_id"]))
-        return {"role": role, "created": True, **info, "recorder": {"pid": rec["pid"], "workspace": rec["workspace"]}}
+        rec = _fresh(lambda: recorder_actor(ws, pg, mongo, info["node_id"]))  # the live one from here on
+        # what ended while this host was away is in the workspace when the join returns
+        try:
+            recorded = [{k: r.get(k) for k in ("run_id", "commit", "path")}
+                        for r in call(recorder_actor(ws, pg, mongo, info["node_id"]), "sweep", timeout=600)]
+        except Exception as exc:  # the recorder goes on trying in its loop; the join itself succeeded
+            recorded = [{"error": f"{type(exc).__name__}: {exc}"[:300]}]
+        return {"role": role, "created": True, **info, "recorder": {"pid": rec["pid"], "workspace": rec["workspace"]},
+                "recorded": recorded}
     return {"role": role, "created": True, **_ping(a)}
 
 
@@ -201,11 +210,12 @@ def check_versions(address: str) -> dict:
     return {"checked": True, "local": mine, "head": theirs}
 
 
-def client_check(address: str, *, token_file: str | None = None, timeout: float = 30) -> dict:
+def client_check(address: str, *, token_file: str | None = None, timeout: float = 30,
+                 workspace: str | None = None) -> dict:
     """Connect as a Ray Client (no node here), compare versions with the head's, disconnect.
 
-    ``address``: ``ray://HOST:PORT`` or ``HOST:PORT`` of the head's client port.
-    """
+    ``address``: ``ray://HOST:PORT`` or ``HOST:PORT`` of the head's client port. ``workspace``: also
+    copy into it every run of this host's that ended while it was away (recorded on the head's side)."""
     if token_file:
         auth.use_token_file(Path(token_file))
     if not ray_node.is_client(address):
@@ -221,17 +231,38 @@ def client_check(address: str, *, token_file: str | None = None, timeout: float 
             ray.get_actor(names.EXECUTOR_NAME, namespace=names.NAMESPACE)
         except ValueError:
             executor_up = False
+        diffs = _version_diffs(local_versions(), theirs) if theirs else []
+        if diffs:
+            raise VersionMismatch("refusing to drive this cluster: versions differ: " + "; ".join(diffs))
+        recorded = client_catch_up(workspace) if workspace and executor_up else None
     finally:
         ray.shutdown()
-    mine = local_versions()
-    if theirs is None:
-        return {"client": True, "address": address, "versions": {"checked": False, "local": mine},
-                "executor": executor_up}
-    diffs = _version_diffs(mine, theirs)
-    if diffs:
-        raise VersionMismatch("refusing to drive this cluster: versions differ: " + "; ".join(diffs))
-    return {"client": True, "address": address, "versions": {"checked": True, "local": mine, "head": theirs},
-            "executor": executor_up}
+    doc = {"client": True, "address": address, "executor": executor_up,
+           "versions": {"checked": theirs is not None, "local": local_versions(), **({"head": theirs} if theirs else {})}}
+    if recorded is not None:
+        doc["recorded"] = recorded
+    return doc
+
+
+def client_workspace(workspace: str | os.PathLike) -> str:
+    """The workspace on the head where a Ray-client design host's architect works (`client-workspaces/NAME`
+    beside the head executor's data dir)."""
+    info = call(ray.get_actor(names.EXECUTOR_NAME, namespace=names.NAMESPACE), "ping", timeout=120)
+    return str(Path(info["data_dir"]).parent / "client-workspaces" / Path(workspace).resolve().name)
+
+
+def client_catch_up(workspace: str | os.PathLike) -> list[dict]:
+    """Copy into this client host's ``workspace`` the runs its head-side workspace has that ended."""
+    from cluster import embedded
+    from roles.client import RayExecutors, scheduler_handle
+    from roles.recorder import catch_up
+
+    sched = scheduler_handle()
+    if sched is None:
+        return []
+    head_ws = client_workspace(workspace)
+    return catch_up(str(Path(workspace).resolve()), *embedded.store_urls(workspace), call(sched, "list", timeout=60),
+                    RayExecutors().fetch_record, lambda e: e.get("workspace") == head_ws)
 
 
 def join(*, address: str, role: str = "architect", bind: str = "127.0.0.1", token_file: str | None = None,

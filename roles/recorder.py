@@ -64,6 +64,29 @@ def record_into(workspace: str, postgres_url: str | None, mongo_url: str | None,
         arch.close()
 
 
+def catch_up(workspace: str, postgres_url: str | None, mongo_url: str | None, entries: list[dict],
+             fetch: Callable[[str, str], dict], belongs: Callable[[dict], bool]) -> list[dict]:
+    """A second copy for a host that has no recorder of its own (a design host that drives the cluster
+    as a Ray client): every ended run of the queue's ``entries`` that ``belongs`` to it and that ran on
+    an executor, written into ``workspace`` when it is not there yet. The head's record is untouched."""
+    from infra.run_states import TERMINAL
+
+    out = []
+    for e in entries:
+        if e["state"] not in TERMINAL or not e.get("executor") or not belongs(e) or \
+                (e.get("record") or {}).get("state") not in ("pending", "recorded"):
+            continue
+        if (Path(workspace) / "runs" / e["run_id"] / "run.json").exists():
+            continue
+        try:
+            got = record_into(workspace, postgres_url, mongo_url, fetch(e["executor"], e["run_id"]))
+        except Exception as exc:  # its executor is down: the next catch-up tries again
+            out.append({"run_id": e["run_id"], "error": f"{type(exc).__name__}: {exc}"[:300]})
+            continue
+        out.append({"run_id": e["run_id"], **got})
+    return out
+
+
 class Recorder:
     def __init__(self, workspace: str, postgres_url: str | None, mongo_url: str | None, queue: RecordQueue,
                  fetch: Callable[[str, str], dict], *, interval: float = INTERVAL_S):
@@ -77,9 +100,14 @@ class Recorder:
         self.last_error: str | None = None
         self.done: list[dict] = []   # what this recorder recorded (newest last, at most 100)
         self._stop = threading.Event()
+        self._sweeping = threading.Lock()  # one sweep at a time: the loop's and one asked for (at join)
 
     def sweep(self) -> list[dict]:
         """Record every ended run the head holds for recording (the ones no one else holds now)."""
+        with self._sweeping:
+            return self._sweep()
+
+    def _sweep(self) -> list[dict]:
         out = []
         for e in self.queue.to_record():
             if e.get("workspace") != self.workspace or not e.get("executor") or \

@@ -241,7 +241,8 @@ def run_node(a) -> int:
                     con.print(f"dashboard: {doc['dashboard']['login_url']}", markup=False, highlight=False, soft_wrap=True)
         elif a.node_cmd == "join":
             if a.client:
-                doc = two_host.client_check(a.address, token_file=a.token_file, timeout=a.timeout)
+                doc = two_host.client_check(a.address, token_file=a.token_file, timeout=a.timeout,
+                                            workspace=a.workspace)
             else:
                 doc = two_host.join(address=a.address, role=a.role, bind=a.bind, token_file=a.token_file,
                                  workspace=a.workspace, data_dir=a.data_dir, timeout=a.timeout,

@@ -237,8 +237,10 @@ def test_a_run_that_ends_while_the_design_host_is_away_is_recorded_when_it_joins
     time.sleep(3)
     assert not (cluster.ws / "runs" / run_id).exists()
     t_back = time.time()
-    cluster.join_architect(env)  # the laptop is back
+    joined = cluster.join_architect(env)  # the laptop is back: the join returns once what ended is recorded
     waited = recorded_within(cluster.ws, run_id, 90 - (time.time() - t_back))
+    assert waited < 1, waited
+    assert joined["actor"]["recorder"]["workspace"] == str(cluster.ws.resolve())
     assert_recorded_everywhere(cluster.ws, run_id, fresh_db)
     st = cluster.run_state(run_id)
     assert st["recorded"]["state"] == "recorded" and st["recorded"]["by"].startswith("recorder")
@@ -295,3 +297,9 @@ def test_design_host_that_cannot_join_drives_the_run_as_a_client(cluster):
     recorded_within(head_ws, run_id, 240)
     rec = json.loads((head_ws / "runs" / run_id / "run.json").read_text())
     assert rec["status"] == "finished" and rec["config"]["train"]["learning_rate"] == 7e-4
+    assert not (cluster.ws / "runs" / run_id).exists()  # the laptop was away (no process of it ran)
+    back = ok(duet("node", "join", "--client", "--address", client, "--workspace", str(cluster.ws), "--json"))
+    assert [r["run_id"] for r in back["recorded"]] == [run_id]  # it comes back: the run is copied to it
+    assert json.loads((cluster.ws / "runs" / run_id / "run.json").read_text())["status"] == "finished"
+    again = ok(duet("node", "join", "--client", "--address", client, "--workspace", str(cluster.ws), "--json"))
+    assert again["recorded"] == []

@@ -173,3 +173,28 @@ def test_record_into_a_workspace_that_has_the_run_writes_nothing(tmp_path):
     again = record_into(str(ws), None, None, _files("r9"))
     assert first["already"] is False and first["commit"] and again == {"already": True, "path": str(ws / "runs" / "r9"),
                                                                         "workspace": str(ws)}
+
+
+def test_a_second_executor_on_one_machine_is_refused_naming_the_port_or_the_data_dir(tmp_path):
+    """Before any node starts: a metrics port another process listens on, or a data dir a live executor
+    holds, is refused with the flag that fixes it (not "Address already in use (a bug in duet)")."""
+    import socket
+
+    from cluster.two_host import check_executor_free
+    from training.run import run_files
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        with pytest.raises(ValueError, match=rf"port {port} .*--metrics-port"):
+            check_executor_free(port, str(tmp_path / "a"))
+    held = tmp_path / "b"
+    held.mkdir()
+    lock = run_files.hold_dir(held)
+    try:
+        with pytest.raises(ValueError, match=r"used by a live executor \(pid \d+ on .*--data-dir"):
+            check_executor_free(None, str(held))
+    finally:
+        lock.close()
+    check_executor_free(None, str(held))  # free again once its holder is gone
