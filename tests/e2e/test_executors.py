@@ -226,6 +226,7 @@ def test_a_run_moves_to_another_executor_and_finishes_there(three):
         return st if st["state"] in ("finished", "failed", "cancelled") else None
     st = wait_for(done, 600, "the moved run to end")
     assert st["state"] == "finished", st
+    wait_for(lambda: (ws / "runs" / run_id / "run.json").exists(), 90, "the architect's recorder to record it")
     rec = json.loads((ws / "runs" / run_id / "run.json").read_text())
     assert sorted(x["step"] for x in rec["losses"]) == list(range(1, 401))
     assert rec["moves"][0]["checkpoint"] == moved["checkpoint"] and "moved_to" not in rec
