@@ -4,11 +4,11 @@ live, every executor's hardware and run, and the queue."""
 from __future__ import annotations
 
 from cluster import ray_node
-from cluster.two_host import ROLES, local_nodes, scheduler_handle
+from cluster.two_host import ROLES, local_nodes
 from infra.lazy import lazy
 from infra.services import port_open
 from roles import names
-from roles.client import call
+from roles.client import call, scheduler_handle
 
 ray = lazy("ray", extra="architect")
 

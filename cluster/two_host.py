@@ -406,6 +406,7 @@ def executor_handle(workspace: str | os.PathLike, address: str | None = None, ru
         raise ServiceError("the cluster is up but has no executor actor (no run was submitted yet)")
     if run_id is None:
         return exs.get(names.EXECUTOR_NAME) or next(iter(exs.values()))
+    from roles.client import scheduler_handle
     from roles.run_view import queue_entry
 
     entry = queue_entry(scheduler_handle(), run_id)
@@ -418,9 +419,3 @@ def executor_handle(workspace: str | os.PathLike, address: str | None = None, ru
         except Exception:
             continue
     return exs.get(names.EXECUTOR_NAME) or next(iter(exs.values()))  # its error names the runs it knows
-
-
-def scheduler_handle():
-    from roles.client import scheduler_handle as handle
-
-    return handle()

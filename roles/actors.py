@@ -193,16 +193,16 @@ def _classes():
             self.s.q.moved(run_id, executor, node)
 
         def to_record(self) -> list[dict]:
-            return self.s.to_record()
+            return self.s.q.to_record()
 
         def claim(self, run_id: str, by: str, lease_s: float) -> dict | None:
-            return self.s.claim(run_id, by, lease_s)
+            return self.s.q.claim(run_id, by, lease_s)
 
         def recorded(self, run_id: str, by: str, info: dict) -> dict:
-            return self.s.recorded(run_id, by, info)
+            return self.s.q.recorded(run_id, by, info)
 
         def unclaim(self, run_id: str, by: str, error: str | None = None) -> None:
-            self.s.unclaim(run_id, by, error)
+            self.s.q.unclaim(run_id, by, error)
 
     @ray.remote(num_cpus=0, max_restarts=0, max_concurrency=2)
     class RecorderActor:

@@ -8,9 +8,9 @@ Once a second (and at once when a run is queued) it
   valid checkpoint when the node rejoins (checkpoints are local to that host);
 - starts queued runs on idle executors (``RunQueue.pick``): an executor is idle when no queued run is
   running on it and it reports no unfinished run of its own (e.g. one resumed after a restart);
-- keeps, in the durable queue, which ended runs the architect has still to record (``to_record``,
-  ``claim``, ``recorded``): the design host's recorder (roles/recorder.py) takes them whenever it
-  is up, so a run that ends while the laptop is away is recorded when it comes back, once.
+- leaves, in the durable queue (``RunQueue.ended``), which ended runs the architect has still to
+  record; the design host's recorder (roles/recorder.py) claims them there (``RunQueue.to_record``,
+  ``claim``, ``recorded``) whenever it is up, so a run that ends while the laptop is away is recorded when it comes back, once.
 """
 
 from __future__ import annotations
@@ -132,17 +132,3 @@ class RunController:
                              ran_on_executor=False)
                 continue
             self.q.started(run_id, n, where)
-
-    # -- recording (roles/recorder.py calls these through the scheduler actor) -----------------------
-
-    def to_record(self) -> list[dict]:
-        return self.q.to_record()
-
-    def claim(self, run_id: str, by: str, lease_s: float) -> dict | None:
-        return self.q.claim(run_id, by, lease_s)
-
-    def recorded(self, run_id: str, by: str, info: dict) -> dict:
-        return self.q.recorded(run_id, by, info)
-
-    def unclaim(self, run_id: str, by: str, error: str | None = None) -> None:
-        self.q.unclaim(run_id, by, error)

@@ -257,8 +257,8 @@ class RunQueue:
             if e["state"] in TERMINAL:
                 return
             e.update(state=state, error=error, ended_at=time.time(), unreachable_since=None)
-            if e.get("record", {}).get("state") in (None, "waiting", "legacy"):
-                e["record"] = {**e.get("record", {}), "state": "pending" if ran_on_executor else "none"}
+            if e["record"]["state"] in ("waiting", "legacy"):
+                e["record"]["state"] = "pending" if ran_on_executor else "none"
             _slim(e)
             self._save()
 

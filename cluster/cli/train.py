@@ -246,16 +246,16 @@ def run_runs(a) -> int:
 def _runs_action(a, ex) -> dict:
     """What `duet runs` asks of the cluster. A read never writes: a run that ended is recorded by the
     architect's recorder (roles/recorder.py); ``recorded`` says whether, where and by whom."""
-    from cluster import two_host
     from roles import run_view
+    from roles.client import scheduler_handle
 
     if a.action == "list":
-        return run_view.overview(a.workspace, two_host.scheduler_handle())
+        return run_view.overview(a.workspace, scheduler_handle())
     if a.action == "move":
         return _move(a, ex)
     if a.action != "show":
-        return run_view.control(a.run_id, a.action, ex, two_host.scheduler_handle())
-    entry = run_view.queue_entry(two_host.scheduler_handle(), a.run_id)
+        return run_view.control(a.run_id, a.action, ex, scheduler_handle())
+    entry = run_view.queue_entry(scheduler_handle(), a.run_id)
     if entry and entry["state"] == "queued":
         return {"run_id": a.run_id, "state": "queued", "progress": {"step": 0}, "error": None, "queue": entry}
     snap = call(ex, "status", a.run_id, 0, timeout=60)
@@ -267,8 +267,8 @@ def _runs_action(a, ex) -> dict:
 
 
 def _move(a, src) -> dict:
-    from cluster import two_host
     from roles import move, placement
+    from roles.client import scheduler_handle
 
     if not a.to:
         raise ValueError("duet runs move RUN needs --to NODE")
@@ -280,7 +280,7 @@ def _move(a, src) -> dict:
     if infos[dst_name]["handle"]._actor_id == src._actor_id:
         raise ValueError(f"run {a.run_id} is on {a.to} already")
     with console().status(f"moving {a.run_id} to {a.to} (stop, copy the newest checkpoint, verify, resume)..."):
-        return move.move_run(a.run_id, src, infos[dst_name]["handle"], dst_name, two_host.scheduler_handle())
+        return move.move_run(a.run_id, src, infos[dst_name]["handle"], dst_name, scheduler_handle())
 
 
 def _runs_table(doc: dict) -> None:

@@ -94,9 +94,9 @@ class Source:
         return port_open(int(port), host, timeout=0.5)
 
     def _scheduler(self):
-        from cluster import two_host
+        from roles.client import scheduler_handle
 
-        return two_host.scheduler_handle() if self.connected() else None
+        return scheduler_handle() if self.connected() else None
 
     def executor_for(self, run_id: str):
         """The executor that holds ``run_id`` (remembered per run), or None without a cluster."""

@@ -70,11 +70,11 @@ def test_runs_are_placed_followed_and_left_to_record_by_the_controller(tmp_path)
     assert [(n, s["run_id"]) for n, s in ex.submitted] == [("duet-executor:gpu-b", "r1"), ("duet-executor", "r2")]
     assert ex.submitted[0][1]["placement"]["executor"] == "duet-executor:gpu-b"
     assert c.q.get("r3")["state"] == "queued"
-    assert c.q.get("r1")["record"]["state"] == "waiting" and c.to_record() == []
+    assert c.q.get("r1")["record"]["state"] == "waiting" and c.q.to_record() == []
     ex.runs["duet-executor:gpu-b"]["r1"] = RunState.FINISHED.value
     c.tick()
     assert c.q.get("r1")["state"] == "finished" and c.q.get("r3")["state"] == "running"
-    assert [e["run_id"] for e in c.to_record()] == ["r1"]
+    assert [e["run_id"] for e in c.q.to_record()] == ["r1"]
     # the queue is durable: a restarted head has the same runs to record
     assert [e["run_id"] for e in RunQueue(tmp_path / "queue.json").to_record()] == ["r1"]
 
@@ -99,27 +99,27 @@ def test_a_record_is_claimed_once_and_a_lapsed_claim_is_taken_over(tmp_path, mon
     ex = FakeExecutors({"duet-executor": 8 * GIB})
     c = RunController(str(tmp_path / "queue.json"), ex, start=False)
     queue(c, "r1", {"duet-executor": 1})
-    assert c.claim("r1", "driver A", 60)  # a driver that follows the run holds it
+    assert c.q.claim("r1", "driver A", 60)  # a driver that follows the run holds it
     c.tick()
     ex.runs["duet-executor"]["r1"] = "finished"
     c.tick()
-    assert c.to_record() == [] and c.claim("r1", "recorder B", 60) is None
+    assert c.q.to_record() == [] and c.q.claim("r1", "recorder B", 60) is None
     import roles.queue as q
 
     now = q.time.time()
     monkeypatch.setattr(q.time, "time", lambda: now + 61)  # the driver died: its lease lapsed
-    assert [e["run_id"] for e in c.to_record()] == ["r1"] and c.claim("r1", "recorder B", 60)
+    assert [e["run_id"] for e in c.q.to_record()] == ["r1"] and c.q.claim("r1", "recorder B", 60)
     with pytest.raises(q.QueueError):
-        c.recorded("r1", "driver A", {"path": "x"})
-    c.recorded("r1", "recorder B", {"path": "/ws/runs/r1", "commit": "abc", "workspace": "/ws"})
-    assert c.q.get("r1")["record"]["state"] == "recorded" and c.claim("r1", "driver A", 60) is None
+        c.q.recorded("r1", "driver A", {"path": "x"})
+    c.q.recorded("r1", "recorder B", {"path": "/ws/runs/r1", "commit": "abc", "workspace": "/ws"})
+    assert c.q.get("r1")["record"]["state"] == "recorded" and c.q.claim("r1", "driver A", 60) is None
 
 
 def test_cancel_while_queued_leaves_nothing_to_record(tmp_path):
     c = RunController(str(tmp_path / "queue.json"), FakeExecutors({"duet-executor": GIB}), start=False)
     queue(c, "r1", {"duet-executor": 4})  # fits nowhere free now
     assert c.cancel("r1")["state"] == "cancelled"
-    assert c.q.get("r1")["record"]["state"] == "none" and c.to_record() == []
+    assert c.q.get("r1")["record"]["state"] == "none" and c.q.to_record() == []
 
 
 def _files(run_id: str, status: str = "finished") -> dict:
@@ -149,7 +149,7 @@ def test_the_recorder_records_each_ended_run_of_its_workspace_once(tmp_path):
             raise ConnectionError("the executor's node is restarting")
         return _files(run_id)
 
-    rec = Recorder(str(ws), None, None, c, fetch)
+    rec = Recorder(str(ws), None, None, c.q, fetch)
     assert rec.sweep() == []  # nothing ended yet
     ex.runs["duet-executor"]["r1"] = "finished"
     ex.runs["duet-executor:b"]["other"] = "finished"
