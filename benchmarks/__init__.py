@@ -11,6 +11,23 @@ def cpu_machine() -> str:
     return f"cpu-{platform.machine()}-{os.cpu_count()}c"
 
 
+def cpu_features() -> dict:
+    """What decided a CPU plan, named beside every CPU figure: the model, the core count, and the flags
+    that make bf16 native (AVX512-BF16, AMX) or fast matmul possible at all (AVX-512, AVX2)."""
+    flags: set[str] = set()
+    model = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            if line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+            elif line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return {"model": model, "cores": os.cpu_count(),
+            **{k: k in flags for k in ("avx2", "avx512f", "avx512_bf16", "amx_bf16")}}
+
+
 def versions(*packages: str) -> dict[str, str]:
     """The installed versions of ``packages``, for a result's record."""
     from importlib.metadata import version

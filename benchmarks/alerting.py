@@ -28,7 +28,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from benchmarks import cpu_machine
+from benchmarks import cpu_features, cpu_machine
 
 
 class ScriptedGpu:
@@ -38,7 +38,8 @@ class ScriptedGpu:
         self.temp = 60.0
 
     def read(self) -> dict:
-        return {"index": 0, "name": "scripted (benchmark stand-in)", "memory_used_bytes": 1, "memory_total_bytes": 100,
+        return {"index": 0, "name": "scripted (benchmark stand-in)", "process_memory_bytes": 1, "memory_used_bytes": 1,
+                "memory_total_bytes": 100,
                 "temperature_c": self.temp, "slowdown_c": 95.0}
 
 
@@ -161,7 +162,7 @@ def main(argv=None) -> int:
     print(json.dumps({"watchdog_path_s": dog}), flush=True)
     ovh = exporter_overhead(tmp / "ovh", max(2, a.reps // 2))
     print(json.dumps(ovh), flush=True)
-    doc = {"benchmark": "alerting", "machine": cpu_machine(),
+    doc = {"benchmark": "alerting", "machine": cpu_machine(), "cpu": cpu_features(),
            "threshold_to_webhook_s": {"median": statistics.median(prom), "max": max(prom), "reps": prom, "goal": 2.0,
                                       "meets_goal": statistics.median(prom) <= 2.0},
            "watchdog_latency_s": {"median": statistics.median(dog), "max": max(dog), "reps": dog, "goal": 1.0,

@@ -31,7 +31,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from benchmarks import cpu_machine, versions
+from benchmarks import cpu_features, cpu_machine, versions
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "examples" / "persona" / "persona.jsonl"
@@ -132,7 +132,7 @@ def main(argv=None) -> dict:
         subprocess.run([sys.executable, "-m", "cluster.cli", "down", "--workspace", str(ws)], cwd=REPO, env=env,
                        capture_output=True, timeout=300)
     doc = {
-        "benchmark": "dashboard", "machine": cpu_machine(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "benchmark": "dashboard", "machine": cpu_machine(), "cpu": cpu_features(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "versions": {**versions("starlette", "uvicorn", "selenium", "ray"), "chromium": chromium},
         "run": {"run_id": run_id, "model": "tiny (Qwen2, hidden 64, 2 layers)", "max_steps": steps,
                 "logged_steps_when_measured": min(drawn), "seconds_to_history": round(train_s, 1)},

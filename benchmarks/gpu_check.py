@@ -1,17 +1,22 @@
-"""The GPU path, measured on a GPU (issue 15): duet's engine on random-initialised models built from
-configs, no network, no Ray, no stores. ``benchmarks/gpu_check.sh`` runs it with the planner
-benchmark; ``--smoke`` runs the same code on this CPU with tiny shapes (to keep it working).
+"""The GPU path, measured on a GPU (issues 15 and 36): duet's engine on random-initialised models built
+from configs, no network, no Ray, no stores. ``benchmarks/gpu_check.sh`` runs it with the planner
+benchmark (which covers the 7-8B shapes in 4-bit for memory); ``--smoke`` runs the same code on this CPU
+with tiny shapes, and ``make test`` runs the smoke (tests/integration/test_gpu_check_smoke.py), so the
+script a lent GPU runs is never broken by a later change.
 
-    python -m benchmarks.gpu_check --out DIR [--smoke]
+    python -m benchmarks.gpu_check --out DIR [--smoke] [--steps N]
 
-Runs, each through training.run.executor.Executor (the engine, its watchdog and its exporter):
-  LoRA SFT (SmolLM2-135M shape), QLoRA SFT (Qwen2-1.5B shape), DPO (LoRA on the SmolLM2 shape,
-  pairs built from the persona data), a full fine-tune (SmolLM2 shape); each merged and verified in
-  the plan's dtype. Records for each: the plan's dtype and decisions, tokens/s, MFU (6 x parameters x
-  tokens/s over the device's dense bf16 peak), every phase's measured peak against the planner's
-  estimate, the merge criterion and, for QLoRA, the drift. Then the exporter's /metrics text
-  (saved for `promtool check metrics`, which does not travel; the NVML series it must hold are
-  checked here), and a plain TRL script on the same LoRA SFT for tokens/s side by side.
+Runs, each through training.run.executor.Executor (the engine, its watchdog and its exporter), on the
+Qwen2-1.5B shape unless named: LoRA SFT, the same packed, QLoRA SFT, LoRA DPO and QLoRA DPO (pairs
+built from the persona data), a full fine-tune (SmolLM2-135M shape), and a real OOM: LoRA SFT with
+``DUET_FAULT=memcap@step=3`` (training/run/memory_cap.py: the allocator's per-process fraction drops
+under what a step takes, the step fails in the allocator, the OOM policy re-plans and resumes). Records for each: the plan's dtype and decisions, the dtypes that trained
+(LoRA: fp32 as planned), tokens/s, MFU (6 x parameters x tokens/s over the device's dense bf16 peak),
+every phase's measured peak against the planner's estimate, the merge criterion and, for QLoRA, the
+drift, the recoveries. Then the exporter's /metrics text (saved for `promtool check metrics`, which does
+not travel; the NVML series it must hold, duet's own process memory included, are checked here), and
+the same LoRA SFT as plain TRL scripts with nothing of duet's (benchmarks/plain_trl.py): TRL as a user
+writes it, and with TRL's ``use_liger_kernel`` (when liger-kernel is installed), for tokens/s side by side.
 Writes DIR/gpu_check.json (and metrics.txt).
 """
 
@@ -34,7 +39,7 @@ PERSONA = ROOT / "examples" / "persona" / "persona.jsonl"
 from benchmarks.vram_planner import SIZES  # noqa: E402  (one table of model shapes for both benchmarks)
 
 SHAPES = {"smollm2-135m": SIZES["small"], "qwen2-1.5b": SIZES["1.5B"], "tiny": SIZES["tiny"]}
-NVML_SERIES = ("duet_gpu_memory_used_bytes", "duet_gpu_memory_total_bytes", "duet_gpu_temperature_celsius",
+NVML_SERIES = ("duet_gpu_process_memory_bytes", "duet_gpu_memory_used_bytes", "duet_gpu_memory_total_bytes", "duet_gpu_temperature_celsius",
                "duet_gpu_utilization_ratio", "duet_gpu_power_watts")
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "4090": 165e12, "3090": 71e12}
 
@@ -88,7 +93,7 @@ def _flops_peak() -> float | None:
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
 
 
-def one_run(ex, run_id: str, shape: str, folder: Path, ds, overrides: dict, hw) -> dict:
+def one_run(ex, run_id: str, shape: str, folder: Path, ds, overrides: dict, hw, fault: str | None = None) -> dict:
     from training.run.executor import make_spec
     from training.plan.memory_model import ModelProfile
     from training.config import load_config
@@ -104,39 +109,60 @@ def one_run(ex, run_id: str, shape: str, folder: Path, ds, overrides: dict, hw) 
     d.update(run_id=run_id, model_ref=str(folder), dataset={"name": ds.name, "content_hash": ds.content_hash},
              hardware={"hostname": hw.hostname, "device": hw.device})
     t0 = time.time()
-    ex.submit(make_spec(d, ds.path))
-    state = ex.wait(run_id, timeout=1800)
-    rec = json.loads((ex.data_dir / "runs" / run_id / "run.json").read_text())
+    if fault:
+        os.environ["DUET_FAULT"] = fault
+    try:
+        ex.submit(make_spec(d, ds.path))
+        state = ex.wait(run_id, timeout=1800)
+    finally:
+        os.environ.pop("DUET_FAULT", None)
+    run_dir = ex.data_dir / "runs" / run_id
+    rec = json.loads((run_dir / "run.json").read_text())
+    events = [json.loads(x) for x in (run_dir / "events.jsonl").read_text().splitlines() if x.strip()]
     peak = _flops_peak()
     tps = rec.get("tokens_per_s")
     m = rec.get("merged_model") or {}
     return {"run_id": run_id, "shape": shape, "state": state, "error": rec.get("error"), "wall_s": round(time.time() - t0, 1),
-            "method": cfg.method, "phase": cfg.phase, "dtype": d["dtype"], "decisions": d["decisions"],
+            "method": cfg.method, "phase": cfg.phase, "packing": d["train"].get("packing"), "dtype": d["dtype"],
+            "decisions": d["decisions"], "trainable_dtypes": rec.get("trainable_dtypes"),
             "fits": d["estimate"]["fits"], "tokens_per_s": tps,
             "mfu": round(6 * model.params * tps / peak, 4) if peak and tps else None,
             "mfu_note": "6 x parameters x tokens/s / dense bf16 peak (LoRA trains fewer FLOPs than 6N; a convention)",
             "phases": rec.get("phases"), "estimate_whole_run_bytes": d["estimate"]["whole_run_bytes"],
             "merge": {k: m.get(k) for k in ("dtype", "criterion", "verified", "qlora_drift", "device")},
-            "eval_loss": [rec.get("eval_loss_before"), rec.get("eval_loss_after")]}
+            "eval_loss": [rec.get("eval_loss_before"), rec.get("eval_loss_after")],
+            "fault": fault, "recoveries": rec.get("recoveries"),
+            "memory_capped": [e for e in events if e.get("event") == "memory_capped"],
+            "gpu_memory_alerts": [e for e in events if e.get("event") == "alert" and e.get("rule") == "gpu_memory_high"]}
 
 
-def plain_trl(folder: Path, ds, out: Path, steps: int, micro_batch: int) -> dict | None:
+def plain_trl(folder: Path, ds, out: Path, steps: int, micro_batch: int, liger: bool = False) -> dict | None:
+    """benchmarks/plain_trl.py (nothing of duet's) on the LoRA SFT case; ``liger``: TRL's use_liger_kernel."""
+    if liger:
+        try:
+            import liger_kernel  # noqa: F401
+        except ImportError as exc:
+            return {"error": f"liger-kernel not installed ({exc}); add its wheel to .whl/"}
     cfg = {"per_device_train_batch_size": micro_batch, "gradient_accumulation_steps": 1, "max_steps": steps,
-           "learning_rate": 1e-3, "max_length": 256, "save_strategy": "no", "eval_strategy": "no"}
-    r = subprocess.run([sys.executable, "-m", "benchmarks.plain_trl", "--model", str(folder),
+           "learning_rate": 1e-3, "max_length": 256, "save_strategy": "no", "eval_strategy": "no",
+           **({"use_liger_kernel": True} if liger else {})}
+    import torch
+
+    dtype = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    r = subprocess.run([sys.executable, "-m", "benchmarks.plain_trl", "--model", str(folder), "--dtype", dtype,
                         "--train", str(ds.path / "train.jsonl"), "--test", str(ds.path / "test.jsonl"),
                         "--out", str(out), "--config", json.dumps(cfg)], capture_output=True, text=True,
                        env={**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"})
     if r.returncode != 0:
         return {"error": r.stderr[-2000:]}
-    return json.loads((out / "result.json").read_text())
+    return {**json.loads((out / "result.json").read_text()), "dtype": dtype, "liger": liger}
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on whatever device is here (CPU)")
-    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--steps", type=int, default=20)
     a = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
@@ -155,20 +181,27 @@ def main(argv=None) -> int:
     port = 29000 + os.getpid() % 1000
     ex = Executor(root / "data", metrics_port=port)
     ds = datasets(root)
-    cases = [("lora-sft", small, ds["sft"], {}), ("qlora-sft", mid, ds["sft"], {"method": "qlora"}),
-             ("lora-dpo", small, ds["dpo"], {"phase": "dpo", "learning_rate": 5e-5}),
-             ("full-sft", small, ds["sft"], {"method": "full", "learning_rate": 1e-5})]
+    oom = {"max_steps": max(steps, 6), "checkpoint_every": 2, "eval_every": max(steps, 6)}
+    # (run id, shape, dataset, overrides, DUET_FAULT), most wanted first: a case that runs out of time
+    # still leaves the ones before it in gpu_check.json
+    cases = [("lora-sft", mid, ds["sft"], {}, None),
+             ("qlora-sft", mid, ds["sft"], {"method": "qlora"}, None),
+             ("lora-dpo", mid, ds["dpo"], {"phase": "dpo", "learning_rate": 5e-5}, None),
+             ("qlora-dpo", mid, ds["dpo"], {"phase": "dpo", "method": "qlora", "learning_rate": 5e-5}, None),
+             ("lora-sft-packed", mid, ds["sft"], {"packing": True}, None),
+             ("oom-recovery", mid, ds["sft"], oom, "memcap@step=3"),
+             ("full-sft", small, ds["sft"], {"method": "full", "learning_rate": 1e-5}, None)]
     doc = {"benchmark": "gpu_check", "host": socket.gethostname(), "smoke": a.smoke,
            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu-{os.cpu_count()}c",
            "hardware": hw.to_dict(), "versions": {"torch": torch.__version__}, "runs": []}
-    for name in ("transformers", "trl", "peft", "bitsandbytes"):
+    for name in ("transformers", "trl", "peft", "bitsandbytes", "liger_kernel"):
         try:
             doc["versions"][name] = __import__(name).__version__
         except Exception as exc:  # noqa: BLE001  (a missing library is a finding, not a crash)
             doc["versions"][name] = f"missing: {exc}"
-    for run_id, shape, dsv, over in cases:
+    for run_id, shape, dsv, over, fault in cases:
         try:
-            row = one_run(ex, run_id, shape, model_folder(shape, root), dsv, {**base, **over}, hw)
+            row = one_run(ex, run_id, shape, model_folder(shape, root), dsv, {**base, **over}, hw, fault)
         except Exception as exc:  # noqa: BLE001  (one failing case must not lose the others' results)
             row = {"run_id": run_id, "state": "crashed", "error": f"{type(exc).__name__}: {exc}"}
         doc["runs"].append(row)
@@ -184,12 +217,15 @@ def main(argv=None) -> int:
                            "parsed": True, "promtool": "run `promtool check metrics < metrics.txt` on the design host"}
     except Exception as exc:  # noqa: BLE001
         doc["exporter"] = {"error": f"{type(exc).__name__}: {exc}"}
-    plain = plain_trl(model_folder(small, root), ds["sft"], root / "plain", steps, 4)
     duet_lora = next((r for r in doc["runs"] if r["run_id"] == "lora-sft"), {})
-    doc["plain_trl_lora_sft"] = {k: plain.get(k) for k in ("tokens_per_s", "trained_tokens_per_s", "peak_rss_bytes",
-                                                           "error")} if plain else None
-    if plain and plain.get("tokens_per_s") and duet_lora.get("tokens_per_s"):
-        doc["tokens_per_s_ratio_duet_to_plain"] = round(duet_lora["tokens_per_s"] / plain["tokens_per_s"], 3)
+    for key, liger in (("plain_trl_lora_sft", False), ("plain_trl_liger_lora_sft", True)):
+        plain = plain_trl(model_folder(mid, root), ds["sft"], root / key, steps, 4, liger=liger)
+        doc[key] = {k: plain.get(k) for k in ("tokens_per_s", "trained_tokens_per_s", "peak_rss_bytes", "eval_loss",
+                                              "dtype", "liger", "error")} if plain else None
+        if plain and plain.get("tokens_per_s") and duet_lora.get("tokens_per_s"):
+            doc[f"tokens_per_s_ratio_duet_to_{key.removesuffix('_lora_sft')}"] = round(
+                duet_lora["tokens_per_s"] / plain["tokens_per_s"], 3)
+        (out / "gpu_check.json").write_text(json.dumps(doc, indent=2, default=str) + "\n")
     (out / "gpu_check.json").write_text(json.dumps(doc, indent=2, default=str) + "\n")
     print(json.dumps({k: v for k, v in doc.items() if k != "runs"}, default=str)[:3000])
     return 0 if all(r.get("state") == "finished" for r in doc["runs"]) else 1

@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks import cpu_machine
+from benchmarks import cpu_features, cpu_machine
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATES = ROOT / "tests" / "fixtures" / "exports" / "chatgpt_conversations.json"
@@ -106,7 +106,7 @@ def main(argv=None) -> int:
     def med(label: str, key: str) -> float:
         return statistics.median(r[key] for r in runs[label])
     growth = med("big", "peak_rss_mb") / med("small", "peak_rss_mb")
-    doc = {"benchmark": "importers", "machine": cpu_machine(),
+    doc = {"benchmark": "importers", "machine": cpu_machine(), "cpu": cpu_features(),
            "python": sys.version.split()[0], "reps": a.reps,
            "export": {k: {kk: vv for kk, vv in v.items() if kk != "path"} for k, v in sizes.items()},
            "median": {label: {k: med(label, k) for k in ("wall_s", "mb_per_s", "conversations_per_s", "peak_rss_mb")}

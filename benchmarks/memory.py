@@ -21,7 +21,7 @@ import time
 import uuid
 from pathlib import Path
 
-from benchmarks import cpu_machine
+from benchmarks import cpu_features, cpu_machine
 
 GOALS = {"postgres_10k_events_s": 0.5, "mongo_wire_10k_events_s": 1.0, "git_sync_1k_sessions_s": 5.0,
          "resume_context_10k_turns_s": 0.2}
@@ -120,7 +120,7 @@ def main(argv=None) -> int:
         services.stop_postgres(sd)
         services.stop_mongo(sd)
     med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
-    doc = {"benchmark": "memory", "machine": cpu_machine(),
+    doc = {"benchmark": "memory", "machine": cpu_machine(), "cpu": cpu_features(),
            "python": sys.version.split()[0], "reps": rows, "median": med,
            "min": {k: min(r[k] for r in rows) for k in rows[0]}, "max": {k: max(r[k] for r in rows) for k in rows[0]},
            "goals_s": GOALS, "meets_goal": {k: med[k] <= g for k, g in GOALS.items()},

@@ -1,4 +1,5 @@
-"""The script a user would write instead of duet: TRL's SFTTrainer + PEFT LoRA, nothing of duet's.
+"""The script a user would write instead of duet: TRL's SFTTrainer + PEFT LoRA, nothing of duet's (unless
+``--duet-cpu``, below: then it is TRL with duet's CPU kernels, and a result must say so).
 
     python -m benchmarks.plain_trl --model DIR --train train.jsonl --test test.jsonl --out DIR \
         [--config '{"per_device_train_batch_size": 4, ...}']

@@ -32,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks import cpu_machine
+from benchmarks import cpu_features, cpu_machine
 
 PORT = 6471
 ADDRESS = f"127.0.0.2:{PORT}"
@@ -102,7 +102,7 @@ def main(argv=None) -> int:
 
     ws = tmp / "ws"
     lengths = [int(x) for x in str(a.steps).split(",")]
-    doc: dict = {"benchmark": "scheduling", "machine": cpu_machine(), "steps_per_sweep_run": lengths, "phases": {}}
+    doc: dict = {"benchmark": "scheduling", "machine": cpu_machine(), "cpu": cpu_features(), "steps_per_sweep_run": lengths, "phases": {}}
     try:
         two_host.start_head(role="executor", bind="127.0.0.2", port=PORT, data_dir=str(tmp / "exec-head"),
                             metrics_port=PORT + 2000)

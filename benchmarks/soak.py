@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 
 import psutil
 
-from benchmarks import cpu_machine, versions
+from benchmarks import cpu_features, cpu_machine, versions
 from benchmarks.dashboard import DATA, REPO, _opener, duet, isolated
 from infra.run_states import TERMINAL
 
@@ -139,7 +139,7 @@ def main(argv=None) -> dict:
                        capture_output=True, timeout=300)
     res = {k: growth(samples, k, a.from_step) for k in ("executor", "dashboard", "watch")}
     doc = {
-        "benchmark": "soak", "machine": cpu_machine(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "benchmark": "soak", "machine": cpu_machine(), "cpu": cpu_features(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "versions": versions("torch", "transformers", "ray", "starlette", "matplotlib"),
         "run": {"run_id": run_id, "model": "tiny (Qwen2, hidden 64, 2 layers)", "max_steps": a.steps,
                 "state": state, "seconds": round(time.time() - t0, 1), "stream_messages": seen["messages"]},

@@ -2,10 +2,10 @@
 
     python -m benchmarks.thread_step [--reps 7] [--dropout 0.05]
 
-duet's executor trains each run in a background thread (training/run/executor.py: the actor stays free to
-answer status, pause and cancel). On the 2-core development machine a step there was slower than the
-same step in a plain script's main thread (benchmarks/trl_compare.py's overhead_ratio); this measures
-only that: SmolLM2-135M in bf16 with LoRA r 16 on every linear layer, duet's fp32 LoRA update
+duet's executor trained each run in a background thread of the actor until issue 37 (it now trains each
+run in the main thread of a process of the run's own, training/run/solo.py). On the 2-core development
+machine a step in the thread was slower than the same step in a plain script's main thread
+(benchmarks/trl_compare.py's overhead_ratio); this measures only that: SmolLM2-135M in bf16 with LoRA r 16 on every linear layer, duet's fp32 LoRA update
 (training/run/cpu_lora.py) (``--dtype fp32``: fp32 weights, no autocast, peft's forward; written to
 thread_step-<machine>-fp32.json), a 4 x 256 batch, forward and backward under bf16 autocast, no trainer. The two
 alternate, ``--reps`` times, 2 timed steps each after one untimed. CPU time per step is reported
@@ -26,7 +26,7 @@ import threading
 import time
 from pathlib import Path
 
-from benchmarks import cpu_machine, versions
+from benchmarks import cpu_features, cpu_machine, versions
 
 
 def main(argv=None) -> int:
@@ -81,7 +81,7 @@ def main(argv=None) -> int:
     ratios = [t["wall_s"] / m["wall_s"] for m, t in zip(rows["main"], rows["thread"])]
     ratios_set = [t["wall_s"] / m["wall_s"] for m, t in zip(rows["main"], rows["thread_set"])]
     machine = cpu_machine()
-    doc = {"benchmark": "thread_step", "machine": machine,
+    doc = {"benchmark": "thread_step", "machine": machine, "cpu": cpu_features(),
            "versions": versions("torch", "transformers", "peft"),
            "threads": a.threads, "dtype": a.dtype, "dropout": a.dropout, "batch": [4, 256], "reps": rows,
            "median_wall_s": {w: round(med(w, "wall_s"), 3) for w in rows},

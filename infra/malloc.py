@@ -2,10 +2,16 @@
 
 A training step frees and allocates tensors of many sizes (every batch has its own sequence length);
 glibc's allocator keeps freed memory in its heaps and fragments them, so a process's RSS grows step
-after step although what it holds does not (measured: 160 KB a step on a tiny model, on CPU). Large
-blocks served by mmap go back to the system when freed; ``tame()`` lowers that threshold to 64 KiB
-and ``trim()`` hands free heap pages back (called every few hundred steps). Elsewhere (macOS, musl)
-both do nothing.
+after step although what it holds does not (measured: 160 KB a step on a tiny model, on CPU).
+``trim()`` hands free heap pages back (called every few hundred steps); ``tame()`` fixes the
+thresholds and caps the arenas. Elsewhere (macOS, musl) both do nothing.
+
+The mmap threshold is fixed at 32 MiB (glibc's own ceiling), not low: a block above the threshold is a
+new mapping, whose pages the kernel faults in and zeroes on every allocation. At 64 KiB every activation
+of a step was one, and a SmolLM2 LoRA step took 1.9x as long (3.87 s against 2.01 s, a plain TRL script
+with glibc's tunables set as tame() set them; issue 37), most of it system time. Fixed at the ceiling,
+tensors are reused from the heap as in a plain script (2.1 s), and the trims keep RSS in check.
+``small_mappings()`` lowers it again for the memcap fault only (training/run/memory_cap.py).
 """
 
 from __future__ import annotations
@@ -15,8 +21,9 @@ import ctypes.util
 import functools
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8
-MMAP_THRESHOLD = 64 << 10
-TRIM_THRESHOLD = 16 << 20
+MMAP_THRESHOLD = 32 << 20
+SMALL_MMAP_THRESHOLD = 64 << 10
+TRIM_THRESHOLD = 128 << 20
 ARENAS = 2  # the training thread, the loss plot and the actor's threads share heaps instead of fragmenting their own
 
 
@@ -44,3 +51,19 @@ def trim() -> None:
     lib = _libc()
     if lib is not None:
         lib.malloc_trim(0)
+
+
+_base = [MMAP_THRESHOLD]  # this process's threshold outside a memcap attempt
+
+
+def small_mappings(on: bool = True, *, for_process: bool = False) -> bool:
+    """Every block above 64 KiB a mapping of its own (``on``), or back to this process's threshold: a
+    limit on the address space then refuses a step's first large tensor (training/run/memory_cap.py).
+    ``for_process``: make it this process's threshold (QLoRA on CPU: bitsandbytes dequantizes each
+    weight to a fresh fp32 copy every forward, and from the heap those copies fragmented it: the
+    vram_planner's CPU QLoRA row peaked at 1.47x its estimate with the high threshold, 0.975x with
+    this one)."""
+    lib = _libc()
+    if for_process:
+        _base[0] = SMALL_MMAP_THRESHOLD if on else MMAP_THRESHOLD
+    return lib is not None and bool(lib.mallopt(M_MMAP_THRESHOLD, SMALL_MMAP_THRESHOLD if on else _base[0]))

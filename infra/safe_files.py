@@ -61,7 +61,14 @@ def read_bytes(root: str | os.PathLike, path: str | os.PathLike, limit: int = RE
     with os.fdopen(fd, "rb") as fh:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise FileRefused(f"{path}: not a regular file; refusing to read it")
-        data = fh.read(limit + 1)
+        # read what the file holds, not ``limit`` bytes: CPython allocates a read's whole size up front, so
+        # read(8 GiB + 1) maps 8 GiB for a 1 MB split (refused under a memory limit or strict overcommit)
+        data = fh.read(min(limit, os.fstat(fd).st_size) + 1)
+        while len(data) <= limit:  # the file grew since: on, a bounded piece at a time
+            more = fh.read(min(64 << 20, limit + 1 - len(data)))
+            if not more:
+                break
+            data += more
     if len(data) > limit:
         raise FileRefused(f"{path}: over the {limit:,}-byte limit for this kind of file")
     return data

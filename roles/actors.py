@@ -20,10 +20,13 @@ def _classes():
     @ray.remote(num_cpus=0, resources={"executor": 1}, max_restarts=-1, max_concurrency=8)
     class ExecutorActor:
         def __init__(self, data_dir: str, metrics_port: int | None = 9108, torch_threads: int | None = None):
+            import os
+
             from roles.data_parallel import launch
             from training.run.executor import Executor
 
-            self.ex = Executor(data_dir, metrics_port=metrics_port, torch_threads=torch_threads, launcher=launch)
+            self.ex = Executor(data_dir, metrics_port=metrics_port, torch_threads=torch_threads, launcher=launch,
+                               process_per_run=os.environ.get("DUET_RUN_IN_THREAD") != "1")
             self.ex.hold_data_dir()
             # After a crash or a node restart Ray re-runs this constructor: continue what was running.
             self.ex.resume_interrupted()

@@ -22,6 +22,7 @@ from training.run.executor import RECORD_FILES
 from training.plan.hardware import HardwareProfile
 from training.plan.memory_model import ModelProfile
 from training.config import TrainConfig, check_run_id, load_config
+from training.plan.plan_phases import phase_ratios
 from training.plan.planner import make_plan
 
 
@@ -140,7 +141,8 @@ class Architect:
                          train_examples=dataset["manifest"]["counts"]["train"], host=hw.hostname,
                          facts=self.measurements(),
                          host_ram_bytes=hw.ram_available_bytes if hw.device == "cuda" else None,
-                         gpu_count=(hw.gpu_count or None) if hw.device == "cuda" else None)
+                         gpu_count=(hw.gpu_count or None) if hw.device == "cuda" else None,
+                         cpu_bf16_speedup=hw.cpu_bf16_speedup)
         d = plan.to_dict()
         d["run_id"] = run_id or self.new_run_id(cfg.name)
         d["model_ref"] = model_ref
@@ -248,7 +250,8 @@ class Architect:
                       "formula_bytes": rec.get("train_peak_formula_bytes") or rec["config"]["estimate"]["formula_bytes"],
                       "model_params": rec["config"]["model"]["params"],
                       "tokens_per_s": rec.get("tokens_per_s"), "host": rec["host"]["hostname"],
-                      "device": rec["host"]["device"], "train": rec.get("train_effective") or rec["config"]["train"]})
+                      "device": rec["host"]["device"], "train": rec.get("train_effective") or rec["config"]["train"],
+                      "phase_ratios": phase_ratios(rec)})
         self.log("state", {"step": "run recorded", "run_id": run_id, "status": rec["status"], "commit": sha})
         return {"run_id": run_id, "path": str(out), "commit": sha, "record": rec}
 

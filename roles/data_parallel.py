@@ -25,16 +25,18 @@ def _entry(config: dict) -> None:
     os.environ.update(config["env"])
     import ray.train
     from ray.train import Checkpoint
+    from ray.train.torch import get_device
 
     from training.run.rank import worker
 
     ctx = ray.train.get_context()
+    device = get_device()  # the GPU Ray assigned this worker (cpu without one); the rank sets it current first
 
     def report(metrics: dict, checkpoint_dir: str | None) -> None:
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None)
 
     worker(Path(config["run_dir"]), rank=ctx.get_world_rank(), world_size=ctx.get_world_size(), report=report,
-           node=ray.util.get_node_ip_address())
+           node=ray.util.get_node_ip_address(), device=str(device))
 
 
 def launch(run_dir: Path, *, world_size: int, device: str, env: dict, max_failures: int, keep: int) -> None:

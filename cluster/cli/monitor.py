@@ -118,7 +118,9 @@ def render(snap: dict):
     gpu = (snap.get("watchdog") or {}).get("gpu")
     mem = f"executor RSS {snap['process_rss_bytes'] / 2**30:.2f} GiB"
     if gpu:
-        mem += f"; GPU {gpu['memory_used_bytes'] / 2**30:.1f}/{gpu['memory_total_bytes'] / 2**30:.1f} GiB"
+        if gpu.get("process_memory_bytes") is not None:
+            mem += f"; GPU (duet) {gpu['process_memory_bytes'] / 2**30:.1f}"
+        mem += f"; GPU card {gpu['memory_used_bytes'] / 2**30:.1f}/{gpu['memory_total_bytes'] / 2**30:.1f} GiB"
         if gpu.get("temperature_c") is not None:
             t.add_row("temperature", f"{gpu['temperature_c']:.0f} C")
     t.add_row("memory", mem)

@@ -2,7 +2,8 @@
 
 - 2 workers x micro-batch 2 give the per-step losses of 1 worker x micro-batch 4 on the same data order
   (fp32, no dropout, within the first epoch);
-- the script a user would write instead (plain TRL under torchrun, 2 processes) gives the same losses;
+- the script a user would write instead (TRL under torchrun, 2 processes, with duet's CPU loss head and
+  LoRA update installed so the kernels match) gives the same losses;
 - a SIGKILL of one worker's process mid-run: Ray Train starts the group again from the newest checkpoint,
   the run records it, and its losses equal the uninterrupted 2-worker run's;
 - QLoRA (bitsandbytes' CPU path) over 2 workers trains and merges;
@@ -97,6 +98,9 @@ def test_two_workers_give_the_losses_of_one_with_twice_the_micro_batch(cluster, 
     assert two["world_size"] == 2 and two["config"]["workers"] == 2 and two["config"]["global_batch"] == 4
     assert sorted(w["rank"] for w in two["workers"]) == [0, 1]
     assert all(w["device"] == "cpu" and w["node"] and w["pid"] for w in two["workers"])
+    # where the Trainer put each rank, checked against the rank's device, and its collectives (all on it)
+    assert all(w["trainer_device"] == "cpu" and w["model_device"] == "cpu" and w["collectives"] > 40
+               for w in two["workers"]), two["workers"]
     assert any("data parallel over 2 workers" in d for d in two["config"]["decisions"])
     # the executor's exporter has each worker's telemetry, labelled by rank
     import urllib.request
@@ -119,9 +123,10 @@ def test_two_workers_give_the_losses_of_one_with_twice_the_micro_batch(cluster, 
 
 
 def test_two_workers_train_what_plain_trl_under_torchrun_trains(cluster, two_workers):
-    """The script a user would write instead (TRL's SFTTrainer + PEFT, no duet) under `torchrun
-    --nproc_per_node 2`, with the run's plan (model, data split, LoRA, fp32, hyper-parameters): the same
-    per-step losses as duet's 2 workers."""
+    """The script a user would write instead (TRL's SFTTrainer + PEFT, with duet's CPU kernels installed,
+    ``--duet-cpu``, so the arithmetic is the same) under `torchrun --nproc_per_node 2`, with the run's plan
+    (model, data split, LoRA, fp32, hyper-parameters): the same per-step losses as duet's 2 workers, so
+    duet's data parallel is TRL's DDP."""
     from benchmarks.data_parallel import plain_arm
 
     run_id, two = two_workers
@@ -160,6 +165,7 @@ def test_qlora_over_two_cpu_workers_trains_and_merges(cluster):
                                                    "max_steps": 12, "dtype": "auto"}))
     assert rec["status"] == "finished", rec["error"]
     assert rec["world_size"] == 2 and rec["train_effective"]["method"] == "qlora" and rec["steps"] == 12
+    assert rec["trainable_dtypes"] == ["float32"]  # as planned, not TRL's bf16 cast of a 4-bit model's adapters
     assert rec["merged_model"]["path"] and Path(rec["merged_model"]["path"], "config.json").is_file()
 
 

@@ -226,8 +226,9 @@ def test_a_run_that_ends_while_the_design_host_is_away_is_recorded_when_it_joins
     env = {"DUET_POSTGRES_URL": fresh_db["postgres_url"], "DUET_MONGO_URL": fresh_db["mongo_url"]}
     cluster.start_head()
     cluster.join_architect(env)
-    run_id = submit(cluster, steps=200, every=100)
-    wait_state(cluster, run_id, lambda s: s["progress"]["step"] >= 2)
+    run_id = submit(cluster, steps=300, every=100)
+    # the laptop leaves as soon as the head has the run: the run's load, evaluation and 300 steps outlast
+    # `duet node stop` (waiting for step 2 first let a 200-step run finish while the stop was still going)
     stopped = ok(duet("node", "stop", "--json"))["stopped"]  # the newest node: the laptop's; the head stays
     assert stopped == ["architect-127.0.0.3"], stopped
     assert cluster.run_state(run_id)["state"] not in ("finished", "failed"), "the run ended before the laptop left"

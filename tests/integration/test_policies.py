@@ -44,6 +44,36 @@ def test_oom_halves_the_micro_batch_keeps_the_effective_batch_and_finishes(env, 
     assert "oom" in rec["faults_fired"]
 
 
+def test_a_real_allocation_past_a_memory_limit_is_recovered_by_the_oom_policy(env, monkeypatch):
+    """Nothing raised by hand: from step 3 the process's address space is limited (RLIMIT_AS) to what it
+    has mapped; the step's own tensors then fail in torch's CPU allocator (a RuntimeError, not
+    torch.OutOfMemoryError), which the policy must take for an OOM and re-plan. The limit holds for
+    that attempt; the re-planned one (half the micro-batch) runs without it."""
+    import resource
+
+    before = resource.getrlimit(resource.RLIMIT_AS)
+    state, rec, events = run(env, "memcap", {"micro_batch": 4, "grad_accum": 1, "max_steps": 6, "checkpoint_every": 2,
+                                             "eval_every": 6},
+                             monkeypatch, fault="memcap@step=3")
+    assert state == "finished", rec["error"]
+    (capped,) = [e for e in events if e["event"] == "memory_capped"]
+    assert capped["as"] == "RLIMIT_AS" and capped["limit_bytes"] == capped["mapped_bytes"]
+    (r,) = rec["recoveries"]
+    # whatever allocates first fails: torch's CPU allocator (a RuntimeError), a native library (OSError
+    # ENOMEM: "Cannot allocate memory (os error 12)") or Python (MemoryError); each is an OOM to the policy
+    assert r["kind"] == "oom" and r["error"] in ("RuntimeError", "OSError", "MemoryError"), r
+    assert "allocate memory" in r["message"] or r["error"] == "MemoryError", r
+    assert "DUET_FAULT" not in r["message"]
+    planned = rec["config"]["train"]
+    assert r["change"] == {"micro_batch": planned["micro_batch"] // 2, "grad_accum": planned["grad_accum"] * 2}
+    # the first allocation after step 2 that needs a new mapping fails: in step 3, or in a later step or
+    # checkpoint write when those reuse freed memory; the run goes on from the newest checkpoint before it
+    resumed = int(r["resumed_from"].rsplit("-", 1)[1])
+    assert 2 <= resumed <= r["step"] and r["step"] >= 2
+    assert rec["steps"] == 6 and rec["train_effective"]["micro_batch"] == planned["micro_batch"] // 2
+    assert resource.getrlimit(resource.RLIMIT_AS) == before  # lifted: the process has its memory back
+
+
 def test_nan_loss_rolls_back_with_a_lower_learning_rate(env, monkeypatch):
     state, rec, events = run(env, "nan", {}, monkeypatch, fault="nan@step=8")
     assert state == "finished", rec["error"]

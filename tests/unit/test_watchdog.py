@@ -36,12 +36,60 @@ def rules(fired):
 
 def test_vram_above_90_percent_fires_once_and_rearms():
     gib = 2**30
-    seq = [{"memory_used_bytes": u * gib} for u in (10, 21.5, 22, 23, 12, 22)]  # of 24 GiB
+    seq = [{"process_memory_bytes": u * gib, "memory_used_bytes": u * gib} for u in (10, 21.5, 22, 23, 12, 22)]  # of 24 GiB
     w, fired, _, _ = dog(seq)
     for _ in seq:
         w.tick()
     assert rules(fired) == ["gpu_memory_high", "gpu_memory_high"]  # 21.5/24 = 0.896 does not; re-armed at 12
     assert fired[0]["severity"] == "warning" and fired[0]["value"] == pytest.approx(22 / 24, abs=1e-3)
+
+
+def test_vram_alert_counts_only_duets_memory_on_a_shared_card():
+    """Another process holds most of the card: a run within its plan never alarms; the card's use is
+    named as context when duet's own memory does cross the line."""
+    gib = 2**30
+    seq = [{"process_memory_bytes": 8 * gib, "memory_used_bytes": 23 * gib},    # 96 % of the card, a third duet's
+           {"process_memory_bytes": 12 * gib, "memory_used_bytes": 23.5 * gib},
+           {"process_memory_bytes": 22 * gib, "memory_used_bytes": 23.8 * gib}]
+    w, fired, _, _ = dog(seq)
+    for _ in seq[:2]:
+        w.tick()
+    assert fired == []
+    w.tick()
+    assert rules(fired) == ["gpu_memory_high"] and fired[0]["value"] == pytest.approx(22 / 24, abs=1e-3)
+    assert "duet's training holds 92%" in fired[0]["message"] and "the card: 99% used" in fired[0]["message"]
+
+
+def test_no_process_reading_means_no_vram_alert():
+    w, fired, _, _ = dog([{"process_memory_bytes": None, "memory_used_bytes": 24 * 2**30}])
+    w.tick()
+    assert fired == []
+
+
+def test_process_memory_from_nvml_for_duets_pids_else_torch_reserved():
+    from types import SimpleNamespace as P
+
+    from training.run.watchdog import process_memory
+
+    procs = [P(pid=10, usedGpuMemory=5 * 2**30), P(pid=11, usedGpuMemory=2**30), P(pid=99, usedGpuMemory=9 * 2**30),
+             P(pid=12, usedGpuMemory=None)]
+    assert process_memory(procs, {10, 11, 12}) == (6 * 2**30, "nvml")
+    # in a container NVML lists host pids (none of ours): torch's reserved memory of this process
+    assert process_memory(procs, {1234}, lambda: 3 * 2**30) == (3 * 2**30, "torch_reserved")
+    assert process_memory([], {1234}, lambda: None) == (None, None)
+
+
+def test_a_followed_runs_ranks_count_as_duets_processes():
+    import os
+
+    from training.run.watchdog import track_pids, training_pids
+
+    track_pids("run-a", {41, 42})
+    try:
+        assert training_pids() == {os.getpid(), 41, 42}
+    finally:
+        track_pids("run-a", None)
+    assert training_pids() == {os.getpid()}
 
 
 def test_temperature_uses_the_cards_slowdown_threshold_and_pauses_until_cool():

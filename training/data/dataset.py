@@ -50,58 +50,7 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def _dump(records: list[dict]) -> str:
-    return "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in records)
-
-
-NEAR_DUP_THRESHOLD = 0.8
-_MINHASH_PERMS = 64
-_MINHASH_BANDS = 16
-_MERSENNE = (1 << 61) - 1
-
-
-def _shingles(text: str, k: int = 5) -> set[int]:
-    words = re.findall(r"\w+", text.lower())
-    grams = {" ".join(words[i:i + 3]) for i in range(max(1, len(words) - 2))} if len(words) >= 3 else set()
-    flat = re.sub(r"\s+", " ", text.lower())
-    grams |= {flat[i:i + k] for i in range(max(1, len(flat) - k + 1))} if len(words) < 3 else set()
-    return {int.from_bytes(hashlib.blake2b(g.encode(), digest_size=8).digest(), "big") for g in grams}
-
-
-def _minhash(sh: set[int], params: list[tuple[int, int]]) -> tuple[int, ...]:
-    if not sh:
-        return tuple([0] * len(params))
-    return tuple(min((a * h + b) % _MERSENNE for h in sh) for a, b in params)
-
-
-def near_duplicate_pairs(records: list[dict], threshold: float = NEAR_DUP_THRESHOLD) -> list[tuple[int, int, float]]:
-    """Pairs (i, j, jaccard) of records whose word-3-gram sets overlap at least ``threshold``.
-
-    MinHash (64 permutations) with LSH banding finds candidates; each candidate is confirmed with the
-    exact Jaccard similarity, so there are no false positives.
-    """
-    rng = random.Random(1234)
-    params = [(rng.randrange(1, _MERSENNE), rng.randrange(0, _MERSENNE)) for _ in range(_MINHASH_PERMS)]
-    shingles = [_shingles(record_text(r)) for r in records]
-    sigs = [_minhash(sh, params) for sh in shingles]
-    rows = _MINHASH_PERMS // _MINHASH_BANDS
-    cands: set[tuple[int, int]] = set()
-    for b in range(_MINHASH_BANDS):
-        buckets: dict[tuple, list[int]] = {}
-        for i, sig in enumerate(sigs):
-            buckets.setdefault(sig[b * rows:(b + 1) * rows], []).append(i)
-        for members in buckets.values():
-            for x in range(len(members)):
-                for y in range(x + 1, len(members)):
-                    cands.add((members[x], members[y]))
-    out = []
-    for i, j in sorted(cands):
-        a, b = shingles[i], shingles[j]
-        if a and b:
-            jac = len(a & b) / len(a | b)
-            if jac >= threshold:
-                out.append((i, j, round(jac, 3)))
-    return out
+from training.data.near_dups import NEAR_DUP_THRESHOLD, near_duplicate_pairs  # noqa: E402  (re-exported)
 
 
 def _groups(records: list[dict], near_pairs: list[tuple[int, int, float]]) -> list[list[int]]:
@@ -230,6 +179,8 @@ def build_version(files: list[str | os.PathLike], out_root: str | os.PathLike, n
     good = [r.data for r in records if r.ok]
     quarantine = [{"file": r.file, "line": r.line, "raw": r.raw.rstrip("\n"),
                    "problems": [p.to_dict() for p in r.problems]} for r in records if not r.ok]
+    for r in records:  # a good record's line is its data now: memory holds each record once
+        r.raw = ""
     kinds = {"dpo" if is_dpo(d) else "chat" for d in good}
     if len(kinds) > 1:
         raise DatasetError("the inputs mix chat and DPO records; curate them as separate datasets")
@@ -250,8 +201,41 @@ def build_version(files: list[str | os.PathLike], out_root: str | os.PathLike, n
     if not test or not train:
         raise DatasetError(f"the split left {len(train)} train / {len(test)} test records "
                            f"({len(unique)} unique, test_frac {test_frac}); add data or change --test-frac")
-    train_txt, test_txt = _dump(train), _dump(test)
-    content_hash = hashlib.sha256(("train\n" + train_txt + "test\n" + test_txt).encode()).hexdigest()
+    out_dir = Path(out_root) / name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".curating.", dir=out_dir))
+    try:
+        return _write_version(tmp, out_dir, name, files, records, unique, train, test, duplicates, quarantine, near,
+                              seed=seed, test_frac=test_frac, max_tokens=max_tokens, count_tokens=count_tokens,
+                              reasoning_target=reasoning_target, spot_check_frac=spot_check_frac)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # renamed into place, or not needed
+
+
+def _stream(path: Path, rows: list[dict], *hashes) -> str:
+    """Write ``rows`` as JSONL a line at a time (never the whole text in memory), feeding each line's
+    bytes to ``hashes``; returns the file's own SHA-256."""
+    own = hashlib.sha256()
+    with open(path, "wb") as fh:
+        for r in rows:
+            b = (json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n").encode("utf-8")
+            fh.write(b)
+            own.update(b)
+            for h in hashes:
+                h.update(b)
+    return own.hexdigest()
+
+
+def _write_version(tmp: Path, out_dir: Path, name: str, files, records, unique, train, test, duplicates, quarantine,
+                   near, *, seed, test_frac, max_tokens, count_tokens, reasoning_target,
+                   spot_check_frac) -> DatasetVersion:
+    """The version's files, streamed into ``tmp`` (the content hash: SHA-256 of "train\n", train.jsonl,
+    "test\n", test.jsonl), then renamed to ``out_dir/<hash12>`` in one step."""
+    content = hashlib.sha256(b"train\n")
+    train_sha = _stream(tmp / "train.jsonl", train, content)
+    content.update(b"test\n")
+    test_sha = _stream(tmp / "test.jsonl", test, content)
+    content_hash = content.hexdigest()
 
     def counts(rs: list[dict]) -> dict:
         cats: dict[str, int] = {}
@@ -291,27 +275,18 @@ def build_version(files: list[str | os.PathLike], out_root: str | os.PathLike, n
         "near_duplicates": [{"a": unique[i]["id"], "b": unique[j]["id"], "jaccard": jac} for i, j, jac in near],
         "spot_check": {"count": n_spot, "frac": spot_check_frac, "file": "spot_check.jsonl"},
         "warnings": warnings,
-        "files": {"train.jsonl": hashlib.sha256(train_txt.encode()).hexdigest(),
-                  "test.jsonl": hashlib.sha256(test_txt.encode()).hexdigest()},
+        "files": {"train.jsonl": train_sha, "test.jsonl": test_sha},
     }
-    final = Path(out_root) / name / content_hash[:12]
+    final = out_dir / content_hash[:12]
     if final.exists():
         existing = load_manifest(final)
         if existing.get("content_hash") == content_hash:
             return DatasetVersion(name, content_hash, final, existing, warnings)
         raise DatasetError(f"{final} exists with a different content hash; refusing to overwrite")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{content_hash[:12]}.", dir=final.parent))
-    try:
-        (tmp / "train.jsonl").write_text(train_txt, encoding="utf-8")
-        (tmp / "test.jsonl").write_text(test_txt, encoding="utf-8")
-        (tmp / "quarantine.jsonl").write_text(_dump(quarantine), encoding="utf-8")
-        (tmp / "spot_check.jsonl").write_text(_dump(spot), encoding="utf-8")
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True, allow_nan=False) + "\n")
-        os.rename(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    _stream(tmp / "quarantine.jsonl", quarantine)
+    _stream(tmp / "spot_check.jsonl", spot)
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True, allow_nan=False) + "\n")
+    os.rename(tmp, final)
     return DatasetVersion(name, content_hash, final, manifest, warnings)
 
 

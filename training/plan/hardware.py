@@ -25,7 +25,7 @@ class HardwareProfile:
     disk_free_bytes: int
     torch_version: str | None
     cuda_version: str | None
-    cpu_bf16_speedup: float | None = None  # CPU only: bf16 / fp32 matmul speed when the CPU has bf16 flags
+    cpu_bf16_speedup: float | None = None  # CPU only: bf16 / fp32 matmul speed, measured (below 1: emulated)
     gpu_count: int = 0  # GPUs torch sees on this host (data-parallel workers: one a GPU)
 
     def to_dict(self) -> dict:
@@ -90,13 +90,15 @@ _CPU_BF16: dict = {}
 
 def cpu_bf16(flags: set[str] | None = None) -> dict:
     """Whether this CPU runs bf16 matmuls natively: an AVX512-BF16 or AMX flag, confirmed by a short
-    probe (a 512x512x2048 matmul in bf16 against fp32, best of 5; ~50 ms). Without the flags there is no
-    probe: a CPU that emulates bf16 (AVX2 only, most laptops) runs it slower than fp32. Cached."""
+    probe (a 512x512x2048 matmul in bf16 against fp32, best of 5; ~50 ms). Without the flags it is never
+    native (a CPU that emulates bf16, AVX2 only as most laptops, runs it slower than fp32); this
+    machine's probe still runs, so a plan that asks for bf16 here can be told how slow it is. ``flags``
+    given (a test): no probe without bf16 flags. Cached."""
     if flags is None and _CPU_BF16:
         return dict(_CPU_BF16)
     have = sorted(set(flags if flags is not None else cpu_flags()) & set(CPU_BF16_FLAGS))
     out = {"flags": have, "speedup": None, "native": False}
-    if have:
+    if have or flags is None:  # this machine: measured either way, so a refusal of emulated bf16 can name it
         try:
             import time
 
@@ -114,7 +116,7 @@ def cpu_bf16(flags: set[str] | None = None) -> dict:
                     ts.append(time.perf_counter() - t)
                 best[dt] = min(ts)
             out["speedup"] = round(best[torch.float32] / max(best[torch.bfloat16], 1e-9), 2)
-            out["native"] = out["speedup"] >= CPU_BF16_MIN_SPEEDUP
+            out["native"] = bool(have) and out["speedup"] >= CPU_BF16_MIN_SPEEDUP
         except ImportError:
             pass
     if flags is None:

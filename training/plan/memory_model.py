@@ -10,7 +10,8 @@ No torch here: the architect plans on a laptop. Formulas (bytes):
   + AdamW's two fp32 moments, + an fp32 master copy when training in 16-bit) = 16 bytes: PEFT keeps
   adapters in fp32; a full fine-tune keeps fp32 weights under autocast: 4 + 4 + 8 bytes a parameter;
 - activations per layer and token, in elements of the train dtype (fp32 on CPU, bf16 included: the
-  residual stream stays fp32 beside LoRA's fp32 update), 22 h + 5 i without gradient
+  residual stream stays fp32 beside LoRA's fp32 update; x ACTIVATIONS_CPU_BF16 under bf16 autocast on
+  CPU, fitted there), 22 h + 5 i without gradient
   checkpointing (fp32 RMSNorm inputs, q/k/v, their rotary, head-major and GQA-expanded copies, the
   attention output and what SDPA keeps for its backward, MLP gate/up/act/down inputs; fitted to
   duet's training path with benchmarks/vram_planner.py), plus 6 h + i for LoRA dropout's copies of
@@ -179,6 +180,10 @@ CHECKPOINT_KEPT_CPU = 13            # with checkpointing on CPU, elements of h k
                                     # layer's input only, h; benchmarks/gpu_check.sh measures it there)
 CHECKPOINT_KEPT_CPU_BF16 = 17       # the same under bf16 autocast on CPU (benchmarks/vram_planner.py: SmolLM2's shape,
                                     # 8 x 512 with checkpointing; autocast's bf16 copies sit beside the fp32 stream)
+ACTIVATIONS_CPU_BF16 = 0.82        # under bf16 autocast on CPU a layer keeps 0.82 of the fp32 formula's bytes: autocast's
+                                    # bf16 outputs of the frozen projections are half of what the fp32 stream keeps
+                                    # (benchmarks/vram_planner.py on the AVX512-BF16 machine: 0.76-0.93 over the
+                                    # unpacked and packed SFT rows without checkpointing, median 0.82)
 RUNTIME_CPU = 640 * MIB             # the process before any model: torch, transformers, TRL, datasets (measured: demo)
 TRAINING_LOOP_CPU = 64 * MIB        # the trainer's own allocations during train() (optimizer setup, batches)
 PACKED_SCORE_BYTES_CPU = 2          # per attention-score element of a packed row on CPU, bf16 (benchmarks/vram_planner.py:
@@ -250,6 +255,8 @@ def estimate(cfg: TrainConfig, model: ModelProfile, device: str = "cuda", bf16: 
     # copies beside it (measured: the same bytes as an fp32 run, benchmarks/vram_planner.py)
     ab = 4 if device != "cuda" else wb
     per_layer_full = tokens * per_token * ab
+    if device != "cuda" and wb == 2:
+        per_layer_full *= ACTIVATIONS_CPU_BF16
     if cfg.method == "qlora":
         per_layer_full *= QLORA_ACTIVATIONS
     if cfg.gradient_checkpointing is True:

@@ -29,14 +29,31 @@ def _finish(sub: int, device: str) -> dict:
     return {"reserved_bytes": int(sub), "total_bytes": int(sub + RUNTIME_CPU)}
 
 
+def calibrated(est: dict, factor: float, device: str) -> dict:
+    """A phase's estimate scaled by its own measured ratio (measured peak / this formula's estimate, in the
+    measurement's accounting: torch's reservation on a GPU, RSS on a CPU)."""
+    if factor == 1.0:
+        return {**est, "factor": 1.0}
+    if device == "cuda":
+        reserved = int(est["reserved_bytes"] * factor)
+        return {"reserved_bytes": reserved, "total_bytes": reserved + CUDA_CONTEXT_BYTES, "factor": factor}
+    return {"reserved_bytes": int(est["reserved_bytes"] * factor), "total_bytes": int(est["total_bytes"] * factor),
+            "factor": factor}
+
+
 def phase_estimates(cfg: TrainConfig, model: ModelProfile, device: str, bf16: bool, breakdown: dict[str, int],
-                    factor: float = 1.0, host_ram_bytes: int | None = None, budget_bytes: int | None = None) -> dict:
-    """{phase: {"total_bytes", "reserved_bytes", "where"}} for training, evaluation, merge, sampling."""
+                    factor: float = 1.0, host_ram_bytes: int | None = None, budget_bytes: int | None = None,
+                    phase_factors: dict | None = None) -> dict:
+    """{phase: {"total_bytes", "reserved_bytes", "where", "factor"}} for training, evaluation, merge, sampling.
+    ``factor`` calibrates training; ``phase_factors`` each later phase by its own measurements (a phase's
+    peak has its own error: training's factor scaled evaluation 20 % under before, issue 37)."""
+    pf = {k: float(v) for k, v in (phase_factors or {}).items() if isinstance(v, (int, float)) and v > 0}
     dt = train_dtype(cfg, device, bf16)
     wb = DTYPE_BYTES[dt]
     training_total = scaled_total(breakdown, factor)
     ctx = breakdown.get("cuda_context", 0)
-    out = {"training": {"total_bytes": training_total, "reserved_bytes": training_total - ctx, "where": device}}
+    out = {"training": {"total_bytes": training_total, "reserved_bytes": training_total - ctx, "where": device,
+                        "factor": factor}}
 
     # evaluation: the training state stays; a no-grad forward holds one layer's activations at a time
     eval_rows = cfg.eval_batch or cfg.micro_batch
@@ -47,7 +64,7 @@ def phase_estimates(cfg: TrainConfig, model: ModelProfile, device: str, bf16: bo
         layer += eval_rows * model.heads * cfg.seq_len ** 2 * wb
     ev = breakdown["weights"] + breakdown["trainable_and_optimizer"] + layer + \
         loss_head_bytes(tokens, model.vocab, h, wb, device, backward=False)
-    out["evaluation"] = {**_finish(ev * factor, device), "where": device}
+    out["evaluation"] = {**calibrated(_finish(ev, device), pf.get("evaluation", 1.0), device), "where": device}
 
     # merge: the training model is freed; the base comes back in the merge dtype (fp32 plans merge in
     # fp32, 16-bit plans in their dtype; QLoRA first runs the nf4 model once for its drift)
@@ -63,16 +80,38 @@ def phase_estimates(cfg: TrainConfig, model: ModelProfile, device: str, bf16: bo
         emb = model.embedding_params + model.hidden
         merge = max(merge, (model.params - emb) * NF4_DQ_BYTES + emb * 4 + adapter + probe)
     where = device
-    est = _finish(merge, device)
+    est = calibrated(_finish(merge, device), pf.get("merge", 1.0), device)
     if device == "cuda" and budget_bytes is not None and est["total_bytes"] > budget_bytes * 0.9:
         where = "cpu"  # the engine merges in host RAM when the GPU has no room (engine.merge_and_evaluate)
-        est = _finish(merge, "cpu")
+        est = calibrated(_finish(merge, "cpu"), 1.0, "cpu")  # a GPU merge's ratio says nothing of a CPU one
         if host_ram_bytes is not None and est["total_bytes"] > host_ram_bytes:
             where = "nowhere"
     out["merge"] = {**est, "where": where}
 
     # sampling: the merged model generating a few short answers (its KV cache is small)
     samp = merge_w + read + adapter + MERGE_EXTRA + 2 * 2 * PROBE_TOKENS * model.layers * h * wb + 4 * model.vocab * 4
-    out["sampling"] = {**(_finish(samp, out["merge"]["where"] if out["merge"]["where"] != "nowhere" else device)),
+    sdev = out["merge"]["where"] if out["merge"]["where"] != "nowhere" else device
+    out["sampling"] = {**calibrated(_finish(samp, sdev), pf.get("sampling", 1.0) if sdev == device else 1.0, sdev),
                        "where": out["merge"]["where"]}
+    return out
+
+
+def phase_ratios(rec: dict) -> dict[str, float]:
+    """Each later phase's measured peak over its formula's estimate (without the calibration the plan
+    applied), from a run record (run.json ``phases`` beside ``config.estimate.phases``): what calibrates
+    that phase in the next plan on this host. Plans before per-phase calibration scaled evaluation by
+    training's factor; that is divided out."""
+    measured = rec.get("phases") or {}
+    est = ((rec.get("config") or {}).get("estimate") or {})
+    planned = est.get("phases") or {}
+    train_factor = ((est.get("calibration") or {}).get("factor")) or 1.0
+    out = {}
+    for name in ("evaluation", "merge", "sampling"):
+        m, p = measured.get(name) or {}, planned.get(name) or {}
+        if not m.get("measured_bytes") or not m.get("estimate_bytes"):
+            continue
+        applied = p.get("factor", train_factor if name == "evaluation" else 1.0) or 1.0
+        formula = m["estimate_bytes"] / applied
+        if formula > 0:
+            out[name] = round(m["measured_bytes"] / formula, 4)
     return out

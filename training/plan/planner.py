@@ -18,6 +18,24 @@ from training.plan.memory_model import FUSED_TOKEN_TILE, FUSED_VOCAB_TILE, GIB, 
     cpu_loss_chunk_tokens, estimate, qlora_head_saving, scaled_total, train_dtype
 
 
+def check_emulated_dtype(cfg: TrainConfig, device: str, bf16: bool, speedup: float | None) -> None:
+    """An explicit 16-bit dtype on a CPU that emulates it is refused (unless ``cpu.allow_emulated_dtype``):
+    it trains many times slower than fp32, and nothing else would say so. bf16 is native with
+    AVX512-BF16/AMX (``bf16``); fp16 has no fast CPU path in torch."""
+    if device == "cuda" or cfg.dtype not in ("bf16", "fp16") or cfg.cpu.allow_emulated_dtype:
+        return
+    if cfg.dtype == "bf16" and bf16:
+        return
+    if cfg.dtype == "bf16":
+        why = "this CPU has no native bf16 (no AVX512-BF16 or AMX): torch emulates it"
+        if speedup is not None:
+            why += f"; a bf16 matmul measured {speedup:g}x the speed of fp32 here"
+    else:
+        why = "torch has no fast fp16 path on a CPU (fp16 is a GPU dtype)"
+    raise PlanError(f"field 'train.dtype': {cfg.dtype!r} on this CPU would train many times slower than fp32 ({why}). "
+                    "Use dtype: auto (fp32 here), or set train.cpu.allow_emulated_dtype: true to train in it anyway.")
+
+
 def dtype_decision(cfg: TrainConfig, device: str, bf16: bool) -> str:
     dt = train_dtype(cfg, device, bf16)
     if cfg.dtype != "auto":
@@ -87,7 +105,8 @@ class Plan:
 
         return phase_estimates(self.config, self.model, self.device, self.dtype == "bf16", self.breakdown,
                                self.calibration["factor"] if self.calibration else 1.0,
-                               host_ram_bytes=self.host_ram_bytes, budget_bytes=self.budget_bytes)
+                               host_ram_bytes=self.host_ram_bytes, budget_bytes=self.budget_bytes,
+                               phase_factors=(self.calibration or {}).get("phases"))
 
     @property
     def formula_bytes(self) -> int:
@@ -171,7 +190,8 @@ def calibrate(cfg: TrainConfig, model: ModelProfile, device: str, host: str | No
     # without the CUDA context; records written before duet kept that apart carry the context in
     # formula_bytes and the planned micro-batch in train
     factor = d["peak_bytes"] / d["formula_bytes"]
-    return {"factor": round(factor, 4), "from_run": (best[1].get("provenance") or {}).get("run_id"),
+    return {"factor": round(factor, 4), "phases": d.get("phase_ratios") or {},
+            "from_run": (best[1].get("provenance") or {}).get("run_id"),
             "measured_bytes": d["peak_bytes"], "formula_bytes_then": d["formula_bytes"], "distance": best[0],
             "note": f"scaled by the peak measured in run {(best[1].get('provenance') or {}).get('run_id')} on this host"}
 
@@ -196,7 +216,8 @@ def resolve_workers(cfg: TrainConfig, device: str, gpu_count: int | None) -> tup
 def make_plan(cfg: TrainConfig, model: ModelProfile, *, device: str, bf16: bool, budget_bytes: int,
               train_examples: int | None = None, host: str | None = None, facts: list[dict] | None = None,
               token_p50: int | None = None, token_mean: float | None = None,
-              host_ram_bytes: int | None = None, gpu_count: int | None = None) -> Plan:
+              host_ram_bytes: int | None = None, gpu_count: int | None = None,
+              cpu_bf16_speedup: float | None = None) -> Plan:
     """Estimate ``cfg``; resolve ``gradient_checkpointing`` and ``packing`` ``auto``; when it does not
     fit, propose the nearest plans that do. ``facts``: cortex measurements that calibrate the
     estimate; ``token_p50``/``token_mean``: the dataset's median and mean example length in tokens.
@@ -206,6 +227,7 @@ def make_plan(cfg: TrainConfig, model: ModelProfile, *, device: str, bf16: bool,
     learning curve stays comparable) while the forward pass carries fewer, padding-free tokens.
 
     Long because its decisions (dtype, checkpointing, packing, calibration, phases) each read the previous ones."""
+    check_emulated_dtype(cfg, device, bf16, cpu_bf16_speedup)
     decisions = []
     cfg, text = resolve_workers(cfg, device, gpu_count)
     if text:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from training.run import checkpoints, phases
 from training.config import TrainConfig
-from training.run.model_load import load_tokenizer
+from training.run.model_load import load_tokenizer, trainable_dtypes
 from training.plan.planner import formula_bytes_for
 from training.run.policies import RunCancelled
 from infra.lazy import lazy
@@ -61,6 +61,7 @@ def train_attempt(run, model_path: Path, cfg: TrainConfig, from_ckpt: Path | Non
     if run.cancel_requested():
         raise RunCancelled()
     train_s = time.time() - t0
+    trained_in = trainable_dtypes(trainer.model)  # before a full fine-tune's weights are cast for saving
     run.train_peak = max(run.train_peak, phases.training_peak(run.peaks)) if run.peaks is not None else run.train_peak
     phases.release_memory()  # what training held and freed goes back before the evaluation (and its measurement)
     run.enter_phase("evaluation")
@@ -86,6 +87,7 @@ def train_attempt(run, model_path: Path, cfg: TrainConfig, from_ckpt: Path | Non
             "perplexity_before": math.exp(min(before, 50)) if before is not None and run.phase == "sft" else None,
             "perplexity_after": math.exp(min(after, 50)) if run.phase == "sft" else None,
             ("model_path" if full else "adapter_path"): str(adapter_dir),
+            "trainable_dtypes": trained_in,  # what trained: fp32 (LoRA's adapters, a full fine-tune's master weights)
             "train_peak_formula_bytes": formula_bytes_for(cfg, run.base_path(model_path), run.device, run.dtype),
             "train_peak_bytes": int(run.train_peak),
             "train_peak_measured_as": ("torch.cuda.max_memory_reserved()" if torch.cuda.is_available()
@@ -99,7 +101,7 @@ def train_attempt(run, model_path: Path, cfg: TrainConfig, from_ckpt: Path | Non
 
 @contextlib.contextmanager
 def rng_kept():
-    """Python's, NumPy's and torch's random states (CPU and every GPU) as they were before the block.
+    """Python's, NumPy's and torch's random states (CPU and this process's GPU) as they were before the block.
 
     The evaluation before training draws from the global generator (each pass over a DataLoader takes
     a seed from it), so the LoRA dropout masks of the training that follows would differ from those of
@@ -110,7 +112,9 @@ def rng_kept():
     import numpy as np
 
     py, npy = random.getstate(), np.random.get_state()
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    # this process's GPU only: forking every visible GPU's generator would open a CUDA context on each
+    # (a data-parallel rank sees all of its node's GPUs)
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
     with torch.random.fork_rng(devices=devices):
         yield
     random.setstate(py)

@@ -115,7 +115,8 @@ class Progress(TrainerCallback):
         logs, run, p, step = logs or {}, self.run, self.run.progress, state.global_step
         if "loss" in logs:
             loss = float(logs["loss"])
-            entry = {"step": step, "loss": loss, "time": round(time.time(), 3), "pid": os.getpid()}
+            entry = {"step": step, "loss": loss, "time": round(time.time(), 3), "pid": os.getpid(),
+                     "tokens": int(state.num_input_tokens_seen or 0)}  # non-padding tokens seen so far
             for key, name in (("learning_rate", "lr"), ("grad_norm", "grad_norm")):
                 if logs.get(key) is not None:
                     entry[key] = float(logs[key])
@@ -149,7 +150,8 @@ def step_telemetry(run) -> dict:
         out["tokens_per_second"] = run.progress["tokens_per_second"]
     gpu = run.watchdog.last_gpu if run.watchdog is not None else None
     if gpu:
-        for key, name in (("memory_used_bytes", "gpu_memory_used_bytes"), ("memory_total_bytes", "gpu_memory_total_bytes"),
+        for key, name in (("process_memory_bytes", "gpu_process_memory_bytes"), ("memory_used_bytes", "gpu_memory_used_bytes"),
+                          ("memory_total_bytes", "gpu_memory_total_bytes"),
                           ("temperature_c", "gpu_temperature_c")):
             if gpu.get(key) is not None:
                 out[name] = gpu[key]
@@ -181,6 +183,9 @@ class RollbackGuard(TrainerCallback):
             self.guard.observe(state.global_step, float(logs["loss"]), None if gn is None else float(gn))
 
 
+FAULTS = ("oom", "memcap", "nan", "kill")
+
+
 def parse_faults(text: str | None) -> dict[str, int]:
     """``"oom@step=7,kill@step=12"`` -> {"oom": 7, "kill": 12}."""
     out: dict[str, int] = {}
@@ -191,17 +196,19 @@ def parse_faults(text: str | None) -> dict[str, int]:
         try:
             kind, cond = part.split("@", 1)
             key, val = cond.split("=", 1)
-            if key != "step" or kind not in ("oom", "nan", "kill"):
+            if key != "step" or kind not in FAULTS:
                 raise ValueError
             out[kind] = int(val)
         except ValueError as exc:
-            raise ValueError(f"DUET_FAULT {part!r}: use oom|nan|kill@step=N") from exc
+            raise ValueError(f"DUET_FAULT {part!r}: use {'|'.join(FAULTS)}@step=N") from exc
     return out
 
 
 class FaultInjection(TrainerCallback):
-    """``DUET_FAULT``: a genuine torch.OutOfMemoryError as step N starts (oom), NaN embeddings in step
-    N (nan), SIGKILL of this process right after step N's loss is logged (kill). Once per run."""
+    """``DUET_FAULT``: a torch.OutOfMemoryError raised as step N starts (oom); a real memory limit from
+    step N on, so that the step's own allocations fail (memcap, training/run/memory_cap.py); NaN
+    embeddings in step N (nan); SIGKILL of this process right after step N's loss is logged (kill).
+    Once per run."""
 
     def __init__(self, run, faults: dict[str, int]):
         self.run, self.faults, self.hook = run, faults, None
@@ -219,6 +226,11 @@ class FaultInjection(TrainerCallback):
         step = state.global_step + 1
         if self._fire("oom", step):
             raise torch.OutOfMemoryError(f"DUET_FAULT: simulated out of memory at step {step}")
+        if self.faults.get("memcap") == step and "memcap" not in self.run.faults_fired:
+            from training.run import memory_cap
+
+            self._fire("memcap", step)
+            self.run.emit("memory_capped", step=step, **memory_cap.apply(self.run.device))
         if model is not None and self._fire("nan", step):
             def to_nan(_module, _inputs, output):
                 return output * float("nan")  # NaN embeddings: every loss path downstream is NaN

@@ -26,11 +26,14 @@ import os
 import threading
 from pathlib import Path
 
-from training.run import policies, run_files, telemetry
+from training.run import policies, run_files, telemetry, watchdog
 from training.config import TrainConfig
 CONTROL, PROGRESS, ATTEMPTS, FAILURE, OUTCOME = "control.json", "progress.json", "attempts.json", "failure.json", "outcome.json"
 PAUSED_FLAG = "rank0.paused"
 ENV_PREFIXES = ("DUET_", "HF_", "TRANSFORMERS_", "TOKENIZERS_", "PYTORCH_", "CUDA_", "NCCL_")
+# Ray assigns each worker its GPUs (CUDA_VISIBLE_DEVICES, read by CUDA at its first call): the
+# executor's own value, copied over a worker's, would show every rank the executor's devices
+NOT_FORWARDED = ("CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES", "ACCELERATE_TORCH_DEVICE")
 
 
 def _read(path: Path, default=None):
@@ -42,7 +45,7 @@ def _read(path: Path, default=None):
 
 def worker_env(threads: int) -> dict:
     """What the ranks' processes need of the executor's environment (offline hub, caches, faults)."""
-    env = {k: v for k, v in os.environ.items() if k.startswith(ENV_PREFIXES)}
+    env = {k: v for k, v in os.environ.items() if k.startswith(ENV_PREFIXES) and k not in NOT_FORWARDED}
     env.update(OMP_NUM_THREADS=str(threads), DUET_TORCH_THREADS=str(threads), HF_HUB_OFFLINE=env.get("HF_HUB_OFFLINE", "1"),
                TRANSFORMERS_VERBOSITY="error", HF_DATASETS_DISABLE_PROGRESS_BARS="1")
     return env
@@ -103,6 +106,9 @@ def take_over(run) -> None:
     for key in ("eval_loss_before", "world_size", "workers"):
         if key in rec:
             run.result[key] = rec[key]
+    ranks = [w for w in (_read(f) for f in sorted((run.dir / "workers").glob("rank-*.json"))) if w]
+    if ranks:  # each rank's last word: its device, where the Trainer put it, its collectives and telemetry
+        run.result["workers"] = ranks
 
 
 class Follower:
@@ -137,6 +143,7 @@ class Follower:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(5)
         self.sync()
+        watchdog.track_pids(self.run.run_id, None)
 
     def describe(self) -> dict:
         return self.remote or {"thresholds": {}, "gpu": None, "active": [], "fired": 0, "thermal_paused": False}
@@ -166,10 +173,12 @@ class Follower:
                 run.progress.update(prog.get("progress", {}))
                 self.remote = prog.get("watchdog") or self.remote
                 p = run.progress
-                for key, name in (("step", "step"), ("loss", "loss"), ("eval_loss", "eval_loss"), ("learning_rate", "lr"),
-                                  ("grad_norm", "grad_norm"), ("tokens_per_second", "tokens_per_second")):
+                for key, name in (("step", "step"), ("max_steps", "max_steps"), ("loss", "loss"), ("eval_loss", "eval_loss"),
+                                  ("learning_rate", "lr"), ("grad_norm", "grad_norm"), ("tokens_per_second", "tokens_per_second")):
                     if p.get(key) is not None:
                         m[name].labels(*lab).set(p[key])
+                if prog.get("host"):  # a run in its own process (training/run/solo.py)
+                    telemetry.sample_host(prog["host"])
             self._ranks(m, lab)
             want = {"cancel": run.cancel_requested(), "pause": run.pause_requested()}
             if want != self._control:
@@ -196,12 +205,16 @@ class Follower:
             m["ooms" if kind == "oom" else "rollbacks" if kind == "rollback" else "recoveries"].labels(*lab).inc()
 
     def _ranks(self, m: dict, lab: tuple) -> None:
+        pids = set()
         for f in sorted((self.run.dir / "workers").glob("rank-*.json")):
             w = _read(f)
             if not w:
                 continue
+            if w.get("pid"):
+                pids.add(int(w["pid"]))
             rank = str(w["rank"])
             for key, name in (("tokens_per_second", "worker_tokens_per_second"), ("step_seconds", "worker_step_seconds"),
                               ("memory_bytes", "worker_memory_bytes")):
                 if w.get(key) is not None:
                     m[name].labels(*lab, rank).set(w[key])
+        watchdog.track_pids(self.run.run_id, pids)  # the executor's GPU readings count the ranks' memory

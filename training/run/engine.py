@@ -1,9 +1,9 @@
 """The run engine: pre-flight, dry run, LoRA/QLoRA SFT and DPO on TRL + PEFT, atomic checkpoints,
 deterministic resume, OOM and bad-gradient policies, eval, merge, report.
 
-A plain class (no Ray): the ExecutorActor runs ``Run.execute()`` in a background thread and reads
-``Run.snapshot()``; ``duet train`` runs it in the foreground. Everything a run produces lives
-under its run dir::
+A plain class (no Ray): the ExecutorActor runs ``Run.execute()`` in the main thread of a process of
+the run's own (training/run/solo.py) and follows it through the run dir; ``duet train`` runs it in the
+foreground. Everything a run produces lives under its run dir::
 
     <data_dir>/runs/<run_id>/
         spec.json  dataset/                      what was submitted (dataset files re-hashed in pre-flight)
@@ -30,7 +30,7 @@ import time
 import traceback
 from pathlib import Path
 
-from training.run import checkpoints, phases, policies, run_files, telemetry
+from training.run import checkpoints, memory_cap, phases, policies, run_files, telemetry
 from training.config import TrainConfig, check_run_id
 from training.data.dataset import VERSION_FILES
 from training.run.model_load import build_trainer, load_datasets, load_train_model, torch_dtype
@@ -97,6 +97,7 @@ class Run:
         self.plan: dict = spec["plan"]
         self.train_cfg: TrainConfig = TrainConfig.model_validate(spec["plan"]["train"])  # typed from here on
         self.device: str = self.plan["device"]
+        self.device_index: int | None = None  # a data-parallel rank's GPU (training/run/rank.py); else the current one
         self.dtype: str = self.plan["dtype"]
         self.phase: str = self.train_cfg.phase
         self.progress = {"step": 0, "max_steps": self.train_cfg.max_steps, "loss": None, "eval_loss": None,
@@ -235,17 +236,13 @@ class Run:
         return True
 
     def start_watchdog(self):
-        from training.run.watchdog import RULES, NvmlSource, Watchdog
+        from training.run.watchdog import NvmlSource, Watchdog
         from training.config import Thresholds
 
         src = self.gpu_source
         if src is None and self.plan.get("device") == "cuda":
             src = NvmlSource.detect()
-        m = telemetry.metrics()
-        for rule, severity in RULES.items():  # series exist at 0 from the start: increase() sees the first alert
-            m["alerts"].labels(self.run_id, self.phase, rule, severity)
-        for name in ("ooms", "rollbacks", "recoveries", "checkpoints"):
-            m[name].labels(self.run_id, self.phase)
+        telemetry.start_run_series(self.run_id, self.phase)
         self.watchdog = Watchdog(self.run_id, self.phase, Thresholds.from_train(self.train_cfg.model_dump()), gpu_source=src,
                                  on_alert=self._on_alert, pause=self._thermal_pause, resume=self._thermal_resume)
         return self.watchdog.start()
@@ -351,7 +348,8 @@ class Run:
         """Base (4-bit for QLoRA) + LoRA adapter: new, or the init_from run's adapter for DPO."""
         init_from = cfg.init_from
         adapter = self.dir.parent / init_from / "adapter" if init_from and self.phase == "dpo" else None
-        return load_train_model(self.base_path(model_path), cfg, device=self.device, dtype=self.dtype, adapter=adapter)
+        return load_train_model(self.base_path(model_path), cfg, device=self.device, dtype=self.dtype, adapter=adapter,
+                                device_index=self.device_index)
 
     def trainer(self, model, tok, cfg: TrainConfig, *, out: Path, max_steps: int, save: bool, evaluate: bool):
         train_ds, test_ds = load_datasets(self.dir / "dataset", self.phase, tok)
@@ -364,24 +362,34 @@ class Run:
             from training.run import distributed
 
             return distributed.train(self, model_path, resume)
-        ckpt_root = self.checkpoint_root
         from_ckpt = None
         if resume:
             skipped: list = []
-            from_ckpt = checkpoints.newest_valid(ckpt_root, skipped)
+            from_ckpt = checkpoints.newest_valid(self.checkpoint_root, skipped)
             if skipped:
                 self.emit("checkpoint_skipped", paths=skipped, reason="invalid or partial (size/hash mismatch)")
             self.emit("resume", checkpoint=str(from_ckpt) if from_ckpt else None)
+        try:
+            self._attempts(model_path, from_ckpt)
+        finally:
+            memory_cap.lift()
+
+    def _attempts(self, model_path: Path, from_ckpt: Path | None) -> None:
+        ckpt_root = self.checkpoint_root
         while True:
             cfg = self.train_cfg
             phases.release_memory()
             try:
                 self._train_once(model_path, cfg, from_ckpt)
                 return
-            except (torch.OutOfMemoryError, BadGradients) as exc:  # the one policy (training/run/policies.py)
+            except Exception as exc:  # noqa: BLE001  (the one policy, training/run/policies.py; others go on up)
+                oom = policies.out_of_memory(exc)
+                memory_cap.lift()  # a memcap fault's limit holds for the attempt it fired in
+                if not (oom or isinstance(exc, BadGradients)):
+                    raise
                 phases.release_memory()
-                why = policies.recover(self, "oom" if isinstance(exc, torch.OutOfMemoryError) else "rollback",
-                                       step=self.progress["step"], message=str(exc))
+                why = policies.recover(self, "oom" if oom else "rollback", step=self.progress["step"],
+                                       message=str(exc) or type(exc).__name__, error=type(exc).__name__)
                 if why is not None:
                     raise GaveUp(why) from exc
             skipped = []

@@ -1,8 +1,10 @@
-"""The executor's logic (no Ray): probe hardware, prepare models, run training in background
-threads, answer status queries, hand over run records. ``roles.actors.ExecutorActor`` wraps it.
+"""The executor's logic (no Ray): probe hardware, prepare models, run training, answer status
+queries, hand over run records. ``roles.actors.ExecutorActor`` wraps it.
 
-Runs live under ``<data_dir>/runs/<run_id>/``; ``submit`` returns at once and the run proceeds in
-a daemon thread, so it never depends on the driver that submitted it.
+Runs live under ``<data_dir>/runs/<run_id>/``; ``submit`` returns at once and the run proceeds without
+the driver that submitted it: in the actor, in a process of its own (training/run/solo.py: the main
+thread of a child that a daemon thread of the executor follows); a plain Executor (tests, ``duet
+train``'s helpers) runs it in a daemon thread of this process.
 """
 
 from __future__ import annotations
@@ -147,6 +149,16 @@ def points_after(losses: list[dict], since_step: int, since_time: float | None) 
     return True, 0
 
 
+def _rss(pid: int | None) -> int:
+    """The resident memory of the process that trains (a run's own process, else this one)."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).memory_info().rss
+    except psutil.Error:
+        return psutil.Process().memory_info().rss
+
+
 def _file_meta(path: Path) -> dict:
     from training.data.dataset import sha256_file
 
@@ -158,14 +170,18 @@ from training.run import run_files
 
 class Executor:
     def __init__(self, data_dir: str | os.PathLike, *, metrics_port: int | None = 9108,
-                 metrics_addr: str = "127.0.0.1", torch_threads: int | None = None, launcher=None):
+                 metrics_addr: str = "127.0.0.1", torch_threads: int | None = None, launcher=None,
+                 process_per_run: bool = False):
         """``launcher``: starts a data-parallel run's ranks (roles.data_parallel.launch in the actor);
-        without one a run with workers > 1 fails with a message that says so."""
+        without one a run with workers > 1 fails with a message that says so. ``process_per_run``: each
+        run trains in a child process's main thread (training/run/solo.py; the actor does), else in a
+        thread of this process."""
         from infra import malloc
 
         malloc.tame()  # a long run's RSS stays flat (glibc keeps fragments of freed tensors otherwise)
         self.data_dir = Path(data_dir)
         self.launcher = launcher
+        self.process_per_run = process_per_run
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.gpu_source = None  # for the runs' watchdogs; None: NVML when the plan is for CUDA
         self.runs: dict[str, Run] = {}
@@ -218,8 +234,14 @@ class Executor:
         self.runs[run.run_id] = run
         run.gpu_source = self.gpu_source
         run.launcher, run.torch_threads = self.launcher, self.torch_threads
-        t = threading.Thread(target=run.execute, kwargs={"resume": resume}, name=f"duet-run-{run.run_id}",
-                             daemon=True)
+        if self.process_per_run and run.train_cfg.world_size == 1:  # data-parallel ranks have processes of their own
+            from training.run import solo
+
+            t = threading.Thread(target=solo.supervise, args=(run, resume, self.torch_threads), name=f"duet-run-{run.run_id}",
+                                 daemon=True)
+        else:
+            t = threading.Thread(target=run.execute, kwargs={"resume": resume}, name=f"duet-run-{run.run_id}",
+                                 daemon=True)
         self.threads[run.run_id] = t
         t.start()
 
@@ -256,8 +278,6 @@ class Executor:
 
     def watch(self, run_id: str, points: int = 120) -> dict:
         """A snapshot for `duet watch`: progress, recent losses, alerts, GPU and process memory."""
-        import psutil
-
         run = self._run(run_id)
         snap = run.snapshot(max(0, len(run.events) - 200))
         alerts = [e for e in snap["events"] if e["event"] in ("alert", "thermal_pause", "thermal_resume", "oom",
@@ -266,7 +286,7 @@ class Executor:
                 "losses": [[x["step"], x["loss"]] for x in run.losses[-points:]],
                 "eval_losses": [[x["step"], x["eval_loss"]] for x in run.eval_losses[-points:]],
                 "alerts": alerts, "watchdog": run.watchdog.describe() if run.watchdog is not None else None,
-                "process_rss_bytes": psutil.Process().memory_info().rss, "time": time.time()}
+                "process_rss_bytes": _rss(getattr(run, "child_pid", None)), "time": time.time()}
 
     def list(self) -> list[dict]:
         """Runs of this process, plus finished ones found on disk (an earlier process's): state, step,

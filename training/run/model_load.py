@@ -25,14 +25,21 @@ def torch_dtype(name: str):
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
-def load_train_model(path: Path, cfg: TrainConfig, *, device: str, dtype: str, adapter: Path | None = None):
+def load_train_model(path: Path, cfg: TrainConfig, *, device: str, dtype: str, adapter: Path | None = None,
+                     device_index: int | None = None):
     """The model duet trains, as the planner counts it: the base in the plan's dtype (fp32 for a full
     fine-tune, trained under autocast; nf4 with double quantization for QLoRA, its other parameters
-    upcast by peft), plus a new LoRA adapter or the given one."""
+    upcast by peft), plus a new LoRA adapter or the given one. A 4-bit model is placed by
+    bitsandbytes at load, on ``device_index`` (a data-parallel rank's GPU), else CUDA's current device
+    (the Trainer never moves a quantized model)."""
     from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
 
     tdt = torch_dtype(dtype)
+    if cfg.method == "qlora" and device != "cuda":
+        from infra import malloc
+
+        malloc.small_mappings(True, for_process=True)  # see infra/malloc.py: the dequantized copies
     # A full fine-tune keeps fp32 weights and trains under bf16/fp16 autocast (mixed precision): fp16
     # weights cannot have their gradients unscaled, and bf16 weights lose small updates.
     kwargs: dict = {"dtype": torch.float32 if cfg.method == "full" else tdt}
@@ -43,7 +50,7 @@ def load_train_model(path: Path, cfg: TrainConfig, *, device: str, dtype: str, a
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.float32 if dtype == "fp32" else tdt)
         if device == "cuda":
-            kwargs["device_map"] = {"": 0}
+            kwargs["device_map"] = {"": torch.cuda.current_device() if device_index is None else device_index}
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if cfg.method == "qlora":
         _bnb_cpu_workaround(model)
@@ -106,7 +113,29 @@ def build_trainer(model, tok, cfg: TrainConfig, *, phase: str, device: str, dtyp
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)
+    keep_adapters_fp32(trainer.model, cfg)
     return trainer
+
+
+def trainable_dtypes(model) -> list[str]:
+    """The dtypes of the parameters that train ("float32", ...), sorted."""
+    return sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.requires_grad})
+
+
+def keep_adapters_fp32(model, cfg: TrainConfig) -> None:
+    """LoRA's parameters train in fp32 in every plan (the planner counts 16 bytes each: weight, gradient
+    and AdamW's two moments, training/plan/memory_model.py), as peft creates them. TRL 1.16's SFT and
+    DPO trainers cast a 4-bit model's trainable parameters to bf16 when they are built (the QLoRA
+    paper's recipe, sft_trainer.py / dpo_trainer.py), which the plan never chose and which, on a GPU
+    without native bf16 (compute capability < 8.0), is not even the plan's fp16. Cast back before the
+    optimizer exists (it is created in ``train()``), then check."""
+    if cfg.method == "full":
+        return
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.to(torch.float32)
+    if trainable_dtypes(model) != ["float32"]:
+        raise RuntimeError(f"LoRA parameters train in {trainable_dtypes(model)}, not the planned float32")
 
 
 def _bnb_cpu_workaround(model) -> None:

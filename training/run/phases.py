@@ -37,13 +37,15 @@ class PhasePeaks:
                 self._cuda = torch if torch.cuda.is_available() else False
             except ImportError:
                 self._cuda = False
-        rss = psutil.Process().memory_info().rss
+        info = psutil.Process().memory_info()
+        rss = info.rss
         # the caching allocator keeps what it reserved until empty_cache(), so a sample holds a phase's
         # peak reservation; torch's own max_memory_reserved() is left alone for the engine's readers
         reserved = self._cuda.cuda.memory_reserved() if self._cuda else None
         with self._lock:
             p = self.peaks.setdefault(self.phase, {"rss_bytes": 0})
             p["rss_bytes"] = max(p["rss_bytes"], rss)
+            p["vms_bytes"] = max(p.get("vms_bytes", 0), info.vms)  # the address space (memory_cap's CPU limit)
             if reserved is not None:
                 p["cuda_reserved_bytes"] = max(p.get("cuda_reserved_bytes", 0), reserved)
 

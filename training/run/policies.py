@@ -13,6 +13,7 @@ The watchdog (training/run/watchdog.py) only alerts on the same signals; acting 
 
 from __future__ import annotations
 
+import errno
 import math
 
 from training.config import TrainConfig
@@ -28,6 +29,19 @@ class BadGradients(Exception):
 
 class GaveUp(RuntimeError):
     """The recovery policy is exhausted."""
+
+
+# what the allocators say when they cannot: CUDA's caching allocator raises torch.OutOfMemoryError, but
+# torch's CPU allocator a plain RuntimeError ("DefaultCPUAllocator: can't allocate memory"), a kernel
+# launch "CUDA error: out of memory", and Python itself MemoryError
+OOM_WORDS = ("DefaultCPUAllocator: can't allocate memory", "CUDA out of memory", "CUDA error: out of memory")
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is an allocation that failed (on any device), which the OOM policy re-plans."""
+    return (type(exc).__name__ == "OutOfMemoryError" or isinstance(exc, MemoryError)
+            or (isinstance(exc, OSError) and exc.errno == errno.ENOMEM)  # a native library's mmap or malloc
+            or (isinstance(exc, RuntimeError) and any(w in str(exc) for w in OOM_WORDS)))
 
 
 OOM_KNOBS = ("micro_batch", "grad_accum", "gradient_checkpointing", "seq_len", "eval_batch")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from training.run import checkpoints, policies, run_files
+from training.run import checkpoints, memory_cap, policies, run_files
 from training.run.callbacks import CheckpointCommit, FaultInjection, Progress, RollbackGuard, parse_faults
 from training.run.distributed import ATTEMPTS, CONTROL, FAILURE, OUTCOME, PAUSED_FLAG, PROGRESS, _read
 from infra.lazy import lazy
@@ -26,42 +26,98 @@ torch = lazy("torch", extra="executor")
 dist = lazy("torch.distributed", extra="executor")
 
 
-def agree(values: list[int]) -> list[int]:
-    """Rank 0's values, on every rank (a broadcast)."""
-    t = torch.tensor(values, dtype=torch.int64)
-    dist.broadcast(t, 0)
-    return [int(x) for x in t.tolist()]
+class DeviceMismatch(RuntimeError):
+    """A tensor or model of this rank is not on the rank's device."""
 
 
-def worker(run_dir: Path, *, rank: int, world_size: int, report, node: str | None = None) -> None:
-    """One rank's attempt. Rank 0 first applies duet's policy to what ended the previous attempt."""
+def rank_device(given) -> "torch.device":
+    """The device this rank trains on, from Ray Train (``ray.train.torch.get_device()``: the GPU Ray
+    assigned this worker, indexed within the CUDA_VISIBLE_DEVICES it shares with the node's other
+    workers), made CUDA's current device before anything else touches CUDA: otherwise every rank's
+    first CUDA call opens a context on GPU 0 and reads "cuda:0"."""
+    dev = torch.device(given)
+    if dev.type == "cuda":
+        if dev.index is None:
+            raise DeviceMismatch(f"rank device {given!r} names no GPU (want cuda:N, as ray.train.torch.get_device() gives)")
+        torch.cuda.set_device(dev)
+    return dev
+
+
+class Group:
+    """This rank's collectives, each tensor created on the rank's device and checked there before it is
+    handed over: NCCL takes CUDA tensors only ("No backend type associated with device type cpu") and
+    gloo CPU ones, so a tensor on another device is refused here, with its device named, on every
+    backend (this CPU's gloo included)."""
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+        self.calls = 0
+
+    def check(self, t) -> None:
+        if t.device != self.device:
+            raise DeviceMismatch(f"collective given a tensor on {t.device}; this rank's collectives run on {self.device}")
+
+    def agree(self, values: list[int]) -> list[int]:
+        """Rank 0's values, on every rank (a broadcast)."""
+        t = torch.tensor(values, dtype=torch.int64, device=self.device)
+        self.check(t)
+        dist.broadcast(t, 0)
+        self.calls += 1
+        return [int(x) for x in t.tolist()]
+
+    def barrier(self) -> None:
+        """A barrier on the rank's GPU (NCCL otherwise guesses the device from the rank number)."""
+        dist.barrier(device_ids=[self.device.index]) if self.device.type == "cuda" else dist.barrier()
+        self.calls += 1
+
+
+def check_trainer_device(trainer, device) -> dict:
+    """Where the Trainer put this rank (Accelerate picks cuda:LOCAL_RANK; the rank's device is Ray's):
+    its device and the model's, which must both be the rank's. Returns them for the rank's record."""
+    dev = torch.device(device)
+    tdev = torch.device(trainer.args.device)
+    mdev = next(trainer.model.parameters()).device
+    same = (lambda d: d.type == dev.type and (dev.type != "cuda" or d.index == dev.index))
+    if not (same(tdev) and same(mdev)):
+        raise DeviceMismatch(f"rank on {dev}, but the Trainer chose {tdev} and the model is on {mdev} "
+                             "(Accelerate's LOCAL_RANK and Ray Train's GPU assignment disagree)")
+    return {"trainer_device": str(tdev), "model_device": str(mdev)}
+
+
+def worker(run_dir: Path, *, rank: int, world_size: int, report, node: str | None = None,
+           device: str = "cpu") -> None:
+    """One rank's attempt on ``device`` (Ray Train's for this worker). Rank 0 first applies duet's
+    policy to what ended the previous attempt."""
     from training import models
     from training.run.attempt import train_attempt
     from training.run.engine import Run
 
+    dev = rank_device(device)  # before any other CUDA call
     threads = int(os.environ.get("DUET_TORCH_THREADS", "0") or 0)
     if threads:
         torch.set_num_threads(threads)
     hw = (_read(run_dir / "run.json", {}) or {}).get("host") or {}
     run = Run.load(run_dir, hw)
+    run.device_index = dev.index
     main = rank == 0
-    me = {"rank": rank, "pid": os.getpid(), "host": socket.gethostname(), "node": node,
-          "device": f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"}
+    group = Group(dev)
+    me = {"rank": rank, "pid": os.getpid(), "host": socket.gethostname(), "node": node, "device": str(dev)}
     _put_rank(run_dir, me)
     gave_up = begin_attempt(run, world_size) if main else None
-    if agree([int(bool(gave_up))])[0]:
+    if group.agree([int(bool(gave_up))])[0]:
         return
-    dist.barrier()
+    group.barrier()
     if main:
         run.result["workers"] = [_read(f) for f in sorted((run_dir / "workers").glob("rank-*.json"))]
         run.write_record()
     else:
         run = Run.load(run_dir, hw)  # the attempt's configuration, as rank 0 wrote it (after any re-plan)
-    dist.barrier()
+        run.device_index = dev.index
+    group.barrier()
     start = _read(run_dir / ATTEMPTS, {}).get("from")
     from_ckpt = Path(start) if start else None
-    control = RankControl(run, main, me)
-    cbs = [RankCheckpoint(run, run.train_cfg.keep_checkpoints, main, report)]
+    control = RankControl(run, main, me, group)
+    cbs = [RankCheckpoint(run, run.train_cfg.keep_checkpoints, main, report, group)]
     if main:
         cbs += [Progress(run), RollbackGuard(run), FaultInjection(run, parse_faults(os.environ.get("DUET_FAULT")))]
         from training.run.phases import PhasePeaks
@@ -73,17 +129,21 @@ def worker(run_dir: Path, *, rank: int, world_size: int, report, node: str | Non
     cbs.append(control)
     try:
         result = train_attempt(run, models.resolve(run.spec["model_ref"]), run.train_cfg, from_ckpt, cbs, main=main,
-                               before_train=control.count_tokens)
+                               before_train=control.ready)
     except policies.RunCancelled:
         if main:
             run_files.atomic_json(run_dir / OUTCOME, {"outcome": "cancelled"})
         return
-    except (torch.OutOfMemoryError, policies.BadGradients) as exc:
-        kind = "oom" if isinstance(exc, torch.OutOfMemoryError) else "rollback"
+    except Exception as exc:  # noqa: BLE001  (an OOM on any device, or bad gradients: the policy's; others go on up)
+        if not (policies.out_of_memory(exc) or isinstance(exc, policies.BadGradients)):
+            raise
+        kind = "oom" if policies.out_of_memory(exc) else "rollback"
         run_files.atomic_json(run_dir / FAILURE, {"kind": kind, "rank": rank, "step": run.progress.get("step"),
-                                                  "message": str(exc)[:300]})
+                                                  "message": (str(exc) or type(exc).__name__)[:300],
+                                                  "error": type(exc).__name__})
         raise  # Ray Train ends the group and starts it again; the next rank 0 applies the policy
     finally:
+        memory_cap.lift()
         if main and run.watchdog is not None:
             run.watchdog.stop()
     if main:
@@ -104,7 +164,7 @@ def begin_attempt(run, world_size: int) -> str | None:
     if restart or fail:
         step = run.losses[-1]["step"] if run.losses else 0
         if fail:  # the one policy (training/run/policies.py), as a run in one process applies it
-            why = policies.recover(run, fail["kind"], step=fail.get("step") or step, message=fail["message"],
+            why = policies.recover(run, fail["kind"], step=fail.get("step") or step, message=fail["message"], error=fail.get("error"),
                                    rank=fail["rank"])
         else:
             why = policies.recover(run, "worker_restart", step=step, attempt=att["count"],
@@ -143,18 +203,18 @@ class RankCheckpoint(TrainerCallback):
     rank its RNG state) before rank 0 validates and commits it (CheckpointCommit); then every rank
     reports to Ray Train, rank 0 with the committed checkpoint."""
 
-    def __init__(self, run, keep: int, main: bool, report):
+    def __init__(self, run, keep: int, main: bool, report, group: Group):
         self.commit = CheckpointCommit(run, keep) if main else None
-        self.run, self.report = run, report
+        self.run, self.report, self.group = run, report, group
 
     def on_save(self, args, state, control, **kw):
-        dist.barrier()
+        self.group.barrier()
         path = None
         if self.commit is not None:
             self.commit.on_save(args, state, control, **kw)
             ckpt = self.run.checkpoint_root / f"checkpoint-{state.global_step}"
             path = str(ckpt) if checkpoints.is_valid(ckpt) else None
-        dist.barrier()
+        self.group.barrier()
         if self.report is not None:
             self.report({"step": state.global_step, "loss": self.run.progress.get("loss")}, path)
 
@@ -164,12 +224,18 @@ class RankControl(TrainerCallback):
     (pause: the executor's, through control.json, or the watchdog's thermal pause). Each rank also
     writes its telemetry: step time, memory, its own tokens/s."""
 
-    def __init__(self, run, main: bool, me: dict):
-        self.run, self.main, self.me = run, main, dict(me)
+    def __init__(self, run, main: bool, me: dict, group: Group):
+        self.run, self.main, self.me, self.group = run, main, dict(me), group
         self.pausing = False
         self.tokens = 0
         self.t_last = time.time()
         self.tokens_last = 0
+
+    def ready(self, trainer) -> None:
+        """The trainer is built: check and record where it put this rank, then count its tokens."""
+        self.me.update(check_trainer_device(trainer, self.group.device))
+        _put_rank(self.run.dir, self.me)
+        self.count_tokens(trainer)
 
     def count_tokens(self, trainer) -> None:
         """This rank's real tokens (by attention mask) in training forwards, through a forward pre-hook."""
@@ -191,8 +257,9 @@ class RankControl(TrainerCallback):
         now = time.time()
         dt, dtok = now - self.t_last, self.tokens - self.tokens_last
         self.t_last, self.tokens_last = now, self.tokens
-        mem = torch.cuda.memory_allocated() if torch.cuda.is_available() else psutil.Process().memory_info().rss
-        _put_rank(self.run.dir, {**self.me, "step": step, "step_seconds": round(dt, 4), "memory_bytes": mem,
+        dev = self.group.device
+        mem = torch.cuda.memory_allocated(dev) if dev.type == "cuda" else psutil.Process().memory_info().rss
+        _put_rank(self.run.dir, {**self.me, "step": step, "collectives": self.group.calls, "step_seconds": round(dt, 4), "memory_bytes": mem,
                                  "tokens_per_second": round(dtok / dt, 1) if dt > 0 else None, "time": now})
 
     def on_step_end(self, args, state, control, **kw):
@@ -202,7 +269,7 @@ class RankControl(TrainerCallback):
         if self.main:
             ctl = _read(run.dir / CONTROL, {})
             flags = [int(run.cancel_requested() or bool(ctl.get("cancel"))), int(run.pause_requested() or bool(ctl.get("pause")))]
-        cancel, pause = agree(flags)
+        cancel, pause = self.group.agree(flags)
         if self.main:
             run_files.atomic_json(run.dir / PROGRESS, {"progress": run.progress, "state": run.state, "time": time.time(),
                                                        "watchdog": run.watchdog.describe() if run.watchdog else None})
@@ -223,7 +290,7 @@ class RankControl(TrainerCallback):
             run.set_state(RunState.PAUSED)
             if run.watchdog is not None:
                 run.watchdog.training = False  # paused is not stalled
-        dist.barrier()
+        self.group.barrier()
         cancel = 0
         if self.main:
             while True:
@@ -238,7 +305,7 @@ class RankControl(TrainerCallback):
         else:
             while flag.exists():  # not in a collective while paused: a pause may outlast its timeout
                 time.sleep(0.2)
-        if agree([cancel])[0]:
+        if self.group.agree([cancel])[0]:
             run.cancel()
             control.should_training_stop = True
         elif self.main:

@@ -67,25 +67,42 @@ def set_state(run_id: str, phase: str, state: str) -> None:
         m.labels(run_id, phase, s).set(1 if s == state else 0)
 
 
-def sample_host() -> None:
+def host_readings() -> dict:
+    """This process's CPU time, resident memory and its peak, and torch's CUDA peaks where CUDA runs
+    (keys: the metric names below)."""
     import resource
+    import sys
 
     import psutil
 
-    m = metrics()
     proc = psutil.Process()
-    m["rss"].set(proc.memory_info().rss)
     ct = proc.cpu_times()
-    m["cpu"].set(ct.user + ct.system)
-    m["rss_peak"].set(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    try:
-        import torch
+    out = {"rss": proc.memory_info().rss, "cpu": ct.user + ct.system,
+           "rss_peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    torch = sys.modules.get("torch")  # never imported here for a reading
+    if torch is not None and torch.cuda.is_available():
+        out.update(cuda_allocated_peak=torch.cuda.max_memory_allocated(), cuda_reserved_peak=torch.cuda.max_memory_reserved())
+    return out
 
-        if torch.cuda.is_available():
-            m["cuda_allocated_peak"].set(torch.cuda.max_memory_allocated())
-            m["cuda_reserved_peak"].set(torch.cuda.max_memory_reserved())
-    except ImportError:
-        pass
+
+def sample_host(readings: dict | None = None) -> None:
+    """Publish this process's readings (or ``readings``: a run's own process's, training/run/solo.py)."""
+    m = metrics()
+    for key, value in (readings if readings is not None else host_readings()).items():
+        if key in m and value is not None:
+            m[key].set(value)
+
+
+def start_run_series(run_id: str, phase: str) -> None:
+    """A run's alert and recovery counters at 0 from its start, so that Prometheus' increase() sees the
+    first alert (the process that serves the run's metrics calls it)."""
+    from training.run.watchdog import RULES
+
+    m = metrics()
+    for rule, severity in RULES.items():
+        m["alerts"].labels(run_id, phase, rule, severity)
+    for name in ("ooms", "rollbacks", "recoveries", "checkpoints"):
+        m[name].labels(run_id, phase)
 
 
 class GpuCollector:
@@ -108,7 +125,9 @@ class GpuCollector:
             return
         lab = ["gpu", "name"]
         val = [str(g.get("index", 0)), g.get("name", "")]
-        gauges = [("memory_used_bytes", "duet_gpu_memory_used_bytes", "GPU memory in use."),
+        gauges = [("process_memory_bytes", "duet_gpu_process_memory_bytes",
+                   "GPU memory held by duet's training processes (NVML per process, else torch reserved)."),
+                  ("memory_used_bytes", "duet_gpu_memory_used_bytes", "GPU memory in use by every process on the card."),
                   ("memory_total_bytes", "duet_gpu_memory_total_bytes", "GPU memory in total."),
                   ("utilization_ratio", "duet_gpu_utilization_ratio", "GPU busy fraction (0-1)."),
                   ("temperature_c", "duet_gpu_temperature_celsius", "GPU temperature."),

@@ -4,9 +4,11 @@ every second (and on every logged step) with no Prometheus needed.
 Rules (names match the Prometheus alerts; thresholds configurable per run under ``watchdog:`` in the
 plan's train section, see ``Thresholds``):
 
-- ``gpu_memory_high``     VRAM used / total > 0.90                                   warning
+- ``gpu_memory_high``     the VRAM duet's training holds / the card's total > 0.90     warning
                           (above the planner's 85 %: a plan that fits does not alarm; the alert
-                          says a run has grown past what was planned)
+                          says a run has grown past what was planned). duet's own processes only
+                          (NVML's per-process use, else torch's reserved memory): another
+                          process's memory on a shared card is context, never this alarm
 - ``gpu_temperature_high`` temperature > min(85 C, the card's slowdown threshold - 5 C)  critical;
                           action: thermal pause (finish the step, checkpoint, wait) until it is
                           back under ``resume_below_c`` (75 C), then resume, unless paused by a user
@@ -51,16 +53,60 @@ RULES = {"gpu_memory_high": "warning", "gpu_temperature_high": "critical", "thro
 
 class GpuSource(Protocol):
     def read(self) -> dict | None:
-        """{"memory_used_bytes", "memory_total_bytes", "temperature_c", "slowdown_c"?, ...} or None."""
+        """{"process_memory_bytes" (duet's training on this GPU), "memory_used_bytes" (the whole card's),
+        "memory_total_bytes", "temperature_c", "slowdown_c"?, ...} or None."""
+
+
+_tracked: dict[str, set[int]] = {}  # run id -> the pids of its data-parallel ranks (training/run/distributed.py)
+_tracked_lock = threading.Lock()
+
+
+def track_pids(key: str, pids: set[int] | None) -> None:
+    """Count ``pids`` (a data-parallel run's ranks) as duet's training in GPU readings; None forgets them."""
+    with _tracked_lock:
+        if pids:
+            _tracked[key] = set(pids)
+        else:
+            _tracked.pop(key, None)
+
+
+def training_pids() -> set[int]:
+    """This process (the executor, or a rank) and the ranks it follows."""
+    with _tracked_lock:
+        return {os.getpid()}.union(*_tracked.values())
+
+
+def process_memory(procs, pids: set[int], torch_reserved=None) -> tuple[int | None, str | None]:
+    """VRAM held by ``pids`` on one GPU: NVML's per-process figures (``procs``: its compute processes,
+    each with ``pid`` and ``usedGpuMemory``) when NVML sees them; else this process's torch reserved
+    memory (``torch_reserved()``; in a container NVML may show host pids, or none). (bytes, source)."""
+    mine = [int(p.usedGpuMemory) for p in procs or [] if p.pid in pids and p.usedGpuMemory is not None]
+    if mine:
+        return sum(mine), "nvml"
+    if torch_reserved is not None:
+        r = torch_reserved()
+        if r is not None:
+            return int(r), "torch_reserved"
+    return None, None
+
+
+def _torch_reserved() -> int | None:
+    try:
+        import torch
+
+        return torch.cuda.memory_reserved() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    except Exception:
+        return None
 
 
 def _torch_uuid() -> str | None:
-    """The UUID of the GPU torch calls cuda:0 (what the run trains on), when torch can say."""
+    """The UUID of the GPU torch trains on (its current device: a data-parallel rank's own), when torch can say."""
     try:
         import torch
 
         if torch.cuda.is_available():
-            u = getattr(torch.cuda.get_device_properties(0), "uuid", None)
+            dev = torch.cuda.current_device() if torch.cuda.is_initialized() else 0
+            u = getattr(torch.cuda.get_device_properties(dev), "uuid", None)
             return str(u) if u is not None else None
     except Exception:
         return None
@@ -135,6 +181,13 @@ class NvmlSource:
 
         mem = nv.nvmlDeviceGetMemoryInfo(h)
         out["memory_used_bytes"], out["memory_total_bytes"] = int(mem.used), int(mem.total)
+        try:
+            procs = nv.nvmlDeviceGetComputeRunningProcesses(h)
+        except Exception:
+            procs = []
+        used, source = process_memory(procs, training_pids(), _torch_reserved)
+        if used is not None:
+            out["process_memory_bytes"], out["process_memory_source"] = used, source
         get("temperature_c", lambda: float(nv.nvmlDeviceGetTemperature(h, nv.NVML_TEMPERATURE_GPU)))
         get("slowdown_c", lambda: float(nv.nvmlDeviceGetTemperatureThreshold(h, nv.NVML_TEMPERATURE_THRESHOLD_SLOWDOWN)))
         get("shutdown_c", lambda: float(nv.nvmlDeviceGetTemperatureThreshold(h, nv.NVML_TEMPERATURE_THRESHOLD_SHUTDOWN)))
@@ -265,11 +318,14 @@ class Watchdog:
             except Exception as exc:
                 log.warning("GPU read failed: %s", exc)
         self.last_gpu = gpu
-        if gpu and gpu.get("memory_total_bytes"):
-            frac = gpu["memory_used_bytes"] / gpu["memory_total_bytes"]
+        if gpu and gpu.get("memory_total_bytes") and gpu.get("process_memory_bytes") is not None:
+            total = gpu["memory_total_bytes"]
+            frac = gpu["process_memory_bytes"] / total
+            card = (f"; the card: {gpu['memory_used_bytes'] / total:.0%} used by every process"
+                    if gpu.get("memory_used_bytes") is not None else "")
             a = self._set("gpu_memory_high", frac > self.t.vram_fraction,
-                          f"GPU memory {frac:.0%} used (> {self.t.vram_fraction:.0%}; plans keep under "
-                          f"{USABLE_FRACTION:.0%}, so this run has grown past its plan)", round(frac, 4),
+                          f"duet's training holds {frac:.0%} of GPU memory (> {self.t.vram_fraction:.0%}; plans keep "
+                          f"under {USABLE_FRACTION:.0%}, so this run has grown past its plan){card}", round(frac, 4),
                           self.t.vram_fraction)
             out += [a] if a else []
         if gpu and gpu.get("temperature_c") is not None:

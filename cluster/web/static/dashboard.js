@@ -63,7 +63,7 @@ const CHARTS = {
   lr: { title: "learning rate", series: [["lr", "#12805c"]] },
   grad_norm: { title: "gradient norm", series: [["grad norm", "#b54708"]] },
   tps: { title: "tokens/s", series: [["tokens/s", "#7a5af8"]] },
-  memory: { title: "memory (GiB)", series: [["process RSS", "#667085"], ["GPU memory used", "#2f6feb"]] },
+  memory: { title: "memory (GiB)", series: [["process RSS", "#667085"], ["GPU memory (duet)", "#2f6feb"], ["GPU memory (whole card)", "#98a2b3"]] },
   gpu_temp: { title: "GPU temperature (C)", series: [["temperature", "#c01048"]] },
 };
 
@@ -179,7 +179,8 @@ class RunView {
     if (c.lr) c.lr.setData([xs, col("learning_rate")]);
     if (c.grad_norm) c.grad_norm.setData([xs, col("grad_norm")]);
     if (c.tps) c.tps.setData([xs, col("tokens_per_second")]);
-    if (c.memory) c.memory.setData([xs, col("rss_bytes", 2 ** 30), col("gpu_memory_used_bytes", 2 ** 30)]);
+    if (c.memory) c.memory.setData([xs, col("rss_bytes", 2 ** 30), col("gpu_process_memory_bytes", 2 ** 30),
+      col("gpu_memory_used_bytes", 2 ** 30)]);
     if (c.gpu_temp) {
       const temps = col("gpu_temperature_c");
       c.gpu_temp.setData([xs, temps]);
@@ -208,7 +209,8 @@ class RunView {
     const ev = this.evals[this.evals.length - 1];
     setField(r, "eval_loss", fmt(ev ? ev.eval_loss : null));
     setField(r, "tps", fmt(p.tokens_per_second || last.tokens_per_second, 3));
-    setField(r, "memory", last.gpu_memory_used_bytes ? gib(last.gpu_memory_used_bytes) + " GPU" : gib(last.rss_bytes) + " RSS");
+    setField(r, "memory", last.gpu_process_memory_bytes ? gib(last.gpu_process_memory_bytes) + " GPU"
+      : gib(last.rss_bytes) + " RSS");
     const gpu = doc.watchdog && doc.watchdog.gpu;
     setField(r, "gpu", gpu ? (fmt(gpu.temperature_c, 3) + " C" + (last.gpu_throttle && last.gpu_throttle.length
       ? ", throttled: " + last.gpu_throttle.join(", ") : "")) : "none");
