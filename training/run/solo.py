@@ -97,6 +97,8 @@ def supervise(run, resume: bool, threads: int | None = None) -> None:
     from training.run import telemetry, watchdog
 
     d = run.dir
+    if run.state not in TERMINAL:  # the child's first word is preflight; until it speaks, that is what it does
+        run.state = RunState.PREFLIGHT.value
     telemetry.start_run_series(run.run_id, run.phase)  # this process serves the run's metrics
     telemetry.set_state(run.run_id, run.phase, run.state)
     try:
