@@ -5,7 +5,7 @@ own process, timed, with its peak RSS; and the same for a 10x smaller export, so
 
 The export is benchmarks/importers.py's (copies of the fixture conversations with their own ids and
 numbers: many near-duplicates of each other, the hard case for near-duplicate detection). Curation is
-``duet data curate``'s code (training.data.dataset.build_version, not strict: bad records are
+``duet data curate``'s code (training.data.curate.build_version, not strict: bad records are
 quarantined): checks, exact and near-duplicate detection (numpy one-permutation MinHash, LSH banding,
 exact Jaccard on the candidates), the split, token estimates, the version written. Goal on this
 machine: import + curate of the 200 MB export under 60 s. Writes
@@ -39,18 +39,18 @@ print(json.dumps({"wall_s": time.perf_counter() - t, "conversations": res.conver
 """
 _CURATE = """
 import json, resource, sys, time
-from training.data import dataset
+from training.data import curate
 t = time.perf_counter()
 marks = {}
-real = dataset.near_duplicate_pairs
+real = curate.near_duplicate_pairs
 def timed(records, *a, **k):
     t0 = time.perf_counter()
     out = real(records, *a, **k)
     marks["near_duplicates_s"] = time.perf_counter() - t0
     marks["records_compared"] = len(records)
     return out
-dataset.near_duplicate_pairs = timed
-v = dataset.build_version([sys.argv[1]], sys.argv[2], "bench", strict=False)
+curate.near_duplicate_pairs = timed
+v = curate.build_version([sys.argv[1]], sys.argv[2], "bench", strict=False)
 c = v.manifest["counts"]
 print(json.dumps({"wall_s": time.perf_counter() - t, **marks, "counts": c,
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))

@@ -66,7 +66,7 @@ def model_folder(shape: str, root: Path) -> Path:
 def datasets(root: Path) -> dict:
     """The persona data as an SFT dataset version, and DPO pairs made from it (another record's answer
     is the rejected one)."""
-    from training.data.dataset import build_version
+    from training.data.curate import build_version
 
     sft = build_version([PERSONA], root / "datasets", "persona", test_frac=0.1, seed=0)
     recs = [json.loads(x) for x in PERSONA.read_text().splitlines() if x.strip()]

@@ -16,7 +16,8 @@ import yaml
 from memory_sync.memory import Memory
 from memory_sync.secret_scan import SecretFound, scanner
 from memory_sync.workspace import Workspace
-from training.data.dataset import build_version, check_name
+from training.data.curate import build_version
+from training.data.dataset import check_name
 from training.data.schema import input_file
 from training.run.executor import RECORD_FILES
 from training.plan.hardware import HardwareProfile

@@ -57,7 +57,7 @@ def listening(pid) -> set:
 def dashboard(tmp_path_factory, repo_root):
     from memory_sync.log import start_session
     from memory_sync.workspace import Workspace
-    from training.data.dataset import build_version
+    from training.data.curate import build_version
 
     ws = tmp_path_factory.mktemp("dash") / "ws"
     Workspace(ws).init()
@@ -231,7 +231,7 @@ def test_search_promote_and_diff_through_the_dashboard(tmp_path, fresh_db, repo_
 
     from memory_sync.memory import Memory
     from memory_sync.workspace import Workspace
-    from training.data.dataset import build_version
+    from training.data.curate import build_version
 
     ws = tmp_path / "ws"
     Workspace(ws).init()

@@ -3,7 +3,8 @@ import json
 import pytest
 
 from training.data.schema import DatasetError, check_records, read_jsonl, scan_jsonl
-from training.data.dataset import build_version, conversation_key, load_split, verify_version
+from training.data.curate import build_version
+from training.data.dataset import conversation_key, load_split, verify_version
 
 
 def test_bundled_persona_examples_are_valid_and_balanced(repo_root):
@@ -94,3 +95,40 @@ def test_tampered_version_is_detected(tmp_path, repo_root):
         fh.write("{}\n")
     with pytest.raises(DatasetError, match="does not match"):
         verify_version(v.path)
+
+
+_PEAK = """
+import json, random, resource, sys
+from pathlib import Path
+n, tmp = int(sys.argv[1]), Path(sys.argv[2])
+rng, vocab = random.Random(n), [f"w{i}" for i in range(20000)]
+with open(tmp / "in.jsonl", "w") as fh:
+    for i in range(n):
+        text = " ".join(rng.choice(vocab) for _ in range(1500))
+        fh.write(json.dumps({"id": f"r{i:06d}", "messages": [{"role": "user", "content": f"q{i}"},
+                                                            {"role": "assistant", "content": text}]}) + "\\n")
+from training.data.curate import build_version
+import numpy  # noqa: F401  (in the baseline: curation loads it)
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+v = build_version([tmp / "in.jsonl"], tmp / "out", "m")
+print(json.dumps({"bytes": (tmp / "in.jsonl").stat().st_size, "train": v.manifest["counts"]["train"],
+                  "growth_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base}))
+"""
+
+
+def test_curation_memory_stays_flat_as_the_data_grows(tmp_path, repo_root):
+    """Two passes (training/data/curate.py): the records live in a scratch file, not in memory, so ten
+    megabytes more data add a small fraction of that to the peak (holding the records took about twice it)."""
+    import subprocess
+    import sys
+
+    runs = []
+    for n in (200, 1000):
+        (tmp_path / str(n)).mkdir()
+        r = subprocess.run([sys.executable, "-c", _PEAK, str(n), str(tmp_path / str(n))], capture_output=True, text=True,
+                           cwd=repo_root, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        runs.append(json.loads(r.stdout.strip().splitlines()[-1]))
+    data_growth_kb = (runs[1]["bytes"] - runs[0]["bytes"]) / 1024
+    assert runs[1]["train"] > 800 and data_growth_kb > 7000
+    assert runs[1]["growth_kb"] - runs[0]["growth_kb"] < 0.25 * data_growth_kb, runs

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from training.data import versions
-from training.data.dataset import build_version
+from training.data.curate import build_version
 from training.data.schema import DatasetError
 
 

@@ -21,13 +21,10 @@ import json
 import os
 import random
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from training.data.schema import DatasetError, Record, check_records, estimate_tokens, is_dpo, is_reasoning, read_jsonl, \
-    record_text
+from training.data.schema import DatasetError, is_dpo
 
 def conversation_key(data: dict) -> str:
     """Identity of a record's content (ignores id and metadata): duplicates share it. For DPO
@@ -50,12 +47,11 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-from training.data.near_dups import NEAR_DUP_THRESHOLD, near_duplicate_pairs  # noqa: E402  (re-exported)
 
-
-def _groups(records: list[dict], near_pairs: list[tuple[int, int, float]]) -> list[list[int]]:
-    """Union-find over identical conversations and near-duplicate pairs: each group is split as one."""
-    parent = list(range(len(records)))
+def _groups(ids: list[str], near_pairs: list[tuple[int, int, float]], keys: list[str] | None = None) -> list[list[int]]:
+    """Union-find over identical conversations (equal ``keys``; none: all differ) and near-duplicate
+    pairs: each group is split as one. Groups in the order of their smallest id."""
+    parent = list(range(len(ids)))
 
     def find(x: int) -> int:
         while parent[x] != x:
@@ -64,8 +60,7 @@ def _groups(records: list[dict], near_pairs: list[tuple[int, int, float]]) -> li
         return x
 
     first: dict[str, int] = {}
-    for i, r in enumerate(records):
-        k = conversation_key(r)
+    for i, k in enumerate(keys or ()):
         if k in first:
             parent[find(i)] = find(first[k])
         else:
@@ -73,9 +68,39 @@ def _groups(records: list[dict], near_pairs: list[tuple[int, int, float]]) -> li
     for i, j, _ in near_pairs:
         parent[find(i)] = find(j)
     groups: dict[int, list[int]] = {}
-    for i in range(len(records)):
+    for i in range(len(ids)):
         groups.setdefault(find(i), []).append(i)
-    return sorted(groups.values(), key=lambda g: min(records[i]["id"] for i in g))
+    return sorted(groups.values(), key=lambda g: min(ids[i] for i in g))
+
+
+def split_indices(ids: list[str], categories: list[str], test_frac: float, seed: int,
+                  near_pairs: list[tuple[int, int, float]] | None = None,
+                  keys: list[str] | None = None) -> tuple[list[int], list[int]]:
+    """``split`` on what it needs of each record (its id, category and conversation key): the train and
+    test positions, each in id order."""
+    if isinstance(test_frac, bool) or not isinstance(test_frac, (int, float)) or not 0.0 < test_frac < 1.0:
+        raise DatasetError(f"test_frac must be between 0 and 1 (exclusive), got {test_frac}")
+    by_cat: dict[str, list[list[int]]] = {}
+    for g in _groups(ids, near_pairs or [], keys):
+        by_cat.setdefault(categories[g[0]], []).append(g)
+    rng = random.Random(seed)
+    train: list[int] = []
+    test: list[int] = []
+    for cat in sorted(by_cat):
+        gs = by_cat[cat]
+        rng.shuffle(gs)
+        n_test = round(len(gs) * test_frac)
+        if len(gs) >= 2:
+            n_test = max(1, min(n_test, len(gs) - 1))
+        for i, g in enumerate(gs):
+            (test if i < n_test else train).extend(g)
+    train.sort(key=lambda i: ids[i])
+    test.sort(key=lambda i: ids[i])
+    return train, test
+
+
+def category(d: dict) -> str:
+    return d.get("metadata", {}).get("category", "none")
 
 
 def split(records: list[dict], test_frac: float, seed: int,
@@ -85,26 +110,9 @@ def split(records: list[dict], test_frac: float, seed: int,
     Identical and near-duplicate conversations form groups that land wholly in train or in test.
     Deterministic for the same records, seed and fraction.
     """
-    if isinstance(test_frac, bool) or not isinstance(test_frac, (int, float)) or not 0.0 < test_frac < 1.0:
-        raise DatasetError(f"test_frac must be between 0 and 1 (exclusive), got {test_frac}")
-    by_cat: dict[str, list[list[dict]]] = {}
-    for g in _groups(records, near_pairs or []):
-        members = [records[i] for i in g]
-        by_cat.setdefault(members[0].get("metadata", {}).get("category", "none"), []).append(members)
-    rng = random.Random(seed)
-    train: list[dict] = []
-    test: list[dict] = []
-    for cat in sorted(by_cat):
-        gs = by_cat[cat]
-        rng.shuffle(gs)
-        n_test = round(len(gs) * test_frac)
-        if len(gs) >= 2:
-            n_test = max(1, min(n_test, len(gs) - 1))
-        for i, g in enumerate(gs):
-            (test if i < n_test else train).extend(g)
-    train.sort(key=lambda r: r["id"])
-    test.sort(key=lambda r: r["id"])
-    return train, test
+    train, test = split_indices([r["id"] for r in records], [category(r) for r in records], test_frac, seed, near_pairs,
+                                [conversation_key(r) for r in records])
+    return [records[i] for i in train], [records[i] for i in test]
 
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -146,148 +154,6 @@ def _percentiles(values: list[int]) -> dict:
 
     return {"min": v[0], "p50": pct(50), "p90": pct(90), "p99": pct(99), "max": v[-1],
             "mean": round(sum(v) / len(v), 1)}
-
-
-def build_version(files: list[str | os.PathLike], out_root: str | os.PathLike, name: str, *,
-                  test_frac: float = 0.1, seed: int = 0, strict: bool = True, max_tokens: int | None = None,
-                  count_tokens=None, reasoning_target: float = 0.5, spot_check_frac: float = 0.15,
-                  near_dup_threshold: float = NEAR_DUP_THRESHOLD) -> DatasetVersion:
-    """Check ``files`` and write a dataset version under ``out_root/<name>/<hash12>/``.
-
-    With ``strict`` any invalid record aborts with a DatasetError listing every problem, and nothing
-    is written. Without it, invalid records go to quarantine.jsonl with their reasons; either way
-    train + test + quarantine + duplicates removed = input records.
-    
-    Long because writing a version is one all-or-nothing step: check, dedupe, split, count and rename into place.
-    """
-    check_name(name)
-    if isinstance(reasoning_target, bool) or not isinstance(reasoning_target, (int, float)) \
-            or not 0 <= reasoning_target <= 1:
-        raise DatasetError(f"reasoning_target {reasoning_target!r}: use a fraction in [0, 1]")
-    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
-        raise DatasetError(f"max_tokens {max_tokens!r}: use a whole number of tokens, at least 1")
-    if not 0.1 <= spot_check_frac <= 0.2:
-        raise DatasetError(f"spot_check_frac {spot_check_frac}: use 0.1-0.2")
-    records: list[Record] = []
-    for f in files:
-        records.extend(read_jsonl(f))
-    if not records:
-        raise DatasetError(f"{', '.join(map(str, files))}: no records")
-    problems = check_records(records, max_tokens, count_tokens)
-    if problems and strict:
-        raise DatasetError(f"{len(problems)} problem(s) in the input; nothing was written", problems)
-    good = [r.data for r in records if r.ok]
-    quarantine = [{"file": r.file, "line": r.line, "raw": r.raw.rstrip("\n"),
-                   "problems": [p.to_dict() for p in r.problems]} for r in records if not r.ok]
-    for r in records:  # a good record's line is its data now: memory holds each record once
-        r.raw = ""
-    kinds = {"dpo" if is_dpo(d) else "chat" for d in good}
-    if len(kinds) > 1:
-        raise DatasetError("the inputs mix chat and DPO records; curate them as separate datasets")
-    seen: dict[str, str] = {}
-    unique: list[dict] = []
-    duplicates: list[dict] = []
-    for d in good:
-        k = conversation_key(d)
-        if k in seen:
-            duplicates.append({"id": d["id"], "duplicate_of": seen[k]})
-        else:
-            seen[k] = d["id"]
-            unique.append(d)
-    if len(unique) < 2:
-        raise DatasetError(f"{len(unique)} valid record(s): at least 2 are needed to split train/test")
-    near = near_duplicate_pairs(unique, near_dup_threshold)
-    train, test = split(unique, test_frac, seed, near)
-    if not test or not train:
-        raise DatasetError(f"the split left {len(train)} train / {len(test)} test records "
-                           f"({len(unique)} unique, test_frac {test_frac}); add data or change --test-frac")
-    out_dir = Path(out_root) / name
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".curating.", dir=out_dir))
-    try:
-        return _write_version(tmp, out_dir, name, files, records, unique, train, test, duplicates, quarantine, near,
-                              seed=seed, test_frac=test_frac, max_tokens=max_tokens, count_tokens=count_tokens,
-                              reasoning_target=reasoning_target, spot_check_frac=spot_check_frac)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # renamed into place, or not needed
-
-
-def _stream(path: Path, rows: list[dict], *hashes) -> str:
-    """Write ``rows`` as JSONL a line at a time (never the whole text in memory), feeding each line's
-    bytes to ``hashes``; returns the file's own SHA-256."""
-    own = hashlib.sha256()
-    with open(path, "wb") as fh:
-        for r in rows:
-            b = (json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n").encode("utf-8")
-            fh.write(b)
-            own.update(b)
-            for h in hashes:
-                h.update(b)
-    return own.hexdigest()
-
-
-def _write_version(tmp: Path, out_dir: Path, name: str, files, records, unique, train, test, duplicates, quarantine,
-                   near, *, seed, test_frac, max_tokens, count_tokens, reasoning_target,
-                   spot_check_frac) -> DatasetVersion:
-    """The version's files, streamed into ``tmp`` (the content hash: SHA-256 of "train\n", train.jsonl,
-    "test\n", test.jsonl), then renamed to ``out_dir/<hash12>`` in one step."""
-    content = hashlib.sha256(b"train\n")
-    train_sha = _stream(tmp / "train.jsonl", train, content)
-    content.update(b"test\n")
-    test_sha = _stream(tmp / "test.jsonl", test, content)
-    content_hash = content.hexdigest()
-
-    def counts(rs: list[dict]) -> dict:
-        cats: dict[str, int] = {}
-        for r in rs:
-            c = r.get("metadata", {}).get("category", "none")
-            cats[c] = cats.get(c, 0) + 1
-        return dict(sorted(cats.items()))
-
-    n_reason = sum(is_reasoning(r) for r in unique)
-    frac = n_reason / len(unique)
-    warnings = []
-    if not is_dpo(unique[0]) and abs(frac - reasoning_target) > 0.15:
-        warnings.append(f"reasoning/direct balance is {frac:.0%} reasoning, far from the requested "
-                        f"{reasoning_target:.0%}: the model may lose (or overuse) its thinking mode")
-    lengths = [count_tokens(r) if count_tokens else estimate_tokens(record_text(r)) for r in unique]
-    rng = random.Random(seed + 1)
-    n_spot = max(1, round(len(unique) * spot_check_frac))
-    spot = sorted(rng.sample(unique, n_spot), key=lambda r: r["id"])
-    manifest = {
-        "schema_version": 1,
-        "name": name,
-        "kind": "dpo" if is_dpo(unique[0]) else "chat",
-        "content_hash": content_hash,
-        "seed": seed,
-        "test_frac": test_frac,
-        "counts": {"input": len(records), "train": len(train), "test": len(test),
-                   "quarantine": len(quarantine), "duplicates_removed": len(duplicates),
-                   "near_duplicate_pairs": len(near)},
-        "categories": {"train": counts(train), "test": counts(test)},
-        "reasoning": {"reasoning": n_reason, "direct": len(unique) - n_reason,
-                      "reasoning_frac": round(frac, 4), "target": reasoning_target},
-        "tokens": {"counted_with": "tokenizer" if count_tokens else "estimate (~4 characters a token)",
-                   "percentiles": _percentiles(lengths), "max_tokens": max_tokens,
-                   "would_truncate": sum(n > max_tokens for n in lengths) if max_tokens else None},
-        "sources": [{"path": os.path.basename(str(f)), "sha256": sha256_file(f)} for f in files],
-        "duplicates": duplicates,
-        "near_duplicates": [{"a": unique[i]["id"], "b": unique[j]["id"], "jaccard": jac} for i, j, jac in near],
-        "spot_check": {"count": n_spot, "frac": spot_check_frac, "file": "spot_check.jsonl"},
-        "warnings": warnings,
-        "files": {"train.jsonl": train_sha, "test.jsonl": test_sha},
-    }
-    final = out_dir / content_hash[:12]
-    if final.exists():
-        existing = load_manifest(final)
-        if existing.get("content_hash") == content_hash:
-            return DatasetVersion(name, content_hash, final, existing, warnings)
-        raise DatasetError(f"{final} exists with a different content hash; refusing to overwrite")
-    _stream(tmp / "quarantine.jsonl", quarantine)
-    _stream(tmp / "spot_check.jsonl", spot)
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True, allow_nan=False) + "\n")
-    os.rename(tmp, final)
-    return DatasetVersion(name, content_hash, final, manifest, warnings)
 
 
 def load_manifest(version_dir: str | os.PathLike) -> dict:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
 
 ROLES = ("system", "user", "assistant", "tool")  # tool: a tool's result, between assistant turns
@@ -161,11 +162,16 @@ def read_jsonl(path: str | os.PathLike) -> list[Record]:
 def scan_jsonl(path: str | os.PathLike) -> tuple[list[Record], list[Problem]]:
     """``read_jsonl`` without the refusal: the records that parsed, and a problem for each line that
     did not (at most MAX_LINE_ERRORS), for ``duet data check`` to report everything at once."""
+    bad: list[Problem] = []
+    return list(iter_jsonl(path, bad)), bad
+
+
+def iter_jsonl(path: str | os.PathLike, bad: list[Problem]) -> Iterator[Record]:
+    """The records of ``scan_jsonl`` one at a time (a file's size never in memory); each line that is
+    not a JSON object is appended to ``bad`` instead, and reading stops after MAX_LINE_ERRORS of them."""
     path = input_file(path)
     depth = max_json_depth()
     max_line = _limit("DUET_MAX_LINE_BYTES", MAX_LINE_BYTES)
-    records: list[Record] = []
-    bad: list[Problem] = []
     with open(path, "rb") as fh:
         head = fh.read(4)
         fh.seek(0)
@@ -205,14 +211,13 @@ def scan_jsonl(path: str | os.PathLike) -> tuple[list[Record], list[Problem]]:
                         bad.append(Problem(str(path), lineno, None, "<line>", msg))
                     else:
                         if isinstance(data, dict):
-                            records.append(Record(str(path), lineno, data, raw))
+                            yield Record(str(path), lineno, data, raw)
                         else:
                             bad.append(Problem(str(path), lineno, None, "<line>",
                                                f"a JSON {type(data).__name__}, not an object: a JSONL dataset holds "
                                                "one object a line"))
             if len(bad) >= MAX_LINE_ERRORS:
                 break
-    return records, bad
 
 
 def _check_messages(msgs: object, fld: str, bad, *, need_user: bool, end_assistant: bool) -> None:
