@@ -3,14 +3,19 @@
 A training step frees and allocates tensors of many sizes (every batch has its own sequence length);
 glibc's allocator keeps freed memory in its heaps and fragments them, so a process's RSS grows step
 after step although what it holds does not (measured: 160 KB a step on a tiny model, on CPU).
-``trim()`` hands free heap pages back (called every few hundred steps); ``tame()`` fixes the
-thresholds and caps the arenas. Elsewhere (macOS, musl) both do nothing.
+``trim()`` hands free heap pages back (called every few hundred steps; glibc trims every arena); ``tame()``
+fixes the thresholds. Elsewhere (macOS, musl) both do nothing.
 
 The mmap threshold is fixed at 32 MiB (glibc's own ceiling), not low: a block above the threshold is a
 new mapping, whose pages the kernel faults in and zeroes on every allocation. At 64 KiB every activation
 of a step was one, and a SmolLM2 LoRA step took 1.9x as long (3.87 s against 2.01 s, a plain TRL script
 with glibc's tunables set as tame() set them; issue 37), most of it system time. Fixed at the ceiling,
 tensors are reused from the heap as in a plain script (2.1 s), and the trims keep RSS in check.
+
+The arenas are not capped: with ``arena_max=2`` the step took 1.32x as long (2.80 s against 2.12 s, the
+same plain script with only that tunable set; 4 arenas: 1.10x; 8: 1.00x), as torch's worker threads
+and the training thread queued on two heaps' locks. That cap was most of the executor's overhead
+against a plain script (benchmarks/trl_compare.py).
 ``small_mappings()`` lowers it again for the memcap fault only (training/run/memory_cap.py).
 """
 
@@ -24,7 +29,6 @@ M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8
 MMAP_THRESHOLD = 32 << 20
 SMALL_MMAP_THRESHOLD = 64 << 10
 TRIM_THRESHOLD = 128 << 20
-ARENAS = 2  # the training thread, the loss plot and the actor's threads share heaps instead of fragmenting their own
 
 
 @functools.lru_cache(maxsize=1)
@@ -43,8 +47,7 @@ def tame() -> bool:
     lib = _libc()
     if lib is None:
         return False
-    return all(lib.mallopt(k, v) for k, v in ((M_MMAP_THRESHOLD, MMAP_THRESHOLD), (M_TRIM_THRESHOLD, TRIM_THRESHOLD),
-                                             (M_ARENA_MAX, ARENAS)))
+    return all(lib.mallopt(k, v) for k, v in ((M_MMAP_THRESHOLD, MMAP_THRESHOLD), (M_TRIM_THRESHOLD, TRIM_THRESHOLD)))
 
 
 def trim() -> None:
@@ -67,3 +70,13 @@ def small_mappings(on: bool = True, *, for_process: bool = False) -> bool:
     if for_process:
         _base[0] = SMALL_MMAP_THRESHOLD if on else MMAP_THRESHOLD
     return lib is not None and bool(lib.mallopt(M_MMAP_THRESHOLD, SMALL_MMAP_THRESHOLD if on else _base[0]))
+
+
+def no_new_arenas(on: bool = True) -> bool:
+    """No new arena while ``on`` (threads share the arenas there are), else glibc's default limit (8 a
+    core). Each new arena reserves 64 MiB of address space, which a limit on it (training/run/memory_cap.py)
+    refuses in a thread's first allocation."""
+    import os
+
+    lib = _libc()
+    return lib is not None and bool(lib.mallopt(M_ARENA_MAX, 1 if on else 8 * (os.cpu_count() or 1)))

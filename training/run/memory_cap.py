@@ -50,7 +50,12 @@ def apply(device: str, headroom: float = 0.5) -> dict:
     from infra import malloc
 
     malloc.small_mappings(True)
+    malloc.no_new_arenas(True)
     _state["small_mappings"] = True
+    # oneDNN off while capped: an allocation it fails leaves its primitives failing in later attempts too
+    # (measured: "could not create a primitive" after the limit was lifted); torch's own kernels fail cleanly
+    _state["mkldnn"] = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
     malloc.trim()
     info = psutil.Process().memory_info()
     old = resource.getrlimit(resource.RLIMIT_AS)
@@ -71,6 +76,9 @@ def lift() -> None:
         from infra import malloc
 
         malloc.small_mappings(False)
+        malloc.no_new_arenas(False)
+    if "mkldnn" in _state:
+        torch.backends.mkldnn.enabled = _state.pop("mkldnn")
 
 
 def active() -> bool:
