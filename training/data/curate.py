@@ -20,13 +20,15 @@ import os
 import random
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from training.data.dataset import DatasetVersion, _percentiles, category, check_name, conversation_key, load_manifest, \
     sha256_file, split_indices
 from training.data.near_dups import NEAR_DUP_THRESHOLD, near_duplicate_pairs
-from training.data.schema import DatasetError, Problem, estimate_tokens, is_dpo, is_reasoning, record_text
+from training.data.schema import DatasetError, checked, estimate_tokens, is_dpo, is_reasoning, iter_jsonl, record_text, \
+    refuse_bad_lines
 
 
 class Spill:
@@ -87,48 +89,39 @@ class _Pass:
     inputs: int = 0
 
 
-def _first_pass(files, work: Path, strict: bool, max_tokens: int | None, count_tokens) -> _Pass:
-    """Read, check and dedupe every record a line at a time. A file with lines that are not JSON objects
-    is refused whole (read_jsonl's rule); a duplicate id is a problem of the later record."""
-    from training.data.schema import MAX_LINE_ERRORS, check_record, iter_jsonl
-
-    out = _Pass(Spill(work / "unique.jsonl"), Spill(work / "quarantine.jsonl"))
-    seen_ids: dict[str, tuple[str, int]] = {}
-    seen_keys: dict[str, str] = {}
+def _records(files, bad: list) -> Iterator:
+    """Every file's records a line at a time; a file with lines that are not JSON objects is refused
+    whole once it has been read (read_jsonl's rule)."""
     for f in files:
-        bad: list = []
-        for rec in iter_jsonl(f, bad):
-            out.inputs += 1
-            problems = check_record(rec, max_tokens, count_tokens)
-            rid = rec.record_id
-            if rid is not None:
-                if rid in seen_ids:
-                    file, line = seen_ids[rid]
-                    problems.append(Problem(rec.file, rec.line, rid, "id", f"duplicate id, first seen at {file}:{line}"))
-                else:
-                    seen_ids[rid] = (rec.file, rec.line)
-            if problems:
-                out.problems.extend(problems)
-                if not strict:
-                    out.quarantine.add(canonical_line({"file": rec.file, "line": rec.line, "raw": rec.raw.rstrip("\n"),
-                                                       "problems": [p.to_dict() for p in problems]}))
-                continue
-            d = rec.data
-            out.kinds.add("dpo" if is_dpo(d) else "chat")
-            k = conversation_key(d)
-            if k in seen_keys:
-                out.duplicates.append({"id": d["id"], "duplicate_of": seen_keys[k]})
-                continue
-            seen_keys[k] = d["id"]
-            out.unique.add(canonical_line(d))
-            out.ids.append(d["id"])
-            out.categories.append(category(d))
-            out.reasoning.append(is_reasoning(d))
-            out.tokens.append(count_tokens(d) if count_tokens else estimate_tokens(record_text(d)))
-        if bad:
-            more = " (and possibly more)" if len(bad) >= MAX_LINE_ERRORS else ""
-            raise DatasetError(f"{bad[0].file}: not a chat/DPO JSONL file: {len(bad)} line(s) are not JSON objects{more}; "
-                               "the file is refused whole (nothing of it was stored)", bad)
+        bad.clear()
+        yield from iter_jsonl(f, bad)
+        refuse_bad_lines(bad)
+
+
+def _first_pass(files, work: Path, strict: bool, max_tokens: int | None, count_tokens) -> _Pass:
+    """Read, check and dedupe every record a line at a time."""
+    out = _Pass(Spill(work / "unique.jsonl"), Spill(work / "quarantine.jsonl"))
+    seen_keys: dict[str, str] = {}
+    for rec in checked(_records(files, []), max_tokens, count_tokens):
+        out.inputs += 1
+        if rec.problems:
+            out.problems.extend(rec.problems)
+            if not strict:
+                out.quarantine.add(canonical_line({"file": rec.file, "line": rec.line, "raw": rec.raw.rstrip("\n"),
+                                                   "problems": [p.to_dict() for p in rec.problems]}))
+            continue
+        d = rec.data
+        out.kinds.add("dpo" if is_dpo(d) else "chat")
+        k = conversation_key(d)
+        if k in seen_keys:
+            out.duplicates.append({"id": d["id"], "duplicate_of": seen_keys[k]})
+            continue
+        seen_keys[k] = d["id"]
+        out.unique.add(canonical_line(d))
+        out.ids.append(d["id"])
+        out.categories.append(category(d))
+        out.reasoning.append(is_reasoning(d))
+        out.tokens.append(count_tokens(d) if count_tokens else estimate_tokens(record_text(d)))
     return out
 
 
@@ -222,7 +215,7 @@ def _write_version(tmp: Path, out_dir: Path, name: str, files, first: _Pass, tra
     n = len(ids)
     n_reason = sum(first.reasoning)
     frac = n_reason / n
-    kind = first.kinds.pop()
+    (kind,) = first.kinds
     warnings = []
     if kind == "chat" and abs(frac - reasoning_target) > 0.15:
         warnings.append(f"reasoning/direct balance is {frac:.0%} reasoning, far from the requested "

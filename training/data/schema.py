@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 ROLES = ("system", "user", "assistant", "tool")  # tool: a tool's result, between assistant turns
@@ -152,11 +152,17 @@ def read_jsonl(path: str | os.PathLike) -> list[Record]:
     reaches a dataset or its quarantine. Records that parse come back with ``problems`` empty; the
     schema is checked by ``check_records``."""
     records, bad = scan_jsonl(path)
+    refuse_bad_lines(bad)
+    return records
+
+
+def refuse_bad_lines(bad: list[Problem]) -> None:
+    """DatasetError naming a file's lines that are not JSON objects, when there are any: the file is
+    refused whole."""
     if bad:
         more = " (and possibly more)" if len(bad) >= MAX_LINE_ERRORS else ""
         raise DatasetError(f"{bad[0].file}: not a chat/DPO JSONL file: {len(bad)} line(s) are not JSON objects{more}; "
                            "the file is refused whole (nothing of it was stored)", bad)
-    return records
 
 
 def scan_jsonl(path: str | os.PathLike) -> tuple[list[Record], list[Problem]]:
@@ -340,20 +346,23 @@ def check_record(rec: Record, max_tokens: int | None = None, count_tokens=None) 
 
 def check_records(records: list[Record], max_tokens: int | None = None, count_tokens=None) -> list[Problem]:
     """Check every record, including duplicate ids across all files; fills ``rec.problems``."""
-    seen: dict[str, Record] = {}
-    problems: list[Problem] = []
+    return [p for rec in checked(records, max_tokens, count_tokens) for p in rec.problems]
+
+
+def checked(records: Iterable[Record], max_tokens: int | None = None, count_tokens=None) -> Iterator[Record]:
+    """Each record with ``problems`` filled, one at a time (a duplicate id is a problem of the later
+    record, across everything this iterator has seen)."""
+    seen: dict[str, tuple[str, int]] = {}
     for rec in records:
         rec.problems = check_record(rec, max_tokens, count_tokens)
         rid = rec.record_id
         if rid is not None and rec.data is not None:
             if rid in seen:
-                first = seen[rid]
-                rec.problems.append(Problem(rec.file, rec.line, rid, "id",
-                                            f"duplicate id, first seen at {first.file}:{first.line}"))
+                file, line = seen[rid]
+                rec.problems.append(Problem(rec.file, rec.line, rid, "id", f"duplicate id, first seen at {file}:{line}"))
             else:
-                seen[rid] = rec
-        problems.extend(rec.problems)
-    return problems
+                seen[rid] = (rec.file, rec.line)
+        yield rec
 
 
 def is_reasoning(data: dict) -> bool:
