@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from training.data.dataset import DatasetVersion, _percentiles, category, check_name, conversation_key, load_manifest, \
+from training.data.dataset import DatasetVersion, category, check_name, conversation_key, load_manifest, \
     sha256_file, split_indices
 from training.data.near_dups import NEAR_DUP_THRESHOLD, near_duplicate_pairs
 from training.data.schema import DatasetError, checked, estimate_tokens, is_dpo, is_reasoning, iter_jsonl, record_text, \
@@ -181,6 +181,18 @@ def build_version(files: list[str | os.PathLike], out_root: str | os.PathLike, n
         shutil.rmtree(work, ignore_errors=True)
 
 
+def percentiles(values: list[int]) -> dict:
+    if not values:
+        return {}
+    v = sorted(values)
+
+    def pct(p: float) -> int:
+        return v[min(len(v) - 1, int(round(p / 100 * (len(v) - 1))))]
+
+    return {"min": v[0], "p50": pct(50), "p90": pct(90), "p99": pct(99), "max": v[-1],
+            "mean": round(sum(v) / len(v), 1)}
+
+
 def _copy(path: Path, spill: Spill, positions, *hashes) -> str:
     """Write the spill's lines at ``positions`` into ``path`` a line at a time, feeding each line's
     bytes to ``hashes``; returns the file's own SHA-256."""
@@ -237,7 +249,7 @@ def _write_version(tmp: Path, out_dir: Path, name: str, files, first: _Pass, tra
         "reasoning": {"reasoning": n_reason, "direct": n - n_reason,
                       "reasoning_frac": round(frac, 4), "target": reasoning_target},
         "tokens": {"counted_with": "tokenizer" if count_tokens else "estimate (~4 characters a token)",
-                   "percentiles": _percentiles(first.tokens), "max_tokens": max_tokens,
+                   "percentiles": percentiles(first.tokens), "max_tokens": max_tokens,
                    "would_truncate": sum(t > max_tokens for t in first.tokens) if max_tokens else None},
         "sources": [{"path": os.path.basename(str(f)), "sha256": sha256_file(f)} for f in files],
         "duplicates": first.duplicates,

@@ -144,18 +144,6 @@ class DatasetVersion:
     warnings: list[str] = field(default_factory=list)
 
 
-def _percentiles(values: list[int]) -> dict:
-    if not values:
-        return {}
-    v = sorted(values)
-
-    def pct(p: float) -> int:
-        return v[min(len(v) - 1, int(round(p / 100 * (len(v) - 1))))]
-
-    return {"min": v[0], "p50": pct(50), "p90": pct(90), "p99": pct(99), "max": v[-1],
-            "mean": round(sum(v) / len(v), 1)}
-
-
 def load_manifest(version_dir: str | os.PathLike) -> dict:
     from infra import safe_files
 

@@ -36,13 +36,6 @@ ENV_PREFIXES = ("DUET_", "HF_", "TRANSFORMERS_", "TOKENIZERS_", "PYTORCH_", "CUD
 NOT_FORWARDED = ("CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES", "ACCELERATE_TORCH_DEVICE")
 
 
-def _read(path: Path, default=None):
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return default
-
-
 def worker_env(threads: int) -> dict:
     """What the ranks' processes need of the executor's environment (offline hub, caches, faults)."""
     env = {k: v for k, v in os.environ.items() if k.startswith(ENV_PREFIXES) and k not in NOT_FORWARDED}
@@ -81,7 +74,7 @@ def train(run, model_path: Path, resume: bool) -> None:
     finally:
         follower.stop()
     take_over(run)
-    outcome = _read(d / OUTCOME, {})
+    outcome = run_files.read_json(d / OUTCOME, {})
     kind = outcome.get("outcome")
     if kind == "done":
         run.result.update(outcome["result"])
@@ -96,7 +89,7 @@ def train(run, model_path: Path, resume: bool) -> None:
 def take_over(run) -> None:
     """The executor's Run takes what rank 0 recorded (losses, evals, checkpoints, recoveries, the
     configuration after any re-plan, the workers)."""
-    rec = _read(run.dir / "run.json", {})
+    rec = run_files.read_json(run.dir / "run.json", {})
     run.losses = run_files.read_by_step(run.dir / "losses.jsonl")
     for key in ("eval_losses", "checkpoints", "recoveries", "faults_fired"):
         setattr(run, key, rec.get(key, getattr(run, key)))
@@ -106,7 +99,7 @@ def take_over(run) -> None:
     for key in ("eval_loss_before", "world_size", "workers"):
         if key in rec:
             run.result[key] = rec[key]
-    ranks = [w for w in (_read(f) for f in sorted((run.dir / "workers").glob("rank-*.json"))) if w]
+    ranks = [w for w in (run_files.read_json(f) for f in sorted((run.dir / "workers").glob("rank-*.json"))) if w]
     if ranks:  # each rank's last word: its device, where the Trainer put it, its collectives and telemetry
         run.result["workers"] = ranks
 
@@ -168,7 +161,7 @@ class Follower:
             for line in self._new_lines("losses.jsonl"):
                 e = json.loads(line)
                 run.losses = [x for x in run.losses if x["step"] < e["step"]] + [e]
-            prog = _read(run.dir / PROGRESS)
+            prog = run_files.read_json(run.dir / PROGRESS)
             if prog:
                 run.progress.update(prog.get("progress", {}))
                 self.remote = prog.get("watchdog") or self.remote
@@ -207,7 +200,7 @@ class Follower:
     def _ranks(self, m: dict, lab: tuple) -> None:
         pids = set()
         for f in sorted((self.run.dir / "workers").glob("rank-*.json")):
-            w = _read(f)
+            w = run_files.read_json(f)
             if not w:
                 continue
             if w.get("pid"):

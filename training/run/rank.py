@@ -18,7 +18,7 @@ from transformers import TrainerCallback
 
 from training.run import checkpoints, memory_cap, policies, run_files
 from training.run.callbacks import CheckpointCommit, FaultInjection, Progress, RollbackGuard, parse_faults
-from training.run.distributed import ATTEMPTS, CONTROL, FAILURE, OUTCOME, PAUSED_FLAG, PROGRESS, _read
+from training.run.distributed import ATTEMPTS, CONTROL, FAILURE, OUTCOME, PAUSED_FLAG, PROGRESS
 from infra.lazy import lazy
 from infra.run_states import RunState
 
@@ -96,7 +96,7 @@ def worker(run_dir: Path, *, rank: int, world_size: int, report, node: str | Non
     threads = int(os.environ.get("DUET_TORCH_THREADS", "0") or 0)
     if threads:
         torch.set_num_threads(threads)
-    hw = (_read(run_dir / "run.json", {}) or {}).get("host") or {}
+    hw = (run_files.read_json(run_dir / "run.json", {}) or {}).get("host") or {}
     run = Run.load(run_dir, hw)
     run.device_index = dev.index
     main = rank == 0
@@ -108,13 +108,13 @@ def worker(run_dir: Path, *, rank: int, world_size: int, report, node: str | Non
         return
     group.barrier()
     if main:
-        run.result["workers"] = [_read(f) for f in sorted((run_dir / "workers").glob("rank-*.json"))]
+        run.result["workers"] = [run_files.read_json(f) for f in sorted((run_dir / "workers").glob("rank-*.json"))]
         run.write_record()
     else:
         run = Run.load(run_dir, hw)  # the attempt's configuration, as rank 0 wrote it (after any re-plan)
         run.device_index = dev.index
     group.barrier()
-    start = _read(run_dir / ATTEMPTS, {}).get("from")
+    start = run_files.read_json(run_dir / ATTEMPTS, {}).get("from")
     from_ckpt = Path(start) if start else None
     control = RankControl(run, main, me, group)
     cbs = [RankCheckpoint(run, run.train_cfg.keep_checkpoints, main, report, group)]
@@ -156,9 +156,9 @@ def begin_attempt(run, world_size: int) -> str | None:
     worker, bad gradients scale the learning rate, a lost worker is a restart) and record it; choose the
     checkpoint to resume from. Returns why the run gives up, or None."""
     d = run.dir
-    att = _read(d / ATTEMPTS, {"count": 0, "resume": False})
+    att = run_files.read_json(d / ATTEMPTS, {"count": 0, "resume": False})
     att["count"] += 1
-    fail = _read(d / FAILURE)
+    fail = run_files.read_json(d / FAILURE)
     (d / FAILURE).unlink(missing_ok=True)
     restart = att["count"] > 1
     if restart or fail:
@@ -267,7 +267,7 @@ class RankControl(TrainerCallback):
         self._telemetry(state.global_step)
         flags = [0, 0]
         if self.main:
-            ctl = _read(run.dir / CONTROL, {})
+            ctl = run_files.read_json(run.dir / CONTROL, {})
             flags = [int(run.cancel_requested() or bool(ctl.get("cancel"))), int(run.pause_requested() or bool(ctl.get("pause")))]
         cancel, pause = self.group.agree(flags)
         if self.main:
@@ -294,7 +294,7 @@ class RankControl(TrainerCallback):
         cancel = 0
         if self.main:
             while True:
-                ctl = _read(run.dir / CONTROL, {})
+                ctl = run_files.read_json(run.dir / CONTROL, {})
                 if ctl.get("cancel") or run.cancel_requested():
                     cancel = 1
                     break

@@ -17,6 +17,14 @@ def atomic_json(path: Path, data: dict) -> None:
 
 
 
+def read_json(path: Path, default=None):
+    """A run file's JSON, or ``default`` when it is missing or between writes."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return default
+
+
 def finite(obj):
     """``obj`` with every NaN or infinite float replaced by None (strict JSON, as the session log wants)."""
     if isinstance(obj, float):

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from training.run import policies, run_files
-from training.run.distributed import CONTROL, PROGRESS, Follower, _read
+from training.run.distributed import CONTROL, PROGRESS, Follower
 from infra.run_states import TERMINAL, RunState
 
 LOG = "train.log"
@@ -121,7 +121,7 @@ def supervise(run, resume: bool, threads: int | None = None) -> None:
                 follower.stop()
                 watchdog.track_pids(f"{run.run_id}:process", None)
                 run.child_pid = None
-            adopt(run, _read(d / "run.json", {}))
+            adopt(run, run_files.read_json(d / "run.json", {}))
             if run.state in TERMINAL:
                 return
             why = f"the training process ended with {ended_by(rc)} before the run did"
@@ -191,7 +191,7 @@ class Bridge:
 
     def sync(self) -> None:
         run = self.run
-        ctl = _read(run.dir / CONTROL, {}) or {}
+        ctl = run_files.read_json(run.dir / CONTROL, {}) or {}
         want = {"cancel": bool(ctl.get("cancel")), "pause": bool(ctl.get("pause"))}
         if want["cancel"] and not self.seen["cancel"]:
             run.cancel()
@@ -264,7 +264,7 @@ def main(argv=None) -> int:
     except ImportError:
         pass
     run_dir = Path(a.run_dir)
-    hw = (_read(run_dir / "run.json", {}) or {}).get("host") or hardware.probe(run_dir.parent.parent).to_dict()
+    hw = (run_files.read_json(run_dir / "run.json", {}) or {}).get("host") or hardware.probe(run_dir.parent.parent).to_dict()
     run = Run.load(run_dir, hw)
     run.torch_threads = threads or None
     bridge = Bridge(run).start()
