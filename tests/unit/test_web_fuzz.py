@@ -1,6 +1,7 @@
 """The dashboard's HTTP surface under random input (hypothesis), called as the server calls it (the
 ASGI app in-process, no cluster): any path, method, header, cookie, Last-Event-ID and body, logged
-in or not, gets a 2xx-4xx answer, never a 5xx, never a traceback in the body."""
+in or not, gets a 2xx-4xx answer, never a traceback in the body. The one 5xx allowed is the one a user
+acts on: 503 for a control (pause, resume, cancel) that needs the cluster, saying that no cluster answers."""
 
 import asyncio
 import json
@@ -99,7 +100,8 @@ def test_any_request_gets_an_answer_below_500_and_no_traceback(app, method, path
         h.append((b"cookie", f"{auth.cookie_name(PORT)}={cookie}".encode()))
         h.append((b"x-csrf-token", KEYS.csrf(KEYS.session_id(cookie)).encode()))
     status, out = call(asgi, method, path, h, body)
-    assert status is not None and status < 500, (method, path, headers, status, out[:300])
+    no_cluster = status == 503 and b"no cluster answers" in out and method == "POST"
+    assert status is not None and (status < 500 or no_cluster), (method, path, headers, status, out[:300])
     assert b"Traceback" not in out
 
 

@@ -71,18 +71,17 @@ def held_out_conversations(run_dir: Path, n: int = HELD_OUT) -> list[list[dict]]
 
 
 def _read_back(path: Path, arch: str) -> dict:
-    import gguf
+    from training.export.gguf_read import read_header
 
-    r = gguf.GGUFReader(str(path))
-    got_arch = r.fields["general.architecture"].contents()
+    r = read_header(path)
+    got_arch = r.fields.get("general.architecture")
     if got_arch != arch:
         raise ExportError(f"{path.name}: read back architecture {got_arch!r}, expected {arch!r}")
-    for t in r.tensors:
-        if any(int(d) <= 0 for d in t.shape):
-            raise ExportError(f"{path.name}: tensor {t.name} has shape {list(t.shape)}")
-    template = r.fields.get("tokenizer.chat_template")
+    for tname, shape, _ in r.tensors:
+        if any(int(d) <= 0 for d in shape):
+            raise ExportError(f"{path.name}: tensor {tname} has shape {list(shape)}")
     return {"architecture": got_arch, "tensors": len(r.tensors), "metadata_keys": len(r.fields),
-            "chat_template": template.contents() if template is not None else None}
+            "chat_template": r.fields.get("tokenizer.chat_template")}
 
 
 def transformers_reload(merged: Path, gguf_path: Path, prompts: list[str], quant: str) -> dict:

