@@ -140,7 +140,7 @@ def measure(size: str, method: str, mb: int, seq: int, gc_on: bool, device: str,
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
-    oom = False
+    oom, hwm = False, None
     try:
         peaks.enter("load")
         model = load_train_model(folder, cfg, device=device, dtype=pd["dtype"])
@@ -152,7 +152,9 @@ def measure(size: str, method: str, mb: int, seq: int, gc_on: bool, device: str,
             if device == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             peaks.enter("training")
+            hwm0 = _reset_hwm()
             trainer.train()
+            hwm = _hwm() if hwm0 is not None else None
             cuda_peak = torch.cuda.max_memory_reserved() if device == "cuda" else None
             peaks.enter("done")
     except torch.OutOfMemoryError:
@@ -173,12 +175,35 @@ def measure(size: str, method: str, mb: int, seq: int, gc_on: bool, device: str,
                            "peak RSS (sampled every 10 ms) during trainer.train(), minus RSS before the model load"),
            "oom": oom, "seconds": round(time.time() - t0, 1), "dtype": pd["dtype"], "budget_bytes": budget,
            "fits": est["fits"]}
+    if device != "cuda" and not oom and hwm is not None:  # the exact peak, transients shorter than a sample included
+        out["hwm_bytes"] = hwm - rss0
+        out["ratio_estimate_to_hwm"] = round(out["estimate_bytes"] / out["hwm_bytes"], 3)
     if measured:
         out["ratio_estimate_to_measured"] = round(out["estimate_bytes"] / measured, 3)
     gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()
     return out
+
+
+def _hwm() -> int | None:
+    """This process's peak RSS (VmHWM) in bytes, Linux only."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _reset_hwm() -> int | None:
+    """Reset VmHWM to the current RSS (``5 > /proc/self/clear_refs``, Linux >= 4.0); None where it cannot."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return None
+    return _hwm()
 
 
 def main(argv=None) -> int:

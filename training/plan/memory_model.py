@@ -185,6 +185,11 @@ ACTIVATIONS_CPU_BF16 = 0.82        # under bf16 autocast on CPU a layer keeps 0.
                                     # (benchmarks/vram_planner.py on the AVX512-BF16 machine: 0.76-0.93 over the
                                     # unpacked and packed SFT rows without checkpointing, median 0.82)
 RUNTIME_CPU = 640 * MIB             # the process before any model: torch, transformers, TRL, datasets (measured: demo)
+DPO_ACTIVATIONS_CPU_BF16 = 0.85    # TRL 1.16's DPO on CPU under bf16 keeps less than the SFT formula's activations per
+                                    # token (benchmarks/vram_planner.py, exact peak RSS over the formula: 0.60-0.65 at 4
+                                    # layers, 2 x 512 and 4 x 256; SmolLM2's shape, 2 x 256 and 1 x 512, 0.63 in one run
+                                    # and 0.83 in the next: the peak is bimodal there). The largest, so a plan never
+                                    # under-counts; fp32 DPO is not measured and keeps the SFT formula
 TRAINING_LOOP_CPU = 64 * MIB        # the trainer's own allocations during train() (optimizer setup, batches)
 PACKED_SCORE_BYTES_CPU = 2          # per attention-score element of a packed row on CPU, bf16 (benchmarks/vram_planner.py:
                                     # packed minus unpacked at equal tokens, 1.8 on SmolLM2's shape (4 x 512) and
@@ -265,6 +270,8 @@ def estimate(cfg: TrainConfig, model: ModelProfile, device: str = "cuda", bf16: 
     else:
         activations = model.layers * per_layer_full
     pairs = 2 if cfg.phase == "dpo" else 1  # DPO: chosen + rejected in one batch
+    if cfg.phase == "dpo" and device != "cuda" and wb == 2:
+        activations *= DPO_ACTIVATIONS_CPU_BF16
     breakdown = {
         "weights": int(weights),
         "trainable_and_optimizer": int(trainable_bytes),
@@ -281,8 +288,15 @@ def estimate(cfg: TrainConfig, model: ModelProfile, device: str = "cuda", bf16: 
     if cfg.phase == "dpo":
         # the frozen reference (the adapter disabled on the same weights): a no-grad forward, one
         # layer's activations at a time, and its own fused-head tile
-        breakdown["dpo_reference"] = int(per_layer_full * pairs + loss_head_bytes(tokens * pairs, model.vocab, h, wb,
-                                                                                  device, backward=False))
+        ref_head = loss_head_bytes(tokens * pairs, model.vocab, h, wb, device, backward=False)
+        if device == "cuda":
+            breakdown["dpo_reference"] = int(per_layer_full * pairs + ref_head)
+        else:
+            # TRL 1.16 runs it after the policy's forward, whose head tile is freed by then: a no-grad layer's
+            # transient (its input, q, k, v, the MLP's gate, up and product) and a head tile without backward
+            # add what they exceed the policy head's backward tile by (benchmarks/vram_planner.py, DPO rows)
+            layer = tokens * pairs * (4 * h + 3 * i) * ab
+            breakdown["dpo_reference"] = max(0, int(layer + ref_head - breakdown["loss_head"]))
     sub = sum(breakdown.values())
     if device == "cuda":
         breakdown["allocator_overhead"] = int(256 * MIB + 0.08 * sub)
