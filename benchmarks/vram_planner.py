@@ -186,17 +186,6 @@ def measure(size: str, method: str, mb: int, seq: int, gc_on: bool, device: str,
     return out
 
 
-def _hwm() -> int | None:
-    """This process's peak RSS (VmHWM) in bytes, Linux only."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 def _reset_hwm() -> int | None:
     """Reset VmHWM to the current RSS (``5 > /proc/self/clear_refs``, Linux >= 4.0); None where it cannot."""
     try:
@@ -204,6 +193,12 @@ def _reset_hwm() -> int | None:
     except OSError:
         return None
     return _hwm()
+
+
+def _hwm() -> int:
+    from training.export.gguf_convert import peak_rss  # VmHWM: the peak since the last reset
+
+    return peak_rss()
 
 
 def main(argv=None) -> int:

@@ -353,10 +353,10 @@ def _child(conv: str, model_dir: str, out: str, quant: str, name: str) -> None:
                       "tokenizer": f["tokenizer.ggml.model"], "tokenizer_pre": f.get("tokenizer.ggml.pre"),
                       "tokenizer_pre_source": seen.get("pre_source", "converter (vocabulary type)"),
                       "vocab": len(f["tokenizer.ggml.tokens"]),
-                      "peak_rss_bytes": _peak_rss()}))
+                      "peak_rss_bytes": peak_rss()}))
 
 
-def _peak_rss() -> int:
+def peak_rss() -> int:
     """This process's peak RSS since its exec (VmHWM; ru_maxrss keeps the parent's peak across a fork)."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
