@@ -103,7 +103,7 @@ def measure(size: str, method: str, mb: int, seq: int, gc_on: bool, device: str,
     from training import models
     from training.run.model_load import build_trainer, load_train_model
     from training.plan.hardware import bf16_native, cpu_bf16
-    from training.run.phases import PhasePeaks
+    from training.run.phases import PhasePeaks, peak_rss, reset_peak_rss
     from training.plan.memory_model import ModelProfile
     from training.config import TrainConfig
     from training.plan.planner import make_plan
@@ -152,9 +152,9 @@ def measure(size: str, method: str, mb: int, seq: int, gc_on: bool, device: str,
             if device == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             peaks.enter("training")
-            hwm0 = _reset_hwm()
+            exact = reset_peak_rss()
             trainer.train()
-            hwm = _hwm() if hwm0 is not None else None
+            hwm = peak_rss() if exact else None
             cuda_peak = torch.cuda.max_memory_reserved() if device == "cuda" else None
             peaks.enter("done")
     except torch.OutOfMemoryError:
@@ -184,21 +184,6 @@ def measure(size: str, method: str, mb: int, seq: int, gc_on: bool, device: str,
     if device == "cuda":
         torch.cuda.empty_cache()
     return out
-
-
-def _reset_hwm() -> int | None:
-    """Reset VmHWM to the current RSS (``5 > /proc/self/clear_refs``, Linux >= 4.0); None where it cannot."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return None
-    return _hwm()
-
-
-def _hwm() -> int:
-    from training.export.gguf_convert import peak_rss  # VmHWM: the peak since the last reset
-
-    return peak_rss()
 
 
 def main(argv=None) -> int:

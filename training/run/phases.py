@@ -80,6 +80,28 @@ class PhasePeaks:
             return {k: dict(v) for k, v in self.peaks.items()}
 
 
+def peak_rss() -> int:
+    """This process's peak RSS (VmHWM: since its exec, or since ``reset_peak_rss``; ru_maxrss keeps the
+    parent's peak across a fork and cannot be reset)."""
+    try:
+        for line in open("/proc/self/status").read().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (``5 > /proc/self/clear_refs``, Linux >= 4.0); False where it cannot."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        return False
+    return True
+
+
 def peak_memory_bytes() -> dict:
     out = {"rss_peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
     try:
