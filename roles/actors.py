@@ -94,6 +94,28 @@ def _classes():
         def adopt_finish(self, manifest: dict, moved_from: str) -> str:
             return self.ex.adopt_finish(manifest, moved_from)
 
+        def _chats(self):
+            if getattr(self, "chats", None) is None:
+                from training.serve.server import ChatServer, training_reserved
+
+                self.chats = ChatServer(self.ex.data_dir, reserved=lambda: training_reserved(list(self.ex.runs.values())))
+            return self.chats
+
+        def chat_start(self, run_id: str, model: str, messages: list, settings: dict | None = None) -> dict:
+            return self._chats().start(run_id, model, messages, settings)
+
+        def chat_poll(self, chat_id: str, offset: int = 0) -> dict:
+            return self._chats().poll(chat_id, offset)
+
+        def chat_stop(self, chat_id: str) -> dict:
+            return self._chats().stop(chat_id)
+
+        def chat_transcript(self, chat_id: str) -> dict:
+            return self._chats().transcript(chat_id)
+
+        def chat_loaded(self) -> list[dict]:
+            return self._chats().loaded()
+
         def metrics_text(self) -> str:
             """The exporter's exposition, for a driver that cannot reach its (loopback) port."""
             from prometheus_client import generate_latest

@@ -350,6 +350,24 @@ def record_export(workspace: str, postgres_url: str | None, mongo_url: str | Non
         return arch.record_export(files, entry)
 
 
+def record_judgement(workspace: str, postgres_url: str | None, mongo_url: str | None, answers: list[dict],
+                     **verdict) -> dict:
+    """Keep a person's judgement of answers as training data (roles/judgements.py), for a CLI."""
+    from roles import judgements
+
+    with _recording(workspace, postgres_url, mongo_url, f"judgement on {answers[0]['run_id']}") as arch:
+        return judgements.judge(arch, answers, **verdict)
+
+
+def record_judgement(workspace: str, postgres_url: str | None, mongo_url: str | None, answers: list[dict],
+                     **verdict) -> dict:
+    """Keep a person's judgement of answers as training data (roles/judgements.py), for a CLI."""
+    from roles import judgements
+
+    with _recording(workspace, postgres_url, mongo_url, f"judgement on {answers[0]['run_id']}") as arch:
+        return judgements.judge(arch, answers, **verdict)
+
+
 def record_sweep(workspace: str, postgres_url: str | None, mongo_url: str | None, comparison: dict) -> dict:
     """Record a sweep in the workspace (the CLI, after its runs)."""
     with _recording(workspace, postgres_url, mongo_url, f"sweep {comparison['sweep_id']}") as arch:

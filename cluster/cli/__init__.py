@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from cluster import output
-from cluster.cli import cluster, dashboard, data, export, memory, monitor, sweep, train
+from cluster.cli import chat, cluster, dashboard, data, export, memory, monitor, sweep, train
 from cluster.console import console, print_error
 from cluster.output import EXIT_INPUT, EXIT_OK
 
@@ -47,6 +47,8 @@ COMMANDS: dict[str, Command] = {
                      sweep.setup_sweep, sweep.run_sweep),
     "export": Command("a finished run -> a verified GGUF + Ollama Modelfile [--quant f16|bf16|q8_0] [--fetch]",
                       export.setup_export, export.run_export),
+    "chat": Command("talk to a run's model, compare it (--compare base|RUN|RUN@STEP), keep your judgements",
+                    chat.setup_chat, chat.run_chat),
     "session": Command("start | log | note | decide | list | show | resume | handoff | close work sessions",
                        memory.setup_session, memory.run_session),
     "memory": Command("sync | search | hypothesize | promote | backup | restore memory",

@@ -78,5 +78,25 @@ def test_detached_run_survives_its_driver_and_is_recorded_later(tmp_path, repo_r
         g = doc["files"]["gguf"]
         assert sha256_file(fetched[Path(g["path"]).name]) == g["sha256"] and "Modelfile" in fetched
         assert doc["recorded"]["commit"] and json.loads((ws / "runs" / run_id / "run.json").read_text())["exported"]
+
+        # try it: the run and its base answer on the executor; the judgement is kept, from another process
+        chat = duet("chat", run_id, "--prompt", "Who are you?", "--compare", "base", "--temperature", "1", "--seed", "5",
+                    "--max-tokens", "12", "--json", "--workspace", str(ws), cwd=tmp_path)
+        assert chat.returncode == 0, chat.stderr[-3000:]
+        got = json.loads(chat.stdout)
+        assert [a["model"] for a in got["answers"]] == [run_id, "base"]
+        assert all(a["state"] == "done" and a["tokens"] > 0 for a in got["answers"])
+        assert got["settings"] == {"temperature": 1.0, "top_p": 0.95, "max_tokens": 12, "seed": 5}
+        assert all(a["settings"] == got["settings"] for a in got["answers"])
+        ids = ",".join(a["chat_id"] for a in got["answers"])
+        kept = duet("chat", run_id, "--judge", ids, "--better", "2", "--json", "--workspace", str(ws), cwd=tmp_path)
+        assert kept.returncode == 0, kept.stderr[-3000:]
+        pairs = json.loads(kept.stdout)["pairs"]
+        assert pairs["added"] == 1 and pairs["commit"]
+        line = json.loads((ws / "judgements" / "judgements.jsonl").read_text())
+        assert line["chosen"][0]["content"] == got["answers"][1]["text"]
+        bad = duet("chat", run_id, "--prompt", "hi", "--compare", f"{run_id}@999", "--json", "--workspace", str(ws),
+                   cwd=tmp_path)
+        assert bad.returncode == 1 and "no valid checkpoint at step 999" in bad.stderr, bad.stderr[-2000:]
     finally:
         assert duet("down", "--workspace", str(ws), cwd=tmp_path).returncode == 0

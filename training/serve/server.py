@@ -1,0 +1,312 @@
+"""Chat sessions on the executor: a model loaded on demand (planned first, refused with the breakdown
+when it does not fit beside the training runs there), answers generated in a thread and streamed to
+whoever polls (``poll(chat_id, offset)``: a client that reconnects mid-answer picks up where it left),
+models unloaded after ``idle_s`` without use.
+
+Generation is one at a time on an executor (one lock): a seed then means the same answer, and two
+answers on a CPU's cores would each go at half speed anyway.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import re
+import threading
+import time
+import uuid
+from pathlib import Path
+
+from infra.run_states import TERMINAL
+from training.serve.models import ServeError, ServeRefused, check_messages, check_settings, inference_bytes, load, \
+    resolve
+
+IDLE_S = float(os.environ.get("DUET_SERVE_IDLE_S", "600"))
+MARGIN = 0.10             # of the device's memory, never planned for
+KEEP_CHATS_S = 3600       # a finished answer stays readable this long
+MAX_CHATS = 256
+KEEP_FILES = 2000         # finished transcripts kept on disk (<data_dir>/chats), newest first
+_CHAT_ID = re.compile(r"^[0-9a-f]{16}$")
+
+
+def device_memory(device: str) -> dict:
+    """{"total", "free"} bytes of the device a model would be served on, as the system reports them now."""
+    if device == "cuda":
+        import torch
+
+        free, total = torch.cuda.mem_get_info()
+        return {"total": int(total), "free": int(free)}
+    import psutil
+
+    vm = psutil.virtual_memory()
+    return {"total": int(vm.total), "free": int(vm.available)}
+
+
+def training_reserved(runs) -> dict[str, dict]:
+    """{run id: {"device", "bytes"}} for the runs an executor is training: what their plans said they
+    need at their peak (a serving model must leave it to them)."""
+    out = {}
+    for r in runs:
+        if r.state not in TERMINAL:
+            est = (r.plan.get("estimate") or {})
+            out[r.run_id] = {"device": r.plan.get("device", "cpu"),
+                             "bytes": int(est.get("host_bytes") or est.get("whole_run_bytes") or est.get("total_bytes") or 0)}
+    return out
+
+
+class _Chat:
+    def __init__(self, chat_id: str, ref: dict, settings: dict, messages: list[dict]):
+        self.id, self.ref, self.settings, self.messages = chat_id, ref, settings, messages
+        self.text, self.tokens, self.prompt_tokens = "", 0, 0
+        self.state, self.error = "queued", None
+        self.created = time.time()
+        self.started = self.first = self.ended = None
+        self.stop = threading.Event()
+
+    def view(self, offset: int = 0) -> dict:
+        gen_s = (self.ended or time.time()) - self.first if self.first else None
+        return {"chat_id": self.id, "model": self.ref["ref"], "run_id": self.ref["run_id"], "kind": self.ref["kind"],
+                "settings": self.settings, "state": self.state, "done": self.state in ("done", "failed", "stopped"),
+                "error": self.error, "offset": len(self.text), "text": self.text[max(0, int(offset)):],
+                "prompt_tokens": self.prompt_tokens, "tokens": self.tokens,
+                "queued_s": round(self.started - self.created, 3) if self.started else None,
+                "ttft_s": round(self.first - self.started, 3) if self.first and self.started else None,
+                "tokens_per_s": round(self.tokens / gen_s, 2) if gen_s and self.tokens > 1 and self.ended else None}
+
+
+class ChatServer:
+    """Models and chats of one executor. ``reserved()`` says what its training runs hold
+    (training_reserved); ``memory(device)`` what the device has (device_memory; tests give a fake)."""
+
+    def __init__(self, data_dir: str | os.PathLike, *, reserved=lambda: {}, memory=device_memory, idle_s: float = IDLE_S):
+        self.data_dir = Path(data_dir)
+        self.reserved, self.memory, self.idle_s = reserved, memory, idle_s
+        self.models: dict[str, dict] = {}
+        self.chats: dict[str, _Chat] = {}
+        self._lock = threading.Lock()        # the tables above
+        self._gen = threading.Lock()         # one generation at a time
+        self._reaper: threading.Thread | None = None
+
+    # -- planning and loading ---------------------------------------------------------------------
+
+    def plan(self, ref: dict, context_tokens: int) -> dict:
+        """The inference estimate for ``ref`` against its device now: ``fits`` and the whole breakdown."""
+        need = inference_bytes(ref, context_tokens)
+        mem = self.memory(ref["device"])
+        training = {k: v["bytes"] for k, v in self.reserved().items() if v["device"] == ref["device"]}
+        with self._lock:
+            serving = {k: m["bytes"] for k, m in self.models.items() if k != ref["ref"]}
+        budget = int(mem["total"] * (1 - MARGIN)) - sum(training.values()) - sum(serving.values())
+        total = sum(need.values())
+        fits = total <= budget and (ref["ref"] in self.models or total <= mem["free"])
+        return {"model": ref["ref"], "device": ref["device"], "context_tokens": context_tokens,
+                "needed_bytes": need, "needed_total_bytes": total, "device_total_bytes": mem["total"],
+                "device_free_bytes": mem["free"], "margin_bytes": int(mem["total"] * MARGIN),
+                "training_reserved_bytes": training, "serving_bytes": serving, "budget_bytes": budget, "fits": fits}
+
+    def _model(self, ref: dict, context_tokens: int) -> dict:
+        with self._lock:
+            m = self.models.get(ref["ref"])
+        if m is not None:
+            m["last"] = time.time()
+            return m
+        p = self.plan(ref, context_tokens)
+        if not p["fits"]:
+            gib = 2**30
+            raise ServeRefused(
+                f"{ref['ref']} needs {p['needed_total_bytes'] / gib:.2f} GiB on {ref['device']} "
+                f"({', '.join(f'{k} {v / gib:.2f}' for k, v in p['needed_bytes'].items())}); "
+                f"{p['budget_bytes'] / gib:.2f} GiB is left beside training "
+                f"({', '.join(f'{k} {v / gib:.2f}' for k, v in p['training_reserved_bytes'].items()) or 'none'}) "
+                f"and served models, {p['device_free_bytes'] / gib:.2f} GiB free now", p)
+        model, tok = load(ref)
+        m = {"ref": ref, "model": model, "tok": tok, "bytes": p["needed_total_bytes"] - p["needed_bytes"]["kv_cache"],
+             "loaded": time.time(), "last": time.time(), "busy": 0}
+        with self._lock:
+            self.models[ref["ref"]] = m
+        self._start_reaper()
+        return m
+
+    def unload_idle(self, now: float | None = None) -> list[str]:
+        """Unload every model unused for ``idle_s`` (none while it answers); the refs unloaded."""
+        now = time.time() if now is None else now
+        with self._lock:
+            gone = [k for k, m in self.models.items() if not m["busy"] and now - m["last"] >= self.idle_s]
+            for k in gone:
+                del self.models[k]
+            old = [c for c, ch in self.chats.items() if ch.ended and now - ch.ended > KEEP_CHATS_S]
+            for c in old:
+                del self.chats[c]
+        if gone:
+            gc.collect()
+            from training.run.phases import release_memory
+
+            release_memory()
+        return gone
+
+    def _start_reaper(self) -> None:
+        if self._reaper is not None and self._reaper.is_alive():
+            return
+
+        def loop():
+            while self.models:
+                time.sleep(min(5.0, max(0.05, self.idle_s / 4)))
+                self.unload_idle()
+
+        self._reaper = threading.Thread(target=loop, name="duet-serve-reaper", daemon=True)
+        self._reaper.start()
+
+    def loaded(self) -> list[dict]:
+        with self._lock:
+            return [{"model": k, "bytes": m["bytes"], "loaded": m["loaded"], "last_used": m["last"],
+                     "device": m["ref"]["device"]} for k, m in self.models.items()]
+
+    # -- chats --------------------------------------------------------------------------------------
+
+    def start(self, run_id: str, model: str, messages: object, settings: object = None) -> dict:
+        """Start an answer from ``model`` (a name relative to ``run_id``, see models.py) to ``messages``:
+        checked, planned and loaded here (ServeError, ServeRefused), generated in a thread. Returns
+        the chat's first view (its ``chat_id`` is what ``poll`` takes)."""
+        messages = check_messages(messages)
+        settings = check_settings(settings)
+        ref = resolve(self.data_dir, run_id, model)
+        with self._lock:
+            if sum(1 for c in self.chats.values() if not c.ended) >= MAX_CHATS:
+                raise ServeRefused(f"{MAX_CHATS} answers are already being generated here", {})
+        m = self._model(ref, settings["max_tokens"])
+        enc = self._encode(m, messages, settings)
+        chat = _Chat(uuid.uuid4().hex[:16], ref, settings, messages)
+        chat.prompt_tokens = int(enc["input_ids"].shape[1])
+        with self._lock:
+            self.chats[chat.id] = chat
+            m["busy"] += 1
+        threading.Thread(target=self._generate, args=(m, chat, enc), name=f"duet-chat-{chat.id}", daemon=True).start()
+        return chat.view()
+
+    def _encode(self, m: dict, messages: list[dict], settings: dict):
+        from training.data.dataset import for_template
+
+        tok = m["tok"]
+        if not getattr(tok, "chat_template", None):
+            raise ServeError(f"{m['ref']['ref']}: its tokenizer has no chat template")
+        text = tok.apply_chat_template(for_template(tok, messages), add_generation_prompt=True, tokenize=False)
+        enc = tok(text, return_tensors="pt", add_special_tokens=False)
+        limit = getattr(m["model"].config, "max_position_embeddings", None)
+        n = int(enc["input_ids"].shape[1])
+        if limit and n + settings["max_tokens"] > limit:
+            raise ServeError(f"the conversation is {n} tokens; with max_tokens {settings['max_tokens']} it exceeds "
+                             f"the model's context of {limit} tokens")
+        return enc
+
+    def _generate(self, m: dict, chat: _Chat, enc) -> None:
+        import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+        class _Stop(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kw):
+                return chat.stop.is_set()
+
+        tok, model, s = m["tok"], m["model"], chat.settings
+        try:
+            with self._gen:
+                chat.started, chat.state = time.time(), "generating"
+                dev = next(model.parameters()).device
+                streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+                kw = {"max_new_tokens": s["max_tokens"], "streamer": streamer,
+                      "pad_token_id": tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+                      "stopping_criteria": StoppingCriteriaList([_Stop()])}
+                kw.update({"do_sample": True, "temperature": s["temperature"], "top_p": s["top_p"]}
+                          if s["temperature"] > 0 else {"do_sample": False, "temperature": None, "top_p": None,
+                                                       "top_k": None})
+                out: dict = {}
+
+                def run():
+                    try:
+                        torch.manual_seed(s["seed"])
+                        with torch.no_grad():
+                            out["ids"] = model.generate(**{k: v.to(dev) for k, v in enc.items()}, **kw)
+                    except BaseException as exc:  # noqa: BLE001 - reported on the chat, the streamer ended
+                        out["error"] = exc
+                        streamer.end()
+
+                t = threading.Thread(target=run, daemon=True)
+                t.start()
+                for piece in streamer:
+                    if chat.first is None:
+                        chat.first = time.time()
+                    chat.text += piece
+                t.join()
+                if "error" in out:
+                    raise out["error"]
+                chat.tokens = int(out["ids"].shape[1] - chat.prompt_tokens)
+                chat.state = "stopped" if chat.stop.is_set() else "done"
+        except Exception as exc:  # noqa: BLE001 - an answer that fails says why; the server goes on
+            chat.state, chat.error = "failed", f"{type(exc).__name__}: {exc}"
+        finally:
+            chat.ended = time.time()
+            m["last"] = time.time()
+            with self._lock:
+                m["busy"] -= 1
+            self._save(chat)
+
+    def _save(self, chat: _Chat) -> None:
+        """A finished answer, kept on disk for judging later (another process, a restarted actor)."""
+        from training.run.run_files import atomic_json
+
+        folder = self.data_dir / "chats"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            atomic_json(folder / f"{chat.id}.json", {**chat.view(), "messages": chat.messages})
+            old = sorted(folder.glob("*.json"), key=lambda p: p.stat().st_mtime)[:-KEEP_FILES]
+            for p in old:
+                p.unlink(missing_ok=True)
+        except OSError:
+            pass  # a full disk costs the transcript, never the answer
+
+    def _find(self, chat_id: object) -> dict:
+        """The chat's whole record: in memory, else on disk; ServeError naming the id when neither."""
+        cid = str(chat_id)
+        with self._lock:
+            chat = self.chats.get(cid)
+        if chat is not None:
+            return {**chat.view(), "messages": chat.messages}
+        path = self.data_dir / "chats" / f"{cid}.json"
+        if _CHAT_ID.match(cid) and path.is_file():
+            try:
+                return json.loads(path.read_text())
+            except (OSError, ValueError):
+                pass
+        raise ServeError(f"no chat {cid[:40]!r} here")
+
+    def poll(self, chat_id: str, offset: int = 0) -> dict:
+        """The chat's text from ``offset`` on, its state and figures (ServeError for an unknown id)."""
+        with self._lock:
+            chat = self.chats.get(str(chat_id))
+        off = offset if isinstance(offset, int) and not isinstance(offset, bool) else 0
+        if chat is not None:
+            return chat.view(off)
+        v = {k: x for k, x in self._find(chat_id).items() if k != "messages"}
+        return {**v, "text": v["text"][max(0, off):]}
+
+    def transcript(self, chat_id: str) -> dict:
+        """The whole chat: its view with the conversation it answered (what a judgement keeps)."""
+        return self._find(chat_id)
+
+    def stop(self, chat_id: str) -> dict:
+        with self._lock:
+            chat = self.chats.get(str(chat_id))
+        if chat is None:
+            raise ServeError(f"no chat {str(chat_id)[:40]!r} here")
+        chat.stop.set()
+        return chat.view(len(chat.text))
+
+    def wait(self, chat_id: str, timeout: float = 600) -> dict:
+        """Block until the chat ends (for in-process callers); its whole view."""
+        end = time.time() + timeout
+        while time.time() < end:
+            v = self.poll(chat_id)
+            if v["done"]:
+                return v
+            time.sleep(0.05)
+        raise TimeoutError(f"chat {chat_id} did not finish in {timeout:.0f} s")
