@@ -11,6 +11,17 @@ def cpu_machine() -> str:
     return f"cpu-{platform.machine()}-{os.cpu_count()}c"
 
 
+def cpu_kind(features: dict | None = None) -> str:
+    """The kind of CPU a speed figure holds for, by the best matmul it has: amx (AMX-BF16 tiles),
+    avx512bf16 (native bf16 dot products), avx512, avx2 or base. Results whose value depends on it
+    (speed, trl_compare) are filed under ``<name>-<machine>-<kind>.json``, one file a kind."""
+    f = features or cpu_features()
+    for kind, flag in (("amx", "amx_bf16"), ("avx512bf16", "avx512_bf16"), ("avx512", "avx512f"), ("avx2", "avx2")):
+        if f.get(flag):
+            return kind
+    return "base"
+
+
 def cpu_features() -> dict:
     """What decided a CPU plan, named beside every CPU figure: the model, the core count, and the flags
     that make bf16 native (AVX512-BF16, AMX) or fast matmul possible at all (AVX-512, AVX2)."""

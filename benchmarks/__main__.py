@@ -27,6 +27,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 SUITE = [
     ("speed", ["--reps", "5", "--steps", "8"], ["--reps", "1", "--steps", "4"]),
     ("trl_compare", ["--reps", "5", "--steps", "20"], ["--reps", "1", "--steps", "12"]),
+    ("serve", ["--reps", "3"], ["--reps", "1", "--max-new", "16"]),
     ("memory", ["--reps", "3"], ["--reps", "1"]),
     ("alerting", ["--reps", "5"], ["--reps", "2"]),
     ("failover", ["--reps", "3"], ["--reps", "1"]),
@@ -83,6 +84,14 @@ def rows_of(doc: dict) -> list[tuple[str, str, str, str]]:
         if "eval_loss_minus_fp32_script" in go:
             g = go["eval_loss_minus_fp32_script"]
             out.append(("eval loss: duet plan minus fp32_script (medians)", f"{g['value']:+.3f}", "<= +0.03", g["met"]))
+    elif name == "serve":
+        sm, ra = doc["summary"], doc["ratios"]
+        for key, label in (("tokens_per_s", "tokens/s"), ("ttft_s", "time to first token, s")):
+            ratio = ra["tokens_per_s_duet_over_transformers" if key == "tokens_per_s" else "ttft_duet_over_transformers"]
+            out.append((f"chat answer ({doc['dtype']}, greedy, {doc['max_new_tokens']} tokens): {label}, duet's chat server / "
+                        "transformers' generate, medians (ratio)",
+                        f"{sm['duet'][key]['median']:.3g} / {sm['transformers'][key]['median']:.3g} ({ratio:.2f})",
+                        ">= 0.95" if key == "tokens_per_s" else "", ratio >= 0.95 if key == "tokens_per_s" else None))
     elif name == "memory":
         for k, goal in doc["goals_s"].items():
             out.append((k, _fmt(doc["median"][k], " s"), f"<= {goal} s", doc["meets_goal"][k]))
@@ -203,11 +212,23 @@ def rows_of(doc: dict) -> list[tuple[str, str, str, str]]:
     return out
 
 
+def machine_label(doc: dict) -> str:
+    """The machine a row holds for: its name, and for CPU results the CPU's model and kind (AMX,
+    AVX512-BF16, AVX-512, AVX2), which decide the dtype the plan trains in."""
+    from benchmarks import cpu_kind
+
+    name, cpu = doc.get("machine", "?"), doc.get("cpu")
+    if not isinstance(cpu, dict) or not str(name).startswith("cpu-"):
+        return str(name)
+    return f"{name} ({cpu.get('model', '?')}, {cpu_kind(cpu)})"
+
+
 def write_table() -> Path:
     lines = ["# Benchmark results", "",
              "Rebuilt by `make bench` (`python -m benchmarks`) from the JSON files in this folder. Each row names the",
-             "machine it was measured on; CPU rows come from the 2-core development machine, GPU rows from lent",
-             "devices (see each JSON for versions and every repetition).", "",
+             "machine it was measured on; CPU rows come from 2-core development machines (the CPU's model and kind",
+             "where the result records it: amx, avx512bf16, avx512, avx2), GPU rows from lent devices (see each JSON",
+             "for versions and every repetition).", "",
              "| benchmark | machine | figure | value | goal | met |", "|---|---|---|---|---|---|"]
     for p in sorted(RESULTS.glob("*.json")):
         try:
@@ -216,7 +237,7 @@ def write_table() -> Path:
             continue
         for fig, val, goal, met in rows_of(doc):
             mark = "" if met is None else ("yes" if met else "**no**")
-            lines.append(f"| [{doc.get('benchmark')}]({p.name}) | {doc.get('machine', '?')} | {fig} | {val} | {goal} | {mark} |")
+            lines.append(f"| [{doc.get('benchmark')}]({p.name}) | {machine_label(doc)} | {fig} | {val} | {goal} | {mark} |")
     out = RESULTS / "README.md"
     out.write_text("\n".join(lines) + "\n")
     return out

