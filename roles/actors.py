@@ -113,6 +113,12 @@ def _classes():
         def chat_transcript(self, chat_id: str) -> dict:
             return self._chats().transcript(chat_id)
 
+        def chat_held_out(self, run_id: str, limit: int = 50) -> list[dict]:
+            return self._chats().held_out(run_id, limit)
+
+        def chat_scores(self, run_id: str, models: list, limit: int = 20) -> dict:
+            return self._chats().scores(run_id, models, limit)
+
         def chat_loaded(self) -> list[dict]:
             return self._chats().loaded()
 

@@ -23,7 +23,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
-from cluster.web import auth
+from cluster.web import auth, try_page
 from cluster.web.guard import (JSON, LOGIN_PAGE, MAX_EVENT_ID, MAX_LOGIN_BYTES, BadInput, Guard, _number, dumps, form,
                                is_form, json_body, wants_html)
 from cluster.web.source import NotFound, Source
@@ -380,6 +380,7 @@ def create_app(source: Source, keys: auth.Keys, *, bind: str = "127.0.0.1", port
         Route("/cluster", cluster_page),
         Route("/api/runs", runs_api), Route("/api/runs/{run_id}", run_api),
         Route("/api/runs/{run_id}/series", series_api), Route("/api/runs/{run_id}/stream", stream),
+        *try_page.routes(source, page, error, call, post),
         Route("/api/runs/{run_id}/{action:str}", control, methods=["POST"]),
         Route("/api/datasets", datasets_api), Route("/api/datasets/{name}/{ref}", dataset_api),
         Route("/api/sessions", sessions_api), Route("/api/sessions/{sid}", session_api),

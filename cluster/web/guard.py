@@ -167,9 +167,9 @@ async def form(req: Request, limit: int = MAX_BODY_BYTES) -> dict:
     return {k: v[-1] for k, v in fields.items()}
 
 
-async def json_body(req: Request) -> object:
+async def json_body(req: Request, limit: int = MAX_BODY_BYTES) -> object:
     """A JSON request body (size-limited; too deep a nesting is a 400, not a RecursionError)."""
-    data = await body(req)
+    data = await body(req, limit)
     try:
         return json.loads(data.decode("utf-8"))
     except RecursionError:

@@ -30,6 +30,14 @@ class NotFound(LookupError):
     pass
 
 
+class Refused(RuntimeError):
+    """What was asked does not fit (a model beside training): the message and the breakdown (a 409)."""
+
+    def __init__(self, message: str, breakdown: dict):
+        super().__init__(message)
+        self.breakdown = breakdown
+
+
 def queued(run_id: str, entry: dict) -> dict:
     """The series of a run still in the queue: no steps yet."""
     return {"run_id": run_id, "state": "queued", "progress": {"step": 0, "max_steps": None}, "points": [], "reset": True,
@@ -193,6 +201,60 @@ class Source:
             return run_view.control(run_id, action, ex, self._scheduler())
         except ray.exceptions.RayTaskError as exc:
             raise ValueError(str(getattr(exc, "cause", exc))) from exc
+
+    # -- trying a run's model (training/serve on its executor) -------------------------------------------
+
+    def _on_executor(self, run_id: str, method: str, *args, timeout: float = CALL_TIMEOUT):
+        """``chat_<method>`` on the executor that holds ``run_id``; an error raised there is raised here
+        as itself (not Ray's wrapper)."""
+        checked(run_id)
+        ex = self.executor_for(run_id)
+        if ex is None:
+            raise ConnectionError(f"no cluster answers ({self.last_error}); trying a model needs its executor")
+        try:
+            return call(ex, f"chat_{method}", *args, timeout=timeout)
+        except ray.exceptions.RayTaskError as exc:
+            raise getattr(exc, "cause", None) or exc from None
+
+    def _serving(self, run_id: str, method: str, *args, timeout: float = CALL_TIMEOUT):
+        """``_on_executor``, with a refusal that keeps its breakdown (Refused, a 409) and bad input as a
+        ValueError (a 400)."""
+        from training.serve.models import ServeError, ServeRefused
+
+        try:
+            return self._on_executor(run_id, method, *args, timeout=timeout)
+        except ServeRefused as exc:
+            raise Refused(str(exc), exc.breakdown) from None
+        except ServeError as exc:
+            raise ValueError(str(exc)) from None
+
+    def chat_start(self, run_id: str, model: str, messages: list, settings: dict | None) -> dict:
+        if not isinstance(model, str) or len(model) > 200:
+            raise ValueError("model: give base, RUN, RUN@STEP or RUN@latest")
+        owner = run_id if model == "base" or model.startswith(run_id + "@") else model.partition("@")[0]
+        view = self._serving(owner, "start", run_id, model, messages, settings, timeout=1800)
+        return {**view, "owner": owner}
+
+    def chat_poll(self, run_id: str, chat_id: str, offset: int = 0) -> dict:
+        return self._serving(run_id, "poll", chat_id, offset)
+
+    def held_out(self, run_id: str) -> list[dict]:
+        return self._serving(run_id, "held_out", run_id, 50)
+
+    def scores(self, run_id: str, models: list[str]) -> dict:
+        return self._serving(run_id, "scores", run_id, models, 20, timeout=1800)
+
+    def judge(self, run_id: str, owners: list[tuple[str, str]], better: int | None, edited: str | None,
+              dataset: str, who: str) -> dict:
+        """Keep a judgement of the answers ``owners`` names ((run that holds it, chat id) each): their
+        texts come from the executors' records, never from the browser."""
+        from cluster import embedded
+        from roles.architect import record_judgement
+
+        answers = [self._serving(owner, "transcript", cid) for owner, cid in owners]
+        pg, mongo = embedded.store_urls(self.workspace)
+        return record_judgement(str(self.workspace), pg, mongo, answers, better=better, edited=edited,
+                                dataset=dataset, who=who)
 
     # -- datasets --------------------------------------------------------------------------------------
 

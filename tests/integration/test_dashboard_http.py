@@ -141,7 +141,8 @@ def test_state_changes_need_the_csrf_token_and_this_origin(dashboard):
     status, _, body = http(port, "GET", "/", headers={"Cookie": cookie})
     token = re.search(rb'name="csrf-token" content="([0-9a-f]+)"', body).group(1).decode()
     j = {"Cookie": cookie, "Content-Type": "application/json", "Accept": "application/json"}
-    for path in ("/api/runs/x/pause", "/api/runs/x/cancel", "/api/memory/promote", "/logout"):
+    for path in ("/api/runs/x/pause", "/api/runs/x/cancel", "/api/memory/promote", "/logout", "/api/runs/x/chat",
+                 "/api/runs/x/judge", "/api/runs/x/scores"):
         assert http(port, "POST", path, headers=j, body=b"{}")[0] == 403, path
         assert http(port, "POST", path, headers={**j, "X-CSRF-Token": "0" * 64}, body=b"{}")[0] == 403, path
         assert http(port, "POST", path, headers={**j, "X-CSRF-Token": token, "Origin": "http://evil.example"},

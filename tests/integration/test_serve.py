@@ -275,3 +275,108 @@ def test_a_secret_in_an_edit_is_refused_and_the_log_is_unchanged(finished):
     with pytest.raises(SecretFound):
         judgements.judge(arch, answers, better=None, edited="my key is AKIAZ7QXRWPLMN3VBT4K", dataset="guarded")
     assert log.read_bytes() == before
+
+
+class ServerSource:
+    """The dashboard's Source with the run's executor replaced by a chat server in this process (no
+    cluster here; the routes, the guard and the server are the real ones)."""
+
+    def __new__(cls, workspace, server):
+        from cluster.web.source import Source
+
+        class _S(Source):
+            def _on_executor(self, run_id, method, *args, timeout=0):
+                return getattr(server, method)(*args)
+        return _S(workspace)
+
+
+def _asgi(app, method, path, headers, body=b"", cut_s=30):
+    """One request through the ASGI app, as the fuzz test sends it; the response's status and body."""
+    import asyncio
+
+    raw, _, qs = path.partition("?")
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
+             "path": raw, "raw_path": raw.encode(), "query_string": qs.encode(), "root_path": "",
+             "headers": headers, "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8765)}
+    sent = {"status": None, "body": b""}
+    msgs = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive():
+        if msgs:
+            return msgs.pop(0)
+        await asyncio.sleep(3600)
+
+    async def send(m):
+        if m["type"] == "http.response.start":
+            sent["status"] = m["status"]
+        elif m["type"] == "http.response.body":
+            sent["body"] += m.get("body", b"")
+
+    async def go():
+        try:
+            await asyncio.wait_for(app(scope, receive, send), cut_s)
+        except asyncio.TimeoutError:
+            pass
+    asyncio.run(go())
+    return sent["status"], sent["body"]
+
+
+def test_the_try_routes_stream_resume_at_the_offset_and_refuse_with_the_breakdown(finished):
+    import json
+
+    from cluster.web import auth
+    from cluster.web.app import create_app
+    from training.serve.server import ChatServer
+
+    _, arch, ex, run_id, _ = finished
+    keys = auth.Keys.from_cluster_token("ef" * 32)
+    sessions = auth.Sessions(None)
+    cookie = keys.new_session()
+    sessions.add(*auth.Keys.parts(cookie))
+    h = [(b"host", b"127.0.0.1:8765"), (b"cookie", f"{auth.cookie_name(8765)}={cookie}".encode()),
+         (b"x-csrf-token", keys.csrf(keys.session_id(cookie)).encode()), (b"content-type", b"application/json")]
+    srv = ChatServer(ex.data_dir)
+    app = create_app(ServerSource(arch.ws.root, srv), keys, sessions=sessions)
+    body = json.dumps({"model": run_id, "messages": PROMPT, "settings": {"temperature": 1.0, "seed": 4,
+                                                                         "max_tokens": 16}}).encode()
+    status, out = _asgi(app, "POST", f"/api/runs/{run_id}/chat", h, body)
+    assert status == 200, out
+    view = json.loads(out)
+    whole = srv.wait(view["chat_id"])["text"]
+    assert whole.strip()
+
+    def stream(extra):
+        status, out = _asgi(app, "GET", f"/api/runs/{run_id}/chat/{view['chat_id']}/stream?owner={run_id}", h + extra)
+        assert status == 200, out
+        text, ended = "", None
+        for block in out.decode().split("\n\n"):
+            lines = dict(x.split(": ", 1) for x in block.splitlines() if ": " in x and not x.startswith(":"))
+            if lines.get("event") == "end":
+                ended = json.loads(lines["data"])
+            elif "data" in lines:
+                text += json.loads(lines["data"])["text"]
+        return text, ended
+
+    assert stream([]) == (whole, stream([])[1]) and stream([])[1]["state"] == "done"
+    k = len(whole) // 2
+    again, ended = stream([(b"last-event-id", str(k).encode())])  # a browser that reconnects mid-answer
+    assert again == whole[k:] and ended["tokens"] == 16 and ended["settings"]["seed"] == 4
+
+    # what the browser may send is checked before anything runs
+    for bad, words in ((b'{"model": 3, "messages": []}', b"model: expected str"),
+                       (b'{"model": "base", "messages": [], "x": 1}', b"unknown field"),
+                       (b'{"model": "base", "messages": [{"role": "user", "content": "hi"}], "settings": {"seed": -1}}',
+                        b"'seed'")):
+        status, out = _asgi(app, "POST", f"/api/runs/{run_id}/chat", h, bad)
+        assert status == 400 and words in out, (status, out)
+    status, out = _asgi(app, "POST", f"/api/runs/{run_id}/judge", h,
+                        json.dumps({"answers": [{"owner": run_id, "chat_id": "../../etc"}], "better": 0}).encode())
+    assert status == 400 and b"16 hexadecimal digits" in out
+
+    # a model that does not fit beside a training run: 409 with the breakdown
+    srv.reserved = lambda: {"sft-big": {"device": "cpu", "bytes": 10**15}}
+    status, out = _asgi(app, "POST", f"/api/runs/{run_id}/chat", h,
+                        json.dumps({"model": "base", "messages": PROMPT}).encode())
+    doc = json.loads(out)
+    assert status == 409 and doc["breakdown"]["training_reserved_bytes"] == {"sft-big": 10**15}
+    srv.reserved = lambda: {}

@@ -37,11 +37,15 @@ class ServeError(ValueError):
 
 
 class ServeRefused(RuntimeError):
-    """The model does not fit where it would be served (exit 2); ``breakdown`` says why."""
+    """The model does not fit where it would be served (exit 2); ``breakdown`` says why. Both are its
+    args, so it crosses a process boundary (Ray pickles an actor's error) whole."""
 
     def __init__(self, message: str, breakdown: dict):
-        super().__init__(message)
+        super().__init__(message, breakdown)
         self.breakdown = breakdown
+
+    def __str__(self) -> str:
+        return str(self.args[0])
 
 
 def check_settings(raw: object) -> dict:

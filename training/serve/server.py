@@ -301,6 +301,71 @@ class ChatServer:
         chat.stop.set()
         return chat.view(len(chat.text))
 
+    # -- held-out prompts and the scores that need no human ---------------------------------------------
+
+    def held_out(self, run_id: str, limit: int = 50) -> list[dict]:
+        """The run's test split as prompts with their reference answers (the run's own copy of its
+        dataset on this executor): [{id, messages, reference}]."""
+        from training.config import PlanError, check_run_id
+        from training.data.dataset import load_split
+
+        try:
+            check_run_id(run_id)
+        except PlanError as exc:
+            raise ServeError(str(exc)) from None
+        folder = self.data_dir / "runs" / run_id / "dataset"
+        if not folder.is_dir():
+            raise ServeError(f"no run {run_id!r} on this executor ({self.data_dir / 'runs'})")
+        out = []
+        for r in load_split(folder, "test")[:max(1, min(int(limit), 500))]:
+            if "chosen" in r:
+                msgs, ref = r["prompt"] if isinstance(r["prompt"], list) else [{"role": "user", "content": r["prompt"]}], \
+                    r["chosen"][-1]["content"] if isinstance(r["chosen"], list) else r["chosen"]
+            else:
+                msgs, ref = r["messages"][:-1], r["messages"][-1]["content"]
+            out.append({"id": r["id"], "messages": msgs, "reference": ref})
+        return out
+
+    def scores(self, run_id: str, models: list[str], limit: int = 20) -> dict:
+        """Per held-out prompt, each model's mean loss (nats a token) on the reference answer, given
+        the prompt: where the run helped and where it did not, with no human in the loop."""
+        import torch
+
+        from training.data.dataset import for_template
+
+        if not isinstance(models, list) or not 1 <= len(models) <= 4:
+            raise ServeError("scores: give 1 to 4 models")
+        prompts = self.held_out(run_id, limit)
+        rows = [{"id": p["id"], "prompt": p["messages"][-1]["content"], "loss": {}} for p in prompts]
+        for name in models:
+            ref = resolve(self.data_dir, run_id, name)
+            m = self._model(ref, 2048)
+            tok, model = m["tok"], m["model"]
+            with self._lock:
+                m["busy"] += 1
+            try:
+                with self._gen, torch.no_grad():
+                    dev = next(model.parameters()).device
+                    for row, p in zip(rows, prompts):
+                        head = tok.apply_chat_template(for_template(tok, p["messages"]), add_generation_prompt=True,
+                                                       tokenize=False)
+                        whole = tok.apply_chat_template(for_template(tok, p["messages"] + [
+                            {"role": "assistant", "content": p["reference"]}]), tokenize=False)
+                        n_head = len(tok(head, add_special_tokens=False)["input_ids"])
+                        ids = tok(whole, return_tensors="pt", add_special_tokens=False)["input_ids"].to(dev)
+                        labels = ids.clone()
+                        labels[:, :n_head] = -100
+                        row["loss"][ref["ref"]] = round(float(model(input_ids=ids, labels=labels).loss), 4) \
+                            if ids.shape[1] > n_head else None
+            finally:
+                m["last"] = time.time()
+                with self._lock:
+                    m["busy"] -= 1
+        names = [resolve(self.data_dir, run_id, n)["ref"] for n in models]
+        mean = {n: round(sum(r["loss"][n] for r in rows if r["loss"].get(n) is not None)
+                         / max(1, sum(1 for r in rows if r["loss"].get(n) is not None)), 4) for n in names}
+        return {"run_id": run_id, "models": names, "rows": rows, "mean": mean}
+
     def wait(self, chat_id: str, timeout: float = 600) -> dict:
         """Block until the chat ends (for in-process callers); its whole view."""
         end = time.time() + timeout
