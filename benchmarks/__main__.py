@@ -92,6 +92,10 @@ def rows_of(doc: dict) -> list[tuple[str, str, str, str]]:
                         "transformers' generate, medians (ratio)",
                         f"{sm['duet'][key]['median']:.3g} / {sm['transformers'][key]['median']:.3g} ({ratio:.2f})",
                         ">= 0.95" if key == "tokens_per_s" else "", ratio >= 0.95 if key == "tokens_per_s" else None))
+        if "estimate_over_measured" in doc.get("memory", {}):
+            r = doc["memory"]["estimate_over_measured"]
+            out.append(("serving: inference estimate / measured peak RSS growth (load and first answer)", _fmt(r),
+                        "within 10 %", abs(1 - r) <= 0.10))
     elif name == "memory":
         for k, goal in doc["goals_s"].items():
             out.append((k, _fmt(doc["median"][k], " s"), f"<= {goal} s", doc["meets_goal"][k]))

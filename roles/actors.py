@@ -104,8 +104,8 @@ def _classes():
         def chat_start(self, run_id: str, model: str, messages: list, settings: dict | None = None) -> dict:
             return self._chats().start(run_id, model, messages, settings)
 
-        def chat_poll(self, chat_id: str, offset: int = 0) -> dict:
-            return self._chats().poll(chat_id, offset)
+        def chat_poll(self, chat_id: str, offset: int = 0, wait_s: float = 0.0) -> dict:
+            return self._chats().poll(chat_id, offset, wait_s)
 
         def chat_stop(self, chat_id: str) -> dict:
             return self._chats().stop(chat_id)

@@ -13,7 +13,6 @@ on the runs under --data-dir. Judgements are kept in the workspace (roles/judgem
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 from cluster.cli.common import workspace_arg
@@ -22,7 +21,7 @@ from cluster.output import EXIT_INFRA, EXIT_INPUT, EXIT_OK, EXIT_REFUSED, emit_j
 from infra.lazy import lazy
 
 ray = lazy("ray", extra="architect")
-POLL_S = 0.05
+WAIT_S = 0.5   # a long poll: the server answers as soon as a piece is made
 
 
 def setup_chat(p):
@@ -122,17 +121,17 @@ def _answer(srv, run_id: str, models: list[str], messages: list[dict], settings:
     offsets = [0] * len(views)
     done = [False] * len(views)
     while not all(done):
+        now = done.index(False)  # the executor answers one at a time: wait on the one it is answering
         for i, v in enumerate(views):
             if done[i]:
                 continue
-            nv = srv("poll", v["chat_id"], offsets[i])
+            nv = srv("poll", v["chat_id"], offsets[i], WAIT_S if i == now else 0.0)
             if nv["text"]:
                 stream(i, nv["text"])
             offsets[i] = nv["offset"]
             if nv["done"]:
                 done[i] = True
                 views[i] = srv("poll", v["chat_id"], 0)
-        time.sleep(POLL_S)
     return views
 
 

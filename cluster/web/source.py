@@ -235,8 +235,8 @@ class Source:
         view = self._serving(owner, "start", run_id, model, messages, settings, timeout=1800)
         return {**view, "owner": owner}
 
-    def chat_poll(self, run_id: str, chat_id: str, offset: int = 0) -> dict:
-        return self._serving(run_id, "poll", chat_id, offset)
+    def chat_poll(self, run_id: str, chat_id: str, offset: int = 0, wait_s: float = 0.0) -> dict:
+        return self._serving(run_id, "poll", chat_id, offset, wait_s)
 
     def held_out(self, run_id: str) -> list[dict]:
         return self._serving(run_id, "held_out", run_id, 50)

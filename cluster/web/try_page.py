@@ -22,7 +22,7 @@ from cluster.web.guard import JSON, MAX_EVENT_ID, BadInput, dumps, json_body
 from cluster.web.source import Refused, checked
 
 CHAT_BODY_BYTES = 1 << 20     # a conversation: up to 200,000 characters (training/serve/models.MAX_CHARS)
-POLL_S = 0.1
+WAIT_S = 1.0      # each poll of the executor waits up to this long for the next piece (a long poll)
 CHAT_ID = re.compile(r"^[0-9a-f]{16}$")
 MAX_COMPARE = 4
 
@@ -123,9 +123,8 @@ def routes(source, page, error, call, post) -> list[Route]:
                 if doc["done"]:
                     yield f"event: end\ndata: {dumps({k: v for k, v in doc.items() if k != 'text'})}\n\n"
                     return
-                await asyncio.sleep(POLL_S)
                 try:
-                    doc = await run_in_threadpool(source.chat_poll, owner, cid, offset)
+                    doc = await run_in_threadpool(source.chat_poll, owner, cid, offset, WAIT_S)
                 except Exception as exc:  # the executor restarting: say so, keep trying
                     yield f"event: trouble\ndata: {dumps({'error': f'{type(exc).__name__}: {exc}'[:300]})}\n\n"
                     await asyncio.sleep(2.0)

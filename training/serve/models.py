@@ -170,10 +170,17 @@ NF4_BYTES_PER_PARAM = 0.5 + 0.5 / 64 * 1.03   # 4 bits, a double-quantized absma
 LOGITS_TOKENS = 1                              # generate() computes the last position's logits only
 
 
+SERVE_RUNTIME_CPU = 64 * 2**20    # generate's own allocations and imports in an executor that already holds torch
+
+
 def inference_bytes(ref: dict, context_tokens: int) -> dict[str, int]:
-    """The memory model's inference estimate: {weights, adapter, kv_cache, logits, runtime}, bytes."""
+    """The memory model's inference estimate, bytes: the weights at their load width, the adapter, the
+    KV cache for ``context_tokens``, a step's logits, the process (the CUDA context on a GPU), and on
+    the CPU the load's transient: the stored files, mapped while their tensors are copied to the load
+    width (measured on SmolLM2's fp32 file loaded in bf16: peak 870 MB, 359 MB after; benchmarks/serve.py).
+    ``inference_total`` says how they add up."""
     from training.config import LoraSettings
-    from training.plan.memory_model import CUDA_CONTEXT_BYTES, RUNTIME_CPU, ModelProfile
+    from training.plan.memory_model import CUDA_CONTEXT_BYTES, ModelProfile
 
     try:
         prof = ModelProfile.from_config(Path(ref["base"]))
@@ -185,10 +192,24 @@ def inference_bytes(ref: dict, context_tokens: int) -> dict[str, int]:
     else:
         weights = prof.params * width
     adapter = prof.lora_params(LoraSettings.model_validate(ref["lora"])) * 4 if ref["adapter"] else 0
+    stored = sum(f.stat().st_size for f in Path(ref["base"]).glob("*.safetensors")) + \
+        sum(f.stat().st_size for f in Path(ref["adapter"] or ref["base"]).glob("adapter_model.safetensors"))
     kv = 2 * prof.layers * prof.kv_heads * prof.head_dim * context_tokens * width
     return {"weights": weights, "adapter": adapter, "kv_cache": kv,
             "logits": LOGITS_TOKENS * prof.vocab * 4 * 2,
-            "runtime": CUDA_CONTEXT_BYTES if ref["device"] == "cuda" else RUNTIME_CPU // 4}
+            "runtime": CUDA_CONTEXT_BYTES if ref["device"] == "cuda" else SERVE_RUNTIME_CPU,
+            "load_transient": stored if ref["device"] != "cuda" else 0}
+
+
+def inference_total(b: dict[str, int]) -> int:
+    """The peak of serving: the weights, the adapter and the process always; then the larger of the
+    load's transient and what answering holds (the KV cache and the logits), which come after it."""
+    return b["weights"] + b["adapter"] + b["runtime"] + max(b["load_transient"], b["kv_cache"] + b["logits"])
+
+
+def resident_bytes(b: dict[str, int]) -> int:
+    """What a loaded model keeps between answers (the process's own memory is counted once, apart)."""
+    return b["weights"] + b["adapter"] + b["logits"]
 
 
 def load(ref: dict):

@@ -19,8 +19,8 @@ import uuid
 from pathlib import Path
 
 from infra.run_states import TERMINAL
-from training.serve.models import ServeError, ServeRefused, check_messages, check_settings, inference_bytes, load, \
-    resolve
+from training.serve.models import ServeError, ServeRefused, check_messages, check_settings, inference_bytes, \
+    inference_total, load, resident_bytes, resolve
 
 IDLE_S = float(os.environ.get("DUET_SERVE_IDLE_S", "600"))
 MARGIN = 0.10             # of the device's memory, never planned for
@@ -63,6 +63,11 @@ class _Chat:
         self.created = time.time()
         self.started = self.first = self.ended = None
         self.stop = threading.Event()
+        self.changed = threading.Condition()   # notified on every new piece and at the end (long polls wait on it)
+
+    def grew(self) -> None:
+        with self.changed:
+            self.changed.notify_all()
 
     def view(self, offset: int = 0) -> dict:
         gen_s = (self.ended or time.time()) - self.first if self.first else None
@@ -73,6 +78,37 @@ class _Chat:
                 "queued_s": round(self.started - self.created, 3) if self.started else None,
                 "ttft_s": round(self.first - self.started, 3) if self.first and self.started else None,
                 "tokens_per_s": round(self.tokens / gen_s, 2) if gen_s and self.tokens > 1 and self.ended else None}
+
+
+class Pieces:
+    """A streamer for ``generate`` that hands on text a token at a time: each new token is decoded
+    with the ones since the last piece (a token's text can depend on its neighbours) and held back
+    only while the text ends inside a character (U+FFFD). transformers' TextIteratorStreamer holds
+    text back to the next space, so a reader sees nothing until a word is whole."""
+
+    def __init__(self, tok, emit):
+        self.tok, self.emit = tok, emit
+        self.ids: list[int] = []
+        self.prefix = self.read = 0
+        self.prompt = True
+
+    def _flush(self, final: bool = False) -> None:
+        before = self.tok.decode(self.ids[self.prefix:self.read], skip_special_tokens=True)
+        now = self.tok.decode(self.ids[self.prefix:], skip_special_tokens=True)
+        if len(now) > len(before) and (final or not now.endswith("\ufffd")):
+            self.emit(now[len(before):])
+            self.prefix, self.read = self.read, len(self.ids)
+
+    def put(self, value) -> None:
+        if self.prompt:  # generate's first call carries the prompt
+            self.prompt = False
+            return
+        self.ids.extend(int(x) for x in value.reshape(-1).tolist())
+        self._flush()
+
+    def end(self) -> None:
+        if self.read < len(self.ids):
+            self._flush(final=True)
 
 
 class ChatServer:
@@ -98,7 +134,7 @@ class ChatServer:
         with self._lock:
             serving = {k: m["bytes"] for k, m in self.models.items() if k != ref["ref"]}
         budget = int(mem["total"] * (1 - MARGIN)) - sum(training.values()) - sum(serving.values())
-        total = sum(need.values())
+        total = inference_total(need)
         fits = total <= budget and (ref["ref"] in self.models or total <= mem["free"])
         return {"model": ref["ref"], "device": ref["device"], "context_tokens": context_tokens,
                 "needed_bytes": need, "needed_total_bytes": total, "device_total_bytes": mem["total"],
@@ -121,7 +157,7 @@ class ChatServer:
                 f"({', '.join(f'{k} {v / gib:.2f}' for k, v in p['training_reserved_bytes'].items()) or 'none'}) "
                 f"and served models, {p['device_free_bytes'] / gib:.2f} GiB free now", p)
         model, tok = load(ref)
-        m = {"ref": ref, "model": model, "tok": tok, "bytes": p["needed_total_bytes"] - p["needed_bytes"]["kv_cache"],
+        m = {"ref": ref, "model": model, "tok": tok, "bytes": resident_bytes(p["needed_bytes"]),
              "loaded": time.time(), "last": time.time(), "busy": 0}
         with self._lock:
             self.models[ref["ref"]] = m
@@ -201,50 +237,40 @@ class ChatServer:
 
     def _generate(self, m: dict, chat: _Chat, enc) -> None:
         import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+        from transformers import StoppingCriteria, StoppingCriteriaList
 
         class _Stop(StoppingCriteria):
             def __call__(self, input_ids, scores, **kw):
                 return chat.stop.is_set()
+
+        def emit(piece: str) -> None:
+            if chat.first is None:
+                chat.first = time.time()
+            chat.text += piece
+            chat.grew()
 
         tok, model, s = m["tok"], m["model"], chat.settings
         try:
             with self._gen:
                 chat.started, chat.state = time.time(), "generating"
                 dev = next(model.parameters()).device
-                streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+                streamer = Pieces(tok, emit)
                 kw = {"max_new_tokens": s["max_tokens"], "streamer": streamer,
                       "pad_token_id": tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
                       "stopping_criteria": StoppingCriteriaList([_Stop()])}
                 kw.update({"do_sample": True, "temperature": s["temperature"], "top_p": s["top_p"]}
                           if s["temperature"] > 0 else {"do_sample": False, "temperature": None, "top_p": None,
                                                        "top_k": None})
-                out: dict = {}
-
-                def run():
-                    try:
-                        torch.manual_seed(s["seed"])
-                        with torch.no_grad():
-                            out["ids"] = model.generate(**{k: v.to(dev) for k, v in enc.items()}, **kw)
-                    except BaseException as exc:  # noqa: BLE001 - reported on the chat, the streamer ended
-                        out["error"] = exc
-                        streamer.end()
-
-                t = threading.Thread(target=run, daemon=True)
-                t.start()
-                for piece in streamer:
-                    if chat.first is None:
-                        chat.first = time.time()
-                    chat.text += piece
-                t.join()
-                if "error" in out:
-                    raise out["error"]
-                chat.tokens = int(out["ids"].shape[1] - chat.prompt_tokens)
+                torch.manual_seed(s["seed"])
+                with torch.no_grad():
+                    ids = model.generate(**{k: v.to(dev) for k, v in enc.items()}, **kw)
+                chat.tokens = int(ids.shape[1] - chat.prompt_tokens)
                 chat.state = "stopped" if chat.stop.is_set() else "done"
         except Exception as exc:  # noqa: BLE001 - an answer that fails says why; the server goes on
             chat.state, chat.error = "failed", f"{type(exc).__name__}: {exc}"
         finally:
             chat.ended = time.time()
+            chat.grew()
             m["last"] = time.time()
             with self._lock:
                 m["busy"] -= 1
@@ -279,12 +305,19 @@ class ChatServer:
                 pass
         raise ServeError(f"no chat {cid[:40]!r} here")
 
-    def poll(self, chat_id: str, offset: int = 0) -> dict:
-        """The chat's text from ``offset`` on, its state and figures (ServeError for an unknown id)."""
+    def poll(self, chat_id: str, offset: int = 0, wait_s: float = 0.0) -> dict:
+        """The chat's text from ``offset`` on, its state and figures (ServeError for an unknown id).
+        ``wait_s`` (at most 5): wait that long for text past ``offset`` or the end (a long poll: the
+        piece arrives as it is made, not at the next poll)."""
         with self._lock:
             chat = self.chats.get(str(chat_id))
         off = offset if isinstance(offset, int) and not isinstance(offset, bool) else 0
         if chat is not None:
+            wait = min(5.0, float(wait_s)) if isinstance(wait_s, (int, float)) and not isinstance(wait_s, bool) \
+                and wait_s > 0 else 0.0
+            if wait:
+                with chat.changed:
+                    chat.changed.wait_for(lambda: len(chat.text) > off or chat.ended is not None, wait)
             return chat.view(off)
         v = {k: x for k, x in self._find(chat_id).items() if k != "messages"}
         return {**v, "text": v["text"][max(0, off):]}
