@@ -47,7 +47,10 @@ def _fields(doc: object, allowed: dict) -> dict:
 
 
 def routes(source, page, error, call, post) -> list[Route]:
-    """The Try page's routes, with the app's helpers (page, error, call, post: cluster/web/app.py)."""
+    """The Try page's routes, with the app's helpers (page, error, call, post: cluster/web/app.py).
+
+    Long because the handlers are closures over the one Source and the app's helpers, as in app.py:
+    each is a few lines (check the input, call, answer)."""
 
     async def refused_or(req: Request, fn, *args):
         """``call`` (the app's error pages), with a refusal as a 409 carrying its breakdown and a

@@ -381,3 +381,24 @@ def test_the_try_routes_stream_resume_at_the_offset_and_refuse_with_the_breakdow
     doc = json.loads(out)
     assert status == 409 and doc["breakdown"]["training_reserved_bytes"] == {"sft-big": 10**15}
     srv.reserved = lambda: {}
+
+
+def test_duet_chat_interactive_compares_and_keeps_the_judgement_without_a_cluster(finished):
+    import json
+    import subprocess
+
+    _, arch, ex, run_id, _ = finished
+    ws = arch.ws.root
+    r = subprocess.run([sys.executable, "-m", "cluster.cli", "chat", run_id, "--compare", "base", "--temperature", "1",
+                        "--max-tokens", "8", "--dataset", "typed", "--data-dir", str(ex.data_dir), "--workspace", str(ws)],
+                       input="Who are you?\n2\nAnd what do you do?\n\n", capture_output=True, text=True, timeout=300,
+                       cwd=str(__import__("pathlib").Path(__file__).resolve().parents[2]))
+    assert r.returncode == 0, r.stderr[-3000:]
+    said = r.stdout + r.stderr  # the answers on stdout, the labels and what was kept on stderr
+    assert f"{run_id}:" in said and "base:" in said and "kept 1 pair(s) in typed" in said and "you> " in r.stdout
+    pair = json.loads((ws / "judgements" / "typed.jsonl").read_text())
+    assert pair["metadata"]["chosen"]["model"] == "base" and pair["prompt"][-1]["content"] == "Who are you?"
+    bad = subprocess.run([sys.executable, "-m", "cluster.cli", "chat", run_id, "--prompt", "hi", "--max-tokens", "0",
+                          "--data-dir", str(ex.data_dir), "--workspace", str(ws)], capture_output=True, text=True,
+                         timeout=120, cwd=str(__import__("pathlib").Path(__file__).resolve().parents[2]))
+    assert bad.returncode == 1 and "max-tokens" in bad.stderr and "Traceback" not in bad.stderr
