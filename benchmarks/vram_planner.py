@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks import cpu_features, cpu_machine
+from benchmarks import cpu_features, cpu_kind, cpu_machine
 
 SIZES = {  # Qwen2-shaped configs (hidden, layers, intermediate, heads, kv heads, vocab)
     "0.5B": dict(hidden_size=896, num_hidden_layers=24, intermediate_size=4864, num_attention_heads=14,
@@ -235,6 +235,8 @@ def write(rows: list[dict], machine: str, a) -> Path:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     name = machine.lower().replace(" ", "-")
+    if a.device == "cpu":  # the dtype a CPU plan trains in follows the CPU's kind (benchmarks.cpu_kind)
+        name += f"-{cpu_kind()}"
     path = out / f"vram_planner-{name}.json"
     path.write_text(json.dumps(doc, indent=2) + "\n")
     return path
