@@ -28,7 +28,10 @@ def test_bf16_sft_of_smollm2_finishes_with_a_verified_merge(env):
     m = rec["merged_model"]
     assert rec["config"]["dtype"] == "bf16" and m["dtype"] == "bfloat16"
     v = m["verification"]
-    assert v["positions"] > 0 and v["kl_mean"] <= 2e-2 and v["top1_agreement_decided"] >= 0.98
+    from training.run.merge_check import TOP1_FLIPS_ALLOWED
+
+    assert v["positions"] > 0 and v["kl_mean"] <= 2e-2
+    assert v["top1_agreement_decided"] >= 0.98 or v["flips_decided"] <= TOP1_FLIPS_ALLOWED["bf16"], v
     assert m["criterion"].startswith("bf16: mean KL") and "not judged in bf16" in m["criterion"]
     assert (d / "merged" / "model.safetensors").is_file()
     assert "KL" in (d / "report.md").read_text()

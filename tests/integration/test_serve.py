@@ -402,3 +402,24 @@ def test_duet_chat_interactive_compares_and_keeps_the_judgement_without_a_cluste
                           "--data-dir", str(ex.data_dir), "--workspace", str(ws)], capture_output=True, text=True,
                          timeout=120, cwd=str(__import__("pathlib").Path(__file__).resolve().parents[2]))
     assert bad.returncode == 1 and "max-tokens" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_a_qlora_run_answers_from_its_4bit_base_with_the_adapter_as_trained(tmp_path_factory, engine_env):
+    from tests.runs import run_plan
+    from training.serve.models import inference_bytes, resolve
+    from training.serve.server import ChatServer
+
+    env = engine_env(tmp_path_factory.mktemp("serve-qlora"))
+    state, rec, d = run_plan(env, "q4", {"method": "qlora", "max_steps": 2, "warmup_steps": 1, "checkpoint_every": 2,
+                                         "eval_every": 2})
+    assert state == "finished", rec.get("error")
+    ex = env[1]
+    ref = resolve(ex.data_dir, "q4", "q4")
+    assert ref["kind"] == "trained" and ref["adapter"].endswith("adapter") and ref["method"] == "qlora"
+    full = resolve(ex.data_dir, "q4", "base")
+    assert inference_bytes(ref, 64)["weights"] < inference_bytes({**full, "method": "lora"}, 64)["weights"]  # nf4
+    srv = ChatServer(ex.data_dir)
+    v = srv.wait(srv.start("q4", "q4", PROMPT, {"temperature": 1.0, "max_tokens": 8, "seed": 1})["chat_id"])
+    assert v["state"] == "done" and v["tokens"] > 0, v["error"]
+    model = srv.models["q4"]["model"]
+    assert any("4bit" in type(m).__name__ for m in model.modules()) and hasattr(model, "peft_config")

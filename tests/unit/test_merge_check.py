@@ -44,3 +44,22 @@ def test_near_ties_do_not_count_against_the_merge():
     m = compare([a], [b])
     assert m["top1_agreement"] == 0.0 and m["decided_positions"] == 0
     assert judge("bf16", m)[0]
+
+
+def _flipped(n_flips: int, positions: int = 60):
+    """Reference logits decided at every position (token 0 leads by 3), and a copy where ``n_flips``
+    positions have token 1 on top instead."""
+    ref = torch.zeros(1, positions, 50)
+    ref[..., 0] = 3.0
+    got = ref.clone()
+    got[0, :n_flips, 1] = 3.2
+    return [ref], [got]
+
+
+def test_two_flips_on_a_short_probe_pass_in_bf16_and_more_fail():
+    # on an AMX CPU a correct bf16 merge of SmolLM2 flipped 2 of 66 decided positions (KL 5e-3)
+    ok, why = judge("bf16", compare(*_flipped(2), "bf16"))
+    assert ok and "2 decided position(s) flipped" in why, why
+    ok, why = judge("bf16", compare(*_flipped(5), "bf16"))  # 0.917 of 60, more than 2: not rounding
+    assert not ok, why
+    assert not judge("fp32", compare(*_flipped(1), "fp32"))[0]

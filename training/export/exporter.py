@@ -143,7 +143,12 @@ def verify(run_dir: Path, merged: Path, gguf_path: Path, quant: str, arch: str, 
     if lora_path is not None and base is not None:
         base_gguf = out_dir / f".{name}-base-f16.gguf.check"
         gguf_convert.convert(base, base_gguf, "f16", name=f"{name}-base")
-        lora = {"adapter": lora_path, "base": base_gguf, "quant": "f16"}
+        # The reference is the merged model: W + BA rounded in the merge's dtype. llama.cpp adds the adapter at
+        # run time to the f16 base, unrounded, so the two differ by the merge's rounding: its near tie is that
+        # dtype's (a bf16 merge of Gemma 3 moved a top-1 gap to 0.0998 on an AMX CPU).
+        cfg = json.loads((merged / "config.json").read_text())
+        merged_dtype = str(cfg.get("dtype") or cfg.get("torch_dtype") or "")
+        lora = {"adapter": lora_path, "base": base_gguf, "quant": "bf16" if "bfloat16" in merged_dtype else "f16"}
     try:
         res = llama_judge.judge(gguf_path, ref, quant, template=back["chat_template"], lora=lora)
     except llama_judge.JudgeError as exc:

@@ -26,6 +26,9 @@ TOP1_MIN = {"fp32": 0.999, "bf16": 0.98, "fp16": 0.99}  # same argmax, over posi
 DECIDED_MARGIN = {"fp32": 0.05, "fp16": 0.05, "bf16": 0.10}  # a position is decided when its top-1 probability
 # leads the second by this much. bf16 keeps 8 mantissa bits: a bf16 merge of SmolLM2 after duet's bf16 CPU
 # training moved logits by up to 1.2 and flipped 2 of 80 positions whose lead was 5-10 points.
+TOP1_FLIPS_ALLOWED = {"fp32": 0, "bf16": 2, "fp16": 1}  # decided positions that may flip whatever the share: a
+# probe has a few dozen decided positions, and on an AMX CPU a correct bf16 merge of SmolLM2 flipped 2 of 66
+# (top-1 0.970, mean KL 5e-3 against an adapter effect of 0.72): a share alone fails it on a short probe.
 MAX_ABS_FP32 = 1e-3
 CLOSER_THAN_BASE = 0.5  # merged-vs-reference KL at most this fraction of base-vs-reference KL
 
@@ -49,11 +52,12 @@ def compare(ref: list, got: list, dtype: str = "fp32") -> dict:
         max_abs = max(max_abs, float((a - b).abs().max()))
     if not n:
         return {"positions": 0, "kl_mean": 0.0, "kl_max": 0.0, "top1_agreement": 1.0, "top1_agreement_decided": 1.0,
-                "decided_positions": 0, "max_abs": 0.0}
+                "decided_positions": 0, "flips_decided": 0, "max_abs": 0.0}
     kl = torch.cat(kls)
     return {"positions": n, "kl_mean": float(kl.mean()), "kl_max": float(kl.max()),
             "top1_agreement": agree / n, "decided_positions": decided,
-            "top1_agreement_decided": agree_decided / decided if decided else 1.0, "max_abs": max_abs}
+            "top1_agreement_decided": agree_decided / decided if decided else 1.0,
+            "flips_decided": decided - agree_decided, "max_abs": max_abs}
 
 
 def judge(dtype: str, merged_vs_ref: dict, base_vs_ref: dict | None = None) -> tuple[bool, str]:
@@ -69,7 +73,9 @@ def judge(dtype: str, merged_vs_ref: dict, base_vs_ref: dict | None = None) -> t
            f"{m['top1_agreement_decided']:.3f} on {m['decided_positions']} decided positions (min {top1}; "
            f"{m['top1_agreement']:.3f} on all {m['positions']}), max |logit diff| {m['max_abs']:.2f} "
            f"(not judged in {dtype})"]
-    ok = m["kl_mean"] <= bound and m["top1_agreement_decided"] >= top1
+    flips = m.get("flips_decided", round(m["decided_positions"] * (1 - m["top1_agreement_decided"])))
+    ok = m["kl_mean"] <= bound and (m["top1_agreement_decided"] >= top1 or flips <= TOP1_FLIPS_ALLOWED[dtype])
+    why[0] += f", {flips} decided position(s) flipped (allowed: {TOP1_FLIPS_ALLOWED[dtype]} or the share)"
     if base_vs_ref is not None:
         effect = base_vs_ref["kl_mean"]
         why.append(f"adapter effect (base vs adapter+base) mean KL {effect:.2e}")

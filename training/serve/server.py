@@ -122,6 +122,7 @@ class ChatServer:
         self.chats: dict[str, _Chat] = {}
         self._lock = threading.Lock()        # the tables above
         self._gen = threading.Lock()         # one generation at a time
+        self._loading = threading.Lock()     # one model load at a time
         self._reaper: threading.Thread | None = None
 
     # -- planning and loading ---------------------------------------------------------------------
@@ -147,6 +148,15 @@ class ChatServer:
         if m is not None:
             m["last"] = time.time()
             return m
+        with self._loading:  # one load at a time: two requests for a new model load it once, planned in turn
+            with self._lock:
+                m = self.models.get(ref["ref"])
+            if m is not None:
+                m["last"] = time.time()
+                return m
+            return self._load(ref, context_tokens)
+
+    def _load(self, ref: dict, context_tokens: int) -> dict:
         p = self.plan(ref, context_tokens)
         if not p["fits"]:
             gib = 2**30
