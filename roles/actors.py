@@ -28,6 +28,7 @@ def _classes():
             self.ex = Executor(data_dir, metrics_port=metrics_port, torch_threads=torch_threads, launcher=launch,
                                process_per_run=os.environ.get("DUET_RUN_IN_THREAD") != "1")
             self.ex.hold_data_dir()
+            self.chats = None  # training/serve's ChatServer, made on the first chat
             # After a crash or a node restart Ray re-runs this constructor: continue what was running.
             self.ex.resume_interrupted()
 
@@ -95,7 +96,7 @@ def _classes():
             return self.ex.adopt_finish(manifest, moved_from)
 
         def _chats(self):
-            if getattr(self, "chats", None) is None:
+            if self.chats is None:
                 from training.serve.server import ChatServer, training_reserved
 
                 self.chats = ChatServer(self.ex.data_dir, reserved=lambda: training_reserved(list(self.ex.runs.values())))

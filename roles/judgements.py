@@ -58,36 +58,38 @@ def records_for(answers: list[dict], better: int | None, edited: str | None, who
     if len(answers) == 1 and better is not None and edited is None:
         raise JudgementError("one answer: a judgement keeps an edit of it (or compare two answers)")
     meta = {"source": "judgement", "judged_by": who, "judged_at": round(when, 3), "run_id": answers[0]["run_id"]}
-    pairs, sft = [], []
 
     def rid(*parts: str) -> str:
         return "judge-" + hashlib.sha256(json.dumps([msgs, *parts, when], sort_keys=True).encode()).hexdigest()[:16]
 
+    pairs, sft = [], []
     if len(answers) == 1:
         a = answers[0]
         sft.append({"id": rid(a["text"], edited), "messages": msgs + _answer_msg(edited),
-                    "metadata": {**meta, "replaces": {"model": a["model"], "text": a["text"], "settings": a["settings"],
-                                                      "chat_id": a["chat_id"]}}})
-        return pairs, sft
-    chosen_text = edited if edited is not None else answers[better]["text"]
-    chosen_from = {"model": "edited by hand"} if edited is not None else \
-        {"model": answers[better]["model"], "settings": answers[better]["settings"], "chat_id": answers[better]["chat_id"]}
-    if edited is not None and better is not None:
-        chosen_from["edited_from"] = answers[better]["model"]
-    for j, a in enumerate(answers):
-        if j == better and edited is None or a["text"].strip() == chosen_text.strip():
-            continue
-        pairs.append({"id": rid(chosen_text, a["text"]), "prompt": msgs, "chosen": _answer_msg(chosen_text),
-                      "rejected": _answer_msg(a["text"]),
-                      "metadata": {**meta, "chosen": chosen_from,
-                                   "rejected": {"model": a["model"], "settings": a["settings"], "chat_id": a["chat_id"]}}})
-    if not pairs:
-        raise JudgementError("the answers are the same text: there is no preference to keep")
+                    "metadata": {**meta, "replaces": {**_source(a), "text": a["text"]}}})
+    else:
+        chosen_text = edited if edited is not None else answers[better]["text"]
+        chosen_from = {"model": "edited by hand"} if edited is not None else _source(answers[better])
+        if edited is not None and better is not None:
+            chosen_from["edited_from"] = answers[better]["model"]
+        for a in answers:
+            if a["text"].strip() == chosen_text.strip():
+                continue  # the chosen answer itself, or one with the same text: no preference between them
+            pairs.append({"id": rid(chosen_text, a["text"]), "prompt": msgs, "chosen": _answer_msg(chosen_text),
+                          "rejected": _answer_msg(a["text"]),
+                          "metadata": {**meta, "chosen": chosen_from, "rejected": _source(a)}})
+        if not pairs:
+            raise JudgementError("the answers are the same text: there is no preference to keep")
     for r in pairs + sft:
         problems = check_record(Record("judgement", 1, r, ""))
         if problems:
             raise JudgementError("; ".join(f"{p.field}: {p.message}" for p in problems))
     return pairs, sft
+
+
+def _source(answer: dict) -> dict:
+    """Where an answer came from, as a record's metadata keeps it."""
+    return {"model": answer["model"], "settings": answer["settings"], "chat_id": answer["chat_id"]}
 
 
 def keep(arch, name: str, records: list[dict]) -> dict:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from cluster.cli.common import workspace_arg
+from cluster.cli.common import local_data_dir, workspace_arg
 from cluster.console import console, print_error
 from cluster.output import EXIT_INFRA, EXIT_INPUT, EXIT_OK, EXIT_REFUSED, emit_json, float_arg, int_arg, terminal_safe
 from infra.lazy import lazy
@@ -60,8 +60,8 @@ class _Local:
 class _Remote:
     """The chat servers of the cluster's executors: each model is asked where its run lives."""
 
-    def __init__(self, workspace: str, address: str):
-        self.workspace, self.address, self.by_chat, self.by_run = workspace, address, {}, {}
+    def __init__(self, workspace: str, address: str, run_id: str):
+        self.workspace, self.address, self.run_id, self.by_chat, self.by_run = workspace, address, run_id, {}, {}
 
     def handle(self, run_id: str):
         from cluster import two_host
@@ -74,8 +74,9 @@ class _Remote:
         from roles.client import call
 
         if method == "start":
-            run_id, model = args[0], args[1]
-            h = self.handle(run_id if model == "base" else model.partition("@")[0])
+            from training.serve.models import run_of
+
+            h = self.handle(run_of(args[0], args[1]))
             view = call(h, "chat_start", *args, timeout=1800)
             self.by_chat[view["chat_id"]] = h
             return view
@@ -87,11 +88,7 @@ def _server(a):
     from cluster import two_host
 
     address = two_host.cluster_address(a.workspace, a.address)
-    if address:
-        srv = _Remote(a.workspace, address)
-        srv.run_id = a.run_id
-        return srv
-    return _Local(Path(a.data_dir) if a.data_dir else Path(a.workspace).resolve() / ".duet" / "executor")
+    return _Remote(a.workspace, address, a.run_id) if address else _Local(local_data_dir(a))
 
 
 def _errors(fn):
@@ -148,10 +145,21 @@ def _fail(kind: str, exc: Exception, as_json: bool) -> int:
     return code
 
 
-def _judge(a, srv) -> int:
+def _keep(a, srv, chat_ids: list[str], better: int | None, edited: str | None):
+    """The judgement of the answers ``chat_ids`` (read back from the executor's records) kept in the
+    workspace: what was written, or the (kind, error) pair ``_errors`` gives."""
     from cluster import embedded
     from roles.architect import record_judgement
 
+    got = _errors(lambda: [srv("transcript", i) for i in chat_ids])
+    if isinstance(got, tuple):
+        return got
+    pg, mongo = embedded.store_urls(a.workspace)
+    return _errors(lambda: record_judgement(a.workspace, pg, mongo, got, better=better, edited=edited,
+                                            dataset=a.dataset, who=_who()))
+
+
+def _judge(a, srv) -> int:
     ids = [x.strip() for x in a.judge.split(",") if x.strip()]
     if not ids or len(ids) > 8:
         print_error("--judge: give 1 to 8 chat ids, comma-separated")
@@ -162,12 +170,7 @@ def _judge(a, srv) -> int:
             print_error(f"--better {a.better!r}: give 1..{len(ids)} or none")
             return EXIT_INPUT
         better = int(better) - 1
-    got = _errors(lambda: [srv("transcript", i) for i in ids])
-    if isinstance(got, tuple):
-        return _fail(*got, a.json)
-    pg, mongo = embedded.store_urls(a.workspace)
-    out = _errors(lambda: record_judgement(a.workspace, pg, mongo, got, better=better, edited=a.edit,
-                                           dataset=a.dataset, who=_who()))
+    out = _keep(a, srv, ids, better, a.edit)
     if isinstance(out, tuple):
         return _fail(*out, a.json)
     if a.json:
@@ -247,9 +250,6 @@ def _printer(a, models: list[str]):
 def _interactive(a, srv, models: list[str], history: list[dict], settings: dict) -> int:
     """Read a message, stream the answers, ask which was better when there are several; the first
     model's answer carries the conversation on. Ends at EOF or an empty line."""
-    from cluster import embedded
-    from roles.architect import record_judgement
-
     con = console()
     con.print(f"chatting with {', '.join(models)} (settings {settings}); an empty line ends")
     while True:
@@ -270,9 +270,6 @@ def _interactive(a, srv, models: list[str], history: list[dict], settings: dict)
             if pick:
                 better, edited = (None, input("the answer it should have been: ").strip() or None) if pick == "n" \
                     else (int(pick) - 1 if pick.isdigit() else -1, None)
-                pg, mongo = embedded.store_urls(a.workspace)
-                got = _errors(lambda: [srv("transcript", v["chat_id"]) for v in views])
-                out = got if isinstance(got, tuple) else _errors(lambda: record_judgement(
-                    a.workspace, pg, mongo, got, better=better, edited=edited, dataset=a.dataset, who=_who()))
+                out = _keep(a, srv, [v["chat_id"] for v in views], better, edited)
                 _fail(*out, False) if isinstance(out, tuple) else _said(out)
         history = msgs + [{"role": "assistant", "content": views[0]["text"] or "..."}]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cluster.cli.common import workspace_arg
+from cluster.cli.common import local_data_dir, workspace_arg
 from cluster.console import console, print_error
 from cluster.output import EXIT_INFRA, EXIT_INPUT, EXIT_OK, emit_json
 from infra.lazy import lazy
@@ -72,7 +72,7 @@ def run_export(a) -> int:
             if a.fetch is not None:
                 print_error("--fetch copies from a cluster's executor; no cluster runs for this workspace")
                 return EXIT_INPUT
-            data_dir = Path(a.data_dir) if a.data_dir else Path(a.workspace).resolve() / ".duet" / "executor"
+            data_dir = local_data_dir(a)
             with con.status(f"exporting {a.run_id} (write, then verify)..."):
                 entry = export(data_dir, a.run_id, **opts)
             files = record_files(run_dir(data_dir, a.run_id))

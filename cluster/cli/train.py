@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from cluster.cli.common import workspace_arg
+from cluster.cli.common import local_data_dir, workspace_arg
 from cluster.console import console, print_error
 from cluster.output import EXIT_INFRA, EXIT_INPUT, EXIT_OK, EXIT_REFUSED, emit_json, int_arg
 from infra.lazy import lazy
@@ -320,7 +320,7 @@ def run_merge(a) -> int:
     from training.run.preflight import preflight
 
     con = console()
-    data_dir = Path(a.data_dir) if a.data_dir else Path(a.workspace).resolve() / ".duet" / "executor"
+    data_dir = local_data_dir(a)
     try:
         run_dir = checked_run_dir(data_dir, a.run_id)
     except ExecutorError as exc:

@@ -229,9 +229,11 @@ class Source:
             raise ValueError(str(exc)) from None
 
     def chat_start(self, run_id: str, model: str, messages: list, settings: dict | None) -> dict:
+        from training.serve.models import run_of
+
         if not isinstance(model, str) or len(model) > 200:
             raise ValueError("model: give base, RUN, RUN@STEP or RUN@latest")
-        owner = run_id if model == "base" or model.startswith(run_id + "@") else model.partition("@")[0]
+        owner = run_of(run_id, model)
         view = self._serving(owner, "start", run_id, model, messages, settings, timeout=1800)
         return {**view, "owner": owner}
 

@@ -6,23 +6,14 @@ appears (`duet data versions`), committed in git. Then the held-out prompts and 
 import json
 import os
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from tests.browser import chrome, js_errors, wait_for
+from tests.e2e.test_dashboard import duet  # the CLI in a process of its own, asserting it exits 0
 
 pytestmark = pytest.mark.e2e
-REPO = Path(__file__).resolve().parents[2]
-
-
-def duet(*args, cwd, timeout=300):
-    r = subprocess.run([sys.executable, "-m", "cluster.cli", *args], cwd=cwd, capture_output=True, text=True,
-                       timeout=timeout, env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert r.returncode == 0, (args, r.stdout[-2000:], r.stderr[-3000:])
-    return r
 
 
 def test_try_page_compares_streams_and_keeps_judgements_as_a_dataset(tmp_path, repo_root):
@@ -66,7 +57,7 @@ def test_try_page_compares_streams_and_keeps_judgements_as_a_dataset(tmp_path, r
         assert kept["pairs"]["version"]["counts"]["train"] + kept["pairs"]["version"]["counts"]["test"] == 2
         assert "version" in driver.find_element("id", "kept").text
         versions = json.loads(duet("data", "versions", "--workspace", str(ws), "--json", cwd=tmp_path).stdout)
-        mine = [v for v in (versions["versions"] if isinstance(versions, dict) else versions) if v["name"] == "judgements"]
+        mine = [v for v in versions["versions"] if v["name"] == "judgements"]
         assert [v["content_hash"] for v in mine] == [kept["pairs"]["version"]["content_hash"]]
         log = subprocess.run(["git", "log", "--format=%s"], cwd=ws, capture_output=True, text=True).stdout
         assert "judgements: judgements +1 (2 in all)" in log and "dataset: judgements" in log

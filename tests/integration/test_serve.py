@@ -17,13 +17,13 @@ PROMPT = [{"role": "user", "content": "Who are you?"}]
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory, engine_env):
+    from tests.runs import run_plan
+
     tmp = tmp_path_factory.mktemp("serve")
-    arch, ex, ds = engine_env(tmp)
-    plan = arch.design_plan("demo", ex.probe(), ex.prepare_model("tiny"), "tiny", ds,
-                            {"max_steps": 4, "checkpoint_every": 2, "eval_every": 4})
-    run_id = ex.submit(arch.submission(plan, ds))
-    assert ex.wait(run_id, timeout=600) == "finished", ex.status(run_id)["error"]
-    return tmp, arch, ex, run_id, ds
+    env = engine_env(tmp)
+    state, rec, _ = run_plan(env, "tried", {"max_steps": 4, "checkpoint_every": 2, "eval_every": 4})
+    assert state == "finished", rec.get("error")
+    return (tmp, *env[:2], "tried", env[2])
 
 
 def _reference(run_dir, path, messages, max_new_tokens, adapter=None, seed=3):
@@ -291,35 +291,10 @@ class ServerSource:
         return _S(workspace)
 
 
-def _asgi(app, method, path, headers, body=b"", cut_s=30):
-    """One request through the ASGI app, as the fuzz test sends it; the response's status and body."""
-    import asyncio
+def _asgi(app, method, path, headers, body=b""):
+    from tests.asgi import asgi_call
 
-    raw, _, qs = path.partition("?")
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
-             "path": raw, "raw_path": raw.encode(), "query_string": qs.encode(), "root_path": "",
-             "headers": headers, "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8765)}
-    sent = {"status": None, "body": b""}
-    msgs = [{"type": "http.request", "body": body, "more_body": False}]
-
-    async def receive():
-        if msgs:
-            return msgs.pop(0)
-        await asyncio.sleep(3600)
-
-    async def send(m):
-        if m["type"] == "http.response.start":
-            sent["status"] = m["status"]
-        elif m["type"] == "http.response.body":
-            sent["body"] += m.get("body", b"")
-
-    async def go():
-        try:
-            await asyncio.wait_for(app(scope, receive, send), cut_s)
-        except asyncio.TimeoutError:
-            pass
-    asyncio.run(go())
-    return sent["status"], sent["body"]
+    return asgi_call(app, method, path, headers, body, cut_s=30)
 
 
 def test_the_try_routes_stream_resume_at_the_offset_and_refuse_with_the_breakdown(finished):
@@ -358,7 +333,8 @@ def test_the_try_routes_stream_resume_at_the_offset_and_refuse_with_the_breakdow
                 text += json.loads(lines["data"])["text"]
         return text, ended
 
-    assert stream([]) == (whole, stream([])[1]) and stream([])[1]["state"] == "done"
+    text, ended = stream([])
+    assert text == whole and ended["state"] == "done"
     k = len(whole) // 2
     again, ended = stream([(b"last-event-id", str(k).encode())])  # a browser that reconnects mid-answer
     assert again == whole[k:] and ended["tokens"] == 16 and ended["settings"]["seed"] == 4

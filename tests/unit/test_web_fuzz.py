@@ -3,7 +3,6 @@ ASGI app in-process, no cluster): any path, method, header, cookie, Last-Event-I
 in or not, gets a 2xx-4xx answer, never a traceback in the body. The one 5xx allowed is the one a user
 acts on: 503 for what needs the run's executor (a control, trying its model), saying that no cluster answers."""
 
-import asyncio
 import json
 from urllib.parse import quote
 
@@ -12,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cluster.web import auth
+from tests.asgi import asgi_call
 from cluster.web.app import create_app
 from cluster.web.source import Source
 
@@ -35,32 +35,7 @@ def app(tmp_path_factory):
 
 def call(app, method: str, path: str, headers: list[tuple[bytes, bytes]], body: bytes) -> tuple[int, bytes]:
     """One request through the ASGI app; a stream that keeps going is cut after 2 s (its status counts)."""
-    raw_path, _, qs = path.partition("?")
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
-             "path": raw_path, "raw_path": raw_path.encode("utf-8", "surrogateescape"),
-             "query_string": qs.encode("utf-8", "surrogateescape"), "root_path": "", "headers": headers,
-             "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", PORT)}
-    sent = {"status": None, "body": b""}
-    messages = [{"type": "http.request", "body": body, "more_body": False}]
-
-    async def receive():
-        if messages:
-            return messages.pop(0)
-        await asyncio.sleep(3600)
-
-    async def send(m):
-        if m["type"] == "http.response.start":
-            sent["status"] = m["status"]
-        elif m["type"] == "http.response.body":
-            sent["body"] += m.get("body", b"")
-
-    async def go():
-        try:
-            await asyncio.wait_for(app(scope, receive, send), 2)
-        except asyncio.TimeoutError:
-            pass
-    asyncio.run(go())
-    return sent["status"], sent["body"]
+    return asgi_call(app, method, path, headers, body, port=PORT, cut_s=2)
 
 
 PATHS = ["/", "/runs", "/runs/table", "/runs/r1", "/runs/r2", "/compare", "/datasets", "/sessions", "/cluster",

@@ -228,6 +228,15 @@ def tokenizer_counter(folder: str | os.PathLike):
     return count
 
 
+def prompt_and_reference(record: dict) -> tuple[list[dict], str]:
+    """A held-out record as a prompt and the answer it should get: a chat record's messages before its
+    last assistant turn and that turn; a DPO record's prompt and its chosen answer."""
+    if "chosen" in record:
+        return record["prompt"], record["chosen"][-1]["content"]
+    msgs = record["messages"]
+    return (msgs[:-1] if msgs[-1]["role"] == "assistant" else msgs), msgs[-1]["content"]
+
+
 def load_split(version_dir: str | os.PathLike, which: str) -> list[dict]:
     """A version's split, read inside the version's folder (infra/safe_files.py)."""
     from infra import safe_files

@@ -44,6 +44,14 @@ from infra.run_states import TERMINAL, RunState  # noqa: F401  (TERMINAL: traini
 LOSS_WINDOW = 2000   # logged steps kept in memory (twice that before trimming); the rest stay in losses.jsonl
 
 
+def base_path(runs_dir: Path, init_from: str | None, phase: str, model_path: Path) -> Path:
+    """The model a run's adapter sits on: SFT chaining trains a new adapter on the previous run's merged
+    model; otherwise the model the pre-flight resolved (``model_path``)."""
+    if init_from and phase == "sft":
+        return Path(runs_dir) / init_from / "merged"
+    return Path(model_path)
+
+
 class Run:
     """One training run. A new run's ``spec`` is what the architect submitted:
 
@@ -342,11 +350,7 @@ class Run:
         return torch_dtype(self.dtype)
 
     def base_path(self, model_path: Path) -> Path:
-        """SFT chaining trains a new adapter on the previous run's merged model."""
-        init_from = self.train_cfg.init_from
-        if init_from and self.phase == "sft":
-            return self.dir.parent / init_from / "merged"
-        return model_path
+        return base_path(self.dir.parent, self.train_cfg.init_from, self.phase, model_path)
 
     def load_model(self, model_path: Path, cfg: TrainConfig):
         """Base (4-bit for QLoRA) + LoRA adapter: new, or the init_from run's adapter for DPO."""

@@ -15,16 +15,11 @@ torch = lazy("torch", extra="executor")
 def _probe(run, tok) -> tuple[list, list, list]:
     """(test records, prompts, references) of the test split, for the merge check and samples; each
     prompt as the chat template takes it (training/data/dataset.for_template)."""
-    from training.data.dataset import for_template, load_split
+    from training.data.dataset import for_template, load_split, prompt_and_reference
 
     test = load_split(run.dir / "dataset", "test")
-    if run.phase == "dpo":
-        prompts = [r["prompt"] for r in test]
-        refs = [r["chosen"][-1]["content"] for r in test]
-    else:
-        prompts = [r["messages"][:-1] if r["messages"][-1]["role"] == "assistant" else r["messages"] for r in test]
-        refs = [r["messages"][-1]["content"] for r in test]
-    return test, [for_template(tok, p) for p in prompts], refs
+    pairs = [prompt_and_reference(r) for r in test]
+    return test, [for_template(tok, p) for p, _ in pairs], [ref for _, ref in pairs]
 
 
 def _nf4_logits(run, base_path: Path, enc: list) -> list:

@@ -42,18 +42,11 @@ def load_train_model(path: Path, cfg: TrainConfig, *, device: str, dtype: str, a
         malloc.small_mappings(True, for_process=True)  # see infra/malloc.py: the dequantized copies
     # A full fine-tune keeps fp32 weights and trains under bf16/fp16 autocast (mixed precision): fp16
     # weights cannot have their gradients unscaled, and bf16 weights lose small updates.
-    kwargs: dict = {"dtype": torch.float32 if cfg.method == "full" else tdt}
     if cfg.method == "qlora":
-        from transformers import BitsAndBytesConfig
-
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.float32 if dtype == "fp32" else tdt)
-        if device == "cuda":
-            kwargs["device_map"] = {"": torch.cuda.current_device() if device_index is None else device_index}
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        model = load_nf4(path, dtype, device, device_index)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32 if cfg.method == "full" else tdt)
     if cfg.method == "qlora":
-        _bnb_cpu_workaround(model)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=bool(cfg.gradient_checkpointing))
         head, emb = model.get_output_embeddings(), model.get_input_embeddings()
         if dtype != "fp32" and head is not None and head.weight is not emb.weight:
@@ -136,6 +129,23 @@ def keep_adapters_fp32(model, cfg: TrainConfig) -> None:
             p.data = p.data.to(torch.float32)
     if trainable_dtypes(model) != ["float32"]:
         raise RuntimeError(f"LoRA parameters train in {trainable_dtypes(model)}, not the planned float32")
+
+
+def load_nf4(path: Path, dtype: str, device: str, device_index: int | None = None):
+    """A base in 4-bit nf4 with double quantization, its other parameters and its compute in ``dtype``,
+    placed by bitsandbytes at load (on ``device_index``, else CUDA's current device), with the CPU
+    kernel workaround applied: how QLoRA trains it and how serving loads it (training/serve/models.py)."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    tdt = torch_dtype(dtype)
+    kwargs: dict = {"dtype": tdt, "quantization_config": BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32 if dtype == "fp32" else tdt)}
+    if device == "cuda":
+        kwargs["device_map"] = {"": torch.cuda.current_device() if device_index is None else device_index}
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    _bnb_cpu_workaround(model)
+    return model
 
 
 def _bnb_cpu_workaround(model) -> None:

@@ -15,14 +15,15 @@ process (the CUDA context on a GPU). Nothing here writes to a run.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
 from pathlib import Path
 
 from training.config import PlanError, check_run_id
+from training.plan.memory_model import CUDA_CONTEXT_BYTES, DTYPE_BYTES, NF4_DQ_BYTES, ModelProfile
 from training.run import checkpoints
+from training.run.engine import base_path
 
 DEFAULTS = {"temperature": 0.7, "top_p": 0.95, "max_tokens": 256, "seed": 0}
 LIMITS = {"temperature": (0.0, 5.0), "top_p": (0.01, 1.0), "max_tokens": (1, 4096), "seed": (0, 2**31 - 1)}
@@ -98,24 +99,19 @@ def check_messages(raw: object) -> list[dict]:
     return out
 
 
-def _record(rdir: Path) -> dict:
-    try:
-        rec = json.loads((rdir / "run.json").read_text())
-        spec = json.loads((rdir / "spec.json").read_text())
-    except (OSError, ValueError) as exc:
-        raise ServeError(f"run {rdir.name}: its record cannot be read ({exc})") from None
+def _record(rdir: Path) -> tuple[dict, dict]:
+    """(run.json, the plan in spec.json) of a run folder; ServeError when either cannot be read."""
+    from training.run.run_files import read_json
+
+    rec, spec = read_json(rdir / "run.json"), read_json(rdir / "spec.json")
     if not isinstance(rec, dict) or not isinstance(spec, dict):
-        raise ServeError(f"run {rdir.name}: its record is not an object")
-    return {"rec": rec, "plan": spec.get("plan") or {}}
+        raise ServeError(f"run {rdir.name}: its record (run.json, spec.json) cannot be read")
+    return rec, spec.get("plan") or {}
 
 
-def _base_path(data_dir: Path, rid: str, rec: dict, plan: dict) -> Path:
-    train = plan.get("train") or {}
-    if train.get("init_from") and train.get("phase", "sft") == "sft":
-        return data_dir / "runs" / train["init_from"] / "merged"
-    if not rec.get("model_path"):
-        raise ServeError(f"run {rid} has no base model yet (its pre-flight has not run)")
-    return Path(rec["model_path"])
+def run_of(run_id: str, name: str) -> str:
+    """The run that holds model ``name`` tried beside ``run_id`` (its executor is the one to ask)."""
+    return run_id if name == "base" else str(name).partition("@")[0]
 
 
 def resolve(data_dir: str | os.PathLike, run_id: str, name: str) -> dict:
@@ -133,13 +129,14 @@ def resolve(data_dir: str | os.PathLike, run_id: str, name: str) -> dict:
     rdir = data_dir / "runs" / rid
     if not (rdir / "spec.json").is_file():
         raise ServeError(f"no run {rid!r} on this executor ({data_dir / 'runs'})")
-    r = _record(rdir)
-    rec, plan = r["rec"], r["plan"]
-    method = (plan.get("train") or {}).get("method", "lora")
-    base = _base_path(data_dir, rid, rec, plan)
+    rec, plan = _record(rdir)
+    train = plan.get("train") or {}
+    method, phase = train.get("method", "lora"), train.get("phase", "sft")
+    if not rec.get("model_path") and not (train.get("init_from") and phase == "sft"):
+        raise ServeError(f"run {rid} has no base model yet (its pre-flight has not run)")
+    base = base_path(data_dir / "runs", train.get("init_from"), phase, Path(rec.get("model_path") or "."))
     out = {"run_id": rid, "method": method, "dtype": plan.get("dtype", "fp32"), "device": plan.get("device", "cpu"),
-           "base": str(base), "adapter": None, "own_weights": False, "step": None,
-           "lora": (plan.get("train") or {}).get("lora") or {}}
+           "base": str(base), "adapter": None, "own_weights": False, "step": None, "lora": train.get("lora") or {}}
     ckpts = rdir / "checkpoints"
     if at == "base":
         return {**out, "ref": f"{rid}@base" if name != "base" else "base", "kind": "base"}
@@ -165,8 +162,6 @@ def resolve(data_dir: str | os.PathLike, run_id: str, name: str) -> dict:
     return {**out, "ref": f"{rid}@{step}", "kind": "checkpoint", "step": step, "adapter": str(ck)}
 
 
-DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-NF4_BYTES_PER_PARAM = 0.5 + 0.5 / 64 * 1.03   # 4 bits, a double-quantized absmax per 64
 LOGITS_TOKENS = 1                              # generate() computes the last position's logits only
 
 
@@ -180,20 +175,21 @@ def inference_bytes(ref: dict, context_tokens: int) -> dict[str, int]:
     width (measured on SmolLM2's fp32 file loaded in bf16: peak 870 MB, 359 MB after; benchmarks/serve.py).
     ``inference_total`` says how they add up."""
     from training.config import LoraSettings
-    from training.plan.memory_model import CUDA_CONTEXT_BYTES, ModelProfile
 
     try:
         prof = ModelProfile.from_config(Path(ref["base"]))
     except PlanError as exc:
         raise ServeError(str(exc)) from None
-    width = DTYPE_BYTES.get(ref["dtype"], 4)
-    if ref["method"] == "qlora" and not ref["own_weights"]:
-        weights = int(prof.block_params * prof.layers * NF4_BYTES_PER_PARAM) + prof.embedding_params * width
+    width = DTYPE_BYTES[ref["dtype"]]
+    if ref["method"] == "qlora" and not ref["own_weights"]:  # as memory_model.estimate splits them
+        emb = prof.embedding_params + prof.hidden
+        weights = int((prof.params - emb) * NF4_DQ_BYTES) + emb * width
     else:
         weights = prof.params * width
     adapter = prof.lora_params(LoraSettings.model_validate(ref["lora"])) * 4 if ref["adapter"] else 0
-    stored = sum(f.stat().st_size for f in Path(ref["base"]).glob("*.safetensors")) + \
-        sum(f.stat().st_size for f in Path(ref["adapter"] or ref["base"]).glob("adapter_model.safetensors"))
+    stored = sum(f.stat().st_size for f in Path(ref["base"]).glob("*.safetensors"))
+    if ref["adapter"]:
+        stored += sum(f.stat().st_size for f in Path(ref["adapter"]).glob("adapter_model.safetensors"))
     kv = 2 * prof.layers * prof.kv_heads * prof.head_dim * context_tokens * width
     return {"weights": weights, "adapter": adapter, "kv_cache": kv,
             "logits": LOGITS_TOKENS * prof.vocab * 4 * 2,
@@ -217,25 +213,14 @@ def load(ref: dict):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from training.run.model_load import _bnb_cpu_workaround, torch_dtype
+    from training.run.model_load import load_nf4, torch_dtype
 
-    import torch
-
-    dtype = torch_dtype(ref["dtype"])
-    kwargs: dict = {"dtype": dtype}
     if ref["method"] == "qlora" and not ref["own_weights"]:
-        from transformers import BitsAndBytesConfig
-
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.float32 if ref["dtype"] == "fp32" else dtype)
+        model = load_nf4(Path(ref["base"]), ref["dtype"], ref["device"])
+    else:
+        model = AutoModelForCausalLM.from_pretrained(ref["base"], dtype=torch_dtype(ref["dtype"]))
         if ref["device"] == "cuda":
-            kwargs["device_map"] = {"": torch.cuda.current_device()}
-    model = AutoModelForCausalLM.from_pretrained(ref["base"], **kwargs)
-    if "quantization_config" in kwargs:
-        _bnb_cpu_workaround(model)
-    elif ref["device"] == "cuda":
-        model = model.to("cuda")
+            model = model.to("cuda")
     if ref["adapter"]:
         model = PeftModel.from_pretrained(model, ref["adapter"])
     model.eval()

@@ -9,8 +9,10 @@ answers on a CPU's cores would each go at half speed anyway.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
+import math
 import os
 import re
 import threading
@@ -22,12 +24,27 @@ from infra.run_states import TERMINAL
 from training.serve.models import ServeError, ServeRefused, check_messages, check_settings, inference_bytes, \
     inference_total, load, resident_bytes, resolve
 
-IDLE_S = float(os.environ.get("DUET_SERVE_IDLE_S", "600"))
+IDLE_S = 600.0            # DUET_SERVE_IDLE_S overrides (idle_seconds)
 MARGIN = 0.10             # of the device's memory, never planned for
 KEEP_CHATS_S = 3600       # a finished answer stays readable this long
 MAX_CHATS = 256
 KEEP_FILES = 2000         # finished transcripts kept on disk (<data_dir>/chats), newest first
 _CHAT_ID = re.compile(r"^[0-9a-f]{16}$")
+
+
+def idle_seconds() -> float:
+    """How long a loaded model may stay unused: DUET_SERVE_IDLE_S, else IDLE_S (ServeError naming the
+    variable for anything but a positive number)."""
+    raw = os.environ.get("DUET_SERVE_IDLE_S", "").strip()
+    if not raw:
+        return IDLE_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise ServeError(f"DUET_SERVE_IDLE_S={raw[:40]!r}: give seconds, a number above 0")
+    return value
 
 
 def device_memory(device: str) -> dict:
@@ -115,9 +132,11 @@ class ChatServer:
     """Models and chats of one executor. ``reserved()`` says what its training runs hold
     (training_reserved); ``memory(device)`` what the device has (device_memory; tests give a fake)."""
 
-    def __init__(self, data_dir: str | os.PathLike, *, reserved=lambda: {}, memory=device_memory, idle_s: float = IDLE_S):
+    def __init__(self, data_dir: str | os.PathLike, *, reserved=lambda: {}, memory=device_memory,
+                 idle_s: float | None = None):
         self.data_dir = Path(data_dir)
-        self.reserved, self.memory, self.idle_s = reserved, memory, idle_s
+        self.reserved, self.memory = reserved, memory
+        self.idle_s = idle_seconds() if idle_s is None else idle_s
         self.models: dict[str, dict] = {}
         self.chats: dict[str, _Chat] = {}
         self._lock = threading.Lock()        # the tables above
@@ -142,19 +161,33 @@ class ChatServer:
                 "device_free_bytes": mem["free"], "margin_bytes": int(mem["total"] * MARGIN),
                 "training_reserved_bytes": training, "serving_bytes": serving, "budget_bytes": budget, "fits": fits}
 
-    def _model(self, ref: dict, context_tokens: int) -> dict:
+    def _cached(self, ref: dict) -> dict | None:
         with self._lock:
             m = self.models.get(ref["ref"])
         if m is not None:
             m["last"] = time.time()
-            return m
-        with self._loading:  # one load at a time: two requests for a new model load it once, planned in turn
+        return m
+
+    def _model(self, ref: dict, context_tokens: int) -> dict:
+        """``ref`` loaded: from the table, else planned and loaded (one load at a time, so two requests
+        for a new model load it once)."""
+        m = self._cached(ref)
+        if m is None:
+            with self._loading:
+                m = self._cached(ref) or self._load(ref, context_tokens)
+        return m
+
+    @contextlib.contextmanager
+    def _in_use(self, m: dict):
+        """``m`` is answering (the idle reaper leaves it) until the block ends; then it was last used now."""
+        with self._lock:
+            m["busy"] += 1
+        try:
+            yield m
+        finally:
+            m["last"] = time.time()
             with self._lock:
-                m = self.models.get(ref["ref"])
-            if m is not None:
-                m["last"] = time.time()
-                return m
-            return self._load(ref, context_tokens)
+                m["busy"] -= 1
 
     def _load(self, ref: dict, context_tokens: int) -> dict:
         p = self.plan(ref, context_tokens)
@@ -220,13 +253,15 @@ class ChatServer:
         with self._lock:
             if sum(1 for c in self.chats.values() if not c.ended) >= MAX_CHATS:
                 raise ServeRefused(f"{MAX_CHATS} answers are already being generated here", {})
-        m = self._model(ref, settings["max_tokens"])
+        from training.data.schema import estimate_tokens
+
+        context = estimate_tokens("\n".join(x["content"] for x in messages)) + settings["max_tokens"]
+        m = self._model(ref, context)
         enc = self._encode(m, messages, settings)
         chat = _Chat(uuid.uuid4().hex[:16], ref, settings, messages)
         chat.prompt_tokens = int(enc["input_ids"].shape[1])
         with self._lock:
             self.chats[chat.id] = chat
-            m["busy"] += 1
         threading.Thread(target=self._generate, args=(m, chat, enc), name=f"duet-chat-{chat.id}", daemon=True).start()
         return chat.view()
 
@@ -261,7 +296,7 @@ class ChatServer:
 
         tok, model, s = m["tok"], m["model"], chat.settings
         try:
-            with self._gen:
+            with self._in_use(m), self._gen:
                 chat.started, chat.state = time.time(), "generating"
                 dev = next(model.parameters()).device
                 streamer = Pieces(tok, emit)
@@ -281,9 +316,6 @@ class ChatServer:
         finally:
             chat.ended = time.time()
             chat.grew()
-            m["last"] = time.time()
-            with self._lock:
-                m["busy"] -= 1
             self._save(chat)
 
     def _save(self, chat: _Chat) -> None:
@@ -350,7 +382,7 @@ class ChatServer:
         """The run's test split as prompts with their reference answers (the run's own copy of its
         dataset on this executor): [{id, messages, reference}]."""
         from training.config import PlanError, check_run_id
-        from training.data.dataset import load_split
+        from training.data.dataset import load_split, prompt_and_reference
 
         try:
             check_run_id(run_id)
@@ -361,11 +393,7 @@ class ChatServer:
             raise ServeError(f"no run {run_id!r} on this executor ({self.data_dir / 'runs'})")
         out = []
         for r in load_split(folder, "test")[:max(1, min(int(limit), 500))]:
-            if "chosen" in r:
-                msgs, ref = r["prompt"] if isinstance(r["prompt"], list) else [{"role": "user", "content": r["prompt"]}], \
-                    r["chosen"][-1]["content"] if isinstance(r["chosen"], list) else r["chosen"]
-            else:
-                msgs, ref = r["messages"][:-1], r["messages"][-1]["content"]
+            msgs, ref = prompt_and_reference(r)
             out.append({"id": r["id"], "messages": msgs, "reference": ref})
         return out
 
@@ -380,34 +408,29 @@ class ChatServer:
             raise ServeError("scores: give 1 to 4 models")
         prompts = self.held_out(run_id, limit)
         rows = [{"id": p["id"], "prompt": p["messages"][-1]["content"], "loss": {}} for p in prompts]
+        names = []
         for name in models:
             ref = resolve(self.data_dir, run_id, name)
-            m = self._model(ref, 2048)
-            tok, model = m["tok"], m["model"]
-            with self._lock:
-                m["busy"] += 1
-            try:
-                with self._gen, torch.no_grad():
-                    dev = next(model.parameters()).device
-                    for row, p in zip(rows, prompts):
-                        head = tok.apply_chat_template(for_template(tok, p["messages"]), add_generation_prompt=True,
-                                                       tokenize=False)
-                        whole = tok.apply_chat_template(for_template(tok, p["messages"] + [
-                            {"role": "assistant", "content": p["reference"]}]), tokenize=False)
-                        n_head = len(tok(head, add_special_tokens=False)["input_ids"])
-                        ids = tok(whole, return_tensors="pt", add_special_tokens=False)["input_ids"].to(dev)
-                        labels = ids.clone()
-                        labels[:, :n_head] = -100
-                        row["loss"][ref["ref"]] = round(float(model(input_ids=ids, labels=labels).loss), 4) \
-                            if ids.shape[1] > n_head else None
-            finally:
-                m["last"] = time.time()
-                with self._lock:
-                    m["busy"] -= 1
-        names = [resolve(self.data_dir, run_id, n)["ref"] for n in models]
-        mean = {n: round(sum(r["loss"][n] for r in rows if r["loss"].get(n) is not None)
-                         / max(1, sum(1 for r in rows if r["loss"].get(n) is not None)), 4) for n in names}
-        return {"run_id": run_id, "models": names, "rows": rows, "mean": mean}
+            names.append(ref["ref"])
+            with self._in_use(self._model(ref, 2048)) as m, self._gen, torch.no_grad():
+                tok, model = m["tok"], m["model"]
+                dev = next(model.parameters()).device
+                for row, p in zip(rows, prompts):
+                    head = tok.apply_chat_template(for_template(tok, p["messages"]), add_generation_prompt=True,
+                                                   tokenize=False)
+                    whole = tok.apply_chat_template(for_template(tok, p["messages"] + [
+                        {"role": "assistant", "content": p["reference"]}]), tokenize=False)
+                    n_head = len(tok(head, add_special_tokens=False)["input_ids"])
+                    ids = tok(whole, return_tensors="pt", add_special_tokens=False)["input_ids"].to(dev)
+                    labels = ids.clone()
+                    labels[:, :n_head] = -100
+                    row["loss"][ref["ref"]] = round(float(model(input_ids=ids, labels=labels).loss), 4) \
+                        if ids.shape[1] > n_head else None
+
+        def mean(n: str) -> float | None:
+            got = [r["loss"][n] for r in rows if r["loss"].get(n) is not None]
+            return round(sum(got) / len(got), 4) if got else None
+        return {"run_id": run_id, "models": names, "rows": rows, "mean": {n: mean(n) for n in names}}
 
     def wait(self, chat_id: str, timeout: float = 600) -> dict:
         """Block until the chat ends (for in-process callers); its whole view."""
