@@ -119,6 +119,9 @@ class CpuPaths(BaseModel):
                                               "(training/run/cpu_lora.py); false: all in bf16.")
     fast_dropout: bool = Field(True, description="with lora_fp32: LoRA dropout masks drawn 16 bits an element; "
                                                  "false: torch's own draw.")
+    padding_free: bool = Field(True, description="SFT without packing: each micro-batch's examples in one row, "
+                                                 "attention computed example by example, no compute on padding "
+                                                 "(training/run/padding_free.py); false: padded rows.")
     allow_emulated_dtype: bool = Field(False, description="train in an explicit dtype bf16 or fp16 on a CPU that "
                                                           "emulates it (no AVX512-BF16/AMX): refused otherwise, as "
                                                           "it trains many times slower than fp32.")

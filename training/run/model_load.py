@@ -91,6 +91,14 @@ def build_trainer(model, tok, cfg: TrainConfig, *, phase: str, device: str, dtyp
         # no padding and no mask, and "non_padding" would drop every real token equal to the pad id (EOS)
         include_num_input_tokens_seen="all" if cfg.packing and phase == "sft" else "non_padding",
     )
+    # CPU SFT without packing: padding-free rows, attention example by example (training/run/padding_free.py)
+    padding_free = on_cpu and phase == "sft" and not cfg.packing and cfg.cpu.padding_free
+    if padding_free:
+        from training.run import padding_free as pf
+
+        padding_free = pf.install(model, cfg.seq_len) is None
+        if padding_free:  # every token of a padding-free row is real (EOS, which is also the pad id, included)
+            common["include_num_input_tokens_seen"] = "all"
     if phase == "dpo":
         from trl import DPOConfig, DPOTrainer
 
@@ -103,6 +111,8 @@ def build_trainer(model, tok, cfg: TrainConfig, *, phase: str, device: str, dtyp
         args = SFTConfig(**packing_args(cfg.packing), **common)
         trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                              processing_class=tok)
+        if padding_free:  # after TRL prepared (and truncated) the data and chose the pad token as for padded rows
+            trainer.data_collator = pf.collator(trainer.data_collator)
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)
