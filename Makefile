@@ -44,7 +44,18 @@ demo: setup
 bench: $(STAMP)
 	$(PY) -m benchmarks $(BENCH_ARGS)
 
-test: setup
+# the MLflow tracking server the tracker tests start (tests/integration/test_trackers.py), in a venv of its own:
+# duet itself needs no MLflow package (it speaks MLflow's REST API)
+MLFLOW_VENV := $(VENV)/duet-mlflow
+MLFLOW_STAMP := $(MLFLOW_VENV)/.mlflow-3.17.2
+
+$(MLFLOW_STAMP):
+	rm -rf $(MLFLOW_VENV)
+	$(PYTHON) -m venv $(MLFLOW_VENV)
+	$(MLFLOW_VENV)/bin/pip install -q mlflow==3.17.2
+	touch $@
+
+test: setup $(MLFLOW_STAMP)
 	$(PY) -m pytest $(TEST_ARGS)
 
 clean-venv:

@@ -125,7 +125,8 @@ class RunController:
                 info = self.executors.where(n)
                 where = {"executor": n, "node": names.node_of(n), "ip": info.get("ip"), "host": info.get("host"),
                          "node_id": info.get("node_id"), "gpu": hw.get("gpu_name"),
-                         "queued_at": self.q.entries[run_id]["queued_at"], "dispatched_at": time.time()}
+                         "queued_at": self.q.entries[run_id]["queued_at"], "dispatched_at": time.time(),
+                         "group": self.q.entries[run_id].get("group")}  # a sweep's id: its runs grouped in the trackers
                 self.executors.submit(n, {**self.q.spec(run_id, n), "placement": where})
             except Exception as exc:
                 self.q.ended(run_id, "failed", f"could not start on {n}: {type(exc).__name__}: {exc}"[:500],

@@ -16,6 +16,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from training.track.settings import Tracking, check_report_to
 from training.yaml_reader import PlanError, format_validation, key_lines, read_yaml_file
 
 
@@ -190,6 +191,14 @@ class TrainConfig(BaseModel):
     max_new_tokens: int = Field(48, ge=1, le=4096, description="Tokens per sample generation.")
     watchdog: dict = Field(default_factory=dict, description="Watchdog thresholds (training/run/watchdog.py Thresholds), "
                                                              "e.g. {temperature_c: 80, stall_seconds: 600}.")
+    report_to: list[str] = Field(default_factory=list, description="Experiment trackers the run reports to: mlflow, "
+                                                                   "trackio, tensorboard, wandb (none by default).")
+    tracking: Tracking = Field(default_factory=Tracking, description="Each tracker's settings (training/track/settings.py).")
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _report_to(cls, v):
+        return check_report_to(v)
 
     @field_validator("init_from")
     @classmethod

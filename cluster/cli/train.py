@@ -122,6 +122,9 @@ def run_train(a) -> int:
         torch.set_num_threads(threads)
     t = threading.Thread(target=run.execute, kwargs={"resume": a.resume}, daemon=True)
     t.start()
+    from training.track import follow
+
+    follow.start(run.dir)  # report_to: the run's trackers fed by a process of their own (it outlives this one if a tracker is down)
     last = -1
     while t.is_alive():
         t.join(1.0)

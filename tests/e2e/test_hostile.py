@@ -214,7 +214,15 @@ def test_model_config_shapes_must_be_positive_whole_numbers(tmp_path, change, wo
     ("data: d.jsonl\noverrides: [1]\n", "overrides"),
     ("data: d.jsonl\ndataset: ../x\n", "dataset"),
     ("data: d.jsonl\ndata: e.jsonl\n", "appears twice"),
-], ids=["list", "unknown", "escape", "nan", "zero-steps", "list-overrides", "dataset-path", "dup"])
+    ("data: d.jsonl\noverrides:\n  report_to: [neptune]\n", "report_to"),
+    ("data: d.jsonl\noverrides:\n  report_to: mlflow\n  tracking: {mlflow: {tracking_uri: 'localhost:5000'}}\n",
+     "tracking.mlflow.tracking_uri"),
+    ("data: d.jsonl\noverrides:\n  report_to: [mlflow]\n  tracking: {mlflow: {tracking_uri: 'http://u:pw@h:5000'}}\n",
+     "MLFLOW_TRACKING_USERNAME"),
+    ("data: d.jsonl\noverrides:\n  tracking: {wandb: {mode: cloud}}\n", "tracking.wandb.mode"),
+    ("data: d.jsonl\noverrides:\n  tracking: {comet: {}}\n", "comet"),
+], ids=["list", "unknown", "escape", "nan", "zero-steps", "list-overrides", "dataset-path", "dup", "tracker",
+        "tracker-uri", "tracker-credentials", "wandb-mode", "tracker-settings"])
 def test_run_configs_are_validated_before_anything_starts(tmp_path, text, words):
     (tmp_path / "d.jsonl").write_bytes(PERSONA.read_bytes())
     f = tmp_path / "run.yaml"

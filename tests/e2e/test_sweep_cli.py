@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,8 @@ def test_a_sweep_runs_every_point_and_names_the_best(tmp_path, repo_root):
     ws = tmp_path / "ws"
     cfg = tmp_path / "run.yaml"
     cfg.write_text(f"preset: demo\nmodel: tiny\ndata: [{repo_root / 'examples/persona/persona.jsonl'}]\n"
-                   "dataset: persona\noverrides: {max_steps: 4, checkpoint_every: 4, eval_every: 4, sample_prompts: 1}\n")
+                   "dataset: persona\noverrides: {max_steps: 4, checkpoint_every: 4, eval_every: 4, sample_prompts: 1, "
+                   f"report_to: [tensorboard], tracking: {{tensorboard: {{dir: '{tmp_path / 'tb'}'}}}}}}\n")
     bad = duet("sweep", cfg, "--grid", "lr=1e-4,2e-4", "-w", ws, cwd=tmp_path)
     assert bad.returncode == 1 and "not a training field" in bad.stderr and not (ws / "runs").exists()
     r = duet("sweep", cfg, "--grid", "learning_rate=1e-4,3e-4", "-w", ws, "--json", cwd=tmp_path)
@@ -37,6 +39,12 @@ def test_a_sweep_runs_every_point_and_names_the_best(tmp_path, repo_root):
     for row in c["rows"]:  # each run was recorded in the workspace as `duet run` records it
         rec = json.loads((ws / "runs" / row["run_id"] / "run.json").read_text())
         assert rec["config"]["train"]["learning_rate"] == row["point"]["learning_rate"]
+        assert rec["placement"]["group"] == c["sweep_id"]
+    deadline = time.time() + 120  # each point a tracker run, grouped by the sweep's id (the followers outlive the run)
+    want = [tmp_path / "tb" / c["sweep_id"] / row["run_id"] for row in c["rows"]]
+    while time.time() < deadline and not all(list(w.glob("events.out.tfevents.*")) for w in want):
+        time.sleep(0.5)
+    assert all(list(w.glob("events.out.tfevents.*")) for w in want), list((tmp_path / "tb").rglob("*"))
     tags = subprocess.run(["git", "tag"], cwd=ws, capture_output=True, text=True).stdout.split()
     assert f"sweep/{c['sweep_id']}" in tags
     shown = duet("sweep", "show", c["sweep_id"], "-w", ws, "--json", cwd=tmp_path)

@@ -19,6 +19,7 @@ from pathlib import Path
 from training.plan import hardware
 
 from training.run import telemetry
+from training.track import follow
 from training.data.dataset import version_files
 from training.run.engine import TERMINAL, Run
 from infra.lazy import lazy
@@ -191,6 +192,7 @@ class Executor:
         if metrics_port is not None:
             telemetry.metrics()
             self.metrics_port = telemetry.serve(metrics_port, metrics_addr)
+            telemetry.register_once(f"trackers:{self.data_dir.resolve()}", lambda: follow.StatusCollector(self.data_dir))
         n = torch_threads or int(os.environ.get("DUET_TORCH_THREADS", "0")) or hardware.available_cpus()
         os.environ["OMP_NUM_THREADS"] = str(n)
         self.torch_threads = n
@@ -218,6 +220,8 @@ class Executor:
                 continue
             run_id = rj.parent.name
             if state in TERMINAL or run_id in self.runs or not (rj.parent / "spec.json").exists():
+                if state in TERMINAL and (rj.parent / "tracking").is_dir():
+                    follow.start(rj.parent)  # a backlog left when the executor stopped (it exits at once if none)
                 continue
             self._start(Run.load(rj.parent, self.probe()), resume=True)
             out.append(run_id)
@@ -244,6 +248,7 @@ class Executor:
                                  daemon=True)
         self.threads[run.run_id] = t
         t.start()
+        follow.start(run.dir)  # report_to: the run's trackers fed by a process of their own (training/track/follow.py)
 
     def probe(self) -> dict:
         return hardware.probe(self.data_dir).to_dict()
@@ -357,7 +362,9 @@ class Executor:
         run = self.runs.get(run_id)
         if run is not None and run.state not in TERMINAL:
             raise ExecutorError(f"run {run_id} is {run.state}: export it once it has finished")
-        return export(self.data_dir, run_id, **opts)
+        entry = export(self.data_dir, run_id, **opts)
+        follow.start(run_dir(self.data_dir, run_id))  # the export's paths and checks reach the trackers
+        return entry
 
     def read_export(self, run_id: str, path: str, offset: int, size: int) -> bytes:
         """A chunk of an exported file, for ``duet export --fetch`` (only files of the run's exports)."""

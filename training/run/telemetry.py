@@ -156,6 +156,18 @@ class GpuCollector:
                 yield f
 
 
+def register_once(key: str, make) -> None:
+    """Register a custom collector (``make()``) with the process's registry once per ``key``."""
+    with _lock:
+        done = _server.setdefault("collectors", set())
+        if key in done:
+            return
+        from prometheus_client import REGISTRY
+
+        REGISTRY.register(make())
+        done.add(key)
+
+
 def serve(port: int, addr: str = "127.0.0.1", gpu_source="detect") -> int:
     """Start the exporter once per process; returns the port it serves on. ``gpu_source``: "detect"
     (NVML when a GPU answers), None, or a GpuSource."""
