@@ -28,6 +28,7 @@ SUITE = [
     ("speed", ["--reps", "5", "--steps", "8"], ["--reps", "1", "--steps", "4"]),
     ("trl_compare", ["--reps", "5", "--steps", "20"], ["--reps", "1", "--steps", "12"]),
     ("serve", ["--reps", "3"], ["--reps", "1", "--max-new", "16"]),
+    ("trackers", ["--reps", "3"], ["--reps", "1", "--steps", "6"]),
     ("memory", ["--reps", "3"], ["--reps", "1"]),
     ("alerting", ["--reps", "5"], ["--reps", "2"]),
     ("failover", ["--reps", "3"], ["--reps", "1"]),
@@ -96,6 +97,14 @@ def rows_of(doc: dict) -> list[tuple[str, str, str, str]]:
             r = doc["memory"]["estimate_over_measured"]
             out.append(("serving: inference estimate / measured peak RSS growth (load and first answer)", _fmt(r),
                         "within 10 %", abs(1 - r) <= 0.10))
+    elif name == "trackers":
+        med = doc["tokens_per_s_median"]
+        out.append((f"tokens/s, median of {len(doc['runs']['none'])} alternating reps: no tracker / MLflow up / MLflow down",
+                    " / ".join(f"{med[k]:.0f}" for k in ("none", "mlflow_up", "mlflow_down")), "", None))
+        for key, label in (("mlflow_up_over_none", "MLflow up"), ("mlflow_down_over_none", "MLflow down all run")):
+            r = doc["ratios"][key]
+            out.append((f"report_to mlflow ({label}) / no tracker, tokens/s per rep: median [min-max]",
+                        f"{r['median']:.2f} [{r['min']:.2f}-{r['max']:.2f}]", ">= 0.97", doc["goals"][key]["met"]))
     elif name == "memory":
         for k, goal in doc["goals_s"].items():
             out.append((k, _fmt(doc["median"][k], " s"), f"<= {goal} s", doc["meets_goal"][k]))
