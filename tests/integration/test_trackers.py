@@ -99,6 +99,14 @@ def _follower_alive(rdir: Path) -> bool:
     return (rdir / "tracking").is_dir() and held(rdir)
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # follow.start reaps its child, so an ended follower is gone, not a zombie
+        return True
+    except OSError:
+        return False
+
+
 def _kill_follower(rdir: Path) -> None:
     if _follower_alive(rdir):
         os.kill(int((rdir / "tracking" / "follower.pid").read_text()), signal.SIGKILL)
@@ -119,6 +127,16 @@ def test_a_run_reaches_every_tracker(tmp_path, engine_env, mlflow):
                 json.loads((rdir / "tracking" / f"{n}.json").read_text()).get("exports_sent") for n in ("mlflow", "wandb")):
             time.sleep(0.5)
         cur = _wait_delivered(rdir, ["mlflow", "tensorboard", "trackio", "wandb"])
+        segments = sorted((rdir / "tracking" / "wandb").rglob("run-tracked.wandb"))
+        from training.track import follow
+
+        pid = follow.start(rdir)  # as an executor restart does for ended runs: nothing to send, nothing reopened
+        assert pid, "no follower started"
+        deadline = time.time() + 60
+        while time.time() < deadline and _pid_alive(pid):
+            time.sleep(0.2)
+        assert not _pid_alive(pid)
+        assert sorted((rdir / "tracking" / "wandb").rglob("run-tracked.wandb")) == segments
     finally:
         _kill_follower(rdir)
     steps = {x["step"]: x["loss"] for x in rec["losses"]}

@@ -127,3 +127,29 @@ def test_duet_trainer_trains_padding_free_with_the_same_eval_loss(tmp_path):
         assert (model.config._attn_implementation == padding_free.NAME) is on
         losses[on] = tr.evaluate()["eval_loss"]
     assert abs(losses[True] - losses[False]) < 1e-5, json.dumps(losses)
+
+
+@pytest.mark.parametrize("extra,seq_len,on", [
+    ({}, 1024, True),                                                        # full attention
+    ({"sliding_window": 512}, 1024, False),                                  # Gemma 3 / Mistral v0.1 style
+    ({"sliding_window": 512}, 256, True),                                    # the window never bites
+    ({"sliding_window": 512, "use_sliding_window": False}, 1024, True),      # Qwen names a window it does not use
+    ({"attn_logit_softcapping": 50.0}, 256, False),                          # Gemma 2
+])
+def test_the_plan_says_whether_a_run_trains_padding_free(extra, seq_len, on):
+    """The planner and the trainer apply one rule; a plan that rules padding-free out says why and turns
+    train.cpu.padding_free off, so run.json says what trained."""
+    from training.config import load_config
+    from training.plan.memory_model import GIB, ModelProfile
+    from training.plan.planner import make_plan
+
+    m = ModelProfile.from_config({"model_type": "mistral", "hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128,
+                                  "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512, **extra})
+    plan = make_plan(load_config("demo", {"seq_len": seq_len, "packing": False}), m, device="cpu", bf16=False,
+                     budget_bytes=8 * GIB)
+    said = [d for d in plan.decisions if d.startswith("padding-free batches")]
+    assert plan.config.cpu.padding_free is on and len(said) == 1
+    assert said[0].startswith("padding-free batches on CPU" if on else "padding-free batches off: its ")
+    cfg = transformers.MistralConfig(vocab_size=VOCAB, **{"sliding_window": None, **extra})
+    cfg._attn_implementation = "sdpa"
+    assert (padding_free.unsupported(cfg, seq_len) is None) is on  # the trainer's check agrees

@@ -44,6 +44,28 @@ GIB = 1024 ** 3
 MIB = 1024 ** 2
 
 
+def attention_limits(cfg: dict) -> tuple[int | None, float | None]:
+    """From a model's config (config.json's text part, or a transformers config's ``to_dict()``): the sliding
+    window its attention uses (None where it attends to the whole sequence: no window, or Qwen's
+    ``use_sliding_window: false``) and its attention-logit soft-cap (Gemma 2), or None."""
+    def positive(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+
+    window, cap = cfg.get("sliding_window"), cfg.get("attn_logit_softcapping")
+    used = cfg.get("use_sliding_window", True) is not False or "sliding_attention" in (cfg.get("layer_types") or ())
+    return (int(window) if positive(window) and used else None), (float(cap) if positive(cap) else None)
+
+
+def padding_free_refusal(window: int | None, attn_softcap: float | None, seq_len: int) -> str | None:
+    """Why a model keeps padded rows on CPU (training/run/padding_free.py), or None: the planner's decision
+    and the trainer's check are this one rule."""
+    if attn_softcap:
+        return f"its attention caps logits at {attn_softcap:g}, which SDPA does not do"
+    if window and window < seq_len:
+        return f"its sliding window ({window} tokens) is shorter than seq_len ({seq_len})"
+    return None
+
+
 @dataclass
 class ModelProfile:
     """What the planner needs from a model's config.json (no weights)."""
@@ -59,6 +81,8 @@ class ModelProfile:
     tied_embeddings: bool
     logit_softcap: float | None = None   # Gemma 2's final_logit_softcapping: TRL's own loss path applies it
     fused_projections: bool = False      # Phi-3: one qkv_proj and one gate_up_proj a block
+    sliding_window: int | None = None    # the attention's window where it uses one (attention_limits)
+    attn_softcap: float | None = None    # Gemma 2's attn_logit_softcapping
 
     @classmethod
     def from_config(cls, cfg: dict | str | os.PathLike) -> "ModelProfile":
@@ -112,7 +136,8 @@ class ModelProfile:
         tied = cfg.get("tie_word_embeddings", False)
         cap = cfg.get("final_logit_softcapping")
         mt = str(cfg.get("model_type", "unknown"))[:64]
-        return cls(model_type=mt, hidden=hidden,
+        window, attn_cap = attention_limits(cfg)
+        return cls(model_type=mt, hidden=hidden, sliding_window=window, attn_softcap=attn_cap,
                    layers=shape("num_hidden_layers"), intermediate=shape("intermediate_size", required=False) or 4 * hidden,
                    heads=heads, kv_heads=kv, head_dim=head_dim, vocab=shape("vocab_size"),
                    tied_embeddings=tied if isinstance(tied, bool) else bool(tied),

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from training.config import USABLE_FRACTION, PlanError, TrainConfig
 from training.plan.memory_model import FUSED_TOKEN_TILE, FUSED_VOCAB_TILE, GIB, ModelProfile, \
-    cpu_loss_chunk_tokens, estimate, qlora_head_saving, scaled_total, train_dtype
+    cpu_loss_chunk_tokens, estimate, padding_free_refusal, qlora_head_saving, scaled_total, train_dtype
 
 
 def check_emulated_dtype(cfg: TrainConfig, device: str, bf16: bool, speedup: float | None) -> None:
@@ -257,13 +257,16 @@ def make_plan(cfg: TrainConfig, model: ModelProfile, *, device: str, bf16: bool,
                                                 "tokens/s on the demo data)" if device != "cuda" else
                                                 "no token statistics" if token_p50 is None else
                                                 f"the median example ({token_p50} tokens) fills over half of seq_len"))
-            if device != "cuda" and cfg.phase == "sft" and cfg.cpu.padding_free:
-                decisions.append("padding-free batches on CPU (training/run/padding_free.py): each micro-batch's "
-                                 "examples end to end in one row, attention computed example by example, so no matmul "
-                                 "runs on padding; the same examples, positions and labels as padded rows (measured "
-                                 "1.28x tokens/s on the demo's fp32 LoRA step; not for a model whose sliding window is "
-                                 "shorter than seq_len, or whose attention is not SDPA: those keep padded rows; "
-                                 "train.cpu.padding_free: false for padded rows)")
+    if device != "cuda" and cfg.phase == "sft" and cfg.packing is False and cfg.cpu.padding_free:
+        why = padding_free_refusal(model.sliding_window, model.attn_softcap, cfg.seq_len)
+        if why:
+            cfg = cfg.model_copy(update={"cpu": cfg.cpu.model_copy(update={"padding_free": False})})
+            decisions.append(f"padding-free batches off: {why}; padded rows")
+        else:
+            decisions.append("padding-free batches on CPU (training/run/padding_free.py): each micro-batch's "
+                             "examples end to end in one row, attention computed example by example, so no matmul "
+                             "runs on padding; the same examples, positions and labels as padded rows (measured "
+                             "1.28x tokens/s on the demo's fp32 LoRA step; train.cpu.padding_free: false for padded rows)")
     if cfg.gradient_checkpointing == "auto":
         off = cfg.model_copy(update={"gradient_checkpointing": False})
         bd_off = estimate(off, model, device, bf16)

@@ -5,6 +5,7 @@ check and the benchmarks (benchmarks/vram_planner.py, benchmarks/speed.py)."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from training.config import TrainConfig
@@ -92,12 +93,15 @@ def build_trainer(model, tok, cfg: TrainConfig, *, phase: str, device: str, dtyp
         include_num_input_tokens_seen="all" if cfg.packing and phase == "sft" else "non_padding",
     )
     # CPU SFT without packing: padding-free rows, attention example by example (training/run/padding_free.py)
-    padding_free = on_cpu and phase == "sft" and not cfg.packing and cfg.cpu.padding_free
-    if padding_free:
+    padding_free = False
+    if on_cpu and phase == "sft" and not cfg.packing and cfg.cpu.padding_free:
         from training.run import padding_free as pf
 
-        padding_free = pf.install(model, cfg.seq_len) is None
-        if padding_free:  # every token of a padding-free row is real (EOS, which is also the pad id, included)
+        why = pf.install(model, cfg.seq_len)
+        if why:  # the planner turns off what the model's config rules out; this is a model loaded otherwise
+            logging.getLogger("duet.train").warning("padding-free batches off: %s; padded rows", why)
+        else:  # every token of a padding-free row is real (EOS, which is also the pad id, included)
+            padding_free = True
             common["include_num_input_tokens_seen"] = "all"
     if phase == "dpo":
         from trl import DPOConfig, DPOTrainer

@@ -23,8 +23,9 @@ examples, 2 cores): 1.28x tokens/s over padded batches, TRL's padding-free colla
 block mask 1.19x (benchmarks/speed.py measures duet's run against the scripts).
 
 Not used for a model whose sliding window is shorter than ``seq_len`` (an example could then outrun
-its window, which only a mask expresses), nor for a model whose attention is not SDPA (softcapped
-logits, eager-only models): :func:`install` says why and the run keeps padded batches.
+its window, which only a mask expresses) or whose attention caps its logits: the planner says so and
+turns ``train.cpu.padding_free`` off. A model loaded with an attention other than SDPA (eager-only
+models) keeps padded batches too: :func:`install` says why, and build_trainer logs it.
 """
 
 from __future__ import annotations
@@ -84,16 +85,15 @@ def _register() -> None:
 
 
 def unsupported(config, seq_len: int) -> str | None:
-    """Why a model (its transformers config) keeps padded batches, or None when it can train padding-free."""
+    """Why a model (its transformers config) keeps padded batches, or None when it can train padding-free:
+    the planner's rule (training.plan.memory_model.padding_free_refusal), and an attention other than SDPA."""
+    from training.plan.memory_model import attention_limits, padding_free_refusal
+
     cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
     impl = getattr(cfg, "_attn_implementation", None)
     if impl not in ("sdpa", NAME):
         return f"its attention is {impl!r}, not SDPA"
-    window = getattr(cfg, "sliding_window", None)
-    sliding = getattr(cfg, "use_sliding_window", True) is not False or "sliding_attention" in (getattr(cfg, "layer_types", None) or ())
-    if window and sliding and int(window) < seq_len:
-        return f"its sliding window ({window} tokens) is shorter than seq_len ({seq_len})"
-    return None
+    return padding_free_refusal(*attention_limits(cfg.to_dict()), seq_len)
 
 
 def install(model, seq_len: int) -> str | None:

@@ -1,6 +1,7 @@
-"""The trackers a run reports to, one class each with the same five calls: ``open`` (create the tracker's
+"""The trackers a run reports to, one class each with the same calls: ``open`` (create the tracker's
 run, or continue the one the cursor names), ``params``, ``metrics`` (rows of step, time, values),
-``note`` (a recovery, an export: text at a step), ``finish`` (the final record, artifacts, status).
+``note`` (a recovery, an export: text at a step), ``artifact`` (a file), ``finish`` (the status) and
+``close``.
 A call that fails raises; the follower (training/track/follow.py) keeps the cursor where it was and
 retries, so nothing is lost while a tracker is down.
 
@@ -22,15 +23,11 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from training.track.settings import safe_name
+from training.track.settings import check_uri, safe_name
 
 
 class TrackerError(RuntimeError):
     pass
-
-
-def _env_dir(setting: str | None, var: str) -> str | None:
-    return setting or os.environ.get(var) or None
 
 
 # -- MLflow ------------------------------------------------------------------------------------------
@@ -40,11 +37,13 @@ class Mlflow:
     BATCH = 900  # log-batch takes at most 1000 metrics and 100 params a call
 
     def __init__(self, settings, run_dir: Path, timeout: float = 10.0):
-        self.uri = settings.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-        if not self.uri or not self.uri.startswith(("http://", "https://")):
+        try:  # the config's URI was checked with the config; the environment's is checked here, the same way
+            self.uri = settings.tracking_uri or check_uri(os.environ.get("MLFLOW_TRACKING_URI") or None)
+        except ValueError as exc:
+            raise TrackerError(f"MLFLOW_TRACKING_URI: {exc}") from None
+        if not self.uri:
             raise TrackerError("report_to mlflow: set train.tracking.mlflow.tracking_uri in the run config or "
                                "MLFLOW_TRACKING_URI (http(s)://host:port) on the executor host")
-        self.uri = self.uri.rstrip("/")
         self.experiment, self.run_dir, self.timeout = settings.experiment, run_dir, timeout
         self.run_id = self.experiment_id = self.artifact_uri = None
 
@@ -98,10 +97,8 @@ class Mlflow:
             tags.append({"key": "duet.sweep_id", "value": group})
         got = self._call("POST", "/api/2.0/mlflow/runs/create", {"experiment_id": self.experiment_id, "run_name": run_name,
                                                                  "start_time": int(time.time() * 1000), "tags": tags})
-        self.run_id = got["run"]["info"]["run_id"]
-        self.artifact_uri = got["run"]["info"].get("artifact_uri")
-        return {"run_id": self.run_id, "experiment_id": self.experiment_id,
-                "artifact_uri": got["run"]["info"].get("artifact_uri")}
+        self.run_id, self.artifact_uri = got["run"]["info"]["run_id"], got["run"]["info"].get("artifact_uri")
+        return {"run_id": self.run_id, "experiment_id": self.experiment_id, "artifact_uri": self.artifact_uri}
 
     def params(self, values: dict[str, str]) -> None:
         items = [{"key": k[:250], "value": v[:6000]} for k, v in values.items()]
@@ -118,12 +115,12 @@ class Mlflow:
     def note(self, key: str, step: int, text: str) -> None:
         self._call("POST", "/api/2.0/mlflow/runs/set-tag", {"run_id": self.run_id, "key": f"duet.{key}", "value": text[:5000]})
 
-    def artifact(self, path: Path, name: str | None = None) -> None:
+    def artifact(self, path: Path) -> None:
         root = self.artifact_uri or f"mlflow-artifacts:/{self.experiment_id}/{self.run_id}/artifacts"
         if not root.startswith("mlflow-artifacts:"):
             raise TrackerError(f"MLflow stores this run's artifacts at {root}, which duet cannot write over HTTP: "
                                "start the server with its artifact proxy (mlflow server --serve-artifacts, the default)")
-        rel = root.split(":", 1)[1].lstrip("/") + "/" + (name or path.name)
+        rel = root.split(":", 1)[1].lstrip("/") + "/" + path.name
         self._call("PUT", "/api/2.0/mlflow-artifacts/artifacts/" + urllib.parse.quote(rel), data=path.read_bytes())
 
     def finish(self, status: str) -> None:
@@ -168,14 +165,14 @@ class Tensorboard:
         self.writer.add_text(f"duet/{key.split('.')[0]}", text, step)
         self.writer.flush()
 
-    def artifact(self, path: Path, name: str | None = None) -> None:
+    def artifact(self, path: Path) -> None:
         if path.suffix == ".png":
             import numpy as np
             from PIL import Image
 
             self.writer.add_image("duet/" + path.stem, np.asarray(Image.open(path).convert("RGB")), 0, dataformats="HWC")
         else:
-            self.writer.add_text("duet/" + (name or path.name), path.read_text(errors="replace")[:100_000], 0)
+            self.writer.add_text("duet/" + path.name, path.read_text(errors="replace")[:100_000], 0)
         self.writer.flush()
 
     def finish(self, status: str) -> None:

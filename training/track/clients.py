@@ -5,7 +5,6 @@ trackio is imported (it reads it once)."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -46,8 +45,8 @@ class Trackio:
     def note(self, key: str, step: int, text: str) -> None:
         self.trackio.alert(title=f"duet {key}", text=text[:2000], level="warn")
 
-    def artifact(self, path: Path, name: str | None = None) -> None:
-        self.trackio.log_artifact(str(path), name=safe_name(name or path.name))
+    def artifact(self, path: Path) -> None:
+        self.trackio.log_artifact(str(path), name=safe_name(path.name))
 
     def finish(self, status: str) -> None:
         self.trackio.finish()
@@ -92,8 +91,8 @@ class Wandb:
     def note(self, key: str, step: int, text: str) -> None:
         self.run.summary[f"duet.{key}"] = text[:5000]
 
-    def artifact(self, path: Path, name: str | None = None) -> None:
-        dest = Path(self.run.dir) / (name or path.name)
+    def artifact(self, path: Path) -> None:
+        dest = Path(self.run.dir) / path.name
         shutil.copyfile(path, dest)
         self.run.save(str(dest), base_path=str(dest.parent), policy="now")
 
@@ -114,6 +113,3 @@ def make(name: str, tracking, run_dir: Path):
     cls = {"mlflow": backends.Mlflow, "tensorboard": backends.Tensorboard, "trackio": Trackio, "wandb": Wandb}[name]
     return cls(getattr(tracking, name), run_dir)
 
-
-def dumps(obj) -> str:
-    return json.dumps(obj, default=str, sort_keys=True)

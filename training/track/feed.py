@@ -70,37 +70,37 @@ def flatten(obj, prefix: str = "") -> dict[str, str]:
     return out
 
 
-def params(run_dir: Path) -> dict[str, str]:
-    """The run's parameters: the effective training config, the plan's dtype and memory estimate, the dataset
-    version and hash, the model, duet's code SHA, the run and sweep ids. The tracking settings are left out."""
+def _spec_plan(run_dir: Path) -> tuple[dict, dict]:
+    """The run's submission (spec.json) and its plan, whose training config loses the tracking settings
+    (``report_to`` and ``tracking``: where the run reports, not what it is)."""
     spec = run_files.read_json(run_dir / "spec.json", {}) or {}
-    rec = run_files.read_json(run_dir / "run.json", {}) or {}
-    plan = spec.get("plan") or rec.get("config") or {}
-    train = {k: v for k, v in (plan.get("train") or rec.get("train_effective") or {}).items() if k not in ("tracking", "report_to")}
-    est = plan.get("estimate") or {}
-    ds = spec.get("dataset") or rec.get("dataset") or {}
-    out = {**flatten(train, "train."),
+    plan = dict(spec.get("plan") or {})
+    plan["train"] = {k: v for k, v in (plan.get("train") or {}).items() if k not in ("report_to", "tracking")}
+    return spec, plan
+
+
+def params(run_dir: Path) -> dict[str, str]:
+    """The run's parameters: the planned training config, the plan's device, dtype and memory estimate, the
+    dataset's name and content hash, the model, duet's code SHA, the run and sweep ids."""
+    spec, plan = _spec_plan(run_dir)
+    est, ds = plan.get("estimate") or {}, spec.get("dataset") or {}
+    out = {**flatten(plan["train"], "train."),
            "plan.device": str(plan.get("device")), "plan.dtype": str(plan.get("dtype")),
            "plan.estimate_bytes": str(est.get("total_bytes")), "plan.budget_bytes": str(est.get("budget_bytes")),
-           "dataset.name": str(ds.get("name")), "dataset.version": str(ds.get("version")),
-           "dataset.content_hash": str(ds.get("content_hash")), "model": str(spec.get("model_ref") or (rec.get("model") or {}).get("ref")),
-           "duet.run_id": run_dir.name, "duet.code_sha": run_files.code_sha(),
+           "dataset.name": str(ds.get("name")), "dataset.content_hash": str(ds.get("content_hash")),
+           "model": str(spec.get("model_ref")), "duet.run_id": run_dir.name, "duet.code_sha": run_files.code_sha(),
            "duet.sweep_id": str(group(spec) or "")}
     return {k: v for k, v in out.items() if v not in ("None", "")}
 
 
 def group(spec: dict) -> str | None:
-    """The sweep a run belongs to (the scheduler's group), or None."""
-    return (spec.get("placement") or {}).get("group") or spec.get("group")
+    """The sweep a run belongs to (the scheduler's group, in the spec's placement), or None."""
+    return (spec.get("placement") or {}).get("group")
 
 
 def plan_document(run_dir: Path) -> dict:
     """plan.json: the whole plan with its decisions (too long for a tracker's parameters)."""
-    spec = run_files.read_json(run_dir / "spec.json", {}) or {}
-    plan = dict(spec.get("plan") or {})
-    if isinstance(plan.get("train"), dict):
-        plan["train"] = {k: v for k, v in plan["train"].items() if k != "tracking"}
-    return plan
+    return _spec_plan(run_dir)[1]
 
 
 def event_item(ev: dict) -> tuple[str, int, dict] | None:

@@ -22,6 +22,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -30,11 +31,12 @@ from training.track import feed
 
 POLL_S = 1.0
 MAX_BACKOFF_S = 60.0
+LOGS = ("losses", "events")  # the run's append-only logs the trackers follow (<key>.jsonl, a cursor each)
 IDLE_EXIT_S = 20.0  # a run not (yet, or any more) training for this long, with nothing left to send: the follower ends
 
 
 def tracking_of(run_dir: Path):
-    """(report_to, Tracking settings) of the run, or ([], None)."""
+    """(report_to, Tracking settings) of the run: ([], the defaults) when it reports to none."""
     from training.track.settings import Tracking, check_report_to
 
     spec = run_files.read_json(run_dir / "spec.json", {}) or {}
@@ -65,8 +67,6 @@ def _start(run_dir: Path) -> int | None:
                          stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                          cwd=str(Path(__file__).resolve().parents[2]))
     log.close()
-    import threading
-
     threading.Thread(target=p.wait, name=f"duet-follow-{run_dir.name}", daemon=True).start()  # reaped when it ends
     return p.pid
 
@@ -122,50 +122,49 @@ class Follower:
         run_files.atomic_json(self.dir / f"{name}.json", cur)
 
     def deliver(self, name: str) -> bool:
-        """Send tracker ``name`` what it has not had; True when it has everything the run has written so far.
-
-        Long because each kind of entry (parameters, steps, events, exports, the end) is one step of the
-        same cursor, saved after each call succeeds."""
+        """Send tracker ``name`` what it has not had; True when it has everything of an ended run. The
+        tracker's run is opened only when there is something to send (a follower started for an ended,
+        delivered run touches nothing), and closed again with the run's status once the run has ended."""
         t, cur = self.trackers[name], self.cursor(name)
-        if name not in self.opened:
-            cur["run"] = t.open(cur.get("run") or {}, self.run_dir.name, self.group)
-            self.opened.add(name)
-            self.save(name, cur)
+
+        def tracker():
+            if name not in self.opened:
+                cur["run"] = t.open(cur.get("run") or {}, self.run_dir.name, self.group)
+                self.opened.add(name)
+                self.save(name, cur)
+            return t
+
         if not cur.get("params"):
-            t.params(feed.params(self.run_dir))
             plan = self.dir / "plan.json"
             run_files.atomic_json(plan, feed.plan_document(self.run_dir))
+            tracker().params(feed.params(self.run_dir))
             t.artifact(plan)
             cur["params"] = True
             self.save(name, cur)
-        self._drain(name, cur, "losses", lambda rows: t.metrics(
+        self._drain(name, cur, "losses", lambda rows: tracker().metrics(
             [(int(e.get("step", 0)), float(e.get("time") or time.time()), feed.step_metrics(e))
              for e in rows if isinstance(e, dict) and "step" in e]))
-        self._drain(name, cur, "events", lambda rows: self._events(t, cur, rows))
+        self._drain(name, cur, "events", lambda rows: self._events(tracker, cur, rows))
         end = feed.final(self.run_dir)
         if end is not None and not cur.get("final"):
-            t.metrics([(end["steps"], time.time(), end["metrics"])])
+            tracker().metrics([(end["steps"], time.time(), end["metrics"])])
+            if end["error"]:
+                t.note("error", end["steps"], end["error"])
             for path in end["artifacts"]:
                 t.artifact(path)
-            t.finish(end["status"])
-            self.opened.discard(name)
             cur["final"] = end["status"]
             self.save(name, cur)
         sent = set(cur.get("exports_sent", []))
         for e in feed.exports(self.run_dir):
-            if e["time"] in sent:
-                continue
-            if name not in self.opened:  # an export after the run ended: its tracker run reopened, then closed
-                cur["run"] = t.open(cur.get("run") or {}, self.run_dir.name, self.group)
-                self.opened.add(name)
-            t.note(f"export.{len(sent) + 1}", end["steps"] if end else 0, json.dumps(e, default=str))
-            sent.add(e["time"])
-            cur["exports_sent"] = sorted(sent, key=str)
-            self.save(name, cur)
-            if end is not None and cur.get("final"):
-                t.finish(end["status"])
-                self.opened.discard(name)
-        return end is not None and bool(cur.get("final"))
+            if e["time"] not in sent:
+                tracker().note(f"export.{len(sent) + 1}", end["steps"] if end else 0, json.dumps(e, default=str))
+                sent.add(e["time"])
+                cur["exports_sent"] = sorted(sent, key=str)
+                self.save(name, cur)
+        if end is not None and name in self.opened:
+            t.finish(end["status"])
+            self.opened.discard(name)
+        return end is not None
 
     def _drain(self, name: str, cur: dict, key: str, send) -> None:
         """Hand ``send`` the whole lines of ``<key>.jsonl`` after the cursor, a chunk at a time, saving the
@@ -179,26 +178,27 @@ class Follower:
             self.save(name, cur)
 
     @staticmethod
-    def _events(t, cur: dict, rows: list) -> None:
-        """Evaluations as metrics; each recovery (OOM re-plan, rollback, resume, ...) a note and a count."""
+    def _events(tracker, cur: dict, rows: list) -> None:
+        """Evaluations as metrics; each recovery (OOM re-plan, rollback, resume, ...) a note and a count.
+        ``tracker()`` opens the tracker's run, called only when an event is for it."""
         items = [x for x in (feed.event_item(e) for e in rows if isinstance(e, dict)) if x]
         metrics = [(step, time.time(), vals) for kind, step, vals in items if kind == "metrics"]
         if metrics:
-            t.metrics(metrics)
+            tracker().metrics(metrics)
         n = cur.get("recoveries", 0)
         for kind, step, vals in items:
             if kind == "recovery":
                 n += 1
-                t.note(f"recovery.{n}", step, json.dumps(vals, default=str))
-                t.metrics([(step, float(vals.get("time") or time.time()), {"duet/recoveries": float(n)})])
+                tracker().note(f"recovery.{n}", step, json.dumps(vals, default=str))
+                tracker().metrics([(step, float(vals.get("time") or time.time()), {"duet/recoveries": float(n)})])
         cur["recoveries"] = n
 
     def backlog(self, name: str) -> int:
-        cur = self.cursor(name)
-        size = 0
-        for key, file in (("losses", "losses.jsonl"), ("events", "events.jsonl")):
+        """Bytes of the run's logs after the tracker's cursor."""
+        cur, size = self.cursor(name), 0
+        for key in LOGS:
             try:
-                size += max(0, (self.run_dir / file).stat().st_size - cur.get(key, 0))
+                size += max(0, (self.run_dir / f"{key}.jsonl").stat().st_size - cur.get(key, 0))
             except OSError:
                 pass
         return size
