@@ -118,8 +118,9 @@ class CpuPaths(BaseModel):
     fast_loss: bool = Field(True, description="duet's chunked CPU loss head (training/run/fast_loss.py); false: TRL's.")
     lora_fp32: bool = Field(True, description="bf16 LoRA on CPU: the low-rank update added in fp32 "
                                               "(training/run/cpu_lora.py); false: all in bf16.")
-    fast_dropout: bool = Field(True, description="with lora_fp32: LoRA dropout masks drawn 16 bits an element; "
-                                                 "false: torch's own draw.")
+    fast_dropout: bool = Field(True, description="LoRA (fp32, or bf16 with lora_fp32): dropout masks drawn 16 bits "
+                                                 "an element, one for the adapters that read the same input (q, k, "
+                                                 "v; gate, up); false: torch's own draw, one an adapter.")
     padding_free: bool = Field(True, description="SFT without packing: each micro-batch's examples in one row, "
                                                  "attention computed example by example, no compute on padding "
                                                  "(training/run/padding_free.py); false: padded rows.")

@@ -129,3 +129,62 @@ def test_dropout_only_in_training_mode():
     slow = cpu_lora._dropout(drop, x, fast=False)  # train.cpu.fast_dropout false: torch's own draw
     torch.manual_seed(5)
     assert torch.equal(slow, drop(x))
+
+
+def _dropout_model(seed=0):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2))
+    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.2, target_modules="all-linear",
+                                            task_type="CAUSAL_LM"))
+    for m in model.modules():
+        if isinstance(m, peft.tuners.lora.layer.Linear):
+            torch.nn.init.normal_(m.lora_B["default"].weight, std=0.05)
+    cpu_lora.install(model)
+    return model.train()
+
+
+def test_adapters_reading_one_input_share_its_dropped_copy():
+    """q, k and v (and gate and up) read the same hidden states: one mask, as one adapter on a fused
+    projection; o and down read their own inputs and draw their own."""
+    model = _dropout_model()
+    seen = {}
+    layer = model.base_model.model.model.layers[0]
+    mods = {"q": layer.self_attn.q_proj, "k": layer.self_attn.k_proj, "v": layer.self_attn.v_proj,
+            "o": layer.self_attn.o_proj, "gate": layer.mlp.gate_proj, "up": layer.mlp.up_proj, "down": layer.mlp.down_proj}
+    hooks = [m.lora_A["default"].register_forward_hook(lambda mod, inp, out, n=n: seen.__setitem__(n, inp[0]))
+             for n, m in mods.items()]
+    ids = torch.randint(1, 300, (2, 24), generator=torch.Generator().manual_seed(1))
+    model(input_ids=ids, labels=ids).loss.backward()
+    for h in hooks:
+        h.remove()
+    assert seen["q"] is seen["k"] is seen["v"] and seen["gate"] is seen["up"]
+    assert not torch.equal(seen["q"] == 0, seen["gate"] == 0)
+    rate = torch.cat([(seen[n] == 0).flatten() for n in ("q", "o", "gate", "down")]).float().mean().item()
+    assert 0.15 < rate < 0.25
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_checkpointed_layers_redraw_the_same_shared_masks(reentrant):
+    """With gradient checkpointing each layer's forward runs again for the backward: it must drop what the
+    first forward dropped (the loss and every gradient equal to a run without checkpointing)."""
+    ids = torch.randint(1, 300, (2, 24), generator=torch.Generator().manual_seed(1))
+
+    def run(ckpt):
+        model = _dropout_model()
+        if ckpt:
+            model.gradient_checkpointing_enable({"use_reentrant": reentrant})
+            model.enable_input_require_grads()
+        torch.manual_seed(7)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    loss_a, grads_a = run(False)
+    loss_b, grads_b = run(True)
+    assert torch.allclose(loss_a, loss_b, atol=1e-6)
+    for name, g in grads_a.items():
+        assert torch.allclose(g, grads_b[name], atol=1e-6, rtol=1e-4), name

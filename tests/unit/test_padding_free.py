@@ -74,6 +74,29 @@ def test_positions_alone_mark_the_examples():
     assert torch.allclose(loss_a, loss_b, atol=1e-6)
 
 
+def test_short_examples_attend_in_fp32_under_bf16_autocast(monkeypatch):
+    """Under CPU bf16 autocast an example up to FP32_UP_TO tokens is attended in fp32 (torch's bf16 CPU kernel
+    is the slower one there) and a longer one in bf16 as SDPA does; each is causal on its own slice only."""
+    import torch.nn.functional as F
+
+    monkeypatch.setattr(padding_free, "FP32_UP_TO", 20)
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 4, 35, 16, generator=g) for _ in range(3))  # examples of 12 and 23 tokens
+    module = torch.nn.Module()
+    module.is_causal, module.num_key_value_groups, module.training = True, 1, False
+    cu = torch.tensor([0, 12, 35], dtype=torch.int32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = padding_free.attention(module, q, k, v, None, cu_seq_lens_q=cu, cu_seq_lens_k=cu)
+    assert out.dtype == torch.float32 and out.shape == (1, 35, 4, 16)
+    short = F.scaled_dot_product_attention(q[:, :, :12], k[:, :, :12], v[:, :, :12], is_causal=True).transpose(1, 2)
+    assert torch.allclose(out[:, :12], short, atol=1e-6)  # fp32, exactly as unmixed SDPA
+    bf = [t[:, :, 12:].bfloat16() for t in (q, k, v)]
+    long = F.scaled_dot_product_attention(*bf, is_causal=True).transpose(1, 2).float()
+    assert torch.allclose(out[:, 12:], long, atol=1e-6)  # bf16, as autocast runs SDPA
+    assert not torch.allclose(out[:, 12:], F.scaled_dot_product_attention(
+        q[:, :, 12:], k[:, :, 12:], v[:, :, 12:], is_causal=True).transpose(1, 2), atol=1e-4)
+
+
 def test_generation_is_unchanged():
     """Left-padded prompts with their mask, and a KV cache: the installed model generates what SDPA did."""
     model = _model("llama3.2").eval()

@@ -56,7 +56,11 @@ def test_estimate_matches_a_hand_computed_breakdown():
     # per layer: (22 h + 5 i) elements a token; no attention scores (flash kernels on CUDA and CPU)
     assert bd["activations"] == 2 * tokens * (22 * 64 + 5 * 128) * 4
     with_dropout = estimate(cfg.model_copy(update={"lora": cfg.lora.model_copy(update={"dropout": 0.1})}), m, "cpu", False)
-    assert with_dropout["activations"] - bd["activations"] == 2 * tokens * (6 * 64 + 128) * 4
+    # duet's CPU dropout: q/k/v share one dropped copy, gate/up another (training/run/cpu_lora.py)
+    assert with_dropout["activations"] - bd["activations"] == 2 * tokens * (3 * 64 + 128) * 4
+    torch_drop = cfg.model_copy(update={"lora": cfg.lora.model_copy(update={"dropout": 0.1}),
+                                        "cpu": cfg.cpu.model_copy(update={"fast_dropout": False})})
+    assert estimate(torch_drop, m, "cpu", False)["activations"] - bd["activations"] == 2 * tokens * (6 * 64 + 128) * 4
     ckpt = estimate(cfg.model_copy(update={"gradient_checkpointing": True}), m, "cpu", False)
     assert ckpt["activations"] == 2 * tokens * 13 * 64 * 4 + bd["activations"] // 2  # 13 h kept a layer on CPU
     # duet's CPU loss head: a chunk of tokens x the whole vocabulary, compute dtype + its fp32 upcast + one more fp32 tile, + the hidden gradient

@@ -15,7 +15,8 @@ No torch here: the architect plans on a laptop. Formulas (bytes):
   checkpointing (fp32 RMSNorm inputs, q/k/v, their rotary, head-major and GQA-expanded copies, the
   attention output and what SDPA keeps for its backward, MLP gate/up/act/down inputs; fitted to
   duet's training path with benchmarks/vram_planner.py), plus 6 h + i for LoRA dropout's copies of
-  each adapted input when dropout > 0 and not DPO (TRL's DPO disables dropout; QLoRA: x 0.8, measured); with checkpointing, the layer's
+  each adapted input when dropout > 0 and not DPO (TRL's DPO disables dropout; QLoRA: x 0.8, measured;
+  3 h + i for LoRA on CPU, where q/k/v and gate/up share one dropped copy); with checkpointing, the layer's
   input (h) per layer on CUDA, 13 h on CPU in fp32 and 17 h under bf16 autocast (measured there: more
   than the input is kept), plus one layer's full set.
   No attention scores: SDPA's flash kernels (CUDA, and CPU in torch 2.13) never hold heads x seq^2
@@ -279,7 +280,10 @@ def estimate(cfg: TrainConfig, model: ModelProfile, device: str = "cuda", bf16: 
     h, i = model.hidden, model.intermediate
     per_token = 22 * h + 5 * i
     if cfg.method != "full" and cfg.lora.dropout > 0 and cfg.phase != "dpo":  # DPOConfig.disable_dropout (TRL's default)
-        per_token += 6 * h + i
+        # duet's CPU LoRA dropout (training/run/cpu_lora.py) drops q/k/v's input once and gate/up's once
+        shared = (device != "cuda" and cfg.method == "lora" and cfg.cpu.fast_dropout
+                  and (dt == "fp32" or dt == "bf16" and cfg.cpu.lora_fp32))
+        per_token += (3 if shared else 6) * h + i
     # what a layer keeps for its backward is in the compute dtype, except on CPU under bf16 autocast: the
     # residual stream stays fp32 there (LoRA's fp32 update, training/run/cpu_lora.py) and autocast keeps bf16
     # copies beside it (measured: the same bytes as an fp32 run, benchmarks/vram_planner.py)

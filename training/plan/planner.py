@@ -71,9 +71,13 @@ def speed_decisions(device: str, vocab: int, dtype: str = "fp32", method: str = 
             out.append("LoRA update added in fp32 (training/run/cpu_lora.py): the base layers' matmuls run in bf16, the "
                        "low-rank update and its sum with the base output in fp32; in bf16 most of an early update rounds "
                        "away (measured on the demo: eval loss 0.05 above the fp32 script's; 0.007 with the fp32 update, "
-                       "for ~5 % of the speed); its dropout masks drawn 16 bits an element, three from each 64-bit "
-                       "draw, where torch's CPU dropout draws one sample at a time (measured: ~2.96 -> ~2.64 s a "
-                       "SmolLM2 LoRA step, dropout 0.05; train.cpu.fast_dropout: false for torch's)")
+                       "for ~5 % of the speed)")
+        if method == "lora" and dtype in ("bf16", "fp32"):
+            out.append("LoRA dropout masks drawn 16 bits an element, three from each 64-bit draw, where torch's CPU "
+                       "dropout draws one sample at a time, and one mask for the adapters that read the same input "
+                       "(q, k and v; gate and up), as one adapter on a fused qkv or gate_up projection has "
+                       "(training/run/cpu_lora.py; measured on the demo: +7-9 % tokens/s in fp32 for the draw, "
+                       "+5 % for the shared masks; train.cpu.fast_dropout: false for torch's own, one an adapter)")
         out.append("torch.compile off on CPU: inductor recompiled for each new padded batch length and 20 demo steps "
                    "took over 8 minutes on 2 cores, several times the eager run (measured, not kept)")
     else:

@@ -12,11 +12,17 @@ for about 5 % of the bf16 speed-up.
 bf16 (the large matmul, where bf16 is ~3x faster on a CPU with AVX512-BF16) and computes the
 low-rank update and the sum in fp32, returning fp32 under autocast (the next bf16 matmul casts its
 input anyway) and the base output's dtype without it (generation and merges on a bf16 model). Merged, disabled, mixed-batch and variant (DoRA) layers keep peft's own forward.
+
+An fp32 LoRA run on a CPU installs it too, for its dropout only (the forward is then peft's, in fp32):
+masks drawn 16 bits an element (:class:`_Dropout`), one for the adapters that read the same input
+(:func:`_dropout`).
 """
 
 from __future__ import annotations
 
+import threading
 import types
+import weakref
 
 import torch
 
@@ -46,12 +52,26 @@ class _Dropout(torch.autograd.Function):
         return grad.masked_fill(drop, 0).mul_(ctx.scale), None
 
 
+_last = threading.local()  # the last input dropped: (weakref to it, its version, p, grad mode, the dropped tensor)
+
+
 def _dropout(module, x: torch.Tensor, fast: bool = True) -> torch.Tensor:
     """What peft's ``lora_dropout[name]`` does to ``x``, through :class:`_Dropout` when ``fast`` and it is a
-    training-mode ``nn.Dropout`` on a CPU tensor."""
-    if fast and isinstance(module, torch.nn.Dropout) and module.training and 0 < module.p < 1 and x.device.type == "cpu":
-        return _Dropout.apply(x, module.p)
-    return module(x)
+    training-mode ``nn.Dropout`` on a CPU tensor. The adapters that read the same input tensor one after
+    the other (q, k and v; gate and up) get the same dropped input, as one adapter on a fused qkv or
+    gate_up projection (Phi-3, Phi-4) does: each adapter's dropout is the same in distribution, the draws,
+    the masked copies and their backward are done once (autograd adds the adapters' gradients first)."""
+    if not (fast and isinstance(module, torch.nn.Dropout) and module.training and 0 < module.p < 1
+            and x.device.type == "cpu"):
+        return module(x)
+    key = (x._version, module.p, torch.is_grad_enabled())
+    last = getattr(_last, "v", None)
+    if last is not None and last[0]() is x and last[1:4] == key:
+        return last[4]
+    out = _Dropout.apply(x, module.p)
+    # held strongly until the next input: a checkpointed layer's no-grad forward and its recompute then draw alike
+    _last.v = (weakref.ref(x), *key, out)
+    return out
 
 
 def _forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:

@@ -71,8 +71,8 @@ def build_trainer(model, tok, cfg: TrainConfig, *, phase: str, device: str, dtyp
         from training.run import fast_loss
 
         fast_loss.set_enabled(cfg.cpu.fast_loss)
-        if dtype == "bf16" and cfg.method == "lora" and cfg.cpu.lora_fp32:
-            from training.run import cpu_lora  # LoRA's update added in fp32 (see that module and training.plan.planner)
+        if cfg.method == "lora" and (dtype == "fp32" or dtype == "bf16" and cfg.cpu.lora_fp32):
+            from training.run import cpu_lora  # LoRA's update added in fp32, its dropout (see that module and the planner)
 
             cpu_lora.install(model, fast_dropout=cfg.cpu.fast_dropout)
     common = dict(

@@ -20,7 +20,9 @@ positions, the same labels (the collator never lets one example's last token pre
 example's first), so the loss and its gradient are equal up to floating-point rounding
 (tests/unit/test_padding_free.py). Measured on the demo's fp32 LoRA step (SmolLM2-135M, 4 x 2
 examples, 2 cores): 1.28x tokens/s over padded batches, TRL's padding-free collator with transformers'
-block mask 1.19x (benchmarks/speed.py measures duet's run against the scripts).
+block mask 1.19x (benchmarks/speed.py measures duet's run against the scripts). Under bf16 autocast an
+example of up to ``FP32_UP_TO`` tokens is attended in fp32, where torch's CPU kernel is the faster one
+(measured on the demo's bf16 LoRA step: 1.18x tokens/s over attending every example in bf16).
 
 Not used for a model whose sliding window is shorter than ``seq_len`` (an example could then outrun
 its window, which only a mask expresses) or whose attention caps its logits: the planner says so and
@@ -33,6 +35,10 @@ from __future__ import annotations
 import dataclasses
 
 NAME = "duet_segments"
+# Under bf16 autocast on a CPU, an example this short or shorter is attended in fp32: torch's CPU flash attention
+# takes 1.6-3.7x longer for forward and backward in bf16 than in fp32 at 32-160 tokens (9 heads x 64 and
+# 16 or 32 heads x 128, 2 cores, AMX), and less only from about 200 tokens on
+FP32_UP_TO = 160
 _SEGMENT_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "is_causal", "seq_idx")
 
 
@@ -61,8 +67,16 @@ def attention(module, query, key, value, attention_mask, **kwargs):
     if segs is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     rest = {k: v for k, v in kwargs.items() if k not in _SEGMENT_KEYS}
-    outs = [sdpa_attention_forward(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None, is_causal=True,
-                                   **rest)[0] for a, b in zip(segs, segs[1:])]
+    short = FP32_UP_TO if (query.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+                           and torch.get_autocast_dtype("cpu") == torch.bfloat16) else 0
+    outs = []
+    for a, b in zip(segs, segs[1:]):
+        q, k, v = query[:, :, a:b], key[:, :, a:b], value[:, :, a:b]
+        if b - a > short:
+            outs.append(sdpa_attention_forward(module, q, k, v, None, is_causal=True, **rest)[0])
+            continue
+        with torch.autocast("cpu", enabled=False):  # fp32: the faster kernel for a short example
+            outs.append(sdpa_attention_forward(module, q.float(), k.float(), v.float(), None, is_causal=True, **rest)[0])
     return torch.cat(outs, dim=1), None  # sdpa_attention_forward returns (batch, tokens, heads, dim)
 
 
