@@ -233,7 +233,8 @@ def machine_label(doc: dict) -> str:
     name, cpu = doc.get("machine", "?"), doc.get("cpu")
     if not isinstance(cpu, dict) or not str(name).startswith("cpu-"):
         return str(name)
-    return f"{name} ({cpu.get('model', '?')}, {cpu_kind(cpu)})"
+    cap = (doc.get("isa_cap") or {}).get("isa")  # benchmarks.speed --isa-cap: a stand-in for a CPU of that kind
+    return f"{name} ({cpu.get('model', '?')}, {cpu_kind(cpu)}{f' capped to {cap} by env, a stand-in for {cap}' if cap else ''})"
 
 
 def write_table() -> Path:
