@@ -20,34 +20,16 @@ import json
 import os
 import signal
 import statistics
-import subprocess
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 from benchmarks import cpu_features, cpu_kind, cpu_machine, versions
+from tests import mlflow_server
 
 REPO = Path(__file__).resolve().parents[1]
-MLFLOW = REPO / ".venv" / "duet-mlflow" / "bin" / "mlflow"
 ARMS = ("none", "mlflow_up", "mlflow_down")
 SKIP = 2
-
-
-def _server(root: Path, port: int) -> subprocess.Popen:
-    root.mkdir(parents=True, exist_ok=True)
-    p = subprocess.Popen([str(MLFLOW), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-                          "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination",
-                          str(root / "artifacts")], stdout=open(root / "server.log", "a"), stderr=subprocess.STDOUT,
-                         start_new_session=True)
-    for _ in range(240):
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).read()
-            return p
-        except OSError:
-            time.sleep(0.5)
-    os.killpg(p.pid, signal.SIGTERM)
-    raise RuntimeError("mlflow server did not start: " + (root / "server.log").read_text()[-2000:])
 
 
 def _one(ex, arch, ds, plan: dict, run_id: str, tracking: dict | None) -> dict:
@@ -96,7 +78,7 @@ def main(argv=None) -> int:
                             {"max_steps": a.steps, "micro_batch": 4, "grad_accum": 2, "sample_prompts": 0,
                              "checkpoint_every": 10**6, "eval_every": 10**6})
     port = services.free_port(range(5600, 5700))
-    server = _server(tmp / "mlflow", port)
+    server = mlflow_server.start(tmp / "mlflow", port)
     ex = Executor(tmp / "data", metrics_port=None, process_per_run=True)
     tracking = {"mlflow_up": {"mlflow": {"tracking_uri": f"http://127.0.0.1:{port}", "experiment": "bench"}},
                 "mlflow_down": {"mlflow": {"tracking_uri": "http://127.0.0.1:1", "experiment": "bench"}}}
@@ -108,8 +90,7 @@ def main(argv=None) -> int:
                 rows[arm].append(r)
                 print(json.dumps({"rep": i, "arm": arm, **r}), flush=True)
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(30)
+        mlflow_server.stop(server)
     med = {arm: statistics.median(r["tokens_per_s"] for r in rows[arm]) for arm in ARMS}
     ratios = {f"{arm}_over_none": [round(x["tokens_per_s"] / y["tokens_per_s"], 4) for x, y in zip(rows[arm], rows["none"])]
               for arm in ARMS[1:]}

@@ -16,41 +16,12 @@ from pathlib import Path
 import pytest
 
 from infra import services
+from tests.mlflow_server import MLFLOW, start as _start_mlflow, stop as _stop
 from tests.runs import run_plan
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
-MLFLOW = REPO / ".venv" / "duet-mlflow" / "bin" / "mlflow"
 STEPS = {"max_steps": 6, "checkpoint_every": 3, "eval_every": 3, "warmup_steps": 1, "sample_prompts": 0}
-
-
-def _start_mlflow(root: Path, port: int) -> subprocess.Popen:
-    root.mkdir(parents=True, exist_ok=True)
-    p = subprocess.Popen([str(MLFLOW), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-                          "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-                          "--artifacts-destination", str(root / "artifacts")],
-                         stdout=open(root / "server.log", "a"), stderr=subprocess.STDOUT, start_new_session=True,
-                         env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).read()
-            return p
-        except OSError:
-            assert p.poll() is None, (root / "server.log").read_text()[-3000:]
-            time.sleep(0.5)
-    _stop(p)
-    raise AssertionError("mlflow server did not answer: " + (root / "server.log").read_text()[-3000:])
-
-
-def _stop(p: subprocess.Popen) -> None:
-    if p.poll() is None:
-        os.killpg(p.pid, signal.SIGTERM)
-        try:
-            p.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait(10)
 
 
 @pytest.fixture(scope="module")

@@ -403,3 +403,25 @@ def test_each_later_phase_is_calibrated_by_its_own_measurement_not_trainings():
     legacy = {"config": {"estimate": {"calibration": {"factor": 0.5}, "phases": {"evaluation": {}}}},
               "phases": {"evaluation": {"measured_bytes": 600, "estimate_bytes": 500}}}
     assert phase_ratios(legacy) == {"evaluation": pytest.approx(0.6)}
+
+
+@pytest.mark.parametrize("cpu, fp32_update, duet_dropout", [
+    ({}, True, True),
+    ({"lora_fp32": False}, False, False),  # bf16 all through peft: neither path is duet's
+    ({"fast_dropout": False}, True, False),
+])
+def test_the_plan_claims_duets_cpu_lora_paths_only_where_the_trainer_takes_them(cpu, fp32_update, duet_dropout):
+    """A bf16 CPU LoRA plan: its decisions and its dropout term follow the trainer's rule (memory_model.duet_cpu_lora,
+    which training.run.model_load.build_trainer installs by), not the method and dtype alone."""
+    m = ModelProfile.from_config(SMALL)
+    cfg = TrainConfig(name="t", method="lora", micro_batch=2, seq_len=32, warmup_steps=0, max_steps=10, cpu=cpu,
+                      lora={"r": 4, "alpha": 8, "dropout": 0.1, "target_modules": "all-linear"})
+    plan = make_plan(cfg, m, device="cpu", bf16=True, budget_bytes=24 * GIB)
+    assert plan.dtype == "bf16"
+    text = " ".join(plan.decisions)
+    assert ("LoRA update added in fp32" in text) == fp32_update
+    assert ("LoRA dropout masks drawn 16 bits" in text) == duet_dropout
+    no_drop = cfg.model_copy(update={"lora": cfg.lora.model_copy(update={"dropout": 0.0})})
+    extra = estimate(cfg, m, "cpu", True)["activations"] - estimate(no_drop, m, "cpu", True)["activations"]
+    per_token = (3 if duet_dropout else 6) * 64 + 128
+    assert abs(extra - 2 * 64 * per_token * 4 * 0.82) < 2  # 2 layers x 64 tokens, fp32 stream x ACTIVATIONS_CPU_BF16

@@ -187,6 +187,12 @@ def train_dtype(cfg: TrainConfig, device: str, bf16: bool) -> str:
     return "bf16" if bf16 and cfg.method != "qlora" else "fp32"
 
 
+def duet_cpu_lora(cfg: TrainConfig, device: str, dtype: str) -> bool:
+    """Whether a run trains its LoRA layers through duet's CPU forward (training/run/cpu_lora.py): LoRA on a
+    CPU in fp32, or in bf16 with ``train.cpu.lora_fp32``. The trainer installs it and the planner estimates
+    and describes it by this one rule; its dropout is duet's when ``train.cpu.fast_dropout`` is on too."""
+    return device != "cuda" and cfg.method == "lora" and (dtype == "fp32" or dtype == "bf16" and cfg.cpu.lora_fp32)
+
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 CUDA_CONTEXT_BYTES = 500 * MIB
@@ -281,9 +287,7 @@ def estimate(cfg: TrainConfig, model: ModelProfile, device: str = "cuda", bf16: 
     per_token = 22 * h + 5 * i
     if cfg.method != "full" and cfg.lora.dropout > 0 and cfg.phase != "dpo":  # DPOConfig.disable_dropout (TRL's default)
         # duet's CPU LoRA dropout (training/run/cpu_lora.py) drops q/k/v's input once and gate/up's once
-        shared = (device != "cuda" and cfg.method == "lora" and cfg.cpu.fast_dropout
-                  and (dt == "fp32" or dt == "bf16" and cfg.cpu.lora_fp32))
-        per_token += (3 if shared else 6) * h + i
+        per_token += (3 if duet_cpu_lora(cfg, device, dt) and cfg.cpu.fast_dropout else 6) * h + i
     # what a layer keeps for its backward is in the compute dtype, except on CPU under bf16 autocast: the
     # residual stream stays fp32 there (LoRA's fp32 update, training/run/cpu_lora.py) and autocast keeps bf16
     # copies beside it (measured: the same bytes as an fp32 run, benchmarks/vram_planner.py)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from training.config import USABLE_FRACTION, PlanError, TrainConfig
 from training.plan.memory_model import FUSED_TOKEN_TILE, FUSED_VOCAB_TILE, GIB, ModelProfile, \
-    cpu_loss_chunk_tokens, estimate, padding_free_refusal, qlora_head_saving, scaled_total, train_dtype
+    cpu_loss_chunk_tokens, duet_cpu_lora, estimate, padding_free_refusal, qlora_head_saving, scaled_total, train_dtype
 
 
 def check_emulated_dtype(cfg: TrainConfig, device: str, bf16: bool, speedup: float | None) -> None:
@@ -55,7 +55,7 @@ def dtype_decision(cfg: TrainConfig, device: str, bf16: bool) -> str:
     return "dtype fp32 on CPU: no native bf16 (no AVX512-BF16/AMX, or a probe found bf16 no faster)"
 
 
-def speed_decisions(device: str, vocab: int, dtype: str = "fp32", method: str = "lora",
+def speed_decisions(cfg: TrainConfig, device: str, vocab: int, dtype: str = "fp32",
                     softcap: float | None = None) -> list[str]:
     """The plan's speed and precision decisions that are not the dtype or packing, each with its measured basis."""
     out = []
@@ -67,12 +67,13 @@ def speed_decisions(device: str, vocab: int, dtype: str = "fp32", method: str = 
                    f"token chunks x the {vocab:,}-token vocabulary) scores only the labelled positions through native "
                    "reductions; TRL's CPU fallback scores padding too and walks each logits tile about a dozen times "
                    "(measured 1.5x tokens/s on the demo's LoRA step)")
-        if dtype == "bf16" and method == "lora":
+        lora = duet_cpu_lora(cfg, device, dtype)
+        if lora and dtype == "bf16":
             out.append("LoRA update added in fp32 (training/run/cpu_lora.py): the base layers' matmuls run in bf16, the "
                        "low-rank update and its sum with the base output in fp32; in bf16 most of an early update rounds "
                        "away (measured on the demo: eval loss 0.05 above the fp32 script's; 0.007 with the fp32 update, "
                        "for ~5 % of the speed)")
-        if method == "lora" and dtype in ("bf16", "fp32"):
+        if lora and cfg.cpu.fast_dropout:
             out.append("LoRA dropout masks drawn 16 bits an element, three from each 64-bit draw, where torch's CPU "
                        "dropout draws one sample at a time, and one mask for the adapters that read the same input "
                        "(q, k and v; gate and up), as one adapter on a fused qkv or gate_up projection has "
@@ -283,8 +284,7 @@ def make_plan(cfg: TrainConfig, model: ModelProfile, *, device: str, bf16: bool,
             cfg = cfg.model_copy(update={"gradient_checkpointing": True})
             decisions.append(f"gradient checkpointing on: without it the estimate is {total_off / GIB:.2f} GiB")
     decisions.append(dtype_decision(cfg, device, bf16))
-    decisions.extend(speed_decisions(device, model.vocab, train_dtype(cfg, device, bf16), cfg.method,
-                                     model.logit_softcap))
+    decisions.extend(speed_decisions(cfg, device, model.vocab, train_dtype(cfg, device, bf16), model.logit_softcap))
     if cfg.method == "qlora":
         dt = train_dtype(cfg, device, bf16)
         saved = qlora_head_saving(model, dt)

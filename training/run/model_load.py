@@ -9,6 +9,7 @@ import logging
 from pathlib import Path
 
 from training.config import TrainConfig
+from training.plan.memory_model import duet_cpu_lora
 from infra.lazy import lazy
 
 torch = lazy("torch", extra="executor")
@@ -71,7 +72,7 @@ def build_trainer(model, tok, cfg: TrainConfig, *, phase: str, device: str, dtyp
         from training.run import fast_loss
 
         fast_loss.set_enabled(cfg.cpu.fast_loss)
-        if cfg.method == "lora" and (dtype == "fp32" or dtype == "bf16" and cfg.cpu.lora_fp32):
+        if duet_cpu_lora(cfg, device, dtype):
             from training.run import cpu_lora  # LoRA's update added in fp32, its dropout (see that module and the planner)
 
             cpu_lora.install(model, fast_dropout=cfg.cpu.fast_dropout)
